@@ -1,0 +1,697 @@
+//! From a parsed Dockerfile, build args and a target to the effective definition of every
+//! filesystem step: ARG/ENV scoping across stages as BuildKit does it, substitution,
+//! WORKDIR/USER/SHELL in effect, stage references and `--target` pruning.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::dockerfile::Dockerfile;
+use crate::errors::DockerfileError;
+use crate::instruction::{Command, Instruction, InstructionKind};
+use crate::platform::Platform;
+use crate::word_expansion::{expand_word, ExpandError, Vars};
+
+/// What a build is asked to do.
+#[derive(Debug, Clone)]
+pub struct PlanRequest<'a> {
+    /// `--build-arg` values; a `None` value means "take it from the environment" was not
+    /// resolved and the arg is treated as not given.
+    pub build_args: &'a BTreeMap<String, String>,
+    /// `--target` stage name, or the last stage.
+    pub target: Option<&'a str>,
+    /// The platform to build for.
+    pub platform: Platform,
+}
+
+/// Where a stage starts from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Base {
+    /// `FROM scratch`: the empty filesystem.
+    Scratch,
+    /// An image by reference.
+    Image {
+        /// The reference after substitution.
+        reference: String,
+    },
+    /// An earlier stage's result.
+    Stage {
+        /// The stage's index.
+        index: usize,
+    },
+}
+
+/// Where COPY/ADD reads from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CopyFrom {
+    /// The build context.
+    Context,
+    /// Another stage's result.
+    Stage {
+        /// The stage's index.
+        index: usize,
+    },
+    /// An image's filesystem.
+    Image {
+        /// The reference.
+        reference: String,
+    },
+}
+
+/// A file that a heredoc makes (COPY) or feeds (RUN).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InlineFile {
+    /// The heredoc delimiter, which is the file's name in COPY.
+    pub name: String,
+    /// The body after substitution (COPY, unquoted delimiter) or as written.
+    pub content: String,
+    /// Whether the body is subject to expansion (unquoted delimiter).
+    pub expand: bool,
+}
+
+/// A RUN step's effective definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunDef {
+    /// The command to execute: exec form as is, shell form wrapped by SHELL.
+    pub argv: Vec<String>,
+    /// Heredoc bodies the command reads.
+    pub heredocs: Vec<InlineFile>,
+    /// ENV values and declared ARGs with values, sorted by name.
+    pub env: Vec<(String, String)>,
+    /// WORKDIR in effect.
+    pub workdir: String,
+    /// USER in effect (empty: the image's default).
+    pub user: String,
+    /// `--mount` values as written after substitution.
+    pub mounts: Vec<String>,
+    /// `--network` (`default` unless given).
+    pub network: String,
+    /// `--security` (`sandbox` unless given).
+    pub security: String,
+}
+
+/// A COPY or ADD step's effective definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CopyDef {
+    /// ADD rather than COPY.
+    pub add: bool,
+    /// Where the sources come from.
+    pub from: CopyFrom,
+    /// Source paths or patterns after substitution (heredocs excluded).
+    pub sources: Vec<String>,
+    /// Heredoc sources.
+    pub inline: Vec<InlineFile>,
+    /// Destination, resolved against WORKDIR (a trailing `/` kept).
+    pub dest: String,
+    /// `--chown` value.
+    pub chown: String,
+    /// `--chmod` value.
+    pub chmod: String,
+    /// `--link`.
+    pub link: bool,
+    /// `--exclude` patterns.
+    pub excludes: Vec<String>,
+    /// `--parents`.
+    pub parents: bool,
+    /// ADD `--checksum`.
+    pub checksum: String,
+    /// ADD `--keep-git-dir`.
+    pub keep_git_dir: bool,
+}
+
+/// What a filesystem step does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepDef {
+    /// RUN.
+    Run(RunDef),
+    /// COPY or ADD.
+    Copy(CopyDef),
+    /// WORKDIR: creates the directory.
+    Workdir {
+        /// The absolute path.
+        path: String,
+    },
+}
+
+/// A filesystem step of a stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedStep {
+    /// 1-based first line.
+    pub line: usize,
+    /// 1-based last line.
+    pub end_line: usize,
+    /// As written, continuations joined.
+    pub instruction: String,
+    /// The effective definition.
+    pub def: StepDef,
+}
+
+/// A stage of the build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedStage {
+    /// 0-based index.
+    pub index: usize,
+    /// The AS name, lower case.
+    pub name: Option<String>,
+    /// 1-based line of its FROM.
+    pub line: usize,
+    /// Where it starts.
+    pub base: Base,
+    /// The platform it builds for.
+    pub platform: String,
+    /// Its filesystem steps.
+    pub steps: Vec<PlannedStep>,
+    /// Whether the target needs it (false: pruned by `--target`).
+    pub needed: bool,
+}
+
+/// Every stage's steps, ready for key derivation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BuildPlan {
+    /// All stages; those the target does not need have `needed: false`.
+    pub stages: Vec<PlannedStage>,
+    /// Index of the target stage.
+    pub target: usize,
+    /// Things the user should know that do not stop the build.
+    pub warnings: Vec<String>,
+}
+
+impl BuildPlan {
+    /// Stages to build, dependencies before dependants.
+    pub fn needed_stages(&self) -> impl Iterator<Item = &PlannedStage> {
+        self.stages.iter().filter(|s| s.needed)
+    }
+}
+
+/// The ENV, ARGs and image settings in effect at a point of a stage.
+#[derive(Debug, Clone, Default)]
+struct Scope {
+    env: BTreeMap<String, String>,
+    args: BTreeMap<String, Option<String>>,
+    workdir: String,
+    user: String,
+    shell: Vec<String>,
+}
+
+impl Vars for Scope {
+    fn get(&self, name: &str) -> Option<&str> {
+        // ENV always wins over an ARG of the same name.
+        self.env
+            .get(name)
+            .map(String::as_str)
+            .or_else(|| self.args.get(name).and_then(|v| v.as_deref()))
+    }
+}
+
+struct Planner<'a> {
+    df: &'a Dockerfile,
+    req: &'a PlanRequest<'a>,
+    global: Scope,
+    consumed: BTreeSet<String>,
+    warnings: Vec<String>,
+}
+
+/// Plans a build: every needed stage's filesystem steps with their effective definitions.
+pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, DockerfileError> {
+    let mut p = Planner {
+        df,
+        req,
+        global: Scope::default(),
+        consumed: BTreeSet::new(),
+        warnings: Vec::new(),
+    };
+    // BuildKit makes the platform args available to FROM lines without a declaration.
+    let build_platform = Platform::host();
+    for (k, v) in req.platform.automatic_args("TARGET").into_iter().chain(build_platform.automatic_args("BUILD")) {
+        p.global.args.insert(k, Some(v));
+    }
+    let automatic = p.global.args.clone();
+
+    let mut stages: Vec<PlannedStage> = Vec::new();
+    let mut scopes: Vec<Scope> = Vec::new();
+    let mut deps: Vec<BTreeSet<usize>> = Vec::new();
+    let mut i = 0;
+    let ins = &df.instructions;
+    while i < ins.len() && matches!(ins[i].kind, InstructionKind::Arg { .. }) {
+        p.declare_args(&ins[i], None)?;
+        i += 1;
+    }
+    while i < ins.len() {
+        let from = &ins[i];
+        let InstructionKind::From { image, name } = &from.kind else {
+            // Dockerfile::parse guarantees a FROM here.
+            return Err(p.err(from, "expected FROM".into(), "start the stage with FROM"));
+        };
+        let mut end = i + 1;
+        while end < ins.len() && !matches!(ins[end].kind, InstructionKind::From { .. }) {
+            end += 1;
+        }
+        let index = stages.len();
+        let reference = expand_word(image, p.escape(), &p.global).map_err(|e| p.expand_err(from, e))?;
+        if reference.is_empty() {
+            return Err(p.err(from, format!("FROM '{image}' expands to an empty image name"), "set the ARG it uses with --build-arg or give it a default"));
+        }
+        let platform = match from.flag("platform") {
+            Some(v) => {
+                let v = expand_word(v, p.escape(), &p.global).map_err(|e| p.expand_err(from, e))?;
+                Platform::parse(&v).ok_or_else(|| p.err(from, format!("invalid platform '{v}'"), "write --platform=os/arch[/variant], e.g. linux/arm64"))?
+            }
+            None => req.platform.clone(),
+        };
+        let base = if reference.eq_ignore_ascii_case("scratch") {
+            Base::Scratch
+        } else if let Some(j) = stages.iter().position(|s| s.name.as_deref() == Some(reference.to_ascii_lowercase().as_str())) {
+            Base::Stage { index: j }
+        } else {
+            Base::Image { reference: reference.clone() }
+        };
+        let mut scope = match &base {
+            // A stage built on another inherits its image config, never its ARGs.
+            Base::Stage { index } => Scope { args: BTreeMap::new(), ..scopes[*index].clone() },
+            _ => Scope { shell: vec!["/bin/sh".into(), "-c".into()], workdir: "/".into(), ..Scope::default() },
+        };
+        let mut stage_deps = BTreeSet::new();
+        if let Base::Stage { index } = base {
+            stage_deps.insert(index);
+        }
+        let mut steps = Vec::new();
+        for ins in &ins[i + 1..end] {
+            if let Some(step) = p.step(ins, &mut scope, &stages, name.as_deref(), &mut stage_deps, &automatic)? {
+                steps.push(step);
+            }
+        }
+        stages.push(PlannedStage {
+            index,
+            name: name.clone(),
+            line: from.line,
+            base,
+            platform: platform.to_string(),
+            steps,
+            needed: false,
+        });
+        scopes.push(scope);
+        deps.push(stage_deps);
+        i = end;
+    }
+
+    let target = match req.target {
+        None => stages.len() - 1,
+        Some(t) => stages.iter().position(|s| s.name.as_deref() == Some(t.to_ascii_lowercase().as_str())).ok_or_else(|| {
+            let names: Vec<&str> = stages.iter().filter_map(|s| s.name.as_deref()).collect();
+            DockerfileError::new(
+                &df.file,
+                1,
+                1,
+                format!("target stage '{t}' is not in the Dockerfile"),
+                if names.is_empty() { "name a stage with FROM <image> AS <name>".to_string() } else { format!("stages are: {}", names.join(", ")) },
+            )
+        })?,
+    };
+    mark_needed(&mut stages, &deps, target, df)?;
+    let unused: Vec<&String> = req.build_args.keys().filter(|k| !p.consumed.contains(*k) && !automatic.contains_key(*k)).collect();
+    if !unused.is_empty() {
+        p.warnings.push(format!(
+            "build args not declared by any ARG, so they change nothing: {}",
+            unused.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(BuildPlan { stages, target, warnings: p.warnings })
+}
+
+/// Marks the target and everything it depends on as needed; refuses cycles.
+fn mark_needed(stages: &mut [PlannedStage], deps: &[BTreeSet<usize>], target: usize, df: &Dockerfile) -> Result<(), DockerfileError> {
+    // 0 = unvisited, 1 = on the current path, 2 = done.
+    fn visit(i: usize, deps: &[BTreeSet<usize>], state: &mut [u8], path: &mut Vec<usize>) -> Result<(), Vec<usize>> {
+        match state[i] {
+            2 => return Ok(()),
+            1 => {
+                let start = path.iter().position(|&p| p == i).unwrap_or(0);
+                let mut cycle = path[start..].to_vec();
+                cycle.push(i);
+                return Err(cycle);
+            }
+            _ => {}
+        }
+        state[i] = 1;
+        path.push(i);
+        for &d in &deps[i] {
+            visit(d, deps, state, path)?;
+        }
+        path.pop();
+        state[i] = 2;
+        Ok(())
+    }
+    let mut state = vec![0u8; stages.len()];
+    if let Err(cycle) = visit(target, deps, &mut state, &mut Vec::new()) {
+        let label = |i: usize| stages[i].name.clone().unwrap_or_else(|| i.to_string());
+        let first = cycle[0];
+        return Err(DockerfileError::new(
+            &df.file,
+            stages[first].line,
+            1,
+            format!("stages depend on each other in a cycle: {}", cycle.iter().map(|&i| label(i)).collect::<Vec<_>>().join(" → ")),
+            "a stage can only use the result of a stage that does not use it",
+        ));
+    }
+    for (i, s) in stages.iter_mut().enumerate() {
+        s.needed = state[i] == 2;
+    }
+    Ok(())
+}
+
+impl Planner<'_> {
+    fn escape(&self) -> char {
+        self.df.directives.escape
+    }
+
+    fn err(&self, ins: &Instruction, message: String, hint: &str) -> DockerfileError {
+        DockerfileError::new(&self.df.file, ins.line, ins.column, message, hint)
+    }
+
+    fn expand_err(&self, ins: &Instruction, e: ExpandError) -> DockerfileError {
+        self.err(ins, format!("cannot substitute variables: {e}"), "check the ${…} syntax; supported: $V ${V} ${V:-default} ${V:+alt} ${V:?message}")
+    }
+
+    fn expand(&self, ins: &Instruction, s: &str, scope: &Scope) -> Result<String, DockerfileError> {
+        expand_word(s, self.escape(), scope).map_err(|e| self.expand_err(ins, e))
+    }
+
+    /// ARG in the global scope (`stage` None) or in a stage.
+    fn declare_args(&mut self, ins: &Instruction, stage: Option<(&mut Scope, &BTreeMap<String, Option<String>>)>) -> Result<(), DockerfileError> {
+        let InstructionKind::Arg { args } = &ins.kind else { return Ok(()) };
+        match stage {
+            None => {
+                for (name, default) in args {
+                    let value = match self.req.build_args.get(name) {
+                        Some(v) => Some(v.clone()),
+                        None => match default {
+                            Some(d) => Some(self.expand(ins, d, &self.global.clone())?),
+                            None => None,
+                        },
+                    };
+                    self.consumed.insert(name.clone());
+                    self.global.args.insert(name.clone(), value);
+                }
+            }
+            Some((scope, automatic)) => {
+                for (name, default) in args {
+                    let value = match self.req.build_args.get(name) {
+                        Some(v) => Some(v.clone()),
+                        None => match default {
+                            Some(d) => Some(self.expand(ins, d, scope)?),
+                            // `ARG NAME` in a stage takes the global default, or the automatic value.
+                            None => self.global.args.get(name).cloned().flatten().or_else(|| automatic.get(name).cloned().flatten()),
+                        },
+                    };
+                    self.consumed.insert(name.clone());
+                    scope.args.insert(name.clone(), value);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_stage_ref(&self, ins: &Instruction, r: &str, stages: &[PlannedStage], current: Option<&str>) -> Result<CopyFrom, DockerfileError> {
+        let lower = r.to_ascii_lowercase();
+        if let Ok(n) = r.parse::<usize>() {
+            if n < stages.len() {
+                return Ok(CopyFrom::Stage { index: n });
+            }
+            let hint = if n == stages.len() { "a stage cannot copy from itself".to_string() } else { format!("there are {} stages before this one (0 to {})", stages.len(), stages.len().saturating_sub(1)) };
+            return Err(self.err(ins, format!("--from={n} names no earlier stage"), &hint));
+        }
+        if current == Some(lower.as_str()) {
+            return Err(self.err(ins, format!("stage '{lower}' copies from itself"), "copy from an earlier stage or an image"));
+        }
+        if let Some(s) = stages.iter().find(|s| s.name.as_deref() == Some(lower.as_str())) {
+            return Ok(CopyFrom::Stage { index: s.index });
+        }
+        // A later stage by that name would form a forward reference: BuildKit resolves
+        // names to stages anywhere in the file, so we do too and let the cycle check judge.
+        if let Some(later) = self.stage_index_by_name(&lower) {
+            return Ok(CopyFrom::Stage { index: later });
+        }
+        Ok(CopyFrom::Image { reference: r.to_string() })
+    }
+
+    fn stage_index_by_name(&self, name: &str) -> Option<usize> {
+        self.df
+            .instructions
+            .iter()
+            .filter_map(|i| match &i.kind {
+                InstructionKind::From { name, .. } => Some(name.as_deref()),
+                _ => None,
+            })
+            .position(|n| n == Some(name))
+    }
+
+    fn step(
+        &mut self,
+        ins: &Instruction,
+        scope: &mut Scope,
+        stages: &[PlannedStage],
+        current: Option<&str>,
+        deps: &mut BTreeSet<usize>,
+        automatic: &BTreeMap<String, Option<String>>,
+    ) -> Result<Option<PlannedStep>, DockerfileError> {
+        let step = |def| Some(PlannedStep { line: ins.line, end_line: ins.end_line, instruction: ins.written.clone(), def });
+        match &ins.kind {
+            InstructionKind::Arg { .. } => {
+                self.declare_args(ins, Some((scope, automatic)))?;
+                Ok(None)
+            }
+            InstructionKind::Env { pairs } => {
+                let before = scope.clone();
+                for (k, v) in pairs {
+                    let v = self.expand(ins, v, &before)?;
+                    scope.env.insert(k.clone(), v);
+                }
+                Ok(None)
+            }
+            InstructionKind::User { user } => {
+                scope.user = self.expand(ins, user, scope)?;
+                Ok(None)
+            }
+            InstructionKind::Shell { args } => {
+                scope.shell = args.clone();
+                Ok(None)
+            }
+            InstructionKind::Workdir { path } => {
+                let p = self.expand(ins, path, scope)?;
+                scope.workdir = join_path(&scope.workdir, &p);
+                Ok(step(StepDef::Workdir { path: scope.workdir.clone() }))
+            }
+            InstructionKind::Run { command } => {
+                let argv = match command {
+                    Command::Exec { args } => args.clone(),
+                    Command::Shell { text } => scope.shell.iter().cloned().chain([text.clone()]).collect(),
+                };
+                let mut mounts = Vec::new();
+                for m in ins.flag_values("mount") {
+                    let m = self.expand(ins, m, scope)?;
+                    if let Some(from) = m.split(',').find_map(|kv| kv.strip_prefix("from=")) {
+                        if let CopyFrom::Stage { index } = self.resolve_stage_ref(ins, from, stages, current)? {
+                            deps.insert(index);
+                        }
+                    }
+                    mounts.push(m);
+                }
+                let network = ins.flag("network").unwrap_or("default").to_string();
+                if !matches!(network.as_str(), "default" | "none" | "host") {
+                    return Err(self.err(ins, format!("unknown RUN --network={network}"), "use default, none or host"));
+                }
+                let mut env: BTreeMap<String, String> = scope.args.iter().filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v))).collect();
+                env.extend(scope.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+                Ok(step(StepDef::Run(RunDef {
+                    argv,
+                    heredocs: ins.heredocs.iter().map(|h| InlineFile { name: h.delimiter.clone(), content: h.body.clone(), expand: h.expand }).collect(),
+                    env: env.into_iter().collect(),
+                    workdir: scope.workdir.clone(),
+                    user: scope.user.clone(),
+                    mounts,
+                    network,
+                    security: ins.flag("security").unwrap_or("sandbox").to_string(),
+                })))
+            }
+            InstructionKind::Copy { sources, dest } | InstructionKind::Add { sources, dest } => {
+                let add = matches!(ins.kind, InstructionKind::Add { .. });
+                let from = match ins.flag("from") {
+                    Some(f) if !add => {
+                        let f = self.expand(ins, f, scope)?;
+                        let from = self.resolve_stage_ref(ins, &f, stages, current)?;
+                        if let CopyFrom::Stage { index } = from {
+                            deps.insert(index);
+                        }
+                        from
+                    }
+                    _ => CopyFrom::Context,
+                };
+                let mut heredocs = ins.heredocs.iter();
+                let mut paths = Vec::new();
+                let mut inline = Vec::new();
+                for s in sources {
+                    if s.starts_with("<<") {
+                        if let Some(h) = heredocs.next() {
+                            let content = if h.expand { self.expand(ins, &h.body, scope)? } else { h.body.clone() };
+                            inline.push(InlineFile { name: h.delimiter.clone(), content, expand: h.expand });
+                            continue;
+                        }
+                    }
+                    paths.push(self.expand(ins, s, scope)?);
+                }
+                let dest = self.expand(ins, dest, scope)?;
+                let mut resolved = join_path(&scope.workdir, &dest);
+                if (dest.ends_with('/') || dest == ".") && !resolved.ends_with('/') {
+                    resolved.push('/');
+                }
+                if sources.len() > 1 && !resolved.ends_with('/') {
+                    return Err(self.err(ins, format!("{} with several sources needs a directory destination", if add { "ADD" } else { "COPY" }), &format!("end the destination with a slash: {dest}/")));
+                }
+                let excludes = ins.flag_values("exclude").into_iter().map(|e| self.expand(ins, e, scope)).collect::<Result<_, _>>()?;
+                let flag = |name: &str| -> Result<String, DockerfileError> { ins.flag(name).map(|v| self.expand(ins, v, scope)).transpose().map(Option::unwrap_or_default) };
+                let boolean = |name: &str| ins.flag(name).is_some_and(|v| v.is_empty() || v == "true");
+                Ok(step(StepDef::Copy(CopyDef {
+                    add,
+                    from,
+                    sources: paths,
+                    inline,
+                    dest: resolved,
+                    chown: flag("chown")?,
+                    chmod: flag("chmod")?,
+                    link: boolean("link"),
+                    excludes,
+                    parents: boolean("parents"),
+                    checksum: flag("checksum")?,
+                    keep_git_dir: boolean("keep-git-dir"),
+                })))
+            }
+            InstructionKind::Label { pairs } => {
+                for (_, v) in pairs {
+                    self.expand(ins, v, scope)?;
+                }
+                Ok(None)
+            }
+            InstructionKind::Expose { ports } | InstructionKind::Volume { paths: ports } => {
+                for v in ports {
+                    self.expand(ins, v, scope)?;
+                }
+                Ok(None)
+            }
+            InstructionKind::Stopsignal { signal } => {
+                self.expand(ins, signal, scope)?;
+                Ok(None)
+            }
+            InstructionKind::From { .. }
+            | InstructionKind::Cmd { .. }
+            | InstructionKind::Entrypoint { .. }
+            | InstructionKind::Maintainer { .. }
+            | InstructionKind::Healthcheck { .. }
+            | InstructionKind::Onbuild { .. } => Ok(None),
+        }
+    }
+}
+
+/// Resolves `p` against directory `base` the way WORKDIR and COPY destinations do.
+fn join_path(base: &str, p: &str) -> String {
+    let joined = if p.starts_with('/') { p.to_string() } else { format!("{}/{}", base.trim_end_matches('/'), p) };
+    let mut parts: Vec<&str> = Vec::new();
+    for c in joined.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_of(text: &str, args: &[(&str, &str)], target: Option<&str>) -> Result<BuildPlan, DockerfileError> {
+        let df = Dockerfile::parse("Dockerfile", text)?;
+        let build_args = args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        plan(&df, &PlanRequest { build_args: &build_args, target, platform: Platform::parse("linux/amd64").unwrap() })
+    }
+
+    fn run(p: &BuildPlan, stage: usize, step: usize) -> RunDef {
+        match &p.stages[stage].steps[step].def {
+            StepDef::Run(r) => r.clone(),
+            other => panic!("not a RUN: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn global_arg_feeds_from_and_a_redeclared_arg_inherits_its_default() {
+        let p = plan_of("ARG V=3.19\nFROM alpine:$V\nARG V\nRUN echo\n", &[], None).unwrap();
+        assert_eq!(p.stages[0].base, Base::Image { reference: "alpine:3.19".into() });
+        assert_eq!(run(&p, 0, 0).env, [("V".to_string(), "3.19".to_string())]);
+    }
+
+    #[test]
+    fn global_arg_is_not_visible_in_a_stage_without_redeclaration() {
+        let p = plan_of("ARG V=1\nFROM a\nRUN echo\n", &[], None).unwrap();
+        assert!(run(&p, 0, 0).env.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_arg_and_shell_form_is_wrapped() {
+        let p = plan_of("FROM a\nARG X=arg\nENV X=env Y=$X\nSHELL [\"/bin/bash\", \"-c\"]\nWORKDIR app\nUSER nobody\nRUN echo $X\n", &[("X", "cli")], None).unwrap();
+        let r = run(&p, 0, 1);
+        assert_eq!(r.argv, ["/bin/bash", "-c", "echo $X"]);
+        assert_eq!(r.env, [("X".to_string(), "env".to_string()), ("Y".to_string(), "cli".to_string())]);
+        assert_eq!((r.workdir.as_str(), r.user.as_str()), ("/app", "nobody"));
+    }
+
+    #[test]
+    fn stages_inherit_env_but_not_args() {
+        let p = plan_of("FROM a AS one\nARG A=1\nENV E=2\nFROM one\nRUN x\n", &[], None).unwrap();
+        assert_eq!(p.stages[1].base, Base::Stage { index: 0 });
+        assert_eq!(run(&p, 1, 0).env, [("E".to_string(), "2".to_string())]);
+    }
+
+    #[test]
+    fn target_prunes_stages_it_does_not_need() {
+        let p = plan_of("FROM a AS dep\nRUN d\nFROM a AS other\nRUN o\nFROM a AS app\nCOPY --from=dep /x /x\n", &[], Some("app")).unwrap();
+        let needed: Vec<bool> = p.stages.iter().map(|s| s.needed).collect();
+        assert_eq!(needed, [true, false, true]);
+        let e = plan_of("FROM a AS x\n", &[], Some("nope")).unwrap_err();
+        assert!(e.hint.contains("x"), "{e}");
+    }
+
+    #[test]
+    fn copy_from_forward_stage_cycle_is_reported() {
+        let e = plan_of("FROM a AS one\nCOPY --from=two /a /a\nFROM a AS two\nCOPY --from=one /b /b\n", &[], None).unwrap_err();
+        assert!(e.message.contains("cycle"), "{e}");
+        assert!(plan_of("FROM a AS one\nCOPY --from=one /a /a\n", &[], None).is_err());
+    }
+
+    #[test]
+    fn copy_dest_resolves_against_workdir_and_from_index_or_image() {
+        let p = plan_of("FROM a\nRUN b\nFROM a\nWORKDIR /srv\nCOPY --from=0 x ./\nCOPY --from=busybox:1 /bin/sh sh\n", &[], None).unwrap();
+        let StepDef::Copy(c) = &p.stages[1].steps[1].def else { panic!() };
+        assert_eq!((c.dest.as_str(), &c.from), ("/srv/", &CopyFrom::Stage { index: 0 }));
+        let StepDef::Copy(c) = &p.stages[1].steps[2].def else { panic!() };
+        assert_eq!((c.dest.as_str(), &c.from), ("/srv/sh", &CopyFrom::Image { reference: "busybox:1".into() }));
+    }
+
+    #[test]
+    fn undeclared_build_arg_is_reported_and_changes_nothing() {
+        let p = plan_of("FROM a\nRUN x\n", &[("NOPE", "1")], None).unwrap();
+        assert!(p.warnings[0].contains("NOPE"));
+        assert!(run(&p, 0, 0).env.is_empty());
+    }
+
+    #[test]
+    fn join_path_normalises() {
+        assert_eq!(join_path("/a/b", "../c/./d"), "/a/c/d");
+        assert_eq!(join_path("/a", "/x"), "/x");
+        assert_eq!(join_path("/", "."), "/");
+    }
+}

@@ -1,0 +1,110 @@
+//! A step's cache key: BLAKE3 over the versioned encoding of its key inputs (scheme version,
+//! platform, parent state, instruction kind and named fields), as `docs/cache-keys.md` says.
+
+use serde::Serialize;
+
+use crate::build_plan::{CopyDef, CopyFrom, RunDef, StepDef};
+use crate::key_encoding::{hex, Encoder};
+use crate::sources_digest::inline_digest;
+
+/// Bumped whenever anything that goes into a key changes meaning or encoding.
+pub const KEY_SCHEME_VERSION: u32 = 1;
+
+/// Everything a key is made of, in the order it is encoded: also what `explain` compares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyInputs {
+    /// The target platform (`linux/amd64`).
+    pub platform: String,
+    /// The parent filesystem state: the previous step's key, `scratch`, `image:REF` or a
+    /// manifest digest.
+    pub parent: String,
+    /// `RUN`, `COPY`, `ADD` or `WORKDIR`.
+    pub kind: String,
+    /// Named fields, in the fixed order of the kind.
+    pub fields: Vec<(String, Vec<String>)>,
+}
+
+impl KeyInputs {
+    /// The exact bytes the key is the BLAKE3 of.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::new();
+        e.str("lcache-key").u32(KEY_SCHEME_VERSION).str(&self.platform).str(&self.parent).str(&self.kind);
+        e.u32(self.fields.len() as u32);
+        for (name, values) in &self.fields {
+            e.str(name).list(values);
+        }
+        e.as_bytes().to_vec()
+    }
+
+    /// The key, as 64 lower-case hex digits.
+    pub fn key(&self) -> String {
+        hex(blake3::hash(&self.encode()).as_bytes())
+    }
+
+    /// A field's values, if present.
+    pub fn field(&self, name: &str) -> Option<&[String]> {
+        self.fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    }
+}
+
+fn one(v: impl Into<String>) -> Vec<String> {
+    vec![v.into()]
+}
+
+fn flag(b: bool) -> Vec<String> {
+    one(if b { "true" } else { "false" })
+}
+
+fn run_fields(r: &RunDef) -> Vec<(String, Vec<String>)> {
+    let heredocs = r
+        .heredocs
+        .iter()
+        .flat_map(|h| [h.name.clone(), if h.expand { "expand".into() } else { "literal".into() }, h.content.clone()])
+        .collect();
+    vec![
+        ("argv".into(), r.argv.clone()),
+        ("heredocs".into(), heredocs),
+        ("env".into(), r.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        ("workdir".into(), one(&r.workdir)),
+        ("user".into(), one(&r.user)),
+        ("mounts".into(), r.mounts.clone()),
+        ("network".into(), one(&r.network)),
+        ("security".into(), one(&r.security)),
+    ]
+}
+
+fn copy_fields(c: &CopyDef, sources_digest: &str) -> Vec<(String, Vec<String>)> {
+    let from = match &c.from {
+        CopyFrom::Context => "context".to_string(),
+        CopyFrom::Stage { .. } => "stage".to_string(),
+        CopyFrom::Image { reference } => format!("image:{reference}"),
+    };
+    let mut f = vec![
+        ("from".into(), one(from)),
+        ("sources".into(), c.sources.clone()),
+        ("sources_digest".into(), one(sources_digest)),
+        ("inline".into(), c.inline.iter().flat_map(|i| [i.name.clone(), inline_digest(&i.name, &i.content)]).collect()),
+        ("dest".into(), one(&c.dest)),
+        ("chown".into(), one(&c.chown)),
+        ("chmod".into(), one(&c.chmod)),
+        ("link".into(), flag(c.link)),
+        ("exclude".into(), c.excludes.clone()),
+        ("parents".into(), flag(c.parents)),
+    ];
+    if c.add {
+        f.push(("checksum".into(), one(&c.checksum)));
+        f.push(("keep_git_dir".into(), flag(c.keep_git_dir)));
+    }
+    f
+}
+
+/// The key inputs of a step. `sources_digest` is the Merkle digest of what a COPY/ADD
+/// selects (empty when it selects nothing but heredocs); other kinds ignore it.
+pub fn key_inputs(def: &StepDef, platform: &str, parent: &str, sources_digest: &str) -> KeyInputs {
+    let (kind, fields) = match def {
+        StepDef::Run(r) => ("RUN", run_fields(r)),
+        StepDef::Copy(c) => (if c.add { "ADD" } else { "COPY" }, copy_fields(c, sources_digest)),
+        StepDef::Workdir { path } => ("WORKDIR", vec![("path".into(), one(path))]),
+    };
+    KeyInputs { platform: platform.to_string(), parent: parent.to_string(), kind: kind.to_string(), fields }
+}

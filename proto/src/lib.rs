@@ -1,0 +1,17 @@
+//! What the lcache client and daemon share, with no I/O of its own: the Dockerfile front end,
+//! context selection rules, cache-key derivation and the wire types.
+
+pub mod build_plan;
+pub mod cache_key;
+pub mod dockerfile;
+pub mod dockerfile_lexer;
+pub mod dockerignore;
+pub mod errors;
+pub mod instruction;
+pub mod instruction_names;
+pub mod key_encoding;
+pub mod platform;
+pub mod source_select;
+pub mod sources_digest;
+pub mod step_keys;
+pub mod word_expansion;

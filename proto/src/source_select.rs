@@ -1,0 +1,176 @@
+//! Which context entries a COPY/ADD source selects: literal paths (a directory copies its
+//! contents), globs per path component, `--exclude`, and paths escaping the context refused.
+
+use globset::GlobBuilder;
+use serde::Serialize;
+
+use crate::dockerignore::IgnoreMatcher;
+use crate::errors::SelectError;
+
+/// The type of a context entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (never followed).
+    Symlink,
+}
+
+/// One entry of the build context after `.dockerignore`, as the walk found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContextEntry {
+    /// Path relative to the context root, `/`-separated, no leading `./`.
+    pub path: String,
+    /// Its type.
+    pub kind: EntryKind,
+    /// Permission bits (`mode & 0o7777`).
+    pub mode: u32,
+    /// Symlink target, for symlinks.
+    pub link_target: Option<String>,
+    /// Size in bytes (files).
+    pub size: u64,
+}
+
+/// One source of a COPY and what it brought in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectedRoot {
+    /// The matched path relative to the context (`.` for the whole context).
+    pub path: String,
+    /// Index of the matched entry (`None` for the context root).
+    pub entry: Option<usize>,
+    /// Descendants of a matched directory: entry index and path relative to the match.
+    pub members: Vec<(usize, String)>,
+}
+
+/// Selects what `sources` name in `entries` (sorted by path), less what `excludes` matches.
+pub fn select(entries: &[ContextEntry], sources: &[String], excludes: &IgnoreMatcher) -> Result<Vec<SelectedRoot>, SelectError> {
+    let mut roots = Vec::new();
+    for source in sources {
+        let path = normalise(source).ok_or_else(|| SelectError::EscapesContext(source.clone()))?;
+        if path == "." {
+            roots.push(root_with_members(entries, ".", None, excludes));
+        } else if path.contains(['*', '?', '[']) {
+            let glob = GlobBuilder::new(&path)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| SelectError::BadPattern { pattern: source.clone(), reason: e.kind().to_string() })?
+                .compile_matcher();
+            let before = roots.len();
+            for (i, e) in entries.iter().enumerate() {
+                if glob.is_match(&e.path) && !excludes.is_excluded(file_name(&e.path)) {
+                    roots.push(root_with_members(entries, &e.path, Some(i), excludes));
+                }
+            }
+            if roots.len() == before {
+                return Err(SelectError::NotFound(source.clone()));
+            }
+        } else {
+            let i = entries
+                .binary_search_by(|e| e.path.as_str().cmp(path.as_str()))
+                .map_err(|_| SelectError::NotFound(source.clone()))?;
+            roots.push(root_with_members(entries, &path, Some(i), excludes));
+        }
+    }
+    Ok(roots)
+}
+
+fn file_name(p: &str) -> &str {
+    p.rsplit('/').next().unwrap_or(p)
+}
+
+fn root_with_members(entries: &[ContextEntry], path: &str, entry: Option<usize>, excludes: &IgnoreMatcher) -> SelectedRoot {
+    let members = match entry {
+        Some(i) if entries[i].kind != EntryKind::Dir => Vec::new(),
+        _ => {
+            let prefix = if path == "." { String::new() } else { format!("{path}/") };
+            let start = entries.partition_point(|e| e.path.as_str() < prefix.as_str());
+            entries[start..]
+                .iter()
+                .enumerate()
+                .take_while(|(_, e)| e.path.starts_with(&prefix))
+                .map(|(k, e)| (start + k, e.path[prefix.len()..].to_string()))
+                .filter(|(_, rel)| excludes.is_empty() || !excludes.is_excluded(rel))
+                .collect()
+        }
+    };
+    SelectedRoot { path: path.to_string(), entry, members }
+}
+
+/// Cleans a source path; `None` when it climbs out of the context.
+fn normalise(source: &str) -> Option<String> {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in source.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(if parts.is_empty() { ".".to_string() } else { parts.join("/") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, kind: EntryKind) -> ContextEntry {
+        ContextEntry { path: path.into(), kind, mode: 0o644, link_target: None, size: 0 }
+    }
+
+    fn tree() -> Vec<ContextEntry> {
+        let mut v = vec![
+            e("a.txt", EntryKind::File),
+            e("b.md", EntryKind::File),
+            e("src", EntryKind::Dir),
+            e("src/lib.rs", EntryKind::File),
+            e("src/x", EntryKind::Dir),
+            e("src/x/y.txt", EntryKind::File),
+            e("src-old", EntryKind::Dir),
+            e("src-old/z", EntryKind::File),
+        ];
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v
+    }
+
+    fn sel(sources: &[&str], excl: &[&str]) -> Result<Vec<SelectedRoot>, SelectError> {
+        let s: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        select(&tree(), &s, &IgnoreMatcher::from_patterns(excl.iter().copied()).unwrap())
+    }
+
+    fn members(r: &SelectedRoot) -> Vec<&str> {
+        r.members.iter().map(|(_, p)| p.as_str()).collect()
+    }
+
+    #[test]
+    fn a_directory_brings_its_contents_but_not_a_sibling_with_the_same_prefix() {
+        let r = sel(&["./src/"], &[]).unwrap();
+        assert_eq!(r[0].path, "src");
+        assert_eq!(members(&r[0]), ["lib.rs", "x", "x/y.txt"]);
+    }
+
+    #[test]
+    fn globs_match_per_component() {
+        let r = sel(&["*.txt"], &[]).unwrap();
+        assert_eq!(r.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(), ["a.txt"]);
+        assert!(matches!(sel(&["*.zip"], &[]), Err(SelectError::NotFound(_))));
+    }
+
+    #[test]
+    fn excludes_apply_inside_the_copied_tree() {
+        let r = sel(&["src"], &["**/*.txt"]).unwrap();
+        assert_eq!(members(&r[0]), ["lib.rs", "x"]);
+    }
+
+    #[test]
+    fn escaping_and_missing_sources_are_errors() {
+        assert!(matches!(sel(&["../etc/passwd"], &[]), Err(SelectError::EscapesContext(_))));
+        assert!(matches!(sel(&["nope"], &[]), Err(SelectError::NotFound(_))));
+        assert_eq!(sel(&["/"], &[]).unwrap()[0].members.len(), 8);
+    }
+}

@@ -1,0 +1,127 @@
+//! Walks a build plan in order and derives every needed step's key, chaining parents across
+//! steps and stages. Keys that need a result not known yet (another stage's files, an
+//! image's files) are reported as pending on it, never invented.
+
+use serde::Serialize;
+
+use crate::build_plan::{Base, BuildPlan, CopyDef, CopyFrom, StepDef};
+use crate::cache_key::{key_inputs, KeyInputs};
+use crate::errors::SelectError;
+use crate::sources_digest::{FileInput, SourcesDigest};
+
+/// Where a step stands in the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StepRef {
+    /// Stage index.
+    pub stage: usize,
+    /// Step index within the stage's filesystem steps.
+    pub step: usize,
+}
+
+/// What the key derivation needs from the outside world (context files, images, results).
+pub trait StepSources {
+    /// The digest of what a COPY/ADD selects from the build context.
+    fn context_sources(&mut self, at: StepRef, def: &CopyDef) -> Result<SourcesDigest, SelectError>;
+    /// The digest of what it selects from another stage's result, if that is known.
+    fn stage_sources(&mut self, at: StepRef, stage: usize, def: &CopyDef) -> Option<SourcesDigest>;
+    /// A base image's identity (manifest digest), if it is known.
+    fn image_identity(&mut self, reference: &str) -> Option<String>;
+}
+
+/// A step's key, or what it waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum KeyState {
+    /// The key is known.
+    Known {
+        /// 64 hex digits.
+        key: String,
+    },
+    /// The key depends on something not known yet.
+    Pending {
+        /// What it waits for, in words.
+        waiting_on: String,
+    },
+}
+
+/// One step's key and what it is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepKey {
+    /// 0-based stage.
+    pub stage: usize,
+    /// The stage's AS name.
+    pub stage_name: Option<String>,
+    /// 1-based line where the instruction starts.
+    pub line: usize,
+    /// As written, continuations joined.
+    pub instruction: String,
+    /// The key or what it waits for.
+    #[serde(flatten)]
+    pub key: KeyState,
+    /// The inputs, when the key is known.
+    pub inputs: Option<KeyInputs>,
+    /// Files selected by a COPY/ADD, with their digests.
+    pub files: Vec<FileInput>,
+}
+
+/// The identity of a stage's base state as it enters the first key.
+fn base_state(base: &Base, results: &[Option<KeyState>], src: &mut dyn StepSources) -> KeyState {
+    match base {
+        Base::Scratch => KeyState::Known { key: "scratch".into() },
+        Base::Image { reference } => KeyState::Known {
+            key: src.image_identity(reference).unwrap_or_else(|| format!("image:{reference}")),
+        },
+        Base::Stage { index } => results.get(*index).cloned().flatten().unwrap_or(KeyState::Pending { waiting_on: format!("stage {index}") }),
+    }
+}
+
+/// Derives the keys of every needed stage's steps.
+pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<StepKey>, (StepRef, SelectError)> {
+    let mut results: Vec<Option<KeyState>> = vec![None; plan.stages.len()];
+    let mut out = Vec::new();
+    for stage in plan.needed_stages() {
+        let mut parent = base_state(&stage.base, &results, src);
+        for (n, step) in stage.steps.iter().enumerate() {
+            let at = StepRef { stage: stage.index, step: n };
+            let mut files = Vec::new();
+            let sources: Result<String, KeyState> = match &step.def {
+                StepDef::Copy(c) => match &c.from {
+                    CopyFrom::Context if c.sources.is_empty() => Ok(String::new()),
+                    CopyFrom::Context => {
+                        let d = src.context_sources(at, c).map_err(|e| (at, e))?;
+                        files = d.files;
+                        Ok(d.digest)
+                    }
+                    CopyFrom::Stage { index } => match src.stage_sources(at, *index, c) {
+                        Some(d) => Ok(d.digest),
+                        None => Err(KeyState::Pending {
+                            waiting_on: format!("the result of stage {}", plan.stages[*index].name.clone().unwrap_or_else(|| index.to_string())),
+                        }),
+                    },
+                    CopyFrom::Image { reference } => Err(KeyState::Pending { waiting_on: format!("the files of image {reference}") }),
+                },
+                _ => Ok(String::new()),
+            };
+            let (key, inputs) = match (&parent, sources) {
+                (KeyState::Pending { .. }, _) => (parent.clone(), None),
+                (_, Err(pending)) => (pending, None),
+                (KeyState::Known { key: p }, Ok(digest)) => {
+                    let inputs = key_inputs(&step.def, &stage.platform, p, &digest);
+                    (KeyState::Known { key: inputs.key() }, Some(inputs))
+                }
+            };
+            parent = key.clone();
+            out.push(StepKey {
+                stage: stage.index,
+                stage_name: stage.name.clone(),
+                line: step.line,
+                instruction: step.instruction.clone(),
+                key,
+                inputs,
+                files,
+            });
+        }
+        results[stage.index] = Some(parent);
+    }
+    Ok(out)
+}
