@@ -1,1 +1,25 @@
-fn main() {}
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use lcache_client::cli::{Cli, Command};
+use lcache_client::commands;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Parse(a) => commands::parse::run(a),
+        Command::Keys(a) => commands::keys::run(a),
+    };
+    match result {
+        Ok(out) => {
+            // A closed pipe (`lcache keys . | head`) is not an error worth a message.
+            let _ = std::io::stdout().write_all(out.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

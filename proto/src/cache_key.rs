@@ -21,7 +21,16 @@ pub struct KeyInputs {
     /// `RUN`, `COPY`, `ADD` or `WORKDIR`.
     pub kind: String,
     /// Named fields, in the fixed order of the kind.
-    pub fields: Vec<(String, Vec<String>)>,
+    pub fields: Vec<KeyField>,
+}
+
+/// One named field of a key's inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyField {
+    /// The field's name (`argv`, `env`, `sources_digest`…).
+    pub name: String,
+    /// Its values, in order.
+    pub values: Vec<String>,
 }
 
 impl KeyInputs {
@@ -30,8 +39,8 @@ impl KeyInputs {
         let mut e = Encoder::new();
         e.str("lcache-key").u32(KEY_SCHEME_VERSION).str(&self.platform).str(&self.parent).str(&self.kind);
         e.u32(self.fields.len() as u32);
-        for (name, values) in &self.fields {
-            e.str(name).list(values);
+        for f in &self.fields {
+            e.str(&f.name).list(&f.values);
         }
         e.as_bytes().to_vec()
     }
@@ -43,7 +52,7 @@ impl KeyInputs {
 
     /// A field's values, if present.
     pub fn field(&self, name: &str) -> Option<&[String]> {
-        self.fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+        self.fields.iter().find(|f| f.name == name).map(|f| f.values.as_slice())
     }
 }
 
@@ -106,5 +115,6 @@ pub fn key_inputs(def: &StepDef, platform: &str, parent: &str, sources_digest: &
         StepDef::Copy(c) => (if c.add { "ADD" } else { "COPY" }, copy_fields(c, sources_digest)),
         StepDef::Workdir { path } => ("WORKDIR", vec![("path".into(), one(path))]),
     };
+    let fields = fields.into_iter().map(|(name, values)| KeyField { name, values }).collect();
     KeyInputs { platform: platform.to_string(), parent: parent.to_string(), kind: kind.to_string(), fields }
 }

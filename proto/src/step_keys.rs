@@ -87,6 +87,9 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
             let sources: Result<String, KeyState> = match &step.def {
                 StepDef::Copy(c) => match &c.from {
                     CopyFrom::Context if c.sources.is_empty() => Ok(String::new()),
+                    CopyFrom::Context if c.add && c.sources.iter().any(|s| is_remote(s)) => Err(KeyState::Pending {
+                        waiting_on: "the download of a remote ADD source".into(),
+                    }),
                     CopyFrom::Context => {
                         let d = src.context_sources(at, c).map_err(|e| (at, e))?;
                         files = d.files;
@@ -124,4 +127,9 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
         results[stage.index] = Some(parent);
     }
     Ok(out)
+}
+
+/// Whether an ADD source names something to download rather than a context path.
+pub fn is_remote(source: &str) -> bool {
+    ["http://", "https://", "git@", "git://"].iter().any(|p| source.starts_with(p))
 }

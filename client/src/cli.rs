@@ -1,0 +1,64 @@
+//! The `lcache` command line (clap).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// lcache: a build cache for Dockerfile builds that says why each step rebuilt.
+#[derive(Debug, Parser)]
+#[command(name = "lcache", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the parsed Dockerfile (instructions, lines, flags) as text or JSON.
+    Parse(ParseArgs),
+    /// Print every step's cache key and the inputs it is made of, offline (no daemon).
+    Keys(KeysArgs),
+}
+
+/// `lcache parse`.
+#[derive(Debug, Args)]
+pub struct ParseArgs {
+    /// The Dockerfile to parse.
+    #[arg(short = 'f', long = "file", default_value = "Dockerfile")]
+    pub file: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The inputs every build-like command takes.
+#[derive(Debug, Args)]
+pub struct BuildInputs {
+    /// The Dockerfile [default: CONTEXT/Dockerfile].
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Set a build-time variable declared by ARG (`K=V`, or `K` to take it from the environment).
+    #[arg(long = "build-arg", value_name = "K=V")]
+    pub build_args: Vec<String>,
+    /// Build up to this stage (by its AS name) instead of the last one.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Platform to build for (os/arch[/variant]) [default: this machine's].
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// The build context directory.
+    pub context: PathBuf,
+}
+
+/// `lcache keys`.
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// Build inputs.
+    #[command(flatten)]
+    pub inputs: BuildInputs,
+    /// Print JSON instead of text (every selected file listed).
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,4 @@
+//! One module per subcommand; each turns parsed arguments into output.
+
+pub mod keys;
+pub mod parse;

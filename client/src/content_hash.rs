@@ -1,0 +1,93 @@
+//! Content BLAKE3 of context files: in parallel across files, streamed (memory-mapped for
+//! large files) so no file is held whole, and each file read once.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::errors::ContextError;
+
+/// Files at least this large are memory-mapped instead of read through a buffer.
+const MMAP_THRESHOLD: u64 = 1 << 20;
+
+/// Hashes the files at `paths` (relative to `root`) on all cores; result `i` is `paths[i]`'s.
+pub fn hash_files(root: &Path, paths: &[(&str, u64)]) -> Result<Vec<[u8; 32]>, ContextError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<[u8; 32]>> = Mutex::new(vec![[0u8; 32]; paths.len()]);
+    let first_error: Mutex<Option<ContextError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut local = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= paths.len() {
+                        break;
+                    }
+                    let (rel, size) = paths[i];
+                    match hash_one(&root.join(rel), size, &mut buf) {
+                        Ok(h) => local.push((i, h)),
+                        Err(e) => {
+                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            // Stop every worker: the result is an error anyway.
+                            next.store(paths.len(), Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+                let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
+                for (i, h) in local {
+                    r[i] = h;
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(results.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn hash_one(path: &Path, size: u64, buf: &mut [u8]) -> Result<[u8; 32], ContextError> {
+    let io = |source| ContextError::Io { path: path.to_path_buf(), source };
+    let mut hasher = blake3::Hasher::new();
+    if size >= MMAP_THRESHOLD {
+        hasher.update_mmap(path).map_err(io)?;
+    } else {
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        loop {
+            let n = f.read(buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    Ok(*hasher.finalize().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_match_blake3_of_the_content_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), "alpha").unwrap();
+        let big = vec![7u8; (MMAP_THRESHOLD + 5) as usize];
+        std::fs::write(d.path().join("b"), &big).unwrap();
+        let h = hash_files(d.path(), &[("b", big.len() as u64), ("a", 5)]).unwrap();
+        assert_eq!(h[0], *blake3::hash(&big).as_bytes());
+        assert_eq!(h[1], *blake3::hash(b"alpha").as_bytes());
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_it() {
+        let d = tempfile::tempdir().unwrap();
+        let e = hash_files(d.path(), &[("gone", 1)]).unwrap_err();
+        assert!(e.to_string().contains("gone"), "{e}");
+    }
+}
