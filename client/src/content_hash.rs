@@ -13,7 +13,9 @@ const MMAP_THRESHOLD: u64 = 1 << 20;
 
 /// Hashes the files at `paths` (relative to `root`) on all cores; result `i` is `paths[i]`'s.
 pub fn hash_files(root: &Path, paths: &[(&str, u64)]) -> Result<Vec<[u8; 32]>, ContextError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(paths.len().max(1));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(paths.len().max(1));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<[u8; 32]>> = Mutex::new(vec![[0u8; 32]; paths.len()]);
     let first_error: Mutex<Option<ContextError>> = Mutex::new(None);
@@ -52,7 +54,10 @@ pub fn hash_files(root: &Path, paths: &[(&str, u64)]) -> Result<Vec<[u8; 32]>, C
 }
 
 fn hash_one(path: &Path, size: u64, buf: &mut [u8]) -> Result<[u8; 32], ContextError> {
-    let io = |source| ContextError::Io { path: path.to_path_buf(), source };
+    let io = |source| ContextError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut hasher = blake3::Hasher::new();
     if size >= MMAP_THRESHOLD {
         hasher.update_mmap(path).map_err(io)?;

@@ -24,14 +24,27 @@ pub fn walk(context: &Path, ignore: &IgnoreMatcher) -> Result<Vec<ContextEntry>,
     let mut out = Vec::new();
     let mut stack: Vec<(PathBuf, String)> = vec![(context.to_path_buf(), String::new())];
     while let Some((dir, rel)) = stack.pop() {
-        let rd = std::fs::read_dir(&dir).map_err(|source| ContextError::Io { path: dir.clone(), source })?;
+        let rd = std::fs::read_dir(&dir).map_err(|source| ContextError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         for item in rd {
-            let item = item.map_err(|source| ContextError::Io { path: dir.clone(), source })?;
+            let item = item.map_err(|source| ContextError::Io {
+                path: dir.clone(),
+                source,
+            })?;
             let name = item.file_name();
             let name = name.to_str().ok_or_else(|| ContextError::NonUtf8(item.path()))?;
-            let path = if rel.is_empty() { name.to_string() } else { format!("{rel}/{name}") };
+            let path = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
             let excluded = !ignore.is_empty() && ignore.is_excluded(&path);
-            let meta = item.metadata().map_err(|source| ContextError::Io { path: item.path(), source })?;
+            let meta = item.metadata().map_err(|source| ContextError::Io {
+                path: item.path(),
+                source,
+            })?;
             let ft = meta.file_type();
             let mode = meta.permissions().mode() & 0o7777;
             if ft.is_dir() {
@@ -40,7 +53,13 @@ pub fn walk(context: &Path, ignore: &IgnoreMatcher) -> Result<Vec<ContextEntry>,
                 }
                 stack.push((item.path(), path.clone()));
                 if !excluded {
-                    out.push(ContextEntry { path, kind: EntryKind::Dir, mode, link_target: None, size: 0 });
+                    out.push(ContextEntry {
+                        path,
+                        kind: EntryKind::Dir,
+                        mode,
+                        link_target: None,
+                        size: 0,
+                    });
                 }
                 continue;
             }
@@ -48,11 +67,29 @@ pub fn walk(context: &Path, ignore: &IgnoreMatcher) -> Result<Vec<ContextEntry>,
                 continue;
             }
             if ft.is_symlink() {
-                let target = std::fs::read_link(item.path()).map_err(|source| ContextError::Io { path: item.path(), source })?;
-                let target = target.to_str().ok_or_else(|| ContextError::NonUtf8(item.path()))?.to_string();
-                out.push(ContextEntry { path, kind: EntryKind::Symlink, mode, link_target: Some(target), size: 0 });
+                let target = std::fs::read_link(item.path()).map_err(|source| ContextError::Io {
+                    path: item.path(),
+                    source,
+                })?;
+                let target = target
+                    .to_str()
+                    .ok_or_else(|| ContextError::NonUtf8(item.path()))?
+                    .to_string();
+                out.push(ContextEntry {
+                    path,
+                    kind: EntryKind::Symlink,
+                    mode,
+                    link_target: Some(target),
+                    size: 0,
+                });
             } else if ft.is_file() {
-                out.push(ContextEntry { path, kind: EntryKind::File, mode, link_target: None, size: meta.len() });
+                out.push(ContextEntry {
+                    path,
+                    kind: EntryKind::File,
+                    mode,
+                    link_target: None,
+                    size: meta.len(),
+                });
             }
             // Sockets, FIFOs and devices cannot be copied into an image layer; Docker skips them too.
         }

@@ -48,11 +48,21 @@ pub fn render_keys(r: &KeysReport) -> String {
                 let _ = writeln!(out, "        {:<40} {:?} {} {}", f.path, f.kind, f.mode, f.digest);
             }
             if s.files.len() > FILES_SHOWN {
-                let _ = writeln!(out, "        … and {} more (--json lists all)", s.files.len() - FILES_SHOWN);
+                let _ = writeln!(
+                    out,
+                    "        … and {} more (--json lists all)",
+                    s.files.len() - FILES_SHOWN
+                );
             }
         }
     }
-    let _ = writeln!(out, "{} steps, {} context files hashed, platform {}", r.steps.len(), r.hashed_files, r.platform);
+    let _ = writeln!(
+        out,
+        "{} steps, {} context files hashed, platform {}",
+        r.steps.len(),
+        r.hashed_files,
+        r.platform
+    );
     out
 }
 

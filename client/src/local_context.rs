@@ -53,10 +53,20 @@ impl LocalContext {
         for stage in plan.needed_stages() {
             for (n, step) in stage.steps.iter().enumerate() {
                 let StepDef::Copy(c) = &step.def else { continue };
-                if !matches!(c.from, CopyFrom::Context) || c.sources.is_empty() || (c.add && c.sources.iter().any(|s| is_remote(s))) {
+                if !matches!(c.from, CopyFrom::Context)
+                    || c.sources.is_empty()
+                    || (c.add && c.sources.iter().any(|s| is_remote(s)))
+                {
                     continue;
                 }
-                let at = |source| SourcesError::Select { location: Location { file: file.to_string(), line: step.line, column: 1 }, source };
+                let at = |source| SourcesError::Select {
+                    location: Location {
+                        file: file.to_string(),
+                        line: step.line,
+                        column: 1,
+                    },
+                    source,
+                };
                 let excludes = IgnoreMatcher::from_patterns(c.excludes.iter().map(String::as_str)).map_err(at)?;
                 let roots = select(&entries, &c.sources, &excludes).map_err(at)?;
                 for r in &roots {
@@ -68,13 +78,22 @@ impl LocalContext {
             }
         }
         let to_hash: Vec<usize> = (0..entries.len()).filter(|&i| wanted[i]).collect();
-        let paths: Vec<(&str, u64)> = to_hash.iter().map(|&i| (entries[i].path.as_str(), entries[i].size)).collect();
+        let paths: Vec<(&str, u64)> = to_hash
+            .iter()
+            .map(|&i| (entries[i].path.as_str(), entries[i].size))
+            .collect();
         let hashes = hash_files(root, &paths)?;
         let mut content = vec![[0u8; 32]; entries.len()];
         for (&i, h) in to_hash.iter().zip(hashes) {
             content[i] = h;
         }
-        Ok(Self { root: root.to_path_buf(), entries, selections, content, hashed_files: to_hash.len() })
+        Ok(Self {
+            root: root.to_path_buf(),
+            entries,
+            selections,
+            content,
+            hashed_files: to_hash.len(),
+        })
     }
 
     /// The context directory.
@@ -95,7 +114,11 @@ impl LocalContext {
 
 impl StepSources for LocalContext {
     fn context_sources(&mut self, at: StepRef, _def: &CopyDef) -> Result<SourcesDigest, SelectError> {
-        let roots = self.selections.get(&(at.stage, at.step)).map(Vec::as_slice).unwrap_or_default();
+        let roots = self
+            .selections
+            .get(&(at.stage, at.step))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         Ok(sources_digest(&self.entries, roots, &|i| self.content[i]))
     }
 

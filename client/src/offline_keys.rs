@@ -49,7 +49,9 @@ pub struct KeysReport {
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
     /// The Dockerfile could not be read.
-    #[error("cannot read the Dockerfile {path}: {source} — pass its path with -f, or run from the directory that holds it")]
+    #[error(
+        "cannot read the Dockerfile {path}: {source} — pass its path with -f, or run from the directory that holds it"
+    )]
     ReadDockerfile {
         /// Where we looked.
         path: PathBuf,
@@ -69,7 +71,10 @@ pub enum KeysError {
 
 /// Reads and parses a Dockerfile, naming it in errors as the user wrote its path.
 pub fn read_dockerfile(path: &Path) -> Result<Dockerfile, KeysError> {
-    let text = std::fs::read(path).map_err(|source| KeysError::ReadDockerfile { path: path.to_path_buf(), source })?;
+    let text = std::fs::read(path).map_err(|source| KeysError::ReadDockerfile {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let text = String::from_utf8_lossy(&text);
     Ok(Dockerfile::parse(&path.display().to_string(), &text)?)
 }
@@ -80,11 +85,25 @@ pub fn offline_keys(req: &KeysRequest) -> Result<KeysReport, KeysError> {
         return Err(KeysError::NotADirectory(req.context.clone()));
     }
     let df = read_dockerfile(&req.dockerfile)?;
-    let plan = plan(&df, &PlanRequest { build_args: &req.build_args, target: req.target.as_deref(), platform: req.platform.clone() })?;
+    let plan = plan(
+        &df,
+        &PlanRequest {
+            build_args: &req.build_args,
+            target: req.target.as_deref(),
+            platform: req.platform.clone(),
+        },
+    )?;
     let mut ctx = LocalContext::prepare(&req.context, &plan, &df.file)?;
     let steps = derive_keys(&plan, &mut ctx).map_err(|(at, source)| {
         let line = plan.stages[at.stage].steps[at.step].line;
-        SourcesError::Select { location: lcache_proto::errors::Location { file: df.file.clone(), line, column: 1 }, source }
+        SourcesError::Select {
+            location: lcache_proto::errors::Location {
+                file: df.file.clone(),
+                line,
+                column: 1,
+            },
+            source,
+        }
     })?;
     Ok(KeysReport {
         dockerfile: req.dockerfile.display().to_string(),

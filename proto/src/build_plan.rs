@@ -225,7 +225,12 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
     };
     // BuildKit makes the platform args available to FROM lines without a declaration.
     let build_platform = Platform::host();
-    for (k, v) in req.platform.automatic_args("TARGET").into_iter().chain(build_platform.automatic_args("BUILD")) {
+    for (k, v) in req
+        .platform
+        .automatic_args("TARGET")
+        .into_iter()
+        .chain(build_platform.automatic_args("BUILD"))
+    {
         p.global.args.insert(k, Some(v));
     }
     let automatic = p.global.args.clone();
@@ -252,26 +257,48 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
         let index = stages.len();
         let reference = expand_word(image, p.escape(), &p.global).map_err(|e| p.expand_err(from, e))?;
         if reference.is_empty() {
-            return Err(p.err(from, format!("FROM '{image}' expands to an empty image name"), "set the ARG it uses with --build-arg or give it a default"));
+            return Err(p.err(
+                from,
+                format!("FROM '{image}' expands to an empty image name"),
+                "set the ARG it uses with --build-arg or give it a default",
+            ));
         }
         let platform = match from.flag("platform") {
             Some(v) => {
                 let v = expand_word(v, p.escape(), &p.global).map_err(|e| p.expand_err(from, e))?;
-                Platform::parse(&v).ok_or_else(|| p.err(from, format!("invalid platform '{v}'"), "write --platform=os/arch[/variant], e.g. linux/arm64"))?
+                Platform::parse(&v).ok_or_else(|| {
+                    p.err(
+                        from,
+                        format!("invalid platform '{v}'"),
+                        "write --platform=os/arch[/variant], e.g. linux/arm64",
+                    )
+                })?
             }
             None => req.platform.clone(),
         };
         let base = if reference.eq_ignore_ascii_case("scratch") {
             Base::Scratch
-        } else if let Some(j) = stages.iter().position(|s| s.name.as_deref() == Some(reference.to_ascii_lowercase().as_str())) {
+        } else if let Some(j) = stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(reference.to_ascii_lowercase().as_str()))
+        {
             Base::Stage { index: j }
         } else {
-            Base::Image { reference: reference.clone() }
+            Base::Image {
+                reference: reference.clone(),
+            }
         };
         let mut scope = match &base {
             // A stage built on another inherits its image config, never its ARGs.
-            Base::Stage { index } => Scope { args: BTreeMap::new(), ..scopes[*index].clone() },
-            _ => Scope { shell: vec!["/bin/sh".into(), "-c".into()], workdir: "/".into(), ..Scope::default() },
+            Base::Stage { index } => Scope {
+                args: BTreeMap::new(),
+                ..scopes[*index].clone()
+            },
+            _ => Scope {
+                shell: vec!["/bin/sh".into(), "-c".into()],
+                workdir: "/".into(),
+                ..Scope::default()
+            },
         };
         let mut stage_deps = BTreeSet::new();
         if let Base::Stage { index } = base {
@@ -299,30 +326,50 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
 
     let target = match req.target {
         None => stages.len() - 1,
-        Some(t) => stages.iter().position(|s| s.name.as_deref() == Some(t.to_ascii_lowercase().as_str())).ok_or_else(|| {
-            let names: Vec<&str> = stages.iter().filter_map(|s| s.name.as_deref()).collect();
-            DockerfileError::new(
-                &df.file,
-                1,
-                1,
-                format!("target stage '{t}' is not in the Dockerfile"),
-                if names.is_empty() { "name a stage with FROM <image> AS <name>".to_string() } else { format!("stages are: {}", names.join(", ")) },
-            )
-        })?,
+        Some(t) => stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(t.to_ascii_lowercase().as_str()))
+            .ok_or_else(|| {
+                let names: Vec<&str> = stages.iter().filter_map(|s| s.name.as_deref()).collect();
+                DockerfileError::new(
+                    &df.file,
+                    1,
+                    1,
+                    format!("target stage '{t}' is not in the Dockerfile"),
+                    if names.is_empty() {
+                        "name a stage with FROM <image> AS <name>".to_string()
+                    } else {
+                        format!("stages are: {}", names.join(", "))
+                    },
+                )
+            })?,
     };
     mark_needed(&mut stages, &deps, target, df)?;
-    let unused: Vec<&String> = req.build_args.keys().filter(|k| !p.consumed.contains(*k) && !automatic.contains_key(*k)).collect();
+    let unused: Vec<&String> = req
+        .build_args
+        .keys()
+        .filter(|k| !p.consumed.contains(*k) && !automatic.contains_key(*k))
+        .collect();
     if !unused.is_empty() {
         p.warnings.push(format!(
             "build args not declared by any ARG, so they change nothing: {}",
             unused.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
         ));
     }
-    Ok(BuildPlan { stages, target, warnings: p.warnings })
+    Ok(BuildPlan {
+        stages,
+        target,
+        warnings: p.warnings,
+    })
 }
 
 /// Marks the target and everything it depends on as needed; refuses cycles.
-fn mark_needed(stages: &mut [PlannedStage], deps: &[BTreeSet<usize>], target: usize, df: &Dockerfile) -> Result<(), DockerfileError> {
+fn mark_needed(
+    stages: &mut [PlannedStage],
+    deps: &[BTreeSet<usize>],
+    target: usize,
+    df: &Dockerfile,
+) -> Result<(), DockerfileError> {
     // 0 = unvisited, 1 = on the current path, 2 = done.
     fn visit(i: usize, deps: &[BTreeSet<usize>], state: &mut [u8], path: &mut Vec<usize>) -> Result<(), Vec<usize>> {
         match state[i] {
@@ -352,7 +399,10 @@ fn mark_needed(stages: &mut [PlannedStage], deps: &[BTreeSet<usize>], target: us
             &df.file,
             stages[first].line,
             1,
-            format!("stages depend on each other in a cycle: {}", cycle.iter().map(|&i| label(i)).collect::<Vec<_>>().join(" → ")),
+            format!(
+                "stages depend on each other in a cycle: {}",
+                cycle.iter().map(|&i| label(i)).collect::<Vec<_>>().join(" → ")
+            ),
             "a stage can only use the result of a stage that does not use it",
         ));
     }
@@ -372,7 +422,11 @@ impl Planner<'_> {
     }
 
     fn expand_err(&self, ins: &Instruction, e: ExpandError) -> DockerfileError {
-        self.err(ins, format!("cannot substitute variables: {e}"), "check the ${…} syntax; supported: $V ${V} ${V:-default} ${V:+alt} ${V:?message}")
+        self.err(
+            ins,
+            format!("cannot substitute variables: {e}"),
+            "check the ${…} syntax; supported: $V ${V} ${V:-default} ${V:+alt} ${V:?message}",
+        )
     }
 
     fn expand(&self, ins: &Instruction, s: &str, scope: &Scope) -> Result<String, DockerfileError> {
@@ -380,8 +434,14 @@ impl Planner<'_> {
     }
 
     /// ARG in the global scope (`stage` None) or in a stage.
-    fn declare_args(&mut self, ins: &Instruction, stage: Option<(&mut Scope, &BTreeMap<String, Option<String>>)>) -> Result<(), DockerfileError> {
-        let InstructionKind::Arg { args } = &ins.kind else { return Ok(()) };
+    fn declare_args(
+        &mut self,
+        ins: &Instruction,
+        stage: Option<(&mut Scope, &BTreeMap<String, Option<String>>)>,
+    ) -> Result<(), DockerfileError> {
+        let InstructionKind::Arg { args } = &ins.kind else {
+            return Ok(());
+        };
         match stage {
             None => {
                 for (name, default) in args {
@@ -403,7 +463,13 @@ impl Planner<'_> {
                         None => match default {
                             Some(d) => Some(self.expand(ins, d, scope)?),
                             // `ARG NAME` in a stage takes the global default, or the automatic value.
-                            None => self.global.args.get(name).cloned().flatten().or_else(|| automatic.get(name).cloned().flatten()),
+                            None => self
+                                .global
+                                .args
+                                .get(name)
+                                .cloned()
+                                .flatten()
+                                .or_else(|| automatic.get(name).cloned().flatten()),
                         },
                     };
                     self.consumed.insert(name.clone());
@@ -414,17 +480,35 @@ impl Planner<'_> {
         Ok(())
     }
 
-    fn resolve_stage_ref(&self, ins: &Instruction, r: &str, stages: &[PlannedStage], current: Option<&str>) -> Result<CopyFrom, DockerfileError> {
+    fn resolve_stage_ref(
+        &self,
+        ins: &Instruction,
+        r: &str,
+        stages: &[PlannedStage],
+        current: Option<&str>,
+    ) -> Result<CopyFrom, DockerfileError> {
         let lower = r.to_ascii_lowercase();
         if let Ok(n) = r.parse::<usize>() {
             if n < stages.len() {
                 return Ok(CopyFrom::Stage { index: n });
             }
-            let hint = if n == stages.len() { "a stage cannot copy from itself".to_string() } else { format!("there are {} stages before this one (0 to {})", stages.len(), stages.len().saturating_sub(1)) };
+            let hint = if n == stages.len() {
+                "a stage cannot copy from itself".to_string()
+            } else {
+                format!(
+                    "there are {} stages before this one (0 to {})",
+                    stages.len(),
+                    stages.len().saturating_sub(1)
+                )
+            };
             return Err(self.err(ins, format!("--from={n} names no earlier stage"), &hint));
         }
         if current == Some(lower.as_str()) {
-            return Err(self.err(ins, format!("stage '{lower}' copies from itself"), "copy from an earlier stage or an image"));
+            return Err(self.err(
+                ins,
+                format!("stage '{lower}' copies from itself"),
+                "copy from an earlier stage or an image",
+            ));
         }
         if let Some(s) = stages.iter().find(|s| s.name.as_deref() == Some(lower.as_str())) {
             return Ok(CopyFrom::Stage { index: s.index });
@@ -434,7 +518,9 @@ impl Planner<'_> {
         if let Some(later) = self.stage_index_by_name(&lower) {
             return Ok(CopyFrom::Stage { index: later });
         }
-        Ok(CopyFrom::Image { reference: r.to_string() })
+        Ok(CopyFrom::Image {
+            reference: r.to_string(),
+        })
     }
 
     fn stage_index_by_name(&self, name: &str) -> Option<usize> {
@@ -457,7 +543,14 @@ impl Planner<'_> {
         deps: &mut BTreeSet<usize>,
         automatic: &BTreeMap<String, Option<String>>,
     ) -> Result<Option<PlannedStep>, DockerfileError> {
-        let step = |def| Some(PlannedStep { line: ins.line, end_line: ins.end_line, instruction: ins.written.clone(), def });
+        let step = |def| {
+            Some(PlannedStep {
+                line: ins.line,
+                end_line: ins.end_line,
+                instruction: ins.written.clone(),
+                def,
+            })
+        };
         match &ins.kind {
             InstructionKind::Arg { .. } => {
                 self.declare_args(ins, Some((scope, automatic)))?;
@@ -482,7 +575,9 @@ impl Planner<'_> {
             InstructionKind::Workdir { path } => {
                 let p = self.expand(ins, path, scope)?;
                 scope.workdir = join_path(&scope.workdir, &p);
-                Ok(step(StepDef::Workdir { path: scope.workdir.clone() }))
+                Ok(step(StepDef::Workdir {
+                    path: scope.workdir.clone(),
+                }))
             }
             InstructionKind::Run { command } => {
                 let argv = match command {
@@ -501,13 +596,29 @@ impl Planner<'_> {
                 }
                 let network = ins.flag("network").unwrap_or("default").to_string();
                 if !matches!(network.as_str(), "default" | "none" | "host") {
-                    return Err(self.err(ins, format!("unknown RUN --network={network}"), "use default, none or host"));
+                    return Err(self.err(
+                        ins,
+                        format!("unknown RUN --network={network}"),
+                        "use default, none or host",
+                    ));
                 }
-                let mut env: BTreeMap<String, String> = scope.args.iter().filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v))).collect();
+                let mut env: BTreeMap<String, String> = scope
+                    .args
+                    .iter()
+                    .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
+                    .collect();
                 env.extend(scope.env.iter().map(|(k, v)| (k.clone(), v.clone())));
                 Ok(step(StepDef::Run(RunDef {
                     argv,
-                    heredocs: ins.heredocs.iter().map(|h| InlineFile { name: h.delimiter.clone(), content: h.body.clone(), expand: h.expand }).collect(),
+                    heredocs: ins
+                        .heredocs
+                        .iter()
+                        .map(|h| InlineFile {
+                            name: h.delimiter.clone(),
+                            content: h.body.clone(),
+                            expand: h.expand,
+                        })
+                        .collect(),
                     env: env.into_iter().collect(),
                     workdir: scope.workdir.clone(),
                     user: scope.user.clone(),
@@ -535,8 +646,16 @@ impl Planner<'_> {
                 for s in sources {
                     if s.starts_with("<<") {
                         if let Some(h) = heredocs.next() {
-                            let content = if h.expand { self.expand(ins, &h.body, scope)? } else { h.body.clone() };
-                            inline.push(InlineFile { name: h.delimiter.clone(), content, expand: h.expand });
+                            let content = if h.expand {
+                                self.expand(ins, &h.body, scope)?
+                            } else {
+                                h.body.clone()
+                            };
+                            inline.push(InlineFile {
+                                name: h.delimiter.clone(),
+                                content,
+                                expand: h.expand,
+                            });
                             continue;
                         }
                     }
@@ -548,10 +667,26 @@ impl Planner<'_> {
                     resolved.push('/');
                 }
                 if sources.len() > 1 && !resolved.ends_with('/') {
-                    return Err(self.err(ins, format!("{} with several sources needs a directory destination", if add { "ADD" } else { "COPY" }), &format!("end the destination with a slash: {dest}/")));
+                    return Err(self.err(
+                        ins,
+                        format!(
+                            "{} with several sources needs a directory destination",
+                            if add { "ADD" } else { "COPY" }
+                        ),
+                        &format!("end the destination with a slash: {dest}/"),
+                    ));
                 }
-                let excludes = ins.flag_values("exclude").into_iter().map(|e| self.expand(ins, e, scope)).collect::<Result<_, _>>()?;
-                let flag = |name: &str| -> Result<String, DockerfileError> { ins.flag(name).map(|v| self.expand(ins, v, scope)).transpose().map(Option::unwrap_or_default) };
+                let excludes = ins
+                    .flag_values("exclude")
+                    .into_iter()
+                    .map(|e| self.expand(ins, e, scope))
+                    .collect::<Result<_, _>>()?;
+                let flag = |name: &str| -> Result<String, DockerfileError> {
+                    ins.flag(name)
+                        .map(|v| self.expand(ins, v, scope))
+                        .transpose()
+                        .map(Option::unwrap_or_default)
+                };
                 let boolean = |name: &str| ins.flag(name).is_some_and(|v| v.is_empty() || v == "true");
                 Ok(step(StepDef::Copy(CopyDef {
                     add,
@@ -596,7 +731,11 @@ impl Planner<'_> {
 
 /// Resolves `p` against directory `base` the way WORKDIR and COPY destinations do.
 fn join_path(base: &str, p: &str) -> String {
-    let joined = if p.starts_with('/') { p.to_string() } else { format!("{}/{}", base.trim_end_matches('/'), p) };
+    let joined = if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("{}/{}", base.trim_end_matches('/'), p)
+    };
     let mut parts: Vec<&str> = Vec::new();
     for c in joined.split('/') {
         match c {
@@ -617,7 +756,14 @@ mod tests {
     fn plan_of(text: &str, args: &[(&str, &str)], target: Option<&str>) -> Result<BuildPlan, DockerfileError> {
         let df = Dockerfile::parse("Dockerfile", text)?;
         let build_args = args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        plan(&df, &PlanRequest { build_args: &build_args, target, platform: Platform::parse("linux/amd64").unwrap() })
+        plan(
+            &df,
+            &PlanRequest {
+                build_args: &build_args,
+                target,
+                platform: Platform::parse("linux/amd64").unwrap(),
+            },
+        )
     }
 
     fn run(p: &BuildPlan, stage: usize, step: usize) -> RunDef {
@@ -630,7 +776,12 @@ mod tests {
     #[test]
     fn global_arg_feeds_from_and_a_redeclared_arg_inherits_its_default() {
         let p = plan_of("ARG V=3.19\nFROM alpine:$V\nARG V\nRUN echo\n", &[], None).unwrap();
-        assert_eq!(p.stages[0].base, Base::Image { reference: "alpine:3.19".into() });
+        assert_eq!(
+            p.stages[0].base,
+            Base::Image {
+                reference: "alpine:3.19".into()
+            }
+        );
         assert_eq!(run(&p, 0, 0).env, [("V".to_string(), "3.19".to_string())]);
     }
 
@@ -642,10 +793,21 @@ mod tests {
 
     #[test]
     fn env_overrides_arg_and_shell_form_is_wrapped() {
-        let p = plan_of("FROM a\nARG X=arg\nENV X=env Y=$X\nSHELL [\"/bin/bash\", \"-c\"]\nWORKDIR app\nUSER nobody\nRUN echo $X\n", &[("X", "cli")], None).unwrap();
+        let p = plan_of(
+            "FROM a\nARG X=arg\nENV X=env Y=$X\nSHELL [\"/bin/bash\", \"-c\"]\nWORKDIR app\nUSER nobody\nRUN echo $X\n",
+            &[("X", "cli")],
+            None,
+        )
+        .unwrap();
         let r = run(&p, 0, 1);
         assert_eq!(r.argv, ["/bin/bash", "-c", "echo $X"]);
-        assert_eq!(r.env, [("X".to_string(), "env".to_string()), ("Y".to_string(), "cli".to_string())]);
+        assert_eq!(
+            r.env,
+            [
+                ("X".to_string(), "env".to_string()),
+                ("Y".to_string(), "cli".to_string())
+            ]
+        );
         assert_eq!((r.workdir.as_str(), r.user.as_str()), ("/app", "nobody"));
     }
 
@@ -658,7 +820,12 @@ mod tests {
 
     #[test]
     fn target_prunes_stages_it_does_not_need() {
-        let p = plan_of("FROM a AS dep\nRUN d\nFROM a AS other\nRUN o\nFROM a AS app\nCOPY --from=dep /x /x\n", &[], Some("app")).unwrap();
+        let p = plan_of(
+            "FROM a AS dep\nRUN d\nFROM a AS other\nRUN o\nFROM a AS app\nCOPY --from=dep /x /x\n",
+            &[],
+            Some("app"),
+        )
+        .unwrap();
         let needed: Vec<bool> = p.stages.iter().map(|s| s.needed).collect();
         assert_eq!(needed, [true, false, true]);
         let e = plan_of("FROM a AS x\n", &[], Some("nope")).unwrap_err();
@@ -667,18 +834,40 @@ mod tests {
 
     #[test]
     fn copy_from_forward_stage_cycle_is_reported() {
-        let e = plan_of("FROM a AS one\nCOPY --from=two /a /a\nFROM a AS two\nCOPY --from=one /b /b\n", &[], None).unwrap_err();
+        let e = plan_of(
+            "FROM a AS one\nCOPY --from=two /a /a\nFROM a AS two\nCOPY --from=one /b /b\n",
+            &[],
+            None,
+        )
+        .unwrap_err();
         assert!(e.message.contains("cycle"), "{e}");
         assert!(plan_of("FROM a AS one\nCOPY --from=one /a /a\n", &[], None).is_err());
     }
 
     #[test]
     fn copy_dest_resolves_against_workdir_and_from_index_or_image() {
-        let p = plan_of("FROM a\nRUN b\nFROM a\nWORKDIR /srv\nCOPY --from=0 x ./\nCOPY --from=busybox:1 /bin/sh sh\n", &[], None).unwrap();
-        let StepDef::Copy(c) = &p.stages[1].steps[1].def else { panic!() };
+        let p = plan_of(
+            "FROM a\nRUN b\nFROM a\nWORKDIR /srv\nCOPY --from=0 x ./\nCOPY --from=busybox:1 /bin/sh sh\n",
+            &[],
+            None,
+        )
+        .unwrap();
+        let StepDef::Copy(c) = &p.stages[1].steps[1].def else {
+            panic!()
+        };
         assert_eq!((c.dest.as_str(), &c.from), ("/srv/", &CopyFrom::Stage { index: 0 }));
-        let StepDef::Copy(c) = &p.stages[1].steps[2].def else { panic!() };
-        assert_eq!((c.dest.as_str(), &c.from), ("/srv/sh", &CopyFrom::Image { reference: "busybox:1".into() }));
+        let StepDef::Copy(c) = &p.stages[1].steps[2].def else {
+            panic!()
+        };
+        assert_eq!(
+            (c.dest.as_str(), &c.from),
+            (
+                "/srv/sh",
+                &CopyFrom::Image {
+                    reference: "busybox:1".into()
+                }
+            )
+        );
     }
 
     #[test]

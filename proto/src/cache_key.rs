@@ -1,7 +1,7 @@
 //! A step's cache key: BLAKE3 over the versioned encoding of its key inputs (scheme version,
 //! platform, parent state, instruction kind and named fields), as `docs/cache-keys.md` says.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::build_plan::{CopyDef, CopyFrom, RunDef, StepDef};
 use crate::key_encoding::{hex, Encoder};
@@ -11,7 +11,7 @@ use crate::sources_digest::inline_digest;
 pub const KEY_SCHEME_VERSION: u32 = 1;
 
 /// Everything a key is made of, in the order it is encoded: also what `explain` compares.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyInputs {
     /// The target platform (`linux/amd64`).
     pub platform: String,
@@ -25,7 +25,7 @@ pub struct KeyInputs {
 }
 
 /// One named field of a key's inputs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyField {
     /// The field's name (`argv`, `env`, `sources_digest`…).
     pub name: String,
@@ -37,7 +37,11 @@ impl KeyInputs {
     /// The exact bytes the key is the BLAKE3 of.
     pub fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::new();
-        e.str("lcache-key").u32(KEY_SCHEME_VERSION).str(&self.platform).str(&self.parent).str(&self.kind);
+        e.str("lcache-key")
+            .u32(KEY_SCHEME_VERSION)
+            .str(&self.platform)
+            .str(&self.parent)
+            .str(&self.kind);
         e.u32(self.fields.len() as u32);
         for f in &self.fields {
             e.str(&f.name).list(&f.values);
@@ -68,7 +72,13 @@ fn run_fields(r: &RunDef) -> Vec<(String, Vec<String>)> {
     let heredocs = r
         .heredocs
         .iter()
-        .flat_map(|h| [h.name.clone(), if h.expand { "expand".into() } else { "literal".into() }, h.content.clone()])
+        .flat_map(|h| {
+            [
+                h.name.clone(),
+                if h.expand { "expand".into() } else { "literal".into() },
+                h.content.clone(),
+            ]
+        })
         .collect();
     vec![
         ("argv".into(), r.argv.clone()),
@@ -92,7 +102,13 @@ fn copy_fields(c: &CopyDef, sources_digest: &str) -> Vec<(String, Vec<String>)> 
         ("from".into(), one(from)),
         ("sources".into(), c.sources.clone()),
         ("sources_digest".into(), one(sources_digest)),
-        ("inline".into(), c.inline.iter().flat_map(|i| [i.name.clone(), inline_digest(&i.name, &i.content)]).collect()),
+        (
+            "inline".into(),
+            c.inline
+                .iter()
+                .flat_map(|i| [i.name.clone(), inline_digest(&i.name, &i.content)])
+                .collect(),
+        ),
         ("dest".into(), one(&c.dest)),
         ("chown".into(), one(&c.chown)),
         ("chmod".into(), one(&c.chmod)),
@@ -115,6 +131,14 @@ pub fn key_inputs(def: &StepDef, platform: &str, parent: &str, sources_digest: &
         StepDef::Copy(c) => (if c.add { "ADD" } else { "COPY" }, copy_fields(c, sources_digest)),
         StepDef::Workdir { path } => ("WORKDIR", vec![("path".into(), one(path))]),
     };
-    let fields = fields.into_iter().map(|(name, values)| KeyField { name, values }).collect();
-    KeyInputs { platform: platform.to_string(), parent: parent.to_string(), kind: kind.to_string(), fields }
+    let fields = fields
+        .into_iter()
+        .map(|(name, values)| KeyField { name, values })
+        .collect();
+    KeyInputs {
+        platform: platform.to_string(),
+        parent: parent.to_string(),
+        kind: kind.to_string(),
+        fields,
+    }
 }

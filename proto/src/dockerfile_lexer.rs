@@ -56,10 +56,7 @@ pub struct RawInstruction {
 /// Lexes a whole Dockerfile. `file` names it in errors.
 pub fn lex(file: &str, text: &str) -> Result<(Directives, Vec<RawInstruction>), DockerfileError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let lines: Vec<&str> = text
-        .split('\n')
-        .map(|l| l.strip_suffix('\r').unwrap_or(l))
-        .collect();
+    let lines: Vec<&str> = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).collect();
     let (directives, mut i) = lex_directives(file, &lines)?;
     let escape = directives.escape;
     let mut out = Vec::new();
@@ -252,7 +249,9 @@ fn heredoc_markers(args: &str, escape: char) -> Vec<Marker> {
                 j += 1;
             }
             let start = j;
-            while j < chars.len() && (chars[j].is_alphanumeric() || chars[j] == '_' || chars[j] == '.' || chars[j] == '-') {
+            while j < chars.len()
+                && (chars[j].is_alphanumeric() || chars[j] == '_' || chars[j] == '.' || chars[j] == '-')
+            {
                 j += 1;
             }
             let word: String = chars[start..j].iter().collect();
@@ -286,7 +285,11 @@ fn read_heredoc(
     let mut body = String::new();
     let mut j = from;
     while j < lines.len() {
-        let l = if m.strip_tabs { lines[j].trim_start_matches('\t') } else { lines[j] };
+        let l = if m.strip_tabs {
+            lines[j].trim_start_matches('\t')
+        } else {
+            lines[j]
+        };
         if l == m.delimiter {
             return Ok((
                 Heredoc {
@@ -340,8 +343,14 @@ mod tests {
         let r = lex_ok("FROM a\nRUN cat <<A <<-\"B\" > f\none\nA\n\ttwo\n\tB\nRUN y\n");
         let docs = &r[1].heredocs;
         assert_eq!(docs.len(), 2);
-        assert_eq!((docs[0].delimiter.as_str(), docs[0].body.as_str(), docs[0].expand), ("A", "one\n", true));
-        assert_eq!((docs[1].body.as_str(), docs[1].strip_tabs, docs[1].expand), ("two\n", true, false));
+        assert_eq!(
+            (docs[0].delimiter.as_str(), docs[0].body.as_str(), docs[0].expand),
+            ("A", "one\n", true)
+        );
+        assert_eq!(
+            (docs[1].body.as_str(), docs[1].strip_tabs, docs[1].expand),
+            ("two\n", true, false)
+        );
         assert_eq!(r[1].end_line, 6);
         assert_eq!(r[2].keyword, "RUN");
     }

@@ -23,7 +23,11 @@ pub struct IgnoreMatcher {
 impl IgnoreMatcher {
     /// Compiles the text of a `.dockerignore` file.
     pub fn parse(text: &str) -> Result<Self, SelectError> {
-        Self::from_patterns(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')))
+        Self::from_patterns(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#')),
+        )
     }
 
     /// Compiles patterns given one by one (as `--exclude` does).
@@ -43,7 +47,10 @@ impl IgnoreMatcher {
                 .literal_separator(true)
                 .backslash_escape(true)
                 .build()
-                .map_err(|e| SelectError::BadPattern { pattern: raw.to_string(), reason: e.kind().to_string() })?
+                .map_err(|e| SelectError::BadPattern {
+                    pattern: raw.to_string(),
+                    reason: e.kind().to_string(),
+                })?
                 .compile_matcher();
             m.has_exceptions |= exception;
             m.patterns.push(Pattern { glob, exception });

@@ -33,13 +33,7 @@ pub struct DockerfileError {
 
 impl DockerfileError {
     /// Builds an error at `line:column` of `file`.
-    pub fn new(
-        file: &str,
-        line: usize,
-        column: usize,
-        message: impl Into<String>,
-        hint: impl Into<String>,
-    ) -> Self {
+    pub fn new(file: &str, line: usize, column: usize, message: impl Into<String>, hint: impl Into<String>) -> Self {
         Self {
             location: Location {
                 file: file.to_string(),

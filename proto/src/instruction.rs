@@ -179,7 +179,15 @@ fn allowed_flags(keyword: &str) -> &'static [&'static str] {
         "FROM" => &["platform"],
         "RUN" => &["mount", "network", "security"],
         "COPY" => &["from", "chown", "chmod", "link", "exclude", "parents"],
-        "ADD" => &["chown", "chmod", "link", "exclude", "checksum", "keep-git-dir", "unpack"],
+        "ADD" => &[
+            "chown",
+            "chmod",
+            "link",
+            "exclude",
+            "checksum",
+            "keep-git-dir",
+            "unpack",
+        ],
         "HEALTHCHECK" => &["interval", "timeout", "start-period", "start-interval", "retries"],
         _ => &[],
     }
@@ -211,7 +219,10 @@ pub fn parse_instruction(file: &str, raw: &RawInstruction, escape: char) -> Resu
         "FROM" => {
             let words = split_words(rest, escape);
             match words.as_slice() {
-                [image] => InstructionKind::From { image: image.clone(), name: None },
+                [image] => InstructionKind::From {
+                    image: image.clone(),
+                    name: None,
+                },
                 [image, as_, name] if as_.eq_ignore_ascii_case("as") => {
                     let name = name.to_ascii_lowercase();
                     let valid = name.starts_with(|c: char| c.is_ascii_alphabetic())
@@ -222,9 +233,17 @@ pub fn parse_instruction(file: &str, raw: &RawInstruction, escape: char) -> Resu
                             "a stage name starts with a letter and holds letters, digits, '-', '_' or '.'",
                         ));
                     }
-                    InstructionKind::From { image: image.clone(), name: Some(name) }
+                    InstructionKind::From {
+                        image: image.clone(),
+                        name: Some(name),
+                    }
                 }
-                _ => return Err(err("FROM takes an image and an optional AS name".into(), "write FROM image[:tag] [AS name]")),
+                _ => {
+                    return Err(err(
+                        "FROM takes an image and an optional AS name".into(),
+                        "write FROM image[:tag] [AS name]",
+                    ))
+                }
             }
         }
         "RUN" => InstructionKind::Run { command: command(rest) },
@@ -241,7 +260,10 @@ pub fn parse_instruction(file: &str, raw: &RawInstruction, escape: char) -> Resu
                     &format!("write {} <src>… <dest>", raw.keyword),
                 ));
             }
-            let (dest, sources) = words.split_last().map(|(d, s)| (d.clone(), s.to_vec())).unwrap_or_default();
+            let (dest, sources) = words
+                .split_last()
+                .map(|(d, s)| (d.clone(), s.to_vec()))
+                .unwrap_or_default();
             if raw.keyword == "COPY" {
                 InstructionKind::Copy { sources, dest }
             } else {
@@ -249,7 +271,8 @@ pub fn parse_instruction(file: &str, raw: &RawInstruction, escape: char) -> Resu
             }
         }
         "ENV" | "LABEL" => {
-            let pairs = pairs(rest, escape, raw.keyword == "ENV").map_err(|m| err(m, "write NAME=value (quote values that hold spaces)"))?;
+            let pairs = pairs(rest, escape, raw.keyword == "ENV")
+                .map_err(|m| err(m, "write NAME=value (quote values that hold spaces)"))?;
             if raw.keyword == "ENV" {
                 InstructionKind::Env { pairs }
             } else {
@@ -264,43 +287,76 @@ pub fn parse_instruction(file: &str, raw: &RawInstruction, escape: char) -> Resu
                     None => (w.clone(), None),
                 };
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(err(format!("invalid ARG name '{name}'"), "an ARG name holds letters, digits and '_'"));
+                    return Err(err(
+                        format!("invalid ARG name '{name}'"),
+                        "an ARG name holds letters, digits and '_'",
+                    ));
                 }
                 args.push((name, default));
             }
             InstructionKind::Arg { args }
         }
-        "EXPOSE" => InstructionKind::Expose { ports: split_words(rest, escape) },
+        "EXPOSE" => InstructionKind::Expose {
+            ports: split_words(rest, escape),
+        },
         "VOLUME" => InstructionKind::Volume {
             paths: json_array(rest).unwrap_or_else(|| split_words(rest, escape)),
         },
         "USER" => InstructionKind::User { user: rest.to_string() },
         "WORKDIR" => InstructionKind::Workdir { path: rest.to_string() },
-        "STOPSIGNAL" => InstructionKind::Stopsignal { signal: rest.to_string() },
+        "STOPSIGNAL" => InstructionKind::Stopsignal {
+            signal: rest.to_string(),
+        },
         "MAINTAINER" => InstructionKind::Maintainer { name: rest.to_string() },
         "SHELL" => match json_array(rest) {
             Some(args) if !args.is_empty() => InstructionKind::Shell { args },
-            _ => return Err(err("SHELL must be a JSON array".into(), "write SHELL [\"/bin/sh\", \"-c\"]")),
+            _ => {
+                return Err(err(
+                    "SHELL must be a JSON array".into(),
+                    "write SHELL [\"/bin/sh\", \"-c\"]",
+                ))
+            }
         },
         "HEALTHCHECK" => {
             let (word, cmd) = split_keyword(rest);
             match word.to_ascii_uppercase().as_str() {
                 "NONE" => InstructionKind::Healthcheck { command: None },
-                "CMD" if !cmd.is_empty() => InstructionKind::Healthcheck { command: Some(command(cmd)) },
-                _ => return Err(err("HEALTHCHECK takes CMD <command> or NONE".into(), "write HEALTHCHECK CMD curl -f http://localhost/")),
+                "CMD" if !cmd.is_empty() => InstructionKind::Healthcheck {
+                    command: Some(command(cmd)),
+                },
+                _ => {
+                    return Err(err(
+                        "HEALTHCHECK takes CMD <command> or NONE".into(),
+                        "write HEALTHCHECK CMD curl -f http://localhost/",
+                    ))
+                }
             }
         }
         "ONBUILD" => {
             let (kw, args) = split_keyword(rest);
             let keyword = kw.to_ascii_uppercase();
             if matches!(keyword.as_str(), "ONBUILD" | "FROM" | "MAINTAINER") {
-                return Err(err(format!("ONBUILD cannot trigger {keyword}"), "ONBUILD takes any other instruction"));
+                return Err(err(
+                    format!("ONBUILD cannot trigger {keyword}"),
+                    "ONBUILD takes any other instruction",
+                ));
             }
             if !crate::instruction_names::INSTRUCTIONS.contains(&keyword.as_str()) {
-                return Err(err(format!("unknown instruction '{kw}' after ONBUILD"), "write ONBUILD followed by an instruction"));
+                return Err(err(
+                    format!("unknown instruction '{kw}' after ONBUILD"),
+                    "write ONBUILD followed by an instruction",
+                ));
             }
-            let inner = RawInstruction { keyword, args: args.to_string(), written: rest.to_string(), heredocs: Vec::new(), ..raw.clone() };
-            InstructionKind::Onbuild { instruction: Box::new(parse_instruction(file, &inner, escape)?) }
+            let inner = RawInstruction {
+                keyword,
+                args: args.to_string(),
+                written: rest.to_string(),
+                heredocs: Vec::new(),
+                ..raw.clone()
+            };
+            InstructionKind::Onbuild {
+                instruction: Box::new(parse_instruction(file, &inner, escape)?),
+            }
         }
         other => return Err(err(format!("unknown instruction '{other}'"), "check the spelling")),
     };
@@ -385,7 +441,7 @@ fn pairs(rest: &str, escape: char, legacy_allowed: bool) -> Result<Vec<(String, 
     words
         .into_iter()
         .map(|w| match w.split_once('=') {
-            Some((k, _)) if k.is_empty() => Err(format!("'{w}' has an empty name")),
+            Some(("", _)) => Err(format!("'{w}' has an empty name")),
             Some((k, v)) => Ok((k.to_string(), v.to_string())),
             None => Err(format!("'{w}' is not of the form NAME=value")),
         })
@@ -399,7 +455,9 @@ mod tests {
 
     fn parse(s: &str) -> Result<Vec<Instruction>, DockerfileError> {
         let (d, raws) = lex("Dockerfile", s)?;
-        raws.iter().map(|r| parse_instruction("Dockerfile", r, d.escape)).collect()
+        raws.iter()
+            .map(|r| parse_instruction("Dockerfile", r, d.escape))
+            .collect()
     }
 
     #[test]
@@ -408,15 +466,49 @@ mod tests {
             "FROM --platform=linux/amd64 alpine AS Build\nRUN --mount=type=cache,target=/c --network=none [\"a\", \"b c\"]\nCOPY --chmod=755 --link a b /d/\nENV A=1 B=\"x y\"\nENV C 3 4\nARG X Y=2\n",
         )
         .unwrap();
-        assert_eq!(p[0].kind, InstructionKind::From { image: "alpine".into(), name: Some("build".into()) });
+        assert_eq!(
+            p[0].kind,
+            InstructionKind::From {
+                image: "alpine".into(),
+                name: Some("build".into())
+            }
+        );
         assert_eq!(p[0].flag("platform"), Some("linux/amd64"));
-        assert_eq!(p[1].kind, InstructionKind::Run { command: Command::Exec { args: vec!["a".into(), "b c".into()] } });
+        assert_eq!(
+            p[1].kind,
+            InstructionKind::Run {
+                command: Command::Exec {
+                    args: vec!["a".into(), "b c".into()]
+                }
+            }
+        );
         assert_eq!(p[1].flag_values("mount"), ["type=cache,target=/c"]);
         assert_eq!(p[2].flag("link"), Some(""));
-        assert_eq!(p[2].kind, InstructionKind::Copy { sources: vec!["a".into(), "b".into()], dest: "/d/".into() });
-        assert_eq!(p[3].kind, InstructionKind::Env { pairs: vec![("A".into(), "1".into()), ("B".into(), "\"x y\"".into())] });
-        assert_eq!(p[4].kind, InstructionKind::Env { pairs: vec![("C".into(), "3 4".into())] });
-        assert_eq!(p[5].kind, InstructionKind::Arg { args: vec![("X".into(), None), ("Y".into(), Some("2".into()))] });
+        assert_eq!(
+            p[2].kind,
+            InstructionKind::Copy {
+                sources: vec!["a".into(), "b".into()],
+                dest: "/d/".into()
+            }
+        );
+        assert_eq!(
+            p[3].kind,
+            InstructionKind::Env {
+                pairs: vec![("A".into(), "1".into()), ("B".into(), "\"x y\"".into())]
+            }
+        );
+        assert_eq!(
+            p[4].kind,
+            InstructionKind::Env {
+                pairs: vec![("C".into(), "3 4".into())]
+            }
+        );
+        assert_eq!(
+            p[5].kind,
+            InstructionKind::Arg {
+                args: vec![("X".into(), None), ("Y".into(), Some("2".into()))]
+            }
+        );
     }
 
     #[test]
@@ -435,7 +527,9 @@ mod tests {
     #[test]
     fn onbuild_parses_its_instruction_and_refuses_from() {
         let p = parse("FROM a\nONBUILD RUN make\n").unwrap();
-        assert!(matches!(&p[1].kind, InstructionKind::Onbuild { instruction } if matches!(instruction.kind, InstructionKind::Run { .. })));
+        assert!(
+            matches!(&p[1].kind, InstructionKind::Onbuild { instruction } if matches!(instruction.kind, InstructionKind::Run { .. }))
+        );
         assert!(parse("FROM a\nONBUILD FROM b\n").is_err());
     }
 }

@@ -23,7 +23,11 @@ impl Platform {
             "powerpc64" => "ppc64le",
             other => other,
         };
-        Self { os: "linux".into(), arch: arch.into(), variant: None }
+        Self {
+            os: "linux".into(),
+            arch: arch.into(),
+            variant: None,
+        }
     }
 
     /// Parses `os/arch[/variant]`.

@@ -46,7 +46,11 @@ pub struct SelectedRoot {
 }
 
 /// Selects what `sources` name in `entries` (sorted by path), less what `excludes` matches.
-pub fn select(entries: &[ContextEntry], sources: &[String], excludes: &IgnoreMatcher) -> Result<Vec<SelectedRoot>, SelectError> {
+pub fn select(
+    entries: &[ContextEntry],
+    sources: &[String],
+    excludes: &IgnoreMatcher,
+) -> Result<Vec<SelectedRoot>, SelectError> {
     let mut roots = Vec::new();
     for source in sources {
         let path = normalise(source).ok_or_else(|| SelectError::EscapesContext(source.clone()))?;
@@ -57,7 +61,10 @@ pub fn select(entries: &[ContextEntry], sources: &[String], excludes: &IgnoreMat
                 .literal_separator(true)
                 .backslash_escape(true)
                 .build()
-                .map_err(|e| SelectError::BadPattern { pattern: source.clone(), reason: e.kind().to_string() })?
+                .map_err(|e| SelectError::BadPattern {
+                    pattern: source.clone(),
+                    reason: e.kind().to_string(),
+                })?
                 .compile_matcher();
             let before = roots.len();
             for (i, e) in entries.iter().enumerate() {
@@ -82,7 +89,12 @@ fn file_name(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
 }
 
-fn root_with_members(entries: &[ContextEntry], path: &str, entry: Option<usize>, excludes: &IgnoreMatcher) -> SelectedRoot {
+fn root_with_members(
+    entries: &[ContextEntry],
+    path: &str,
+    entry: Option<usize>,
+    excludes: &IgnoreMatcher,
+) -> SelectedRoot {
     let members = match entry {
         Some(i) if entries[i].kind != EntryKind::Dir => Vec::new(),
         _ => {
@@ -97,7 +109,11 @@ fn root_with_members(entries: &[ContextEntry], path: &str, entry: Option<usize>,
                 .collect()
         }
     };
-    SelectedRoot { path: path.to_string(), entry, members }
+    SelectedRoot {
+        path: path.to_string(),
+        entry,
+        members,
+    }
 }
 
 /// Cleans a source path; `None` when it climbs out of the context.
@@ -112,7 +128,11 @@ fn normalise(source: &str) -> Option<String> {
             c => parts.push(c),
         }
     }
-    Some(if parts.is_empty() { ".".to_string() } else { parts.join("/") })
+    Some(if parts.is_empty() {
+        ".".to_string()
+    } else {
+        parts.join("/")
+    })
 }
 
 #[cfg(test)]
@@ -120,7 +140,13 @@ mod tests {
     use super::*;
 
     fn e(path: &str, kind: EntryKind) -> ContextEntry {
-        ContextEntry { path: path.into(), kind, mode: 0o644, link_target: None, size: 0 }
+        ContextEntry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            link_target: None,
+            size: 0,
+        }
     }
 
     fn tree() -> Vec<ContextEntry> {
@@ -140,7 +166,11 @@ mod tests {
 
     fn sel(sources: &[&str], excl: &[&str]) -> Result<Vec<SelectedRoot>, SelectError> {
         let s: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-        select(&tree(), &s, &IgnoreMatcher::from_patterns(excl.iter().copied()).unwrap())
+        select(
+            &tree(),
+            &s,
+            &IgnoreMatcher::from_patterns(excl.iter().copied()).unwrap(),
+        )
     }
 
     fn members(r: &SelectedRoot) -> Vec<&str> {
@@ -169,7 +199,10 @@ mod tests {
 
     #[test]
     fn escaping_and_missing_sources_are_errors() {
-        assert!(matches!(sel(&["../etc/passwd"], &[]), Err(SelectError::EscapesContext(_))));
+        assert!(matches!(
+            sel(&["../etc/passwd"], &[]),
+            Err(SelectError::EscapesContext(_))
+        ));
         assert!(matches!(sel(&["nope"], &[]), Err(SelectError::NotFound(_))));
         assert_eq!(sel(&["/"], &[]).unwrap()[0].members.len(), 8);
     }

@@ -32,9 +32,17 @@ pub struct SourcesDigest {
 }
 
 enum Node {
-    File { mode: u32, content: [u8; 32] },
-    Symlink { target: String },
-    Dir { mode: u32, children: BTreeMap<String, Node> },
+    File {
+        mode: u32,
+        content: [u8; 32],
+    },
+    Symlink {
+        target: String,
+    },
+    Dir {
+        mode: u32,
+        children: BTreeMap<String, Node>,
+    },
 }
 
 impl Node {
@@ -58,9 +66,17 @@ impl Node {
 /// Node for one entry; `content` gives a file's BLAKE3 by entry index.
 fn leaf(entry: &ContextEntry, index: usize, content: &dyn Fn(usize) -> [u8; 32]) -> Node {
     match entry.kind {
-        EntryKind::File => Node::File { mode: entry.mode, content: content(index) },
-        EntryKind::Symlink => Node::Symlink { target: entry.link_target.clone().unwrap_or_default() },
-        EntryKind::Dir => Node::Dir { mode: entry.mode, children: BTreeMap::new() },
+        EntryKind::File => Node::File {
+            mode: entry.mode,
+            content: content(index),
+        },
+        EntryKind::Symlink => Node::Symlink {
+            target: entry.link_target.clone().unwrap_or_default(),
+        },
+        EntryKind::Dir => Node::Dir {
+            mode: entry.mode,
+            children: BTreeMap::new(),
+        },
     }
 }
 
@@ -74,7 +90,10 @@ fn insert(dir: &mut BTreeMap<String, Node>, rel: &str, node: Node) {
             }
         },
         Some((head, rest)) => {
-            let child = dir.entry(head.to_string()).or_insert(Node::Dir { mode: 0, children: BTreeMap::new() });
+            let child = dir.entry(head.to_string()).or_insert(Node::Dir {
+                mode: 0,
+                children: BTreeMap::new(),
+            });
             if let Node::Dir { children, .. } = child {
                 insert(children, rest, node);
             }
@@ -83,7 +102,11 @@ fn insert(dir: &mut BTreeMap<String, Node>, rel: &str, node: Node) {
 }
 
 /// Digests the selected `roots` over `entries`; `content(i)` is entry `i`'s content BLAKE3.
-pub fn sources_digest(entries: &[ContextEntry], roots: &[SelectedRoot], content: &dyn Fn(usize) -> [u8; 32]) -> SourcesDigest {
+pub fn sources_digest(
+    entries: &[ContextEntry],
+    roots: &[SelectedRoot],
+    content: &dyn Fn(usize) -> [u8; 32],
+) -> SourcesDigest {
     let mut e = Encoder::new();
     e.str("lcache-sources").u32(1).u32(roots.len() as u32);
     let mut files = Vec::new();
@@ -106,7 +129,10 @@ pub fn sources_digest(entries: &[ContextEntry], roots: &[SelectedRoot], content:
                 describe(i);
                 leaf(&entries[i], i, content)
             }
-            None => Node::Dir { mode: 0, children: BTreeMap::new() },
+            None => Node::Dir {
+                mode: 0,
+                children: BTreeMap::new(),
+            },
         };
         if let Node::Dir { children, .. } = &mut node {
             for (i, rel) in &root.members {
@@ -116,7 +142,10 @@ pub fn sources_digest(entries: &[ContextEntry], roots: &[SelectedRoot], content:
         }
         e.str(&root.path).digest(&node.digest());
     }
-    SourcesDigest { digest: hex(&e.finish()), files }
+    SourcesDigest {
+        digest: hex(&e.finish()),
+        files,
+    }
 }
 
 /// Digest of heredoc files a COPY makes, by name and content.

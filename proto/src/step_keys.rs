@@ -69,9 +69,13 @@ fn base_state(base: &Base, results: &[Option<KeyState>], src: &mut dyn StepSourc
     match base {
         Base::Scratch => KeyState::Known { key: "scratch".into() },
         Base::Image { reference } => KeyState::Known {
-            key: src.image_identity(reference).unwrap_or_else(|| format!("image:{reference}")),
+            key: src
+                .image_identity(reference)
+                .unwrap_or_else(|| format!("image:{reference}")),
         },
-        Base::Stage { index } => results.get(*index).cloned().flatten().unwrap_or(KeyState::Pending { waiting_on: format!("stage {index}") }),
+        Base::Stage { index } => results.get(*index).cloned().flatten().unwrap_or(KeyState::Pending {
+            waiting_on: format!("stage {index}"),
+        }),
     }
 }
 
@@ -82,7 +86,10 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
     for stage in plan.needed_stages() {
         let mut parent = base_state(&stage.base, &results, src);
         for (n, step) in stage.steps.iter().enumerate() {
-            let at = StepRef { stage: stage.index, step: n };
+            let at = StepRef {
+                stage: stage.index,
+                step: n,
+            };
             let mut files = Vec::new();
             let sources: Result<String, KeyState> = match &step.def {
                 StepDef::Copy(c) => match &c.from {
@@ -98,10 +105,15 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
                     CopyFrom::Stage { index } => match src.stage_sources(at, *index, c) {
                         Some(d) => Ok(d.digest),
                         None => Err(KeyState::Pending {
-                            waiting_on: format!("the result of stage {}", plan.stages[*index].name.clone().unwrap_or_else(|| index.to_string())),
+                            waiting_on: format!(
+                                "the result of stage {}",
+                                plan.stages[*index].name.clone().unwrap_or_else(|| index.to_string())
+                            ),
                         }),
                     },
-                    CopyFrom::Image { reference } => Err(KeyState::Pending { waiting_on: format!("the files of image {reference}") }),
+                    CopyFrom::Image { reference } => Err(KeyState::Pending {
+                        waiting_on: format!("the files of image {reference}"),
+                    }),
                 },
                 _ => Ok(String::new()),
             };
@@ -131,5 +143,7 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
 
 /// Whether an ADD source names something to download rather than a context path.
 pub fn is_remote(source: &str) -> bool {
-    ["http://", "https://", "git@", "git://"].iter().any(|p| source.starts_with(p))
+    ["http://", "https://", "git@", "git://"]
+        .iter()
+        .any(|p| source.starts_with(p))
 }

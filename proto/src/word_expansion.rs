@@ -20,13 +20,27 @@ impl<F: Fn(&str) -> Option<&'static str>> Vars for F {
 
 /// Expands one word; quotes are removed, whitespace kept.
 pub fn expand_word(s: &str, escape: char, vars: &dyn Vars) -> Result<String, ExpandError> {
-    let mut words = Processor { chars: s.chars().collect(), pos: 0, escape, vars, split: false }.run()?;
+    let mut words = Processor {
+        chars: s.chars().collect(),
+        pos: 0,
+        escape,
+        vars,
+        split: false,
+    }
+    .run()?;
     Ok(words.pop().unwrap_or_default())
 }
 
 /// Expands and splits at unquoted whitespace (for ENV/LABEL pairs, COPY paths, EXPOSE).
 pub fn expand_words(s: &str, escape: char, vars: &dyn Vars) -> Result<Vec<String>, ExpandError> {
-    Processor { chars: s.chars().collect(), pos: 0, escape, vars, split: true }.run()
+    Processor {
+        chars: s.chars().collect(),
+        pos: 0,
+        escape,
+        vars,
+        split: true,
+    }
+    .run()
 }
 
 /// Splits at unquoted whitespace without expanding or removing quotes.
@@ -178,7 +192,9 @@ impl Processor<'_> {
     fn braced(&mut self) -> Result<String, ExpandError> {
         let name = self.name();
         if name.is_empty() {
-            return Err(ExpandError("bad substitution: expected a variable name after ${".into()));
+            return Err(ExpandError(
+                "bad substitution: expected a variable name after ${".into(),
+            ));
         }
         let value = self.vars.get(&name);
         let modifier = match self.next() {

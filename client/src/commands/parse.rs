@@ -15,7 +15,11 @@ pub fn run(args: &ParseArgs) -> Result<String> {
     }
     let mut out = String::new();
     for ins in &df.instructions {
-        let lines = if ins.end_line > ins.line { format!("{}-{}", ins.line, ins.end_line) } else { ins.line.to_string() };
+        let lines = if ins.end_line > ins.line {
+            format!("{}-{}", ins.line, ins.end_line)
+        } else {
+            ins.line.to_string()
+        };
         let _ = writeln!(out, "{lines:>7}  {}", ins.written);
         for h in &ins.heredocs {
             let _ = writeln!(out, "         <<{} ({} bytes)", h.delimiter, h.body.len());
