@@ -29,7 +29,9 @@ fn make_context(root: &Path) -> u64 {
         seed
     };
     let exists = marker.exists();
-    let buf: Vec<u8> = (0..8192u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let buf: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     for d in 0..DIRS {
         let dir = root.join(format!("src/d{d:03}"));
         if !exists {
@@ -94,9 +96,20 @@ fn main() {
     });
     let mb = bytes as f64 / 1e6;
     println!("context: {FILES} files, {mb:.1} MB (page cache warm, best of {RUNS})");
-    println!("b3sum (find | xargs b3sum):     {:>8.1} ms  {:>7.1} MB/s", ms(b3), mb / b3.as_secs_f64());
-    println!("lcache keys, cold (no index):   {:>8.1} ms  {:>7.1} MB/s", ms(lc), mb / lc.as_secs_f64());
-    println!("ratio lcache/b3sum throughput:  {:.2}  (target >= 0.90)", b3.as_secs_f64() / lc.as_secs_f64());
+    println!(
+        "b3sum (find | xargs b3sum):     {:>8.1} ms  {:>7.1} MB/s",
+        ms(b3),
+        mb / b3.as_secs_f64()
+    );
+    println!(
+        "lcache keys, cold (no index):   {:>8.1} ms  {:>7.1} MB/s",
+        ms(lc),
+        mb / lc.as_secs_f64()
+    );
+    println!(
+        "ratio lcache/b3sum throughput:  {:.2}  (target >= 0.90)",
+        b3.as_secs_f64() / lc.as_secs_f64()
+    );
 }
 
 fn ms(d: Duration) -> f64 {
