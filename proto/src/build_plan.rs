@@ -633,8 +633,18 @@ impl Planner<'_> {
                     Some(f) if !add => {
                         let f = self.expand(ins, f, scope)?;
                         let from = self.resolve_stage_ref(ins, &f, stages, current)?;
-                        if let CopyFrom::Stage { index } = from {
-                            deps.insert(index);
+                        match &from {
+                            CopyFrom::Stage { index } => {
+                                deps.insert(*index);
+                            }
+                            CopyFrom::Image { reference } if !reference.contains([':', '/', '@', '.']) => {
+                                // BuildKit treats it as an image; a typo'd stage name is likelier.
+                                self.warnings.push(format!(
+                                    "{}:{}: --from={reference} names no stage of this Dockerfile, so it is taken as an image",
+                                    self.df.file, ins.line
+                                ));
+                            }
+                            CopyFrom::Image { .. } | CopyFrom::Context => {}
                         }
                         from
                     }
@@ -867,6 +877,16 @@ mod tests {
                     reference: "busybox:1".into()
                 }
             )
+        );
+    }
+
+    #[test]
+    fn a_bare_from_name_that_is_no_stage_is_an_image_with_a_warning() {
+        let p = plan_of("FROM a AS builder\nFROM b\nCOPY --from=buildr /x /x\n", &[], None).unwrap();
+        assert!(
+            p.warnings[0].contains("--from=buildr names no stage"),
+            "{:?}",
+            p.warnings
         );
     }
 
