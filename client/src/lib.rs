@@ -3,9 +3,5 @@
 
 pub mod cli;
 pub mod commands;
-pub mod content_hash;
-pub mod context_walk;
-pub mod errors;
 pub mod keys_render;
-pub mod local_context;
 pub mod offline_keys;

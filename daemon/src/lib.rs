@@ -1,1 +1,12 @@
-//! lcached, the lcache daemon: step records, blobs, context index and the HTTP API.
+//! lcached, the lcache daemon: step records and layer blobs in a store, per-context file
+//! indexes kept fresh by a watcher, and the HTTP API over a Unix socket and TCP.
+
+pub mod api;
+pub mod codec;
+pub mod context_index;
+pub mod metrics;
+pub mod planner;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod store_lock;

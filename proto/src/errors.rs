@@ -55,6 +55,14 @@ pub enum SelectError {
     /// Nothing in the context matches the source.
     #[error("source \"{0}\" was not found in the build context — check the path, and that .dockerignore does not exclude it")]
     NotFound(String),
+    /// A selected file could not be read.
+    #[error("cannot read {path}: {reason} — check that it exists and is readable by this user")]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// A glob or exclude pattern is malformed.
     #[error("pattern \"{pattern}\" is not a valid pattern: {reason}")]
     BadPattern {

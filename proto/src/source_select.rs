@@ -8,7 +8,7 @@ use crate::dockerignore::IgnoreMatcher;
 use crate::errors::SelectError;
 
 /// The type of a context entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EntryKind {
     /// A regular file.
@@ -17,6 +17,20 @@ pub enum EntryKind {
     Dir,
     /// A symbolic link (never followed).
     Symlink,
+}
+
+/// What tells a file apart from its earlier self without reading it: a cached digest is
+/// reused only while the stamp and size are unchanged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FileStamp {
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Status-change time, nanoseconds since the epoch (catches edits that restore mtime).
+    pub ctime_ns: i64,
+    /// Inode number (catches replace-by-rename).
+    pub ino: u64,
+    /// Device number.
+    pub dev: u64,
 }
 
 /// One entry of the build context after `.dockerignore`, as the walk found it.
@@ -32,6 +46,9 @@ pub struct ContextEntry {
     pub link_target: Option<String>,
     /// Size in bytes (files).
     pub size: u64,
+    /// Change detection for cached digests; not part of any key.
+    #[serde(skip)]
+    pub stamp: FileStamp,
 }
 
 /// One source of a COPY and what it brought in.

@@ -4,13 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::key_encoding::{hex, Encoder};
 use crate::source_select::{ContextEntry, EntryKind, SelectedRoot};
 
 /// One selected entry as it enters a key, for display and later comparison.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileInput {
     /// Path relative to the context.
     pub path: String,
@@ -27,8 +27,10 @@ pub struct FileInput {
 pub struct SourcesDigest {
     /// The Merkle root, hex.
     pub digest: String,
-    /// Every entry that went in, in order.
+    /// The entries that went in, in order (a source may keep only the first few).
     pub files: Vec<FileInput>,
+    /// How many entries went in.
+    pub total: usize,
 }
 
 enum Node {
@@ -144,6 +146,7 @@ pub fn sources_digest(
     }
     SourcesDigest {
         digest: hex(&e.finish()),
+        total: files.len(),
         files,
     }
 }

@@ -2,7 +2,7 @@
 //! steps and stages. Keys that need a result not known yet (another stage's files, an
 //! image's files) are reported as pending on it, never invented.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::build_plan::{Base, BuildPlan, CopyDef, CopyFrom, StepDef};
 use crate::cache_key::{key_inputs, KeyInputs};
@@ -29,7 +29,7 @@ pub trait StepSources {
 }
 
 /// A step's key, or what it waits for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum KeyState {
     /// The key is known.
@@ -45,7 +45,7 @@ pub enum KeyState {
 }
 
 /// One step's key and what it is made of.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepKey {
     /// 0-based stage.
     pub stage: usize,
@@ -60,8 +60,20 @@ pub struct StepKey {
     pub key: KeyState,
     /// The inputs, when the key is known.
     pub inputs: Option<KeyInputs>,
-    /// Files selected by a COPY/ADD, with their digests.
+    /// Files selected by a COPY/ADD, with their digests (possibly only the first few).
     pub files: Vec<FileInput>,
+    /// How many files the step selected in all.
+    pub files_total: usize,
+}
+
+impl StepKey {
+    /// The key, if known.
+    pub fn known_key(&self) -> Option<&str> {
+        match &self.key {
+            KeyState::Known { key } => Some(key),
+            KeyState::Pending { .. } => None,
+        }
+    }
 }
 
 /// The identity of a stage's base state as it enters the first key.
@@ -91,6 +103,7 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
                 step: n,
             };
             let mut files = Vec::new();
+            let mut files_total = 0;
             let sources: Result<String, KeyState> = match &step.def {
                 StepDef::Copy(c) => match &c.from {
                     CopyFrom::Context if c.sources.is_empty() => Ok(String::new()),
@@ -100,6 +113,7 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
                     CopyFrom::Context => {
                         let d = src.context_sources(at, c).map_err(|e| (at, e))?;
                         files = d.files;
+                        files_total = d.total;
                         Ok(d.digest)
                     }
                     CopyFrom::Stage { index } => match src.stage_sources(at, *index, c) {
@@ -133,6 +147,7 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
                 instruction: step.instruction.clone(),
                 key,
                 inputs,
+                files_total,
                 files,
             });
         }

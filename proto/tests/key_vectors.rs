@@ -2,7 +2,7 @@
 //! re-implementer follows and the code cannot drift apart.
 
 use lcache_proto::cache_key::KeyInputs;
-use lcache_proto::source_select::{ContextEntry, EntryKind, SelectedRoot};
+use lcache_proto::source_select::{ContextEntry, EntryKind, FileStamp, SelectedRoot};
 use lcache_proto::sources_digest::sources_digest;
 
 const DOC: &str = include_str!("../../docs/cache-keys.md");

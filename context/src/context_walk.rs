@@ -1,11 +1,11 @@
 //! One stat-only walk of a build context, honouring `.dockerignore`, giving the sorted entry
 //! list that source selection and hashing work from. Symlinks are recorded, never followed.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use lcache_proto::dockerignore::IgnoreMatcher;
-use lcache_proto::source_select::{ContextEntry, EntryKind};
+use lcache_proto::source_select::{ContextEntry, EntryKind, FileStamp};
 
 use crate::errors::ContextError;
 
@@ -47,6 +47,12 @@ pub fn walk(context: &Path, ignore: &IgnoreMatcher) -> Result<Vec<ContextEntry>,
             })?;
             let ft = meta.file_type();
             let mode = meta.permissions().mode() & 0o7777;
+            let stamp = FileStamp {
+                mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+                ino: meta.ino(),
+                dev: meta.dev(),
+            };
             if ft.is_dir() {
                 if excluded && ignore.skips_dir(&path) {
                     continue;
@@ -59,6 +65,7 @@ pub fn walk(context: &Path, ignore: &IgnoreMatcher) -> Result<Vec<ContextEntry>,
                         mode,
                         link_target: None,
                         size: 0,
+                        stamp,
                     });
                 }
                 continue;
@@ -81,6 +88,7 @@ pub fn walk(context: &Path, ignore: &IgnoreMatcher) -> Result<Vec<ContextEntry>,
                     mode,
                     link_target: Some(target),
                     size: 0,
+                    stamp,
                 });
             } else if ft.is_file() {
                 out.push(ContextEntry {
@@ -89,6 +97,7 @@ pub fn walk(context: &Path, ignore: &IgnoreMatcher) -> Result<Vec<ContextEntry>,
                     mode,
                     link_target: None,
                     size: meta.len(),
+                    stamp,
                 });
             }
             // Sockets, FIFOs and devices cannot be copied into an image layer; Docker skips them too.

@@ -1,0 +1,71 @@
+//! `POST/GET /v1/builds`, `GET /v1/builds/{id}`: the build history.
+
+use std::sync::atomic::Ordering;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use lcache_proto::wire::BuildRecord;
+
+use super::{error, json, now_ms, read_json, Body};
+use crate::state::AppState;
+
+/// `POST /v1/builds`: stores a finished build, assigning its id.
+pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    let mut b: BuildRecord = match read_json(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    // Fixed-width hex of the time first: ids sort by time in the store.
+    b.id = format!(
+        "{:012x}{:04x}",
+        now_ms(),
+        state.build_seq.fetch_add(1, Ordering::Relaxed) & 0xffff
+    );
+    match state.records.put_build(&b).and_then(|_| state.records.flush()) {
+        Ok(()) => json(StatusCode::CREATED, &b),
+        Err(e) => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            e.to_string(),
+            "free space on the store's disk",
+        ),
+    }
+}
+
+/// `GET /v1/builds?limit=N`: newest first.
+pub fn list(state: &AppState, query: Option<&str>) -> Response<Body> {
+    let limit = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("limit="))
+        .map(|v| v.parse::<usize>());
+    let limit = match limit {
+        None => 20,
+        Some(Ok(n)) => n.min(1000),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit is not a number", "write ?limit=20"),
+    };
+    match state.records.recent_builds(limit) {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
+    }
+}
+
+/// `GET /v1/builds/{id}`.
+pub fn get(state: &AppState, id: &str) -> Response<Body> {
+    match state.records.get_build(id) {
+        Ok(Some(b)) => json(StatusCode::OK, &b),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no build {id}"),
+            "list builds with GET /v1/builds",
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
+    }
+}

@@ -1,0 +1,94 @@
+//! Status, plan and metrics.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use lcache_proto::wire::{CacheStats, PlanInputs, StatusResponse};
+
+use super::{error, json, read_json, Body};
+use crate::planner::{plan_build, PlanError};
+use crate::state::AppState;
+use std::sync::atomic::Ordering;
+
+/// `GET /v1/status`.
+pub fn status(state: &AppState) -> Response<Body> {
+    let (steps, blobs, blob_bytes, builds) = match state.records.counts() {
+        Ok(c) => c,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                e.to_string(),
+                "check the store's disk",
+            )
+        }
+    };
+    json(
+        StatusCode::OK,
+        &StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            store: state.store_dir.display().to_string(),
+            listen: state.listen.clone(),
+            uptime_s: state.started.elapsed().as_secs(),
+            stats: CacheStats {
+                steps,
+                blobs,
+                blob_bytes,
+                builds,
+                hits: state.metrics.hits.load(Ordering::Relaxed),
+                misses: state.metrics.misses.load(Ordering::Relaxed),
+            },
+            contexts: state.index.statuses(),
+        },
+    )
+}
+
+/// `POST /v1/plan`.
+pub async fn plan(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let inputs: PlanInputs = match read_json(req).await {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let st = state.clone();
+    // Walking and hashing block: keep them off the async workers.
+    let result = tokio::task::spawn_blocking(move || plan_build(&st.index, st.records.as_ref(), &inputs)).await;
+    match result {
+        Ok(Ok(resp)) => json(StatusCode::OK, &resp),
+        Ok(Err(PlanError::Dockerfile(e))) => error(
+            StatusCode::BAD_REQUEST,
+            format!("{}: {}", e.location, e.message),
+            e.hint,
+        ),
+        Ok(Err(e @ (PlanError::Select { .. } | PlanError::BadContext(_)))) => error(
+            StatusCode::BAD_REQUEST,
+            e.to_string(),
+            "fix the path or the Dockerfile and plan again",
+        ),
+        Ok(Err(PlanError::Index(e))) => error(
+            StatusCode::BAD_REQUEST,
+            e.to_string(),
+            "the daemon must be able to read the context",
+        ),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("planning failed: {e}"),
+            "report this bug with the Dockerfile",
+        ),
+    }
+}
+
+/// `GET /metrics`.
+pub fn metrics(state: &AppState) -> Response<Body> {
+    let mut r = Response::new(super::full(state.metrics.render()));
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}

@@ -1,0 +1,147 @@
+//! The HTTP API, `/v1` (see docs/api.md): routing, JSON helpers and the `{error, hint}`
+//! body every error carries.
+
+mod blobs;
+mod builds;
+mod control;
+mod steps;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use lcache_proto::wire::ErrorBody;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::state::AppState;
+
+/// Every response body.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// The largest JSON control body accepted (Dockerfiles included).
+pub const JSON_LIMIT: usize = 4 << 20;
+
+/// A body from bytes.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A JSON response.
+pub fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
+    match serde_json::to_vec(v) {
+        Ok(bytes) => Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(full(bytes))
+            .unwrap_or_else(|_| Response::new(full(""))),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the answer: {e}"),
+            "report this bug",
+        ),
+    }
+}
+
+/// An error response with the `{error, hint}` body.
+pub fn error(status: StatusCode, error: impl Into<String>, hint: impl Into<String>) -> Response<Body> {
+    let body = ErrorBody {
+        error: error.into(),
+        hint: hint.into(),
+    };
+    let bytes = serde_json::to_vec(&body).unwrap_or_default();
+    let mut r = Response::new(full(bytes));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Reads a JSON body of at most [`JSON_LIMIT`] bytes.
+pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let bytes = match Limited::new(req.into_body(), JSON_LIMIT).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {} MiB", JSON_LIMIT >> 20),
+                "control requests are small JSON documents; blobs go to PUT /v1/blobs/{digest}",
+            ))
+        }
+        Err(e) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+                "send the whole body",
+            ))
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not valid JSON for this endpoint: {e}"),
+            "see docs/api.md for the expected shape",
+        )
+    })
+}
+
+/// Answers one request; returns the route label (for metrics) and the response.
+pub async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (label, response) = match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => ("status", control::status(&state)),
+        (&Method::POST, ["v1", "plan"]) => ("plan", control::plan(&state, req).await),
+        (&Method::GET, ["metrics"]) => ("other", control::metrics(&state)),
+        (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key)),
+        (&Method::PUT, ["v1", "steps", key]) => ("steps_put", steps::put(&state, key, req).await),
+        (&Method::HEAD, ["v1", "blobs", d]) => ("blobs_get", blobs::head(&state, d)),
+        (&Method::GET, ["v1", "blobs", d]) => ("blobs_get", blobs::get(&state, d).await),
+        (&Method::PUT, ["v1", "blobs", d]) => ("blobs_put", blobs::put(&state, d, req).await),
+        (&Method::POST, ["v1", "builds"]) => ("builds", builds::post(&state, req).await),
+        (&Method::GET, ["v1", "builds"]) => ("builds", builds::list(&state, req.uri().query())),
+        (&Method::GET, ["v1", "builds", id]) => ("builds", builds::get(&state, id)),
+        (
+            _,
+            ["v1", "status" | "plan"]
+            | ["metrics"]
+            | ["v1", "steps" | "blobs", _]
+            | ["v1", "builds"]
+            | ["v1", "builds", _],
+        ) => (
+            "other",
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+                "see docs/api.md for each endpoint's methods",
+            ),
+        ),
+        _ => (
+            "other",
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no endpoint {method} {path}"),
+                "endpoints live under /v1; see docs/api.md",
+            ),
+        ),
+    };
+    state
+        .metrics
+        .observe(label, response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

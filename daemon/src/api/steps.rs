@@ -1,0 +1,115 @@
+//! `GET/PUT /v1/steps/{key}`: a hit is a record, a miss a 404.
+
+use std::sync::atomic::Ordering;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use lcache_proto::wire::StepRecord;
+
+use super::{error, json, now_ms, read_json, Body};
+use crate::state::AppState;
+
+fn valid_key(key: &str) -> bool {
+    key.len() == 64 && key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn bad_key(key: &str) -> Response<Body> {
+    error(
+        StatusCode::BAD_REQUEST,
+        format!("'{key}' is not a step key"),
+        "a key is 64 lower-case hex digits, as `lcache keys` prints",
+    )
+}
+
+/// `GET /v1/steps/{key}`.
+pub fn get(state: &AppState, key: &str) -> Response<Body> {
+    if !valid_key(key) {
+        return bad_key(key);
+    }
+    match state.records.get_step(key) {
+        Ok(Some(rec)) => {
+            state.metrics.hits.fetch_add(1, Ordering::Relaxed);
+            if let Some(l) = &rec.layer {
+                // Access times only steer eviction; a failed update must not fail the hit.
+                let _ = state.records.touch(&l.digest, now_ms());
+            }
+            json(StatusCode::OK, &rec)
+        }
+        Ok(None) => {
+            state.metrics.misses.fetch_add(1, Ordering::Relaxed);
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no record for step {key}"),
+                "a miss: run the step, upload its layer, then PUT its record",
+            )
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
+    }
+}
+
+/// `PUT /v1/steps/{key}`: the record's layer blob must already be stored.
+pub async fn put(state: &AppState, key: &str, req: Request<Incoming>) -> Response<Body> {
+    if !valid_key(key) {
+        return bad_key(key);
+    }
+    let mut rec: StepRecord = match read_json(req).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if rec.key.is_empty() {
+        rec.key = key.to_string();
+    } else if rec.key != key {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the record is for key {} but was sent to {key}", rec.key),
+            "PUT a record to its own key",
+        );
+    }
+    if let Some(layer) = &mut rec.layer {
+        match state.records.get_blob(&layer.digest) {
+            Ok(Some(meta)) => {
+                layer.blake3 = meta.blake3;
+                layer.size = meta.size;
+            }
+            Ok(None) => {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!("layer blob {} is not in the store", layer.digest),
+                    format!(
+                        "PUT the blob to /v1/blobs/{} first; a record may only point to a stored blob",
+                        layer.digest
+                    ),
+                )
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string(),
+                    "check the daemon's store",
+                )
+            }
+        }
+    }
+    rec.created_at_ms = now_ms();
+    let records = state.records.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        records.put_step(&rec)?;
+        // Acknowledge only what survives a crash.
+        records.flush()?;
+        Ok::<_, crate::store::StoreError>(rec)
+    })
+    .await;
+    match stored {
+        Ok(Ok(rec)) => json(StatusCode::CREATED, &rec),
+        Ok(Err(e)) => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            e.to_string(),
+            "free space on the store's disk",
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "report this bug"),
+    }
+}

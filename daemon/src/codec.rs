@@ -1,0 +1,79 @@
+//! The one place stored values are encoded: bincode 2 behind a format byte, so the codec can
+//! be swapped (bincode 3 is a tombstone) and old records recognised instead of misread.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The format byte every stored value starts with.
+pub const FORMAT_V1: u8 = 1;
+
+/// Why a stored value could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The value was written by a format this daemon does not know.
+    #[error("stored value has format {found}, this lcached reads format {FORMAT_V1} — use the lcached version that wrote the store, or start with a fresh --store")]
+    UnknownFormat {
+        /// The format byte found.
+        found: u8,
+    },
+    /// The bytes are not a valid value.
+    #[error("stored value is corrupt: {0}")]
+    Corrupt(String),
+}
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes `v` with the format byte.
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT_V1];
+    // Encoding into a Vec only fails for types serde cannot describe, which ours are not.
+    if let Ok(body) = bincode::serde::encode_to_vec(v, config()) {
+        out.extend_from_slice(&body);
+    }
+    out
+}
+
+/// Decodes a value written by [`encode`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, body)) => bincode::serde::decode_from_slice(body, config())
+            .map(|(v, _)| v)
+            .map_err(|e| CodecError::Corrupt(e.to_string())),
+        Some((&found, _)) => Err(CodecError::UnknownFormat { found }),
+        None => Err(CodecError::Corrupt("empty value".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lcache_proto::wire::{LayerRef, StepRecord};
+
+    #[test]
+    fn records_round_trip_and_unknown_formats_are_named() {
+        let r = StepRecord {
+            key: "k".into(),
+            layer: Some(LayerRef {
+                digest: "sha256:00".into(),
+                blake3: "b".into(),
+                size: 3,
+                diff_id: String::new(),
+                media_type: "m".into(),
+            }),
+            duration_ms: 5,
+            inputs: None,
+            created_at_ms: 9,
+        };
+        let bytes = encode(&r);
+        assert_eq!(decode::<StepRecord>(&bytes).unwrap(), r);
+        let mut other = bytes.clone();
+        other[0] = 7;
+        assert!(matches!(
+            decode::<StepRecord>(&other),
+            Err(CodecError::UnknownFormat { found: 7 })
+        ));
+        assert!(matches!(decode::<StepRecord>(&bytes[..3]), Err(CodecError::Corrupt(_))));
+    }
+}

@@ -1,0 +1,135 @@
+//! Counters and latency histograms, rendered as Prometheus text at `GET /metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0,
+];
+
+/// The routes latency is tracked for.
+pub const ROUTES: [&str; 8] = [
+    "status",
+    "plan",
+    "steps_get",
+    "steps_put",
+    "blobs_get",
+    "blobs_put",
+    "builds",
+    "other",
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+/// The daemon's metrics.
+#[derive(Default)]
+pub struct Metrics {
+    /// Step lookups that found a record.
+    pub hits: AtomicU64,
+    /// Step lookups that found none.
+    pub misses: AtomicU64,
+    /// Blob bytes received.
+    pub bytes_in: AtomicU64,
+    /// Blob bytes served.
+    pub bytes_out: AtomicU64,
+    /// Requests answered with a 4xx.
+    pub client_errors: AtomicU64,
+    /// Requests answered with a 5xx.
+    pub server_errors: AtomicU64,
+    latency: [Histogram; ROUTES.len()],
+}
+
+impl Metrics {
+    /// Records one request's latency under `route` (an entry of [`ROUTES`]).
+    pub fn observe(&self, route: &str, status: u16, took: Duration) {
+        let i = ROUTES.iter().position(|r| *r == route).unwrap_or(ROUTES.len() - 1);
+        let h = &self.latency[i];
+        let secs = took.as_secs_f64();
+        for (b, bound) in h.buckets.iter().zip(BUCKETS) {
+            if secs <= bound {
+                b.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        h.count.fetch_add(1, Ordering::Relaxed);
+        h.sum_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        match status {
+            400..=499 => self.client_errors.fetch_add(1, Ordering::Relaxed),
+            500..=599 => self.server_errors.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        };
+        counter(
+            &mut out,
+            "lcache_step_hits_total",
+            "Step lookups that found a record.",
+            &self.hits,
+        );
+        counter(
+            &mut out,
+            "lcache_step_misses_total",
+            "Step lookups that found none.",
+            &self.misses,
+        );
+        counter(
+            &mut out,
+            "lcache_blob_bytes_received_total",
+            "Blob bytes received.",
+            &self.bytes_in,
+        );
+        counter(
+            &mut out,
+            "lcache_blob_bytes_served_total",
+            "Blob bytes served.",
+            &self.bytes_out,
+        );
+        counter(
+            &mut out,
+            "lcache_http_client_errors_total",
+            "Requests answered 4xx.",
+            &self.client_errors,
+        );
+        counter(
+            &mut out,
+            "lcache_http_server_errors_total",
+            "Requests answered 5xx.",
+            &self.server_errors,
+        );
+        let name = "lcache_request_duration_seconds";
+        let _ = writeln!(out, "# HELP {name} Request latency by route.\n# TYPE {name} histogram");
+        for (route, h) in ROUTES.iter().zip(&self.latency) {
+            for (b, bound) in h.buckets.iter().zip(BUCKETS) {
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{route=\"{route}\",le=\"{bound}\"}} {}",
+                    b.load(Ordering::Relaxed)
+                );
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{route=\"{route}\",le=\"+Inf\"}} {count}");
+            let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "{name}_sum{{route=\"{route}\"}} {sum}\n{name}_count{{route=\"{route}\"}} {count}"
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,242 @@
+//! Starting the daemon: lock the store, open it, bind every listener (Unix socket and/or
+//! TCP), serve HTTP/1.1 until a shutdown signal, then drain connections and flush.
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::StatusCode;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use lcache_proto::endpoint::Endpoint;
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::api;
+use crate::context_index::ContextIndex;
+use crate::metrics::Metrics;
+use crate::state::AppState;
+use crate::store::blob_store::BlobStore;
+use crate::store::sled_records::SledRecords;
+use crate::store::RecordStore;
+use crate::store_lock::{lock_store, LockError};
+
+/// How the daemon is to run.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Where to listen.
+    pub listen: Vec<Endpoint>,
+    /// The store directory.
+    pub store: PathBuf,
+    /// Watch contexts with notify (false: stat walks).
+    pub watch: bool,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store is locked or unusable.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// The store could not be opened.
+    #[error("cannot open the store {path}: {reason} — check the directory and the disk")]
+    Store {
+        /// The store directory.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Another daemon answers on the socket.
+    #[error("another lcached already listens on {0} — stop it, or pass a different --listen")]
+    SocketInUse(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source} — pick a free address with --listen")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+/// A started daemon, bound and ready to serve.
+pub struct Daemon {
+    state: Arc<AppState>,
+    listeners: Vec<Listener>,
+    _lock: std::fs::File,
+}
+
+impl Daemon {
+    /// Locks and opens the store and binds every listener.
+    pub async fn start(cfg: &DaemonConfig) -> Result<Self, StartError> {
+        let store_err = |e: &dyn std::fmt::Display| StartError::Store {
+            path: cfg.store.display().to_string(),
+            reason: e.to_string(),
+        };
+        std::fs::create_dir_all(&cfg.store).map_err(|e| store_err(&e))?;
+        let lock = lock_store(&cfg.store)?;
+        let blobs = BlobStore::open(&cfg.store.join("blobs")).map_err(|e| store_err(&e))?;
+        let records: Arc<dyn RecordStore> =
+            Arc::new(SledRecords::open(&cfg.store.join("db")).map_err(|e| store_err(&e))?);
+        let mut listeners = Vec::new();
+        let mut listen = Vec::new();
+        for ep in &cfg.listen {
+            match ep {
+                Endpoint::Unix(path) => {
+                    if path.exists() {
+                        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                            return Err(StartError::SocketInUse(ep.to_string()));
+                        }
+                        // A socket file nobody answers on is left over from a killed daemon.
+                        let _ = std::fs::remove_file(path);
+                    }
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent).map_err(|source| StartError::Bind {
+                            addr: ep.to_string(),
+                            source,
+                        })?;
+                    }
+                    let l = UnixListener::bind(path).map_err(|source| StartError::Bind {
+                        addr: ep.to_string(),
+                        source,
+                    })?;
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+                    listen.push(ep.to_string());
+                    listeners.push(Listener::Unix(l, path.clone()));
+                }
+                Endpoint::Tcp(addr) => {
+                    let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                        addr: ep.to_string(),
+                        source,
+                    })?;
+                    let actual = l
+                        .local_addr()
+                        .map(|a| format!("tcp://{a}"))
+                        .unwrap_or_else(|_| ep.to_string());
+                    listen.push(actual);
+                    listeners.push(Listener::Tcp(l));
+                }
+            }
+        }
+        let state = Arc::new(AppState {
+            index: ContextIndex::new(records.clone(), cfg.watch),
+            records,
+            blobs,
+            metrics: Metrics::default(),
+            started: Instant::now(),
+            listen,
+            store_dir: cfg.store.clone(),
+            build_seq: AtomicU64::new(0),
+        });
+        Ok(Self {
+            state,
+            listeners,
+            _lock: lock,
+        })
+    }
+
+    /// The addresses actually bound (a TCP port 0 resolved).
+    pub fn listening(&self) -> &[String] {
+        &self.state.listen
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets open requests finish
+    /// (up to 10 s), flushes the store and removes the socket files.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+        let graceful = Arc::new(GracefulShutdown::new());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut loops = Vec::new();
+        let mut sockets = Vec::new();
+        for l in self.listeners {
+            let state = self.state.clone();
+            let mut stop = stop_rx.clone();
+            let graceful = graceful.clone();
+            if let Listener::Unix(_, p) = &l {
+                sockets.push(p.clone());
+            }
+            loops.push(tokio::spawn(async move {
+                loop {
+                    let io = tokio::select! {
+                        _ = stop.changed() => break,
+                        accepted = accept(&l) => accepted,
+                    };
+                    let Some(io) = io else { continue };
+                    let state = state.clone();
+                    let svc = service_fn(move |req| {
+                        let state = state.clone();
+                        async move {
+                            let r = AssertUnwindSafe(api::route(state, req))
+                                .catch_unwind()
+                                .await
+                                .unwrap_or_else(|_| {
+                                    api::error(
+                                        StatusCode::INTERNAL_SERVER_ERROR,
+                                        "the daemon hit a bug handling this request",
+                                        "report it with the request; the daemon keeps running",
+                                    )
+                                });
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                    let conn = http1::Builder::new().serve_connection(io, svc);
+                    tokio::spawn(graceful.watcher().watch(conn));
+                }
+            }));
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        for l in loops {
+            let _ = l.await;
+        }
+        if let Ok(graceful) = Arc::try_unwrap(graceful) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+        }
+        let _ = self.state.records.flush();
+        for s in sockets {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+/// Accepts one connection; `None` on a transient accept error (the loop goes on).
+async fn accept(l: &Listener) -> Option<TokioIo<Box<dyn IoStream>>> {
+    let stream: Box<dyn IoStream> = match l {
+        Listener::Unix(u, _) => Box::new(u.accept().await.ok()?.0),
+        Listener::Tcp(t) => {
+            let (s, _) = t.accept().await.ok()?;
+            let _ = s.set_nodelay(true);
+            Box::new(s)
+        }
+    };
+    Some(TokioIo::new(stream))
+}
+
+/// A connected stream of either kind.
+pub trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> IoStream for T {}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,31 @@
+//! What every request handler shares.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::context_index::ContextIndex;
+use crate::metrics::Metrics;
+use crate::store::blob_store::BlobStore;
+use crate::store::RecordStore;
+
+/// The daemon's shared state.
+pub struct AppState {
+    /// Step records, blob metadata, builds, context digests.
+    pub records: Arc<dyn RecordStore>,
+    /// Layer blobs.
+    pub blobs: BlobStore,
+    /// Context indexes.
+    pub index: ContextIndex,
+    /// Counters and histograms.
+    pub metrics: Metrics,
+    /// When the daemon started.
+    pub started: Instant,
+    /// Where it listens, as given.
+    pub listen: Vec<String>,
+    /// The store directory.
+    pub store_dir: PathBuf,
+    /// Disambiguates build ids made in the same millisecond.
+    pub build_seq: AtomicU64,
+}

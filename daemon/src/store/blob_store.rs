@@ -1,0 +1,196 @@
+//! Content-addressed layer blobs as files under `blobs/sha256/<hex>`. An upload streams to
+//! `blobs/tmp/`, is hashed as it arrives, fsynced, checked against its claimed digest and
+//! only then renamed into place: a reader never sees a partial blob, and leftovers of a
+//! daemon killed mid-upload are removed at the next start.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::BlobMeta;
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The bytes do not hash to the digest they were uploaded under.
+    #[error("the uploaded bytes have digest {actual}, not {expected}")]
+    DigestMismatch {
+        /// The digest in the URL.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// Fewer (or more) bytes arrived than Content-Length announced.
+    #[error("the upload announced {expected} bytes but {received} arrived")]
+    Truncated {
+        /// Content-Length.
+        expected: u64,
+        /// Bytes received.
+        received: u64,
+    },
+    /// The connection failed mid-body.
+    #[error("the upload was cut off: {0}")]
+    Body(String),
+    /// Writing to disk failed.
+    #[error("cannot write the blob: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The blob directory.
+pub struct BlobStore {
+    root: PathBuf,
+    tmp: PathBuf,
+    seq: AtomicU64,
+}
+
+/// The hex part of a valid `sha256:<64 hex>` digest.
+pub fn sha256_hex(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(hex)
+}
+
+/// Removes a temp file unless the upload committed it.
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl BlobStore {
+    /// Opens `dir` (creating it) and clears temp files left by an earlier run.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        let root = dir.join("sha256");
+        let tmp = dir.join("tmp");
+        std::fs::create_dir_all(&root)?;
+        std::fs::create_dir_all(&tmp)?;
+        for e in std::fs::read_dir(&tmp)? {
+            std::fs::remove_file(e?.path())?;
+        }
+        Ok(Self {
+            root,
+            tmp,
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Where a blob with a valid digest lives.
+    pub fn path_of(&self, digest: &str) -> Option<PathBuf> {
+        sha256_hex(digest).map(|h| self.root.join(h))
+    }
+
+    /// Temp files currently present (uploads in flight).
+    pub fn temp_files(&self) -> usize {
+        std::fs::read_dir(&self.tmp).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// Streams `body` into the store under `digest`; `expected_len` is Content-Length.
+    pub async fn ingest<B>(&self, digest: &str, mut body: B, expected_len: Option<u64>) -> Result<BlobMeta, IngestError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let final_path = self
+            .path_of(digest)
+            .ok_or_else(|| IngestError::Body(format!("'{digest}' is not a sha256 digest")))?;
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp_path = self.tmp.join(format!("{}-{n}", std::process::id()));
+        let mut guard = TempGuard(Some(tmp_path.clone()));
+        let mut file = tokio::fs::File::create(&tmp_path).await?;
+        let mut sha = Sha256::new();
+        let mut b3 = blake3::Hasher::new();
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| IngestError::Body(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                sha.update(&data);
+                b3.update(&data);
+                received += data.len() as u64;
+                file.write_all(&data).await?;
+            }
+        }
+        if let Some(expected) = expected_len {
+            if expected != received {
+                return Err(IngestError::Truncated { expected, received });
+            }
+        }
+        let actual = format!("sha256:{:x}", sha.finalize());
+        if actual != digest {
+            return Err(IngestError::DigestMismatch {
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        file.sync_all().await?;
+        drop(file);
+        tokio::fs::rename(&tmp_path, &final_path).await?;
+        guard.0 = None;
+        // The rename is durable only once the directory is.
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || std::fs::File::open(root)?.sync_all())
+            .await
+            .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
+        Ok(BlobMeta {
+            digest: digest.to_string(),
+            blake3: b3.finalize().to_hex().to_string(),
+            size: received,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    fn digest_of(b: &[u8]) -> String {
+        format!("sha256:{:x}", Sha256::digest(b))
+    }
+
+    #[tokio::test]
+    async fn a_good_upload_lands_whole_and_a_bad_one_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(d.path()).unwrap();
+        let data = Bytes::from_static(b"layer bytes");
+        let meta = s
+            .ingest(&digest_of(&data), Full::new(data.clone()), Some(11))
+            .await
+            .unwrap();
+        assert_eq!(meta.size, 11);
+        assert_eq!(std::fs::read(s.path_of(&meta.digest).unwrap()).unwrap(), data);
+
+        let wrong = digest_of(b"other");
+        let e = s.ingest(&wrong, Full::new(data.clone()), None).await.unwrap_err();
+        assert!(matches!(e, IngestError::DigestMismatch { .. }));
+        assert!(!s.path_of(&wrong).unwrap().exists());
+        let e = s
+            .ingest(&digest_of(&data), Full::new(data.clone()), Some(99))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, IngestError::Truncated { .. }));
+        assert_eq!(s.temp_files(), 0);
+    }
+
+    #[test]
+    fn leftover_temp_files_are_cleared_on_open() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("tmp")).unwrap();
+        std::fs::write(d.path().join("tmp/123-0"), "partial").unwrap();
+        let s = BlobStore::open(d.path()).unwrap();
+        assert_eq!(s.temp_files(), 0);
+    }
+
+    #[test]
+    fn only_sha256_digests_name_blobs() {
+        assert!(sha256_hex(&format!("sha256:{}", "a".repeat(64))).is_some());
+        assert!(sha256_hex("sha256:../../etc/passwd").is_none());
+        assert!(sha256_hex(&format!("sha256:{}", "A".repeat(64))).is_none());
+    }
+}

@@ -1,0 +1,82 @@
+//! The daemon's storage: small records behind the [`RecordStore`] trait (sled today) and
+//! layer blobs as content-addressed files ([`blob_store`]).
+
+pub mod blob_store;
+pub mod sled_records;
+
+use lcache_proto::source_select::FileStamp;
+use lcache_proto::wire::{BuildRecord, StepRecord};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::CodecError;
+
+/// Why the record store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed (disk full, I/O error, corruption).
+    #[error("record store error: {0} — check the disk holding the store (space, permissions)")]
+    Db(String),
+    /// A stored value could not be decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// What the blob store knows about a stored blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobMeta {
+    /// `sha256:…`.
+    pub digest: String,
+    /// BLAKE3 of the same bytes, hex.
+    pub blake3: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A context file's cached digest, valid while its stamp and size are unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedDigest {
+    /// The file's stamp when it was hashed.
+    pub stamp: FileStamp,
+    /// Its size then.
+    pub size: u64,
+    /// Its content BLAKE3.
+    pub digest: [u8; 32],
+}
+
+/// Small records: step results, blob metadata, build history, the context index, access
+/// times. One trait so the database behind it can be replaced without touching callers.
+pub trait RecordStore: Send + Sync {
+    /// The step record for `key`, if any.
+    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError>;
+    /// Stores a step record (never removing the previous one for another key).
+    fn put_step(&self, record: &StepRecord) -> Result<(), StoreError>;
+    /// Metadata of a stored blob.
+    fn get_blob(&self, digest: &str) -> Result<Option<BlobMeta>, StoreError>;
+    /// Records a blob as stored; call only once the blob file is durable.
+    fn put_blob(&self, meta: &BlobMeta) -> Result<(), StoreError>;
+    /// Every blob's metadata.
+    fn blobs(&self) -> Result<Vec<BlobMeta>, StoreError>;
+    /// Every step record.
+    fn steps(&self) -> Result<Vec<StepRecord>, StoreError>;
+    /// Marks a blob as used now (for least-recently-used eviction).
+    fn touch(&self, digest: &str, now_ms: u64) -> Result<(), StoreError>;
+    /// Appends a build to the history.
+    fn put_build(&self, build: &BuildRecord) -> Result<(), StoreError>;
+    /// A build by id.
+    fn get_build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError>;
+    /// The newest `limit` builds, newest first.
+    fn recent_builds(&self, limit: usize) -> Result<Vec<BuildRecord>, StoreError>;
+    /// Counts: (steps, blobs, blob bytes, builds).
+    fn counts(&self) -> Result<(u64, u64, u64, u64), StoreError>;
+    /// The cached digests of a context's files, by path.
+    fn context_digests(&self, root: &str) -> Result<Vec<(String, CachedDigest)>, StoreError>;
+    /// Updates a context's cached digests: `upserts` replace, `removals` drop.
+    fn update_context_digests(
+        &self,
+        root: &str,
+        upserts: &[(String, CachedDigest)],
+        removals: &[String],
+    ) -> Result<(), StoreError>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,170 @@
+//! [`RecordStore`] on sled: one tree per kind of record, values through the codec.
+
+use std::path::Path;
+
+use lcache_proto::wire::{BuildRecord, StepRecord};
+
+use super::{BlobMeta, CachedDigest, RecordStore, StoreError};
+use crate::codec::{decode, encode};
+
+/// sled-backed records.
+pub struct SledRecords {
+    db: sled::Db,
+    steps: sled::Tree,
+    blobs: sled::Tree,
+    access: sled::Tree,
+    builds: sled::Tree,
+    contexts: sled::Tree,
+}
+
+fn db_err(e: sled::Error) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+impl SledRecords {
+    /// Opens (creating) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open().map_err(db_err)?;
+        let tree = |name: &str| db.open_tree(name).map_err(db_err);
+        Ok(Self {
+            steps: tree("steps")?,
+            blobs: tree("blobs")?,
+            access: tree("access")?,
+            builds: tree("builds")?,
+            contexts: tree("context_files")?,
+            db,
+        })
+    }
+}
+
+/// The key under which a context file's digest lives: root, NUL, path.
+fn context_key(root: &str, path: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(root.len() + path.len() + 1);
+    k.extend_from_slice(root.as_bytes());
+    k.push(0);
+    k.extend_from_slice(path.as_bytes());
+    k
+}
+
+impl RecordStore for SledRecords {
+    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        match self.steps.get(key).map_err(db_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_step(&self, record: &StepRecord) -> Result<(), StoreError> {
+        self.steps
+            .insert(record.key.as_bytes(), encode(record))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn get_blob(&self, digest: &str) -> Result<Option<BlobMeta>, StoreError> {
+        match self.blobs.get(digest).map_err(db_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_blob(&self, meta: &BlobMeta) -> Result<(), StoreError> {
+        self.blobs
+            .insert(meta.digest.as_bytes(), encode(meta))
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn blobs(&self) -> Result<Vec<BlobMeta>, StoreError> {
+        self.blobs
+            .iter()
+            .values()
+            .map(|v| Ok(decode(&v.map_err(db_err)?)?))
+            .collect()
+    }
+
+    fn steps(&self) -> Result<Vec<StepRecord>, StoreError> {
+        self.steps
+            .iter()
+            .values()
+            .map(|v| Ok(decode(&v.map_err(db_err)?)?))
+            .collect()
+    }
+
+    fn touch(&self, digest: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.access
+            .insert(digest.as_bytes(), &now_ms.to_le_bytes())
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    fn put_build(&self, build: &BuildRecord) -> Result<(), StoreError> {
+        self.builds.insert(build.id.as_bytes(), encode(build)).map_err(db_err)?;
+        Ok(())
+    }
+
+    fn get_build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError> {
+        match self.builds.get(id).map_err(db_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn recent_builds(&self, limit: usize) -> Result<Vec<BuildRecord>, StoreError> {
+        // Build ids sort by time, so the newest are at the end of the tree.
+        self.builds
+            .iter()
+            .values()
+            .rev()
+            .take(limit)
+            .map(|v| Ok(decode(&v.map_err(db_err)?)?))
+            .collect()
+    }
+
+    fn counts(&self) -> Result<(u64, u64, u64, u64), StoreError> {
+        let mut bytes = 0;
+        for v in self.blobs.iter().values() {
+            let m: BlobMeta = decode(&v.map_err(db_err)?)?;
+            bytes += m.size;
+        }
+        Ok((
+            self.steps.len() as u64,
+            self.blobs.len() as u64,
+            bytes,
+            self.builds.len() as u64,
+        ))
+    }
+
+    fn context_digests(&self, root: &str) -> Result<Vec<(String, CachedDigest)>, StoreError> {
+        let prefix = context_key(root, "");
+        self.contexts
+            .scan_prefix(&prefix)
+            .map(|kv| {
+                let (k, v) = kv.map_err(db_err)?;
+                let path = String::from_utf8_lossy(&k[prefix.len()..]).to_string();
+                Ok((path, decode(&v)?))
+            })
+            .collect()
+    }
+
+    fn update_context_digests(
+        &self,
+        root: &str,
+        upserts: &[(String, CachedDigest)],
+        removals: &[String],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (path, d) in upserts {
+            batch.insert(context_key(root, path), encode(d));
+        }
+        for path in removals {
+            batch.remove(context_key(root, path));
+        }
+        self.contexts.apply_batch(batch).map_err(db_err)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(db_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! The types the client and the daemon exchange over HTTP (JSON) and that the daemon keeps
+//! in its store. Stored types are plain structs (no flattening, no tagged enums) so the
+//! binary codec can carry them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::build_plan::PlanRequest;
+use crate::cache_key::KeyInputs;
+use crate::errors::DockerfileError;
+use crate::platform::Platform;
+use crate::step_keys::StepKey;
+
+/// What to plan: the inputs of `lcache keys`, `plan` and `build`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanInputs {
+    /// The Dockerfile's name as the user gave it (for messages).
+    pub dockerfile_name: String,
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// The build context directory, absolute.
+    pub context: String,
+    /// `--build-arg` values.
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// `os/arch[/variant]`.
+    pub platform: String,
+    /// List every selected file per step (otherwise the first few and a count).
+    #[serde(default)]
+    pub all_files: bool,
+}
+
+impl PlanInputs {
+    /// The front end's view of these inputs.
+    pub fn plan_request(&self) -> Result<PlanRequest<'_>, DockerfileError> {
+        let platform = Platform::parse(&self.platform).ok_or_else(|| {
+            DockerfileError::new(
+                &self.dockerfile_name,
+                1,
+                1,
+                format!("invalid platform '{}'", self.platform),
+                "write os/arch[/variant], e.g. linux/amd64",
+            )
+        })?;
+        Ok(PlanRequest {
+            build_args: &self.build_args,
+            target: self.target.as_deref(),
+            platform,
+        })
+    }
+}
+
+/// How many selected files a report lists per step unless all are asked for.
+pub const FILES_LISTED: usize = 10;
+
+/// Every needed step's key and inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysReport {
+    /// The Dockerfile's name.
+    pub dockerfile: String,
+    /// The context directory.
+    pub context: String,
+    /// The target platform.
+    pub platform: String,
+    /// Things the user should know.
+    pub warnings: Vec<String>,
+    /// How many context files were read to answer.
+    pub hashed_files: usize,
+    /// Steps in build order.
+    pub steps: Vec<StepKey>,
+}
+
+impl KeysReport {
+    /// Keeps at most [`FILES_LISTED`] files per step (`files_total` still counts them all).
+    pub fn truncate_files(&mut self) {
+        for s in &mut self.steps {
+            s.files.truncate(FILES_LISTED);
+        }
+    }
+}
+
+/// How the daemon keeps a context's index fresh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextIndexStatus {
+    /// The context directory.
+    pub root: String,
+    /// `watching` (a notify watcher marks changes) or `stat-walk` (every plan re-stats).
+    pub mode: String,
+    /// Why watching is not possible, when it is not.
+    pub reason: Option<String>,
+    /// Entries after `.dockerignore`.
+    pub entries: usize,
+    /// Files whose digest the index holds.
+    pub digests: usize,
+}
+
+/// `POST /v1/plan` answer: keys, and which are in the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanResponse {
+    /// The keys.
+    pub report: KeysReport,
+    /// Per step: `Some(true)` a hit, `Some(false)` a miss, `None` pending.
+    pub cached: Vec<Option<bool>>,
+    /// The context index after this plan.
+    pub context: ContextIndexStatus,
+}
+
+/// A layer blob as a step record refers to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRef {
+    /// OCI digest of the blob as stored (`sha256:…`): its name in the blob store.
+    pub digest: String,
+    /// BLAKE3 of the same bytes (filled in by the daemon from the upload).
+    #[serde(default)]
+    pub blake3: String,
+    /// Size in bytes (filled in by the daemon).
+    #[serde(default)]
+    pub size: u64,
+    /// OCI diff_id: sha256 of the uncompressed layer.
+    #[serde(default)]
+    pub diff_id: String,
+    /// OCI media type.
+    #[serde(default)]
+    pub media_type: String,
+}
+
+/// What a step produced: the cache's value for a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The step's key.
+    pub key: String,
+    /// Its layer, if it changed the filesystem.
+    pub layer: Option<LayerRef>,
+    /// How long the step took to run, in milliseconds (what a hit saves).
+    pub duration_ms: u64,
+    /// The inputs the key was made of, for explanations.
+    pub inputs: Option<KeyInputs>,
+    /// When it was stored, milliseconds since the epoch (set by the daemon).
+    #[serde(default)]
+    pub created_at_ms: u64,
+}
+
+/// One step of a finished build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildStep {
+    /// 0-based stage.
+    pub stage: usize,
+    /// 1-based line.
+    pub line: usize,
+    /// As written.
+    pub instruction: String,
+    /// Its key (empty if it never got one).
+    pub key: String,
+    /// Served from the cache.
+    pub cached: bool,
+    /// Time spent, milliseconds.
+    pub duration_ms: u64,
+}
+
+/// A build in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    /// Assigned by the daemon.
+    #[serde(default)]
+    pub id: String,
+    /// Start, milliseconds since the epoch.
+    pub started_at_ms: u64,
+    /// End, milliseconds since the epoch.
+    pub finished_at_ms: u64,
+    /// The Dockerfile's name.
+    pub dockerfile: String,
+    /// The context directory.
+    pub context: String,
+    /// `--target`, if any.
+    pub target: Option<String>,
+    /// Steps in order.
+    pub steps: Vec<BuildStep>,
+}
+
+/// `GET /v1/status` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// The daemon's version.
+    pub version: String,
+    /// Its process id.
+    pub pid: u32,
+    /// The store directory.
+    pub store: String,
+    /// Where it listens.
+    pub listen: Vec<String>,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Cache contents and traffic.
+    pub stats: CacheStats,
+    /// Indexed contexts.
+    pub contexts: Vec<ContextIndexStatus>,
+}
+
+/// Cache contents and traffic since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStats {
+    /// Step records stored.
+    pub steps: u64,
+    /// Blobs stored.
+    pub blobs: u64,
+    /// Bytes of blobs stored.
+    pub blob_bytes: u64,
+    /// Builds in the history.
+    pub builds: u64,
+    /// Step lookups answered with a record since start.
+    pub hits: u64,
+    /// Step lookups answered 404 since start.
+    pub misses: u64,
+}
+
+/// Every API error's body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+    /// What to do about it.
+    pub hint: String,
+}
