@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lcache_client::offline_keys::{offline_keys, KeysRequest};
+use lcache_client::offline_keys::offline_keys;
 use lcache_proto::platform::Platform;
+use lcache_proto::wire::PlanInputs;
 
 const FILES: usize = 50_000;
 const DIRS: usize = 500;
@@ -82,12 +83,14 @@ fn main() {
         assert!(ok, "b3sum failed: install it with `apt-get install b3sum`");
     };
     b3sum(); // warm the page cache for both contenders
-    let req = KeysRequest {
-        dockerfile: root.join("Dockerfile"),
-        context: root.clone(),
+    let req = PlanInputs {
+        dockerfile_name: "Dockerfile".into(),
+        dockerfile: std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile"),
+        context: std::fs::canonicalize(&root).expect("context").display().to_string(),
         build_args: BTreeMap::new(),
         target: None,
-        platform: Platform::host(),
+        platform: Platform::host().to_string(),
+        all_files: false,
     };
     let b3 = best(b3sum);
     let lc = best(|| {

@@ -3,11 +3,16 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use lcache_proto::endpoint::Endpoint;
 
 /// lcache: a build cache for Dockerfile builds that says why each step rebuilt.
 #[derive(Debug, Parser)]
 #[command(name = "lcache", version, about)]
 pub struct Cli {
+    /// The daemon to use: unix:///path/to.sock or tcp://host:port
+    /// [default: the local lcached's socket].
+    #[arg(long, global = true, env = "LCACHE_DAEMON", value_name = "ADDR")]
+    pub daemon: Option<Endpoint>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -18,8 +23,34 @@ pub struct Cli {
 pub enum Command {
     /// Print the parsed Dockerfile (instructions, lines, flags) as text or JSON.
     Parse(ParseArgs),
-    /// Print every step's cache key and the inputs it is made of, offline (no daemon).
+    /// Print every step's cache key and the inputs it is made of (through the daemon when
+    /// one runs, else offline).
     Keys(KeysArgs),
+    /// Predict which steps a build would take from the cache and which it would run.
+    Plan(KeysArgs),
+    /// Show the daemon's state: store, listeners, cache contents, indexed contexts.
+    Status(JsonArg),
+    /// Inspect the cache.
+    Cache {
+        /// What to inspect.
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+/// `lcache cache …`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Cache contents and hit/miss counts.
+    Stats(JsonArg),
+}
+
+/// Just `--json`.
+#[derive(Debug, Args)]
+pub struct JsonArg {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `lcache parse`.
@@ -52,7 +83,7 @@ pub struct BuildInputs {
     pub context: PathBuf,
 }
 
-/// `lcache keys`.
+/// `lcache keys` and `lcache plan`.
 #[derive(Debug, Args)]
 pub struct KeysArgs {
     /// Build inputs.
@@ -61,4 +92,7 @@ pub struct KeysArgs {
     /// Print JSON instead of text (every selected file listed).
     #[arg(long)]
     pub json: bool,
+    /// Do not use a daemon: read and hash the context in this process.
+    #[arg(long)]
+    pub offline: bool,
 }

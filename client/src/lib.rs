@@ -1,7 +1,11 @@
-//! The lcache client library: reading build contexts, deriving keys offline, and the
-//! commands the `lcache` binary runs.
+//! The lcache client library: the commands the `lcache` binary runs, the daemon client, and
+//! deriving keys offline.
 
+pub mod build_inputs;
 pub mod cli;
 pub mod commands;
-pub mod keys_render;
+pub mod daemon_choice;
+pub mod daemon_client;
+pub mod errors;
 pub mod offline_keys;
+pub mod render;

@@ -2,14 +2,20 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use lcache_client::cli::{Cli, Command};
+use lcache_client::cli::{CacheCommand, Cli, Command};
 use lcache_client::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let daemon = cli.daemon.as_ref();
     let result = match &cli.command {
         Command::Parse(a) => commands::parse::run(a),
-        Command::Keys(a) => commands::keys::run(a),
+        Command::Keys(a) => commands::keys::run(a, daemon),
+        Command::Plan(a) => commands::plan::run(a, daemon),
+        Command::Status(a) => commands::status::status(a.json, daemon),
+        Command::Cache {
+            command: CacheCommand::Stats(a),
+        } => commands::status::cache_stats(a.json, daemon),
     };
     match result {
         Ok(out) => {

@@ -23,7 +23,8 @@ pub fn read_dockerfile(path: &Path) -> Result<Dockerfile, ClientError> {
 }
 
 /// Derives the keys of a build, reading the context directly.
-pub fn offline_keys(req: &PlanInputs, dockerfile: &Dockerfile) -> Result<KeysReport, ClientError> {
+pub fn offline_keys(req: &PlanInputs) -> Result<KeysReport, ClientError> {
+    let dockerfile = &Dockerfile::parse(&req.dockerfile_name, &req.dockerfile)?;
     let context = Path::new(&req.context);
     if !context.is_dir() {
         return Err(ClientError::NotADirectory(context.to_path_buf()));
@@ -41,12 +42,16 @@ pub fn offline_keys(req: &PlanInputs, dockerfile: &Dockerfile) -> Result<KeysRep
             source,
         }
     })?;
-    Ok(KeysReport {
+    let mut report = KeysReport {
         dockerfile: dockerfile.file.clone(),
         context: req.context.clone(),
         platform: req.platform.clone(),
         warnings: plan.warnings,
         hashed_files: ctx.hashed_files(),
         steps,
-    })
+    };
+    if !req.all_files {
+        report.truncate_files();
+    }
+    Ok(report)
 }

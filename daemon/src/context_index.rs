@@ -5,9 +5,11 @@
 //! re-read. Where watching is impossible every plan re-stats the tree (a stat walk).
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use lcache_context::context_walk::{read_dockerignore, walk};
 use lcache_context::errors::ContextError;
@@ -45,13 +47,26 @@ pub enum IndexError {
 /// What a COPY selects, for memoising its digest while the context does not change.
 type MemoKey = (Vec<String>, Vec<String>);
 
+/// Name prefix of the marker files that make watcher delivery a barrier.
+const COOKIE_PREFIX: &str = ".lcache-cookie-";
+
+/// What the watcher thread tells planners.
+#[derive(Default)]
+struct WatchSignals {
+    changed: AtomicBool,
+    cookies: Mutex<HashSet<String>>,
+    cookie_seen: Condvar,
+}
+
+static COOKIE_SEQ: AtomicU64 = AtomicU64::new(0);
+
 /// One indexed context.
 pub struct IndexedContext {
     root: PathBuf,
     root_key: String,
     entries: Option<Vec<ContextEntry>>,
     digests: HashMap<String, CachedDigest>,
-    changed: Arc<AtomicBool>,
+    signals: Arc<WatchSignals>,
     mode: WatchMode,
     _watcher: Option<notify::RecommendedWatcher>,
     memo: HashMap<MemoKey, SourcesDigest>,
@@ -82,9 +97,12 @@ impl ContextIndex {
         }
         let root_key = root.display().to_string();
         let digests = self.records.context_digests(&root_key)?.into_iter().collect();
-        let changed = Arc::new(AtomicBool::new(true));
+        let signals = Arc::new(WatchSignals {
+            changed: AtomicBool::new(true),
+            ..WatchSignals::default()
+        });
         let (watcher, mode) = if self.watch {
-            match start_watcher(root, changed.clone()) {
+            match start_watcher(root, signals.clone()) {
                 Ok(w) => (Some(w), WatchMode::Watching),
                 Err(reason) => (None, WatchMode::StatWalk(reason)),
             }
@@ -96,7 +114,7 @@ impl ContextIndex {
             root_key,
             entries: None,
             digests,
-            changed,
+            signals,
             mode,
             _watcher: watcher,
             memo: HashMap::new(),
@@ -132,14 +150,41 @@ impl ContextIndex {
         if upserts.is_empty() && removals.is_empty() {
             return Ok(());
         }
-        self.records.update_context_digests(&ctx.root_key, upserts, removals)
+        self.records.update_context_digests(&ctx.root_key, upserts, removals)?;
+        // Hashing cost real reads; make it survive a crash so a restart does not repeat it.
+        self.records.flush()
     }
 }
 
-fn start_watcher(root: &Path, changed: Arc<AtomicBool>) -> Result<notify::RecommendedWatcher, String> {
-    let mut w = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-        // Any event, and any watcher error (an overflowed queue), means "look again".
-        changed.store(true, Ordering::SeqCst);
+fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<notify::RecommendedWatcher, String> {
+    let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else {
+            // A watcher error (an overflowed queue) means "look again".
+            signals.changed.store(true, Ordering::SeqCst);
+            return;
+        };
+        let mut other = event.paths.is_empty();
+        for p in &event.paths {
+            match p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .filter(|n| n.starts_with(COOKIE_PREFIX))
+            {
+                Some(name) if event.kind.is_create() => {
+                    signals
+                        .cookies
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.to_string());
+                    signals.cookie_seen.notify_all();
+                }
+                Some(_) => {}
+                None => other = true,
+            }
+        }
+        if other {
+            signals.changed.store(true, Ordering::SeqCst);
+        }
     })
     .map_err(|e| format!("cannot start a file watcher: {e}"))?;
     w.watch(root, notify::RecursiveMode::Recursive)
@@ -171,9 +216,9 @@ impl IndexedContext {
     /// Brings the entry list up to date: no work when the watcher saw nothing. Returns the
     /// paths whose cached digests no longer exist in the tree.
     pub fn refresh(&mut self) -> Result<Vec<String>, IndexError> {
-        let must_walk = self.entries.is_none() || self.mode != WatchMode::Watching;
+        let must_walk = self.entries.is_none() || self.mode != WatchMode::Watching || !self.sync_watcher();
         // Clear the flag before walking: an event during the walk marks it again.
-        if !self.changed.swap(false, Ordering::SeqCst) && !must_walk {
+        if !self.signals.changed.swap(false, Ordering::SeqCst) && !must_walk {
             return Ok(Vec::new());
         }
         let ignore = read_dockerignore(&self.root)?;
@@ -198,6 +243,31 @@ impl IndexedContext {
         }
         self.entries = Some(entries);
         Ok(removed)
+    }
+
+    /// Waits until the watcher has delivered every event that happened before this call:
+    /// inotify keeps order, so once a marker file created now is reported, so is any edit
+    /// made before it. False when that cannot be known (read-only context, slow watcher).
+    fn sync_watcher(&self) -> bool {
+        let name = format!(
+            "{COOKIE_PREFIX}{}-{}",
+            std::process::id(),
+            COOKIE_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = self.root.join(&name);
+        if std::fs::write(&path, b"").is_err() {
+            return false;
+        }
+        let cookies = self.signals.cookies.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut cookies, _) = self
+            .signals
+            .cookie_seen
+            .wait_timeout_while(cookies, Duration::from_secs(2), |c| !c.contains(&name))
+            .unwrap_or_else(|p| p.into_inner());
+        let seen = cookies.remove(&name);
+        drop(cookies);
+        let _ = std::fs::remove_file(&path);
+        seen
     }
 
     /// Key sources over this context; `all_files` lists every selected file.

@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
+        let shutdown = shutdown_signal();
         let daemon = match Daemon::start(&cfg).await {
             Ok(d) => d,
             Err(e) => {
@@ -64,7 +65,7 @@ fn main() -> ExitCode {
             println!("lcached: listening on {l}");
         }
         println!("lcached: store {}", cfg.store.display());
-        daemon.serve(shutdown_signal()).await;
+        daemon.serve(shutdown).await;
         println!("lcached: stopped");
         ExitCode::SUCCESS
     })

@@ -188,7 +188,8 @@ impl Daemon {
                             Ok::<_, std::convert::Infallible>(r)
                         }
                     });
-                    let conn = http1::Builder::new().serve_connection(io, svc);
+                    // A client that half-closes after its body (as `curl -T -` or a shell script may) still gets its answer.
+                    let conn = http1::Builder::new().half_close(true).serve_connection(io, svc);
                     tokio::spawn(graceful.watcher().watch(conn));
                 }
             }));
@@ -225,18 +226,24 @@ async fn accept(l: &Listener) -> Option<TokioIo<Box<dyn IoStream>>> {
 pub trait IoStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> IoStream for T {}
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// A future that resolves on SIGINT or SIGTERM. The handlers are installed by this call,
+/// not on first poll, so a signal that arrives right after start-up is not fatal.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    async move {
+        let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            _ = wait(term) => {},
+            _ = wait(int) => {},
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
     }
 }

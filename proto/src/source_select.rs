@@ -163,6 +163,7 @@ mod tests {
             mode: 0o644,
             link_target: None,
             size: 0,
+            stamp: FileStamp::default(),
         }
     }
 

@@ -54,6 +54,7 @@ fn the_documented_sources_digest_example_holds() {
             mode: 0o755,
             link_target: None,
             size: 0,
+            stamp: FileStamp::default(),
         },
         ContextEntry {
             path: "src/a.txt".into(),
@@ -61,6 +62,7 @@ fn the_documented_sources_digest_example_holds() {
             mode: 0o644,
             link_target: None,
             size: 3,
+            stamp: FileStamp::default(),
         },
         ContextEntry {
             path: "src/l".into(),
@@ -68,6 +70,7 @@ fn the_documented_sources_digest_example_holds() {
             mode: 0o777,
             link_target: Some("a.txt".into()),
             size: 0,
+            stamp: FileStamp::default(),
         },
     ];
     let roots = vec![SelectedRoot {

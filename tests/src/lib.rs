@@ -69,9 +69,9 @@ impl Project {
             .expect("run lcache")
     }
 
-    /// Runs `lcache keys --json EXTRA .` and returns each step's key (or `pending`).
+    /// Runs `lcache keys --json --offline EXTRA .` and returns each step's key (or `pending`).
     pub fn keys(&self, extra: &[&str]) -> Vec<String> {
-        let mut args = vec!["keys", "--json"];
+        let mut args = vec!["keys", "--json", "--offline"];
         args.extend_from_slice(extra);
         args.push(".");
         let out = self.lcache(&args);
@@ -94,4 +94,213 @@ impl Project {
 pub fn changed(before: &[String], after: &[String]) -> Vec<bool> {
     assert_eq!(before.len(), after.len(), "step count changed");
     before.iter().zip(after).map(|(a, b)| a != b).collect()
+}
+
+impl Project {
+    /// Runs `lcache ARGS` against the daemon `d`.
+    pub fn lcache_with(&self, d: &Daemon, args: &[&str]) -> Output {
+        Command::new(bin("lcache"))
+            .args(args)
+            .env("LCACHE_DAEMON", d.endpoint())
+            .current_dir(self.path())
+            .output()
+            .expect("run lcache")
+    }
+
+    /// `lcache plan --json .` through daemon `d`, parsed.
+    pub fn plan_with(&self, d: &Daemon) -> serde_json::Value {
+        let out = self.lcache_with(d, &["plan", "--json", "."]);
+        assert!(
+            out.status.success(),
+            "lcache plan failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("plan JSON")
+    }
+}
+
+/// Each step's key (or `pending`) from a plan's JSON.
+pub fn plan_keys(plan: &serde_json::Value) -> Vec<String> {
+    plan["report"]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["key"].as_str().map_or_else(|| "pending".to_string(), str::to_string))
+        .collect()
+}
+
+/// A real `lcached` on a temp Unix socket, a TCP loopback port and a temp store.
+pub struct Daemon {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    /// The Unix socket.
+    pub socket: PathBuf,
+    /// The TCP address (`127.0.0.1:PORT`).
+    pub tcp: String,
+}
+
+impl Daemon {
+    /// Starts a daemon with its own store; `extra` are more `lcached` arguments.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir, extra)
+    }
+
+    /// Starts a daemon on the store and socket of `dir` (kept from an earlier daemon).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        let socket = dir.path().join("lcached.sock");
+        let (child, tcp) =
+            spawn_daemon(dir.path(), &socket, extra).unwrap_or_else(|e| panic!("lcached did not start: {e}"));
+        Self {
+            child,
+            dir,
+            socket,
+            tcp,
+        }
+    }
+
+    /// `unix://…` of the socket.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// The store directory.
+    pub fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills the daemon with SIGKILL and returns its directory, to start another on it.
+    pub fn kill9(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().expect("wait for lcached")
+    }
+
+    /// One raw HTTP/1.1 request over the Unix socket: status and body.
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        raw_http(&self.socket, method, path, body, None)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `lcached` on `dir/store`, listening on `socket` and an ephemeral TCP port, and
+/// waits until it says where it listens.
+pub fn spawn_daemon(dir: &Path, socket: &Path, extra: &[&str]) -> Result<(std::process::Child, String), String> {
+    use std::io::BufRead;
+    let mut child = Command::new(bin("lcached"))
+        .arg("--listen")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--listen")
+        .arg("tcp://127.0.0.1:0")
+        .arg("--store")
+        .arg(dir.join("store"))
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut tcp = None;
+    for line in lines.by_ref() {
+        let line = line.map_err(|e| e.to_string())?;
+        if let Some(a) = line.strip_prefix("lcached: listening on tcp://") {
+            tcp = Some(a.to_string());
+        }
+        if line.starts_with("lcached: store ") {
+            break;
+        }
+    }
+    // Keep draining stdout so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    match tcp {
+        Some(t) => Ok((child, t)),
+        None => {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            Err(err)
+        }
+    }
+}
+
+/// One HTTP/1.1 request on a fresh Unix-socket connection (`Connection: close`); when
+/// `declared_len` is given, that Content-Length is sent whatever the body's real length.
+pub fn raw_http(socket: &Path, method: &str, path: &str, body: &[u8], declared_len: Option<usize>) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect to lcached");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: lcached\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        declared_len.unwrap_or(body.len())
+    );
+    s.write_all(head.as_bytes()).expect("write head");
+    // A daemon may answer and close before reading a refused body: that is not a failure.
+    let _ = s.write_all(body);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    parse_response(&resp)
+}
+
+fn parse_response(resp: &[u8]) -> (u16, Vec<u8>) {
+    let text = String::from_utf8_lossy(resp);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body_at = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(resp.len(), |p| p + 4);
+    let head = &text[..body_at.min(text.len())];
+    let body = &resp[body_at..];
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return (status, dechunk(body));
+    }
+    (status, body.to_vec())
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(p) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..p]).trim(), 16).unwrap_or(0);
+        if n == 0 || b.len() < p + 2 + n {
+            break;
+        }
+        out.extend_from_slice(&b[p + 2..p + 2 + n]);
+        b = &b[(p + 4 + n).min(b.len())..];
+    }
+    out
+}
+
+/// `sha256:<hex>` of bytes, as blob names are.
+pub fn sha256_digest(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{:x}", sha2::Sha256::digest(data))
 }

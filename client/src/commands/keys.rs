@@ -1,52 +1,33 @@
-//! `lcache keys`: every step's key and inputs, offline.
+//! `lcache keys`: every step's key and inputs, through the daemon's index when one runs.
 
-use std::collections::BTreeMap;
+use anyhow::Result;
+use lcache_proto::endpoint::Endpoint;
 
-use anyhow::{bail, Result};
-use lcache_proto::platform::Platform;
-
-use crate::cli::{BuildInputs, KeysArgs};
-use crate::keys_render::render_keys;
-use crate::offline_keys::{offline_keys, KeysRequest};
-
-/// Turns command-line build inputs into a request.
-pub fn request(inputs: &BuildInputs) -> Result<KeysRequest> {
-    let mut build_args = BTreeMap::new();
-    for a in &inputs.build_args {
-        match a.split_once('=') {
-            Some((k, v)) if !k.is_empty() => {
-                build_args.insert(k.to_string(), v.to_string());
-            }
-            Some(_) => bail!("--build-arg '{a}' has no name: write --build-arg NAME=value"),
-            // `--build-arg K` takes K from the environment, and is not set when it is absent.
-            None => {
-                if let Ok(v) = std::env::var(a) {
-                    build_args.insert(a.clone(), v);
-                }
-            }
-        }
-    }
-    let platform = match &inputs.platform {
-        Some(p) => match Platform::parse(p) {
-            Some(p) => p,
-            None => bail!("--platform '{p}' is not os/arch[/variant]: write e.g. --platform linux/amd64"),
-        },
-        None => Platform::host(),
-    };
-    Ok(KeysRequest {
-        dockerfile: inputs.file.clone().unwrap_or_else(|| inputs.context.join("Dockerfile")),
-        context: inputs.context.clone(),
-        build_args,
-        target: inputs.target.clone(),
-        platform,
-    })
-}
+use crate::build_inputs::plan_inputs;
+use crate::cli::KeysArgs;
+use crate::daemon_choice::daemon;
+use crate::errors::ClientError;
+use crate::offline_keys::offline_keys;
+use crate::render::render_keys;
 
 /// Runs `lcache keys`.
-pub fn run(args: &KeysArgs) -> Result<String> {
-    let report = offline_keys(&request(&args.inputs)?)?;
+pub fn run(args: &KeysArgs, explicit: Option<&Endpoint>) -> Result<String> {
+    let inputs = plan_inputs(&args.inputs, args.json)?;
+    let (report, source) = if args.offline {
+        (offline_keys(&inputs)?, "offline".to_string())
+    } else {
+        let (client, named) = daemon(explicit)?;
+        match client.plan(&inputs) {
+            Ok(p) => (p.report, format!("daemon {}", client.endpoint())),
+            // Keys need no cache: without a daemon at the default place, work offline.
+            Err(ClientError::DaemonUnreachable { .. }) if !named => {
+                (offline_keys(&inputs)?, "offline: no daemon running".to_string())
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if args.json {
         return Ok(serde_json::to_string_pretty(&report)? + "\n");
     }
-    Ok(render_keys(&report))
+    Ok(render_keys(&report, &source))
 }

@@ -1,4 +1,6 @@
-//! One module per subcommand; each turns parsed arguments into output.
+//! One module per subcommand; each turns parsed arguments into output text.
 
 pub mod keys;
 pub mod parse;
+pub mod plan;
+pub mod status;

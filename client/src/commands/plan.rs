@@ -1,0 +1,43 @@
+//! `lcache plan`: which steps the next build takes from the cache, executing nothing.
+
+use anyhow::Result;
+use lcache_proto::endpoint::Endpoint;
+use lcache_proto::wire::{ContextIndexStatus, PlanResponse};
+
+use crate::build_inputs::plan_inputs;
+use crate::cli::KeysArgs;
+use crate::daemon_choice::daemon;
+use crate::offline_keys::offline_keys;
+use crate::render::render_plan;
+
+/// Runs `lcache plan`.
+pub fn run(args: &KeysArgs, explicit: Option<&Endpoint>) -> Result<String> {
+    let inputs = plan_inputs(&args.inputs, args.json)?;
+    let (resp, source) = if args.offline {
+        // Offline there is no cache to ask: every known key is a step to build.
+        let report = offline_keys(&inputs)?;
+        let cached = report.steps.iter().map(|s| s.known_key().map(|_| false)).collect();
+        let context = ContextIndexStatus {
+            root: inputs.context.clone(),
+            mode: "offline".into(),
+            reason: None,
+            entries: 0,
+            digests: 0,
+        };
+        (
+            PlanResponse {
+                report,
+                cached,
+                context,
+            },
+            "offline: no cache consulted".to_string(),
+        )
+    } else {
+        let (client, _) = daemon(explicit)?;
+        (client.plan(&inputs)?, format!("daemon {}", client.endpoint()))
+    };
+    if args.json {
+        return Ok(serde_json::to_string_pretty(&resp)? + "\n");
+    }
+    Ok(render_plan(&resp, &source))
+}

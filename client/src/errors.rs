@@ -1,0 +1,54 @@
+//! The client library's errors: what failed, where, and what to do.
+
+use std::path::PathBuf;
+
+use lcache_context::local_context::SourcesError;
+use lcache_proto::errors::DockerfileError;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The Dockerfile could not be read.
+    #[error(
+        "cannot read the Dockerfile {path}: {source} — pass its path with -f, or run from the directory that holds it"
+    )]
+    ReadDockerfile {
+        /// Where we looked.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The Dockerfile is wrong.
+    #[error(transparent)]
+    Dockerfile(#[from] DockerfileError),
+    /// The context could not be read or a source not selected.
+    #[error(transparent)]
+    Sources(#[from] SourcesError),
+    /// The build context is not a directory.
+    #[error("the build context {0} is not a directory — pass the directory to build from, e.g. `.`")]
+    NotADirectory(PathBuf),
+    /// No daemon answers.
+    #[error("no lcached answers at {endpoint} ({reason}) — start it with `lcached`, or pass --offline")]
+    DaemonUnreachable {
+        /// The address tried.
+        endpoint: String,
+        /// The connection error.
+        reason: String,
+    },
+    /// The daemon refused the request.
+    #[error("{error} — {hint}")]
+    Daemon {
+        /// HTTP status.
+        status: u16,
+        /// What the daemon says went wrong.
+        error: String,
+        /// What it says to do.
+        hint: String,
+    },
+    /// The daemon answered something this client does not understand.
+    #[error("lcached answered something unexpected: {0} — check that lcache and lcached are the same version")]
+    Protocol(String),
+    /// The client's own machinery failed.
+    #[error("{0}")]
+    Local(String),
+}

@@ -1,0 +1,264 @@
+//! The real `lcached` on a temp socket and store, driven with raw HTTP: the step and blob
+//! round trip, refused uploads that store nothing, crash safety, concurrency, bad requests.
+
+use std::io::Write;
+use std::path::Path;
+
+use lcache_e2e::{raw_http, sha256_digest, Daemon};
+
+fn key(n: u32) -> String {
+    format!("{:064x}", 0xabc000 + n)
+}
+
+fn record(key: &str, digest: &str) -> Vec<u8> {
+    serde_json::json!({"key": key, "layer": {"digest": digest, "media_type": "application/vnd.oci.image.layer.v1.tar"}, "duration_ms": 1200, "inputs": null})
+        .to_string()
+        .into_bytes()
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+/// Every file under blobs/sha256 hashes to its name, and no temp file is left.
+fn assert_blobs_whole(store: &Path) {
+    for e in std::fs::read_dir(store.join("blobs/sha256")).unwrap() {
+        let p = e.unwrap().path();
+        let data = std::fs::read(&p).unwrap();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert_eq!(
+            sha256_digest(&data),
+            format!("sha256:{name}"),
+            "partial or corrupt blob {}",
+            p.display()
+        );
+    }
+}
+
+#[test]
+fn a_miss_then_upload_then_hit_round_trips_and_fills_both_digests() {
+    let d = Daemon::start(&[]);
+    let k = key(1);
+    let (status, body) = d.http("GET", &format!("/v1/steps/{k}"), b"");
+    assert_eq!(status, 404);
+    assert!(json(&body)["hint"].as_str().unwrap().contains("a miss"));
+
+    let layer = b"a layer tarball".to_vec();
+    let digest = sha256_digest(&layer);
+    assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}"), &layer).0, 201);
+    assert_eq!(d.http("PUT", &format!("/v1/steps/{k}"), &record(&k, &digest)).0, 201);
+
+    let (status, body) = d.http("GET", &format!("/v1/steps/{k}"), b"");
+    assert_eq!(status, 200);
+    let rec = json(&body);
+    assert_eq!(rec["layer"]["digest"], digest);
+    assert_eq!(rec["layer"]["blake3"], blake3_hex(&layer));
+    assert_eq!(rec["layer"]["size"], layer.len());
+    assert_eq!(d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0, 200);
+    let (status, got) = d.http("GET", &format!("/v1/blobs/{digest}"), b"");
+    assert_eq!((status, got), (200, layer));
+
+    let (_, metrics) = d.http("GET", "/metrics", b"");
+    let m = String::from_utf8_lossy(&metrics);
+    assert!(
+        m.contains("lcache_step_hits_total 1") && m.contains("lcache_step_misses_total 1"),
+        "{m}"
+    );
+}
+
+fn blake3_hex(b: &[u8]) -> String {
+    blake3::hash(b).to_hex().to_string()
+}
+
+#[test]
+fn a_record_pointing_to_a_missing_blob_is_refused() {
+    let d = Daemon::start(&[]);
+    let k = key(2);
+    let (status, body) = d.http(
+        "PUT",
+        &format!("/v1/steps/{k}"),
+        &record(&k, &sha256_digest(b"never uploaded")),
+    );
+    assert_eq!(status, 409);
+    assert!(json(&body)["hint"].as_str().unwrap().contains("PUT the blob"));
+    assert_eq!(d.http("GET", &format!("/v1/steps/{k}"), b"").0, 404);
+}
+
+#[test]
+fn an_upload_with_the_wrong_digest_is_refused_and_nothing_is_kept() {
+    let d = Daemon::start(&[]);
+    let claimed = sha256_digest(b"what I said");
+    let (status, body) = d.http("PUT", &format!("/v1/blobs/{claimed}"), b"what I sent");
+    assert_eq!(status, 400);
+    assert!(json(&body)["error"].as_str().unwrap().contains("have digest"));
+    assert_eq!(d.http("HEAD", &format!("/v1/blobs/{claimed}"), b"").0, 404);
+    assert_eq!(std::fs::read_dir(d.store().join("blobs/sha256")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(d.store().join("blobs/tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn a_truncated_upload_is_refused_and_nothing_is_kept() {
+    let d = Daemon::start(&[]);
+    let data = vec![7u8; 100_000];
+    let digest = sha256_digest(&data);
+    let (status, _) = raw_http(
+        &d.socket,
+        "PUT",
+        &format!("/v1/blobs/{digest}"),
+        &data[..40_000],
+        Some(data.len()),
+    );
+    assert!(status == 400 || status == 0, "status {status}");
+    assert_eq!(d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0, 404);
+    assert_eq!(std::fs::read_dir(d.store().join("blobs/tmp")).unwrap().count(), 0);
+    assert_eq!(d.http("GET", "/v1/status", b"").0, 200, "the daemon is still up");
+}
+
+#[test]
+fn kill_9_during_uploads_leaves_only_whole_blobs_and_every_acknowledged_record() {
+    let d = Daemon::start(&[]);
+    // Acknowledged work: blobs and records the daemon answered 201 for.
+    let mut acked = Vec::new();
+    for n in 0..20u32 {
+        let layer = format!("layer number {n}").repeat(1000).into_bytes();
+        let digest = sha256_digest(&layer);
+        assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}"), &layer).0, 201);
+        let k = key(100 + n);
+        assert_eq!(d.http("PUT", &format!("/v1/steps/{k}"), &record(&k, &digest)).0, 201);
+        acked.push((k, digest));
+    }
+    // Uploads in flight: half a body sent, the rest never comes.
+    let mut in_flight = Vec::new();
+    for n in 0..8u32 {
+        let data = vec![n as u8; 1 << 20];
+        let digest = sha256_digest(&data);
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        write!(
+            s,
+            "PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            data.len()
+        )
+        .unwrap();
+        s.write_all(&data[..data.len() / 2]).unwrap();
+        in_flight.push((s, digest));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let store = d.store();
+    assert!(
+        std::fs::read_dir(store.join("blobs/tmp")).unwrap().count() > 0,
+        "uploads should be in flight"
+    );
+    let dir = d.kill9();
+    drop(in_flight);
+
+    let d = Daemon::start_in(dir, &[]);
+    assert_eq!(
+        std::fs::read_dir(d.store().join("blobs/tmp")).unwrap().count(),
+        0,
+        "temp files cleared"
+    );
+    assert_blobs_whole(&d.store());
+    for (k, digest) in &acked {
+        let (status, body) = d.http("GET", &format!("/v1/steps/{k}"), b"");
+        assert_eq!(status, 200, "acknowledged record {k} lost");
+        assert_eq!(json(&body)["layer"]["digest"], *digest);
+        let (status, blob) = d.http("GET", &format!("/v1/blobs/{digest}"), b"");
+        assert_eq!(status, 200);
+        assert_eq!(sha256_digest(&blob), *digest);
+    }
+}
+
+#[test]
+fn thirty_two_concurrent_clients_all_get_answers() {
+    let d = Daemon::start(&[]);
+    let socket = d.socket.clone();
+    let threads: Vec<_> = (0..32u32)
+        .map(|t| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                for i in 0..10u32 {
+                    let layer = format!("client {t} layer {i}").into_bytes();
+                    let digest = sha256_digest(&layer);
+                    assert_eq!(
+                        raw_http(&socket, "PUT", &format!("/v1/blobs/{digest}"), &layer, None).0,
+                        201
+                    );
+                    let k = key(10_000 + t * 100 + i);
+                    assert_eq!(
+                        raw_http(&socket, "PUT", &format!("/v1/steps/{k}"), &record(&k, &digest), None).0,
+                        201
+                    );
+                    assert_eq!(raw_http(&socket, "GET", &format!("/v1/steps/{k}"), b"", None).0, 200);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    let (_, body) = d.http("GET", "/v1/status", b"");
+    assert_eq!(json(&body)["stats"]["steps"], 320);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_store_is_refused_by_name() {
+    let d = Daemon::start(&[]);
+    let out = std::process::Command::new(lcache_e2e::bin("lcached"))
+        .args(["--listen", "tcp://127.0.0.1:0", "--store"])
+        .arg(d.store())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("another lcached (pid {})", d.pid())), "{err}");
+}
+
+#[test]
+fn bad_requests_get_4xx_with_a_hint_and_the_daemon_stays_up() {
+    let mut d = Daemon::start(&[]);
+    let cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
+        ("POST", "/v1/plan".into(), b"{not json".to_vec(), 400),
+        ("POST", "/v1/plan".into(), vec![b' '; 5 << 20], 413),
+        ("POST", "/v1/builds".into(), b"[]".to_vec(), 400),
+        ("GET", "/v1/nope".into(), vec![], 404),
+        ("DELETE", "/v1/status".into(), vec![], 405),
+        ("GET", "/v1/steps/not-a-key".into(), vec![], 400),
+        ("PUT", "/v1/steps/".to_string() + &key(1), b"{\"key\":1}".to_vec(), 400),
+        ("GET", "/v1/blobs/sha256:../../etc/passwd".into(), vec![], 404),
+        ("GET", "/v1/blobs/sha256:..%2f..%2fetc%2fpasswd".into(), vec![], 400),
+        ("PUT", "/v1/blobs/md5:abc".into(), b"x".to_vec(), 400),
+        ("GET", "/v1/builds/nope".into(), vec![], 404),
+    ];
+    for (method, path, body, want) in cases {
+        let (status, resp) = d.http(method, &path, &body);
+        assert_eq!(status, want, "{method} {path}");
+        let v = json(&resp);
+        assert!(v["error"].is_string() && v["hint"].is_string(), "{method} {path}: {v}");
+    }
+    assert!(d.alive());
+    assert_eq!(d.http("GET", "/v1/status", b"").0, 200);
+}
+
+#[test]
+fn builds_are_recorded_and_listed_newest_first() {
+    let d = Daemon::start(&[]);
+    for n in 0..3 {
+        let b = serde_json::json!({"started_at_ms": n, "finished_at_ms": n + 1, "dockerfile": "Dockerfile", "context": "/c", "target": null, "steps": []});
+        assert_eq!(d.http("POST", "/v1/builds", b.to_string().as_bytes()).0, 201);
+    }
+    let (_, body) = d.http("GET", "/v1/builds?limit=2", b"");
+    let list = json(&body);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list[0]["started_at_ms"], 2);
+    let id = list[0]["id"].as_str().unwrap();
+    assert_eq!(d.http("GET", &format!("/v1/builds/{id}"), b"").0, 200);
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly_and_removes_its_socket() {
+    let d = Daemon::start(&[]);
+    let socket = d.socket.clone();
+    let status = d.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists());
+}
