@@ -1,60 +1,22 @@
 //! Cold context-digest throughput against `b3sum` over the same files, in the same run.
 //!
-//! Makes (once, under target/bench-context) a 50,000-file, ~200 MB context, then times
-//! `lcache keys`' full offline path (walk, .dockerignore, selection, parallel BLAKE3, Merkle
-//! digest, keys) against `find | xargs b3sum` on the same tree, both with a warm page cache,
-//! best of several runs. Prints figures and the ratio; asserts nothing (machines are noisy).
+//! Uses the synthetic 50,000-file, ~200 MB context (made once under target/bench-context)
+//! and times `lcache keys --offline`'s whole path (walk, .dockerignore, selection, parallel
+//! BLAKE3, Merkle digest, keys) against `find | xargs b3sum` on the same tree, both with a
+//! warm page cache, best of several runs. Prints figures and the ratio; asserts nothing.
 //! Run: `cargo bench -p lcache-client --bench context_digest` (needs Debian's b3sum).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lcache_client::offline_keys::offline_keys;
+use lcache_context::synthetic_context::{make_synthetic_context, FILES};
 use lcache_proto::platform::Platform;
 use lcache_proto::wire::PlanInputs;
 
-const FILES: usize = 50_000;
-const DIRS: usize = 500;
 const RUNS: usize = 5;
-
-fn make_context(root: &Path) -> u64 {
-    let marker = root.join(".complete");
-    let mut total = 0u64;
-    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut next = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let exists = marker.exists();
-    let buf: Vec<u8> = (0..8192u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    for d in 0..DIRS {
-        let dir = root.join(format!("src/d{d:03}"));
-        if !exists {
-            std::fs::create_dir_all(&dir).expect("mkdir");
-        }
-        for f in 0..FILES / DIRS {
-            // Sizes from 0 to 8 KiB, mean 4 KiB: ~200 MB in all, as in DESIGN.md's target.
-            let size = (next() % 8192) as usize;
-            total += size as u64;
-            if !exists {
-                let mut content = buf[..size].to_vec();
-                content.extend_from_slice(format!("{d}/{f}").as_bytes());
-                std::fs::write(dir.join(format!("f{f:03}.dat")), content).expect("write");
-            }
-        }
-    }
-    if !exists {
-        std::fs::write(root.join("Dockerfile"), "FROM scratch\nCOPY src /src\nRUN true\n").expect("Dockerfile");
-        std::fs::write(&marker, "").expect("marker");
-    }
-    total
-}
 
 fn best(mut f: impl FnMut()) -> Duration {
     (0..RUNS)
@@ -71,7 +33,7 @@ fn main() {
     let root: PathBuf = std::env::var_os("LCACHE_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-context"));
-    let bytes = make_context(&root);
+    let bytes = make_synthetic_context(&root).expect("make the bench context");
     let b3sum = || {
         let ok = Command::new("sh")
             .arg("-c")

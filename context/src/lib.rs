@@ -6,3 +6,4 @@ pub mod content_hash;
 pub mod context_walk;
 pub mod errors;
 pub mod local_context;
+pub mod synthetic_context;

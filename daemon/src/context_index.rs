@@ -163,6 +163,10 @@ fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<notify::Reco
             signals.changed.store(true, Ordering::SeqCst);
             return;
         };
+        if event.kind.is_access() {
+            // Opening or reading a file changes nothing, and our own hashing causes these.
+            return;
+        }
         let mut other = event.paths.is_empty();
         for p in &event.paths {
             match p
