@@ -7,5 +7,7 @@ pub mod commands;
 pub mod daemon_choice;
 pub mod daemon_client;
 pub mod errors;
+pub mod layer_diff;
+pub mod layer_extract;
 pub mod offline_keys;
 pub mod render;

@@ -290,6 +290,7 @@ pub struct IndexSources<'a> {
     ctx: &'a mut IndexedContext,
     local: Option<LocalContext>,
     all_files: bool,
+    images: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl IndexSources<'_> {
@@ -350,7 +351,7 @@ impl StepSources for IndexSources<'_> {
         None
     }
 
-    fn image_identity(&mut self, _reference: &str) -> Option<String> {
-        None
+    fn image_identity(&mut self, reference: &str) -> Option<String> {
+        (self.images)(reference)
     }
 }

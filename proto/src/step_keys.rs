@@ -64,6 +64,10 @@ pub struct StepKey {
     pub files: Vec<FileInput>,
     /// How many files the step selected in all.
     pub files_total: usize,
+    /// A context COPY/ADD's sources digest, known even while the key is pending, so the
+    /// key can be finished once the parent is known.
+    #[serde(default)]
+    pub sources_digest: Option<String>,
 }
 
 impl StepKey {
@@ -104,6 +108,7 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
             };
             let mut files = Vec::new();
             let mut files_total = 0;
+            let mut context_digest = None;
             let sources: Result<String, KeyState> = match &step.def {
                 StepDef::Copy(c) => match &c.from {
                     CopyFrom::Context if c.sources.is_empty() => Ok(String::new()),
@@ -114,6 +119,7 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
                         let d = src.context_sources(at, c).map_err(|e| (at, e))?;
                         files = d.files;
                         files_total = d.total;
+                        context_digest = Some(d.digest.clone());
                         Ok(d.digest)
                     }
                     CopyFrom::Stage { index } => match src.stage_sources(at, *index, c) {
@@ -149,6 +155,7 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
                 inputs,
                 files_total,
                 files,
+                sources_digest: context_digest,
             });
         }
         results[stage.index] = Some(parent);

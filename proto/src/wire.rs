@@ -225,3 +225,47 @@ pub struct ErrorBody {
     /// What to do about it.
     pub hint: String,
 }
+
+/// An image lcached knows by name: imported, or tagged by `lcache build -t`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Normalised name (`busybox:latest`).
+    pub name: String,
+    /// `sha256:` of the manifest blob: the image's identity, and the parent of its
+    /// children's first keys.
+    pub manifest_digest: String,
+    /// `sha256:` of the config blob.
+    pub config_digest: String,
+    /// Layers, bottom first.
+    pub layers: Vec<LayerRef>,
+    /// The OCI image config, as JSON text.
+    pub config: String,
+    /// When it was recorded, milliseconds since the epoch.
+    #[serde(default)]
+    pub created_at_ms: u64,
+}
+
+/// `busybox` → `busybox:latest`; `docker.io/library/x:1` → `x:1`; digests kept.
+pub fn normalize_image_name(name: &str) -> String {
+    let n = name.strip_prefix("docker.io/").unwrap_or(name);
+    let n = n.strip_prefix("library/").unwrap_or(n);
+    let last = n.rsplit('/').next().unwrap_or(n);
+    if last.contains(':') || last.contains('@') {
+        n.to_string()
+    } else {
+        format!("{n}:latest")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names_normalise_like_docker_hub_references() {
+        assert_eq!(normalize_image_name("busybox"), "busybox:latest");
+        assert_eq!(normalize_image_name("docker.io/library/alpine:3.19"), "alpine:3.19");
+        assert_eq!(normalize_image_name("localhost:5000/app"), "localhost:5000/app:latest");
+        assert_eq!(normalize_image_name("app@sha256:00"), "app@sha256:00");
+    }
+}

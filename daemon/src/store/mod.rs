@@ -5,7 +5,7 @@ pub mod blob_store;
 pub mod sled_records;
 
 use lcache_proto::source_select::FileStamp;
-use lcache_proto::wire::{BuildRecord, StepRecord};
+use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::CodecError;
@@ -77,6 +77,14 @@ pub trait RecordStore: Send + Sync {
         upserts: &[(String, CachedDigest)],
         removals: &[String],
     ) -> Result<(), StoreError>;
+    /// An image by normalised name.
+    fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError>;
+    /// Records (or replaces) an image name.
+    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError>;
+    /// Forgets an image name; true if it existed. Its blobs stay (steps may use them).
+    fn remove_image(&self, name: &str) -> Result<bool, StoreError>;
+    /// Every image, by name.
+    fn images(&self) -> Result<Vec<ImageRecord>, StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }

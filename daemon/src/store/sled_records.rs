@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use lcache_proto::wire::{BuildRecord, StepRecord};
+use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 
 use super::{BlobMeta, CachedDigest, RecordStore, StoreError};
 use crate::codec::{decode, encode};
@@ -15,6 +15,7 @@ pub struct SledRecords {
     access: sled::Tree,
     builds: sled::Tree,
     contexts: sled::Tree,
+    images: sled::Tree,
 }
 
 fn db_err(e: sled::Error) -> StoreError {
@@ -32,6 +33,7 @@ impl SledRecords {
             access: tree("access")?,
             builds: tree("builds")?,
             contexts: tree("context_files")?,
+            images: tree("images")?,
             db,
         })
     }
@@ -164,6 +166,26 @@ impl RecordStore for SledRecords {
             self.contexts.remove(context_key(root, path)).map_err(db_err)?;
         }
         Ok(())
+    }
+
+    fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
+        match self.images.get(name).map_err(db_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError> {
+        self.images.insert(image.name.as_bytes(), encode(image)).map_err(db_err)?;
+        Ok(())
+    }
+
+    fn remove_image(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.images.remove(name).map_err(db_err)?.is_some())
+    }
+
+    fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        self.images.iter().values().map(|v| Ok(decode(&v.map_err(db_err)?)?)).collect()
     }
 
     fn flush(&self) -> Result<(), StoreError> {

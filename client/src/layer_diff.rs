@@ -1,0 +1,226 @@
+//! A directory of changes (an overlayfs upper dir, or a tree COPY built) as an OCI layer:
+//! overlay whiteouts become `.wh.` entries, opaque directories `.wh..wh..opq`, entries are
+//! sorted and timestamps zeroed so equal trees give equal bytes; then gzip with a fixed
+//! header, and both digests the image needs (blob sha256, uncompressed diff_id).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Directories a runtime creates as mount points when the image lacks them; they are not
+/// layer content unless a lower layer has them.
+const RUNTIME_MOUNTPOINTS: [&str; 3] = ["proc", "sys", "dev"];
+
+/// A packed layer: the gzip blob on disk and its digests.
+#[derive(Debug, Clone)]
+pub struct PackedLayer {
+    /// The gzip-compressed tar.
+    pub path: PathBuf,
+    /// `sha256:` of the blob.
+    pub digest: String,
+    /// `sha256:` of the uncompressed tar.
+    pub diff_id: String,
+    /// Blob size in bytes.
+    pub size: u64,
+}
+
+/// The OCI media type of our layers.
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// Writes through to `inner` while hashing.
+struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn collect(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+    names.sort();
+    for n in names {
+        let r = rel.join(&n);
+        let p = dir.join(&n);
+        out.push(r.clone());
+        if std::fs::symlink_metadata(&p)?.is_dir() {
+            collect(&p, &r, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `rel` is a runtime mount point to leave out: top level, empty, absent below.
+fn is_runtime_mountpoint(upper: &Path, rel: &Path, lowers: &[PathBuf]) -> bool {
+    let Some(name) = rel.to_str() else { return false };
+    RUNTIME_MOUNTPOINTS.contains(&name)
+        && std::fs::read_dir(upper.join(rel)).is_ok_and(|mut d| d.next().is_none())
+        && !lowers.iter().any(|l| l.join(rel).exists())
+}
+
+/// Removes runtime mount points from `upper` (before it becomes a snapshot) so the snapshot
+/// holds exactly what the layer does.
+pub fn remove_runtime_mountpoints(upper: &Path, lowers: &[PathBuf]) {
+    for m in RUNTIME_MOUNTPOINTS {
+        if is_runtime_mountpoint(upper, Path::new(m), lowers) {
+            let _ = std::fs::remove_dir(upper.join(m));
+        }
+    }
+}
+
+fn header_for(meta: &std::fs::Metadata, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(u64::from(meta.uid()));
+    h.set_gid(u64::from(meta.gid()));
+    h.set_mtime(0);
+    h.set_size(size);
+    h
+}
+
+/// Writes the layer tar of `upper` (uncompressed) to `out`. `lowers` are the layers below,
+/// used to tell runtime mount points from real content.
+pub fn write_layer_tar(upper: &Path, lowers: &[PathBuf], out: impl Write) -> std::io::Result<()> {
+    let mut paths = Vec::new();
+    collect(upper, Path::new(""), &mut paths)?;
+    let mut b = tar::Builder::new(out);
+    let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    for rel in paths {
+        if rel.components().count() == 1 && is_runtime_mountpoint(upper, &rel, lowers) {
+            continue;
+        }
+        let full = upper.join(&rel);
+        let meta = std::fs::symlink_metadata(&full)?;
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            // An overlay whiteout: the file below was deleted.
+            let name = rel.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let wh = rel.with_file_name(format!(".wh.{name}"));
+            let mut h = header_for(&meta, tar::EntryType::Regular, 0);
+            h.set_mode(0o644);
+            b.append_data(&mut h, &wh, &[][..])?;
+            continue;
+        }
+        if ft.is_dir() {
+            let mut h = header_for(&meta, tar::EntryType::Directory, 0);
+            b.append_data(&mut h, &rel, &[][..])?;
+            if xattr::get(&full, "trusted.overlay.opaque").ok().flatten().as_deref() == Some(b"y") {
+                let mut h = header_for(&meta, tar::EntryType::Regular, 0);
+                h.set_mode(0o644);
+                b.append_data(&mut h, rel.join(".wh..wh..opq"), &[][..])?;
+            }
+        } else if ft.is_symlink() {
+            let mut h = header_for(&meta, tar::EntryType::Symlink, 0);
+            b.append_link(&mut h, &rel, std::fs::read_link(&full)?)?;
+        } else if ft.is_file() {
+            if meta.nlink() > 1 {
+                if let Some(first) = inodes.get(&(meta.dev(), meta.ino())) {
+                    let mut h = header_for(&meta, tar::EntryType::Link, 0);
+                    b.append_link(&mut h, &rel, first)?;
+                    continue;
+                }
+                inodes.insert((meta.dev(), meta.ino()), rel.clone());
+            }
+            let mut h = header_for(&meta, tar::EntryType::Regular, meta.len());
+            b.append_data(&mut h, &rel, std::fs::File::open(&full)?)?;
+        } else if ft.is_fifo() {
+            let mut h = header_for(&meta, tar::EntryType::Fifo, 0);
+            b.append_data(&mut h, &rel, &[][..])?;
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let kind = if ft.is_char_device() { tar::EntryType::Char } else { tar::EntryType::Block };
+            let mut h = header_for(&meta, kind, 0);
+            let rdev = meta.rdev();
+            h.set_device_major(nix::sys::stat::major(rdev) as u32)?;
+            h.set_device_minor(nix::sys::stat::minor(rdev) as u32)?;
+            b.append_data(&mut h, &rel, &[][..])?;
+        }
+    }
+    b.into_inner()?.flush()
+}
+
+/// Packs `upper` into a gzip layer blob at `dest`.
+pub fn pack_layer(upper: &Path, lowers: &[PathBuf], dest: &Path) -> std::io::Result<PackedLayer> {
+    let file = std::fs::File::create(dest)?;
+    let blob = HashingWriter { inner: std::io::BufWriter::new(file), hash: Sha256::new(), written: 0 };
+    // A fixed header (no name, mtime 0) keeps equal layers byte-identical.
+    let gz = flate2::GzBuilder::new().mtime(0).write(blob, flate2::Compression::fast());
+    let mut tar_hash = HashingWriter { inner: gz, hash: Sha256::new(), written: 0 };
+    write_layer_tar(upper, lowers, &mut tar_hash)?;
+    let diff_id = format!("sha256:{:x}", tar_hash.hash.finalize());
+    let mut blob = tar_hash.inner.finish()?;
+    blob.flush()?;
+    let file = blob.inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(PackedLayer { path: dest.to_path_buf(), digest: format!("sha256:{:x}", blob.hash.finalize()), diff_id, size: blob.written })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer_extract::{extract_layer, Whiteouts};
+
+    fn tree(root: &Path) {
+        std::fs::create_dir_all(root.join("app/bin")).unwrap();
+        std::fs::write(root.join("app/bin/run"), "#!/bin/sh\n").unwrap();
+        std::fs::write(root.join("app/z"), "z").unwrap();
+        std::os::unix::fs::symlink("bin/run", root.join("app/entry")).unwrap();
+        std::fs::hard_link(root.join("app/z"), root.join("app/z2")).unwrap();
+        std::fs::create_dir(root.join("proc")).unwrap();
+    }
+
+    #[test]
+    fn equal_trees_give_byte_identical_layers_whatever_their_mtimes() {
+        let (a, b, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        tree(a.path());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        tree(b.path());
+        let la = pack_layer(a.path(), &[], &out.path().join("a.tgz")).unwrap();
+        let lb = pack_layer(b.path(), &[], &out.path().join("b.tgz")).unwrap();
+        assert_eq!(la.digest, lb.digest);
+        assert_eq!(std::fs::read(&la.path).unwrap(), std::fs::read(&lb.path).unwrap());
+    }
+
+    #[test]
+    fn a_layer_round_trips_through_safe_extraction_without_runtime_mountpoints() {
+        let (a, out, x) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        tree(a.path());
+        let l = pack_layer(a.path(), &[], &out.path().join("a.tgz")).unwrap();
+        let gz = flate2::read::GzDecoder::new(std::fs::File::open(&l.path).unwrap());
+        extract_layer(gz, x.path(), Whiteouts::Apply, true).unwrap();
+        assert_eq!(std::fs::read(x.path().join("app/z2")).unwrap(), b"z");
+        assert_eq!(std::fs::read_link(x.path().join("app/entry")).unwrap(), Path::new("bin/run"));
+        assert!(!x.path().join("proc").exists(), "an empty runtime mount point is not content");
+    }
+
+    #[test]
+    fn overlay_whiteouts_and_opaque_dirs_become_oci_markers() {
+        if !crate::layer_extract::is_root() {
+            return; // making 0:0 char devices and trusted xattrs needs root
+        }
+        let up = tempfile::tempdir().unwrap();
+        std::fs::create_dir(up.path().join("etc")).unwrap();
+        nix::sys::stat::mknod(&up.path().join("etc/gone"), nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0).unwrap();
+        std::fs::create_dir(up.path().join("var")).unwrap();
+        xattr::set(up.path().join("var"), "trusted.overlay.opaque", b"y").unwrap();
+        let mut tar = Vec::new();
+        write_layer_tar(up.path(), &[], &mut tar).unwrap();
+        let mut a = tar::Archive::new(&tar[..]);
+        let names: Vec<String> = a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        assert_eq!(names, ["etc", "etc/.wh.gone", "var", "var/.wh..wh..opq"]);
+    }
+}

@@ -1,0 +1,100 @@
+//! `GET /v1/images`, `GET/PUT/DELETE /v1/images/{name}`: image names and what they point
+//! to. Names are percent-encoded in the path (`busybox%3Alatest`, `/` as `%2F`).
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use lcache_proto::wire::{normalize_image_name, ImageRecord};
+
+use super::{error, json, now_ms, read_json, Body};
+use crate::state::AppState;
+
+/// Decodes `%XX` escapes; `None` if malformed or not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn name_of(raw: &str) -> Result<String, Response<Body>> {
+    match percent_decode(raw) {
+        Some(n) if !n.is_empty() => Ok(normalize_image_name(&n)),
+        _ => Err(error(StatusCode::BAD_REQUEST, format!("'{raw}' is not an image name"), "percent-encode the name, e.g. busybox%3Alatest")),
+    }
+}
+
+fn not_found(name: &str) -> Response<Body> {
+    error(StatusCode::NOT_FOUND, format!("no image {name}"), "import one with `lcache image import FILE NAME`")
+}
+
+/// `GET /v1/images`.
+pub fn list(state: &AppState) -> Response<Body> {
+    match state.records.images() {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "check the daemon's store"),
+    }
+}
+
+/// `GET /v1/images/{name}`.
+pub fn get(state: &AppState, raw: &str) -> Response<Body> {
+    let name = match name_of(raw) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match state.records.get_image(&name) {
+        Ok(Some(i)) => json(StatusCode::OK, &i),
+        Ok(None) => not_found(&name),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "check the daemon's store"),
+    }
+}
+
+/// `PUT /v1/images/{name}`: every blob it names must be stored.
+pub async fn put(state: &AppState, raw: &str, req: Request<Incoming>) -> Response<Body> {
+    let name = match name_of(raw) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let mut image: ImageRecord = match read_json(req).await {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    image.name = name;
+    image.created_at_ms = now_ms();
+    let blobs = [&image.manifest_digest, &image.config_digest].into_iter().chain(image.layers.iter().map(|l| &l.digest));
+    for d in blobs {
+        match state.records.get_blob(d) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return error(StatusCode::CONFLICT, format!("blob {d} of image {} is not stored", image.name), "PUT every layer, the config and the manifest to /v1/blobs first")
+            }
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "check the daemon's store"),
+        }
+    }
+    match state.records.put_image(&image).and_then(|_| state.records.flush()) {
+        Ok(()) => json(StatusCode::CREATED, &image),
+        Err(e) => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string(), "free space on the store's disk"),
+    }
+}
+
+/// `DELETE /v1/images/{name}`.
+pub fn delete(state: &AppState, raw: &str) -> Response<Body> {
+    let name = match name_of(raw) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match state.records.remove_image(&name) {
+        Ok(true) => json(StatusCode::OK, &serde_json::json!({"removed": name})),
+        Ok(false) => not_found(&name),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "check the daemon's store"),
+    }
+}
