@@ -274,13 +274,10 @@ impl IndexedContext {
         seen
     }
 
-    /// Key sources over this context; `all_files` lists every selected file.
-    pub fn sources(&mut self, all_files: bool) -> IndexSources<'_> {
-        IndexSources {
-            ctx: self,
-            local: None,
-            all_files,
-        }
+    /// Key sources over this context; `all_files` lists every selected file; `images`
+    /// gives a base image's manifest digest when the daemon knows the image.
+    pub fn sources<'a>(&'a mut self, all_files: bool, images: &'a dyn Fn(&str) -> Option<String>) -> IndexSources<'a> {
+        IndexSources { ctx: self, local: None, all_files, images }
     }
 }
 
