@@ -28,6 +28,14 @@ pub enum Command {
     Keys(KeysArgs),
     /// Predict which steps a build would take from the cache and which it would run.
     Plan(KeysArgs),
+    /// Build an image: cached steps are reused, the others run for real (needs root, runc).
+    Build(BuildArgs),
+    /// Manage the images lcached knows (bases for FROM, results of -t).
+    Image {
+        /// What to do.
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Show the daemon's state: store, listeners, cache contents, indexed contexts.
     Status(JsonArg),
     /// Inspect the cache.
@@ -36,6 +44,51 @@ pub enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+}
+
+/// `lcache image …`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import a `docker save` tar, an OCI image layout (directory or tar) or a rootfs tar.
+    Import {
+        /// The file or directory.
+        file: PathBuf,
+        /// The name to give it (default: the name the file carries).
+        name: Option<String>,
+    },
+    /// List images.
+    Ls(JsonArg),
+    /// Forget an image name (its layers stay cached).
+    Rm {
+        /// The image name.
+        name: String,
+    },
+}
+
+/// `lcache build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Build inputs.
+    #[command(flatten)]
+    pub inputs: BuildInputs,
+    /// Name the result (repeatable); it can then be used in FROM and exported.
+    #[arg(short = 't', long = "tag", value_name = "NAME:TAG")]
+    pub tags: Vec<String>,
+    /// Run every step even if the cache has it (new results are still stored).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Export the image: type=oci|docker|local,dest=PATH.
+    #[arg(long, value_name = "type=…,dest=…")]
+    pub output: Option<String>,
+    /// How to show progress: auto (tty on a terminal, else plain), tty, plain, json.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tty", "plain", "json"])]
+    pub progress: String,
+    /// The OCI runtime to run RUN steps with.
+    #[arg(long, default_value = "runc", value_name = "PATH")]
+    pub runtime: String,
+    /// Where extracted layers are kept [default: $LCACHE_CACHE_DIR, else ~/.cache/lcache or /var/cache/lcache].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// `lcache cache …`.

@@ -6,7 +6,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use lcache_proto::endpoint::Endpoint;
-use lcache_proto::wire::{ErrorBody, PlanInputs, PlanResponse, StatusResponse};
+use lcache_proto::wire::{BuildRecord, ErrorBody, ImageRecord, PlanInputs, PlanResponse, StatusResponse, StepRecord};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -74,6 +74,109 @@ impl DaemonClient {
     /// `POST /v1/plan`.
     pub fn plan(&self, inputs: &PlanInputs) -> Result<PlanResponse, ClientError> {
         self.json(Method::POST, "/v1/plan", Some(inputs))
+    }
+
+    /// `GET /v1/steps/{key}`: `None` is a miss.
+    pub fn step(&self, key: &str) -> Result<Option<StepRecord>, ClientError> {
+        match self.json(Method::GET, &format!("/v1/steps/{key}"), None::<&()>) {
+            Ok(r) => Ok(Some(r)),
+            Err(ClientError::Daemon { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `PUT /v1/steps/{key}`.
+    pub fn put_step(&self, rec: &StepRecord) -> Result<StepRecord, ClientError> {
+        self.json(Method::PUT, &format!("/v1/steps/{}", rec.key), Some(rec))
+    }
+
+    /// Uploads a blob unless the daemon has it.
+    pub fn put_blob(&self, digest: &str, data: Bytes) -> Result<(), ClientError> {
+        let (status, _) = self.call(Method::HEAD, &format!("/v1/blobs/{digest}"), Bytes::new())?;
+        if status == StatusCode::OK {
+            return Ok(());
+        }
+        let _: serde_json::Value = self.json_bytes(Method::PUT, &format!("/v1/blobs/{digest}"), data)?;
+        Ok(())
+    }
+
+    /// Downloads a blob.
+    pub fn blob(&self, digest: &str) -> Result<Bytes, ClientError> {
+        let (status, body) = self.call(Method::GET, &format!("/v1/blobs/{digest}"), Bytes::new())?;
+        if !status.is_success() {
+            return Err(daemon_error(status, &body));
+        }
+        Ok(body)
+    }
+
+    /// `GET /v1/images/{name}`: `None` if unknown.
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, ClientError> {
+        match self.json(Method::GET, &format!("/v1/images/{}", encode_name(name)), None::<&()>) {
+            Ok(i) => Ok(Some(i)),
+            Err(ClientError::Daemon { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `GET /v1/images`.
+    pub fn images(&self) -> Result<Vec<ImageRecord>, ClientError> {
+        self.json(Method::GET, "/v1/images", None::<&()>)
+    }
+
+    /// `PUT /v1/images/{name}`.
+    pub fn put_image(&self, image: &ImageRecord) -> Result<ImageRecord, ClientError> {
+        self.json(
+            Method::PUT,
+            &format!("/v1/images/{}", encode_name(&image.name)),
+            Some(image),
+        )
+    }
+
+    /// `DELETE /v1/images/{name}`.
+    pub fn remove_image(&self, name: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.json(
+            Method::DELETE,
+            &format!("/v1/images/{}", encode_name(name)),
+            None::<&()>,
+        )?;
+        Ok(())
+    }
+
+    /// `POST /v1/builds`.
+    pub fn post_build(&self, b: &BuildRecord) -> Result<BuildRecord, ClientError> {
+        self.json(Method::POST, "/v1/builds", Some(b))
+    }
+
+    fn json_bytes<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T, ClientError> {
+        let (status, body) = self.call(method, path, body)?;
+        if !status.is_success() {
+            return Err(daemon_error(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+/// Percent-encodes an image name for a path segment.
+fn encode_name(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn daemon_error(status: StatusCode, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ClientError::Daemon {
+            status: status.as_u16(),
+            error: e.error,
+            hint: e.hint,
+        },
+        Err(_) => ClientError::Protocol(format!("status {status} with body {:?}", String::from_utf8_lossy(body))),
     }
 }
 

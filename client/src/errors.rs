@@ -48,6 +48,18 @@ pub enum ClientError {
     /// The daemon answered something this client does not understand.
     #[error("lcached answered something unexpected: {0} — check that lcache and lcached are the same version")]
     Protocol(String),
+    /// A build step failed.
+    #[error("{location}: {instruction}: {message}{}", if last_output.is_empty() { String::new() } else { format!("\n  last output:\n    {}", last_output.join("\n    ")) })]
+    StepFailed {
+        /// `Dockerfile:LINE`.
+        location: String,
+        /// The instruction as written.
+        instruction: String,
+        /// What went wrong.
+        message: String,
+        /// The step's last output lines.
+        last_output: Vec<String>,
+    },
     /// The client's own machinery failed.
     #[error("{0}")]
     Local(String),

@@ -51,7 +51,9 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 fn collect(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    let mut names: Vec<_> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+    let mut names: Vec<_> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
     names.sort();
     for n in names {
         let r = rel.join(&n);
@@ -109,7 +111,10 @@ pub fn write_layer_tar(upper: &Path, lowers: &[PathBuf], out: impl Write) -> std
         let ft = meta.file_type();
         if ft.is_char_device() && meta.rdev() == 0 {
             // An overlay whiteout: the file below was deleted.
-            let name = rel.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let name = rel
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
             let wh = rel.with_file_name(format!(".wh.{name}"));
             let mut h = header_for(&meta, tar::EntryType::Regular, 0);
             h.set_mode(0o644);
@@ -142,7 +147,11 @@ pub fn write_layer_tar(upper: &Path, lowers: &[PathBuf], out: impl Write) -> std
             let mut h = header_for(&meta, tar::EntryType::Fifo, 0);
             b.append_data(&mut h, &rel, &[][..])?;
         } else if ft.is_char_device() || ft.is_block_device() {
-            let kind = if ft.is_char_device() { tar::EntryType::Char } else { tar::EntryType::Block };
+            let kind = if ft.is_char_device() {
+                tar::EntryType::Char
+            } else {
+                tar::EntryType::Block
+            };
             let mut h = header_for(&meta, kind, 0);
             let rdev = meta.rdev();
             h.set_device_major(nix::sys::stat::major(rdev) as u32)?;
@@ -156,17 +165,32 @@ pub fn write_layer_tar(upper: &Path, lowers: &[PathBuf], out: impl Write) -> std
 /// Packs `upper` into a gzip layer blob at `dest`.
 pub fn pack_layer(upper: &Path, lowers: &[PathBuf], dest: &Path) -> std::io::Result<PackedLayer> {
     let file = std::fs::File::create(dest)?;
-    let blob = HashingWriter { inner: std::io::BufWriter::new(file), hash: Sha256::new(), written: 0 };
+    let blob = HashingWriter {
+        inner: std::io::BufWriter::new(file),
+        hash: Sha256::new(),
+        written: 0,
+    };
     // A fixed header (no name, mtime 0) keeps equal layers byte-identical.
-    let gz = flate2::GzBuilder::new().mtime(0).write(blob, flate2::Compression::fast());
-    let mut tar_hash = HashingWriter { inner: gz, hash: Sha256::new(), written: 0 };
+    let gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(blob, flate2::Compression::fast());
+    let mut tar_hash = HashingWriter {
+        inner: gz,
+        hash: Sha256::new(),
+        written: 0,
+    };
     write_layer_tar(upper, lowers, &mut tar_hash)?;
     let diff_id = format!("sha256:{:x}", tar_hash.hash.finalize());
     let mut blob = tar_hash.inner.finish()?;
     blob.flush()?;
     let file = blob.inner.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok(PackedLayer { path: dest.to_path_buf(), digest: format!("sha256:{:x}", blob.hash.finalize()), diff_id, size: blob.written })
+    Ok(PackedLayer {
+        path: dest.to_path_buf(),
+        digest: format!("sha256:{:x}", blob.hash.finalize()),
+        diff_id,
+        size: blob.written,
+    })
 }
 
 #[cfg(test)]
@@ -185,7 +209,11 @@ mod tests {
 
     #[test]
     fn equal_trees_give_byte_identical_layers_whatever_their_mtimes() {
-        let (a, b, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b, out) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
         tree(a.path());
         std::thread::sleep(std::time::Duration::from_millis(20));
         tree(b.path());
@@ -197,14 +225,24 @@ mod tests {
 
     #[test]
     fn a_layer_round_trips_through_safe_extraction_without_runtime_mountpoints() {
-        let (a, out, x) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, out, x) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
         tree(a.path());
         let l = pack_layer(a.path(), &[], &out.path().join("a.tgz")).unwrap();
         let gz = flate2::read::GzDecoder::new(std::fs::File::open(&l.path).unwrap());
         extract_layer(gz, x.path(), Whiteouts::Apply, true).unwrap();
         assert_eq!(std::fs::read(x.path().join("app/z2")).unwrap(), b"z");
-        assert_eq!(std::fs::read_link(x.path().join("app/entry")).unwrap(), Path::new("bin/run"));
-        assert!(!x.path().join("proc").exists(), "an empty runtime mount point is not content");
+        assert_eq!(
+            std::fs::read_link(x.path().join("app/entry")).unwrap(),
+            Path::new("bin/run")
+        );
+        assert!(
+            !x.path().join("proc").exists(),
+            "an empty runtime mount point is not content"
+        );
     }
 
     #[test]
@@ -214,13 +252,23 @@ mod tests {
         }
         let up = tempfile::tempdir().unwrap();
         std::fs::create_dir(up.path().join("etc")).unwrap();
-        nix::sys::stat::mknod(&up.path().join("etc/gone"), nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0).unwrap();
+        nix::sys::stat::mknod(
+            &up.path().join("etc/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .unwrap();
         std::fs::create_dir(up.path().join("var")).unwrap();
         xattr::set(up.path().join("var"), "trusted.overlay.opaque", b"y").unwrap();
         let mut tar = Vec::new();
         write_layer_tar(up.path(), &[], &mut tar).unwrap();
         let mut a = tar::Archive::new(&tar[..]);
-        let names: Vec<String> = a.entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        let names: Vec<String> = a
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
         assert_eq!(names, ["etc", "etc/.wh.gone", "var", "var/.wh..wh..opq"]);
     }
 }

@@ -39,7 +39,10 @@ pub enum LayerError {
 }
 
 fn unsafe_entry(entry: &str, reason: &str) -> LayerError {
-    LayerError::Unsafe { entry: entry.to_string(), reason: reason.to_string() }
+    LayerError::Unsafe {
+        entry: entry.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Whether this process may create devices and set owners.
@@ -69,11 +72,17 @@ fn prepare_parents(root: &Path, rel: &Path, entry: &str) -> Result<(), LayerErro
         cur.push(c);
         match std::fs::symlink_metadata(&cur) {
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(unsafe_entry(entry, "goes through a symlink, so it could write outside the root"))
+                return Err(unsafe_entry(
+                    entry,
+                    "goes through a symlink, so it could write outside the root",
+                ))
             }
             Ok(m) if m.is_dir() => {}
             Ok(_) => return Err(unsafe_entry(entry, "has a parent that is not a directory")),
-            Err(_) => std::fs::create_dir(&cur).map_err(|source| LayerError::Io { entry: entry.to_string(), source })?,
+            Err(_) => std::fs::create_dir(&cur).map_err(|source| LayerError::Io {
+                entry: entry.to_string(),
+                source,
+            })?,
         }
     }
     Ok(())
@@ -91,12 +100,20 @@ fn remove_any(p: &Path) -> std::io::Result<()> {
 
 /// Extracts an uncompressed layer tar into `root`; `privileged` (root) allows device nodes
 /// and ownership.
-pub fn extract_layer(reader: impl Read, root: &Path, whiteouts: Whiteouts, privileged: bool) -> Result<usize, LayerError> {
+pub fn extract_layer(
+    reader: impl Read,
+    root: &Path,
+    whiteouts: Whiteouts,
+    privileged: bool,
+) -> Result<usize, LayerError> {
     let root_user = privileged;
     let mut archive = tar::Archive::new(reader);
     let io = |entry: &str| {
         let entry = entry.to_string();
-        move |source| LayerError::Io { entry: entry.clone(), source }
+        move |source| LayerError::Io {
+            entry: entry.clone(),
+            source,
+        }
     };
     let mut created: HashSet<PathBuf> = HashSet::new();
     let mut count = 0;
@@ -136,8 +153,16 @@ pub fn extract_layer(reader: impl Read, root: &Path, whiteouts: Whiteouts, privi
                 let target = dir.join(hidden);
                 remove_any(&target).map_err(io(&name))?;
                 if whiteouts == Whiteouts::Overlay {
-                    nix::sys::stat::mknod(&target, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0)
-                        .map_err(|e| LayerError::Io { entry: name.clone(), source: e.into() })?;
+                    nix::sys::stat::mknod(
+                        &target,
+                        nix::sys::stat::SFlag::S_IFCHR,
+                        nix::sys::stat::Mode::empty(),
+                        0,
+                    )
+                    .map_err(|e| LayerError::Io {
+                        entry: name.clone(),
+                        source: e.into(),
+                    })?;
                 }
             }
             count += 1;
@@ -153,22 +178,37 @@ pub fn extract_layer(reader: impl Read, root: &Path, whiteouts: Whiteouts, privi
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 remove_any(&dest).map_err(io(&name))?;
-                let mut f = std::fs::File::options().write(true).create_new(true).open(&dest).map_err(io(&name))?;
+                let mut f = std::fs::File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&dest)
+                    .map_err(io(&name))?;
                 std::io::copy(&mut e, &mut f).map_err(io(&name))?;
-                f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&name))?;
+                f.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(io(&name))?;
             }
             tar::EntryType::Symlink => {
-                let target = header.link_name().map_err(io(&name))?.ok_or_else(|| unsafe_entry(&name, "is a symlink without a target"))?;
+                let target = header
+                    .link_name()
+                    .map_err(io(&name))?
+                    .ok_or_else(|| unsafe_entry(&name, "is a symlink without a target"))?;
                 remove_any(&dest).map_err(io(&name))?;
                 std::os::unix::fs::symlink(&*target, &dest).map_err(io(&name))?;
             }
             tar::EntryType::Link => {
-                let target = header.link_name().map_err(io(&name))?.ok_or_else(|| unsafe_entry(&name, "is a hardlink without a target"))?;
-                let target_rel = clean(&target).ok_or_else(|| unsafe_entry(&name, "is a hardlink to a path outside the root"))?;
+                let target = header
+                    .link_name()
+                    .map_err(io(&name))?
+                    .ok_or_else(|| unsafe_entry(&name, "is a hardlink without a target"))?;
+                let target_rel =
+                    clean(&target).ok_or_else(|| unsafe_entry(&name, "is a hardlink to a path outside the root"))?;
                 prepare_parents(root, &target_rel, &name)?;
                 let src = root.join(&target_rel);
                 if !std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
-                    return Err(unsafe_entry(&name, "is a hardlink to something that is not a file in this layer's root"));
+                    return Err(unsafe_entry(
+                        &name,
+                        "is a hardlink to something that is not a file in this layer's root",
+                    ));
                 }
                 remove_any(&dest).map_err(io(&name))?;
                 std::fs::hard_link(&src, &dest).map_err(io(&name))?;
@@ -181,15 +221,27 @@ pub fn extract_layer(reader: impl Read, root: &Path, whiteouts: Whiteouts, privi
                     u64::from(header.device_major().ok().flatten().unwrap_or(0)),
                     u64::from(header.device_minor().ok().flatten().unwrap_or(0)),
                 );
-                let kind = if kind == tar::EntryType::Char { nix::sys::stat::SFlag::S_IFCHR } else { nix::sys::stat::SFlag::S_IFBLK };
+                let kind = if kind == tar::EntryType::Char {
+                    nix::sys::stat::SFlag::S_IFCHR
+                } else {
+                    nix::sys::stat::SFlag::S_IFBLK
+                };
                 remove_any(&dest).map_err(io(&name))?;
-                nix::sys::stat::mknod(&dest, kind, nix::sys::stat::Mode::from_bits_truncate(mode), dev)
-                    .map_err(|e| LayerError::Io { entry: name.clone(), source: e.into() })?;
+                nix::sys::stat::mknod(&dest, kind, nix::sys::stat::Mode::from_bits_truncate(mode), dev).map_err(
+                    |e| LayerError::Io {
+                        entry: name.clone(),
+                        source: e.into(),
+                    },
+                )?;
             }
             tar::EntryType::Fifo => {
                 remove_any(&dest).map_err(io(&name))?;
-                nix::unistd::mkfifo(&dest, nix::sys::stat::Mode::from_bits_truncate(mode))
-                    .map_err(|e| LayerError::Io { entry: name.clone(), source: e.into() })?;
+                nix::unistd::mkfifo(&dest, nix::sys::stat::Mode::from_bits_truncate(mode)).map_err(|e| {
+                    LayerError::Io {
+                        entry: name.clone(),
+                        source: e.into(),
+                    }
+                })?;
             }
             // PAX and GNU long-name headers are consumed by the tar reader; anything else
             // (sparse files, vendor types) is not layer content we can represent.
@@ -268,7 +320,10 @@ mod tests {
         });
         extract_layer(&data[..], d.path(), Whiteouts::Apply, true).unwrap();
         assert_eq!(std::fs::read(d.path().join("etc/hard")).unwrap(), b"x=1");
-        assert_eq!(std::fs::read_link(d.path().join("etc/link")).unwrap(), Path::new("/etc/app.conf"));
+        assert_eq!(
+            std::fs::read_link(d.path().join("etc/link")).unwrap(),
+            Path::new("/etc/app.conf")
+        );
     }
 
     #[test]
@@ -297,7 +352,9 @@ mod tests {
 
     #[test]
     fn a_hardlink_to_outside_is_refused() {
-        let (e, _) = refused(tar_of(|b| link(b, tar::EntryType::Link, "passwd", "../../../etc/passwd")));
+        let (e, _) = refused(tar_of(|b| {
+            link(b, tar::EntryType::Link, "passwd", "../../../etc/passwd")
+        }));
         assert!(e.contains("'passwd'") && e.contains("outside the root"), "{e}");
     }
 
@@ -318,7 +375,9 @@ mod tests {
             raw_path(&mut h, "dev/kmsg");
             b.append(&h, &[][..]).unwrap();
         });
-        let e = extract_layer(&data[..], d.path(), Whiteouts::Apply, false).unwrap_err().to_string();
+        let e = extract_layer(&data[..], d.path(), Whiteouts::Apply, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'dev/kmsg'") && e.contains("device node"), "{e}");
     }
 

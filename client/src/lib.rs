@@ -2,12 +2,23 @@
 //! deriving keys offline.
 
 pub mod build_inputs;
+pub mod build_loop;
+pub mod cache_dir;
 pub mod cli;
 pub mod commands;
+pub mod copy_step;
 pub mod daemon_choice;
 pub mod daemon_client;
 pub mod errors;
+pub mod image_export;
+pub mod image_import;
 pub mod layer_diff;
 pub mod layer_extract;
+pub mod oci_image;
 pub mod offline_keys;
+pub mod overlay_mount;
+pub mod progress;
 pub mod render;
+pub mod run_step;
+pub mod snapshots;
+pub mod user_lookup;

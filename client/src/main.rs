@@ -12,6 +12,8 @@ fn main() -> ExitCode {
         Command::Parse(a) => commands::parse::run(a),
         Command::Keys(a) => commands::keys::run(a, daemon),
         Command::Plan(a) => commands::plan::run(a, daemon),
+        Command::Build(a) => commands::build::run(a, daemon),
+        Command::Image { command } => commands::image::run(command, daemon),
         Command::Status(a) => commands::status::status(a.json, daemon),
         Command::Cache {
             command: CacheCommand::Stats(a),

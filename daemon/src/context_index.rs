@@ -277,7 +277,12 @@ impl IndexedContext {
     /// Key sources over this context; `all_files` lists every selected file; `images`
     /// gives a base image's manifest digest when the daemon knows the image.
     pub fn sources<'a>(&'a mut self, all_files: bool, images: &'a dyn Fn(&str) -> Option<String>) -> IndexSources<'a> {
-        IndexSources { ctx: self, local: None, all_files, images }
+        IndexSources {
+            ctx: self,
+            local: None,
+            all_files,
+            images,
+        }
     }
 }
 

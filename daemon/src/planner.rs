@@ -53,7 +53,11 @@ pub fn plan_build(
     let mut ctx = ctx.lock().unwrap_or_else(|p| p.into_inner());
     let removed = ctx.refresh()?;
     let images = |reference: &str| {
-        records.get_image(&normalize_image_name(reference)).ok().flatten().map(|i| i.manifest_digest)
+        records
+            .get_image(&normalize_image_name(reference))
+            .ok()
+            .flatten()
+            .map(|i| i.manifest_digest)
     };
     let mut sources = ctx.sources(inputs.all_files, &images);
     let steps = derive_keys(&plan, &mut sources).map_err(|(at, source)| PlanError::Select {

@@ -149,6 +149,78 @@ pub struct PlannedStep {
     pub def: StepDef,
 }
 
+/// An image-config change, in Dockerfile order (values substituted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ConfigChange {
+    /// ENV name=value.
+    Env {
+        /// Name.
+        name: String,
+        /// Value.
+        value: String,
+    },
+    /// CMD (shell form already wrapped by SHELL).
+    Cmd {
+        /// The command.
+        args: Vec<String>,
+    },
+    /// ENTRYPOINT (shell form already wrapped by SHELL).
+    Entrypoint {
+        /// The command.
+        args: Vec<String>,
+    },
+    /// WORKDIR (absolute).
+    Workdir {
+        /// The path.
+        path: String,
+    },
+    /// USER.
+    User {
+        /// `user[:group]`.
+        user: String,
+    },
+    /// EXPOSE, ports normalised to `N/proto`.
+    Expose {
+        /// The ports.
+        ports: Vec<String>,
+    },
+    /// LABEL (and MAINTAINER as the `maintainer` label).
+    Label {
+        /// Key.
+        key: String,
+        /// Value.
+        value: String,
+    },
+    /// VOLUME.
+    Volume {
+        /// Paths.
+        paths: Vec<String>,
+    },
+    /// STOPSIGNAL.
+    Stopsignal {
+        /// The signal.
+        signal: String,
+    },
+    /// HEALTHCHECK (`["NONE"]` disables).
+    Healthcheck {
+        /// `["CMD", …]`, `["CMD-SHELL", cmd]` or `["NONE"]`.
+        test: Vec<String>,
+        /// Option flags as written (`interval=30s`…).
+        options: Vec<(String, String)>,
+    },
+    /// SHELL.
+    Shell {
+        /// The shell array.
+        args: Vec<String>,
+    },
+    /// ONBUILD (the trigger as written).
+    Onbuild {
+        /// The deferred instruction.
+        instruction: String,
+    },
+}
+
 /// A stage of the build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PlannedStage {
@@ -164,6 +236,8 @@ pub struct PlannedStage {
     pub platform: String,
     /// Its filesystem steps.
     pub steps: Vec<PlannedStep>,
+    /// Its image-config changes, in order.
+    pub config: Vec<ConfigChange>,
     /// Whether the target needs it (false: pruned by `--target`).
     pub needed: bool,
 }
@@ -305,7 +379,9 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
             stage_deps.insert(index);
         }
         let mut steps = Vec::new();
+        let mut config = Vec::new();
         for ins in &ins[i + 1..end] {
+            config.extend(p.config_changes(ins, &scope)?);
             if let Some(step) = p.step(ins, &mut scope, &stages, name.as_deref(), &mut stage_deps, &automatic)? {
                 steps.push(step);
             }
@@ -317,6 +393,7 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
             base,
             platform: platform.to_string(),
             steps,
+            config,
             needed: false,
         });
         scopes.push(scope);
@@ -532,6 +609,84 @@ impl Planner<'_> {
                 _ => None,
             })
             .position(|n| n == Some(name))
+    }
+
+    /// The image-config changes an instruction makes, substituted with the scope before it.
+    fn config_changes(&self, ins: &Instruction, scope: &Scope) -> Result<Vec<ConfigChange>, DockerfileError> {
+        let x = |v: &str| self.expand(ins, v, scope);
+        let wrap = |c: &Command| match c {
+            Command::Exec { args } => args.clone(),
+            Command::Shell { text } => scope.shell.iter().cloned().chain([text.clone()]).collect(),
+        };
+        Ok(match &ins.kind {
+            InstructionKind::Env { pairs } => pairs
+                .iter()
+                .map(|(k, v)| {
+                    Ok(ConfigChange::Env {
+                        name: k.clone(),
+                        value: x(v)?,
+                    })
+                })
+                .collect::<Result<_, DockerfileError>>()?,
+            InstructionKind::Cmd { command } => vec![ConfigChange::Cmd { args: wrap(command) }],
+            InstructionKind::Entrypoint { command } => vec![ConfigChange::Entrypoint { args: wrap(command) }],
+            InstructionKind::Workdir { path } => vec![ConfigChange::Workdir {
+                path: join_path(&scope.workdir, &x(path)?),
+            }],
+            InstructionKind::User { user } => vec![ConfigChange::User { user: x(user)? }],
+            InstructionKind::Expose { ports } => {
+                let ports = ports
+                    .iter()
+                    .map(|p| {
+                        x(p).map(|p| {
+                            if p.contains('/') {
+                                p.to_ascii_lowercase()
+                            } else {
+                                format!("{p}/tcp")
+                            }
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                vec![ConfigChange::Expose { ports }]
+            }
+            InstructionKind::Label { pairs } => pairs
+                .iter()
+                .map(|(k, v)| {
+                    Ok(ConfigChange::Label {
+                        key: x(k)?,
+                        value: x(v)?,
+                    })
+                })
+                .collect::<Result<_, DockerfileError>>()?,
+            InstructionKind::Maintainer { name } => vec![ConfigChange::Label {
+                key: "maintainer".into(),
+                value: name.clone(),
+            }],
+            InstructionKind::Volume { paths } => vec![ConfigChange::Volume {
+                paths: paths.iter().map(|p| x(p)).collect::<Result<_, _>>()?,
+            }],
+            InstructionKind::Stopsignal { signal } => vec![ConfigChange::Stopsignal { signal: x(signal)? }],
+            InstructionKind::Healthcheck { command } => {
+                let test = match command {
+                    None => vec!["NONE".to_string()],
+                    Some(Command::Exec { args }) => {
+                        ["CMD".to_string()].into_iter().chain(args.iter().cloned()).collect()
+                    }
+                    Some(Command::Shell { text }) => vec!["CMD-SHELL".to_string(), text.clone()],
+                };
+                let options = ins
+                    .flags
+                    .iter()
+                    .map(|f| (f.name.clone(), f.value.clone().unwrap_or_default()))
+                    .collect();
+                vec![ConfigChange::Healthcheck { test, options }]
+            }
+            InstructionKind::Shell { args } => vec![ConfigChange::Shell { args: args.clone() }],
+            InstructionKind::Onbuild { instruction } => vec![ConfigChange::Onbuild {
+                instruction: instruction.written.clone(),
+            }],
+            _ => Vec::new(),
+        })
     }
 
     fn step(
@@ -895,6 +1050,28 @@ mod tests {
         let p = plan_of("FROM a\nRUN x\n", &[("NOPE", "1")], None).unwrap();
         assert!(p.warnings[0].contains("NOPE"));
         assert!(run(&p, 0, 0).env.is_empty());
+    }
+
+    #[test]
+    fn config_changes_are_recorded_substituted_and_wrapped() {
+        let p = plan_of(
+            "FROM a\nENV P=/srv\nWORKDIR $P\nEXPOSE 80 53/UDP\nLABEL v=\"1 2\"\nCMD run $P\n",
+            &[],
+            None,
+        )
+        .unwrap();
+        let c = &p.stages[0].config;
+        assert!(c.contains(&ConfigChange::Workdir { path: "/srv".into() }));
+        assert!(c.contains(&ConfigChange::Expose {
+            ports: vec!["80/tcp".into(), "53/udp".into()]
+        }));
+        assert!(c.contains(&ConfigChange::Label {
+            key: "v".into(),
+            value: "1 2".into()
+        }));
+        assert!(c.contains(&ConfigChange::Cmd {
+            args: vec!["/bin/sh".into(), "-c".into(), "run $P".into()]
+        }));
     }
 
     #[test]

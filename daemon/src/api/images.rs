@@ -29,19 +29,31 @@ pub fn percent_decode(s: &str) -> Option<String> {
 fn name_of(raw: &str) -> Result<String, Response<Body>> {
     match percent_decode(raw) {
         Some(n) if !n.is_empty() => Ok(normalize_image_name(&n)),
-        _ => Err(error(StatusCode::BAD_REQUEST, format!("'{raw}' is not an image name"), "percent-encode the name, e.g. busybox%3Alatest")),
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("'{raw}' is not an image name"),
+            "percent-encode the name, e.g. busybox%3Alatest",
+        )),
     }
 }
 
 fn not_found(name: &str) -> Response<Body> {
-    error(StatusCode::NOT_FOUND, format!("no image {name}"), "import one with `lcache image import FILE NAME`")
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no image {name}"),
+        "import one with `lcache image import FILE NAME`",
+    )
 }
 
 /// `GET /v1/images`.
 pub fn list(state: &AppState) -> Response<Body> {
     match state.records.images() {
         Ok(v) => json(StatusCode::OK, &v),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "check the daemon's store"),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
     }
 }
 
@@ -54,7 +66,11 @@ pub fn get(state: &AppState, raw: &str) -> Response<Body> {
     match state.records.get_image(&name) {
         Ok(Some(i)) => json(StatusCode::OK, &i),
         Ok(None) => not_found(&name),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "check the daemon's store"),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
     }
 }
 
@@ -70,19 +86,35 @@ pub async fn put(state: &AppState, raw: &str, req: Request<Incoming>) -> Respons
     };
     image.name = name;
     image.created_at_ms = now_ms();
-    let blobs = [&image.manifest_digest, &image.config_digest].into_iter().chain(image.layers.iter().map(|l| &l.digest));
+    let blobs = [&image.manifest_digest, &image.config_digest]
+        .into_iter()
+        .chain(image.layers.iter().map(|l| &l.digest));
     for d in blobs {
         match state.records.get_blob(d) {
             Ok(Some(_)) => {}
             Ok(None) => {
-                return error(StatusCode::CONFLICT, format!("blob {d} of image {} is not stored", image.name), "PUT every layer, the config and the manifest to /v1/blobs first")
+                return error(
+                    StatusCode::CONFLICT,
+                    format!("blob {d} of image {} is not stored", image.name),
+                    "PUT every layer, the config and the manifest to /v1/blobs first",
+                )
             }
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "check the daemon's store"),
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    e.to_string(),
+                    "check the daemon's store",
+                )
+            }
         }
     }
     match state.records.put_image(&image).and_then(|_| state.records.flush()) {
         Ok(()) => json(StatusCode::CREATED, &image),
-        Err(e) => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string(), "free space on the store's disk"),
+        Err(e) => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            e.to_string(),
+            "free space on the store's disk",
+        ),
     }
 }
 
@@ -95,6 +127,10 @@ pub fn delete(state: &AppState, raw: &str) -> Response<Body> {
     match state.records.remove_image(&name) {
         Ok(true) => json(StatusCode::OK, &serde_json::json!({"removed": name})),
         Ok(false) => not_found(&name),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "check the daemon's store"),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
     }
 }

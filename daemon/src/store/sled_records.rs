@@ -176,7 +176,9 @@ impl RecordStore for SledRecords {
     }
 
     fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError> {
-        self.images.insert(image.name.as_bytes(), encode(image)).map_err(db_err)?;
+        self.images
+            .insert(image.name.as_bytes(), encode(image))
+            .map_err(db_err)?;
         Ok(())
     }
 
@@ -185,7 +187,11 @@ impl RecordStore for SledRecords {
     }
 
     fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
-        self.images.iter().values().map(|v| Ok(decode(&v.map_err(db_err)?)?)).collect()
+        self.images
+            .iter()
+            .values()
+            .map(|v| Ok(decode(&v.map_err(db_err)?)?))
+            .collect()
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -1,0 +1,542 @@
+//! `lcache build`: replay a Dockerfile step by step through the daemon. Each step's key is
+//! derived (context digests come from the daemon's index, `COPY --from` digests from the
+//! built stage's files); a hit reuses the stored layer, a miss runs the step (RUN in the OCI
+//! runtime, COPY/ADD/WORKDIR here), uploads the layer and only then records the step.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytes::Bytes;
+use lcache_context::context_walk::walk;
+use lcache_context::local_context::LocalContext;
+use lcache_proto::build_plan::{plan, Base, BuildPlan, CopyDef, CopyFrom, PlannedStage, StepDef};
+use lcache_proto::cache_key::{key_inputs, KeyInputs};
+use lcache_proto::dockerfile::Dockerfile;
+use lcache_proto::dockerignore::IgnoreMatcher;
+use lcache_proto::source_select::{select, ContextEntry, SelectedRoot};
+use lcache_proto::step_keys::{is_remote, StepKey};
+use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
+use serde_json::{Map, Value};
+
+use crate::cache_dir::CacheDir;
+use crate::copy_step::{build_copy_layer, build_workdir_layer, parse_chmod, CopyAttrs};
+use crate::daemon_client::DaemonClient;
+use crate::errors::ClientError;
+use crate::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
+use crate::oci_image::{apply_changes, config_document, env_of, manifest_document, runtime_config, sha256_of};
+use crate::overlay_mount::OverlayMount;
+use crate::progress::{Progress, StepEvent, SummaryEvent};
+use crate::run_step::{argv_with_heredocs, run_step, RunError, RunSpec};
+use crate::snapshots::ensure_snapshot;
+use crate::user_lookup::resolve_user;
+
+/// BuildKit's PATH when the image sets none.
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// Dockerfile, context, args, target, platform.
+    pub inputs: PlanInputs,
+    /// Names to record the image under.
+    pub tags: Vec<String>,
+    /// Run every step even when the cache has it (results are still stored).
+    pub no_cache: bool,
+    /// The OCI runtime binary.
+    pub runtime: String,
+    /// The client cache directory.
+    pub cache_dir: PathBuf,
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    /// The image (its `name` is the first tag, or empty).
+    pub image: ImageRecord,
+    /// Snapshot directories of the image's layers, bottom first.
+    pub snapshots: Vec<PathBuf>,
+    /// Every step, in order.
+    pub steps: Vec<StepEvent>,
+}
+
+/// A built (or being built) stage.
+#[derive(Debug, Clone)]
+struct StageState {
+    /// The state id the next step's key chains from.
+    parent: String,
+    layers: Vec<LayerRef>,
+    snapshots: Vec<PathBuf>,
+    config: Map<String, Value>,
+}
+
+struct Builder<'a> {
+    client: &'a DaemonClient,
+    req: &'a BuildRequest,
+    cache: CacheDir,
+    df: Dockerfile,
+    plan: BuildPlan,
+    daemon_keys: HashMap<(usize, usize), StepKey>,
+    context: Option<LocalContext>,
+    progress: &'a mut Progress,
+    events: Vec<StepEvent>,
+    n: usize,
+}
+
+fn local(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Local(e.to_string())
+}
+
+/// Builds the image `req` describes.
+pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress) -> Result<BuildOutcome, ClientError> {
+    let started = Instant::now();
+    let df = Dockerfile::parse(&req.inputs.dockerfile_name, &req.inputs.dockerfile)?;
+    let plan = plan(&df, &req.inputs.plan_request()?)?;
+    for w in &plan.warnings {
+        progress.note(&format!("warning: {w}"));
+    }
+    // The daemon's index gives context digests without re-reading an unchanged tree.
+    let resp = client.plan(&req.inputs)?;
+    let positions: Vec<(usize, usize)> = plan
+        .needed_stages()
+        .flat_map(|s| (0..s.steps.len()).map(move |n| (s.index, n)))
+        .collect();
+    if positions.len() != resp.report.steps.len() {
+        return Err(ClientError::Protocol(
+            "the daemon planned a different number of steps".into(),
+        ));
+    }
+    let daemon_keys = positions.into_iter().zip(resp.report.steps).collect();
+    let cache = CacheDir::open(&req.cache_dir).map_err(|e| {
+        local(format!(
+            "cannot use the cache directory {}: {e}",
+            req.cache_dir.display()
+        ))
+    })?;
+    let mut b = Builder {
+        client,
+        req,
+        cache,
+        df,
+        plan,
+        daemon_keys,
+        context: None,
+        progress,
+        events: Vec::new(),
+        n: 0,
+    };
+    let mut states: HashMap<usize, StageState> = HashMap::new();
+    let order = b.stage_order()?;
+    for i in order {
+        let st = b.build_stage(i, &states)?;
+        states.insert(i, st);
+    }
+    let target = states
+        .remove(&b.plan.target)
+        .ok_or_else(|| local("the target stage was not built"))?;
+    let platform = b.plan.stages[b.plan.target].platform.clone();
+    let config = config_document(&platform, &target.config, &target.layers);
+    let manifest = manifest_document(&config, &target.layers);
+    let mut image = ImageRecord {
+        name: String::new(),
+        manifest_digest: sha256_of(&manifest),
+        config_digest: sha256_of(&config),
+        layers: target.layers.clone(),
+        config: String::from_utf8_lossy(&config).into_owned(),
+        created_at_ms: 0,
+    };
+    client.put_blob(&image.config_digest, Bytes::from(config))?;
+    client.put_blob(&image.manifest_digest, Bytes::from(manifest))?;
+    for t in &req.tags {
+        image.name = lcache_proto::wire::normalize_image_name(t);
+        client.put_image(&image)?;
+    }
+    if let Some(t) = req.tags.first() {
+        image.name = lcache_proto::wire::normalize_image_name(t);
+    }
+    let elapsed = started.elapsed().as_millis() as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let record = BuildRecord {
+        id: String::new(),
+        started_at_ms: now.saturating_sub(elapsed),
+        finished_at_ms: now,
+        dockerfile: req.inputs.dockerfile_name.clone(),
+        context: req.inputs.context.clone(),
+        target: req.inputs.target.clone(),
+        steps: b
+            .events
+            .iter()
+            .map(|e| BuildStep {
+                stage: e.stage,
+                line: e.line,
+                instruction: e.instruction.clone(),
+                key: e.key.clone(),
+                cached: e.cached,
+                duration_ms: e.duration_ms,
+            })
+            .collect(),
+    };
+    client.post_build(&record)?;
+    let cached = b.events.iter().filter(|e| e.cached).count();
+    b.progress.summary(&SummaryEvent {
+        event: "summary",
+        steps: b.events.len(),
+        cached,
+        built: b.events.len() - cached,
+        duration_ms: elapsed,
+        image: image.manifest_digest.clone(),
+        tags: req.tags.clone(),
+    });
+    Ok(BuildOutcome {
+        image,
+        snapshots: target.snapshots,
+        steps: b.events,
+    })
+}
+
+impl Builder<'_> {
+    fn at(&self, line: usize) -> String {
+        format!("{}:{line}", self.df.file)
+    }
+
+    /// Needed stages, each after the stages it uses.
+    fn stage_order(&self) -> Result<Vec<usize>, ClientError> {
+        let needed: Vec<&PlannedStage> = self.plan.needed_stages().collect();
+        let deps = |s: &PlannedStage| -> Vec<usize> {
+            let mut d: Vec<usize> = s
+                .steps
+                .iter()
+                .filter_map(|st| match &st.def {
+                    StepDef::Copy(CopyDef {
+                        from: CopyFrom::Stage { index },
+                        ..
+                    }) => Some(*index),
+                    _ => None,
+                })
+                .collect();
+            if let Base::Stage { index } = s.base {
+                d.push(index);
+            }
+            d
+        };
+        let mut order = Vec::new();
+        while order.len() < needed.len() {
+            let before = order.len();
+            for s in &needed {
+                if !order.contains(&s.index) && deps(s).iter().all(|d| order.contains(d)) {
+                    order.push(s.index);
+                }
+            }
+            if order.len() == before {
+                return Err(local("stages depend on each other in a cycle"));
+            }
+        }
+        Ok(order)
+    }
+
+    fn base_state(&self, stage: &PlannedStage, states: &HashMap<usize, StageState>) -> Result<StageState, ClientError> {
+        match &stage.base {
+            Base::Scratch => Ok(StageState {
+                parent: "scratch".into(),
+                layers: vec![],
+                snapshots: vec![],
+                config: Map::new(),
+            }),
+            Base::Stage { index } => {
+                let s = states
+                    .get(index)
+                    .ok_or_else(|| local("a base stage was not built first"))?;
+                // A stage's image config starts from its base stage's final config.
+                Ok(s.clone())
+            }
+            Base::Image { reference } => {
+                let img = self.client.image(reference)?.ok_or_else(|| {
+                    local(format!(
+                        "{}: base image {reference} is not known to lcached — import it first: `lcache image import FILE {reference}` (a `docker save` tar, an OCI layout or a rootfs tar)",
+                        self.at(stage.line)
+                    ))
+                })?;
+                let mut snapshots = Vec::new();
+                for l in &img.layers {
+                    snapshots.push(ensure_snapshot(&self.cache, self.client, l)?);
+                }
+                Ok(StageState {
+                    parent: img.manifest_digest.clone(),
+                    layers: img.layers.clone(),
+                    snapshots,
+                    config: runtime_config(&img.config),
+                })
+            }
+        }
+    }
+
+    fn build_stage(&mut self, i: usize, states: &HashMap<usize, StageState>) -> Result<StageState, ClientError> {
+        let stage = self.plan.stages[i].clone();
+        let mut st = self.base_state(&stage, states)?;
+        let base_env = env_of(&st.config);
+        let label_name = stage.name.clone().unwrap_or_else(|| format!("stage-{i}"));
+        for (n, step) in stage.steps.iter().enumerate() {
+            self.n += 1;
+            let label = format!("{label_name} {}/{}", n + 1, stage.steps.len());
+            self.progress.started(self.n, &label, &step.instruction);
+            let t = Instant::now();
+            let (digest, from_roots) = self.sources_digest(i, n, &step.def, states)?;
+            let inputs = key_inputs(&step.def, &stage.platform, &st.parent, &digest);
+            let key = inputs.key();
+            let hit = if self.req.no_cache {
+                None
+            } else {
+                self.client.step(&key)?
+            };
+            let cached = hit.is_some();
+            let layer = match hit {
+                Some(rec) => match rec.layer {
+                    Some(l) => {
+                        let snap = ensure_snapshot(&self.cache, self.client, &l)?;
+                        Some((l, snap))
+                    }
+                    None => None,
+                },
+                None => Some(self.execute(
+                    step.line,
+                    &step.instruction,
+                    &step.def,
+                    &st,
+                    &base_env,
+                    from_roots,
+                    inputs.clone(),
+                    &key,
+                    t,
+                )?),
+            };
+            if let Some((l, snap)) = layer {
+                st.layers.push(l);
+                st.snapshots.push(snap);
+            }
+            st.parent = key.clone();
+            let ev = StepEvent {
+                event: "step",
+                n: self.n,
+                stage: i,
+                stage_name: stage.name.clone(),
+                line: step.line,
+                instruction: step.instruction.clone(),
+                cached,
+                key,
+                duration_ms: t.elapsed().as_millis() as u64,
+            };
+            self.progress.finished(&ev);
+            self.events.push(ev);
+        }
+        apply_changes(&mut st.config, &stage.config);
+        Ok(st)
+    }
+
+    /// The sources digest a step's key needs, and for `COPY --from` the selection made.
+    fn sources_digest(
+        &mut self,
+        stage: usize,
+        n: usize,
+        def: &StepDef,
+        states: &HashMap<usize, StageState>,
+    ) -> Result<(String, Option<StageSelection>), ClientError> {
+        let StepDef::Copy(c) = def else {
+            return Ok((String::new(), None));
+        };
+        let line = self.plan.stages[stage].steps[n].line;
+        match &c.from {
+            CopyFrom::Context if c.sources.is_empty() => Ok((String::new(), None)),
+            CopyFrom::Context if c.add && c.sources.iter().any(|s| is_remote(s)) => {
+                Err(local(format!("{}: ADD of a URL is not supported offline — download the file into the context and COPY it", self.at(line))))
+            }
+            CopyFrom::Context => {
+                let d = self.daemon_keys.get(&(stage, n)).and_then(|k| k.sources_digest.clone());
+                d.map(|d| (d, None)).ok_or_else(|| ClientError::Protocol("the daemon gave no sources digest for a COPY".into()))
+            }
+            CopyFrom::Image { reference } => Err(local(format!(
+                "{}: COPY --from={reference} (an image) is not supported yet — add a stage `FROM {reference} AS src` and COPY --from=src",
+                self.at(line)
+            ))),
+            CopyFrom::Stage { index } => {
+                let from = states.get(index).ok_or_else(|| local("a --from stage was not built first"))?;
+                let sel = StageSelection::make(&self.cache, from, c).map_err(|e| local(format!("{}: {e}", self.at(line))))?;
+                Ok((sel.digest.clone(), Some(sel)))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn execute(
+        &mut self,
+        line: usize,
+        instruction: &str,
+        def: &StepDef,
+        st: &StageState,
+        base_env: &[String],
+        from: Option<StageSelection>,
+        inputs: KeyInputs,
+        key: &str,
+        started: Instant,
+    ) -> Result<(LayerRef, PathBuf), ClientError> {
+        let location = format!("{}:{line}", self.df.file);
+        let fail = |message: String, last_output: Vec<String>| ClientError::StepFailed {
+            location: location.clone(),
+            instruction: instruction.to_string(),
+            message,
+            last_output,
+        };
+        let work = self.cache.work_dir().map_err(local)?;
+        let lowers: Vec<PathBuf> = st.snapshots.iter().rev().cloned().collect();
+        let tree = match def {
+            StepDef::Run(r) => {
+                let mut env: Vec<String> = base_env.to_vec();
+                for (k, v) in &r.env {
+                    env.retain(|e| !e.starts_with(&format!("{k}=")));
+                    env.push(format!("{k}={v}"));
+                }
+                if !env.iter().any(|e| e.starts_with("PATH=")) {
+                    env.insert(0, DEFAULT_PATH.to_string());
+                }
+                if !r.mounts.is_empty() {
+                    self.progress.note(&format!(
+                        "warning: {}: RUN --mount is not supported yet; the step runs without its mounts",
+                        self.at(line)
+                    ));
+                }
+                let heredocs: Vec<(String, String)> =
+                    r.heredocs.iter().map(|h| (h.name.clone(), h.content.clone())).collect();
+                let spec = RunSpec {
+                    runtime: self.req.runtime.clone(),
+                    lowers: lowers.clone(),
+                    argv: argv_with_heredocs(&r.argv, &heredocs),
+                    env,
+                    cwd: r.workdir.clone(),
+                    user: r.user.clone(),
+                    network_none: r.network == "none",
+                };
+                let n = self.n;
+                let progress = &mut *self.progress;
+                let upper = run_step(&spec, work.path(), &mut |l| progress.output(n, l)).map_err(|e| match e {
+                    RunError::Exit { code, last_output } => fail(
+                        format!("the command exited with code {code}; nothing was cached"),
+                        last_output,
+                    ),
+                    RunError::Setup(m) => fail(m, vec![]),
+                })?;
+                remove_runtime_mountpoints(&upper, &lowers);
+                upper
+            }
+            StepDef::Copy(c) => {
+                let layer = work.path().join("layer");
+                std::fs::create_dir(&layer).map_err(local)?;
+                let attrs = self.copy_attrs(c, &lowers, work.path()).map_err(|m| fail(m, vec![]))?;
+                match from {
+                    Some(sel) => {
+                        build_copy_layer(&layer, c, sel.mount.path(), &sel.entries, &sel.roots, attrs)
+                            .map_err(|e| fail(e.to_string(), vec![]))?;
+                    }
+                    None => {
+                        let (entries, roots, root) = self.context_selection(c).map_err(|m| fail(m, vec![]))?;
+                        build_copy_layer(&layer, c, &root, &entries, &roots, attrs)
+                            .map_err(|e| fail(e.to_string(), vec![]))?;
+                    }
+                }
+                layer
+            }
+            StepDef::Workdir { path } => {
+                let layer = work.path().join("layer");
+                std::fs::create_dir(&layer).map_err(local)?;
+                build_workdir_layer(&layer, path).map_err(local)?;
+                layer
+            }
+        };
+        let packed: PackedLayer = pack_layer(&tree, &lowers, &work.path().join("layer.tgz"))
+            .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+        let blob = std::fs::read(&packed.path).map_err(local)?;
+        self.client.put_blob(&packed.digest, Bytes::from(blob))?;
+        let layer = LayerRef {
+            digest: packed.digest.clone(),
+            blake3: String::new(),
+            size: packed.size,
+            diff_id: packed.diff_id.clone(),
+            media_type: LAYER_MEDIA_TYPE.into(),
+        };
+        // The blob is durable in the daemon; only now may a record point to it.
+        self.client.put_step(&StepRecord {
+            key: key.to_string(),
+            layer: Some(layer.clone()),
+            duration_ms: started.elapsed().as_millis() as u64,
+            inputs: Some(inputs),
+            created_at_ms: 0,
+        })?;
+        let snap = self.cache.snapshot(&packed.digest);
+        if !snap.exists() && std::fs::rename(&tree, &snap).is_err() && !snap.exists() {
+            return Err(local(format!("cannot keep the snapshot {}", snap.display())));
+        }
+        Ok((layer, snap))
+    }
+
+    fn copy_attrs(&self, c: &CopyDef, lowers: &[PathBuf], work: &Path) -> Result<CopyAttrs, String> {
+        let mode = parse_chmod(&c.chmod)?;
+        let owner = if c.chown.is_empty() {
+            None
+        } else {
+            let numeric = c.chown.split(':').all(|p| p.parse::<u32>().is_ok());
+            let ids = if numeric {
+                resolve_user(Path::new("/nonexistent"), &c.chown)?
+            } else {
+                // Names resolve through the image's own /etc/passwd and /etc/group.
+                let view = OverlayMount::mount(lowers, None, &work.join("view"), &work.join("empty-view"))
+                    .map_err(|e| e.to_string())?;
+                resolve_user(view.path(), &c.chown)?
+            };
+            Some((ids.uid, ids.gid))
+        };
+        Ok(CopyAttrs { owner, mode })
+    }
+
+    fn context_selection(&mut self, c: &CopyDef) -> Result<(Vec<ContextEntry>, Vec<SelectedRoot>, PathBuf), String> {
+        if self.context.is_none() {
+            self.context = Some(LocalContext::walk(Path::new(&self.req.inputs.context)).map_err(|e| e.to_string())?);
+        }
+        let ctx = self.context.as_ref().ok_or("no context")?;
+        let excludes =
+            IgnoreMatcher::from_patterns(c.excludes.iter().map(String::as_str)).map_err(|e| e.to_string())?;
+        let roots = select(ctx.entries(), &c.sources, &excludes).map_err(|e| e.to_string())?;
+        Ok((ctx.entries().to_vec(), roots, ctx.root().to_path_buf()))
+    }
+}
+
+/// What a `COPY --from=<stage>` selects in that stage's files, on a read-only mount.
+struct StageSelection {
+    mount: OverlayMount,
+    _dir: tempfile::TempDir,
+    entries: Vec<ContextEntry>,
+    roots: Vec<SelectedRoot>,
+    digest: String,
+}
+
+impl StageSelection {
+    fn make(cache: &CacheDir, from: &StageState, c: &CopyDef) -> Result<Self, String> {
+        let dir = cache.work_dir().map_err(|e| e.to_string())?;
+        let lowers: Vec<PathBuf> = from.snapshots.iter().rev().cloned().collect();
+        std::fs::create_dir(dir.path().join("empty")).map_err(|e| e.to_string())?;
+        let mount = OverlayMount::mount(&lowers, None, &dir.path().join("root"), &dir.path().join("empty"))
+            .map_err(|e| e.to_string())?;
+        let entries = walk(mount.path(), &IgnoreMatcher::default()).map_err(|e| e.to_string())?;
+        let excludes =
+            IgnoreMatcher::from_patterns(c.excludes.iter().map(String::as_str)).map_err(|e| e.to_string())?;
+        let roots = select(&entries, &c.sources, &excludes).map_err(|e| e.to_string())?;
+        let mut local = LocalContext::from_entries(mount.path(), entries.clone(), |_| None);
+        let digest = local.digest_sources(c).map_err(|e| e.to_string())?.digest;
+        Ok(Self {
+            mount,
+            _dir: dir,
+            entries,
+            roots,
+            digest,
+        })
+    }
+}

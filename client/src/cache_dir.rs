@@ -1,0 +1,51 @@
+//! The client's own disk: extracted layer snapshots and per-step work directories.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// The client cache: `$LCACHE_CACHE_DIR`, else `/var/cache/lcache` for root, else
+/// `$XDG_CACHE_HOME/lcache` or `~/.cache/lcache`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LCACHE_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+    if uid == 0 {
+        return PathBuf::from("/var/cache/lcache");
+    }
+    match (std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+        (Some(d), _) if !d.is_empty() => PathBuf::from(d).join("lcache"),
+        (_, Some(h)) => PathBuf::from(h).join(".cache/lcache"),
+        _ => PathBuf::from(format!("/tmp/lcache-{uid}/cache")),
+    }
+}
+
+/// Layout of the cache directory.
+#[derive(Debug, Clone)]
+pub struct CacheDir {
+    root: PathBuf,
+}
+
+impl CacheDir {
+    /// Opens (creating) the cache at `root`.
+    pub fn open(root: &Path) -> std::io::Result<Self> {
+        for d in ["snapshots", "work"] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Where the extracted layer with blob digest `sha256:<hex>` lives.
+    pub fn snapshot(&self, digest: &str) -> PathBuf {
+        self.root.join("snapshots").join(digest.trim_start_matches("sha256:"))
+    }
+
+    /// A fresh, empty work directory for one step.
+    pub fn work_dir(&self) -> std::io::Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix("step-")
+            .tempdir_in(self.root.join("work"))
+    }
+}

@@ -1,0 +1,53 @@
+//! `lcache build`.
+
+use std::io::IsTerminal;
+
+use anyhow::{anyhow, Result};
+use lcache_proto::endpoint::Endpoint;
+
+use crate::build_inputs::plan_inputs;
+use crate::build_loop::{build, BuildRequest};
+use crate::cache_dir::default_cache_dir;
+use crate::cli::BuildArgs;
+use crate::daemon_choice::daemon;
+use crate::image_export::{export, OutputSpec};
+use crate::progress::{Progress, ProgressMode};
+
+/// Runs `lcache build`.
+pub fn run(args: &BuildArgs, explicit: Option<&Endpoint>) -> Result<String> {
+    let output: Option<OutputSpec> = args
+        .output
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: String| anyhow!(e))?;
+    let inputs = plan_inputs(&args.inputs, false)?;
+    let (client, _) = daemon(explicit)?;
+    let mode = match args.progress.as_str() {
+        "json" => ProgressMode::Json,
+        "plain" => ProgressMode::Plain,
+        "tty" => ProgressMode::Tty,
+        _ if std::io::stderr().is_terminal() => ProgressMode::Tty,
+        _ => ProgressMode::Plain,
+    };
+    let mut progress = Progress::new(mode);
+    let req = BuildRequest {
+        inputs,
+        tags: args.tags.clone(),
+        no_cache: args.no_cache,
+        runtime: args.runtime.clone(),
+        cache_dir: args.cache_dir.clone().unwrap_or_else(default_cache_dir),
+    };
+    let outcome = build(&client, &req, &mut progress)?;
+    if let Some(out) = &output {
+        export(&client, &outcome.image, out, &args.tags)?;
+        if mode != ProgressMode::Json {
+            eprintln!("exported {} to {}", out.kind, out.dest.display());
+        }
+    }
+    Ok(if mode == ProgressMode::Json {
+        String::new()
+    } else {
+        format!("{}\n", outcome.image.manifest_digest)
+    })
+}

@@ -1,0 +1,51 @@
+//! `lcache image import | ls | rm`.
+
+use std::fmt::Write;
+
+use anyhow::Result;
+use lcache_proto::endpoint::Endpoint;
+use lcache_proto::platform::Platform;
+
+use crate::cli::ImageCommand;
+use crate::daemon_choice::daemon;
+use crate::image_import::import_image;
+
+/// Runs an `lcache image` subcommand.
+pub fn run(cmd: &ImageCommand, explicit: Option<&Endpoint>) -> Result<String> {
+    let (client, _) = daemon(explicit)?;
+    match cmd {
+        ImageCommand::Import { file, name } => {
+            let (img, format) = import_image(&client, file, name.as_deref(), &Platform::host().to_string())?;
+            Ok(format!(
+                "imported {} ({format}, {} layers) as {}\n",
+                file.display(),
+                img.layers.len(),
+                img.name
+            ))
+        }
+        ImageCommand::Ls(a) => {
+            let images = client.images()?;
+            if a.json {
+                return Ok(serde_json::to_string_pretty(&images)? + "\n");
+            }
+            let mut out = String::new();
+            let _ = writeln!(out, "{:<40} {:<20} {:>7} {:>12}", "NAME", "MANIFEST", "LAYERS", "SIZE");
+            for i in images {
+                let size: u64 = i.layers.iter().map(|l| l.size).sum();
+                let _ = writeln!(
+                    out,
+                    "{:<40} {:<20} {:>7} {:>12}",
+                    i.name,
+                    &i.manifest_digest[..i.manifest_digest.len().min(19)],
+                    i.layers.len(),
+                    size
+                );
+            }
+            Ok(out)
+        }
+        ImageCommand::Rm { name } => {
+            client.remove_image(name)?;
+            Ok(format!("removed {name}\n"))
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! `--output`: an OCI image layout (`type=oci`), a tar `docker load` accepts (`type=docker`,
+//! which is also an OCI layout), or the final filesystem (`type=local`).
+
+use std::path::{Path, PathBuf};
+
+use lcache_proto::wire::ImageRecord;
+use serde_json::json;
+
+use crate::daemon_client::DaemonClient;
+use crate::errors::ClientError;
+use crate::layer_extract::{extract_layer, is_root, Whiteouts};
+use crate::oci_image::MANIFEST_MEDIA_TYPE;
+use crate::snapshots::layer_reader;
+
+/// Where and how to export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSpec {
+    /// `oci`, `docker` or `local`.
+    pub kind: String,
+    /// Destination path.
+    pub dest: PathBuf,
+}
+
+impl std::str::FromStr for OutputSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut kind = None;
+        let mut dest = None;
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("type", v)) => kind = Some(v.to_string()),
+                Some(("dest", v)) => dest = Some(PathBuf::from(v)),
+                _ => return Err(format!("'{kv}' in --output: write type=oci|docker|local,dest=PATH")),
+            }
+        }
+        let kind = kind.ok_or("--output needs type=oci|docker|local")?;
+        if !matches!(kind.as_str(), "oci" | "docker" | "local") {
+            return Err(format!("--output type={kind} is not one of oci, docker, local"));
+        }
+        Ok(Self {
+            kind,
+            dest: dest.ok_or("--output needs dest=PATH")?,
+        })
+    }
+}
+
+fn io(dest: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
+    move |e| ClientError::Local(format!("cannot write {}: {e}", dest.display()))
+}
+
+/// The blobs of an image, as (digest, bytes): layers, config, manifest.
+fn blobs(client: &DaemonClient, image: &ImageRecord) -> Result<Vec<(String, bytes::Bytes)>, ClientError> {
+    let mut out = Vec::new();
+    for d in image
+        .layers
+        .iter()
+        .map(|l| &l.digest)
+        .chain([&image.config_digest, &image.manifest_digest])
+    {
+        out.push((d.clone(), client.blob(d)?));
+    }
+    Ok(out)
+}
+
+fn index_json(image: &ImageRecord, manifest_size: usize, tags: &[String]) -> Vec<u8> {
+    let annotations = tags
+        .first()
+        .map(|t| json!({"org.opencontainers.image.ref.name": t, "io.containerd.image.name": t}));
+    let mut m = json!({"mediaType": MANIFEST_MEDIA_TYPE, "digest": image.manifest_digest, "size": manifest_size});
+    if let Some(a) = annotations {
+        m["annotations"] = a;
+    }
+    serde_json::to_vec(
+        &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [m]}),
+    )
+    .unwrap_or_default()
+}
+
+/// Writes the export.
+pub fn export(
+    client: &DaemonClient,
+    image: &ImageRecord,
+    out: &OutputSpec,
+    tags: &[String],
+) -> Result<(), ClientError> {
+    let dest = &out.dest;
+    match out.kind.as_str() {
+        "local" => {
+            std::fs::create_dir_all(dest).map_err(io(dest))?;
+            for l in &image.layers {
+                let blob = client.blob(&l.digest)?;
+                extract_layer(layer_reader(&blob), dest, Whiteouts::Apply, is_root())
+                    .map_err(|e| ClientError::Local(format!("layer {}: {e}", l.digest)))?;
+            }
+            Ok(())
+        }
+        "oci" => {
+            let blobs = blobs(client, image)?;
+            let dir = dest.join("blobs/sha256");
+            std::fs::create_dir_all(&dir).map_err(io(dest))?;
+            let mut manifest_size = 0;
+            for (d, b) in &blobs {
+                if *d == image.manifest_digest {
+                    manifest_size = b.len();
+                }
+                std::fs::write(dir.join(d.trim_start_matches("sha256:")), b).map_err(io(dest))?;
+            }
+            std::fs::write(dest.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io(dest))?;
+            std::fs::write(dest.join("index.json"), index_json(image, manifest_size, tags)).map_err(io(dest))?;
+            Ok(())
+        }
+        _ => {
+            // docker load reads manifest.json; newer versions also read the OCI layout.
+            let blobs = blobs(client, image)?;
+            let file = std::fs::File::create(dest).map_err(io(dest))?;
+            let mut t = tar::Builder::new(file);
+            let mut add = |name: &str, data: &[u8]| -> Result<(), ClientError> {
+                let mut h = tar::Header::new_ustar();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                h.set_mtime(0);
+                h.set_entry_type(tar::EntryType::Regular);
+                t.append_data(&mut h, name, data).map_err(io(dest))
+            };
+            let mut manifest_size = 0;
+            for (d, b) in &blobs {
+                if *d == image.manifest_digest {
+                    manifest_size = b.len();
+                }
+                add(&format!("blobs/sha256/{}", d.trim_start_matches("sha256:")), b)?;
+            }
+            let path_of = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+            let manifest = json!([{
+                "Config": path_of(&image.config_digest),
+                "RepoTags": tags,
+                "Layers": image.layers.iter().map(|l| path_of(&l.digest)).collect::<Vec<_>>(),
+            }]);
+            add("manifest.json", &serde_json::to_vec(&manifest).unwrap_or_default())?;
+            add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+            add("index.json", &index_json(image, manifest_size, tags))?;
+            t.into_inner().map_err(io(dest))?;
+            Ok(())
+        }
+    }
+}

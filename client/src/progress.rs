@@ -1,0 +1,173 @@
+//! Build progress for people and scripts: `plain` looks like BuildKit's (`#N [stage i/n]
+//! INSTRUCTION`, output, `#N CACHED` / `#N DONE 1.2s`), `json` prints one event per line,
+//! `tty` draws live spinners with per-step timers.
+
+use std::io::Write;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressMode {
+    /// BuildKit-style lines on stderr.
+    Plain,
+    /// One JSON object a line on stdout.
+    Json,
+    /// A live display on stderr.
+    Tty,
+}
+
+/// One step's result, as `--progress=json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepEvent {
+    /// Always `step`.
+    pub event: &'static str,
+    /// 1-based step number in the build.
+    pub n: usize,
+    /// 0-based stage.
+    pub stage: usize,
+    /// The AS name, or null.
+    pub stage_name: Option<String>,
+    /// 1-based line where the instruction starts.
+    pub line: usize,
+    /// As written, continuations joined.
+    pub instruction: String,
+    /// Served from the cache.
+    pub cached: bool,
+    /// The step's key.
+    pub key: String,
+    /// Time taken, milliseconds.
+    pub duration_ms: u64,
+}
+
+/// The last event of a build.
+#[derive(Debug, Clone, Serialize)]
+pub struct SummaryEvent {
+    /// Always `summary`.
+    pub event: &'static str,
+    /// Steps in the build.
+    pub steps: usize,
+    /// Steps served from the cache.
+    pub cached: usize,
+    /// Steps executed.
+    pub built: usize,
+    /// Whole build, milliseconds.
+    pub duration_ms: u64,
+    /// The image's manifest digest.
+    pub image: String,
+    /// Names given with -t.
+    pub tags: Vec<String>,
+}
+
+/// The progress printer.
+pub struct Progress {
+    mode: ProgressMode,
+    bars: Option<indicatif::MultiProgress>,
+    current: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    /// A printer in `mode`.
+    pub fn new(mode: ProgressMode) -> Self {
+        let bars = (mode == ProgressMode::Tty).then(indicatif::MultiProgress::new);
+        Self {
+            mode,
+            bars,
+            current: None,
+        }
+    }
+
+    /// A step begins.
+    pub fn started(&mut self, n: usize, label: &str, instruction: &str) {
+        match self.mode {
+            ProgressMode::Plain => eprintln!("#{n} [{label}] {instruction}"),
+            ProgressMode::Json => {}
+            ProgressMode::Tty => {
+                if let Some(b) = &self.bars {
+                    let pb = b.add(indicatif::ProgressBar::new_spinner());
+                    pb.set_style(
+                        indicatif::ProgressStyle::with_template("{spinner} #{prefix} {msg} {elapsed:>4}")
+                            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+                    );
+                    pb.set_prefix(n.to_string());
+                    pb.set_message(format!("[{label}] {instruction}"));
+                    pb.enable_steady_tick(Duration::from_millis(100));
+                    self.current = Some(pb);
+                }
+            }
+        }
+    }
+
+    /// A line of the running step's output.
+    pub fn output(&mut self, n: usize, line: &str) {
+        match (self.mode, &self.current) {
+            (ProgressMode::Plain, _) => eprintln!("#{n} {line}"),
+            (ProgressMode::Tty, Some(pb)) => pb.println(format!("  {line}")),
+            _ => {}
+        }
+    }
+
+    /// A step ends.
+    pub fn finished(&mut self, e: &StepEvent) {
+        match self.mode {
+            ProgressMode::Plain => {
+                if e.cached {
+                    eprintln!("#{} CACHED", e.n);
+                } else {
+                    eprintln!("#{} DONE {:.1}s", e.n, e.duration_ms as f64 / 1000.0);
+                }
+            }
+            ProgressMode::Json => print_json(e),
+            ProgressMode::Tty => {
+                if let Some(pb) = self.current.take() {
+                    let how = if e.cached {
+                        "CACHED".to_string()
+                    } else {
+                        format!("DONE {:.1}s", e.duration_ms as f64 / 1000.0)
+                    };
+                    pb.finish_with_message(format!("{} {how}", pb.message()));
+                }
+            }
+        }
+    }
+
+    /// A free-form note (warnings).
+    pub fn note(&mut self, text: &str) {
+        match self.mode {
+            ProgressMode::Json => print_json(&serde_json::json!({"event": "note", "text": text})),
+            _ => eprintln!("{text}"),
+        }
+    }
+
+    /// The build's summary.
+    pub fn summary(&mut self, s: &SummaryEvent) {
+        match self.mode {
+            ProgressMode::Json => print_json(s),
+            _ => eprintln!(
+                "built {} in {:.1}s: {} steps, {} cached, {} run{}",
+                short(&s.image),
+                s.duration_ms as f64 / 1000.0,
+                s.steps,
+                s.cached,
+                s.built,
+                if s.tags.is_empty() {
+                    String::new()
+                } else {
+                    format!(", tagged {}", s.tags.join(", "))
+                }
+            ),
+        }
+    }
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(19)]
+}
+
+fn print_json<T: Serialize>(v: &T) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, v);
+    let _ = writeln!(out);
+    let _ = out.flush();
+}

@@ -1,0 +1,195 @@
+//! RUN in a real OCI runtime (runc by default): an overlay of the parent's snapshots with a
+//! fresh upper directory as the root, a bundle made from the runtime's own default spec, and
+//! the step's argv, env, cwd, user and network. What the step wrote is the upper directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use serde_json::{json, Value};
+
+use crate::overlay_mount::OverlayMount;
+use crate::user_lookup::resolve_user;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The runtime binary (`runc`, `crun`, or a path).
+    pub runtime: String,
+    /// Parent snapshots, top first.
+    pub lowers: Vec<PathBuf>,
+    /// The command.
+    pub argv: Vec<String>,
+    /// `NAME=value` environment.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// USER spec (resolved through the image's /etc/passwd).
+    pub user: String,
+    /// `--network=none`: an empty network namespace (otherwise the host's, as BuildKit).
+    pub network_none: bool,
+}
+
+/// Why a RUN failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The command exited non-zero.
+    #[error("the command exited with code {code}")]
+    Exit {
+        /// Exit code.
+        code: i32,
+        /// Its last output lines.
+        last_output: Vec<String>,
+    },
+    /// The step could not be started.
+    #[error("{0}")]
+    Setup(String),
+}
+
+static CONTAINER_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn setup(what: &str) -> impl Fn(std::io::Error) -> RunError + '_ {
+    move |e| RunError::Setup(format!("{what}: {e}"))
+}
+
+/// Runs `spec` with `work` as scratch space; returns the upper directory (the step's
+/// changes). `output` receives each output line as it comes.
+pub fn run_step(spec: &RunSpec, work: &Path, output: &mut dyn FnMut(&str)) -> Result<PathBuf, RunError> {
+    let (upper, ovl_work, rootfs, bundle, empty) = (
+        work.join("upper"),
+        work.join("ovl-work"),
+        work.join("rootfs"),
+        work.join("bundle"),
+        work.join("empty"),
+    );
+    for d in [&upper, &ovl_work, &bundle, &empty] {
+        std::fs::create_dir_all(d).map_err(setup("cannot make the step's directories"))?;
+    }
+    let mount = OverlayMount::mount(&spec.lowers, Some((&upper, &ovl_work)), &rootfs, &empty)
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let ids = resolve_user(mount.path(), &spec.user).map_err(RunError::Setup)?;
+    let gen = Command::new(&spec.runtime)
+        .args(["spec", "--bundle"])
+        .arg(&bundle)
+        .output()
+        .map_err(|e| {
+            RunError::Setup(format!(
+                "cannot run the OCI runtime '{}': {e} — install runc (apt-get install runc) or pass --runtime PATH",
+                spec.runtime
+            ))
+        })?;
+    if !gen.status.success() {
+        return Err(RunError::Setup(format!(
+            "'{} spec' failed: {}",
+            spec.runtime,
+            String::from_utf8_lossy(&gen.stderr).trim()
+        )));
+    }
+    let cfg_path = bundle.join("config.json");
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).map_err(setup("cannot read the runtime spec"))?)
+            .map_err(|e| RunError::Setup(format!("the runtime's default spec is not JSON: {e}")))?;
+    cfg["process"]["terminal"] = json!(false);
+    cfg["process"]["args"] = json!(spec.argv);
+    cfg["process"]["env"] = json!(spec.env);
+    cfg["process"]["cwd"] = json!(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
+    cfg["process"]["user"] = json!({"uid": ids.uid, "gid": ids.gid});
+    cfg["root"] = json!({"path": mount.path(), "readonly": false});
+    cfg["hostname"] = json!("lcache");
+    if !spec.network_none {
+        if let Some(ns) = cfg["linux"]["namespaces"].as_array_mut() {
+            ns.retain(|n| n["type"] != "network");
+        }
+    }
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap_or_default())
+        .map_err(setup("cannot write the bundle"))?;
+
+    let id = format!(
+        "lcache-{}-{}",
+        std::process::id(),
+        CONTAINER_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut child = Command::new(&spec.runtime)
+        .args(["run", "--bundle"])
+        .arg(&bundle)
+        .arg(&id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(setup("cannot start the runtime"))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let mut readers = Vec::new();
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child.stderr.take().map(|p| Box::new(p) as _),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut last = std::collections::VecDeque::new();
+    for line in rx {
+        output(&line);
+        if last.len() == 20 {
+            last.pop_front();
+        }
+        last.push_back(line);
+    }
+    for r in readers {
+        let _ = r.join();
+    }
+    let status = child.wait().map_err(setup("cannot wait for the runtime"))?;
+    drop(mount);
+    if !status.success() {
+        return Err(RunError::Exit {
+            code: status.code().unwrap_or(-1),
+            last_output: last.into(),
+        });
+    }
+    Ok(upper)
+}
+
+/// The argv of a RUN: heredoc bodies follow the command so the shell reads them itself.
+pub fn argv_with_heredocs(argv: &[String], heredocs: &[(String, String)]) -> Vec<String> {
+    if heredocs.is_empty() || argv.is_empty() {
+        return argv.to_vec();
+    }
+    let mut v = argv.to_vec();
+    if let Some(last) = v.last_mut() {
+        for (delim, body) in heredocs {
+            last.push('\n');
+            last.push_str(body);
+            last.push_str(delim);
+        }
+        last.push('\n');
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heredoc_bodies_follow_the_command_for_the_shell() {
+        let argv = vec!["/bin/sh".into(), "-c".into(), "cat <<EOF > /f".into()];
+        let v = argv_with_heredocs(&argv, &[("EOF".into(), "hello\n".into())]);
+        assert_eq!(v[2], "cat <<EOF > /f\nhello\nEOF\n");
+    }
+}
