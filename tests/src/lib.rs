@@ -304,3 +304,95 @@ pub fn sha256_digest(data: &[u8]) -> String {
     use sha2::Digest;
     format!("sha256:{:x}", sha2::Sha256::digest(data))
 }
+
+/// A daemon, a client cache and an imported busybox base: what a real build needs.
+pub struct BuildEnv {
+    /// The daemon.
+    pub daemon: Daemon,
+    cache: tempfile::TempDir,
+}
+
+impl Default for BuildEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BuildEnv {
+    /// Starts a daemon and imports `busybox:latest` made from Debian's busybox-static.
+    /// Builds need root, runc and overlayfs (`.ci/run` installs runc and busybox-static).
+    pub fn new() -> Self {
+        let env = Self {
+            daemon: Daemon::start(&[]),
+            cache: tempfile::tempdir().expect("temp dir"),
+        };
+        let tar = env.cache.path().join("busybox.tar");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/busybox-rootfs");
+        let out = Command::new(&script)
+            .arg(&tar)
+            .output()
+            .expect("run scripts/busybox-rootfs");
+        assert!(
+            out.status.success(),
+            "cannot make the busybox base: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let p = Project::new();
+        let out = env.lcache(&p, &["image", "import", tar.to_str().expect("utf-8"), "busybox:latest"]);
+        assert!(
+            out.status.success(),
+            "import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        env
+    }
+
+    /// Runs `lcache ARGS` in `p` against this daemon and cache.
+    pub fn lcache(&self, p: &Project, args: &[&str]) -> Output {
+        Command::new(bin("lcache"))
+            .args(args)
+            .env("LCACHE_DAEMON", self.daemon.endpoint())
+            .env("LCACHE_CACHE_DIR", self.cache.path().join("cache"))
+            .current_dir(p.path())
+            .output()
+            .expect("run lcache")
+    }
+
+    /// `lcache build --progress json EXTRA .`: each step's (instruction, cached), and the
+    /// image digest. Fails the test if the build fails.
+    pub fn build(&self, p: &Project, extra: &[&str]) -> (Vec<(String, bool)>, String) {
+        let out = self.try_build(p, extra);
+        assert!(
+            out.status.success(),
+            "build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut steps = Vec::new();
+        let mut image = String::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json event");
+            match v["event"].as_str() {
+                Some("step") => steps.push((
+                    v["instruction"].as_str().unwrap_or_default().to_string(),
+                    v["cached"].as_bool().unwrap_or(false),
+                )),
+                Some("summary") => image = v["image"].as_str().unwrap_or_default().to_string(),
+                _ => {}
+            }
+        }
+        (steps, image)
+    }
+
+    /// `lcache build --progress json EXTRA .`, whatever its outcome.
+    pub fn try_build(&self, p: &Project, extra: &[&str]) -> Output {
+        let mut args = vec!["build", "--progress", "json"];
+        args.extend_from_slice(extra);
+        args.push(".");
+        self.lcache(p, &args)
+    }
+}
+
+/// Just the cached flags of a build's steps.
+pub fn cached(steps: &[(String, bool)]) -> Vec<bool> {
+    steps.iter().map(|(_, c)| *c).collect()
+}

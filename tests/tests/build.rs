@@ -1,0 +1,367 @@
+//! Real builds: the real lcached, the real lcache, runc on overlayfs, a busybox base made
+//! from Debian's busybox-static. Needs root (overlay mounts, runc).
+
+use std::io::Read;
+
+use lcache_e2e::{cached, sha256_digest, BuildEnv, Project};
+
+const APP: &str = "FROM busybox\nWORKDIR /app\nCOPY src ./src\nRUN cat src/* > /app/all && echo built >> /app/all\nENV MODE=prod\nCMD [\"cat\", \"/app/all\"]\n";
+
+fn app() -> Project {
+    let p = Project::new();
+    p.write("Dockerfile", APP)
+        .write("src/a.txt", "alpha\n")
+        .write("src/b.txt", "beta\n")
+        .write("notes.md", "n\n")
+        .write(".dockerignore", "notes.md\n");
+    p
+}
+
+fn export_local(env: &BuildEnv, p: &Project, dest: &std::path::Path) {
+    let out = env.lcache(
+        p,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--output",
+            &format!("type=local,dest={}", dest.display()),
+            ".",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn run_output_lands_in_the_image_and_a_second_build_is_all_cached() {
+    let env = BuildEnv::new();
+    let p = app();
+    let (first, image) = env.build(&p, &[]);
+    assert_eq!(cached(&first), [false, false, false]);
+    let (second, image2) = env.build(&p, &[]);
+    assert_eq!(cached(&second), [true, true, true]);
+    assert_eq!(image, image2);
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("app/all")).unwrap(),
+        "alpha\nbeta\nbuilt\n"
+    );
+    assert!(
+        out.path().join("bin/busybox").exists(),
+        "the base image's files are there too"
+    );
+}
+
+#[test]
+fn rebuilding_without_the_cache_gives_byte_identical_layers() {
+    let env = BuildEnv::new();
+    let p = app();
+    let (_, image) = env.build(&p, &[]);
+    let (steps, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(cached(&steps), [false, false, false]);
+    assert_eq!(image, again, "same manifest, so same config and layer bytes");
+}
+
+#[test]
+fn an_edit_rebuilds_its_copy_and_what_follows_and_ignored_files_change_nothing() {
+    let env = BuildEnv::new();
+    let p = app();
+    env.build(&p, &[]);
+    p.write("notes.md", "edited but ignored\n");
+    assert_eq!(cached(&env.build(&p, &[]).0), [true, true, true]);
+    let f = std::fs::File::options()
+        .write(true)
+        .open(p.path().join("src/a.txt"))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    assert_eq!(
+        cached(&env.build(&p, &[]).0),
+        [true, true, true],
+        "mtime alone changes nothing"
+    );
+    p.write("src/b.txt", "BETA\n");
+    assert_eq!(cached(&env.build(&p, &[]).0), [true, false, false]);
+    p.write("src/b.txt", "beta\n");
+    assert_eq!(
+        cached(&env.build(&p, &[]).0),
+        [true, true, true],
+        "undoing the edit finds the old results"
+    );
+}
+
+#[test]
+fn a_build_arg_for_a_declared_arg_reruns_later_runs_only() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nRUN echo early > /early\nARG FLAVOR=plain\nRUN echo $FLAVOR > /flavor\n",
+    );
+    env.build(&p, &[]);
+    assert_eq!(
+        cached(&env.build(&p, &["--build-arg", "FLAVOR=spicy"]).0),
+        [true, false]
+    );
+    assert_eq!(cached(&env.build(&p, &["--build-arg", "UNDECLARED=1"]).0), [true, true]);
+    let out = tempfile::tempdir().unwrap();
+    let o = env.lcache(
+        &p,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--build-arg",
+            "FLAVOR=spicy",
+            "--output",
+            &format!("type=local,dest={}", out.path().display()),
+            ".",
+        ],
+    );
+    assert!(o.status.success());
+    assert_eq!(std::fs::read_to_string(out.path().join("flavor")).unwrap(), "spicy\n");
+}
+
+#[test]
+fn a_failing_run_fails_the_build_with_its_output_and_is_not_cached() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nRUN echo preparing && echo boom >&2 && exit 3\n",
+    );
+    let out = env.try_build(&p, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Dockerfile:2") && err.contains("exited with code 3") && err.contains("boom"),
+        "{err}"
+    );
+    let plan = env.lcache(&p, &["plan", "--json", "."]);
+    let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(v["cached"][0], false, "the failed step was not recorded");
+}
+
+#[test]
+fn copy_from_a_stage_keeps_downstream_hits_when_the_artifact_bytes_are_unchanged() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox AS build\nCOPY gen.sh /gen.sh\nRUN sh /gen.sh > /artifact\nFROM busybox\nCOPY --from=build /artifact /artifact\nRUN wc -c /artifact > /size\n",
+    )
+    .write("gen.sh", "echo artifact-v1\n");
+    env.build(&p, &[]);
+    p.write(
+        "gen.sh",
+        "# a comment that changes nothing in the output\necho artifact-v1\n",
+    );
+    assert_eq!(
+        cached(&env.build(&p, &[]).0),
+        [false, false, true, true],
+        "same artifact: downstream hits"
+    );
+    p.write("gen.sh", "echo artifact-v2\n");
+    assert_eq!(cached(&env.build(&p, &[]).0), [false, false, false, false]);
+}
+
+#[test]
+fn user_and_workdir_reach_the_container() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nWORKDIR /srv/data\nRUN chmod 777 /srv/data\nUSER nobody\nRUN id -u > uid && pwd > where\n",
+    );
+    env.build(&p, &[]);
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("srv/data/uid")).unwrap(),
+        "65534\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("srv/data/where")).unwrap(),
+        "/srv/data\n"
+    );
+}
+
+#[test]
+fn deletions_in_a_run_become_whiteouts_in_the_image() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nRUN mkdir -p /d && echo x > /d/f && echo y > /keep\nRUN rm -r /d\n",
+    );
+    env.build(&p, &[]);
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert!(!out.path().join("d").exists());
+    assert!(out.path().join("keep").exists());
+}
+
+#[test]
+fn the_exported_oci_layout_is_valid() {
+    let env = BuildEnv::new();
+    let p = app();
+    let dest = tempfile::tempdir().unwrap();
+    let layout = dest.path().join("oci");
+    let out = env.lcache(
+        &p,
+        &[
+            "build",
+            "-t",
+            "app:1",
+            "--output",
+            &format!("type=oci,dest={}", layout.display()),
+            ".",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = |d: &str| std::fs::read(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
+    let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+    assert_eq!(
+        json(&std::fs::read(layout.join("oci-layout")).unwrap())["imageLayoutVersion"],
+        "1.0.0"
+    );
+    let index = json(&std::fs::read(layout.join("index.json")).unwrap());
+    let m = &index["manifests"][0];
+    let manifest_bytes = read(m["digest"].as_str().unwrap());
+    assert_eq!(sha256_digest(&manifest_bytes), m["digest"]);
+    assert_eq!(manifest_bytes.len() as u64, m["size"].as_u64().unwrap());
+    assert_eq!(m["annotations"]["org.opencontainers.image.ref.name"], "app:1");
+    let manifest = json(&manifest_bytes);
+    assert_eq!(manifest["schemaVersion"], 2);
+    let config_bytes = read(manifest["config"]["digest"].as_str().unwrap());
+    assert_eq!(sha256_digest(&config_bytes), manifest["config"]["digest"]);
+    let config = json(&config_bytes);
+    assert_eq!(config["config"]["Cmd"], serde_json::json!(["cat", "/app/all"]));
+    assert!(config["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "MODE=prod"));
+    let layers = manifest["layers"].as_array().unwrap();
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    assert_eq!(layers.len(), diff_ids.len());
+    assert_eq!(layers.len(), 4, "busybox + WORKDIR + COPY + RUN");
+    for (l, diff_id) in layers.iter().zip(diff_ids) {
+        let blob = read(l["digest"].as_str().unwrap());
+        assert_eq!(sha256_digest(&blob), l["digest"]);
+        assert_eq!(blob.len() as u64, l["size"].as_u64().unwrap());
+        let mut tar = Vec::new();
+        gunzip(&blob, &mut tar);
+        assert_eq!(sha256_digest(&tar), *diff_id);
+    }
+}
+
+/// gunzip through the system's gzip, so the test crate needs no compression library.
+fn gunzip(gz: &[u8], out: &mut Vec<u8>) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("gzip")
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = gz.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    child.stdout.take().unwrap().read_to_end(out).unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn the_docker_export_carries_manifest_json_with_the_tag() {
+    let env = BuildEnv::new();
+    let p = app();
+    let dest = tempfile::tempdir().unwrap();
+    let tarball = dest.path().join("img.tar");
+    let out = env.lcache(
+        &p,
+        &[
+            "build",
+            "-t",
+            "app:2",
+            "--output",
+            &format!("type=docker,dest={}", tarball.display()),
+            ".",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list = std::process::Command::new("tar")
+        .arg("-xOf")
+        .arg(&tarball)
+        .arg("manifest.json")
+        .output()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(m[0]["RepoTags"][0], "app:2");
+    assert_eq!(m[0]["Layers"].as_array().unwrap().len(), 4);
+    let ls = env.lcache(&p, &["image", "ls"]);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("app:2"));
+}
+
+#[test]
+fn a_tagged_image_can_be_a_later_from() {
+    let env = BuildEnv::new();
+    let p = app();
+    assert!(env.lcache(&p, &["build", "-t", "base:1", "."]).status.success());
+    let q = Project::new();
+    q.write("Dockerfile", "FROM base:1\nRUN cat /app/all > /copied\n");
+    let (steps, _) = env.build(&q, &[]);
+    assert_eq!(cached(&steps), [false]);
+}
+
+#[test]
+fn an_unknown_base_image_says_how_to_import_one() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write("Dockerfile", "FROM nosuch:1\nRUN true\n");
+    let out = env.try_build(&p, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("lcache image import FILE nosuch:1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hostile_image_tars_are_refused_and_write_nothing_outside() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    let dir = tempfile::tempdir().unwrap();
+    let tarball = dir.path().join("evil.tar");
+    // A tar whose entry climbs out of the root, written byte by byte as an attacker would.
+    let mut header = [0u8; 512];
+    let name = b"../../lcache-escaped";
+    header[..name.len()].copy_from_slice(name);
+    header[100..107].copy_from_slice(b"0000644");
+    header[108..115].copy_from_slice(b"0000000");
+    header[116..123].copy_from_slice(b"0000000");
+    header[124..135].copy_from_slice(b"00000000004");
+    header[136..147].copy_from_slice(b"00000000000");
+    header[156] = b'0';
+    header[257..263].copy_from_slice(b"ustar\0");
+    header[263..265].copy_from_slice(b"00");
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
+    header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    let mut data = header.to_vec();
+    let mut body = b"evil".to_vec();
+    body.resize(512, 0);
+    data.extend_from_slice(&body);
+    data.extend_from_slice(&[0u8; 1024]);
+    std::fs::write(&tarball, &data).unwrap();
+    let out = env.lcache(&p, &["image", "import", tarball.to_str().unwrap(), "evil:1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'../../lcache-escaped'") && err.contains("refused"),
+        "{err}"
+    );
+    let ls = env.lcache(&p, &["image", "ls"]);
+    assert!(!String::from_utf8_lossy(&ls.stdout).contains("evil"));
+}
