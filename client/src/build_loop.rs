@@ -14,6 +14,7 @@ use lcache_proto::build_plan::{plan, Base, BuildPlan, CopyDef, CopyFrom, Planned
 use lcache_proto::cache_key::{key_inputs, KeyInputs};
 use lcache_proto::dockerfile::Dockerfile;
 use lcache_proto::dockerignore::IgnoreMatcher;
+use lcache_proto::explain::{cascades, MissCause};
 use lcache_proto::source_select::{select, ContextEntry, SelectedRoot};
 use lcache_proto::step_keys::{is_remote, StepKey};
 use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
@@ -24,6 +25,7 @@ use crate::copy_step::{build_copy_layer, build_workdir_layer, parse_chmod, CopyA
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
 use crate::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
+use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::oci_image::{apply_changes, config_document, env_of, manifest_document, runtime_config, sha256_of};
 use crate::overlay_mount::OverlayMount;
 use crate::progress::{Progress, StepEvent, SummaryEvent};
@@ -58,6 +60,8 @@ pub struct BuildOutcome {
     pub snapshots: Vec<PathBuf>,
     /// Every step, in order.
     pub steps: Vec<StepEvent>,
+    /// The build as recorded in the history (causes, cascades).
+    pub record: BuildRecord,
 }
 
 /// A built (or being built) stage.
@@ -68,6 +72,8 @@ struct StageState {
     layers: Vec<LayerRef>,
     snapshots: Vec<PathBuf>,
     config: Map<String, Value>,
+    /// The root of the cascade that produced this state, if its last step rebuilt.
+    rebuilt: Option<(usize, usize, String)>,
 }
 
 struct Builder<'a> {
@@ -80,6 +86,8 @@ struct Builder<'a> {
     context: Option<LocalContext>,
     progress: &'a mut Progress,
     events: Vec<StepEvent>,
+    history: Vec<BuildStep>,
+    finder: CauseFinder<'a>,
     n: usize,
 }
 
@@ -123,6 +131,8 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
         context: None,
         progress,
         events: Vec::new(),
+        history: Vec::new(),
+        finder: CauseFinder::new(client, &req.inputs, req.no_cache),
         n: 0,
     };
     let mut states: HashMap<usize, StageState> = HashMap::new();
@@ -158,6 +168,16 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    let misses: Vec<(usize, usize, String, MissCause, u64)> = b
+        .events
+        .iter()
+        .zip(&b.history)
+        .filter_map(|(e, h)| {
+            h.cause
+                .clone()
+                .map(|c| (e.n, e.line, e.instruction.clone(), c, e.duration_ms))
+        })
+        .collect();
     let record = BuildRecord {
         id: String::new(),
         started_at_ms: now.saturating_sub(elapsed),
@@ -165,20 +185,12 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
         dockerfile: req.inputs.dockerfile_name.clone(),
         context: req.inputs.context.clone(),
         target: req.inputs.target.clone(),
-        steps: b
-            .events
-            .iter()
-            .map(|e| BuildStep {
-                stage: e.stage,
-                line: e.line,
-                instruction: e.instruction.clone(),
-                key: e.key.clone(),
-                cached: e.cached,
-                duration_ms: e.duration_ms,
-            })
-            .collect(),
+        steps: b.history.clone(),
+        dockerignore: dockerignore_digest(Path::new(&req.inputs.context)),
+        cascades: cascades(&misses),
+        image: image.manifest_digest.clone(),
     };
-    client.post_build(&record)?;
+    let record = client.post_build(&record)?;
     let cached = b.events.iter().filter(|e| e.cached).count();
     b.progress.summary(&SummaryEvent {
         event: "summary",
@@ -188,11 +200,14 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
         duration_ms: elapsed,
         image: image.manifest_digest.clone(),
         tags: req.tags.clone(),
+        cascades: record.cascades.clone(),
+        build: record.id.clone(),
     });
     Ok(BuildOutcome {
         image,
         snapshots: target.snapshots,
         steps: b.events,
+        record,
     })
 }
 
@@ -243,6 +258,7 @@ impl Builder<'_> {
                 layers: vec![],
                 snapshots: vec![],
                 config: Map::new(),
+                rebuilt: None,
             }),
             Base::Stage { index } => {
                 let s = states
@@ -267,6 +283,7 @@ impl Builder<'_> {
                     layers: img.layers.clone(),
                     snapshots,
                     config: runtime_config(&img.config),
+                    rebuilt: None,
                 })
             }
         }
@@ -291,6 +308,31 @@ impl Builder<'_> {
                 self.client.step(&key)?
             };
             let cached = hit.is_some();
+            let saved_ms = hit.as_ref().map_or(0, |r| r.duration_ms);
+            let (cause, compared_with) = match cached {
+                true => (None, None),
+                false => {
+                    let at = StepAt {
+                        stage: i,
+                        position: n,
+                        instruction: &step.instruction,
+                        inputs: &inputs,
+                        key: &key,
+                        rebuilt_parent: st.rebuilt.clone(),
+                    };
+                    let (c, k) = self.finder.cause(&at);
+                    (Some(c), k)
+                }
+            };
+            st.rebuilt = match &cause {
+                None => None,
+                Some(MissCause::ParentRebuilt {
+                    root_step,
+                    root_line,
+                    root_instruction,
+                }) => Some((*root_step, *root_line, root_instruction.clone())),
+                Some(_) => Some((self.n, step.line, step.instruction.clone())),
+            };
             let layer = match hit {
                 Some(rec) => match rec.layer {
                     Some(l) => {
@@ -324,10 +366,23 @@ impl Builder<'_> {
                 line: step.line,
                 instruction: step.instruction.clone(),
                 cached,
-                key,
+                key: key.clone(),
                 duration_ms: t.elapsed().as_millis() as u64,
+                cause: cause.as_ref().map(MissCause::describe),
             };
             self.progress.finished(&ev);
+            self.history.push(BuildStep {
+                stage: i,
+                line: step.line,
+                instruction: step.instruction.clone(),
+                key,
+                cached,
+                duration_ms: ev.duration_ms,
+                saved_ms,
+                cause,
+                inputs: Some(inputs),
+                compared_with,
+            });
             self.events.push(ev);
         }
         apply_changes(&mut st.config, &stage.config);

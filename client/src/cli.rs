@@ -30,6 +30,10 @@ pub enum Command {
     Plan(KeysArgs),
     /// Build an image: cached steps are reused, the others run for real (needs root, runc).
     Build(BuildArgs),
+    /// Why each step of a build rebuilt, and what each root cause cost.
+    Explain(ExplainArgs),
+    /// Past builds: when, hit rate, time saved, root causes.
+    History(HistoryArgs),
     /// Manage the images lcached knows (bases for FROM, results of -t).
     Image {
         /// What to do.
@@ -43,6 +47,44 @@ pub enum Command {
         /// What to inspect.
         #[command(subcommand)]
         command: CacheCommand,
+    },
+}
+
+/// `lcache explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The build id (see `lcache history`) [default: the last build].
+    pub build: Option<String>,
+    /// Show one step (its number, as in the build's output) with its full key-input diff.
+    #[arg(long)]
+    pub step: Option<usize>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `lcache history`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct HistoryArgs {
+    /// `show BUILD`.
+    #[command(subcommand)]
+    pub command: Option<HistoryCommand>,
+    /// How many builds to list.
+    #[arg(short = 'n', default_value_t = 10)]
+    pub n: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `lcache history show`.
+#[derive(Debug, Subcommand)]
+pub enum HistoryCommand {
+    /// One build, step by step, with causes.
+    Show {
+        /// The build id.
+        build: String,
     },
 }
 

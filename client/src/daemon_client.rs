@@ -142,6 +142,28 @@ impl DaemonClient {
         Ok(())
     }
 
+    /// `GET /v1/builds?limit=N`, newest first.
+    pub fn builds(&self, limit: usize) -> Result<Vec<BuildRecord>, ClientError> {
+        self.json(Method::GET, &format!("/v1/builds?limit={limit}"), None::<&()>)
+    }
+
+    /// `GET /v1/builds/{id}`.
+    pub fn build_record(&self, id: &str) -> Result<BuildRecord, ClientError> {
+        self.json(Method::GET, &format!("/v1/builds/{id}"), None::<&()>)
+    }
+
+    /// `GET /v1/summaries/{digest}`: `None` if the daemon has none.
+    pub fn summary(
+        &self,
+        digest: &str,
+    ) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, ClientError> {
+        match self.json(Method::GET, &format!("/v1/summaries/{digest}"), None::<&()>) {
+            Ok(s) => Ok(Some(s)),
+            Err(ClientError::Daemon { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST /v1/builds`.
     pub fn post_build(&self, b: &BuildRecord) -> Result<BuildRecord, ClientError> {
         self.json(Method::POST, "/v1/builds", Some(b))

@@ -14,6 +14,7 @@ pub mod image_export;
 pub mod image_import;
 pub mod layer_diff;
 pub mod layer_extract;
+pub mod miss_causes;
 pub mod oci_image;
 pub mod offline_keys;
 pub mod overlay_mount;

@@ -13,6 +13,8 @@ fn main() -> ExitCode {
         Command::Keys(a) => commands::keys::run(a, daemon),
         Command::Plan(a) => commands::plan::run(a, daemon),
         Command::Build(a) => commands::build::run(a, daemon),
+        Command::Explain(a) => commands::explain::explain(a, daemon),
+        Command::History(a) => commands::explain::history(a, daemon),
         Command::Image { command } => commands::image::run(command, daemon),
         Command::Status(a) => commands::status::status(a.json, daemon),
         Command::Cache {

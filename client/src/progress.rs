@@ -39,6 +39,8 @@ pub struct StepEvent {
     pub key: String,
     /// Time taken, milliseconds.
     pub duration_ms: u64,
+    /// Why it rebuilt (misses only).
+    pub cause: Option<String>,
 }
 
 /// The last event of a build.
@@ -58,6 +60,10 @@ pub struct SummaryEvent {
     pub image: String,
     /// Names given with -t.
     pub tags: Vec<String>,
+    /// Each root cause and the steps it rebuilt.
+    pub cascades: Vec<lcache_proto::explain::Cascade>,
+    /// The build's id in the history (`lcache explain ID`).
+    pub build: String,
 }
 
 /// The progress printer.
@@ -115,6 +121,9 @@ impl Progress {
                 if e.cached {
                     eprintln!("#{} CACHED", e.n);
                 } else {
+                    if let Some(c) = &e.cause {
+                        eprintln!("#{} rebuilt: {c}", e.n);
+                    }
                     eprintln!("#{} DONE {:.1}s", e.n, e.duration_ms as f64 / 1000.0);
                 }
             }
@@ -142,6 +151,11 @@ impl Progress {
 
     /// The build's summary.
     pub fn summary(&mut self, s: &SummaryEvent) {
+        if self.mode != ProgressMode::Json {
+            for c in &s.cascades {
+                eprintln!("cascade: {}", c.describe());
+            }
+        }
         match self.mode {
             ProgressMode::Json => print_json(s),
             _ => eprintln!(

@@ -90,6 +90,9 @@ pub fn render_plan(p: &PlanResponse, source: &str) -> String {
             s.line,
             one_line(&s.instruction)
         );
+        if let Some(Some(c)) = p.causes.get(n) {
+            let _ = writeln!(out, "        because {}", c.describe());
+        }
     }
     let _ = writeln!(
         out,

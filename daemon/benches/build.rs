@@ -25,9 +25,17 @@ fn start_daemon(store: PathBuf, socket: PathBuf) -> tokio::sync::oneshot::Sender
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async move {
-            let cfg = DaemonConfig { listen: vec![Endpoint::Unix(socket)], store, watch: true };
+            let cfg = DaemonConfig {
+                listen: vec![Endpoint::Unix(socket)],
+                store,
+                watch: true,
+            };
             let d = Daemon::start(&cfg).await.expect("daemon start");
             ready_tx.send(()).expect("ready");
             d.serve(async {
@@ -57,7 +65,14 @@ fn main() {
     let client = DaemonClient::new(Endpoint::Unix(socket)).expect("client");
     let base = tmp.path().join("busybox.tar");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/busybox-rootfs");
-    assert!(Command::new(script).arg(&base).status().expect("busybox-rootfs").success(), "needs busybox-static");
+    assert!(
+        Command::new(script)
+            .arg(&base)
+            .status()
+            .expect("busybox-rootfs")
+            .success(),
+        "needs busybox-static"
+    );
     import_image(&client, &base, Some("busybox:latest"), &Platform::host().to_string()).expect("import busybox");
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-context");
@@ -76,9 +91,23 @@ fn main() {
     let scratch = time(|| assert_eq!(offline_keys(&inputs).expect("keys").hashed_files, FILES));
     // Materialising 50,000 files is what a COPY layer costs; cp -a is that cost's floor here.
     let copy_dest = tmp.path().join("cp-a");
-    let cp = time(|| assert!(Command::new("cp").arg("-a").arg(root.join("src")).arg(&copy_dest).status().expect("cp").success()));
+    let cp = time(|| {
+        assert!(Command::new("cp")
+            .arg("-a")
+            .arg(root.join("src"))
+            .arg(&copy_dest)
+            .status()
+            .expect("cp")
+            .success())
+    });
     let _ = std::fs::remove_dir_all(&copy_dest);
-    let req = BuildRequest { inputs, tags: vec![], no_cache: false, runtime: "runc".into(), cache_dir: tmp.path().join("cache") };
+    let req = BuildRequest {
+        inputs,
+        tags: vec![],
+        no_cache: false,
+        runtime: "runc".into(),
+        cache_dir: tmp.path().join("cache"),
+    };
     let mut quiet = Progress::new(ProgressMode::Json);
     let run = |p: &mut Progress| build(&client, &req, p).expect("build");
     // JSON progress goes to stdout; keep the figures readable by counting instead of printing.
@@ -107,9 +136,25 @@ fn main() {
     std::fs::write(&file, &original).expect("restore");
     eprintln!("\n== lcache build, {FILES} files (page cache warm)");
     eprintln!("hash the context from scratch:      {:>9.1} ms  1.00", ms(scratch));
-    eprintln!("cp -a of the same tree:             {:>9.1} ms  {:.2}", ms(cp), ms(cp) / ms(scratch));
-    eprintln!("cold build (COPY 50k files + RUN):  {:>9.1} ms  {:.2}", ms(cold), ms(cold) / ms(scratch));
-    eprintln!("warm no-op rebuild (median of 10):  {:>9.1} ms  {:.3}  (target <= 30 ms)", ms(warm[5]), ms(warm[5]) / ms(scratch));
-    eprintln!("one file edited (COPY + RUN rerun): {:>9.1} ms  {:.2}  (RUN itself {run_ms} ms; target <= 1500 ms + RUN)", ms(edit), ms(edit) / ms(scratch));
+    eprintln!(
+        "cp -a of the same tree:             {:>9.1} ms  {:.2}",
+        ms(cp),
+        ms(cp) / ms(scratch)
+    );
+    eprintln!(
+        "cold build (COPY 50k files + RUN):  {:>9.1} ms  {:.2}",
+        ms(cold),
+        ms(cold) / ms(scratch)
+    );
+    eprintln!(
+        "warm no-op rebuild (median of 10):  {:>9.1} ms  {:.3}  (target <= 30 ms)",
+        ms(warm[5]),
+        ms(warm[5]) / ms(scratch)
+    );
+    eprintln!(
+        "one file edited (COPY + RUN rerun): {:>9.1} ms  {:.2}  (RUN itself {run_ms} ms; target <= 1500 ms + RUN)",
+        ms(edit),
+        ms(edit) / ms(scratch)
+    );
     let _ = stop.send(());
 }

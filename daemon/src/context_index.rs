@@ -282,6 +282,7 @@ impl IndexedContext {
             local: None,
             all_files,
             images,
+            summaries: Vec::new(),
         }
     }
 }
@@ -293,6 +294,8 @@ pub struct IndexSources<'a> {
     local: Option<LocalContext>,
     all_files: bool,
     images: &'a dyn Fn(&str) -> Option<String>,
+    /// Summaries of digests computed in this plan, for `explain` to diff later.
+    pub summaries: Vec<(String, Vec<lcache_proto::sources_digest::SummaryEntry>)>,
 }
 
 impl IndexSources<'_> {
@@ -342,6 +345,7 @@ impl StepSources for IndexSources<'_> {
             })
         });
         let mut d = local.digest_sources(def)?;
+        self.summaries.push((d.digest.clone(), std::mem::take(&mut d.summary)));
         if !self.all_files {
             d.files.truncate(FILES_LISTED);
             ctx.memo.insert(key, d.clone());

@@ -68,6 +68,9 @@ pub fn plan_build(
         },
         source,
     })?;
+    for (digest, summary) in std::mem::take(&mut sources.summaries) {
+        records.put_summary(&digest, &summary)?;
+    }
     let (fresh, hashed_files) = sources.finish();
     index.persist(&ctx, &fresh, &removed)?;
     let mut cached = Vec::with_capacity(steps.len());
@@ -91,6 +94,7 @@ pub fn plan_build(
     Ok(PlanResponse {
         report,
         cached,
+        causes: Vec::new(),
         context: ctx.status(),
     })
 }

@@ -8,6 +8,7 @@ pub mod dockerfile_lexer;
 pub mod dockerignore;
 pub mod endpoint;
 pub mod errors;
+pub mod explain;
 pub mod instruction;
 pub mod instruction_names;
 pub mod key_encoding;

@@ -22,6 +22,24 @@ pub struct FileInput {
     pub digest: String,
 }
 
+/// How many entries a sources summary keeps at most (breadth first).
+pub const SUMMARY_BUDGET: usize = 2048;
+
+/// One node of a sources summary: what `explain` compares without the old tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SummaryEntry {
+    /// Path relative to the context (`src/a.txt`), or the matched root itself.
+    pub path: String,
+    /// Type.
+    pub kind: EntryKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// Node digest (hex) for files and directories, the target for symlinks.
+    pub digest: String,
+    /// For directories: whether all its children are in the summary too.
+    pub expanded: bool,
+}
+
 /// The digest of a COPY's selected sources and the entries it covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SourcesDigest {
@@ -31,6 +49,8 @@ pub struct SourcesDigest {
     pub files: Vec<FileInput>,
     /// How many entries went in.
     pub total: usize,
+    /// The Merkle tree's top, breadth first, at most [`SUMMARY_BUDGET`] entries.
+    pub summary: Vec<SummaryEntry>,
 }
 
 enum Node {
@@ -48,21 +68,63 @@ enum Node {
 }
 
 impl Node {
-    fn digest(&self) -> [u8; 32] {
+    /// The node's digest; every node's (path, kind, mode, digest) goes to `seen`.
+    fn digest(&self, path: &str, seen: &mut Vec<SummaryEntry>) -> [u8; 32] {
         let mut e = Encoder::new();
-        match self {
-            Node::File { mode, content } => e.str("file").u32(*mode).digest(content),
-            Node::Symlink { target } => e.str("symlink").str(target),
+        let (kind, mode) = match self {
+            Node::File { mode, content } => {
+                e.str("file").u32(*mode).digest(content);
+                (EntryKind::File, *mode)
+            }
+            Node::Symlink { target } => {
+                e.str("symlink").str(target);
+                (EntryKind::Symlink, 0o777)
+            }
             Node::Dir { mode, children } => {
                 e.str("dir").u32(*mode).u32(children.len() as u32);
                 for (name, child) in children {
-                    e.str(name).digest(&child.digest());
+                    let p = if path.is_empty() || path == "." {
+                        name.clone()
+                    } else {
+                        format!("{path}/{name}")
+                    };
+                    e.str(name).digest(&child.digest(&p, seen));
                 }
-                &mut e
+                (EntryKind::Dir, *mode)
             }
         };
-        e.finish()
+        let d = e.finish();
+        let digest = match self {
+            Node::Symlink { target } => target.clone(),
+            _ => hex(&d),
+        };
+        seen.push(SummaryEntry {
+            path: path.to_string(),
+            kind,
+            mode,
+            digest,
+            expanded: false,
+        });
+        d
     }
+}
+
+/// Keeps the top of the tree, breadth first, within the budget; marks directories whose
+/// children all made it as expanded.
+fn summarise(mut seen: Vec<SummaryEntry>) -> Vec<SummaryEntry> {
+    let depth = |p: &str| if p == "." { 0 } else { p.matches('/').count() + 1 };
+    seen.sort_by(|a, b| depth(&a.path).cmp(&depth(&b.path)).then_with(|| a.path.cmp(&b.path)));
+    let kept_all = seen.len() <= SUMMARY_BUDGET;
+    let cut = if kept_all { seen.len() } else { SUMMARY_BUDGET };
+    let boundary_depth = seen.get(cut).map(|e| depth(&e.path));
+    seen.truncate(cut);
+    for e in &mut seen {
+        if e.kind == EntryKind::Dir {
+            // Children sit one level deeper; that level is whole only below the cut's depth.
+            e.expanded = kept_all || boundary_depth.is_some_and(|b| depth(&e.path) + 1 < b);
+        }
+    }
+    seen
 }
 
 /// Node for one entry; `content` gives a file's BLAKE3 by entry index.
@@ -112,6 +174,7 @@ pub fn sources_digest(
     let mut e = Encoder::new();
     e.str("lcache-sources").u32(1).u32(roots.len() as u32);
     let mut files = Vec::new();
+    let mut seen = Vec::new();
     let mut describe = |i: usize| {
         let en = &entries[i];
         files.push(FileInput {
@@ -142,12 +205,14 @@ pub fn sources_digest(
                 insert(children, rel, leaf(&entries[*i], *i, content));
             }
         }
-        e.str(&root.path).digest(&node.digest());
+        let d = node.digest(&root.path, &mut seen);
+        e.str(&root.path).digest(&d);
     }
     SourcesDigest {
         digest: hex(&e.finish()),
         total: files.len(),
         files,
+        summary: summarise(seen),
     }
 }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::build_plan::PlanRequest;
 use crate::cache_key::KeyInputs;
 use crate::errors::DockerfileError;
+use crate::explain::{Cascade, MissCause};
 use crate::platform::Platform;
 use crate::step_keys::StepKey;
 
@@ -105,6 +106,9 @@ pub struct PlanResponse {
     pub report: KeysReport,
     /// Per step: `Some(true)` a hit, `Some(false)` a miss, `None` pending.
     pub cached: Vec<Option<bool>>,
+    /// Per step: why a predicted miss would rebuild (filled in by the client from history).
+    #[serde(default)]
+    pub causes: Vec<Option<MissCause>>,
     /// The context index after this plan.
     pub context: ContextIndexStatus,
 }
@@ -159,6 +163,18 @@ pub struct BuildStep {
     pub cached: bool,
     /// Time spent, milliseconds.
     pub duration_ms: u64,
+    /// For a hit: the time the original run took, which the hit saved.
+    #[serde(default)]
+    pub saved_ms: u64,
+    /// For a miss: why.
+    #[serde(default)]
+    pub cause: Option<MissCause>,
+    /// The key's inputs.
+    #[serde(default)]
+    pub inputs: Option<KeyInputs>,
+    /// The key of the earlier record this step was compared with.
+    #[serde(default)]
+    pub compared_with: Option<String>,
 }
 
 /// A build in the history.
@@ -179,6 +195,15 @@ pub struct BuildRecord {
     pub target: Option<String>,
     /// Steps in order.
     pub steps: Vec<BuildStep>,
+    /// BLAKE3 of the context's .dockerignore (empty if none).
+    #[serde(default)]
+    pub dockerignore: String,
+    /// Root causes and what each rebuilt.
+    #[serde(default)]
+    pub cascades: Vec<Cascade>,
+    /// The image's manifest digest.
+    #[serde(default)]
+    pub image: String,
 }
 
 /// `GET /v1/status` answer.

@@ -1,6 +1,7 @@
 //! One module per subcommand; each turns parsed arguments into output text.
 
 pub mod build;
+pub mod explain;
 pub mod image;
 pub mod keys;
 pub mod parse;

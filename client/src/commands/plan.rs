@@ -7,6 +7,7 @@ use lcache_proto::wire::{ContextIndexStatus, PlanResponse};
 use crate::build_inputs::plan_inputs;
 use crate::cli::KeysArgs;
 use crate::daemon_choice::daemon;
+use crate::miss_causes::plan_causes;
 use crate::offline_keys::offline_keys;
 use crate::render::render_plan;
 
@@ -28,13 +29,16 @@ pub fn run(args: &KeysArgs, explicit: Option<&Endpoint>) -> Result<String> {
             PlanResponse {
                 report,
                 cached,
+                causes: Vec::new(),
                 context,
             },
             "offline: no cache consulted".to_string(),
         )
     } else {
         let (client, _) = daemon(explicit)?;
-        (client.plan(&inputs)?, format!("daemon {}", client.endpoint()))
+        let mut resp = client.plan(&inputs)?;
+        resp.causes = plan_causes(&client, &inputs, &resp)?;
+        (resp, format!("daemon {}", client.endpoint()))
     };
     if args.json {
         return Ok(serde_json::to_string_pretty(&resp)? + "\n");

@@ -92,3 +92,20 @@ pub fn metrics(state: &AppState) -> Response<Body> {
     );
     r
 }
+
+/// `GET /v1/summaries/{digest}`: the Merkle summary behind a sources digest.
+pub fn summary(state: &AppState, digest: &str) -> Response<Body> {
+    match state.records.get_summary(digest) {
+        Ok(Some(s)) => json(StatusCode::OK, &s),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no summary for sources digest {digest}"),
+            "summaries exist for digests a plan computed",
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
+    }
+}

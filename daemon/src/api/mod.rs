@@ -114,6 +114,7 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bod
         (&Method::POST, ["v1", "builds"]) => ("builds", builds::post(&state, req).await),
         (&Method::GET, ["v1", "builds"]) => ("builds", builds::list(&state, req.uri().query())),
         (&Method::GET, ["v1", "builds", id]) => ("builds", builds::get(&state, id)),
+        (&Method::GET, ["v1", "summaries", d]) => ("other", control::summary(&state, d)),
         (&Method::GET, ["v1", "images"]) => ("other", images::list(&state)),
         (&Method::GET, ["v1", "images", name]) => ("other", images::get(&state, name)),
         (&Method::PUT, ["v1", "images", name]) => ("other", images::put(&state, name, req).await),

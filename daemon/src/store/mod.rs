@@ -85,6 +85,14 @@ pub trait RecordStore: Send + Sync {
     fn remove_image(&self, name: &str) -> Result<bool, StoreError>;
     /// Every image, by name.
     fn images(&self) -> Result<Vec<ImageRecord>, StoreError>;
+    /// Stores the summary of a sources digest (content-addressed: written once).
+    fn put_summary(
+        &self,
+        digest: &str,
+        summary: &[lcache_proto::sources_digest::SummaryEntry],
+    ) -> Result<(), StoreError>;
+    /// The summary of a sources digest, if known.
+    fn get_summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }

@@ -16,6 +16,7 @@ pub struct SledRecords {
     builds: sled::Tree,
     contexts: sled::Tree,
     images: sled::Tree,
+    summaries: sled::Tree,
 }
 
 fn db_err(e: sled::Error) -> StoreError {
@@ -34,6 +35,7 @@ impl SledRecords {
             builds: tree("builds")?,
             contexts: tree("context_files")?,
             images: tree("images")?,
+            summaries: tree("summaries")?,
             db,
         })
     }
@@ -192,6 +194,26 @@ impl RecordStore for SledRecords {
             .values()
             .map(|v| Ok(decode(&v.map_err(db_err)?)?))
             .collect()
+    }
+
+    fn put_summary(
+        &self,
+        digest: &str,
+        summary: &[lcache_proto::sources_digest::SummaryEntry],
+    ) -> Result<(), StoreError> {
+        if !self.summaries.contains_key(digest).map_err(db_err)? {
+            self.summaries
+                .insert(digest.as_bytes(), encode(&summary.to_vec()))
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    fn get_summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, StoreError> {
+        match self.summaries.get(digest).map_err(db_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -1,0 +1,163 @@
+//! Finds each missed step's root cause for `lcache build` and `lcache plan`: the nearest
+//! earlier record of the same step is the same stage and position in the newest earlier
+//! build of this context and Dockerfile, else the same instruction text anywhere in it;
+//! file changes come from the daemon's Merkle summaries of the two sources digests.
+
+use std::path::Path;
+
+use lcache_proto::build_plan::{plan, Base};
+use lcache_proto::cache_key::KeyInputs;
+use lcache_proto::dockerfile::Dockerfile;
+use lcache_proto::explain::{miss_cause, CauseContext, MissCause, Previous};
+use lcache_proto::wire::{BuildRecord, BuildStep, PlanInputs, PlanResponse};
+
+use crate::daemon_client::DaemonClient;
+use crate::errors::ClientError;
+
+/// How many past builds are searched for the previous build of the same context.
+const HISTORY_SEARCHED: usize = 50;
+
+/// BLAKE3 of the context's .dockerignore, or empty.
+pub fn dockerignore_digest(context: &Path) -> String {
+    std::fs::read(context.join(".dockerignore"))
+        .map(|b| blake3::hash(&b).to_hex().to_string())
+        .unwrap_or_default()
+}
+
+/// Compares steps with the previous build.
+pub struct CauseFinder<'a> {
+    client: &'a DaemonClient,
+    previous: Option<BuildRecord>,
+    no_cache: bool,
+    dockerignore_changed: bool,
+}
+
+/// A step being explained.
+pub struct StepAt<'a> {
+    /// 0-based stage.
+    pub stage: usize,
+    /// 0-based position among the stage's steps.
+    pub position: usize,
+    /// As written.
+    pub instruction: &'a str,
+    /// The key's inputs.
+    pub inputs: &'a KeyInputs,
+    /// The key.
+    pub key: &'a str,
+    /// The step that rebuilt and so changed this step's parent, if any.
+    pub rebuilt_parent: Option<(usize, usize, String)>,
+}
+
+impl<'a> CauseFinder<'a> {
+    /// Looks up the newest earlier build of the same context, Dockerfile and target.
+    pub fn new(client: &'a DaemonClient, inputs: &PlanInputs, no_cache: bool) -> Self {
+        let previous = client.builds(HISTORY_SEARCHED).ok().and_then(|bs| {
+            bs.into_iter().find(|b| {
+                b.context == inputs.context && b.dockerfile == inputs.dockerfile_name && b.target == inputs.target
+            })
+        });
+        let dockerignore_changed = previous
+            .as_ref()
+            .is_some_and(|p| p.dockerignore != dockerignore_digest(Path::new(&inputs.context)));
+        Self {
+            client,
+            previous,
+            no_cache,
+            dockerignore_changed,
+        }
+    }
+
+    /// The step of the previous build this one is compared with.
+    fn previous_step(&self, at: &StepAt<'_>) -> Option<&BuildStep> {
+        let prev = self.previous.as_ref()?;
+        let same_position = prev.steps.iter().filter(|s| s.stage == at.stage).nth(at.position);
+        same_position
+            .filter(|s| s.inputs.as_ref().is_some_and(|i| i.kind == at.inputs.kind))
+            .or_else(|| prev.steps.iter().find(|s| s.instruction == at.instruction))
+    }
+
+    /// The root cause of a miss, and the key it was compared with.
+    pub fn cause(&self, at: &StepAt<'_>) -> (MissCause, Option<String>) {
+        let prev_step = self.previous_step(at);
+        let prev = prev_step.and_then(|s| {
+            s.inputs.as_ref().map(|i| Previous {
+                instruction: &s.instruction,
+                inputs: i,
+                key: &s.key,
+            })
+        });
+        let digest = |i: &KeyInputs| {
+            i.field("sources_digest")
+                .and_then(|v| v.first().cloned())
+                .filter(|d| !d.is_empty())
+        };
+        let (old, new) = match (&prev, digest(at.inputs)) {
+            (Some(p), Some(n)) => (
+                digest(p.inputs).and_then(|o| self.client.summary(&o).ok().flatten()),
+                self.client.summary(&n).ok().flatten(),
+            ),
+            _ => (None, None),
+        };
+        let cx = CauseContext {
+            no_cache: self.no_cache,
+            rebuilt_parent: at.rebuilt_parent.clone(),
+            first_in_stage: at.position == 0,
+            summaries: old.as_deref().zip(new.as_deref()),
+            dockerignore_changed: self.dockerignore_changed,
+        };
+        (
+            miss_cause(at.instruction, at.inputs, at.key, prev.as_ref(), &cx),
+            prev_step.map(|s| s.key.clone()),
+        )
+    }
+}
+
+/// Predicted causes for a plan's misses, walking the steps as a build would: a miss makes
+/// the steps after it (and stages built on its stage) cascades of it.
+pub fn plan_causes(
+    client: &DaemonClient,
+    inputs: &PlanInputs,
+    resp: &PlanResponse,
+) -> Result<Vec<Option<MissCause>>, ClientError> {
+    let df = Dockerfile::parse(&inputs.dockerfile_name, &inputs.dockerfile)?;
+    let plan = plan(&df, &inputs.plan_request()?)?;
+    let finder = CauseFinder::new(client, inputs, false);
+    let mut out = Vec::with_capacity(resp.report.steps.len());
+    let mut stage_root: std::collections::HashMap<usize, Option<(usize, usize, String)>> = Default::default();
+    let mut steps = resp.report.steps.iter().zip(&resp.cached).enumerate();
+    for stage in plan.needed_stages() {
+        let mut rebuilt = match stage.base {
+            Base::Stage { index } => stage_root.get(&index).cloned().flatten(),
+            _ => None,
+        };
+        for position in 0..stage.steps.len() {
+            let Some((n, (s, cached))) = steps.next() else { break };
+            let cause = match (cached, &s.inputs, s.known_key()) {
+                (Some(false), Some(i), Some(key)) => {
+                    let at = StepAt {
+                        stage: stage.index,
+                        position,
+                        instruction: &s.instruction,
+                        inputs: i,
+                        key,
+                        rebuilt_parent: rebuilt.clone(),
+                    };
+                    Some(finder.cause(&at).0)
+                }
+                _ => None,
+            };
+            rebuilt = match &cause {
+                None => None,
+                Some(MissCause::ParentRebuilt {
+                    root_step,
+                    root_line,
+                    root_instruction,
+                }) => Some((*root_step, *root_line, root_instruction.clone())),
+                Some(_) => Some((n + 1, s.line, s.instruction.clone())),
+            };
+            out.push(cause);
+        }
+        stage_root.insert(stage.index, rebuilt);
+    }
+    Ok(out)
+}

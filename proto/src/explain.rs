@@ -1,0 +1,607 @@
+//! Why a step missed the cache, as data first: one root cause per miss, found by comparing
+//! the step's key inputs with the nearest earlier record of the same step, and the cascade
+//! each root cause set off. Words come from [`MissCause::describe`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache_key::KeyInputs;
+use crate::source_select::EntryKind;
+use crate::sources_digest::SummaryEntry;
+
+/// How many file changes a cause lists before counting the rest.
+pub const CHANGES_LISTED: usize = 10;
+
+/// One changed variable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VarChange {
+    /// The name.
+    pub name: String,
+    /// The old value (`None`: not set).
+    pub old: Option<String>,
+    /// The new value (`None`: no longer set).
+    pub new: Option<String>,
+}
+
+/// One changed file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChange {
+    /// Its path in the context.
+    pub path: String,
+    /// `modified`, `added`, `removed`, `renamed from X`, `mode 644 → 755`, `symlink a → b`.
+    pub change: String,
+}
+
+/// The root cause of a miss (or of a whole cascade).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissCause {
+    /// The instruction's text changed.
+    InstructionChanged {
+        /// Old text.
+        old: String,
+        /// New text.
+        new: String,
+    },
+    /// A variable in the step's environment changed (ARG via --build-arg, or ENV).
+    VariableChanged {
+        /// The changes.
+        changes: Vec<VarChange>,
+    },
+    /// Copied files changed.
+    FilesChanged {
+        /// The first changes.
+        changes: Vec<FileChange>,
+        /// How many more.
+        more: usize,
+    },
+    /// `.dockerignore` changed what the COPY selects.
+    DockerignoreChanged {
+        /// The first changes in the selection.
+        changes: Vec<FileChange>,
+        /// How many more.
+        more: usize,
+    },
+    /// Another part of the effective definition changed (WORKDIR, USER, dest, flags…).
+    DefinitionChanged {
+        /// The key field.
+        field: String,
+        /// Old value.
+        old: String,
+        /// New value.
+        new: String,
+    },
+    /// The base image is a different image now.
+    BaseImageChanged {
+        /// Old identity.
+        old: String,
+        /// New identity.
+        new: String,
+    },
+    /// An earlier step rebuilt, so this one's parent changed.
+    ParentRebuilt {
+        /// Build step number (1-based) of the root of the cascade.
+        root_step: usize,
+        /// Its Dockerfile line.
+        root_line: usize,
+        /// Its instruction.
+        root_instruction: String,
+    },
+    /// `--no-cache`.
+    NoCache,
+    /// The earlier result was evicted from the cache.
+    Evicted,
+    /// The step was never built before.
+    NeverBuilt,
+}
+
+impl MissCause {
+    /// The cause in words.
+    pub fn describe(&self) -> String {
+        let files = |changes: &[FileChange], more: usize| {
+            let mut v: Vec<String> = changes.iter().map(|c| format!("{} {}", c.path, c.change)).collect();
+            if more > 0 {
+                v.push(format!("and {more} more"));
+            }
+            v.join(", ")
+        };
+        match self {
+            Self::InstructionChanged { old, new } => format!("instruction changed: {}", word_diff(old, new)),
+            Self::VariableChanged { changes } => {
+                let v: Vec<String> = changes
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{}: {} → {}",
+                            c.name,
+                            c.old.as_deref().unwrap_or("(unset)"),
+                            c.new.as_deref().unwrap_or("(unset)")
+                        )
+                    })
+                    .collect();
+                format!("variable changed: {}", v.join(", "))
+            }
+            Self::FilesChanged { changes, more } => format!("files changed: {}", files(changes, *more)),
+            Self::DockerignoreChanged { changes, more } => {
+                format!(".dockerignore changed what is selected: {}", files(changes, *more))
+            }
+            Self::DefinitionChanged { field, old, new } => format!("{field} changed: {old} → {new}"),
+            Self::BaseImageChanged { old, new } => format!("base image changed: {} → {}", short(old), short(new)),
+            Self::ParentRebuilt {
+                root_step,
+                root_line,
+                root_instruction,
+            } => {
+                format!("parent rebuilt (cascade from #{root_step}, line {root_line}: {root_instruction})")
+            }
+            Self::NoCache => "--no-cache".into(),
+            Self::Evicted => "its cached result was evicted".into(),
+            Self::NeverBuilt => "never built before".into(),
+        }
+    }
+
+    /// Whether this miss only follows from an earlier one.
+    pub fn is_cascade(&self) -> bool {
+        matches!(self, Self::ParentRebuilt { .. })
+    }
+}
+
+fn short(s: &str) -> &str {
+    &s[..s.len().min(19)]
+}
+
+/// `a b c` vs `a x c` → `a [-b-]{+x+} c`.
+pub fn word_diff(old: &str, new: &str) -> String {
+    let a: Vec<&str> = old.split_whitespace().collect();
+    let b: Vec<&str> = new.split_whitespace().collect();
+    let pre = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let post = a[pre..]
+        .iter()
+        .rev()
+        .zip(b[pre..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let mut out: Vec<String> = a[..pre].iter().map(|s| s.to_string()).collect();
+    let removed = &a[pre..a.len() - post];
+    let added = &b[pre..b.len() - post];
+    if !removed.is_empty() {
+        out.push(format!("[-{}-]", removed.join(" ")));
+    }
+    if !added.is_empty() {
+        out.push(format!("{{+{}+}}", added.join(" ")));
+    }
+    if removed.is_empty() && added.is_empty() {
+        out.push("(whitespace only)".into());
+    }
+    out.extend(a[a.len() - post..].iter().map(|s| s.to_string()));
+    out.join(" ")
+}
+
+fn env_map(i: &KeyInputs) -> BTreeMap<String, String> {
+    i.field("env")
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+/// Differences between two sources summaries, in user terms.
+pub fn diff_summaries(old: &[SummaryEntry], new: &[SummaryEntry]) -> Vec<FileChange> {
+    let o: BTreeMap<&str, &SummaryEntry> = old.iter().map(|e| (e.path.as_str(), e)).collect();
+    let n: BTreeMap<&str, &SummaryEntry> = new.iter().map(|e| (e.path.as_str(), e)).collect();
+    // An entry whose parent is collapsed (children not listed) on the other side is
+    // explained by that parent; don't report it as added or removed.
+    let parent_collapsed = |m: &BTreeMap<&str, &SummaryEntry>, p: &str| {
+        let parent = p.rsplit_once('/').map_or(".", |(d, _)| d);
+        m.get(parent).is_some_and(|e| e.kind == EntryKind::Dir && !e.expanded)
+    };
+    let mut out = Vec::new();
+    let mut added: Vec<&SummaryEntry> = Vec::new();
+    let mut removed: Vec<&SummaryEntry> = Vec::new();
+    for (p, e) in &n {
+        match o.get(p) {
+            None if !parent_collapsed(&o, p) => added.push(e),
+            None => {}
+            Some(old) if old.digest != e.digest || old.mode != e.mode || old.kind != e.kind => {
+                let change = if old.kind != e.kind {
+                    format!("{:?} → {:?}", old.kind, e.kind).to_lowercase()
+                } else if e.kind == EntryKind::Symlink {
+                    format!("symlink target {} → {}", old.digest, e.digest)
+                } else if old.mode != e.mode
+                    && (e.kind == EntryKind::Dir || old.digest == e.digest || digest_only_mode(old, e))
+                {
+                    format!("mode {:o} → {:o}", old.mode, e.mode)
+                } else if e.kind == EntryKind::Dir {
+                    if e.expanded && old.expanded {
+                        continue; // its children say what changed
+                    }
+                    "contents changed".to_string()
+                } else {
+                    "modified".to_string()
+                };
+                out.push(FileChange {
+                    path: p.to_string(),
+                    change,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    for (p, e) in &o {
+        if !n.contains_key(p) && !parent_collapsed(&n, p) {
+            removed.push(e);
+        }
+    }
+    // A removed and an added file with the same content is a rename.
+    let mut renamed_from = BTreeMap::new();
+    for a in &added {
+        if a.kind == EntryKind::File {
+            if let Some(pos) = removed
+                .iter()
+                .position(|r| r.kind == EntryKind::File && r.digest == a.digest)
+            {
+                renamed_from.insert(a.path.clone(), removed.remove(pos).path.clone());
+            }
+        }
+    }
+    for a in added {
+        let change = match renamed_from.get(&a.path) {
+            Some(from) => format!("renamed from {from}"),
+            None => "added".into(),
+        };
+        out.push(FileChange {
+            path: a.path.clone(),
+            change,
+        });
+    }
+    for r in removed {
+        out.push(FileChange {
+            path: r.path.clone(),
+            change: "removed".into(),
+        });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+/// A file's node digest covers its mode, so a pure chmod changes the digest too; the
+/// summary cannot tell content from mode then, and the mode change is the likelier story.
+fn digest_only_mode(old: &SummaryEntry, new: &SummaryEntry) -> bool {
+    old.kind == EntryKind::File && old.mode != new.mode
+}
+
+/// What a miss is compared against: the nearest earlier record of the same step.
+#[derive(Debug, Clone)]
+pub struct Previous<'a> {
+    /// Its instruction as written.
+    pub instruction: &'a str,
+    /// Its key inputs.
+    pub inputs: &'a KeyInputs,
+    /// Its key.
+    pub key: &'a str,
+}
+
+/// What else the comparison needs.
+#[derive(Debug, Clone, Default)]
+pub struct CauseContext<'a> {
+    /// `--no-cache` was given.
+    pub no_cache: bool,
+    /// The step whose miss changed this step's parent, if one did in this build:
+    /// (step number, line, instruction).
+    pub rebuilt_parent: Option<(usize, usize, String)>,
+    /// Whether this is its stage's first step (its parent is the base image).
+    pub first_in_stage: bool,
+    /// Old and new sources summaries, when both are known.
+    pub summaries: Option<(&'a [SummaryEntry], &'a [SummaryEntry])>,
+    /// Whether .dockerignore differs from the earlier build's.
+    pub dockerignore_changed: bool,
+}
+
+/// The root cause of a miss: the first that applies of instruction text, variables, files,
+/// .dockerignore, other definition fields, base image, rebuilt parent, --no-cache,
+/// eviction, never built.
+pub fn miss_cause(
+    instruction: &str,
+    cur: &KeyInputs,
+    key: &str,
+    prev: Option<&Previous<'_>>,
+    cx: &CauseContext<'_>,
+) -> MissCause {
+    if cx.no_cache {
+        return MissCause::NoCache;
+    }
+    let Some(prev) = prev else {
+        // On a first build only the first step is new in itself; the rest follow from it.
+        return match &cx.rebuilt_parent {
+            Some((root_step, root_line, root_instruction)) => MissCause::ParentRebuilt {
+                root_step: *root_step,
+                root_line: *root_line,
+                root_instruction: root_instruction.clone(),
+            },
+            None => MissCause::NeverBuilt,
+        };
+    };
+    if prev.key == key {
+        return MissCause::Evicted;
+    }
+    if prev.instruction != instruction {
+        return MissCause::InstructionChanged {
+            old: prev.instruction.to_string(),
+            new: instruction.to_string(),
+        };
+    }
+    let (old_env, new_env) = (env_map(prev.inputs), env_map(cur));
+    let mut vars = Vec::new();
+    for k in old_env
+        .keys()
+        .chain(new_env.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (a, b) = (old_env.get(k), new_env.get(k));
+        if a != b {
+            vars.push(VarChange {
+                name: k.clone(),
+                old: a.cloned(),
+                new: b.cloned(),
+            });
+        }
+    }
+    if !vars.is_empty() {
+        return MissCause::VariableChanged { changes: vars };
+    }
+    if prev.inputs.field("sources_digest") != cur.field("sources_digest") {
+        let mut changes = cx.summaries.map(|(o, n)| diff_summaries(o, n)).unwrap_or_default();
+        let more = changes.len().saturating_sub(CHANGES_LISTED);
+        changes.truncate(CHANGES_LISTED);
+        if changes.is_empty() {
+            changes.push(FileChange {
+                path: cur.field("sources").map(|s| s.join(" ")).unwrap_or_default(),
+                change: "contents changed".into(),
+            });
+        }
+        return if cx.dockerignore_changed {
+            MissCause::DockerignoreChanged { changes, more }
+        } else {
+            MissCause::FilesChanged { changes, more }
+        };
+    }
+    for f in &cur.fields {
+        if f.name == "env" || f.name == "sources_digest" {
+            continue;
+        }
+        let old = prev.inputs.field(&f.name).unwrap_or_default();
+        if old != f.values.as_slice() {
+            return MissCause::DefinitionChanged {
+                field: f.name.clone(),
+                old: old.join(" "),
+                new: f.values.join(" "),
+            };
+        }
+    }
+    if prev.inputs.platform != cur.platform {
+        return MissCause::DefinitionChanged {
+            field: "platform".into(),
+            old: prev.inputs.platform.clone(),
+            new: cur.platform.clone(),
+        };
+    }
+    if prev.inputs.parent != cur.parent {
+        if let Some((root_step, root_line, root_instruction)) = &cx.rebuilt_parent {
+            return MissCause::ParentRebuilt {
+                root_step: *root_step,
+                root_line: *root_line,
+                root_instruction: root_instruction.clone(),
+            };
+        }
+        if cx.first_in_stage {
+            return MissCause::BaseImageChanged {
+                old: prev.inputs.parent.clone(),
+                new: cur.parent.clone(),
+            };
+        }
+    }
+    MissCause::NeverBuilt
+}
+
+/// One root cause and the steps it rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cascade {
+    /// Build step number of the root.
+    pub root_step: usize,
+    /// Its line.
+    pub line: usize,
+    /// Its instruction.
+    pub instruction: String,
+    /// Why it missed.
+    pub cause: MissCause,
+    /// Step numbers rebuilt because of it, the root first.
+    pub steps: Vec<usize>,
+    /// Time they took, milliseconds.
+    pub duration_ms: u64,
+}
+
+impl Cascade {
+    /// `src/a.txt modified → rebuilt COPY src (line 5) and 2 later steps: 41.2 s`.
+    pub fn describe(&self) -> String {
+        let later = match self.steps.len().saturating_sub(1) {
+            0 => String::new(),
+            1 => " and 1 later step".to_string(),
+            n => format!(" and {n} later steps"),
+        };
+        format!(
+            "{} → rebuilt {} (line {}){later}: {:.1} s",
+            self.cause.describe(),
+            self.instruction,
+            self.line,
+            self.duration_ms as f64 / 1000.0
+        )
+    }
+}
+
+/// Groups misses into cascades: each non-cascade cause is a root; cascades join theirs.
+/// `steps` are (step number, line, instruction, cause, duration ms) of the misses.
+pub fn cascades(steps: &[(usize, usize, String, MissCause, u64)]) -> Vec<Cascade> {
+    let mut out: Vec<Cascade> = Vec::new();
+    for (n, line, instruction, cause, ms) in steps {
+        match cause {
+            MissCause::ParentRebuilt { root_step, .. } => {
+                if let Some(c) = out.iter_mut().find(|c| c.root_step == *root_step) {
+                    c.steps.push(*n);
+                    c.duration_ms += ms;
+                    continue;
+                }
+                out.push(Cascade {
+                    root_step: *n,
+                    line: *line,
+                    instruction: instruction.clone(),
+                    cause: cause.clone(),
+                    steps: vec![*n],
+                    duration_ms: *ms,
+                });
+            }
+            _ => out.push(Cascade {
+                root_step: *n,
+                line: *line,
+                instruction: instruction.clone(),
+                cause: cause.clone(),
+                steps: vec![*n],
+                duration_ms: *ms,
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache_key::KeyField;
+
+    fn inputs(env: &[&str], digest: &str, workdir: &str, parent: &str) -> KeyInputs {
+        KeyInputs {
+            platform: "linux/amd64".into(),
+            parent: parent.into(),
+            kind: "RUN".into(),
+            fields: vec![
+                KeyField {
+                    name: "env".into(),
+                    values: env.iter().map(|s| s.to_string()).collect(),
+                },
+                KeyField {
+                    name: "sources_digest".into(),
+                    values: vec![digest.into()],
+                },
+                KeyField {
+                    name: "workdir".into(),
+                    values: vec![workdir.into()],
+                },
+            ],
+        }
+    }
+
+    fn entry(path: &str, kind: EntryKind, mode: u32, digest: &str, expanded: bool) -> SummaryEntry {
+        SummaryEntry {
+            path: path.into(),
+            kind,
+            mode,
+            digest: digest.into(),
+            expanded,
+        }
+    }
+
+    #[test]
+    fn the_first_applicable_cause_wins() {
+        let old = inputs(&["A=1"], "d1", "/a", "p1");
+        let prev = Previous {
+            instruction: "RUN make",
+            inputs: &old,
+            key: "k1",
+        };
+        let cx = CauseContext::default();
+        let c = miss_cause("RUN make all", &old, "k2", Some(&prev), &cx);
+        assert_eq!(c.describe(), "instruction changed: RUN make {+all+}");
+        let c = miss_cause("RUN make", &inputs(&["A=2"], "d2", "/b", "p2"), "k2", Some(&prev), &cx);
+        assert_eq!(c.describe(), "variable changed: A: 1 → 2");
+        let c = miss_cause("RUN make", &inputs(&["A=1"], "d1", "/b", "p1"), "k2", Some(&prev), &cx);
+        assert_eq!(c.describe(), "workdir changed: /a → /b");
+        let cx = CauseContext {
+            rebuilt_parent: Some((2, 5, "COPY src .".into())),
+            ..CauseContext::default()
+        };
+        let c = miss_cause("RUN make", &inputs(&["A=1"], "d1", "/a", "p9"), "k2", Some(&prev), &cx);
+        assert!(c.is_cascade() && c.describe().contains("#2, line 5"));
+        assert_eq!(
+            miss_cause("RUN make", &old, "k1", Some(&prev), &CauseContext::default()),
+            MissCause::Evicted
+        );
+        assert_eq!(
+            miss_cause("RUN make", &old, "k1", None, &CauseContext::default()),
+            MissCause::NeverBuilt
+        );
+    }
+
+    #[test]
+    fn summaries_diff_into_modified_added_removed_renamed_and_mode() {
+        let old = vec![
+            entry("src", EntryKind::Dir, 0o755, "r1", true),
+            entry("src/a.txt", EntryKind::File, 0o644, "a", false),
+            entry("src/b.txt", EntryKind::File, 0o644, "b", false),
+            entry("src/run.sh", EntryKind::File, 0o644, "r", false),
+            entry("src/gone", EntryKind::File, 0o644, "g", false),
+        ];
+        let new = vec![
+            entry("src", EntryKind::Dir, 0o755, "r2", true),
+            entry("src/a.txt", EntryKind::File, 0o644, "a2", false),
+            entry("src/b2.txt", EntryKind::File, 0o644, "b", false),
+            entry("src/run.sh", EntryKind::File, 0o755, "r3", false),
+            entry("src/new", EntryKind::File, 0o644, "n", false),
+        ];
+        let d: Vec<String> = diff_summaries(&old, &new)
+            .iter()
+            .map(|c| format!("{} {}", c.path, c.change))
+            .collect();
+        assert_eq!(
+            d,
+            [
+                "src/a.txt modified",
+                "src/b2.txt renamed from src/b.txt",
+                "src/gone removed",
+                "src/new added",
+                "src/run.sh mode 644 → 755"
+            ]
+        );
+    }
+
+    #[test]
+    fn cascades_group_under_their_root_with_time() {
+        let root = MissCause::FilesChanged {
+            changes: vec![FileChange {
+                path: "src/a.txt".into(),
+                change: "modified".into(),
+            }],
+            more: 0,
+        };
+        let child = MissCause::ParentRebuilt {
+            root_step: 2,
+            root_line: 5,
+            root_instruction: "COPY src .".into(),
+        };
+        let c = cascades(&[
+            (2, 5, "COPY src .".into(), root, 200),
+            (3, 6, "RUN make".into(), child.clone(), 41_000),
+            (4, 7, "RUN test".into(), child, 0),
+        ]);
+        assert_eq!(c.len(), 1);
+        assert_eq!(
+            c[0].describe(),
+            "files changed: src/a.txt modified → rebuilt COPY src . (line 5) and 2 later steps: 41.2 s"
+        );
+    }
+
+    #[test]
+    fn word_diff_marks_removed_and_added_words() {
+        assert_eq!(word_diff("RUN make a", "RUN make b"), "RUN make [-a-] {+b+}");
+        assert_eq!(word_diff("RUN a  b", "RUN a b"), "RUN a b (whitespace only)");
+    }
+}
