@@ -298,9 +298,10 @@ pub struct CauseContext<'a> {
     pub dockerignore_changed: bool,
 }
 
-/// The root cause of a miss: the first that applies of instruction text, variables, files,
-/// .dockerignore, other definition fields, base image, rebuilt parent, --no-cache,
-/// eviction, never built.
+/// The root cause of a miss: --no-cache; else eviction (same key, record gone); else a
+/// rebuilt parent (the step belongs to an earlier step's cascade); else the first that
+/// applies of instruction text, variables, files, .dockerignore, other definition fields,
+/// base image; else never built.
 pub fn miss_cause(
     instruction: &str,
     cur: &KeyInputs,
@@ -324,6 +325,17 @@ pub fn miss_cause(
     };
     if prev.key == key {
         return MissCause::Evicted;
+    }
+    // A step whose parent rebuilt in this build belongs to that cascade, whatever else
+    // changed in it: every miss has one root, and the earliest change is it.
+    if prev.inputs.parent != cur.parent {
+        if let Some((root_step, root_line, root_instruction)) = &cx.rebuilt_parent {
+            return MissCause::ParentRebuilt {
+                root_step: *root_step,
+                root_line: *root_line,
+                root_instruction: root_instruction.clone(),
+            };
+        }
     }
     if prev.instruction != instruction {
         return MissCause::InstructionChanged {
@@ -386,20 +398,11 @@ pub fn miss_cause(
             new: cur.platform.clone(),
         };
     }
-    if prev.inputs.parent != cur.parent {
-        if let Some((root_step, root_line, root_instruction)) = &cx.rebuilt_parent {
-            return MissCause::ParentRebuilt {
-                root_step: *root_step,
-                root_line: *root_line,
-                root_instruction: root_instruction.clone(),
-            };
-        }
-        if cx.first_in_stage {
-            return MissCause::BaseImageChanged {
-                old: prev.inputs.parent.clone(),
-                new: cur.parent.clone(),
-            };
-        }
+    if prev.inputs.parent != cur.parent && cx.first_in_stage {
+        return MissCause::BaseImageChanged {
+            old: prev.inputs.parent.clone(),
+            new: cur.parent.clone(),
+        };
     }
     MissCause::NeverBuilt
 }
