@@ -47,6 +47,7 @@ fn main() {
     b3sum(); // warm the page cache for both contenders
     let req = PlanInputs {
         dockerfile_name: "Dockerfile".into(),
+        dockerfile_path: String::new(),
         dockerfile: std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile"),
         context: std::fs::canonicalize(&root).expect("context").display().to_string(),
         build_args: BTreeMap::new(),

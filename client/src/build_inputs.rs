@@ -50,6 +50,9 @@ pub fn plan_inputs(inputs: &BuildInputs, all_files: bool) -> Result<PlanInputs, 
     }
     Ok(PlanInputs {
         dockerfile_name: dockerfile_path.display().to_string(),
+        dockerfile_path: std::fs::canonicalize(&dockerfile_path)
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         dockerfile: String::from_utf8_lossy(&text).into_owned(),
         context: context.display().to_string(),
         build_args,

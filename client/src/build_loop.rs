@@ -186,6 +186,7 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
         context: req.inputs.context.clone(),
         target: req.inputs.target.clone(),
         steps: b.history.clone(),
+        dockerfile_path: req.inputs.dockerfile_path.clone(),
         dockerignore: dockerignore_digest(Path::new(&req.inputs.context)),
         cascades: cascades(&misses),
         image: image.manifest_digest.clone(),

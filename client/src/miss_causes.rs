@@ -51,10 +51,13 @@ pub struct StepAt<'a> {
 impl<'a> CauseFinder<'a> {
     /// Looks up the newest earlier build of the same context, Dockerfile and target.
     pub fn new(client: &'a DaemonClient, inputs: &PlanInputs, no_cache: bool) -> Self {
+        let same_dockerfile = |b: &BuildRecord| match inputs.dockerfile_path.as_str() {
+            "" => b.dockerfile == inputs.dockerfile_name,
+            path => b.dockerfile_path == path,
+        };
         let previous = client.builds(HISTORY_SEARCHED).ok().and_then(|bs| {
-            bs.into_iter().find(|b| {
-                b.context == inputs.context && b.dockerfile == inputs.dockerfile_name && b.target == inputs.target
-            })
+            bs.into_iter()
+                .find(|b| b.context == inputs.context && b.target == inputs.target && same_dockerfile(b))
         });
         let dockerignore_changed = previous
             .as_ref()

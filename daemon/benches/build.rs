@@ -80,6 +80,7 @@ fn main() {
     let root = std::fs::canonicalize(&root).expect("canonical");
     let inputs = PlanInputs {
         dockerfile_name: "Dockerfile".into(),
+        dockerfile_path: String::new(),
         dockerfile: DOCKERFILE.into(),
         context: root.display().to_string(),
         build_args: BTreeMap::new(),

@@ -168,6 +168,7 @@ fn main() {
     let root = std::fs::canonicalize(&root).expect("canonical");
     let inputs = PlanInputs {
         dockerfile_name: "Dockerfile".into(),
+        dockerfile_path: String::new(),
         dockerfile: std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile"),
         context: root.display().to_string(),
         build_args: BTreeMap::new(),

@@ -20,6 +20,9 @@ pub struct PlanInputs {
     pub dockerfile_name: String,
     /// The Dockerfile's text.
     pub dockerfile: String,
+    /// The Dockerfile's absolute path, when it is a file (matches builds across spellings).
+    #[serde(default)]
+    pub dockerfile_path: String,
     /// The build context directory, absolute.
     pub context: String,
     /// `--build-arg` values.
@@ -195,6 +198,9 @@ pub struct BuildRecord {
     pub target: Option<String>,
     /// Steps in order.
     pub steps: Vec<BuildStep>,
+    /// The Dockerfile's absolute path.
+    #[serde(default)]
+    pub dockerfile_path: String,
     /// BLAKE3 of the context's .dockerignore (empty if none).
     #[serde(default)]
     pub dockerignore: String,

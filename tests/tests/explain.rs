@@ -294,3 +294,25 @@ fn explain_step_shows_the_key_input_diff_and_history_lists_builds() {
     assert_eq!(h.lines().count(), 3, "header and two builds:\n{h}");
     assert!(h.contains("src/a.txt modified"), "{h}");
 }
+
+#[test]
+fn the_previous_build_is_found_whatever_the_paths_are_called() {
+    let env = BuildEnv::new();
+    let p = project(BASE);
+    let abs = p.path().display().to_string();
+    assert!(env
+        .lcache(
+            &p,
+            &["build", "--progress", "plain", "-f", &format!("{abs}/Dockerfile"), &abs]
+        )
+        .status
+        .success());
+    p.write("src/a.txt", "x\n");
+    env.build(&p, &[]);
+    let b = json(&env.lcache(&p, &["explain", "--json"]));
+    assert!(
+        b["steps"][1]["cause"]["files_changed"].is_object(),
+        "{}",
+        b["steps"][1]["cause"]
+    );
+}
