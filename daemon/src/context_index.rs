@@ -101,7 +101,14 @@ impl ContextIndex {
             changed: AtomicBool::new(true),
             ..WatchSignals::default()
         });
-        let (watcher, mode) = if self.watch {
+        let (watcher, mode) = if let Some(fs) = network_filesystem(root) {
+            (
+                None,
+                WatchMode::StatWalk(format!(
+                    "{fs} is a network filesystem: edits made on other machines never reach a watcher"
+                )),
+            )
+        } else if self.watch {
             match start_watcher(root, signals.clone()) {
                 Ok(w) => (Some(w), WatchMode::Watching),
                 Err(reason) => (None, WatchMode::StatWalk(reason)),
@@ -153,6 +160,22 @@ impl ContextIndex {
         self.records.update_context_digests(&ctx.root_key, upserts, removals)?;
         // Hashing cost real reads; make it survive a crash so a restart does not repeat it.
         self.records.flush()
+    }
+}
+
+/// The name of the network filesystem `root` is on, if it is on one.
+fn network_filesystem(root: &Path) -> Option<&'static str> {
+    let fs = nix::sys::statfs::statfs(root).ok()?;
+    // f_type magic numbers from statfs(2).
+    match fs.filesystem_type().0 as u64 {
+        0x6969 => Some("NFS"),
+        0x517B => Some("SMB"),
+        0xFF53_4D42 => Some("CIFS"),
+        0xFE53_4D42 => Some("SMB2"),
+        0x0102_1997 => Some("9P"),
+        0x00C3_6400 => Some("CephFS"),
+        0x6573_5546 => Some("FUSE"),
+        _ => None,
     }
 }
 
