@@ -14,7 +14,7 @@ use lcache_proto::build_plan::{plan, Base, BuildPlan, CopyDef, CopyFrom, Planned
 use lcache_proto::cache_key::{key_inputs, KeyInputs};
 use lcache_proto::dockerfile::Dockerfile;
 use lcache_proto::dockerignore::IgnoreMatcher;
-use lcache_proto::explain::{cascades, MissCause};
+use lcache_proto::explain::{cascades, root_after, MissCause};
 use lcache_proto::source_select::{select, ContextEntry, SelectedRoot};
 use lcache_proto::step_keys::{is_remote, StepKey};
 use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
@@ -325,15 +325,7 @@ impl Builder<'_> {
                     (Some(c), k)
                 }
             };
-            st.rebuilt = match &cause {
-                None => None,
-                Some(MissCause::ParentRebuilt {
-                    root_step,
-                    root_line,
-                    root_instruction,
-                }) => Some((*root_step, *root_line, root_instruction.clone())),
-                Some(_) => Some((self.n, step.line, step.instruction.clone())),
-            };
+            st.rebuilt = root_after(cause.as_ref(), (self.n, step.line, &step.instruction));
             let layer = match hit {
                 Some(rec) => match rec.layer {
                     Some(l) => {

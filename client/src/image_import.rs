@@ -66,6 +66,15 @@ fn json_of(file: &Path, b: Option<&Vec<u8>>, what: &str) -> Result<Value, Client
     serde_json::from_slice(b).map_err(|e| err(file, format!("{what} is not valid JSON: {e}")))
 }
 
+/// The runtime part (`config`) of an image config document.
+fn runtime_section(config: &Value) -> Map<String, Value> {
+    config
+        .get("config")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default()
+}
+
 fn docker_save(file: &Path, files: &HashMap<String, Vec<u8>>) -> Result<Loaded, ClientError> {
     let manifest = json_of(file, files.get("manifest.json"), "manifest.json")?;
     let first = manifest
@@ -90,11 +99,7 @@ fn docker_save(file: &Path, files: &HashMap<String, Vec<u8>>) -> Result<Loaded, 
     }
     Ok(Loaded {
         layers,
-        config: config
-            .get("config")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default(),
+        config: runtime_section(&config),
         name: first["RepoTags"].get(0).and_then(Value::as_str).map(str::to_string),
         format: "docker save",
     })
@@ -135,11 +140,7 @@ fn oci_layout(file: &Path, blob: &dyn Fn(&str) -> Option<Vec<u8>>, index: Value)
         }
         return Ok(Loaded {
             layers,
-            config: config
-                .get("config")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default(),
+            config: runtime_section(&config),
             name,
             format: "OCI layout",
         });

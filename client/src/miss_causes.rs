@@ -8,7 +8,7 @@ use std::path::Path;
 use lcache_proto::build_plan::{plan, Base};
 use lcache_proto::cache_key::KeyInputs;
 use lcache_proto::dockerfile::Dockerfile;
-use lcache_proto::explain::{miss_cause, CauseContext, MissCause, Previous};
+use lcache_proto::explain::{miss_cause, root_after, CauseContext, MissCause, Previous};
 use lcache_proto::wire::{BuildRecord, BuildStep, PlanInputs, PlanResponse};
 
 use crate::daemon_client::DaemonClient;
@@ -149,15 +149,7 @@ pub fn plan_causes(
                 }
                 _ => None,
             };
-            rebuilt = match &cause {
-                None => None,
-                Some(MissCause::ParentRebuilt {
-                    root_step,
-                    root_line,
-                    root_instruction,
-                }) => Some((*root_step, *root_line, root_instruction.clone())),
-                Some(_) => Some((n + 1, s.line, s.instruction.clone())),
-            };
+            rebuilt = root_after(cause.as_ref(), (n + 1, s.line, &s.instruction));
             out.push(cause);
         }
         stage_root.insert(stage.index, rebuilt);

@@ -3,10 +3,11 @@
 //! hashing the context from scratch in the same run. Needs root, runc and busybox-static.
 //! Run: `cargo bench -p lcache-daemon --bench build`.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use lcache_client::build_loop::{build, BuildRequest};
 use lcache_client::daemon_client::DaemonClient;
@@ -14,54 +15,17 @@ use lcache_client::image_import::import_image;
 use lcache_client::offline_keys::offline_keys;
 use lcache_client::progress::{Progress, ProgressMode};
 use lcache_context::synthetic_context::{make_synthetic_context, FILES};
-use lcache_daemon::server::{Daemon, DaemonConfig};
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::platform::Platform;
 use lcache_proto::wire::PlanInputs;
+use support::{ms, start_daemon, time};
 
 const DOCKERFILE: &str = "FROM busybox\nCOPY src /src\nRUN true\n";
-
-fn start_daemon(store: PathBuf, socket: PathBuf) -> tokio::sync::oneshot::Sender<()> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let cfg = DaemonConfig {
-                listen: vec![Endpoint::Unix(socket)],
-                store,
-                watch: true,
-            };
-            let d = Daemon::start(&cfg).await.expect("daemon start");
-            ready_tx.send(()).expect("ready");
-            d.serve(async {
-                let _ = stop_rx.await;
-            })
-            .await;
-        });
-    });
-    ready_rx.recv().expect("daemon ready");
-    stop_tx
-}
-
-fn time(f: impl FnOnce()) -> Duration {
-    let t = Instant::now();
-    f();
-    t.elapsed()
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 fn main() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let socket = tmp.path().join("lcached.sock");
-    let stop = start_daemon(tmp.path().join("store"), socket.clone());
+    let (_, stop) = start_daemon(tmp.path().join("store"), vec![Endpoint::Unix(socket.clone())]);
     let client = DaemonClient::new(Endpoint::Unix(socket)).expect("client");
     let base = tmp.path().join("busybox.tar");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/busybox-rootfs");

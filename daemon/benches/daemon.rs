@@ -9,6 +9,8 @@
 //! The daemon runs in this process on its own runtime (2 workers) but is reached through
 //! real sockets. Run: `cargo bench -p lcache-daemon --bench daemon`.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,42 +22,16 @@ use hyper_util::rt::TokioIo;
 use lcache_client::daemon_client::DaemonClient;
 use lcache_client::offline_keys::offline_keys;
 use lcache_context::synthetic_context::{make_synthetic_context, FILES};
-use lcache_daemon::server::{Daemon, DaemonConfig};
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::platform::Platform;
 use lcache_proto::wire::{PlanInputs, StepRecord};
+use support::{ms, start_daemon, time};
 
 const KEYS: usize = 2_000;
 const LOOKUPS: usize = 40_000;
 
 fn key(i: usize) -> String {
     format!("{:064x}", 0x5eed_0000 + i)
-}
-
-fn start_daemon(store: PathBuf, socket: PathBuf) -> (Vec<String>, tokio::sync::oneshot::Sender<()>) {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let cfg = DaemonConfig {
-                listen: vec![Endpoint::Unix(socket), Endpoint::Tcp("127.0.0.1:0".into())],
-                store,
-                watch: true,
-            };
-            let d = Daemon::start(&cfg).await.expect("daemon start");
-            ready_tx.send(d.listening().to_vec()).expect("ready");
-            d.serve(async {
-                let _ = stop_rx.await;
-            })
-            .await;
-        });
-    });
-    (ready_rx.recv().expect("daemon ready"), stop_tx)
 }
 
 async fn connect(ep: &Endpoint) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
@@ -123,7 +99,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn main() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let socket = tmp.path().join("lcached.sock");
-    let (listening, stop) = start_daemon(tmp.path().join("store"), socket.clone());
+    let (listening, stop) = start_daemon(
+        tmp.path().join("store"),
+        vec![Endpoint::Unix(socket.clone()), Endpoint::Tcp("127.0.0.1:0".into())],
+    );
     let tcp: Endpoint = listening
         .iter()
         .find(|l| l.starts_with("tcp://"))
@@ -220,14 +199,4 @@ fn main() {
         ms(edit) / ms(scratch)
     );
     let _ = stop.send(());
-}
-
-fn time(f: impl FnOnce()) -> Duration {
-    let t = Instant::now();
-    f();
-    t.elapsed()
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }

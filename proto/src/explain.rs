@@ -407,6 +407,20 @@ pub fn miss_cause(
     MissCause::NeverBuilt
 }
 
+/// The cascade root a step leaves for the steps after it: none after a hit, its own root
+/// after a cascade member, itself after a root cause. `this` is (step number, line,
+/// instruction).
+pub fn root_after(cause: Option<&MissCause>, this: (usize, usize, &str)) -> Option<(usize, usize, String)> {
+    match cause? {
+        MissCause::ParentRebuilt {
+            root_step,
+            root_line,
+            root_instruction,
+        } => Some((*root_step, *root_line, root_instruction.clone())),
+        _ => Some((this.0, this.1, this.2.to_string())),
+    }
+}
+
 /// One root cause and the steps it rebuilt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cascade {
@@ -447,31 +461,21 @@ impl Cascade {
 pub fn cascades(steps: &[(usize, usize, String, MissCause, u64)]) -> Vec<Cascade> {
     let mut out: Vec<Cascade> = Vec::new();
     for (n, line, instruction, cause, ms) in steps {
-        match cause {
-            MissCause::ParentRebuilt { root_step, .. } => {
-                if let Some(c) = out.iter_mut().find(|c| c.root_step == *root_step) {
-                    c.steps.push(*n);
-                    c.duration_ms += ms;
-                    continue;
-                }
-                out.push(Cascade {
-                    root_step: *n,
-                    line: *line,
-                    instruction: instruction.clone(),
-                    cause: cause.clone(),
-                    steps: vec![*n],
-                    duration_ms: *ms,
-                });
+        if let MissCause::ParentRebuilt { root_step, .. } = cause {
+            if let Some(c) = out.iter_mut().find(|c| c.root_step == *root_step) {
+                c.steps.push(*n);
+                c.duration_ms += ms;
+                continue;
             }
-            _ => out.push(Cascade {
-                root_step: *n,
-                line: *line,
-                instruction: instruction.clone(),
-                cause: cause.clone(),
-                steps: vec![*n],
-                duration_ms: *ms,
-            }),
         }
+        out.push(Cascade {
+            root_step: *n,
+            line: *line,
+            instruction: instruction.clone(),
+            cause: cause.clone(),
+            steps: vec![*n],
+            duration_ms: *ms,
+        });
     }
     out
 }

@@ -1,0 +1,47 @@
+//! What the daemon benchmarks share: an in-process daemon on real sockets, and timing.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use lcache_daemon::server::{Daemon, DaemonConfig};
+use lcache_proto::endpoint::Endpoint;
+
+/// Starts a daemon on its own 2-worker runtime; returns where it listens and a stop handle.
+pub fn start_daemon(store: PathBuf, listen: Vec<Endpoint>) -> (Vec<String>, tokio::sync::oneshot::Sender<()>) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let d = Daemon::start(&DaemonConfig {
+                listen,
+                store,
+                watch: true,
+            })
+            .await
+            .expect("daemon start");
+            ready_tx.send(d.listening().to_vec()).expect("ready");
+            d.serve(async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        });
+    });
+    (ready_rx.recv().expect("daemon ready"), stop_tx)
+}
+
+/// How long `f` takes.
+pub fn time(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+/// Milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
