@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -83,13 +84,16 @@ struct Builder<'a> {
     df: Dockerfile,
     plan: BuildPlan,
     daemon_keys: HashMap<(usize, usize), StepKey>,
-    context: Option<LocalContext>,
-    progress: &'a mut Progress,
-    events: Vec<StepEvent>,
-    history: Vec<BuildStep>,
+    /// The context walk, made once by the first COPY that misses.
+    context: Mutex<Option<LocalContext>>,
+    progress: Mutex<&'a mut Progress>,
     finder: CauseFinder<'a>,
-    n: usize,
+    /// Build step number of each stage's first step (stages run concurrently).
+    first_step: HashMap<usize, usize>,
 }
+
+/// One finished step: what progress showed, and what the history keeps.
+type Finished = (StepEvent, BuildStep);
 
 fn local(e: impl std::fmt::Display) -> ClientError {
     ClientError::Local(e.to_string())
@@ -121,26 +125,27 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
             req.cache_dir.display()
         ))
     })?;
-    let mut b = Builder {
+    let mut first_step = HashMap::new();
+    let mut n = 1;
+    for st in plan.needed_stages() {
+        first_step.insert(st.index, n);
+        n += st.steps.len();
+    }
+    let b = Builder {
         client,
         req,
         cache,
         df,
         plan,
         daemon_keys,
-        context: None,
-        progress,
-        events: Vec::new(),
-        history: Vec::new(),
+        context: Mutex::new(None),
+        progress: Mutex::new(progress),
         finder: CauseFinder::new(client, &req.inputs, req.no_cache),
-        n: 0,
+        first_step,
     };
-    let mut states: HashMap<usize, StageState> = HashMap::new();
-    let order = b.stage_order()?;
-    for i in order {
-        let st = b.build_stage(i, &states)?;
-        states.insert(i, st);
-    }
+    let (mut states, mut finished) = b.build_stages()?;
+    finished.sort_by_key(|(e, _)| e.n);
+    let (events, history): (Vec<StepEvent>, Vec<BuildStep>) = finished.into_iter().unzip();
     let target = states
         .remove(&b.plan.target)
         .ok_or_else(|| local("the target stage was not built"))?;
@@ -168,10 +173,9 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let misses: Vec<(usize, usize, String, MissCause, u64)> = b
-        .events
+    let misses: Vec<(usize, usize, String, MissCause, u64)> = events
         .iter()
-        .zip(&b.history)
+        .zip(&history)
         .filter_map(|(e, h)| {
             h.cause
                 .clone()
@@ -185,19 +189,19 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
         dockerfile: req.inputs.dockerfile_name.clone(),
         context: req.inputs.context.clone(),
         target: req.inputs.target.clone(),
-        steps: b.history.clone(),
+        steps: history,
         dockerfile_path: req.inputs.dockerfile_path.clone(),
         dockerignore: dockerignore_digest(Path::new(&req.inputs.context)),
         cascades: cascades(&misses),
         image: image.manifest_digest.clone(),
     };
     let record = client.post_build(&record)?;
-    let cached = b.events.iter().filter(|e| e.cached).count();
-    b.progress.summary(&SummaryEvent {
+    let cached = events.iter().filter(|e| e.cached).count();
+    b.progress().summary(&SummaryEvent {
         event: "summary",
-        steps: b.events.len(),
+        steps: events.len(),
         cached,
-        built: b.events.len() - cached,
+        built: events.len() - cached,
         duration_ms: elapsed,
         image: image.manifest_digest.clone(),
         tags: req.tags.clone(),
@@ -207,19 +211,23 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
     Ok(BuildOutcome {
         image,
         snapshots: target.snapshots,
-        steps: b.events,
+        steps: events,
         record,
     })
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
     fn at(&self, line: usize) -> String {
         format!("{}:{line}", self.df.file)
     }
 
-    /// Needed stages, each after the stages it uses.
-    fn stage_order(&self) -> Result<Vec<usize>, ClientError> {
-        let needed: Vec<&PlannedStage> = self.plan.needed_stages().collect();
+    fn progress(&self) -> std::sync::MutexGuard<'_, &'a mut Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Builds every needed stage, each once the stages it uses are built; stages whose
+    /// dependencies are all built run at the same time.
+    fn build_stages(&self) -> Result<(HashMap<usize, StageState>, Vec<Finished>), ClientError> {
         let deps = |s: &PlannedStage| -> Vec<usize> {
             let mut d: Vec<usize> = s
                 .steps
@@ -237,19 +245,35 @@ impl Builder<'_> {
             }
             d
         };
-        let mut order = Vec::new();
-        while order.len() < needed.len() {
-            let before = order.len();
-            for s in &needed {
-                if !order.contains(&s.index) && deps(s).iter().all(|d| order.contains(d)) {
-                    order.push(s.index);
-                }
-            }
-            if order.len() == before {
+        let mut remaining: Vec<&PlannedStage> = self.plan.needed_stages().collect();
+        let mut states: HashMap<usize, StageState> = HashMap::new();
+        let mut finished = Vec::new();
+        while !remaining.is_empty() {
+            let (ready, later): (Vec<&PlannedStage>, Vec<&PlannedStage>) = remaining
+                .into_iter()
+                .partition(|s| deps(s).iter().all(|d| states.contains_key(d)));
+            if ready.is_empty() {
                 return Err(local("stages depend on each other in a cycle"));
             }
+            let done = &states;
+            let results: Vec<Result<(StageState, Vec<Finished>), ClientError>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = ready
+                    .iter()
+                    .map(|s| scope.spawn(move || self.build_stage(s.index, done)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(local("a build thread panicked"))))
+                    .collect()
+            });
+            for (s, r) in ready.iter().zip(results) {
+                let (st, steps) = r?;
+                states.insert(s.index, st);
+                finished.extend(steps);
+            }
+            remaining = later;
         }
-        Ok(order)
+        Ok((states, finished))
     }
 
     fn base_state(&self, stage: &PlannedStage, states: &HashMap<usize, StageState>) -> Result<StageState, ClientError> {
@@ -290,15 +314,20 @@ impl Builder<'_> {
         }
     }
 
-    fn build_stage(&mut self, i: usize, states: &HashMap<usize, StageState>) -> Result<StageState, ClientError> {
+    fn build_stage(
+        &self,
+        i: usize,
+        states: &HashMap<usize, StageState>,
+    ) -> Result<(StageState, Vec<Finished>), ClientError> {
         let stage = self.plan.stages[i].clone();
         let mut st = self.base_state(&stage, states)?;
         let base_env = env_of(&st.config);
         let label_name = stage.name.clone().unwrap_or_else(|| format!("stage-{i}"));
+        let mut finished = Vec::new();
         for (n, step) in stage.steps.iter().enumerate() {
-            self.n += 1;
+            let number = self.first_step.get(&i).copied().unwrap_or(1) + n;
             let label = format!("{label_name} {}/{}", n + 1, stage.steps.len());
-            self.progress.started(self.n, &label, &step.instruction);
+            self.progress().started(number, &label, &step.instruction);
             let t = Instant::now();
             let (digest, from_roots) = self.sources_digest(i, n, &step.def, states)?;
             let inputs = key_inputs(&step.def, &stage.platform, &st.parent, &digest);
@@ -325,7 +354,7 @@ impl Builder<'_> {
                     (Some(c), k)
                 }
             };
-            st.rebuilt = root_after(cause.as_ref(), (self.n, step.line, &step.instruction));
+            st.rebuilt = root_after(cause.as_ref(), (number, step.line, &step.instruction));
             let layer = match hit {
                 Some(rec) => match rec.layer {
                     Some(l) => {
@@ -335,6 +364,7 @@ impl Builder<'_> {
                     None => None,
                 },
                 None => Some(self.execute(
+                    number,
                     step.line,
                     &step.instruction,
                     &step.def,
@@ -353,7 +383,7 @@ impl Builder<'_> {
             st.parent = key.clone();
             let ev = StepEvent {
                 event: "step",
-                n: self.n,
+                n: number,
                 stage: i,
                 stage_name: stage.name.clone(),
                 line: step.line,
@@ -363,8 +393,8 @@ impl Builder<'_> {
                 duration_ms: t.elapsed().as_millis() as u64,
                 cause: cause.as_ref().map(MissCause::describe),
             };
-            self.progress.finished(&ev);
-            self.history.push(BuildStep {
+            self.progress().finished(&ev);
+            let record = BuildStep {
                 stage: i,
                 line: step.line,
                 instruction: step.instruction.clone(),
@@ -375,16 +405,16 @@ impl Builder<'_> {
                 cause,
                 inputs: Some(inputs),
                 compared_with,
-            });
-            self.events.push(ev);
+            };
+            finished.push((ev, record));
         }
         apply_changes(&mut st.config, &stage.config);
-        Ok(st)
+        Ok((st, finished))
     }
 
     /// The sources digest a step's key needs, and for `COPY --from` the selection made.
     fn sources_digest(
-        &mut self,
+        &self,
         stage: usize,
         n: usize,
         def: &StepDef,
@@ -417,7 +447,8 @@ impl Builder<'_> {
 
     #[allow(clippy::too_many_arguments)]
     fn execute(
-        &mut self,
+        &self,
+        number: usize,
         line: usize,
         instruction: &str,
         def: &StepDef,
@@ -448,7 +479,7 @@ impl Builder<'_> {
                     env.insert(0, DEFAULT_PATH.to_string());
                 }
                 if !r.mounts.is_empty() {
-                    self.progress.note(&format!(
+                    self.progress().note(&format!(
                         "warning: {}: RUN --mount is not supported yet; the step runs without its mounts",
                         self.at(line)
                     ));
@@ -464,15 +495,14 @@ impl Builder<'_> {
                     user: r.user.clone(),
                     network_none: r.network == "none",
                 };
-                let n = self.n;
-                let progress = &mut *self.progress;
-                let upper = run_step(&spec, work.path(), &mut |l| progress.output(n, l)).map_err(|e| match e {
-                    RunError::Exit { code, last_output } => fail(
-                        format!("the command exited with code {code}; nothing was cached"),
-                        last_output,
-                    ),
-                    RunError::Setup(m) => fail(m, vec![]),
-                })?;
+                let upper =
+                    run_step(&spec, work.path(), &mut |l| self.progress().output(number, l)).map_err(|e| match e {
+                        RunError::Exit { code, last_output } => fail(
+                            format!("the command exited with code {code}; nothing was cached"),
+                            last_output,
+                        ),
+                        RunError::Setup(m) => fail(m, vec![]),
+                    })?;
                 remove_runtime_mountpoints(&upper, &lowers);
                 upper
             }
@@ -545,11 +575,12 @@ impl Builder<'_> {
         Ok(CopyAttrs { owner, mode })
     }
 
-    fn context_selection(&mut self, c: &CopyDef) -> Result<(Vec<ContextEntry>, Vec<SelectedRoot>, PathBuf), String> {
-        if self.context.is_none() {
-            self.context = Some(LocalContext::walk(Path::new(&self.req.inputs.context)).map_err(|e| e.to_string())?);
+    fn context_selection(&self, c: &CopyDef) -> Result<(Vec<ContextEntry>, Vec<SelectedRoot>, PathBuf), String> {
+        let mut guard = self.context.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(LocalContext::walk(Path::new(&self.req.inputs.context)).map_err(|e| e.to_string())?);
         }
-        let ctx = self.context.as_ref().ok_or("no context")?;
+        let ctx = guard.as_ref().ok_or("no context")?;
         let excludes =
             IgnoreMatcher::from_patterns(c.excludes.iter().map(String::as_str)).map_err(|e| e.to_string())?;
         let roots = select(ctx.entries(), &c.sources, &excludes).map_err(|e| e.to_string())?;

@@ -70,7 +70,8 @@ pub struct SummaryEvent {
 pub struct Progress {
     mode: ProgressMode,
     bars: Option<indicatif::MultiProgress>,
-    current: Option<indicatif::ProgressBar>,
+    /// Running steps' spinners, by step number (stages run concurrently).
+    running: std::collections::HashMap<usize, indicatif::ProgressBar>,
 }
 
 impl Progress {
@@ -80,7 +81,7 @@ impl Progress {
         Self {
             mode,
             bars,
-            current: None,
+            running: std::collections::HashMap::new(),
         }
     }
 
@@ -99,7 +100,7 @@ impl Progress {
                     pb.set_prefix(n.to_string());
                     pb.set_message(format!("[{label}] {instruction}"));
                     pb.enable_steady_tick(Duration::from_millis(100));
-                    self.current = Some(pb);
+                    self.running.insert(n, pb);
                 }
             }
         }
@@ -107,7 +108,7 @@ impl Progress {
 
     /// A line of the running step's output.
     pub fn output(&mut self, n: usize, line: &str) {
-        match (self.mode, &self.current) {
+        match (self.mode, self.running.get(&n)) {
             (ProgressMode::Plain, _) => eprintln!("#{n} {line}"),
             (ProgressMode::Tty, Some(pb)) => pb.println(format!("  {line}")),
             _ => {}
@@ -129,7 +130,7 @@ impl Progress {
             }
             ProgressMode::Json => print_json(e),
             ProgressMode::Tty => {
-                if let Some(pb) = self.current.take() {
+                if let Some(pb) = self.running.remove(&e.n) {
                     let how = if e.cached {
                         "CACHED".to_string()
                     } else {

@@ -365,3 +365,29 @@ fn hostile_image_tars_are_refused_and_write_nothing_outside() {
     let ls = env.lcache(&p, &["image", "ls"]);
     assert!(!String::from_utf8_lossy(&ls.stdout).contains("evil"));
 }
+
+#[test]
+fn independent_stages_run_at_the_same_time() {
+    // Stage `a` waits for a message that only stage `b` sends (over the host network both
+    // RUNs share, BuildKit's default): built one after the other, `a` would time out.
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox AS a\nRUN nc -l -p 47613 -w 20 > /got\nFROM busybox AS b\nRUN for i in $(seq 100); do echo hello | nc 127.0.0.1 47613 && break; sleep 0.2; done > /sent\nFROM busybox\nCOPY --from=a /got /got\nCOPY --from=b /sent /sent\n",
+    );
+    let out = tempfile::tempdir().unwrap();
+    let o = env.lcache(
+        &p,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--output",
+            &format!("type=local,dest={}", out.path().display()),
+            ".",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(out.path().join("got")).unwrap(), "hello\n");
+}
