@@ -165,13 +165,20 @@ pub fn run_step(spec: &RunSpec, work: &Path, output: &mut dyn FnMut(&str)) -> Re
     Ok(upper)
 }
 
-/// The argv of a RUN: heredoc bodies follow the command so the shell reads them itself.
+/// The argv of a RUN: heredoc bodies follow the command so the shell reads them itself; a
+/// command that is only a heredoc (`RUN <<EOF`) runs its body as the script, as BuildKit does.
 pub fn argv_with_heredocs(argv: &[String], heredocs: &[(String, String)]) -> Vec<String> {
     if heredocs.is_empty() || argv.is_empty() {
         return argv.to_vec();
     }
     let mut v = argv.to_vec();
     if let Some(last) = v.last_mut() {
+        let only_marker =
+            last.trim().starts_with("<<") && !last.trim().contains(char::is_whitespace) && heredocs.len() == 1;
+        if only_marker {
+            *last = heredocs[0].1.clone();
+            return v;
+        }
         for (delim, body) in heredocs {
             last.push('\n');
             last.push_str(body);
@@ -191,5 +198,10 @@ mod tests {
         let argv = vec!["/bin/sh".into(), "-c".into(), "cat <<EOF > /f".into()];
         let v = argv_with_heredocs(&argv, &[("EOF".into(), "hello\n".into())]);
         assert_eq!(v[2], "cat <<EOF > /f\nhello\nEOF\n");
+        let only = vec!["/bin/sh".into(), "-c".into(), "<<EOF".into()];
+        assert_eq!(
+            argv_with_heredocs(&only, &[("EOF".into(), "echo hi\n".into())])[2],
+            "echo hi\n"
+        );
     }
 }

@@ -391,3 +391,110 @@ fn independent_stages_run_at_the_same_time() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read_to_string(out.path().join("got")).unwrap(), "hello\n");
 }
+
+#[test]
+fn our_docker_and_oci_exports_import_back_as_bases() {
+    let env = BuildEnv::new();
+    let p = app();
+    let dir = tempfile::tempdir().unwrap();
+    let tarball = dir.path().join("app.tar");
+    let layout = dir.path().join("layout");
+    for out in [
+        format!("type=docker,dest={}", tarball.display()),
+        format!("type=oci,dest={}", layout.display()),
+    ] {
+        assert!(env
+            .lcache(&p, &["build", "-t", "exported:1", "--output", &out, "."])
+            .status
+            .success());
+    }
+    for (file, name) in [(&tarball, "from-docker:1"), (&layout, "from-oci:1")] {
+        let o = env.lcache(&p, &["image", "import", file.to_str().unwrap(), name]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let q = Project::new();
+        q.write("Dockerfile", &format!("FROM {name}\nRUN cat /app/all > /seen\n"));
+        let out = tempfile::tempdir().unwrap();
+        let o = env.lcache(
+            &q,
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--output",
+                &format!("type=local,dest={}", out.path().display()),
+                ".",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            std::fs::read_to_string(out.path().join("seen")).unwrap(),
+            "alpha\nbeta\nbuilt\n"
+        );
+    }
+    let ls = String::from_utf8_lossy(&env.lcache(&p, &["image", "ls"]).stdout).to_string();
+    assert!(ls.contains("from-docker:1") && ls.contains("from-oci:1"), "{ls}");
+}
+
+#[test]
+fn add_unpacks_a_local_tar_and_copy_does_not() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    let status = std::process::Command::new("tar")
+        .args(["-czf", "bundle.tar.gz", "-C", "/etc", "hostname"])
+        .current_dir(p.path())
+        .status();
+    assert!(status.unwrap().success());
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nADD bundle.tar.gz /unpacked/\nCOPY bundle.tar.gz /packed/\n",
+    );
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert!(out.path().join("unpacked/hostname").is_file());
+    assert!(out.path().join("packed/bundle.tar.gz").is_file());
+}
+
+#[test]
+fn config_only_changes_comments_and_equal_continuations_rebuild_nothing_for_real() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nLABEL v=1\nRUN echo a b > /x\nEXPOSE 80\nCMD [\"a\"]\n",
+    );
+    env.build(&p, &[]);
+    p.write(
+        "Dockerfile",
+        "# a comment\nFROM busybox\nLABEL v=2\nRUN echo a \\\nb > /x\nEXPOSE 8080\nCMD [\"b\"]\n",
+    );
+    assert_eq!(cached(&env.build(&p, &[]).0), [true]);
+    p.write("Dockerfile", "FROM busybox\nRUN <<EOF\necho one > /h\nEOF\n");
+    env.build(&p, &[]);
+    p.write("Dockerfile", "FROM busybox\nRUN <<EOF\necho two > /h\nEOF\n");
+    assert_eq!(
+        cached(&env.build(&p, &[]).0),
+        [false],
+        "a heredoc body change reruns the step"
+    );
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert_eq!(std::fs::read_to_string(out.path().join("h")).unwrap(), "two\n");
+}
+
+#[test]
+fn run_network_none_gets_an_empty_network_namespace() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nRUN --network=none ls /sys/class/net > /net-none\nRUN ls /sys/class/net > /net-host\n",
+    );
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert_eq!(std::fs::read_to_string(out.path().join("net-none")).unwrap(), "lo\n");
+    assert_ne!(
+        std::fs::read_to_string(out.path().join("net-host")).unwrap(),
+        "lo\n",
+        "the default is the host's network"
+    );
+}
