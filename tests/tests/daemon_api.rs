@@ -262,3 +262,47 @@ fn sigterm_stops_the_daemon_cleanly_and_removes_its_socket() {
     assert!(status.success(), "{status:?}");
     assert!(!socket.exists());
 }
+
+/// Unmounts a test filesystem when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_the_upload_keeps_nothing_and_the_daemon_stays_up() {
+    // The store on a 4 MiB tmpfs (needs root, as the build tests do): an 8 MiB blob cannot fit.
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mounting a tmpfs needs root");
+    let _mounted = Mounted(store.clone());
+    let mut d = Daemon::start_in(dir, &[]);
+    let big: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect();
+    let digest = sha256_digest(&big);
+    let (status, body) = d.http("PUT", &format!("/v1/blobs/{digest}"), &big);
+    assert_eq!(status, 507, "{}", String::from_utf8_lossy(&body));
+    assert!(json(&body)["hint"].as_str().unwrap().contains("free space"));
+    assert_eq!(d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0, 404);
+    assert_eq!(
+        std::fs::read_dir(store.join("blobs/tmp")).unwrap().count(),
+        0,
+        "the partial upload was removed"
+    );
+    assert!(d.alive());
+    let small = b"still works".to_vec();
+    assert_eq!(
+        d.http("PUT", &format!("/v1/blobs/{}", sha256_digest(&small)), &small).0,
+        201
+    );
+}
