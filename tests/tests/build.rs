@@ -374,7 +374,15 @@ fn independent_stages_run_at_the_same_time() {
     let p = Project::new();
     p.write(
         "Dockerfile",
-        "FROM busybox AS a\nRUN nc -l -p 47613 -w 20 > /got\nFROM busybox AS b\nRUN for i in $(seq 100); do echo hello | nc 127.0.0.1 47613 && break; sleep 0.2; done > /sent\nFROM busybox\nCOPY --from=a /got /got\nCOPY --from=b /sent /sent\n",
+        concat!(
+            "FROM busybox AS a\n",
+            // Listen until a message arrives, for at most 30 s; nothing means failure.
+            "RUN end=$(($(date +%s) + 30)); while [ $(date +%s) -lt $end ]; do timeout 5 nc -l -p 47613 > /got; [ -s /got ] && break; done; [ -s /got ]\n",
+            "FROM busybox AS b\n",
+            // Send until a send succeeds, keep sending while they do, stop once nobody listens.
+            "RUN sent=0; for i in $(seq 150); do if echo hello | nc 127.0.0.1 47613; then sent=1; elif [ $sent = 1 ]; then break; fi; sleep 0.2; done; echo $sent > /sent\n",
+            "FROM busybox\nCOPY --from=a /got /got\nCOPY --from=b /sent /sent\n",
+        ),
     );
     let out = tempfile::tempdir().unwrap();
     let o = env.lcache(

@@ -142,12 +142,15 @@ fn kill_9_during_uploads_leaves_only_whole_blobs_and_every_acknowledged_record()
         s.write_all(&data[..data.len() / 2]).unwrap();
         in_flight.push((s, digest));
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
     let store = d.store();
-    assert!(
-        std::fs::read_dir(store.join("blobs/tmp")).unwrap().count() > 0,
-        "uploads should be in flight"
-    );
+    let in_flight_on_disk = || std::fs::read_dir(store.join("blobs/tmp")).unwrap().count();
+    for _ in 0..100 {
+        if in_flight_on_disk() > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(in_flight_on_disk() > 0, "uploads should be in flight");
     let dir = d.kill9();
     drop(in_flight);
 
