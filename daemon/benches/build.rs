@@ -18,7 +18,7 @@ use lcache_context::synthetic_context::{make_synthetic_context, FILES};
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::platform::Platform;
 use lcache_proto::wire::PlanInputs;
-use support::{ms, start_daemon, time};
+use support::{row, start_daemon, time};
 
 const DOCKERFILE: &str = "FROM busybox\nCOPY src /src\nRUN true\n";
 
@@ -100,26 +100,20 @@ fn main() {
     });
     std::fs::write(&file, &original).expect("restore");
     eprintln!("\n== lcache build, {FILES} files (page cache warm)");
-    eprintln!("hash the context from scratch:      {:>9.1} ms  1.00", ms(scratch));
-    eprintln!(
-        "cp -a of the same tree:             {:>9.1} ms  {:.2}",
-        ms(cp),
-        ms(cp) / ms(scratch)
+    row("hash the context from scratch", scratch, scratch, "");
+    row("cp -a of the same tree", cp, scratch, "");
+    row("cold build (COPY 50k files + RUN)", cold, scratch, "");
+    row(
+        "warm no-op rebuild (median of 10)",
+        warm[5],
+        scratch,
+        "(target <= 30 ms)",
     );
-    eprintln!(
-        "cold build (COPY 50k files + RUN):  {:>9.1} ms  {:.2}",
-        ms(cold),
-        ms(cold) / ms(scratch)
-    );
-    eprintln!(
-        "warm no-op rebuild (median of 10):  {:>9.1} ms  {:.3}  (target <= 30 ms)",
-        ms(warm[5]),
-        ms(warm[5]) / ms(scratch)
-    );
-    eprintln!(
-        "one file edited (COPY + RUN rerun): {:>9.1} ms  {:.2}  (RUN itself {run_ms} ms; target <= 1500 ms + RUN)",
-        ms(edit),
-        ms(edit) / ms(scratch)
+    row(
+        "one file edited (COPY + RUN rerun)",
+        edit,
+        scratch,
+        &format!("(RUN itself {run_ms} ms; target <= 1500 ms + RUN)"),
     );
     let _ = stop.send(());
 }

@@ -25,7 +25,7 @@ use lcache_context::synthetic_context::{make_synthetic_context, FILES};
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::platform::Platform;
 use lcache_proto::wire::{PlanInputs, StepRecord};
-use support::{ms, start_daemon, time};
+use support::{row, start_daemon, time};
 
 const KEYS: usize = 2_000;
 const LOOKUPS: usize = 40_000;
@@ -181,22 +181,10 @@ fn main() {
             .collect(),
     );
     std::fs::write(&edited_file, &original).expect("restore");
-    println!("\n== plan on {FILES} files (page cache warm)");
-    println!("hash from scratch (offline keys):  {:>9.1} ms  1.00", ms(scratch));
-    println!(
-        "daemon plan, cold (empty index):   {:>9.1} ms  {:.2}",
-        ms(cold),
-        ms(cold) / ms(scratch)
-    );
-    println!(
-        "daemon plan, warm no-op:           {:>9.2} ms  {:.4}  (target <= 30 ms)",
-        ms(warm),
-        ms(warm) / ms(scratch)
-    );
-    println!(
-        "daemon plan, one file edited:      {:>9.1} ms  {:.3}  (target <= 1500 ms)",
-        ms(edit),
-        ms(edit) / ms(scratch)
-    );
+    eprintln!("\n== plan on {FILES} files (page cache warm)");
+    row("hash from scratch (offline keys)", scratch, scratch, "");
+    row("daemon plan, cold (empty index)", cold, scratch, "");
+    row("daemon plan, warm no-op", warm, scratch, "(target <= 30 ms)");
+    row("daemon plan, one file edited", edit, scratch, "(target <= 1500 ms)");
     let _ = stop.send(());
 }

@@ -45,3 +45,8 @@ pub fn time(f: impl FnOnce()) -> Duration {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
+
+/// Prints one figure and its ratio to the baseline measured in the same run.
+pub fn row(label: &str, d: Duration, baseline: Duration, note: &str) {
+    eprintln!("{label:<36} {:>10.2} ms  {:>8.4}  {note}", ms(d), ms(d) / ms(baseline));
+}
