@@ -22,7 +22,7 @@ use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInpu
 use serde_json::{Map, Value};
 
 use crate::cache_dir::CacheDir;
-use crate::copy_step::{build_copy_layer, build_workdir_layer, parse_chmod, CopyAttrs};
+use crate::copy_step::{build_copy_layer, build_workdir_layer, load_seed, parse_chmod, save_manifest, CopyAttrs, Seed};
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
 use crate::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
@@ -374,6 +374,7 @@ impl<'a> Builder<'a> {
                     inputs.clone(),
                     &key,
                     t,
+                    compared_with.as_deref().and_then(|k| self.seed_from(k)),
                 )?),
             };
             if let Some((l, snap)) = layer {
@@ -458,6 +459,7 @@ impl<'a> Builder<'a> {
         inputs: KeyInputs,
         key: &str,
         started: Instant,
+        seed: Option<Seed>,
     ) -> Result<(LayerRef, PathBuf), ClientError> {
         let location = format!("{}:{line}", self.df.file);
         let fail = |message: String, last_output: Vec<String>| ClientError::StepFailed {
@@ -468,6 +470,7 @@ impl<'a> Builder<'a> {
         };
         let work = self.cache.work_dir().map_err(local)?;
         let lowers: Vec<PathBuf> = st.snapshots.iter().rev().cloned().collect();
+        let mut copied = None;
         let tree = match def {
             StepDef::Run(r) => {
                 let mut env: Vec<String> = base_env.to_vec();
@@ -510,17 +513,15 @@ impl<'a> Builder<'a> {
                 let layer = work.path().join("layer");
                 std::fs::create_dir(&layer).map_err(local)?;
                 let attrs = self.copy_attrs(c, &lowers, work.path()).map_err(|m| fail(m, vec![]))?;
-                match from {
-                    Some(sel) => {
-                        build_copy_layer(&layer, c, sel.mount.path(), &sel.entries, &sel.roots, attrs)
-                            .map_err(|e| fail(e.to_string(), vec![]))?;
-                    }
+                copied = Some(match from {
+                    Some(sel) => build_copy_layer(&layer, c, sel.mount.path(), &sel.entries, &sel.roots, attrs, None)
+                        .map_err(|e| fail(e.to_string(), vec![]))?,
                     None => {
                         let (entries, roots, root) = self.context_selection(c).map_err(|m| fail(m, vec![]))?;
-                        build_copy_layer(&layer, c, &root, &entries, &roots, attrs)
-                            .map_err(|e| fail(e.to_string(), vec![]))?;
+                        build_copy_layer(&layer, c, &root, &entries, &roots, attrs, seed.as_ref())
+                            .map_err(|e| fail(e.to_string(), vec![]))?
                     }
-                }
+                });
                 layer
             }
             StepDef::Workdir { path } => {
@@ -553,7 +554,17 @@ impl<'a> Builder<'a> {
         if !snap.exists() && std::fs::rename(&tree, &snap).is_err() && !snap.exists() {
             return Err(local(format!("cannot keep the snapshot {}", snap.display())));
         }
+        if let Some(m) = copied {
+            // Only a speed-up for the next build of this step: failing to keep it is harmless.
+            let _ = save_manifest(&snap, &m);
+        }
         Ok((layer, snap))
+    }
+
+    /// The snapshot of the earlier record `key` as a seed for re-building its COPY.
+    fn seed_from(&self, key: &str) -> Option<Seed> {
+        let digest = self.client.step(key).ok()??.layer?.digest;
+        load_seed(&self.cache.snapshot(&digest))
     }
 
     fn copy_attrs(&self, c: &CopyDef, lowers: &[PathBuf], work: &Path) -> Result<CopyAttrs, String> {

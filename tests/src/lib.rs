@@ -347,6 +347,11 @@ impl BuildEnv {
         env
     }
 
+    /// The client cache directory (snapshots live under `snapshots/`).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache.path().join("cache")
+    }
+
     /// Runs `lcache ARGS` in `p` against this daemon and cache.
     pub fn lcache(&self, p: &Project, args: &[&str]) -> Output {
         Command::new(bin("lcache"))

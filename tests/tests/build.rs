@@ -506,3 +506,43 @@ fn run_network_none_gets_an_empty_network_namespace() {
         "the default is the host's network"
     );
 }
+
+#[test]
+fn a_rebuilt_copy_links_unchanged_files_and_copies_changed_ones_even_with_mtime_restored() {
+    use std::os::unix::fs::MetadataExt;
+    let env = BuildEnv::new();
+    let p = app();
+    env.build(&p, &[]);
+    p.write("src/b.txt", "BETA\n");
+    // Same size, content changed, mtime put back: only ctime tells.
+    let a = p.path().join("src/a.txt");
+    let old_mtime = std::fs::metadata(&a).unwrap().modified().unwrap();
+    p.write("src/a.txt", "ALPHA\n");
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_modified(old_mtime)
+        .unwrap();
+    p.write("src/c.txt", "gamma\n");
+    let (steps, _) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [true, false, false]);
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("app/all")).unwrap(),
+        "ALPHA\nBETA\ngamma\nbuilt\n"
+    );
+
+    // Unchanged files are hard links shared by the old and the new snapshot.
+    p.write("src/c.txt", "GAMMA\n");
+    env.build(&p, &[]);
+    let mut linked = 0;
+    for snap in std::fs::read_dir(env.cache_dir().join("snapshots")).unwrap() {
+        let f = snap.unwrap().path().join("app/src/b.txt");
+        if let Ok(m) = std::fs::metadata(&f) {
+            linked += usize::from(m.nlink() > 1);
+        }
+    }
+    assert!(linked >= 2, "b.txt should be shared by the last two COPY snapshots");
+}
