@@ -164,6 +164,10 @@ impl Daemon {
             if let Listener::Unix(_, p) = &l {
                 sockets.push(p.clone());
             }
+            let origin = match l {
+                Listener::Unix(..) => api::Origin::Local,
+                Listener::Tcp(_) => api::Origin::Network,
+            };
             loops.push(tokio::spawn(async move {
                 loop {
                     let io = tokio::select! {
@@ -175,7 +179,7 @@ impl Daemon {
                     let svc = service_fn(move |req| {
                         let state = state.clone();
                         async move {
-                            let r = AssertUnwindSafe(api::route(state, req))
+                            let r = AssertUnwindSafe(api::route(state, req, origin))
                                 .catch_unwind()
                                 .await
                                 .unwrap_or_else(|_| {

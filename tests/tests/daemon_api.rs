@@ -309,3 +309,28 @@ fn a_full_disk_refuses_the_upload_keeps_nothing_and_the_daemon_stays_up() {
         201
     );
 }
+
+#[test]
+fn plans_are_refused_over_tcp_where_the_rest_of_the_api_is_served() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(&[]);
+    let over_tcp = |method: &str, path: &str, body: &str| {
+        let mut s = std::net::TcpStream::connect(&d.tcp).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp
+    };
+    let plan = serde_json::json!({"dockerfile_name": "Dockerfile", "dockerfile": "FROM a\n", "context": "/etc", "platform": "linux/amd64"}).to_string();
+    let resp = over_tcp("POST", "/v1/plan", &plan);
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("Unix socket"), "{resp}");
+    assert!(over_tcp("GET", "/v1/status", "").starts_with("HTTP/1.1 200"));
+    let k = key(7);
+    assert!(over_tcp("GET", &format!("/v1/steps/{k}"), "").starts_with("HTTP/1.1 404"));
+}

@@ -96,14 +96,33 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
     })
 }
 
-/// Answers one request; returns the route label (for metrics) and the response.
-pub async fn route(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+/// Where a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The Unix socket: a process on this machine, with this machine's files.
+    Local,
+    /// TCP: possibly another machine.
+    Network,
+}
+
+/// Answers one request.
+pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (label, response) = match (&method, segs.as_slice()) {
         (&Method::GET, ["v1", "status"]) => ("status", control::status(&state)),
+        // Planning reads and lists files on this machine's disk: serving it over TCP would let
+        // any remote client enumerate and fingerprint the daemon's filesystem.
+        (&Method::POST, ["v1", "plan"]) if origin == Origin::Network => (
+            "plan",
+            error(
+                StatusCode::FORBIDDEN,
+                "plans read the build context from the daemon's own disk, so they are served only on its Unix socket",
+                "run lcached on the machine that holds the context and plan through its socket",
+            ),
+        ),
         (&Method::POST, ["v1", "plan"]) => ("plan", control::plan(&state, req).await),
         (&Method::GET, ["metrics"]) => ("other", control::metrics(&state)),
         (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key)),
