@@ -14,10 +14,11 @@ use crate::snapshots::layer_reader;
 
 /// What a copied file was made from. A later build of the same COPY hard-links the file
 /// from the previous layer's snapshot instead of copying it again when all of this is
-/// unchanged: the source's inode, ctime (which every write moves, even one that restores
+/// unchanged: the source's device and inode, ctime (which every write moves, even one that restores
 /// mtime), mtime and size, and the resulting mode and owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CopiedFrom {
+    dev: u64,
     ino: u64,
     ctime_ns: i64,
     mtime_ns: i64,
@@ -134,6 +135,7 @@ impl Placement<'_> {
                 let rel = dest.strip_prefix(self.layer).unwrap_or(dest).display().to_string();
                 let (uid, gid) = attrs.owner.unwrap_or((0, 0));
                 let from = CopiedFrom {
+                    dev: e.stamp.dev,
                     ino: e.stamp.ino,
                     ctime_ns: e.stamp.ctime_ns,
                     mtime_ns: e.stamp.mtime_ns,
