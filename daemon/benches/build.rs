@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -17,7 +16,6 @@ use lcache_client::progress::{Progress, ProgressMode};
 use lcache_context::synthetic_context::{make_synthetic_context, FILES};
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::platform::Platform;
-use lcache_proto::wire::PlanInputs;
 use support::{row, start_daemon, time};
 
 const DOCKERFILE: &str = "FROM busybox\nCOPY src /src\nRUN true\n";
@@ -42,16 +40,7 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-context");
     make_synthetic_context(&root).expect("bench context");
     let root = std::fs::canonicalize(&root).expect("canonical");
-    let inputs = PlanInputs {
-        dockerfile_name: "Dockerfile".into(),
-        dockerfile_path: String::new(),
-        dockerfile: DOCKERFILE.into(),
-        context: root.display().to_string(),
-        build_args: BTreeMap::new(),
-        target: None,
-        platform: Platform::host().to_string(),
-        all_files: false,
-    };
+    let inputs = support::inputs(&root, DOCKERFILE.into());
     offline_keys(&inputs).expect("warm the page cache");
     let scratch = time(|| assert_eq!(offline_keys(&inputs).expect("keys").hashed_files, FILES));
     // Materialising 50,000 files is what a COPY layer costs; cp -a is that cost's floor here.

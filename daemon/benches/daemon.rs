@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,8 +22,7 @@ use lcache_client::daemon_client::DaemonClient;
 use lcache_client::offline_keys::offline_keys;
 use lcache_context::synthetic_context::{make_synthetic_context, FILES};
 use lcache_proto::endpoint::Endpoint;
-use lcache_proto::platform::Platform;
-use lcache_proto::wire::{PlanInputs, StepRecord};
+use lcache_proto::wire::StepRecord;
 use support::{row, start_daemon, time};
 
 const KEYS: usize = 2_000;
@@ -145,16 +143,10 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench-context");
     make_synthetic_context(&root).expect("bench context");
     let root = std::fs::canonicalize(&root).expect("canonical");
-    let inputs = PlanInputs {
-        dockerfile_name: "Dockerfile".into(),
-        dockerfile_path: String::new(),
-        dockerfile: std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile"),
-        context: root.display().to_string(),
-        build_args: BTreeMap::new(),
-        target: None,
-        platform: Platform::host().to_string(),
-        all_files: false,
-    };
+    let inputs = support::inputs(
+        &root,
+        std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile"),
+    );
     // Warm the page cache so the baseline and the cold plan both read from memory.
     offline_keys(&inputs).expect("offline keys");
     let scratch = median(

@@ -17,19 +17,17 @@ fn app() -> Project {
     p
 }
 
-fn export_local(env: &BuildEnv, p: &Project, dest: &std::path::Path) {
-    let out = env.lcache(
-        p,
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "--output",
-            &format!("type=local,dest={}", dest.display()),
-            ".",
-        ],
-    );
+/// `lcache build --progress plain EXTRA --output OUTPUT .`, which must succeed.
+fn build_to(env: &BuildEnv, p: &Project, extra: &[&str], output: &str) {
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--output", output, "."]);
+    let out = env.lcache(p, &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn export_local(env: &BuildEnv, p: &Project, dest: &std::path::Path) {
+    build_to(env, p, &[], &format!("type=local,dest={}", dest.display()));
 }
 
 #[test]
@@ -105,20 +103,12 @@ fn a_build_arg_for_a_declared_arg_reruns_later_runs_only() {
     );
     assert_eq!(cached(&env.build(&p, &["--build-arg", "UNDECLARED=1"]).0), [true, true]);
     let out = tempfile::tempdir().unwrap();
-    let o = env.lcache(
+    build_to(
+        &env,
         &p,
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "--build-arg",
-            "FLAVOR=spicy",
-            "--output",
-            &format!("type=local,dest={}", out.path().display()),
-            ".",
-        ],
+        &["--build-arg", "FLAVOR=spicy"],
+        &format!("type=local,dest={}", out.path().display()),
     );
-    assert!(o.status.success());
     assert_eq!(std::fs::read_to_string(out.path().join("flavor")).unwrap(), "spicy\n");
 }
 
@@ -207,18 +197,12 @@ fn the_exported_oci_layout_is_valid() {
     let p = app();
     let dest = tempfile::tempdir().unwrap();
     let layout = dest.path().join("oci");
-    let out = env.lcache(
+    build_to(
+        &env,
         &p,
-        &[
-            "build",
-            "-t",
-            "app:1",
-            "--output",
-            &format!("type=oci,dest={}", layout.display()),
-            ".",
-        ],
+        &["-t", "app:1"],
+        &format!("type=oci,dest={}", layout.display()),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let read = |d: &str| std::fs::read(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
     let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
     assert_eq!(
@@ -279,18 +263,12 @@ fn the_docker_export_carries_manifest_json_with_the_tag() {
     let p = app();
     let dest = tempfile::tempdir().unwrap();
     let tarball = dest.path().join("img.tar");
-    let out = env.lcache(
+    build_to(
+        &env,
         &p,
-        &[
-            "build",
-            "-t",
-            "app:2",
-            "--output",
-            &format!("type=docker,dest={}", tarball.display()),
-            ".",
-        ],
+        &["-t", "app:2"],
+        &format!("type=docker,dest={}", tarball.display()),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let list = std::process::Command::new("tar")
         .arg("-xOf")
         .arg(&tarball)
@@ -385,18 +363,7 @@ fn independent_stages_run_at_the_same_time() {
         ),
     );
     let out = tempfile::tempdir().unwrap();
-    let o = env.lcache(
-        &p,
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "--output",
-            &format!("type=local,dest={}", out.path().display()),
-            ".",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    export_local(&env, &p, out.path());
     assert_eq!(std::fs::read_to_string(out.path().join("got")).unwrap(), "hello\n");
 }
 
@@ -422,18 +389,7 @@ fn our_docker_and_oci_exports_import_back_as_bases() {
         let q = Project::new();
         q.write("Dockerfile", &format!("FROM {name}\nRUN cat /app/all > /seen\n"));
         let out = tempfile::tempdir().unwrap();
-        let o = env.lcache(
-            &q,
-            &[
-                "build",
-                "--progress",
-                "plain",
-                "--output",
-                &format!("type=local,dest={}", out.path().display()),
-                ".",
-            ],
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        export_local(&env, &q, out.path());
         assert_eq!(
             std::fs::read_to_string(out.path().join("seen")).unwrap(),
             "alpha\nbeta\nbuilt\n"

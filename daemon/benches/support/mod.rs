@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use lcache_daemon::server::{Daemon, DaemonConfig};
 use lcache_proto::endpoint::Endpoint;
+use lcache_proto::platform::Platform;
+use lcache_proto::wire::PlanInputs;
 
 /// Starts a daemon on its own 2-worker runtime; returns where it listens and a stop handle.
 pub fn start_daemon(store: PathBuf, listen: Vec<Endpoint>) -> (Vec<String>, tokio::sync::oneshot::Sender<()>) {
@@ -49,4 +51,18 @@ pub fn ms(d: Duration) -> f64 {
 /// Prints one figure and its ratio to the baseline measured in the same run.
 pub fn row(label: &str, d: Duration, baseline: Duration, note: &str) {
     eprintln!("{label:<36} {:>10.2} ms  {:>8.4}  {note}", ms(d), ms(d) / ms(baseline));
+}
+
+/// Plan inputs for `dockerfile` over the context at `root`, for this machine's platform.
+pub fn inputs(root: &std::path::Path, dockerfile: String) -> PlanInputs {
+    PlanInputs {
+        dockerfile_name: "Dockerfile".into(),
+        dockerfile_path: String::new(),
+        dockerfile,
+        context: root.display().to_string(),
+        build_args: Default::default(),
+        target: None,
+        platform: Platform::host().to_string(),
+        all_files: false,
+    }
 }

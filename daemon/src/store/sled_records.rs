@@ -41,6 +41,20 @@ impl SledRecords {
     }
 }
 
+/// A value of `tree` through the codec.
+fn get<T: serde::de::DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
+    match tree.get(key).map_err(db_err)? {
+        Some(v) => Ok(Some(decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
+/// Stores a value in `tree` through the codec.
+fn put<T: serde::Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
+    tree.insert(key, encode(value)).map_err(db_err)?;
+    Ok(())
+}
+
 /// The key under which a context file's digest lives: root, NUL, path.
 fn context_key(root: &str, path: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(root.len() + path.len() + 1);
@@ -52,31 +66,19 @@ fn context_key(root: &str, path: &str) -> Vec<u8> {
 
 impl RecordStore for SledRecords {
     fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        match self.steps.get(key).map_err(db_err)? {
-            Some(v) => Ok(Some(decode(&v)?)),
-            None => Ok(None),
-        }
+        get(&self.steps, key)
     }
 
     fn put_step(&self, record: &StepRecord) -> Result<(), StoreError> {
-        self.steps
-            .insert(record.key.as_bytes(), encode(record))
-            .map_err(db_err)?;
-        Ok(())
+        put(&self.steps, record.key.as_bytes(), record)
     }
 
     fn get_blob(&self, digest: &str) -> Result<Option<BlobMeta>, StoreError> {
-        match self.blobs.get(digest).map_err(db_err)? {
-            Some(v) => Ok(Some(decode(&v)?)),
-            None => Ok(None),
-        }
+        get(&self.blobs, digest)
     }
 
     fn put_blob(&self, meta: &BlobMeta) -> Result<(), StoreError> {
-        self.blobs
-            .insert(meta.digest.as_bytes(), encode(meta))
-            .map_err(db_err)?;
-        Ok(())
+        put(&self.blobs, meta.digest.as_bytes(), meta)
     }
 
     fn blobs(&self) -> Result<Vec<BlobMeta>, StoreError> {
@@ -103,15 +105,11 @@ impl RecordStore for SledRecords {
     }
 
     fn put_build(&self, build: &BuildRecord) -> Result<(), StoreError> {
-        self.builds.insert(build.id.as_bytes(), encode(build)).map_err(db_err)?;
-        Ok(())
+        put(&self.builds, build.id.as_bytes(), build)
     }
 
     fn get_build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError> {
-        match self.builds.get(id).map_err(db_err)? {
-            Some(v) => Ok(Some(decode(&v)?)),
-            None => Ok(None),
-        }
+        get(&self.builds, id)
     }
 
     fn recent_builds(&self, limit: usize) -> Result<Vec<BuildRecord>, StoreError> {
@@ -171,17 +169,11 @@ impl RecordStore for SledRecords {
     }
 
     fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
-        match self.images.get(name).map_err(db_err)? {
-            Some(v) => Ok(Some(decode(&v)?)),
-            None => Ok(None),
-        }
+        get(&self.images, name)
     }
 
     fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError> {
-        self.images
-            .insert(image.name.as_bytes(), encode(image))
-            .map_err(db_err)?;
-        Ok(())
+        put(&self.images, image.name.as_bytes(), image)
     }
 
     fn remove_image(&self, name: &str) -> Result<bool, StoreError> {
@@ -210,10 +202,7 @@ impl RecordStore for SledRecords {
     }
 
     fn get_summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, StoreError> {
-        match self.summaries.get(digest).map_err(db_err)? {
-            Some(v) => Ok(Some(decode(&v)?)),
-            None => Ok(None),
-        }
+        get(&self.summaries, digest)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
