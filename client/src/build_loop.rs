@@ -22,7 +22,9 @@ use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInpu
 use serde_json::{Map, Value};
 
 use crate::cache_dir::CacheDir;
-use crate::copy_step::{build_copy_layer, build_workdir_layer, load_seed, parse_chmod, save_manifest, CopyAttrs, Seed};
+use crate::copy_step::{
+    build_copy_layer, build_workdir_layer, load_seed, parse_chmod, save_manifest, CopyAttrs, CopyJob, Seed,
+};
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
 use crate::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
@@ -513,15 +515,40 @@ impl<'a> Builder<'a> {
                 let layer = work.path().join("layer");
                 std::fs::create_dir(&layer).map_err(local)?;
                 let attrs = self.copy_attrs(c, &lowers, work.path()).map_err(|m| fail(m, vec![]))?;
-                copied = Some(match from {
-                    Some(sel) => build_copy_layer(&layer, c, sel.mount.path(), &sel.entries, &sel.roots, attrs, None)
-                        .map_err(|e| fail(e.to_string(), vec![]))?,
+                let keyed_digest = inputs
+                    .fields
+                    .iter()
+                    .find(|f| f.name == "sources_digest")
+                    .and_then(|f| f.values.first())
+                    .cloned()
+                    .unwrap_or_default();
+                let built = match &from {
+                    Some(sel) => build_copy_layer(
+                        &layer,
+                        &CopyJob {
+                            def: c,
+                            src_root: sel.mount.path(),
+                            entries: &sel.entries,
+                            roots: &sel.roots,
+                            attrs,
+                            keyed_digest: &keyed_digest,
+                        },
+                        None,
+                    ),
                     None => {
                         let (entries, roots, root) = self.context_selection(c).map_err(|m| fail(m, vec![]))?;
-                        build_copy_layer(&layer, c, &root, &entries, &roots, attrs, seed.as_ref())
-                            .map_err(|e| fail(e.to_string(), vec![]))?
+                        let job = CopyJob {
+                            def: c,
+                            src_root: &root,
+                            entries: &entries,
+                            roots: &roots,
+                            attrs,
+                            keyed_digest: &keyed_digest,
+                        };
+                        build_copy_layer(&layer, &job, seed.as_ref())
                     }
-                });
+                };
+                copied = Some(built.map_err(|e| fail(e.to_string(), vec![]))?);
                 layer
             }
             StepDef::Workdir { path } => {

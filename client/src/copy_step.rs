@@ -1,15 +1,19 @@
 //! COPY, ADD and WORKDIR without a container: the step's layer is a directory tree built
 //! here (the files at their destination, with --chmod/--chown applied), packed like any
-//! other layer.
+//! other layer. Sources are read and the layer written only through `lcache_confine::Root`,
+//! so no symlink, from the context or a stage, leads a read or a write outside; every file
+//! is hashed as it is copied and the result checked against the key's sources digest.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use lcache_confine::{ConfineError, Root};
 use lcache_proto::build_plan::CopyDef;
 use lcache_proto::source_select::{ContextEntry, EntryKind, SelectedRoot};
+use lcache_proto::sources_digest::sources_digest;
 
-use crate::layer_extract::{extract_layer, Whiteouts};
+use crate::layer_extract::{extract_into, Whiteouts};
 use crate::snapshots::layer_reader;
 
 /// What a copied file was made from. A later build of the same COPY hard-links the file
@@ -26,6 +30,10 @@ pub struct CopiedFrom {
     mode: u32,
     uid: u32,
     gid: u32,
+    /// The BLAKE3 of the bytes copied, so a linked file still counts toward the check that
+    /// what was copied is what was keyed.
+    #[serde(default)]
+    content: [u8; 32],
 }
 
 /// A COPY layer's copied files, by path inside the layer; kept beside its snapshot.
@@ -61,12 +69,14 @@ pub fn save_manifest(snapshot: &Path, manifest: &CopyManifest) -> std::io::Resul
 
 /// Where a COPY's files come from and go, for `place`.
 struct Placement<'a> {
-    src_root: &'a Path,
-    layer: &'a Path,
+    src: &'a Root,
+    layer: &'a Root,
     attrs: CopyAttrs,
     add: bool,
-    seed: Option<&'a Seed>,
+    seed: Option<(&'a Seed, Root)>,
     manifest: CopyManifest,
+    /// The content BLAKE3 of every file placed, by entry index, as it was read.
+    content: HashMap<usize, [u8; 32]>,
 }
 
 /// Ownership and mode overrides of a COPY.
@@ -78,61 +88,113 @@ pub struct CopyAttrs {
     pub mode: Option<u32>,
 }
 
+/// Why a COPY/ADD layer could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// A write beneath the layer, or a read beneath the source, failed or was refused.
+    #[error(transparent)]
+    Confined(#[from] ConfineError),
+    /// Reading a source or writing the copy failed.
+    #[error("cannot copy {path}: {source}")]
+    Io {
+        /// The source path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An ADDed archive could not be unpacked.
+    #[error("cannot unpack {path}: {source}")]
+    Unpack {
+        /// The archive's path in the context.
+        path: String,
+        /// Why.
+        source: crate::layer_extract::LayerError,
+    },
+    /// What was copied is not what the key was made from.
+    #[error(
+        "the sources changed while the build ran (copied {copied}, the key was made from {keyed}) — \
+         nothing was cached; run the build again once the files stop changing"
+    )]
+    SourcesChanged {
+        /// The digest of what was copied.
+        copied: String,
+        /// The digest in the step's key.
+        keyed: String,
+    },
+    /// A COPY option that is not supported.
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
 fn rel_dest(dest: &str) -> PathBuf {
     PathBuf::from(dest.trim_start_matches('/'))
 }
 
-/// Creates `dir` and its missing parents inside `layer` (mode 0755).
-fn make_dirs(layer: &Path, dir: &Path) -> std::io::Result<()> {
-    let mut cur = layer.to_path_buf();
-    for c in dir.components() {
-        cur.push(c);
-        if !cur.is_dir() {
-            std::fs::create_dir(&cur)?;
-            std::fs::set_permissions(&cur, std::fs::Permissions::from_mode(0o755))?;
-        }
-    }
-    Ok(())
-}
-
-fn finish(p: &Path, mode: u32, attrs: CopyAttrs, symlink: bool) -> std::io::Result<()> {
+/// Sets owner and mode of a placed entry; the owner first, as chown clears setuid bits.
+fn finish(layer: &Root, p: &Path, mode: u32, attrs: CopyAttrs) -> Result<(), ConfineError> {
     let (uid, gid) = attrs.owner.unwrap_or((0, 0));
     if crate::layer_extract::is_root() {
-        std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+        layer.chown(p, uid, gid)?;
     }
-    if !symlink {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(attrs.mode.unwrap_or(mode)))?;
+    layer.set_mode(p, attrs.mode.unwrap_or(mode))
+}
+
+/// Copies `from` into `to`, returning the BLAKE3 of the bytes that went through.
+fn copy_hashing(mut from: impl Read, to: &mut impl Write) -> std::io::Result<[u8; 32]> {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        to.write_all(&buf[..n])?;
     }
-    Ok(())
+    Ok(*hasher.finalize().as_bytes())
 }
 
 impl Placement<'_> {
-    fn place(&mut self, e: &ContextEntry, dest: &Path) -> std::io::Result<()> {
+    fn place(&mut self, i: usize, e: &ContextEntry, dest: &Path) -> Result<(), CopyError> {
         let attrs = self.attrs;
-        let src = self.src_root.join(&e.path);
+        let io = |source| CopyError::Io {
+            path: e.path.clone(),
+            source,
+        };
         match e.kind {
             EntryKind::Dir => {
-                if !dest.is_dir() {
-                    std::fs::create_dir(dest)?;
-                }
-                finish(dest, e.mode, attrs, false)
+                self.layer.create_dir(dest, 0o755)?;
+                finish(self.layer, dest, e.mode, attrs)?;
             }
             EntryKind::Symlink => {
-                let _ = std::fs::remove_file(dest);
-                std::os::unix::fs::symlink(e.link_target.as_deref().unwrap_or_default(), dest)?;
-                finish(dest, e.mode, attrs, true)
+                self.layer
+                    .symlink(Path::new(e.link_target.as_deref().unwrap_or_default()), dest)?;
+                if crate::layer_extract::is_root() {
+                    let (uid, gid) = attrs.owner.unwrap_or((0, 0));
+                    self.layer.chown(dest, uid, gid)?;
+                }
             }
             EntryKind::File => {
-                if self.add && is_archive(&src) {
-                    // ADD unpacks a local tar into the destination directory.
-                    std::fs::create_dir_all(dest.parent().unwrap_or(dest))?;
-                    let data = std::fs::read(&src)?;
-                    let target = dest.parent().unwrap_or(dest);
-                    return extract_layer(layer_reader(&data), target, Whiteouts::Apply, false)
-                        .map(|_| ())
-                        .map_err(|e| std::io::Error::other(e.to_string()));
+                let src = Path::new(&e.path);
+                if self.add && is_archive(self.src.open_file(src, false)?) {
+                    // ADD unpacks a local tar into the destination directory, confined there.
+                    let target = dest.parent().unwrap_or(Path::new(""));
+                    self.layer.create_dir_all(target, 0o755)?;
+                    let mut data = Vec::new();
+                    let hash = copy_hashing(self.src.open_file(src, false)?, &mut data).map_err(io)?;
+                    self.content.insert(i, hash);
+                    let unpack_root = self.layer.subdir(target)?;
+                    extract_into(layer_reader(&data), &unpack_root, Whiteouts::Apply, false).map_err(|source| {
+                        CopyError::Unpack {
+                            path: e.path.clone(),
+                            source,
+                        }
+                    })?;
+                    return Ok(());
                 }
-                let rel = dest.strip_prefix(self.layer).unwrap_or(dest).display().to_string();
+                let rel = dest.display().to_string();
                 let (uid, gid) = attrs.owner.unwrap_or((0, 0));
                 let from = CopiedFrom {
                     dev: e.stamp.dev,
@@ -143,59 +205,96 @@ impl Placement<'_> {
                     mode: attrs.mode.unwrap_or(e.mode),
                     uid,
                     gid,
+                    content: [0; 32],
                 };
                 // Linking shares the inode with the earlier snapshot, which nothing ever
                 // writes in place; mode and owner already match, so nothing is changed here.
-                let linked = self.seed.is_some_and(|s| {
-                    s.manifest.get(&rel) == Some(&from) && std::fs::hard_link(s.dir.join(&rel), dest).is_ok()
+                let linked = self.seed.as_ref().and_then(|(s, root)| {
+                    let old = s.manifest.get(&rel)?;
+                    let same = CopiedFrom {
+                        content: old.content,
+                        ..from
+                    } == *old;
+                    (same && self.layer.hard_link_from(root, dest, dest).is_ok()).then_some(old.content)
                 });
-                if !linked {
-                    std::fs::copy(&src, dest)?;
-                    finish(dest, e.mode, attrs, false)?;
-                }
-                self.manifest.insert(rel, from);
-                Ok(())
+                let content = match linked {
+                    Some(c) => c,
+                    None => {
+                        let mut out = self.layer.create_file(dest, 0o600)?;
+                        let c = copy_hashing(self.src.open_file(src, false)?, &mut out).map_err(io)?;
+                        finish(self.layer, dest, e.mode, attrs)?;
+                        c
+                    }
+                };
+                self.content.insert(i, content);
+                self.manifest.insert(rel, CopiedFrom { content, ..from });
             }
         }
+        Ok(())
     }
 }
 
-fn is_archive(p: &Path) -> bool {
-    let Ok(data) = std::fs::read(p) else { return false };
+fn is_archive(mut f: std::fs::File) -> bool {
+    use std::io::{Seek, SeekFrom};
+    let mut head = Vec::new();
+    if (&mut f).take(512).read_to_end(&mut head).is_err() {
+        return false;
+    }
     let tar_magic = |b: &[u8]| b.len() > 262 && &b[257..262] == b"ustar";
-    if data.starts_with(&[0x1f, 0x8b]) {
-        let mut head = Vec::new();
-        use std::io::Read;
-        let _ = flate2::read::GzDecoder::new(&data[..]).take(512).read_to_end(&mut head);
-        return tar_magic(&head);
+    if head.starts_with(&[0x1f, 0x8b]) {
+        let mut inner = Vec::new();
+        if f.seek(SeekFrom::Start(0)).is_err() {
+            return false;
+        }
+        let _ = flate2::read::GzDecoder::new(f).take(512).read_to_end(&mut inner);
+        return tar_magic(&inner);
     }
-    tar_magic(&data)
+    tar_magic(&head)
 }
 
-/// Builds the layer of a COPY/ADD into `layer` from selected `roots` of `entries` under
-/// `src_root`, linking unchanged files from `seed`; returns the layer's manifest.
-pub fn build_copy_layer(
-    layer: &Path,
-    def: &CopyDef,
-    src_root: &Path,
-    entries: &[ContextEntry],
-    roots: &[SelectedRoot],
-    attrs: CopyAttrs,
-    seed: Option<&Seed>,
-) -> std::io::Result<CopyManifest> {
-    let mut p = Placement {
-        src_root,
-        layer,
-        attrs,
-        add: def.add,
-        seed,
-        manifest: HashMap::new(),
-    };
+/// A COPY to build: its definition, where its sources are, and what its key was made from.
+pub struct CopyJob<'a> {
+    /// The instruction.
+    pub def: &'a CopyDef,
+    /// The directory the sources are read beneath (the context or a stage's files).
+    pub src_root: &'a Path,
+    /// The entries selected from.
+    pub entries: &'a [ContextEntry],
+    /// What the sources selected.
+    pub roots: &'a [SelectedRoot],
+    /// `--chown`/`--chmod`.
+    pub attrs: CopyAttrs,
+    /// The sources digest in the step's key; what is copied must match it.
+    pub keyed_digest: &'a str,
+}
+
+/// Builds the layer of a COPY/ADD into the directory `layer`, linking unchanged files from
+/// `seed`; returns the layer's manifest. Fails, storing nothing, when what it read is not
+/// what the key was made from.
+pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Result<CopyManifest, CopyError> {
+    let def = job.def;
     if def.parents {
-        return Err(std::io::Error::other(
+        return Err(CopyError::Unsupported(
             "COPY --parents is not supported yet: copy each directory with its own COPY",
         ));
     }
+    let layer = Root::open(layer)?;
+    let src = Root::open(job.src_root)?;
+    let seed = match seed {
+        Some(s) => Some((s, Root::open(&s.dir)?)),
+        None => None,
+    };
+    let mut p = Placement {
+        src: &src,
+        layer: &layer,
+        attrs: job.attrs,
+        add: def.add,
+        seed,
+        manifest: HashMap::new(),
+        content: HashMap::new(),
+    };
+    let entries = job.entries;
+    let roots = job.roots;
     let dest = rel_dest(&def.dest);
     let sources = roots.len() + def.inline.len();
     let into_dir = def.dest.ends_with('/')
@@ -204,9 +303,9 @@ pub fn build_copy_layer(
             .iter()
             .any(|r| r.entry.is_none_or(|i| entries[i].kind == EntryKind::Dir));
     if into_dir {
-        make_dirs(layer, &dest)?;
+        layer.create_dir_all(&dest, 0o755)?;
     } else if let Some(parent) = dest.parent() {
-        make_dirs(layer, parent)?;
+        layer.create_dir_all(parent, 0o755)?;
     }
     for r in roots {
         match r.entry {
@@ -215,35 +314,37 @@ pub fn build_copy_layer(
                     .file_name()
                     .map(PathBuf::from)
                     .unwrap_or_default();
-                let target = if into_dir {
-                    layer.join(&dest).join(name)
-                } else {
-                    layer.join(&dest)
-                };
-                p.place(&entries[i], &target)?;
+                let target = if into_dir { dest.join(name) } else { dest.clone() };
+                p.place(i, &entries[i], &target)?;
             }
             _ => {
                 for (i, rel) in &r.members {
-                    p.place(&entries[*i], &layer.join(&dest).join(rel))?;
+                    p.place(*i, &entries[*i], &dest.join(rel))?;
                 }
             }
         }
     }
+    if !roots.is_empty() {
+        let copied = sources_digest(entries, roots, &|i| p.content.get(&i).copied().unwrap_or_default()).digest;
+        if copied != job.keyed_digest {
+            return Err(CopyError::SourcesChanged {
+                copied,
+                keyed: job.keyed_digest.to_string(),
+            });
+        }
+    }
     for f in &def.inline {
-        let target = if into_dir {
-            layer.join(&dest).join(&f.name)
-        } else {
-            layer.join(&dest)
-        };
-        std::fs::write(&target, &f.content)?;
-        finish(&target, 0o644, attrs, false)?;
+        let target = if into_dir { dest.join(&f.name) } else { dest.clone() };
+        layer.write_file(&target, f.content.as_bytes(), 0o644)?;
+        finish(&layer, &target, 0o644, job.attrs)?;
     }
     Ok(p.manifest)
 }
 
 /// Builds the layer of a WORKDIR: the directory itself.
-pub fn build_workdir_layer(layer: &Path, path: &str) -> std::io::Result<()> {
-    make_dirs(layer, &rel_dest(path))
+pub fn build_workdir_layer(layer: &Path, path: &str) -> Result<(), CopyError> {
+    Root::open(layer)?.create_dir_all(&rel_dest(path), 0o755)?;
+    Ok(())
 }
 
 /// Parses a `--chmod` value (octal).

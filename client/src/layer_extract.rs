@@ -1,12 +1,16 @@
-//! Safe extraction of OCI layer tars, ours, imported or from a shared cache: no entry may
-//! write outside the root (`..`, absolute paths, paths through a symlink, hardlinks to
-//! outside), and device nodes are refused unless the process is root. Whiteouts become
+//! Safe extraction of OCI layer tars, ours, imported or from a shared cache: every write
+//! goes through `lcache_confine::Root`, so no entry lands outside the root (`..` and absolute
+//! names are refused; symlinks, in the layer or already there, resolve inside the root;
+//! hardlinks join only regular files inside it), the expanded size is limited, and device
+//! nodes are refused unless the process is root. Whiteouts become
 //! overlayfs whiteouts (snapshots) or deletions (applying layers onto a directory).
 
 use std::collections::HashSet;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
+
+use lcache_confine::{ConfineError, EntryType, Root};
+use nix::sys::stat::SFlag;
 
 /// What to do with whiteouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,56 +67,86 @@ fn clean(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-/// Refuses a path whose parent directories inside `root` include a symlink (writing
-/// through it could land anywhere), creating missing parents as directories.
-fn prepare_parents(root: &Path, rel: &Path, entry: &str) -> Result<(), LayerError> {
-    let mut cur = root.to_path_buf();
-    let parent = rel.parent().unwrap_or(Path::new(""));
-    for c in parent.components() {
-        cur.push(c);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(unsafe_entry(
-                    entry,
-                    "goes through a symlink, so it could write outside the root",
-                ))
-            }
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(unsafe_entry(entry, "has a parent that is not a directory")),
-            Err(_) => std::fs::create_dir(&cur).map_err(|source| LayerError::Io {
-                entry: entry.to_string(),
-                source,
-            })?,
+/// The largest expanded layer accepted, from `LCACHE_MAX_LAYER_SIZE` (bytes; default 64 GiB):
+/// a gzip bomb stops with a clear error instead of filling the disk.
+pub fn max_layer_size() -> u64 {
+    std::env::var("LCACHE_MAX_LAYER_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64 << 30)
+}
+
+/// A reader that fails once more than `limit` bytes came through it.
+pub struct SizeLimit<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+}
+
+impl<R: Read> SizeLimit<R> {
+    /// Wraps `inner`, allowing `limit` bytes.
+    pub fn new(inner: R, limit: u64) -> Self {
+        Self {
+            inner,
+            left: limit,
+            limit,
         }
     }
-    Ok(())
 }
 
-/// Removes whatever is at `p` (not following symlinks).
-fn remove_any(p: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
-        Ok(_) => std::fs::remove_file(p),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+impl<R: Read> Read for SizeLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            std::io::Error::other(format!(
+                "the layer expands to more than {} bytes (LCACHE_MAX_LAYER_SIZE) — it may be a decompression bomb; \
+                 raise LCACHE_MAX_LAYER_SIZE if the image really is that large",
+                self.limit
+            ))
+        })?;
+        Ok(n)
     }
 }
 
-/// Extracts an uncompressed layer tar into `root`; `privileged` (root) allows device nodes
-/// and ownership.
+/// Extracts an uncompressed layer tar into the directory `root`; see [`extract_into`].
 pub fn extract_layer(
     reader: impl Read,
     root: &Path,
     whiteouts: Whiteouts,
     privileged: bool,
 ) -> Result<usize, LayerError> {
-    let root_user = privileged;
-    let mut archive = tar::Archive::new(reader);
+    let root = Root::open(root).map_err(|e| LayerError::Io {
+        entry: "(root)".into(),
+        source: e.into(),
+    })?;
+    extract_into(reader, &root, whiteouts, privileged)
+}
+
+/// Extracts an uncompressed layer tar beneath `root`; `privileged` (root) allows device
+/// nodes and ownership. Every write goes through [`Root`], so symlinks in the layer or
+/// already in the root resolve inside it, never on the host.
+pub fn extract_into(
+    reader: impl Read,
+    root: &Root,
+    whiteouts: Whiteouts,
+    privileged: bool,
+) -> Result<usize, LayerError> {
+    let mut archive = tar::Archive::new(SizeLimit::new(reader, max_layer_size()));
     let io = |entry: &str| {
         let entry = entry.to_string();
         move |source| LayerError::Io {
             entry: entry.clone(),
             source,
+        }
+    };
+    let confined = |entry: &str| {
+        let entry = entry.to_string();
+        move |e: ConfineError| match e {
+            ConfineError::Refused { reason, .. } => unsafe_entry(&entry, reason),
+            other => LayerError::Io {
+                entry: entry.clone(),
+                source: other.into(),
+            },
         }
     };
     let mut created: HashSet<PathBuf> = HashSet::new();
@@ -125,44 +159,36 @@ pub fn extract_layer(
         if rel.as_os_str().is_empty() {
             continue; // "./" itself
         }
-        prepare_parents(root, &rel, &name)?;
-        let dest = root.join(&rel);
+        let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        root.create_dir_all(&parent, 0o755).map_err(confined(&name))?;
         let file_name = rel.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let header = e.header().clone();
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
         let kind = header.entry_type();
         // Whiteouts: `.wh..wh..opq` marks the parent opaque, `.wh.NAME` hides NAME.
         if let Some(hidden) = file_name.strip_prefix(".wh.") {
-            let dir = dest.parent().unwrap_or(root);
             if hidden == ".wh..opq" {
                 match whiteouts {
-                    Whiteouts::Overlay => xattr::set(dir, "trusted.overlay.opaque", b"y").map_err(io(&name))?,
+                    Whiteouts::Overlay => root
+                        .set_dir_xattr(&parent, "trusted.overlay.opaque", b"y")
+                        .map_err(confined(&name))?,
                     Whiteouts::Apply => {
-                        for child in std::fs::read_dir(dir).map_err(io(&name))? {
-                            let child = child.map_err(io(&name))?.path();
+                        for child in root.read_dir(&parent).map_err(confined(&name))? {
+                            let child = parent.join(child);
                             if !created.contains(&child) {
-                                remove_any(&child).map_err(io(&name))?;
+                                root.remove_all(&child).map_err(confined(&name))?;
                             }
                         }
                     }
                 }
             } else {
-                if hidden.is_empty() || hidden.contains('/') {
-                    return Err(unsafe_entry(&name, "is a malformed whiteout"));
+                if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.contains('/') {
+                    return Err(unsafe_entry(&name, "is a malformed whiteout (it names no entry)"));
                 }
-                let target = dir.join(hidden);
-                remove_any(&target).map_err(io(&name))?;
+                let target = parent.join(hidden);
+                root.remove_all(&target).map_err(confined(&name))?;
                 if whiteouts == Whiteouts::Overlay {
-                    nix::sys::stat::mknod(
-                        &target,
-                        nix::sys::stat::SFlag::S_IFCHR,
-                        nix::sys::stat::Mode::empty(),
-                        0,
-                    )
-                    .map_err(|e| LayerError::Io {
-                        entry: name.clone(),
-                        source: e.into(),
-                    })?;
+                    root.mknod(&target, SFlag::S_IFCHR, 0, 0).map_err(confined(&name))?;
                 }
             }
             count += 1;
@@ -170,30 +196,24 @@ pub fn extract_layer(
         }
         match kind {
             tar::EntryType::Directory => {
-                if !std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
-                    remove_any(&dest).map_err(io(&name))?;
-                    std::fs::create_dir(&dest).map_err(io(&name))?;
+                if root.stat(&rel).map_err(confined(&name))?.map(|s| s.kind) != Some(EntryType::Dir) {
+                    root.remove_all(&rel).map_err(confined(&name))?;
+                    root.create_dir(&rel, mode).map_err(confined(&name))?;
                 }
-                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode)).map_err(io(&name))?;
+                root.set_mode(&rel, mode).map_err(confined(&name))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                remove_any(&dest).map_err(io(&name))?;
-                let mut f = std::fs::File::options()
-                    .write(true)
-                    .create_new(true)
-                    .open(&dest)
-                    .map_err(io(&name))?;
+                root.remove_all(&rel).map_err(confined(&name))?;
+                let mut f = root.create_file(&rel, mode).map_err(confined(&name))?;
                 std::io::copy(&mut e, &mut f).map_err(io(&name))?;
-                f.set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(io(&name))?;
             }
             tar::EntryType::Symlink => {
                 let target = header
                     .link_name()
                     .map_err(io(&name))?
                     .ok_or_else(|| unsafe_entry(&name, "is a symlink without a target"))?;
-                remove_any(&dest).map_err(io(&name))?;
-                std::os::unix::fs::symlink(&*target, &dest).map_err(io(&name))?;
+                root.remove_all(&rel).map_err(confined(&name))?;
+                root.symlink(&target, &rel).map_err(confined(&name))?;
             }
             tar::EntryType::Link => {
                 let target = header
@@ -202,61 +222,44 @@ pub fn extract_layer(
                     .ok_or_else(|| unsafe_entry(&name, "is a hardlink without a target"))?;
                 let target_rel =
                     clean(&target).ok_or_else(|| unsafe_entry(&name, "is a hardlink to a path outside the root"))?;
-                prepare_parents(root, &target_rel, &name)?;
-                let src = root.join(&target_rel);
-                if !std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
-                    return Err(unsafe_entry(
-                        &name,
-                        "is a hardlink to something that is not a file in this layer's root",
-                    ));
+                if target_rel != rel {
+                    root.hard_link_from(root, &target_rel, &rel).map_err(|e| match e {
+                        ConfineError::Refused { .. } => unsafe_entry(
+                            &name,
+                            "is a hardlink to something that is not a file in this layer's root",
+                        ),
+                        other => confined(&name)(other),
+                    })?;
                 }
-                remove_any(&dest).map_err(io(&name))?;
-                std::fs::hard_link(&src, &dest).map_err(io(&name))?;
             }
-            tar::EntryType::Char | tar::EntryType::Block => {
-                if !root_user {
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                let node = match kind {
+                    tar::EntryType::Char => SFlag::S_IFCHR,
+                    tar::EntryType::Block => SFlag::S_IFBLK,
+                    _ => SFlag::S_IFIFO,
+                };
+                if node != SFlag::S_IFIFO && !privileged {
                     return Err(unsafe_entry(&name, "is a device node, which only root may extract"));
                 }
                 let dev = nix::sys::stat::makedev(
                     u64::from(header.device_major().ok().flatten().unwrap_or(0)),
                     u64::from(header.device_minor().ok().flatten().unwrap_or(0)),
                 );
-                let kind = if kind == tar::EntryType::Char {
-                    nix::sys::stat::SFlag::S_IFCHR
-                } else {
-                    nix::sys::stat::SFlag::S_IFBLK
-                };
-                remove_any(&dest).map_err(io(&name))?;
-                nix::sys::stat::mknod(&dest, kind, nix::sys::stat::Mode::from_bits_truncate(mode), dev).map_err(
-                    |e| LayerError::Io {
-                        entry: name.clone(),
-                        source: e.into(),
-                    },
-                )?;
-            }
-            tar::EntryType::Fifo => {
-                remove_any(&dest).map_err(io(&name))?;
-                nix::unistd::mkfifo(&dest, nix::sys::stat::Mode::from_bits_truncate(mode)).map_err(|e| {
-                    LayerError::Io {
-                        entry: name.clone(),
-                        source: e.into(),
-                    }
-                })?;
+                root.remove_all(&rel).map_err(confined(&name))?;
+                root.mknod(&rel, node, mode, dev).map_err(confined(&name))?;
             }
             // PAX and GNU long-name headers are consumed by the tar reader; anything else
             // (sparse files, vendor types) is not layer content we can represent.
             other => return Err(unsafe_entry(&name, &format!("has unsupported type {other:?}"))),
         }
-        if root_user && kind != tar::EntryType::Link {
-            let uid = header.uid().unwrap_or(0) as u32;
-            let gid = header.gid().unwrap_or(0) as u32;
-            std::os::unix::fs::lchown(&dest, Some(uid), Some(gid)).map_err(io(&name))?;
-            if kind != tar::EntryType::Symlink {
-                // chown clears setuid/setgid bits; put the mode back.
-                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode)).map_err(io(&name))?;
-            }
+        if privileged && kind != tar::EntryType::Link {
+            let uid = u32::try_from(header.uid().unwrap_or(0)).unwrap_or(0);
+            let gid = u32::try_from(header.gid().unwrap_or(0)).unwrap_or(0);
+            root.chown(&rel, uid, gid).map_err(confined(&name))?;
+            // chown clears setuid/setgid bits; put the mode back (symlinks are skipped).
+            root.set_mode(&rel, mode).map_err(confined(&name))?;
         }
-        created.insert(dest);
+        created.insert(rel);
         count += 1;
     }
     Ok(count)
@@ -341,13 +344,24 @@ mod tests {
     }
 
     #[test]
-    fn writing_through_a_symlink_is_refused() {
-        let (e, outside) = refused(tar_of(|b| {
+    fn writing_through_a_symlink_lands_inside_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        let root = outside.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let data = tar_of(|b| {
             link(b, tar::EntryType::Symlink, "evil", "..");
             file(b, "evil/escaped", b"x");
-        }));
-        assert!(e.contains("'evil/escaped'") && e.contains("through a symlink"), "{e}");
+            link(b, tar::EntryType::Symlink, "abs", outside.path().to_str().unwrap());
+            link(b, tar::EntryType::Symlink, "abs/dir", "/");
+        });
+        extract_layer(&data[..], &root, Whiteouts::Apply, true).unwrap();
         assert!(!outside.path().join("escaped").exists());
+        assert!(!outside.path().join("dir").exists());
+        assert_eq!(
+            std::fs::read(root.join("escaped")).unwrap(),
+            b"x",
+            "'..' from the root is the root"
+        );
     }
 
     #[test]
@@ -359,12 +373,64 @@ mod tests {
     }
 
     #[test]
-    fn a_hardlink_through_a_symlink_is_refused() {
+    fn a_hardlink_through_a_symlink_never_reaches_the_host() {
         let (e, _) = refused(tar_of(|b| {
             link(b, tar::EntryType::Symlink, "up", "/etc");
             link(b, tar::EntryType::Link, "passwd", "up/passwd");
         }));
-        assert!(e.contains("through a symlink"), "{e}");
+        assert!(e.contains("'passwd'") && e.contains("No such file"), "{e}");
+        let (e, _) = refused(tar_of(|b| {
+            link(b, tar::EntryType::Symlink, "s", "/etc/passwd");
+            link(b, tar::EntryType::Link, "passwd", "s");
+        }));
+        assert!(e.contains("not a file in this layer's root"), "{e}");
+    }
+
+    #[test]
+    fn whiteouts_of_dot_and_dot_dot_are_refused_and_remove_nothing() {
+        for w in ["dest/.wh...", "dest/.wh..", "dest/.wh."] {
+            let outside = tempfile::tempdir().unwrap();
+            let root = outside.path().join("root");
+            std::fs::create_dir_all(root.join("dest")).unwrap();
+            std::fs::write(outside.path().join("keep"), "x").unwrap();
+            let e = extract_layer(&tar_of(|b| file(b, w, b""))[..], &root, Whiteouts::Apply, true)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("malformed whiteout"), "{w}: {e}");
+            assert!(root.join("dest").is_dir() && outside.path().join("keep").exists());
+        }
+    }
+
+    #[test]
+    fn a_whiteout_through_a_symlinked_parent_removes_only_inside() {
+        let outside = tempfile::tempdir().unwrap();
+        let root = outside.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(outside.path().join("victim"), "x").unwrap();
+        let data = tar_of(|b| {
+            link(b, tar::EntryType::Symlink, "up", outside.path().to_str().unwrap());
+            file(b, "up/.wh.victim", b"");
+            link(b, tar::EntryType::Symlink, "dots", "../..");
+            file(b, "dots/.wh..wh..opq", b"");
+        });
+        extract_layer(&data[..], &root, Whiteouts::Apply, true).unwrap();
+        assert!(outside.path().join("victim").exists());
+    }
+
+    #[test]
+    fn a_layer_larger_than_the_limit_stops_with_a_clear_error() {
+        let data = tar_of(|b| file(b, "big", &vec![0u8; 64 * 1024]));
+        let d = tempfile::tempdir().unwrap();
+        let root = Root::open(d.path()).unwrap();
+        let mut r = SizeLimit::new(&data[..], 10_000);
+        let mut sink = Vec::new();
+        let e = std::io::copy(&mut r, &mut sink).unwrap_err().to_string();
+        assert!(
+            e.contains("decompression bomb") && e.contains("LCACHE_MAX_LAYER_SIZE"),
+            "{e}"
+        );
+        // Within the default limit the same layer extracts.
+        assert_eq!(extract_into(&data[..], &root, Whiteouts::Apply, true).unwrap(), 1);
     }
 
     #[test]

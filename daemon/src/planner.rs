@@ -7,7 +7,9 @@ use lcache_proto::build_plan::plan;
 use lcache_proto::dockerfile::Dockerfile;
 use lcache_proto::errors::{DockerfileError, Location, SelectError};
 use lcache_proto::step_keys::derive_keys;
-use lcache_proto::wire::{normalize_image_name, KeysReport, PlanInputs, PlanResponse};
+use lcache_proto::wire::{KeysReport, PlanInputs, PlanResponse};
+
+use crate::api::images::{resolve, Resolved};
 
 use crate::context_index::{ContextIndex, IndexError};
 use crate::store::{RecordStore, StoreError};
@@ -52,12 +54,9 @@ pub fn plan_build(
     let ctx = index.context(root)?;
     let mut ctx = ctx.lock().unwrap_or_else(|p| p.into_inner());
     let removed = ctx.refresh()?;
-    let images = |reference: &str| {
-        records
-            .get_image(&normalize_image_name(reference))
-            .ok()
-            .flatten()
-            .map(|i| i.manifest_digest)
+    let images = |reference: &str| match resolve(records, reference) {
+        Ok(Resolved::Found(i)) => Some(i.manifest_digest),
+        _ => None,
     };
     let mut sources = ctx.sources(inputs.all_files, &images);
     let steps = derive_keys(&plan, &mut sources).map_err(|(at, source)| PlanError::Select {

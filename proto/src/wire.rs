@@ -288,9 +288,25 @@ pub fn normalize_image_name(name: &str) -> String {
     }
 }
 
+/// A reference pinned by digest (`name[:tag]@sha256:…`): the name part and the digest.
+pub fn split_pinned(reference: &str) -> Option<(&str, &str)> {
+    let (name, digest) = reference.rsplit_once('@')?;
+    digest.starts_with("sha256:").then_some((name, digest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinned_references_split_into_name_and_digest() {
+        assert_eq!(split_pinned("app@sha256:00"), Some(("app", "sha256:00")));
+        assert_eq!(
+            split_pinned("reg:5000/app:1@sha256:ab"),
+            Some(("reg:5000/app:1", "sha256:ab"))
+        );
+        assert_eq!(split_pinned("app:1"), None);
+    }
 
     #[test]
     fn image_names_normalise_like_docker_hub_references() {

@@ -3,10 +3,11 @@
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use lcache_proto::wire::{normalize_image_name, ImageRecord};
+use lcache_proto::wire::{normalize_image_name, split_pinned, ImageRecord};
 
 use super::{error, json, now_ms, read_json, Body};
 use crate::state::AppState;
+use crate::store::{RecordStore, StoreError};
 
 /// Decodes `%XX` escapes; `None` if malformed or not UTF-8.
 pub fn percent_decode(s: &str) -> Option<String> {
@@ -37,6 +38,39 @@ fn name_of(raw: &str) -> Result<String, Response<Body>> {
     }
 }
 
+/// What a reference resolves to.
+#[derive(Debug)]
+pub enum Resolved {
+    /// The image.
+    Found(ImageRecord),
+    /// No image by that name.
+    Missing,
+    /// The reference pins a digest and the image of that name has another one.
+    DigestMismatch {
+        /// The manifest digest the stored image has.
+        found: String,
+    },
+}
+
+/// Resolves an image reference. `name@sha256:…` is enforced: it resolves to an image
+/// stored under that exact reference or under its name alone, and only if that image's
+/// manifest digest is the pinned one.
+pub fn resolve(records: &dyn RecordStore, reference: &str) -> Result<Resolved, StoreError> {
+    let name = normalize_image_name(reference);
+    let Some((base, digest)) = split_pinned(&name) else {
+        return Ok(records.get_image(&name)?.map_or(Resolved::Missing, Resolved::Found));
+    };
+    let mut other = None;
+    for candidate in [name.clone(), normalize_image_name(base)] {
+        match records.get_image(&candidate)? {
+            Some(i) if i.manifest_digest == digest => return Ok(Resolved::Found(i)),
+            Some(i) => other = Some(i.manifest_digest),
+            None => {}
+        }
+    }
+    Ok(other.map_or(Resolved::Missing, |found| Resolved::DigestMismatch { found }))
+}
+
 fn not_found(name: &str) -> Response<Body> {
     error(
         StatusCode::NOT_FOUND,
@@ -63,9 +97,14 @@ pub fn get(state: &AppState, raw: &str) -> Response<Body> {
         Ok(n) => n,
         Err(r) => return r,
     };
-    match state.records.get_image(&name) {
-        Ok(Some(i)) => json(StatusCode::OK, &i),
-        Ok(None) => not_found(&name),
+    match resolve(state.records.as_ref(), &name) {
+        Ok(Resolved::Found(i)) => json(StatusCode::OK, &i),
+        Ok(Resolved::Missing) => not_found(&name),
+        Ok(Resolved::DigestMismatch { found }) => error(
+            StatusCode::CONFLICT,
+            format!("{name} pins a digest, but the image lcached has under that name is {found}"),
+            "import the image whose manifest has the pinned digest, or fix the digest in the Dockerfile",
+        ),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             e.to_string(),

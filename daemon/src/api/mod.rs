@@ -8,7 +8,7 @@
 mod blobs;
 mod builds;
 mod control;
-mod images;
+pub mod images;
 mod steps;
 
 use std::sync::Arc;
