@@ -334,15 +334,34 @@ impl<'a> Builder<'a> {
             let (digest, from_roots) = self.sources_digest(i, n, &step.def, states)?;
             let inputs = key_inputs(&step.def, &stage.platform, &st.parent, &digest);
             let key = inputs.key();
-            let hit = if self.req.no_cache {
+            let mut hit = if self.req.no_cache {
                 None
             } else {
                 self.client.step(&key)?
             };
+            // A record whose layer is gone or corrupt is a miss: the step reruns and its blob
+            // is stored again, instead of the build failing.
+            let mut restored = None;
+            let mut unusable = false;
+            if let Some(l) = hit.as_ref().and_then(|r| r.layer.clone()) {
+                match ensure_snapshot(&self.cache, self.client, &l) {
+                    Ok(snap) => restored = Some((l, snap)),
+                    Err(e) if e.is_unusable_blob() => {
+                        self.progress().note(&format!(
+                            "warning: {}: the cached layer is unusable ({e}); rebuilding the step",
+                            self.at(step.line)
+                        ));
+                        hit = None;
+                        unusable = true;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let cached = hit.is_some();
             let saved_ms = hit.as_ref().map_or(0, |r| r.duration_ms);
             let (cause, compared_with) = match cached {
                 true => (None, None),
+                false if unusable => (Some(MissCause::Evicted), None),
                 false => {
                     let at = StepAt {
                         stage: i,
@@ -358,13 +377,7 @@ impl<'a> Builder<'a> {
             };
             st.rebuilt = root_after(cause.as_ref(), (number, step.line, &step.instruction));
             let layer = match hit {
-                Some(rec) => match rec.layer {
-                    Some(l) => {
-                        let snap = ensure_snapshot(&self.cache, self.client, &l)?;
-                        Some((l, snap))
-                    }
-                    None => None,
-                },
+                Some(_) => restored,
                 None => Some(self.execute(
                     number,
                     step.line,

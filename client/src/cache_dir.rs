@@ -27,10 +27,23 @@ pub struct CacheDir {
 }
 
 impl CacheDir {
-    /// Opens (creating) the cache at `root`.
+    /// Opens (creating) the cache at `root`, owner-only: snapshots hold image files as the
+    /// image has them, setuid binaries included, which no other user may reach.
     pub fn open(root: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         for d in ["snapshots", "work"] {
             std::fs::create_dir_all(root.join(d))?;
+        }
+        let m = std::fs::metadata(root)?;
+        if m.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(std::io::Error::other(format!(
+                "the cache {} belongs to uid {}, not to you — set LCACHE_CACHE_DIR to a directory of your own",
+                root.display(),
+                m.uid()
+            )));
+        }
+        if m.mode() & 0o077 != 0 {
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
         }
         Ok(Self {
             root: root.to_path_buf(),

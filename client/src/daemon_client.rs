@@ -101,10 +101,25 @@ impl DaemonClient {
     }
 
     /// Downloads a blob.
+    /// Every blob is checked against its digest here, whoever asked for it (snapshots,
+    /// exports): a missing or corrupt one is [`ClientError::UnusableBlob`].
     pub fn blob(&self, digest: &str) -> Result<Bytes, ClientError> {
         let (status, body) = self.call(Method::GET, &format!("/v1/blobs/{digest}"), Bytes::new())?;
+        if status == StatusCode::NOT_FOUND {
+            return Err(ClientError::UnusableBlob {
+                digest: digest.to_string(),
+                reason: "is not in lcached's store".into(),
+            });
+        }
         if !status.is_success() {
             return Err(daemon_error(status, &body));
+        }
+        let actual = crate::oci_image::sha256_of(&body);
+        if actual != digest {
+            return Err(ClientError::UnusableBlob {
+                digest: digest.to_string(),
+                reason: format!("arrived with digest {actual}: the stored copy is corrupt"),
+            });
         }
         Ok(body)
     }
@@ -118,9 +133,18 @@ impl DaemonClient {
         }
     }
 
-    /// `GET /v1/images`.
+    /// `GET /v1/images`, page after page.
     pub fn images(&self) -> Result<Vec<ImageRecord>, ClientError> {
-        self.json(Method::GET, "/v1/images", None::<&()>)
+        let mut all: Vec<ImageRecord> = Vec::new();
+        loop {
+            let after = all.last().map(|i| encode_name(&i.name)).unwrap_or_default();
+            let page: Vec<ImageRecord> = self.json(Method::GET, &format!("/v1/images?after={after}"), None::<&()>)?;
+            let done = page.is_empty();
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
     }
 
     /// `PUT /v1/images/{name}`.

@@ -60,7 +60,22 @@ pub enum ClientError {
         /// The step's last output lines.
         last_output: Vec<String>,
     },
+    /// A blob lcached holds is missing or does not match its digest.
+    #[error("blob {digest} {reason} — it is treated as not cached; the step that made it reruns")]
+    UnusableBlob {
+        /// The blob's digest.
+        digest: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The client's own machinery failed.
     #[error("{0}")]
     Local(String),
+}
+
+impl ClientError {
+    /// Whether a cached blob is gone or corrupt (a reason to rebuild, not to fail).
+    pub fn is_unusable_blob(&self) -> bool {
+        matches!(self, Self::UnusableBlob { .. })
+    }
 }

@@ -11,7 +11,6 @@ use crate::cache_dir::CacheDir;
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
 use crate::layer_extract::{extract_layer, is_root, Whiteouts};
-use crate::oci_image::sha256_of;
 
 /// A reader over a layer blob that is gzip-compressed or a plain tar.
 pub fn layer_reader<'a>(blob: &'a [u8]) -> Box<dyn Read + 'a> {
@@ -28,14 +27,8 @@ pub fn ensure_snapshot(cache: &CacheDir, client: &DaemonClient, layer: &LayerRef
     if dest.is_dir() {
         return Ok(dest);
     }
+    // `blob` checks the digest.
     let blob = client.blob(&layer.digest)?;
-    let actual = sha256_of(&blob);
-    if actual != layer.digest {
-        return Err(ClientError::Local(format!(
-            "layer {} arrived with digest {actual} — the cache holds a corrupt blob; delete it from the daemon's store",
-            layer.digest
-        )));
-    }
     let tmp = cache
         .work_dir()
         .map_err(|e| ClientError::Local(format!("cannot make a work directory: {e}")))?;

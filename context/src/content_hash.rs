@@ -1,5 +1,6 @@
-//! Content BLAKE3 of context files: in parallel across files, streamed (memory-mapped for
-//! large files) so no file is held whole, and each file read once.
+//! Content BLAKE3 of context files: in parallel across files, streamed so no file is held
+//! whole, and each file read once. Never memory-mapped: a file truncated while it is hashed
+//! would kill the process (the daemon) with SIGBUS; a read just ends early.
 
 use std::io::Read;
 use std::path::Path;
@@ -8,8 +9,8 @@ use std::sync::Mutex;
 
 use crate::errors::ContextError;
 
-/// Files at least this large are memory-mapped instead of read through a buffer.
-const MMAP_THRESHOLD: u64 = 1 << 20;
+/// Files at least this large are read through a larger buffer.
+const LARGE_FILE: u64 = 1 << 20;
 
 /// Hashes the files at `paths` (relative to `root`) on all cores; result `i` is `paths[i]`'s.
 pub fn hash_files(root: &Path, paths: &[(&str, u64)]) -> Result<Vec<[u8; 32]>, ContextError> {
@@ -59,17 +60,22 @@ fn hash_one(path: &Path, size: u64, buf: &mut [u8]) -> Result<[u8; 32], ContextE
         source,
     };
     let mut hasher = blake3::Hasher::new();
-    if size >= MMAP_THRESHOLD {
-        hasher.update_mmap(path).map_err(io)?;
+    let mut big = Vec::new();
+    let buf = if size >= LARGE_FILE {
+        big.resize(1 << 20, 0);
+        &mut big[..]
     } else {
-        let mut f = std::fs::File::open(path).map_err(io)?;
-        loop {
-            let n = f.read(buf).map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
+        buf
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    loop {
+        let n = match f.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(e)),
+        };
+        hasher.update(&buf[..n]);
     }
     Ok(*hasher.finalize().as_bytes())
 }
@@ -82,7 +88,7 @@ mod tests {
     fn hashes_match_blake3_of_the_content_in_order() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("a"), "alpha").unwrap();
-        let big = vec![7u8; (MMAP_THRESHOLD + 5) as usize];
+        let big = vec![7u8; (LARGE_FILE + 5) as usize];
         std::fs::write(d.path().join("b"), &big).unwrap();
         let h = hash_files(d.path(), &[("b", big.len() as u64), ("a", 5)]).unwrap();
         assert_eq!(h[0], *blake3::hash(&big).as_bytes());

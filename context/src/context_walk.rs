@@ -9,6 +9,10 @@ use lcache_proto::source_select::{ContextEntry, EntryKind, FileStamp};
 
 use crate::errors::ContextError;
 
+/// Name prefix of the marker files lcached creates at a context's root to sync with its
+/// watcher; the walk never lists them, so no COPY can select one.
+pub const BARRIER_PREFIX: &str = ".lcache-barrier-";
+
 /// Reads `.dockerignore` at the root of `context`, if there is one.
 pub fn read_dockerignore(context: &Path) -> Result<IgnoreMatcher, ContextError> {
     let path = context.join(".dockerignore");
@@ -35,6 +39,10 @@ pub fn walk(context: &Path, ignore: &IgnoreMatcher) -> Result<Vec<ContextEntry>,
             })?;
             let name = item.file_name();
             let name = name.to_str().ok_or_else(|| ContextError::NonUtf8(item.path()))?;
+            if rel.is_empty() && name.starts_with(BARRIER_PREFIX) {
+                // lcached's own short-lived marker: never part of a build.
+                continue;
+            }
             let path = if rel.is_empty() {
                 name.to_string()
             } else {

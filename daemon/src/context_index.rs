@@ -7,16 +7,16 @@
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use lcache_context::context_walk::{read_dockerignore, walk};
+use lcache_context::context_walk::{read_dockerignore, walk, BARRIER_PREFIX};
 use lcache_context::errors::ContextError;
 use lcache_context::local_context::LocalContext;
 use lcache_proto::build_plan::CopyDef;
 use lcache_proto::errors::SelectError;
-use lcache_proto::source_select::{ContextEntry, EntryKind};
+use lcache_proto::source_select::{ContextEntry, EntryKind, FileStamp};
 use lcache_proto::sources_digest::SourcesDigest;
 use lcache_proto::step_keys::{StepRef, StepSources};
 use lcache_proto::wire::{ContextIndexStatus, FILES_LISTED};
@@ -47,18 +47,40 @@ pub enum IndexError {
 /// What a COPY selects, for memoising its digest while the context does not change.
 type MemoKey = (Vec<String>, Vec<String>);
 
-/// Name prefix of the marker files that make watcher delivery a barrier.
-const COOKIE_PREFIX: &str = ".lcache-cookie-";
-
 /// What the watcher thread tells planners.
 #[derive(Default)]
 struct WatchSignals {
     changed: AtomicBool,
+    /// Set when the watcher reported an error: events may have been lost, so the context is
+    /// stat-walked from then on.
+    failed: Mutex<Option<String>>,
     cookies: Mutex<HashSet<String>>,
     cookie_seen: Condvar,
 }
 
-static COOKIE_SEQ: AtomicU64 = AtomicU64::new(0);
+/// How close to the moment it was read a file's ctime may be before its digest is not
+/// trusted later (git's "racily clean" rule): a write in the same timestamp tick as an
+/// earlier one leaves the stamp unchanged. ctime, not mtime: every write sets it from the
+/// kernel's clock and nothing can set it back or ahead. Linux stamps files from a coarse
+/// clock (one tick is at most 10 ms); filesystems with whole-second stamps get two seconds.
+const RACY_WINDOW_NS: i64 = 50_000_000;
+const RACY_WINDOW_COARSE_NS: i64 = 2_000_000_000;
+
+/// Whether a file with `stamp` may still change without its stamp changing, as of `now_ns`.
+fn racy(stamp: &FileStamp, now_ns: i64) -> bool {
+    let window = if stamp.ctime_ns % 1_000_000_000 == 0 {
+        RACY_WINDOW_COARSE_NS
+    } else {
+        RACY_WINDOW_NS
+    };
+    stamp.ctime_ns > now_ns - window
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
 
 /// One indexed context.
 pub struct IndexedContext {
@@ -70,6 +92,11 @@ pub struct IndexedContext {
     mode: WatchMode,
     _watcher: Option<notify::RecommendedWatcher>,
     memo: HashMap<MemoKey, SourcesDigest>,
+    /// When the current plan started (ns since the epoch).
+    plan_started_ns: i64,
+    /// The walked entry changed last (by ctime): if it is racy (see [`racy`]), so may
+    /// others be, and no sources digest is memoised.
+    newest_stamp: Option<FileStamp>,
 }
 
 /// All indexed contexts.
@@ -125,6 +152,8 @@ impl ContextIndex {
             mode,
             _watcher: watcher,
             memo: HashMap::new(),
+            plan_started_ns: 0,
+            newest_stamp: None,
         }));
         all.insert(root.to_path_buf(), c.clone());
         Ok(c)
@@ -181,12 +210,25 @@ fn network_filesystem(root: &Path) -> Option<&'static str> {
 
 fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<notify::RecommendedWatcher, String> {
     let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else {
-            // A watcher error (an overflowed queue) means "look again".
-            signals.changed.store(true, Ordering::SeqCst);
-            return;
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => {
+                // An overflowed queue or a directory that could not be watched: events were or
+                // will be lost, so this watcher can no longer be trusted.
+                signals
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| format!("the file watcher failed ({e}); stat-walking from now on"));
+                signals.changed.store(true, Ordering::SeqCst);
+                return;
+            }
         };
-        if event.kind.is_access() {
+        let closed_after_write = matches!(
+            event.kind,
+            notify::EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Write))
+        );
+        if event.kind.is_access() && !closed_after_write {
             // Opening or reading a file changes nothing, and our own hashing causes these.
             return;
         }
@@ -195,7 +237,7 @@ fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<notify::Reco
             match p
                 .file_name()
                 .and_then(|n| n.to_str())
-                .filter(|n| n.starts_with(COOKIE_PREFIX))
+                .filter(|n| n.starts_with(BARRIER_PREFIX))
             {
                 Some(name) if event.kind.is_create() => {
                     signals
@@ -243,6 +285,12 @@ impl IndexedContext {
     /// Brings the entry list up to date: no work when the watcher saw nothing. Returns the
     /// paths whose cached digests no longer exist in the tree.
     pub fn refresh(&mut self) -> Result<Vec<String>, IndexError> {
+        self.plan_started_ns = now_ns();
+        let failed = self.signals.failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(reason) = failed.filter(|_| self.mode == WatchMode::Watching) {
+            self.mode = WatchMode::StatWalk(reason);
+            self._watcher = None;
+        }
         let must_walk = self.entries.is_none() || self.mode != WatchMode::Watching || !self.sync_watcher();
         // Clear the flag before walking: an event during the walk marks it again.
         if !self.signals.changed.swap(false, Ordering::SeqCst) && !must_walk {
@@ -268,6 +316,7 @@ impl IndexedContext {
         for p in &removed {
             self.digests.remove(p);
         }
+        self.newest_stamp = entries.iter().map(|e| e.stamp).max_by_key(|s| s.ctime_ns);
         self.entries = Some(entries);
         Ok(removed)
     }
@@ -276,15 +325,18 @@ impl IndexedContext {
     /// inotify keeps order, so once a marker file created now is reported, so is any edit
     /// made before it. False when that cannot be known (read-only context, slow watcher).
     fn sync_watcher(&self) -> bool {
-        let name = format!(
-            "{COOKIE_PREFIX}{}-{}",
-            std::process::id(),
-            COOKIE_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = self.root.join(&name);
-        if std::fs::write(&path, b"").is_err() {
+        // A fresh random name, created exclusively: a symlink or file planted in the context
+        // under a guessable name can never make the daemon (root) write through it.
+        let Ok(marker) = tempfile::Builder::new()
+            .prefix(BARRIER_PREFIX)
+            .rand_bytes(16)
+            .tempfile_in(&self.root)
+        else {
             return false;
-        }
+        };
+        let Some(name) = marker.path().file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+            return false;
+        };
         let cookies = self.signals.cookies.lock().unwrap_or_else(|p| p.into_inner());
         let (mut cookies, _) = self
             .signals
@@ -293,8 +345,13 @@ impl IndexedContext {
             .unwrap_or_else(|p| p.into_inner());
         let seen = cookies.remove(&name);
         drop(cookies);
-        let _ = std::fs::remove_file(&path);
+        drop(marker);
         seen
+    }
+
+    /// Whether some file's stamp is too recent to trust a digest taken now.
+    fn has_racy_files(&self) -> bool {
+        self.newest_stamp.is_some_and(|s| racy(&s, self.plan_started_ns))
     }
 
     /// Key sources over this context; `all_files` lists every selected file; `images`
@@ -327,8 +384,12 @@ impl IndexSources<'_> {
         let Some(local) = self.local else {
             return (Vec::new(), 0);
         };
+        let started = self.ctx.plan_started_ns;
+        // A racily clean file was hashed correctly for this plan, but its digest is not kept:
+        // the next plan reads it again.
         let fresh: Vec<(String, CachedDigest)> = local
             .newly_hashed()
+            .filter(|(e, _)| !racy(&e.stamp, started))
             .map(|(e, digest)| {
                 (
                     e.path.clone(),
@@ -369,7 +430,7 @@ impl StepSources for IndexSources<'_> {
         });
         let mut d = local.digest_sources(def)?;
         self.summaries.push((d.digest.clone(), std::mem::take(&mut d.summary)));
-        if !self.all_files {
+        if !self.all_files && !ctx.has_racy_files() {
             d.files.truncate(FILES_LISTED);
             ctx.memo.insert(key, d.clone());
         }
@@ -382,5 +443,135 @@ impl StepSources for IndexSources<'_> {
 
     fn image_identity(&mut self, reference: &str) -> Option<String> {
         (self.images)(reference)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lcache_proto::build_plan::CopyFrom;
+
+    use super::*;
+    use crate::store::sled_records::SledRecords;
+
+    fn copy_all() -> CopyDef {
+        CopyDef {
+            add: false,
+            from: CopyFrom::Context,
+            sources: vec![".".into()],
+            inline: vec![],
+            dest: "/d/".into(),
+            chown: String::new(),
+            chmod: String::new(),
+            link: false,
+            excludes: vec![],
+            parents: false,
+            checksum: String::new(),
+            keep_git_dir: false,
+        }
+    }
+
+    /// One plan's worth of work on `ctx`: refresh, digest `COPY . /d/`, keep what it learnt.
+    fn plan(index: &ContextIndex, ctx: &Mutex<IndexedContext>) -> String {
+        let mut ctx = ctx.lock().unwrap();
+        let removed = ctx.refresh().unwrap();
+        let no_images = |_: &str| None;
+        let mut sources = ctx.sources(false, &no_images);
+        let at = StepRef { stage: 0, step: 0 };
+        let d = sources.context_sources(at, &copy_all()).unwrap().digest;
+        let (fresh, _) = sources.finish();
+        index.persist(&ctx, &fresh, &removed).unwrap();
+        d
+    }
+
+    fn index(dir: &Path, watch: bool) -> ContextIndex {
+        ContextIndex::new(Arc::new(SledRecords::open(&dir.join("db")).unwrap()), watch)
+    }
+
+    #[test]
+    fn a_digest_taken_while_its_file_may_still_change_unseen_is_not_kept() {
+        let store = tempfile::tempdir().unwrap();
+        let context = tempfile::tempdir().unwrap();
+        let file = context.path().join("a");
+        std::fs::write(&file, "one").unwrap();
+        let ctime = {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&file).unwrap();
+            m.ctime() * 1_000_000_000 + m.ctime_nsec()
+        };
+        let index = index(store.path(), false);
+        let ctx = index.context(context.path()).unwrap();
+        {
+            // A plan that starts in the same tick as the write, whatever the machine's load.
+            let mut c = ctx.lock().unwrap();
+            let removed = c.refresh().unwrap();
+            c.plan_started_ns = ctime + 1_000_000;
+            let no_images = |_: &str| None;
+            let mut sources = c.sources(false, &no_images);
+            sources
+                .context_sources(StepRef { stage: 0, step: 0 }, &copy_all())
+                .unwrap();
+            let (fresh, hashed) = sources.finish();
+            assert_eq!((fresh.len(), hashed), (0, 1), "racily clean: read and used, not kept");
+            index.persist(&c, &fresh, &removed).unwrap();
+            assert!(c.memo.is_empty(), "nor memoised");
+        }
+        assert_eq!(ctx.lock().unwrap().status().digests, 0);
+        std::thread::sleep(Duration::from_millis(2 * (RACY_WINDOW_NS / 1_000_000) as u64));
+        plan(&index, &ctx);
+        assert_eq!(ctx.lock().unwrap().status().digests, 1, "old enough to trust now");
+    }
+
+    #[test]
+    fn racy_means_changed_within_the_timestamp_granularity_of_the_read() {
+        let at = |mtime_ns, ctime_ns| FileStamp {
+            mtime_ns,
+            ctime_ns,
+            ino: 1,
+            dev: 1,
+        };
+        let now = 100_000_000_123;
+        assert!(racy(&at(0, now - 1_000_000), now), "same tick");
+        assert!(
+            !racy(&at(now + 3_600_000_000_000, now - 1_000_000_001), now),
+            "mtime is the user's to set"
+        );
+        assert!(
+            racy(&at(0, now - 1_000_000_000 - 123), now),
+            "whole-second stamps get a wider window"
+        );
+    }
+
+    #[test]
+    fn a_watcher_error_switches_the_context_to_stat_walks_for_good() {
+        let store = tempfile::tempdir().unwrap();
+        let context = tempfile::tempdir().unwrap();
+        let index = index(store.path(), true);
+        let ctx = index.context(context.path()).unwrap();
+        plan(&index, &ctx);
+        assert_eq!(ctx.lock().unwrap().status().mode, "watching");
+        *ctx.lock().unwrap().signals.failed.lock().unwrap() = Some("the file watcher failed (queue overflow)".into());
+        plan(&index, &ctx);
+        std::fs::write(context.path().join("later"), "x").unwrap();
+        plan(&index, &ctx);
+        let status = ctx.lock().unwrap().status();
+        assert_eq!(status.mode, "stat-walk");
+        assert!(status.reason.unwrap().contains("watcher failed"));
+        assert_eq!(status.entries, 1, "the edit made after the switch is seen by the walk");
+    }
+
+    #[test]
+    fn the_barrier_file_never_lands_in_the_tree_and_never_follows_a_planted_link() {
+        let store = tempfile::tempdir().unwrap();
+        let context = tempfile::tempdir().unwrap();
+        let victim = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(victim.path(), "keep").unwrap();
+        std::os::unix::fs::symlink(victim.path(), context.path().join(format!("{BARRIER_PREFIX}x"))).unwrap();
+        let index = index(store.path(), true);
+        let ctx = index.context(context.path()).unwrap();
+        for _ in 0..3 {
+            plan(&index, &ctx);
+        }
+        assert_eq!(std::fs::read_to_string(victim.path()).unwrap(), "keep");
+        assert_eq!(ctx.lock().unwrap().status().entries, 0, "markers are never entries");
     }
 }

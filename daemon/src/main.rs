@@ -1,9 +1,10 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use lcache_daemon::server::{shutdown_signal, Daemon, DaemonConfig};
+use lcache_daemon::server::{shutdown_signal, Daemon, DaemonConfig, Limits};
 use lcache_proto::endpoint::{default_socket, default_store, Endpoint};
 
 /// lcached: the lcache daemon. Keeps step records and layer blobs, indexes build contexts,
@@ -22,6 +23,42 @@ struct Args {
     /// network filesystems).
     #[arg(long, value_enum, default_value_t = Watch::Auto)]
     watch: Watch,
+    /// Open client connections at once; more wait to be accepted.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// The largest blob accepted (bytes, or with a K/M/G/T suffix: 512M, 64G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64G")]
+    max_blob_size: u64,
+    /// Seconds a client may take to send a request's headers (and an idle connection stays open).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    header_timeout: u64,
+    /// Seconds a request body may pause before the request is dropped.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    body_timeout: u64,
+}
+
+/// `1024`, `512K`, `64M`, `2G`, `1T` (binary units; `KiB`, `GB`… are read the same).
+fn parse_size(v: &str) -> Result<u64, String> {
+    let t = v.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{v}' is not a size: write e.g. 512M or 64G"))?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("'{v}': unknown unit; use K, M, G or T")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("'{v}' is too large"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -44,6 +81,12 @@ fn main() -> ExitCode {
             .store
             .unwrap_or_else(|| default_store(uid, env("XDG_DATA_HOME").as_deref(), env("HOME").as_deref())),
         watch: matches!(args.watch, Watch::Auto),
+        limits: Limits {
+            max_connections: args.max_connections,
+            max_blob_size: args.max_blob_size,
+            header_timeout: Duration::from_secs(args.header_timeout.max(1)),
+            body_timeout: Duration::from_secs(args.body_timeout.max(1)),
+        },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -11,7 +11,7 @@ use futures_util::FutureExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::StatusCode;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use lcache_proto::endpoint::Endpoint;
 use tokio::net::{TcpListener, UnixListener};
@@ -34,6 +34,34 @@ pub struct DaemonConfig {
     pub store: PathBuf,
     /// Watch contexts with notify (false: stat walks).
     pub watch: bool,
+    /// What one client may take.
+    pub limits: Limits,
+}
+
+/// What one client may take of the daemon: a client that is slow, idle, greedy or hostile
+/// is cut off instead of holding resources forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at once; further ones wait to be accepted.
+    pub max_connections: usize,
+    /// The largest blob accepted, whether its length is declared or it arrives chunked.
+    pub max_blob_size: u64,
+    /// How long a client may take to send a request's headers, and how long an idle
+    /// keep-alive connection stays open.
+    pub header_timeout: Duration,
+    /// How long a request body may go without a byte arriving.
+    pub body_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_blob_size: 64 << 30,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Why the daemon could not start.
@@ -53,6 +81,21 @@ pub enum StartError {
     /// Another daemon answers on the socket.
     #[error("another lcached already listens on {0} — stop it, or pass a different --listen")]
     SocketInUse(String),
+    /// The store directory belongs to someone else.
+    #[error(
+        "the store {path} is owned by uid {owner}, not by this daemon's uid {uid} — use a store directory of your own"
+    )]
+    StoreOwner {
+        /// The store directory.
+        path: String,
+        /// Its owner.
+        owner: u32,
+        /// Ours.
+        uid: u32,
+    },
+    /// `--listen` names a file that is not a socket.
+    #[error("{0} exists and is not a socket — lcached will not delete it; pass another --listen path")]
+    NotASocket(String),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source} — pick a free address with --listen")]
     Bind {
@@ -82,7 +125,10 @@ impl Daemon {
             path: cfg.store.display().to_string(),
             reason: e.to_string(),
         };
+        // Everything the daemon creates is its own alone: blobs, records, sockets.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         std::fs::create_dir_all(&cfg.store).map_err(|e| store_err(&e))?;
+        owner_only(&cfg.store)?;
         let lock = lock_store(&cfg.store)?;
         let blobs = BlobStore::open(&cfg.store.join("blobs")).map_err(|e| store_err(&e))?;
         let records: Arc<dyn RecordStore> =
@@ -92,14 +138,19 @@ impl Daemon {
         for ep in &cfg.listen {
             match ep {
                 Endpoint::Unix(path) => {
-                    if path.exists() {
+                    if let Ok(m) = std::fs::symlink_metadata(path) {
+                        use std::os::unix::fs::FileTypeExt;
+                        if !m.file_type().is_socket() {
+                            return Err(StartError::NotASocket(path.display().to_string()));
+                        }
                         if std::os::unix::net::UnixStream::connect(path).is_ok() {
                             return Err(StartError::SocketInUse(ep.to_string()));
                         }
                         // A socket file nobody answers on is left over from a killed daemon.
                         let _ = std::fs::remove_file(path);
                     }
-                    if let Some(parent) = path.parent() {
+                    if let Some(parent) = path.parent().filter(|p| !p.exists()) {
+                        // A directory made for the socket is owner-only (the umask above).
                         std::fs::create_dir_all(parent).map_err(|source| StartError::Bind {
                             addr: ep.to_string(),
                             source,
@@ -137,6 +188,7 @@ impl Daemon {
             listen,
             store_dir: cfg.store.clone(),
             build_seq: AtomicU64::new(0),
+            limits: cfg.limits,
         });
         Ok(Self {
             state,
@@ -155,12 +207,15 @@ impl Daemon {
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         let graceful = Arc::new(GracefulShutdown::new());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let limits = self.state.limits;
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
         let mut loops = Vec::new();
         let mut sockets = Vec::new();
         for l in self.listeners {
             let state = self.state.clone();
             let mut stop = stop_rx.clone();
             let graceful = graceful.clone();
+            let slots = slots.clone();
             if let Listener::Unix(_, p) = &l {
                 sockets.push(p.clone());
             }
@@ -175,6 +230,13 @@ impl Daemon {
                         accepted = accept(&l) => accepted,
                     };
                     let Some(io) = io else { continue };
+                    // At the limit this loop waits, so further connections wait in the
+                    // kernel's backlog, not in memory.
+                    let slot = tokio::select! {
+                        _ = stop.changed() => break,
+                        slot = slots.clone().acquire_owned() => slot,
+                    };
+                    let Ok(slot) = slot else { break };
                     let state = state.clone();
                     let svc = service_fn(move |req| {
                         let state = state.clone();
@@ -193,8 +255,16 @@ impl Daemon {
                         }
                     });
                     // A client that half-closes after its body (as `curl -T -` or a shell script may) still gets its answer.
-                    let conn = http1::Builder::new().half_close(true).serve_connection(io, svc);
-                    tokio::spawn(graceful.watcher().watch(conn));
+                    let conn = http1::Builder::new()
+                        .half_close(true)
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
+                        .serve_connection(io, svc);
+                    let conn = graceful.watcher().watch(conn);
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                        drop(slot);
+                    });
                 }
             }));
         }
@@ -211,6 +281,30 @@ impl Daemon {
             let _ = std::fs::remove_file(s);
         }
     }
+}
+
+/// Makes the store directory owner-only, refusing one that belongs to another user.
+fn owner_only(dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::metadata(dir).map_err(|e| StartError::Store {
+        path: dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let uid = nix::unistd::geteuid().as_raw();
+    if m.uid() != uid {
+        return Err(StartError::StoreOwner {
+            path: dir.display().to_string(),
+            owner: m.uid(),
+            uid,
+        });
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| StartError::Store {
+            path: dir.display().to_string(),
+            reason: format!("cannot make it owner-only: {e}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// Accepts one connection; `None` on a transient accept error (the loop goes on).

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::context_index::ContextIndex;
 use crate::metrics::Metrics;
+use crate::server::Limits;
 use crate::store::blob_store::BlobStore;
 use crate::store::RecordStore;
 
@@ -28,4 +29,6 @@ pub struct AppState {
     pub store_dir: PathBuf,
     /// Disambiguates build ids made in the same millisecond.
     pub build_seq: AtomicU64,
+    /// What one client may take.
+    pub limits: Limits,
 }

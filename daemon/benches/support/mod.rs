@@ -23,6 +23,7 @@ pub fn start_daemon(store: PathBuf, listen: Vec<Endpoint>) -> (Vec<String>, toki
                 listen,
                 store,
                 watch: true,
+                limits: Default::default(),
             })
             .await
             .expect("daemon start");

@@ -45,20 +45,58 @@ fn not_found(d: &str) -> Response<Body> {
     )
 }
 
-/// `HEAD /v1/blobs/{digest}`.
-pub fn head(state: &AppState, d: &str) -> Response<Body> {
-    match stored(state, d) {
-        Ok(Some(m)) => Response::builder()
+/// Whether the blob's file is there with the recorded size: a record alone is not a blob.
+fn file_intact(state: &AppState, m: &BlobMeta) -> bool {
+    state
+        .blobs
+        .path_of(&m.digest)
+        .and_then(|p| std::fs::metadata(p).ok())
+        .is_some_and(|f| f.is_file() && f.len() == m.size)
+}
+
+/// Whether the blob's file hashes to its digest. A damaged file is removed, so that GET
+/// answers 404 too and the next upload of the blob repairs it.
+async fn file_verified(state: &AppState, m: &BlobMeta) -> bool {
+    if !file_intact(state, m) {
+        return false;
+    }
+    let Some(path) = state.blobs.path_of(&m.digest) else {
+        return false;
+    };
+    let digest = m.digest.clone();
+    let ok = tokio::task::spawn_blocking(move || {
+        use sha2::Digest;
+        let mut f = std::fs::File::open(&path)?;
+        let mut sha = sha2::Sha256::new();
+        std::io::copy(&mut f, &mut sha)?;
+        let good = format!("sha256:{:x}", sha.finalize()) == digest;
+        if !good {
+            std::fs::remove_file(&path)?;
+        }
+        Ok::<_, std::io::Error>(good)
+    })
+    .await;
+    matches!(ok, Ok(Ok(true)))
+}
+
+/// `HEAD /v1/blobs/{digest}`: 200 only if the file is there and hashes to the digest.
+pub async fn head(state: &AppState, d: &str) -> Response<Body> {
+    let verified = match stored(state, d) {
+        Ok(Some(m)) => file_verified(state, &m).await.then_some(m),
+        Ok(None) => None,
+        Err(r) => return r,
+    };
+    match verified {
+        Some(m) => Response::builder()
             .status(StatusCode::OK)
             .header("content-length", m.size)
             .body(super::full(""))
             .unwrap_or_else(|_| Response::new(super::full(""))),
-        Ok(None) => {
+        None => {
             let mut r = Response::new(super::full(""));
             *r.status_mut() = StatusCode::NOT_FOUND;
             r
         }
-        Err(r) => r,
     }
 }
 
@@ -73,12 +111,14 @@ pub async fn get(state: &AppState, d: &str) -> Response<Body> {
         return bad_digest(d);
     };
     let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
+        Ok(f) if f.metadata().await.is_ok_and(|m| m.len() == meta.size) => f,
+        // Lost or cut short behind the daemon's back: a miss, so the client rebuilds and
+        // uploads it again.
+        _ => {
             return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("blob {d} is recorded but unreadable: {e}"),
-                "the store was changed behind the daemon's back; re-upload the blob",
+                StatusCode::NOT_FOUND,
+                format!("blob {d} is recorded but its file is missing or damaged"),
+                "upload it again with PUT /v1/blobs/{digest}",
             )
         }
     };
@@ -103,18 +143,23 @@ pub async fn get(state: &AppState, d: &str) -> Response<Body> {
 }
 
 /// `PUT /v1/blobs/{digest}`: stored only if the bytes hash to the digest and all arrived.
+/// A blob already recorded is taken again too (verified, then renamed over the old file), so
+/// a file damaged behind the daemon's back is repaired by the next upload.
 pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<Body> {
-    match stored(state, d) {
-        Ok(Some(m)) => return json(StatusCode::OK, &m),
-        Ok(None) => {}
+    let known = match stored(state, d) {
+        Ok(m) => m.is_some(),
         Err(r) => return r,
-    }
+    };
     let expected_len = req
         .headers()
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    match state.blobs.ingest(d, req.into_body(), expected_len).await {
+    match state
+        .blobs
+        .ingest(d, req.into_body(), expected_len, &state.limits)
+        .await
+    {
         Ok(meta) => {
             state.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
             // The file is durable; only now may the store (and records) know the blob.
@@ -125,8 +170,18 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
                     "free space on the store's disk",
                 );
             }
-            json(StatusCode::CREATED, &meta)
+            json(if known { StatusCode::OK } else { StatusCode::CREATED }, &meta)
         }
+        Err(e @ IngestError::TooLarge { .. }) => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            e.to_string(),
+            "nothing was stored; the daemon's owner can raise --max-blob-size",
+        ),
+        Err(e @ IngestError::Stalled(_)) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            e.to_string(),
+            "nothing was stored; send the body without pausing",
+        ),
         Err(e @ (IngestError::DigestMismatch { .. } | IngestError::Truncated { .. } | IngestError::Body(_))) => error(
             StatusCode::BAD_REQUEST,
             e.to_string(),

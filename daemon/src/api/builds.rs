@@ -11,7 +11,7 @@ use crate::state::AppState;
 
 /// `POST /v1/builds`: stores a finished build, assigning its id.
 pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
-    let mut b: BuildRecord = match read_json(req).await {
+    let mut b: BuildRecord = match read_json(state, req).await {
         Ok(b) => b,
         Err(r) => return r,
     };

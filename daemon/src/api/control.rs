@@ -46,7 +46,7 @@ pub fn status(state: &AppState) -> Response<Body> {
 
 /// `POST /v1/plan`.
 pub async fn plan(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
-    let inputs: PlanInputs = match read_json(req).await {
+    let inputs: PlanInputs = match read_json(state, req).await {
         Ok(i) => i,
         Err(r) => return r,
     };

@@ -79,9 +79,30 @@ fn not_found(name: &str) -> Response<Body> {
     )
 }
 
-/// `GET /v1/images`.
-pub fn list(state: &AppState) -> Response<Body> {
-    match state.records.images() {
+/// The most images one `GET /v1/images` returns; page on with `?after=LAST_NAME`.
+pub const PAGE_LIMIT: usize = 1000;
+
+/// `GET /v1/images[?limit=N][&after=NAME]`: one page, in name order.
+pub fn list(state: &AppState, query: Option<&str>) -> Response<Body> {
+    let param = |k: &str| {
+        query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+    };
+    let limit = match param("limit").map(str::parse::<usize>) {
+        None => PAGE_LIMIT,
+        Some(Ok(n)) => n.clamp(1, PAGE_LIMIT),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit is not a number", "write ?limit=100"),
+    };
+    let Some(after) = param("after").map_or(Some(String::new()), percent_decode) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "after is not percent-encoded",
+            "write ?after=busybox%3Alatest",
+        );
+    };
+    match state.records.images(&after, limit) {
         Ok(v) => json(StatusCode::OK, &v),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -119,7 +140,7 @@ pub async fn put(state: &AppState, raw: &str, req: Request<Incoming>) -> Respons
         Ok(n) => n,
         Err(r) => return r,
     };
-    let mut image: ImageRecord = match read_json(req).await {
+    let mut image: ImageRecord = match read_json(state, req).await {
         Ok(i) => i,
         Err(r) => return r,
     };

@@ -68,9 +68,20 @@ pub fn error(status: StatusCode, error: impl Into<String>, hint: impl Into<Strin
     r
 }
 
-/// Reads a JSON body of at most [`JSON_LIMIT`] bytes.
-pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
-    let bytes = match Limited::new(req.into_body(), JSON_LIMIT).collect().await {
+/// Reads a JSON body of at most [`JSON_LIMIT`] bytes, within the body timeout.
+pub async fn read_json<T: DeserializeOwned>(state: &AppState, req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let timeout = state.limits.body_timeout;
+    let collected = match tokio::time::timeout(timeout, Limited::new(req.into_body(), JSON_LIMIT).collect()).await {
+        Ok(c) => c,
+        Err(_) => {
+            return Err(error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body did not arrive within {timeout:?}"),
+                "send the whole body at once",
+            ))
+        }
+    };
+    let bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             return Err(error(
@@ -127,14 +138,14 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         (&Method::GET, ["metrics"]) => ("other", control::metrics(&state)),
         (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key)),
         (&Method::PUT, ["v1", "steps", key]) => ("steps_put", steps::put(&state, key, req).await),
-        (&Method::HEAD, ["v1", "blobs", d]) => ("blobs_get", blobs::head(&state, d)),
+        (&Method::HEAD, ["v1", "blobs", d]) => ("blobs_get", blobs::head(&state, d).await),
         (&Method::GET, ["v1", "blobs", d]) => ("blobs_get", blobs::get(&state, d).await),
         (&Method::PUT, ["v1", "blobs", d]) => ("blobs_put", blobs::put(&state, d, req).await),
         (&Method::POST, ["v1", "builds"]) => ("builds", builds::post(&state, req).await),
         (&Method::GET, ["v1", "builds"]) => ("builds", builds::list(&state, req.uri().query())),
         (&Method::GET, ["v1", "builds", id]) => ("builds", builds::get(&state, id)),
         (&Method::GET, ["v1", "summaries", d]) => ("other", control::summary(&state, d)),
-        (&Method::GET, ["v1", "images"]) => ("other", images::list(&state)),
+        (&Method::GET, ["v1", "images"]) => ("other", images::list(&state, req.uri().query())),
         (&Method::GET, ["v1", "images", name]) => ("other", images::get(&state, name)),
         (&Method::PUT, ["v1", "images", name]) => ("other", images::put(&state, name, req).await),
         (&Method::DELETE, ["v1", "images", name]) => ("other", images::delete(&state, name)),

@@ -56,7 +56,7 @@ pub async fn put(state: &AppState, key: &str, req: Request<Incoming>) -> Respons
     if !valid_key(key) {
         return bad_key(key);
     }
-    let mut rec: StepRecord = match read_json(req).await {
+    let mut rec: StepRecord = match read_json(state, req).await {
         Ok(r) => r,
         Err(r) => return r,
     };

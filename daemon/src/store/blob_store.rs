@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::BlobMeta;
+use crate::server::Limits;
 
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,15 @@ pub enum IngestError {
     /// The connection failed mid-body.
     #[error("the upload was cut off: {0}")]
     Body(String),
+    /// More bytes than the daemon accepts for one blob.
+    #[error("the blob is larger than this daemon's limit of {limit} bytes")]
+    TooLarge {
+        /// `--max-blob-size`.
+        limit: u64,
+    },
+    /// The client stopped sending mid-body.
+    #[error("no byte of the upload arrived for {0:?}")]
+    Stalled(std::time::Duration),
     /// Writing to disk failed.
     #[error("cannot write the blob: {0}")]
     Io(#[from] std::io::Error),
@@ -91,8 +101,16 @@ impl BlobStore {
         std::fs::read_dir(&self.tmp).map(|d| d.count()).unwrap_or(0)
     }
 
-    /// Streams `body` into the store under `digest`; `expected_len` is Content-Length.
-    pub async fn ingest<B>(&self, digest: &str, mut body: B, expected_len: Option<u64>) -> Result<BlobMeta, IngestError>
+    /// Streams `body` into the store under `digest`; `expected_len` is Content-Length. At most
+    /// `limits.max_blob_size` bytes are taken, and a body that stalls for `limits.body_timeout`
+    /// is dropped.
+    pub async fn ingest<B>(
+        &self,
+        digest: &str,
+        mut body: B,
+        expected_len: Option<u64>,
+        limits: &Limits,
+    ) -> Result<BlobMeta, IngestError>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
@@ -102,17 +120,31 @@ impl BlobStore {
             .ok_or_else(|| IngestError::Body(format!("'{digest}' is not a sha256 digest")))?;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let tmp_path = self.tmp.join(format!("{}-{n}", std::process::id()));
+        if expected_len.is_some_and(|n| n > limits.max_blob_size) {
+            return Err(IngestError::TooLarge {
+                limit: limits.max_blob_size,
+            });
+        }
         let mut guard = TempGuard(Some(tmp_path.clone()));
         let mut file = tokio::fs::File::create(&tmp_path).await?;
         let mut sha = Sha256::new();
         let mut b3 = blake3::Hasher::new();
         let mut received = 0u64;
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = tokio::time::timeout(limits.body_timeout, body.frame())
+                .await
+                .map_err(|_| IngestError::Stalled(limits.body_timeout))?;
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| IngestError::Body(e.to_string()))?;
             if let Ok(data) = frame.into_data() {
+                received += data.len() as u64;
+                if received > limits.max_blob_size {
+                    return Err(IngestError::TooLarge {
+                        limit: limits.max_blob_size,
+                    });
+                }
                 sha.update(&data);
                 b3.update(&data);
-                received += data.len() as u64;
                 file.write_all(&data).await?;
             }
         }
@@ -160,18 +192,21 @@ mod tests {
         let s = BlobStore::open(d.path()).unwrap();
         let data = Bytes::from_static(b"layer bytes");
         let meta = s
-            .ingest(&digest_of(&data), Full::new(data.clone()), Some(11))
+            .ingest(&digest_of(&data), Full::new(data.clone()), Some(11), &Limits::default())
             .await
             .unwrap();
         assert_eq!(meta.size, 11);
         assert_eq!(std::fs::read(s.path_of(&meta.digest).unwrap()).unwrap(), data);
 
         let wrong = digest_of(b"other");
-        let e = s.ingest(&wrong, Full::new(data.clone()), None).await.unwrap_err();
+        let e = s
+            .ingest(&wrong, Full::new(data.clone()), None, &Limits::default())
+            .await
+            .unwrap_err();
         assert!(matches!(e, IngestError::DigestMismatch { .. }));
         assert!(!s.path_of(&wrong).unwrap().exists());
         let e = s
-            .ingest(&digest_of(&data), Full::new(data.clone()), Some(99))
+            .ingest(&digest_of(&data), Full::new(data.clone()), Some(99), &Limits::default())
             .await
             .unwrap_err();
         assert!(matches!(e, IngestError::Truncated { .. }));

@@ -83,8 +83,8 @@ pub trait RecordStore: Send + Sync {
     fn put_image(&self, image: &ImageRecord) -> Result<(), StoreError>;
     /// Forgets an image name; true if it existed. Its blobs stay (steps may use them).
     fn remove_image(&self, name: &str) -> Result<bool, StoreError>;
-    /// Every image, by name.
-    fn images(&self) -> Result<Vec<ImageRecord>, StoreError>;
+    /// Images in name order, the first `limit` after `after` ("" for the start).
+    fn images(&self, after: &str, limit: usize) -> Result<Vec<ImageRecord>, StoreError>;
     /// Stores the summary of a sources digest (content-addressed: written once).
     fn put_summary(
         &self,

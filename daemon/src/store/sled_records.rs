@@ -180,10 +180,12 @@ impl RecordStore for SledRecords {
         Ok(self.images.remove(name).map_err(db_err)?.is_some())
     }
 
-    fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+    fn images(&self, after: &str, limit: usize) -> Result<Vec<ImageRecord>, StoreError> {
+        use std::ops::Bound;
         self.images
-            .iter()
+            .range::<&[u8], _>((Bound::Excluded(after.as_bytes()), Bound::Unbounded))
             .values()
+            .take(limit)
             .map(|v| Ok(decode(&v.map_err(db_err)?)?))
             .collect()
     }
