@@ -464,4 +464,124 @@ mod tests {
         assert!(d.path().join("a/new").exists(), "but not what this layer added");
         assert!(d.path().join("old").exists());
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn cases() -> u32 {
+            std::env::var("LCACHE_FUZZ_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(300)
+        }
+
+        fn name() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop_oneof![
+                    Just("a"),
+                    Just("b"),
+                    Just(".."),
+                    Just("."),
+                    Just(".wh.a"),
+                    Just(".wh.."),
+                    Just(".wh..wh..opq"),
+                    Just("")
+                ],
+                1..4,
+            )
+            .prop_map(|v| v.join("/"))
+        }
+
+        #[derive(Debug, Clone)]
+        enum Entry {
+            File(String),
+            Dir(String),
+            Symlink(String, String),
+            Hardlink(String, String),
+        }
+
+        fn entry() -> impl Strategy<Value = Entry> {
+            let target = prop_oneof![
+                name(),
+                name().prop_map(|n| format!("/{n}")),
+                Just("OUTSIDE".to_string())
+            ];
+            prop_oneof![
+                name().prop_map(Entry::File),
+                name().prop_map(Entry::Dir),
+                (name(), target.clone()).prop_map(|(n, t)| Entry::Symlink(n, t)),
+                (name(), target).prop_map(|(n, t)| Entry::Hardlink(n, t)),
+            ]
+        }
+
+        /// A link entry with its target written raw, as a hostile tar may.
+        fn raw_link(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, path: &str, target: &str) {
+            let mut h = header(kind, 0);
+            let t = target.as_bytes();
+            let l = &mut h.as_old_mut().linkname;
+            let n = t.len().min(l.len());
+            l[..n].copy_from_slice(&t[..n]);
+            raw_path(&mut h, path);
+            b.append(&h, &[][..]).unwrap();
+        }
+
+        fn state(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+            let mut v = Vec::new();
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                let data = std::fs::read(&p).unwrap_or_default();
+                v.push((p, data));
+            }
+            v.sort();
+            v
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+            /// Random bytes are an error or a layer, never a panic.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..3000)) {
+                let d = tempfile::tempdir().unwrap();
+                let _ = extract_layer(&bytes[..], d.path(), Whiteouts::Apply, true);
+                let _ = extract_layer(&bytes[..], d.path(), Whiteouts::Overlay, true);
+            }
+
+            /// Whatever names, links and whiteouts a hostile layer combines, nothing beside
+            /// the root changes.
+            #[test]
+            fn hostile_entries_never_reach_outside(entries in prop::collection::vec(entry(), 1..10)) {
+                let outside = tempfile::tempdir().unwrap();
+                std::fs::write(outside.path().join("a"), "keep").unwrap();
+                let root = outside.path().join("root");
+                std::fs::create_dir(&root).unwrap();
+                let host = outside.path().display().to_string();
+                let data = tar_of(|b| {
+                    for e in &entries {
+                        match e {
+                            Entry::File(n) => file(b, n, b"pwned"),
+                            Entry::Dir(n) => {
+                                let mut h = header(tar::EntryType::Directory, 0);
+                                raw_path(&mut h, n);
+                                b.append(&h, &[][..]).unwrap();
+                            }
+                            Entry::Symlink(n, t) => raw_link(b, tar::EntryType::Symlink, n, &t.replace("OUTSIDE", &host)),
+                            Entry::Hardlink(n, t) => raw_link(b, tar::EntryType::Link, n, &t.replace("OUTSIDE", &host)),
+                        }
+                    }
+                });
+                let before = state(outside.path());
+                for mode in [Whiteouts::Apply, Whiteouts::Overlay] {
+                    let _ = extract_layer(&data[..], &root, mode, true);
+                }
+                let after: Vec<_> = state(outside.path())
+                    .into_iter()
+                    .map(|(p, d)| if p == root { (p, vec![]) } else { (p, d) })
+                    .collect();
+                prop_assert_eq!(after, before);
+            }
+        }
+    }
 }

@@ -352,15 +352,19 @@ impl BuildEnv {
         self.cache.path().join("cache")
     }
 
-    /// Runs `lcache ARGS` in `p` against this daemon and cache.
-    pub fn lcache(&self, p: &Project, args: &[&str]) -> Output {
-        Command::new(bin("lcache"))
-            .args(args)
+    /// `lcache ARGS` in `p` against this daemon and cache, not started yet.
+    pub fn command(&self, p: &Project, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("lcache"));
+        c.args(args)
             .env("LCACHE_DAEMON", self.daemon.endpoint())
             .env("LCACHE_CACHE_DIR", self.cache.path().join("cache"))
-            .current_dir(p.path())
-            .output()
-            .expect("run lcache")
+            .current_dir(p.path());
+        c
+    }
+
+    /// Runs `lcache ARGS` in `p` against this daemon and cache.
+    pub fn lcache(&self, p: &Project, args: &[&str]) -> Output {
+        self.command(p, args).output().expect("run lcache")
     }
 
     /// `lcache build --progress json EXTRA .`: each step's (instruction, cached), and the
