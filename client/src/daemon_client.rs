@@ -2,7 +2,9 @@
 //! daemon's `{error, hint}` bodies turned into [`ClientError::Daemon`].
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use lcache_proto::endpoint::Endpoint;
@@ -35,7 +37,9 @@ impl DaemonClient {
 
     /// Sends one request; returns the status and the whole body.
     pub fn call(&self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), ClientError> {
-        self.rt.block_on(request(&self.endpoint, method, path, body))
+        let len = body.len() as u64;
+        let body = Full::new(body).map_err(|never| match never {}).boxed();
+        self.rt.block_on(request(&self.endpoint, method, path, body, len))
     }
 
     /// Sends JSON (or nothing) and reads JSON, mapping error statuses to [`ClientError::Daemon`].
@@ -97,6 +101,49 @@ impl DaemonClient {
             return Ok(());
         }
         let _: serde_json::Value = self.json_bytes(Method::PUT, &format!("/v1/blobs/{digest}"), data)?;
+        Ok(())
+    }
+
+    /// Uploads `len` bytes of `file` from `offset` as blob `digest`, streamed (never whole in
+    /// memory), unless the daemon has it. The daemon verifies the digest.
+    pub fn put_blob_file(
+        &self,
+        digest: &str,
+        file: &std::path::Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ClientError> {
+        use std::io::{Read, Seek};
+        let (status, _) = self.call(Method::HEAD, &format!("/v1/blobs/{digest}"), Bytes::new())?;
+        if status == StatusCode::OK {
+            return Ok(());
+        }
+        let io = |e: std::io::Error| ClientError::Local(format!("cannot read {}: {e}", file.display()));
+        let mut f = std::fs::File::open(file).map_err(io)?;
+        f.seek(std::io::SeekFrom::Start(offset)).map_err(io)?;
+        let mut reader = f.take(len);
+        let chunks = futures_util::stream::poll_fn(move |_| {
+            let mut buf = vec![0u8; 256 * 1024];
+            match reader.read(&mut buf) {
+                Ok(0) => std::task::Poll::Ready(None),
+                Ok(n) => {
+                    buf.truncate(n);
+                    std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
+                }
+                Err(e) => std::task::Poll::Ready(Some(Err(e))),
+            }
+        });
+        let body = StreamBody::new(chunks).boxed();
+        let (status, resp) = self.rt.block_on(request(
+            &self.endpoint,
+            Method::PUT,
+            &format!("/v1/blobs/{digest}"),
+            body,
+            len,
+        ))?;
+        if !status.is_success() {
+            return Err(daemon_error(status, &resp));
+        }
         Ok(())
     }
 
@@ -226,7 +273,16 @@ fn daemon_error(status: StatusCode, body: &[u8]) -> ClientError {
     }
 }
 
-async fn request(ep: &Endpoint, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), ClientError> {
+/// A request body: bytes in memory or a file streamed.
+type ReqBody = BoxBody<Bytes, std::io::Error>;
+
+async fn request(
+    ep: &Endpoint,
+    method: Method,
+    path: &str,
+    body: ReqBody,
+    len: u64,
+) -> Result<(StatusCode, Bytes), ClientError> {
     let unreachable = |e: std::io::Error| ClientError::DaemonUnreachable {
         endpoint: ep.to_string(),
         reason: e.to_string(),
@@ -249,7 +305,8 @@ async fn request(ep: &Endpoint, method: Method, path: &str, body: Bytes) -> Resu
         .uri(path)
         .header("host", host)
         .header("content-type", "application/json")
-        .body(Full::new(body))
+        .header("content-length", len)
+        .body(body)
         .map_err(|e| ClientError::Local(e.to_string()))?;
     let resp = sender.send_request(req).await.map_err(proto)?;
     let status = resp.status();
@@ -257,7 +314,7 @@ async fn request(ep: &Endpoint, method: Method, path: &str, body: Bytes) -> Resu
     Ok((status, body))
 }
 
-async fn handshake<S>(stream: S) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError>
+async fn handshake<S>(stream: S) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use lcache_proto::digest::sha256_hex;
 use lcache_proto::wire::ImageRecord;
 use serde_json::json;
 
@@ -58,6 +59,13 @@ fn blobs(client: &DaemonClient, image: &ImageRecord) -> Result<Vec<(String, byte
         .map(|l| &l.digest)
         .chain([&image.config_digest, &image.manifest_digest])
     {
+        // Digests name files in the export: only well-formed ones may.
+        if sha256_hex(d).is_none() {
+            return Err(ClientError::Local(format!(
+                "image {} names blob '{d}', which is not a sha256 digest — its record is corrupt; import or build it again",
+                image.name
+            )));
+        }
         out.push((d.clone(), client.blob(d)?));
     }
     Ok(out)

@@ -1,111 +1,243 @@
 //! `lcache image import`: a `docker save` tar, an OCI image layout (directory or tar) or a
-//! plain root-filesystem tar becomes an image the daemon knows by name. Every layer is
-//! checked by safe extraction before anything is stored.
+//! plain root-filesystem tar becomes an image the daemon knows by name, without trusting the
+//! file: blob paths come only from validated digests, every manifest, config and layer is
+//! checked against its descriptor's digest and size (and layers against the config's
+//! `diff_ids`), every layer is checked by safe extraction, and layers are streamed from disk
+//! to the daemon, never held whole in memory.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::path::Path;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use lcache_confine::Root;
+use lcache_proto::digest::sha256_hex;
 use lcache_proto::wire::{normalize_image_name, ImageRecord, LayerRef};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
 use crate::layer_diff::LAYER_MEDIA_TYPE;
-use crate::layer_extract::{extract_layer, is_root, Whiteouts};
+use crate::layer_extract::{extract_into, is_root, max_layer_size, SizeLimit, Whiteouts};
 use crate::oci_image::{config_document, manifest_document, runtime_config, sha256_of};
-use crate::snapshots::layer_reader;
 
-/// An image read from a file, before it is stored.
-struct Loaded {
-    layers: Vec<Vec<u8>>,
-    config: Map<String, Value>,
-    name: Option<String>,
-    format: &'static str,
-}
+/// The largest manifest, index or config document read (they are small JSON files).
+const DOCUMENT_LIMIT: u64 = 16 << 20;
 
 fn err(file: &Path, msg: impl std::fmt::Display) -> ClientError {
     ClientError::Local(format!("{}: {msg}", file.display()))
 }
 
-fn gunzip_if_needed(b: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    layer_reader(b).read_to_end(&mut out)?;
-    Ok(out)
+/// Where the blobs of the file being imported are read from.
+enum Source {
+    /// An OCI layout directory.
+    Dir(PathBuf),
+    /// A tar on disk (the file itself, or its decompressed copy): members by name, as
+    /// (offset, size) of their bytes.
+    Tar {
+        path: PathBuf,
+        members: HashMap<String, (u64, u64)>,
+    },
 }
 
-/// Gzip with a fixed header, so equal tars give equal blobs.
-pub fn gzip(b: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut gz = flate2::GzBuilder::new()
-        .mtime(0)
-        .write(Vec::new(), flate2::Compression::fast());
-    gz.write_all(b)?;
-    gz.finish()
-}
-
-/// Every file of a tar by name (for the small metadata-bearing formats).
-fn tar_files(data: &[u8]) -> std::io::Result<HashMap<String, Vec<u8>>> {
-    let mut out = HashMap::new();
-    let mut a = tar::Archive::new(data);
-    for e in a.entries()? {
-        let mut e = e?;
-        if e.header().entry_type() != tar::EntryType::Regular {
-            continue;
+impl Source {
+    /// Indexes the members of the tar at `path` (regular files only).
+    fn tar(path: &Path) -> std::io::Result<Self> {
+        let mut members = HashMap::new();
+        let mut a = tar::Archive::new(std::fs::File::open(path)?);
+        for e in a.entries()? {
+            let e = e?;
+            if e.header().entry_type() != tar::EntryType::Regular {
+                continue;
+            }
+            let name = e.path()?.to_string_lossy().trim_start_matches("./").to_string();
+            members.insert(name, (e.raw_file_position(), e.size()));
         }
-        let name = e.path()?.to_string_lossy().trim_start_matches("./").to_string();
-        let mut v = Vec::new();
-        e.read_to_end(&mut v)?;
-        out.insert(name, v);
+        Ok(Self::Tar {
+            path: path.to_path_buf(),
+            members,
+        })
     }
-    Ok(out)
+
+    fn has(&self, name: &str) -> bool {
+        match self {
+            Self::Dir(d) => d.join(name).is_file(),
+            Self::Tar { members, .. } => members.contains_key(name),
+        }
+    }
+
+    /// The file, offset and length of member `name`.
+    fn locate(&self, name: &str) -> Option<(PathBuf, u64, u64)> {
+        match self {
+            Self::Dir(d) => {
+                let p = d.join(name);
+                let len = std::fs::metadata(&p).ok().filter(|m| m.is_file())?.len();
+                Some((p, 0, len))
+            }
+            // "" is the whole tar: a root filesystem's one layer.
+            Self::Tar { path, .. } if name.is_empty() => {
+                let len = std::fs::metadata(path).ok()?.len();
+                Some((path.clone(), 0, len))
+            }
+            Self::Tar { path, members } => members.get(name).map(|&(off, len)| (path.clone(), off, len)),
+        }
+    }
+
+    /// A reader over member `name`.
+    fn open(&self, name: &str) -> std::io::Result<(Box<dyn Read>, u64)> {
+        let (path, off, len) = self
+            .locate(name)
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{name} is missing")))?;
+        let mut f = std::fs::File::open(path)?;
+        f.seek(SeekFrom::Start(off))?;
+        Ok((Box::new(f.take(len)), len))
+    }
+
+    /// A small document, read whole (at most [`DOCUMENT_LIMIT`] bytes).
+    fn read_doc(&self, name: &str) -> std::io::Result<Vec<u8>> {
+        let (r, len) = self.open(name)?;
+        if len > DOCUMENT_LIMIT {
+            return Err(std::io::Error::other(format!(
+                "{name} is {len} bytes, too large for a manifest or config"
+            )));
+        }
+        let mut v = Vec::new();
+        r.take(DOCUMENT_LIMIT).read_to_end(&mut v)?;
+        Ok(v)
+    }
 }
 
-fn json_of(file: &Path, b: Option<&Vec<u8>>, what: &str) -> Result<Value, ClientError> {
-    let b = b.ok_or_else(|| err(file, format!("{what} is missing")))?;
-    serde_json::from_slice(b).map_err(|e| err(file, format!("{what} is not valid JSON: {e}")))
+/// An OCI descriptor's claims.
+struct Descriptor {
+    digest: String,
+    size: Option<u64>,
 }
 
-/// The runtime part (`config`) of an image config document.
-fn runtime_section(config: &Value) -> Map<String, Value> {
-    config
+impl Descriptor {
+    fn of(file: &Path, v: &Value, what: &str) -> Result<Self, ClientError> {
+        let digest = v["digest"].as_str().unwrap_or_default();
+        if sha256_hex(digest).is_none() {
+            return Err(err(
+                file,
+                format!("{what} has digest '{digest}', which is not sha256:<64 hex digits> — the file is corrupt or hostile"),
+            ));
+        }
+        Ok(Self {
+            digest: digest.to_string(),
+            size: v["size"].as_u64(),
+        })
+    }
+
+    /// The blob's path inside an OCI layout: made only from a validated digest.
+    fn layout_path(&self) -> String {
+        format!("blobs/sha256/{}", sha256_hex(&self.digest).unwrap_or_default())
+    }
+
+    /// Checks bytes that were read against this descriptor.
+    fn check(&self, file: &Path, what: &str, actual_digest: &str, actual_size: u64) -> Result<(), ClientError> {
+        if actual_digest != self.digest || self.size.is_some_and(|s| s != actual_size) {
+            return Err(err(
+                file,
+                format!(
+                    "{what} hashes to {actual_digest} ({actual_size} bytes) but its descriptor says {} ({} bytes) — \
+                     the file is corrupt or was tampered with; nothing was imported",
+                    self.digest,
+                    self.size.map_or("?".into(), |s| s.to_string())
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies a JSON document (manifest, index, config).
+    fn read_json(&self, file: &Path, src: &Source, what: &str) -> Result<Value, ClientError> {
+        let bytes = src
+            .read_doc(&self.layout_path())
+            .map_err(|e| err(file, format!("{what} {}: {e}", self.digest)))?;
+        self.check(file, what, &sha256_of(&bytes), bytes.len() as u64)?;
+        serde_json::from_slice(&bytes).map_err(|e| err(file, format!("{what} {} is not JSON: {e}", self.digest)))
+    }
+}
+
+/// One layer to import: where its bytes are and what they must hash to.
+struct LayerSource {
+    member: String,
+    descriptor: Option<Descriptor>,
+    diff_id: Option<String>,
+}
+
+/// An image read from a file, before its layers are checked and stored.
+struct Loaded {
+    layers: Vec<LayerSource>,
+    config: Map<String, Value>,
+    name: Option<String>,
+    format: &'static str,
+}
+
+/// The `config` section and `rootfs.diff_ids` of an image config document.
+fn config_parts(config: &Value) -> (Map<String, Value>, Vec<String>) {
+    let runtime = config
         .get("config")
         .and_then(Value::as_object)
         .cloned()
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let diff_ids = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default();
+    (runtime, diff_ids)
 }
 
-fn docker_save(file: &Path, files: &HashMap<String, Vec<u8>>) -> Result<Loaded, ClientError> {
-    let manifest = json_of(file, files.get("manifest.json"), "manifest.json")?;
+fn json_doc(file: &Path, src: &Source, name: &str) -> Result<Value, ClientError> {
+    let b = src.read_doc(name).map_err(|e| err(file, format!("{name}: {e}")))?;
+    serde_json::from_slice(&b).map_err(|e| err(file, format!("{name} is not valid JSON: {e}")))
+}
+
+fn docker_save(file: &Path, src: &Source) -> Result<Loaded, ClientError> {
+    let manifest = json_doc(file, src, "manifest.json")?;
     let first = manifest
         .get(0)
         .ok_or_else(|| err(file, "manifest.json lists no image"))?;
     let config_path = first["Config"]
         .as_str()
         .ok_or_else(|| err(file, "manifest.json has no Config"))?;
-    let config = json_of(file, files.get(config_path), config_path)?;
-    let mut layers = Vec::new();
-    for l in first["Layers"]
+    let config = json_doc(file, src, config_path)?;
+    let (runtime, diff_ids) = config_parts(&config);
+    let paths: Vec<String> = first["Layers"]
         .as_array()
         .ok_or_else(|| err(file, "manifest.json has no Layers"))?
-    {
-        let p = l.as_str().unwrap_or_default();
-        layers.push(
-            files
-                .get(p)
-                .ok_or_else(|| err(file, format!("layer {p} is missing")))?
-                .clone(),
-        );
+        .iter()
+        .map(|l| l.as_str().unwrap_or_default().to_string())
+        .collect();
+    if diff_ids.len() != paths.len() {
+        return Err(err(
+            file,
+            format!(
+                "the config lists {} layer digests (rootfs.diff_ids) but manifest.json {} layers — the file is corrupt",
+                diff_ids.len(),
+                paths.len()
+            ),
+        ));
     }
     Ok(Loaded {
-        layers,
-        config: runtime_section(&config),
+        layers: paths
+            .into_iter()
+            .zip(diff_ids)
+            .map(|(member, diff_id)| LayerSource {
+                member,
+                descriptor: None,
+                diff_id: Some(diff_id),
+            })
+            .collect(),
+        config: runtime,
         name: first["RepoTags"].get(0).and_then(Value::as_str).map(str::to_string),
         format: "docker save",
     })
 }
 
-fn oci_layout(file: &Path, blob: &dyn Fn(&str) -> Option<Vec<u8>>, index: Value) -> Result<Loaded, ClientError> {
+fn oci_layout(file: &Path, src: &Source) -> Result<Loaded, ClientError> {
+    let index = json_doc(file, src, "index.json")?;
     let mut desc = index["manifests"]
         .get(0)
         .cloned()
@@ -113,11 +245,10 @@ fn oci_layout(file: &Path, blob: &dyn Fn(&str) -> Option<Vec<u8>>, index: Value)
     let name = desc["annotations"]["org.opencontainers.image.ref.name"]
         .as_str()
         .map(str::to_string);
-    loop {
-        let digest = desc["digest"].as_str().unwrap_or_default().to_string();
-        let doc: Value =
-            serde_json::from_slice(&blob(&digest).ok_or_else(|| err(file, format!("blob {digest} is missing")))?)
-                .map_err(|e| err(file, format!("{digest} is not JSON: {e}")))?;
+    // An index may point at indexes; a chain longer than this is a loop or an attack.
+    for _ in 0..8 {
+        let d = Descriptor::of(file, &desc, "a manifest")?;
+        let doc = d.read_json(file, src, "manifest")?;
         if let Some(ms) = doc["manifests"].as_array() {
             // An index (multi-platform): take this machine's platform, else the first.
             let host = lcache_proto::platform::Platform::host();
@@ -129,25 +260,44 @@ fn oci_layout(file: &Path, blob: &dyn Fn(&str) -> Option<Vec<u8>>, index: Value)
                 .ok_or_else(|| err(file, "an index lists no manifest"))?;
             continue;
         }
-        let cdigest = doc["config"]["digest"].as_str().unwrap_or_default();
-        let config: Value =
-            serde_json::from_slice(&blob(cdigest).ok_or_else(|| err(file, format!("config {cdigest} is missing")))?)
-                .map_err(|e| err(file, format!("config is not JSON: {e}")))?;
+        let config = Descriptor::of(file, &doc["config"], "the config")?.read_json(file, src, "config")?;
+        let (runtime, diff_ids) = config_parts(&config);
+        let descs = doc["layers"].as_array().cloned().unwrap_or_default();
+        if diff_ids.len() != descs.len() {
+            return Err(err(
+                file,
+                format!(
+                    "the config lists {} layer digests (rootfs.diff_ids) but the manifest {} layers — the file is corrupt",
+                    diff_ids.len(),
+                    descs.len()
+                ),
+            ));
+        }
         let mut layers = Vec::new();
-        for l in doc["layers"].as_array().cloned().unwrap_or_default() {
-            let d = l["digest"].as_str().unwrap_or_default();
-            layers.push(blob(d).ok_or_else(|| err(file, format!("layer {d} is missing")))?);
+        for (l, diff_id) in descs.iter().zip(diff_ids) {
+            let d = Descriptor::of(file, l, "a layer")?;
+            layers.push(LayerSource {
+                member: d.layout_path(),
+                descriptor: Some(d),
+                diff_id: Some(diff_id),
+            });
         }
         return Ok(Loaded {
             layers,
-            config: runtime_section(&config),
+            config: runtime,
             name,
             format: "OCI layout",
         });
     }
+    Err(err(
+        file,
+        "its index nests deeper than 8 levels — it is corrupt or hostile",
+    ))
 }
 
-fn load(file: &Path) -> Result<Loaded, ClientError> {
+/// Opens `file` as a source: a layout directory, or a tar (decompressed to a temp file
+/// first if it is gzipped, within the layer size limit).
+fn open_source(file: &Path, spool: &Path) -> Result<Source, ClientError> {
     if file.is_dir() {
         if !file.join("oci-layout").exists() {
             return Err(err(
@@ -155,27 +305,193 @@ fn load(file: &Path) -> Result<Loaded, ClientError> {
                 "is a directory but not an OCI image layout (no oci-layout file): pass a tar, or an OCI layout",
             ));
         }
-        let index: Value = serde_json::from_slice(&std::fs::read(file.join("index.json")).map_err(|e| err(file, e))?)
-            .map_err(|e| err(file, format!("index.json: {e}")))?;
-        let blob = |d: &str| std::fs::read(file.join("blobs").join(d.replacen(':', "/", 1))).ok();
-        return oci_layout(file, &blob, index);
+        return Ok(Source::Dir(file.to_path_buf()));
     }
-    let raw = std::fs::read(file).map_err(|e| err(file, format!("cannot read it: {e}")))?;
-    let data = gunzip_if_needed(&raw).map_err(|e| err(file, format!("not a readable (gzip) tar: {e}")))?;
-    let files = tar_files(&data).map_err(|e| err(file, format!("not a tar archive: {e}")))?;
-    if files.contains_key("manifest.json") {
-        return docker_save(file, &files);
+    let mut f = BufReader::new(std::fs::File::open(file).map_err(|e| err(file, format!("cannot read it: {e}")))?);
+    let gz = f.fill_buf().map_err(|e| err(file, e))?.starts_with(&[0x1f, 0x8b]);
+    let tar_path = if gz {
+        let mut out = std::fs::File::create(spool).map_err(|e| err(file, e))?;
+        let mut r = SizeLimit::new(flate2::read::GzDecoder::new(f), max_layer_size());
+        std::io::copy(&mut r, &mut out).map_err(|e| err(file, format!("not a readable gzip file: {e}")))?;
+        spool.to_path_buf()
+    } else {
+        file.to_path_buf()
+    };
+    Source::tar(&tar_path).map_err(|e| err(file, format!("not a tar archive: {e}")))
+}
+
+fn load(file: &Path, src: &Source) -> Result<Loaded, ClientError> {
+    if src.has("manifest.json") {
+        return docker_save(file, src);
     }
-    if files.contains_key("oci-layout") {
-        let index = json_of(file, files.get("index.json"), "index.json")?;
-        let blob = |d: &str| files.get(&format!("blobs/{}", d.replacen(':', "/", 1))).cloned();
-        return oci_layout(file, &blob, index);
+    if src.has("oci-layout") {
+        return oci_layout(file, src);
     }
+    // A root filesystem: the whole tar (member "") is the one layer.
     Ok(Loaded {
-        layers: vec![data],
+        layers: vec![LayerSource {
+            member: String::new(),
+            descriptor: None,
+            diff_id: None,
+        }],
         config: Map::new(),
         name: None,
         format: "root filesystem tar",
+    })
+}
+
+/// A reader that hashes (sha256) and counts what passes through it.
+struct Hashing<R> {
+    inner: R,
+    sha: Sha256,
+    n: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R> Hashing<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            sha: Sha256::new(),
+            n: 0,
+        }
+    }
+
+    fn digest(&self) -> String {
+        format!("sha256:{:x}", self.sha.clone().finalize())
+    }
+}
+
+/// A writer that hashes (sha256) and counts what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    sha: Sha256,
+    n: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that also writes what it reads to `out` (the gzip copy of a plain layer).
+struct Tee<R, W> {
+    inner: R,
+    out: Option<W>,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(w) = self.out.as_mut() {
+            w.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+}
+
+/// A checked layer and where its (gzip) blob bytes are, for the streamed upload.
+struct CheckedLayer {
+    layer: LayerRef,
+    blob: (PathBuf, u64, u64),
+}
+
+/// Reads one layer once: hashes it as stored and as a tar, checks both against what the
+/// image claims, extracts it safely into a scratch root, and gzips it to `work` if it was
+/// not compressed. Nothing is held whole in memory.
+fn check_layer(file: &Path, src: &Source, l: &LayerSource, i: usize, work: &Path) -> Result<CheckedLayer, ClientError> {
+    let what = format!("layer {i}");
+    let (reader, _) = src
+        .open(&l.member)
+        .map_err(|e| err(file, format!("{what} ({}): {e}", l.member)))?;
+    let mut raw = BufReader::new(Hashing::new(reader));
+    let gz = raw.fill_buf().map_err(|e| err(file, e))?.starts_with(&[0x1f, 0x8b]);
+    let decompressed: Box<dyn Read + '_> = if gz {
+        Box::new(flate2::read::GzDecoder::new(&mut raw))
+    } else {
+        Box::new(&mut raw)
+    };
+    let gz_path = work.join(format!("layer-{i}.tar.gz"));
+    let gz_out = if gz {
+        None
+    } else {
+        let f = std::fs::File::create(&gz_path).map_err(|e| err(file, e))?;
+        let w = HashingWriter {
+            inner: std::io::BufWriter::new(f),
+            sha: Sha256::new(),
+            n: 0,
+        };
+        Some(flate2::GzBuilder::new().mtime(0).write(w, flate2::Compression::fast()))
+    };
+    let mut tar = Tee {
+        inner: Hashing::new(SizeLimit::new(decompressed, max_layer_size())),
+        out: gz_out,
+    };
+    let check_dir = work.join(format!("check-{i}"));
+    let check = Root::create(&check_dir).map_err(|e| err(file, e))?;
+    extract_into(&mut tar, &check, Whiteouts::Apply, is_root()).map_err(|e| err(file, format!("{what}: {e}")))?;
+    // The tar reader stops at the end-of-archive marker; the rest still counts.
+    std::io::copy(&mut tar, &mut std::io::sink()).map_err(|e| err(file, format!("{what}: {e}")))?;
+    drop(check);
+    // The scratch root itself is ours; std's removal never follows the links inside it.
+    let _ = std::fs::remove_dir_all(&check_dir);
+    let diff_id = tar.inner.digest();
+    if let Some(expected) = &l.diff_id {
+        if *expected != diff_id {
+            return Err(err(
+                file,
+                format!(
+                    "{what} unpacks to {diff_id} but the config says {expected} — the file is corrupt or was tampered with; nothing was imported"
+                ),
+            ));
+        }
+    }
+    let gz_out = tar.out.take();
+    drop(tar);
+    let stored = raw.into_inner();
+    if let Some(d) = &l.descriptor {
+        d.check(file, &what, &stored.digest(), stored.n)?;
+    }
+    let (digest, size, blob) = match gz_out {
+        None => {
+            let (path, off, len) = match src.locate(&l.member) {
+                Some(loc) => loc,
+                None => return Err(err(file, format!("{what} vanished while it was read"))),
+            };
+            (stored.digest(), stored.n, (path, off, len))
+        }
+        Some(enc) => {
+            let mut w = enc.finish().map_err(|e| err(file, e))?;
+            w.flush().map_err(|e| err(file, e))?;
+            let digest = format!("sha256:{:x}", w.sha.clone().finalize());
+            (digest, w.n, (gz_path, 0, w.n))
+        }
+    };
+    Ok(CheckedLayer {
+        layer: LayerRef {
+            digest,
+            blake3: String::new(),
+            size,
+            diff_id,
+            media_type: LAYER_MEDIA_TYPE.into(),
+        },
+        blob,
     })
 }
 
@@ -187,33 +503,25 @@ pub fn import_image(
     name: Option<&str>,
     platform: &str,
 ) -> Result<(ImageRecord, &'static str), ClientError> {
-    let loaded = load(file)?;
+    let work = tempfile::tempdir().map_err(|e| err(file, e))?;
+    let src = open_source(file, &work.path().join("image.tar"))?;
+    let loaded = load(file, &src)?;
     let name = name.map(str::to_string).or(loaded.name.clone()).ok_or_else(|| {
         err(
             file,
             "carries no image name: give one, as in `lcache image import FILE NAME:TAG`",
         )
     })?;
+    let mut checked = Vec::new();
+    for (i, l) in loaded.layers.iter().enumerate() {
+        checked.push(check_layer(file, &src, l, i, work.path())?);
+    }
+    // Only once every layer checked out is anything stored.
     let mut layers = Vec::new();
-    for (i, blob) in loaded.layers.iter().enumerate() {
-        let tar = gunzip_if_needed(blob).map_err(|e| err(file, format!("layer {i}: {e}")))?;
-        let check = tempfile::tempdir().map_err(|e| err(file, e))?;
-        extract_layer(&tar[..], check.path(), Whiteouts::Apply, is_root())
-            .map_err(|e| err(file, format!("layer {i}: {e}")))?;
-        let gz = if blob.starts_with(&[0x1f, 0x8b]) {
-            blob.clone()
-        } else {
-            gzip(&tar).map_err(|e| err(file, e))?
-        };
-        let layer = LayerRef {
-            digest: sha256_of(&gz),
-            blake3: String::new(),
-            size: gz.len() as u64,
-            diff_id: sha256_of(&tar),
-            media_type: LAYER_MEDIA_TYPE.into(),
-        };
-        client.put_blob(&layer.digest, Bytes::from(gz))?;
-        layers.push(layer);
+    for c in checked {
+        let (path, off, len) = &c.blob;
+        client.put_blob_file(&c.layer.digest, path, *off, *len)?;
+        layers.push(c.layer);
     }
     let config = config_document(
         platform,

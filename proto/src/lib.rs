@@ -3,6 +3,7 @@
 
 pub mod build_plan;
 pub mod cache_key;
+pub mod digest;
 pub mod dockerfile;
 pub mod dockerfile_lexer;
 pub mod dockerignore;

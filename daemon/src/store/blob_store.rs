@@ -57,11 +57,7 @@ pub struct BlobStore {
     seq: AtomicU64,
 }
 
-/// The hex part of a valid `sha256:<64 hex>` digest.
-pub fn sha256_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(hex)
-}
+pub use lcache_proto::digest::sha256_hex;
 
 /// Removes a temp file unless the upload committed it.
 struct TempGuard(Option<PathBuf>);
