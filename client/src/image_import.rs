@@ -189,6 +189,19 @@ fn config_parts(config: &Value) -> (Map<String, Value>, Vec<String>) {
     (runtime, diff_ids)
 }
 
+/// A config must name one diff_id per layer the manifest lists.
+fn same_layer_count(file: &Path, diff_ids: usize, layers: usize, manifest: &str) -> Result<(), ClientError> {
+    if diff_ids == layers {
+        return Ok(());
+    }
+    Err(err(
+        file,
+        format!(
+            "the config lists {diff_ids} layer digests (rootfs.diff_ids) but {manifest} {layers} layers — the file is corrupt"
+        ),
+    ))
+}
+
 fn json_doc(file: &Path, src: &Source, name: &str) -> Result<Value, ClientError> {
     let b = src.read_doc(name).map_err(|e| err(file, format!("{name}: {e}")))?;
     serde_json::from_slice(&b).map_err(|e| err(file, format!("{name} is not valid JSON: {e}")))
@@ -210,16 +223,7 @@ fn docker_save(file: &Path, src: &Source) -> Result<Loaded, ClientError> {
         .iter()
         .map(|l| l.as_str().unwrap_or_default().to_string())
         .collect();
-    if diff_ids.len() != paths.len() {
-        return Err(err(
-            file,
-            format!(
-                "the config lists {} layer digests (rootfs.diff_ids) but manifest.json {} layers — the file is corrupt",
-                diff_ids.len(),
-                paths.len()
-            ),
-        ));
-    }
+    same_layer_count(file, diff_ids.len(), paths.len(), "manifest.json")?;
     Ok(Loaded {
         layers: paths
             .into_iter()
@@ -263,16 +267,7 @@ fn oci_layout(file: &Path, src: &Source) -> Result<Loaded, ClientError> {
         let config = Descriptor::of(file, &doc["config"], "the config")?.read_json(file, src, "config")?;
         let (runtime, diff_ids) = config_parts(&config);
         let descs = doc["layers"].as_array().cloned().unwrap_or_default();
-        if diff_ids.len() != descs.len() {
-            return Err(err(
-                file,
-                format!(
-                    "the config lists {} layer digests (rootfs.diff_ids) but the manifest {} layers — the file is corrupt",
-                    diff_ids.len(),
-                    descs.len()
-                ),
-            ));
-        }
+        same_layer_count(file, diff_ids.len(), descs.len(), "the manifest")?;
         let mut layers = Vec::new();
         for (l, diff_id) in descs.iter().zip(diff_ids) {
             let d = Descriptor::of(file, l, "a layer")?;

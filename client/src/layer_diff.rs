@@ -69,17 +69,22 @@ fn collect(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()
 /// Whether `rel` is a runtime mount point to leave out: top level, empty, absent below.
 fn is_runtime_mountpoint(upper: &Path, rel: &Path, lowers: &[PathBuf]) -> bool {
     let Some(name) = rel.to_str() else { return false };
+    // A RUN may have made any of these a symlink: only a real, empty directory counts.
     RUNTIME_MOUNTPOINTS.contains(&name)
+        && std::fs::symlink_metadata(upper.join(rel)).is_ok_and(|m| m.is_dir())
         && std::fs::read_dir(upper.join(rel)).is_ok_and(|mut d| d.next().is_none())
-        && !lowers.iter().any(|l| l.join(rel).exists())
+        && !lowers.iter().any(|l| std::fs::symlink_metadata(l.join(rel)).is_ok())
 }
 
 /// Removes runtime mount points from `upper` (before it becomes a snapshot) so the snapshot
 /// holds exactly what the layer does.
 pub fn remove_runtime_mountpoints(upper: &Path, lowers: &[PathBuf]) {
+    let Ok(root) = lcache_confine::Root::open(upper) else {
+        return;
+    };
     for m in RUNTIME_MOUNTPOINTS {
         if is_runtime_mountpoint(upper, Path::new(m), lowers) {
-            let _ = std::fs::remove_dir(upper.join(m));
+            let _ = root.remove_all(Path::new(m));
         }
     }
 }

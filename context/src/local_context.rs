@@ -146,23 +146,9 @@ impl StepSources for LocalContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lcache_proto::build_plan::CopyFrom;
 
     fn copy(sources: &[&str]) -> CopyDef {
-        CopyDef {
-            add: false,
-            from: CopyFrom::Context,
-            sources: sources.iter().map(|s| s.to_string()).collect(),
-            inline: vec![],
-            dest: "/d/".into(),
-            chown: String::new(),
-            chmod: String::new(),
-            link: false,
-            excludes: vec![],
-            parents: false,
-            checksum: String::new(),
-            keep_git_dir: false,
-        }
+        CopyDef::from_context(sources, "/d/")
     }
 
     #[test]

@@ -448,26 +448,11 @@ impl StepSources for IndexSources<'_> {
 
 #[cfg(test)]
 mod tests {
-    use lcache_proto::build_plan::CopyFrom;
-
     use super::*;
     use crate::store::sled_records::SledRecords;
 
     fn copy_all() -> CopyDef {
-        CopyDef {
-            add: false,
-            from: CopyFrom::Context,
-            sources: vec![".".into()],
-            inline: vec![],
-            dest: "/d/".into(),
-            chown: String::new(),
-            chmod: String::new(),
-            link: false,
-            excludes: vec![],
-            parents: false,
-            checksum: String::new(),
-            keep_git_dir: false,
-        }
+        CopyDef::from_context(&["."], "/d/")
     }
 
     /// One plan's worth of work on `ctx`: refresh, digest `COPY . /d/`, keep what it learnt.

@@ -121,6 +121,26 @@ pub struct CopyDef {
     pub keep_git_dir: bool,
 }
 
+impl CopyDef {
+    /// A plain `COPY SOURCES… DEST` from the context, with no flags.
+    pub fn from_context(sources: &[&str], dest: &str) -> Self {
+        Self {
+            add: false,
+            from: CopyFrom::Context,
+            sources: sources.iter().map(|s| s.to_string()).collect(),
+            inline: vec![],
+            dest: dest.to_string(),
+            chown: String::new(),
+            chmod: String::new(),
+            link: false,
+            excludes: vec![],
+            parents: false,
+            checksum: String::new(),
+            keep_git_dir: false,
+        }
+    }
+}
+
 /// What a filesystem step does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "SCREAMING_SNAKE_CASE")]
