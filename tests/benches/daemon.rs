@@ -7,7 +7,7 @@
 //!    (`lcache keys --offline`'s path).
 //!
 //! The daemon runs in this process on its own runtime (2 workers) but is reached through
-//! real sockets. Run: `cargo bench -p lcache-daemon --bench daemon`.
+//! real sockets. Run: `cargo bench -p lcache-e2e --bench daemon`.
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! `lcache build` on the 50,000-file / ~200 MB context (`FROM busybox`, `COPY src /src`,
 //! `RUN true`): cold build, warm no-op rebuild and one-file-edit rebuild, as ratios against
 //! hashing the context from scratch in the same run. Needs root, runc and busybox-static.
-//! Run: `cargo bench -p lcache-daemon --bench build`.
+//! Run: `cargo bench -p lcache-e2e --bench build`.
 
 mod support;
 
