@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use bytes::Bytes;
 use lcache_context::context_walk::walk;
 use lcache_context::local_context::LocalContext;
 use lcache_proto::build_plan::{plan, Base, BuildPlan, CopyDef, CopyFrom, PlannedStage, StepDef};
@@ -34,6 +33,7 @@ use crate::overlay_mount::OverlayMount;
 use crate::progress::{Progress, StepEvent, SummaryEvent};
 use crate::run_step::{argv_with_heredocs, run_step, RunError, RunSpec};
 use crate::snapshots::ensure_snapshot;
+use crate::step_cache::{BlobSource, StepCache};
 use crate::user_lookup::resolve_user;
 
 /// BuildKit's PATH when the image sets none.
@@ -81,6 +81,8 @@ struct StageState {
 
 struct Builder<'a> {
     client: &'a DaemonClient,
+    /// Step records and blobs: every cache read and write of the replay goes here.
+    steps: &'a dyn StepCache,
     req: &'a BuildRequest,
     cache: CacheDir,
     df: Dockerfile,
@@ -101,8 +103,13 @@ fn local(e: impl std::fmt::Display) -> ClientError {
     ClientError::Local(e.to_string())
 }
 
-/// Builds the image `req` describes.
-pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress) -> Result<BuildOutcome, ClientError> {
+/// Builds the image `req` describes: plans through `client`, replays against `steps`.
+pub fn build(
+    client: &DaemonClient,
+    steps: &dyn StepCache,
+    req: &BuildRequest,
+    progress: &mut Progress,
+) -> Result<BuildOutcome, ClientError> {
     let started = Instant::now();
     let df = Dockerfile::parse(&req.inputs.dockerfile_name, &req.inputs.dockerfile)?;
     let plan = plan(&df, &req.inputs.plan_request()?)?;
@@ -135,6 +142,7 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
     }
     let b = Builder {
         client,
+        steps,
         req,
         cache,
         df,
@@ -162,8 +170,8 @@ pub fn build(client: &DaemonClient, req: &BuildRequest, progress: &mut Progress)
         config: String::from_utf8_lossy(&config).into_owned(),
         created_at_ms: 0,
     };
-    client.put_blob(&image.config_digest, Bytes::from(config))?;
-    client.put_blob(&image.manifest_digest, Bytes::from(manifest))?;
+    steps.put_blob(&image.config_digest, BlobSource::Bytes(&config))?;
+    steps.put_blob(&image.manifest_digest, BlobSource::Bytes(&manifest))?;
     for t in &req.tags {
         image.name = lcache_proto::wire::normalize_image_name(t);
         client.put_image(&image)?;
@@ -303,7 +311,7 @@ impl<'a> Builder<'a> {
                 })?;
                 let mut snapshots = Vec::new();
                 for l in &img.layers {
-                    snapshots.push(ensure_snapshot(&self.cache, self.client, l)?);
+                    snapshots.push(ensure_snapshot(&self.cache, self.steps, l)?);
                 }
                 Ok(StageState {
                     parent: img.manifest_digest.clone(),
@@ -337,14 +345,14 @@ impl<'a> Builder<'a> {
             let mut hit = if self.req.no_cache {
                 None
             } else {
-                self.client.step(&key)?
+                self.steps.get_step(&key)?
             };
             // A record whose layer is gone or corrupt is a miss: the step reruns and its blob
             // is stored again, instead of the build failing.
             let mut restored = None;
             let mut unusable = false;
             if let Some(l) = hit.as_ref().and_then(|r| r.layer.clone()) {
-                match ensure_snapshot(&self.cache, self.client, &l) {
+                match ensure_snapshot(&self.cache, self.steps, &l) {
                     Ok(snap) => restored = Some((l, snap)),
                     Err(e) if e.is_unusable_blob() => {
                         self.progress().note(&format!(
@@ -573,8 +581,7 @@ impl<'a> Builder<'a> {
         };
         let packed: PackedLayer = pack_layer(&tree, &lowers, &work.path().join("layer.tgz"))
             .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
-        let blob = std::fs::read(&packed.path).map_err(local)?;
-        self.client.put_blob(&packed.digest, Bytes::from(blob))?;
+        self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
         let layer = LayerRef {
             digest: packed.digest.clone(),
             blake3: String::new(),
@@ -583,7 +590,7 @@ impl<'a> Builder<'a> {
             media_type: LAYER_MEDIA_TYPE.into(),
         };
         // The blob is durable in the daemon; only now may a record point to it.
-        self.client.put_step(&StepRecord {
+        self.steps.put_step(&StepRecord {
             key: key.to_string(),
             layer: Some(layer.clone()),
             duration_ms: started.elapsed().as_millis() as u64,
@@ -603,7 +610,7 @@ impl<'a> Builder<'a> {
 
     /// The snapshot of the earlier record `key` as a seed for re-building its COPY.
     fn seed_from(&self, key: &str) -> Option<Seed> {
-        let digest = self.client.step(key).ok()??.layer?.digest;
+        let digest = self.steps.get_step(key).ok()??.layer?.digest;
         load_seed(&self.cache.snapshot(&digest))
     }
 

@@ -14,7 +14,6 @@ use lcache_proto::source_select::{ContextEntry, EntryKind, SelectedRoot};
 use lcache_proto::sources_digest::sources_digest;
 
 use crate::layer_extract::{extract_into, Whiteouts};
-use crate::snapshots::layer_reader;
 
 /// What a copied file was made from. A later build of the same COPY hard-links the file
 /// from the previous layer's snapshot instead of copying it again when all of this is
@@ -139,6 +138,20 @@ fn finish(layer: &Root, p: &Path, mode: u32, attrs: CopyAttrs) -> Result<(), Con
     layer.set_mode(p, attrs.mode.unwrap_or(mode))
 }
 
+/// A reader that BLAKE3-hashes what passes through it.
+struct Blake3Reader<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: Read> Read for Blake3Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 /// Copies `from` into `to`, returning the BLAKE3 of the bytes that went through.
 fn copy_hashing(mut from: impl Read, to: &mut impl Write) -> std::io::Result<[u8; 32]> {
     let mut hasher = blake3::Hasher::new();
@@ -179,19 +192,37 @@ impl Placement<'_> {
             EntryKind::File => {
                 let src = Path::new(&e.path);
                 if self.add && is_archive(self.src.open_file(src, false)?) {
-                    // ADD unpacks a local tar into the destination directory, confined there.
+                    // ADD unpacks a local tar into the destination directory, confined there,
+                    // streamed and hashed on the way (the hash is checked against the key).
                     let target = dest.parent().unwrap_or(Path::new(""));
                     self.layer.create_dir_all(target, 0o755)?;
-                    let mut data = Vec::new();
-                    let hash = copy_hashing(self.src.open_file(src, false)?, &mut data).map_err(io)?;
-                    self.content.insert(i, hash);
                     let unpack_root = self.layer.subdir(target)?;
-                    extract_into(layer_reader(&data), &unpack_root, Whiteouts::Apply, false).map_err(|source| {
-                        CopyError::Unpack {
-                            path: e.path.clone(),
-                            source,
-                        }
+                    let mut hashing = Blake3Reader {
+                        inner: self.src.open_file(src, false)?,
+                        hasher: blake3::Hasher::new(),
+                    };
+                    let mut raw = std::io::BufReader::new(&mut hashing);
+                    let gz = std::io::BufRead::fill_buf(&mut raw)
+                        .map_err(io)?
+                        .starts_with(&[0x1f, 0x8b]);
+                    let unpacked = if gz {
+                        extract_into(
+                            flate2::read::GzDecoder::new(&mut raw),
+                            &unpack_root,
+                            Whiteouts::Apply,
+                            false,
+                        )
+                    } else {
+                        extract_into(&mut raw, &unpack_root, Whiteouts::Apply, false)
+                    };
+                    unpacked.map_err(|source| CopyError::Unpack {
+                        path: e.path.clone(),
+                        source,
                     })?;
+                    // What the tar reader left unread still counts toward the file's hash.
+                    std::io::copy(&mut raw, &mut std::io::sink()).map_err(io)?;
+                    drop(raw);
+                    self.content.insert(i, *hashing.hasher.finalize().as_bytes());
                     return Ok(());
                 }
                 let rel = dest.display().to_string();

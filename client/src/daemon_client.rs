@@ -104,6 +104,16 @@ impl DaemonClient {
         Ok(())
     }
 
+    /// `HEAD /v1/blobs/{digest}`: whether the daemon holds the blob whole.
+    pub fn blob_present(&self, digest: &str) -> Result<bool, ClientError> {
+        let (status, body) = self.call(Method::HEAD, &format!("/v1/blobs/{digest}"), Bytes::new())?;
+        match status {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            s => Err(daemon_error(s, &body)),
+        }
+    }
+
     /// Uploads `len` bytes of `file` from `offset` as blob `digest`, streamed (never whole in
     /// memory), unless the daemon has it. The daemon verifies the digest.
     pub fn put_blob_file(
@@ -147,11 +157,32 @@ impl DaemonClient {
         Ok(())
     }
 
-    /// Downloads a blob.
-    /// Every blob is checked against its digest here, whoever asked for it (snapshots,
-    /// exports): a missing or corrupt one is [`ClientError::UnusableBlob`].
-    pub fn blob(&self, digest: &str) -> Result<Bytes, ClientError> {
-        let (status, body) = self.call(Method::GET, &format!("/v1/blobs/{digest}"), Bytes::new())?;
+    /// Streams blob `digest` into `out`, checking it against its digest as it arrives; a
+    /// missing or corrupt blob is [`ClientError::UnusableBlob`] (and `out` must then be
+    /// discarded). Returns the blob's size.
+    pub fn blob_into(&self, digest: &str, out: &mut dyn std::io::Write) -> Result<u64, ClientError> {
+        use sha2::Digest;
+        struct Hashing<'w> {
+            out: &'w mut dyn std::io::Write,
+            sha: sha2::Sha256,
+        }
+        impl std::io::Write for Hashing<'_> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let n = self.out.write(buf)?;
+                self.sha.update(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.out.flush()
+            }
+        }
+        let mut w = Hashing {
+            out,
+            sha: sha2::Sha256::new(),
+        };
+        let (status, n, body) =
+            self.rt
+                .block_on(request_into(&self.endpoint, &format!("/v1/blobs/{digest}"), &mut w))?;
         if status == StatusCode::NOT_FOUND {
             return Err(ClientError::UnusableBlob {
                 digest: digest.to_string(),
@@ -161,14 +192,14 @@ impl DaemonClient {
         if !status.is_success() {
             return Err(daemon_error(status, &body));
         }
-        let actual = crate::oci_image::sha256_of(&body);
+        let actual = format!("sha256:{:x}", w.sha.finalize());
         if actual != digest {
             return Err(ClientError::UnusableBlob {
                 digest: digest.to_string(),
                 reason: format!("arrived with digest {actual}: the stored copy is corrupt"),
             });
         }
-        Ok(body)
+        Ok(n)
     }
 
     /// `GET /v1/images/{name}`: `None` if unknown.
@@ -283,11 +314,59 @@ async fn request(
     body: ReqBody,
     len: u64,
 ) -> Result<(StatusCode, Bytes), ClientError> {
+    let resp = send(ep, method, path, body, len).await?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// `GET path`, streaming a successful answer's body into `out`; an error answer's body is
+/// returned whole instead. Returns the status, the bytes streamed and the error body.
+async fn request_into(
+    ep: &Endpoint,
+    path: &str,
+    out: &mut dyn std::io::Write,
+) -> Result<(StatusCode, u64, Bytes), ClientError> {
+    let empty = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
+    let resp = send(ep, Method::GET, path, empty, 0).await?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let b = body
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        return Ok((status, 0, b));
+    }
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            out.write_all(&data)
+                .map_err(|e| ClientError::Local(format!("cannot write a downloaded blob: {e}")))?;
+            n += data.len() as u64;
+        }
+    }
+    Ok((status, n, Bytes::new()))
+}
+
+async fn send(
+    ep: &Endpoint,
+    method: Method,
+    path: &str,
+    body: ReqBody,
+    len: u64,
+) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
     let unreachable = |e: std::io::Error| ClientError::DaemonUnreachable {
         endpoint: ep.to_string(),
         reason: e.to_string(),
     };
-    let proto = |e: hyper::Error| ClientError::Protocol(e.to_string());
     let mut sender = match ep {
         Endpoint::Unix(p) => handshake(tokio::net::UnixStream::connect(p).await.map_err(unreachable)?).await?,
         Endpoint::Tcp(a) => {
@@ -308,10 +387,10 @@ async fn request(
         .header("content-length", len)
         .body(body)
         .map_err(|e| ClientError::Local(e.to_string()))?;
-    let resp = sender.send_request(req).await.map_err(proto)?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(proto)?.to_bytes();
-    Ok((status, body))
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
 async fn handshake<S>(stream: S) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, ClientError>

@@ -7,11 +7,11 @@ use lcache_proto::digest::sha256_hex;
 use lcache_proto::wire::ImageRecord;
 use serde_json::json;
 
-use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
 use crate::layer_extract::{extract_layer, is_root, Whiteouts};
 use crate::oci_image::MANIFEST_MEDIA_TYPE;
-use crate::snapshots::layer_reader;
+use crate::snapshots::layer_file_reader;
+use crate::step_cache::StepCache;
 
 /// Where and how to export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,25 +50,28 @@ fn io(dest: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
     move |e| ClientError::Local(format!("cannot write {}: {e}", dest.display()))
 }
 
-/// The blobs of an image, as (digest, bytes): layers, config, manifest.
-fn blobs(client: &DaemonClient, image: &ImageRecord) -> Result<Vec<(String, bytes::Bytes)>, ClientError> {
-    let mut out = Vec::new();
-    for d in image
+/// The digests of an image's blobs: layers, config, manifest; each checked to be a sha256
+/// digest, since each names a file in the export.
+fn blob_digests(image: &ImageRecord) -> Result<Vec<&str>, ClientError> {
+    let all: Vec<&str> = image
         .layers
         .iter()
-        .map(|l| &l.digest)
-        .chain([&image.config_digest, &image.manifest_digest])
-    {
-        // Digests name files in the export: only well-formed ones may.
-        if sha256_hex(d).is_none() {
-            return Err(ClientError::Local(format!(
-                "image {} names blob '{d}', which is not a sha256 digest — its record is corrupt; import or build it again",
-                image.name
-            )));
-        }
-        out.push((d.clone(), client.blob(d)?));
+        .map(|l| l.digest.as_str())
+        .chain([image.config_digest.as_str(), image.manifest_digest.as_str()])
+        .collect();
+    if let Some(bad) = all.iter().find(|d| sha256_hex(d).is_none()) {
+        return Err(ClientError::Local(format!(
+            "image {} names blob '{bad}', which is not a sha256 digest — its record is corrupt; import or build it again",
+            image.name
+        )));
     }
-    Ok(out)
+    Ok(all)
+}
+
+/// Streams blob `digest` into a new file at `path`; returns its size.
+fn fetch_to(steps: &dyn StepCache, digest: &str, path: &Path) -> Result<u64, ClientError> {
+    let mut f = std::fs::File::create(path).map_err(io(path))?;
+    steps.get_blob(digest, &mut f)
 }
 
 fn index_json(image: &ImageRecord, manifest_size: usize, tags: &[String]) -> Vec<u8> {
@@ -85,34 +88,37 @@ fn index_json(image: &ImageRecord, manifest_size: usize, tags: &[String]) -> Vec
     .unwrap_or_default()
 }
 
-/// Writes the export.
+/// Writes the export, streaming every blob from the step cache (none is held in memory).
 pub fn export(
-    client: &DaemonClient,
+    steps: &dyn StepCache,
     image: &ImageRecord,
     out: &OutputSpec,
     tags: &[String],
 ) -> Result<(), ClientError> {
     let dest = &out.dest;
+    let digests = blob_digests(image)?;
     match out.kind.as_str() {
         "local" => {
             std::fs::create_dir_all(dest).map_err(io(dest))?;
+            let work = tempfile::tempdir().map_err(io(dest))?;
+            let blob = work.path().join("layer");
             for l in &image.layers {
-                let blob = client.blob(&l.digest)?;
-                extract_layer(layer_reader(&blob), dest, Whiteouts::Apply, is_root())
+                fetch_to(steps, &l.digest, &blob)?;
+                let reader = layer_file_reader(std::fs::File::open(&blob).map_err(io(&blob))?).map_err(io(&blob))?;
+                extract_layer(reader, dest, Whiteouts::Apply, is_root())
                     .map_err(|e| ClientError::Local(format!("layer {}: {e}", l.digest)))?;
             }
             Ok(())
         }
         "oci" => {
-            let blobs = blobs(client, image)?;
             let dir = dest.join("blobs/sha256");
             std::fs::create_dir_all(&dir).map_err(io(dest))?;
             let mut manifest_size = 0;
-            for (d, b) in &blobs {
-                if *d == image.manifest_digest {
-                    manifest_size = b.len();
+            for d in digests {
+                let size = fetch_to(steps, d, &dir.join(d.trim_start_matches("sha256:")))?;
+                if d == image.manifest_digest {
+                    manifest_size = size as usize;
                 }
-                std::fs::write(dir.join(d.trim_start_matches("sha256:")), b).map_err(io(dest))?;
             }
             std::fs::write(dest.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io(dest))?;
             std::fs::write(dest.join("index.json"), index_json(image, manifest_size, tags)).map_err(io(dest))?;
@@ -120,23 +126,31 @@ pub fn export(
         }
         _ => {
             // docker load reads manifest.json; newer versions also read the OCI layout.
-            let blobs = blobs(client, image)?;
             let file = std::fs::File::create(dest).map_err(io(dest))?;
             let mut t = tar::Builder::new(file);
-            let mut add = |name: &str, data: &[u8]| -> Result<(), ClientError> {
+            let header = |size: u64| {
                 let mut h = tar::Header::new_ustar();
-                h.set_size(data.len() as u64);
+                h.set_size(size);
                 h.set_mode(0o644);
                 h.set_mtime(0);
                 h.set_entry_type(tar::EntryType::Regular);
-                t.append_data(&mut h, name, data).map_err(io(dest))
+                h
             };
+            let work = tempfile::tempdir().map_err(io(dest))?;
+            let blob = work.path().join("blob");
             let mut manifest_size = 0;
-            for (d, b) in &blobs {
-                if *d == image.manifest_digest {
-                    manifest_size = b.len();
+            for d in digests {
+                let size = fetch_to(steps, d, &blob)?;
+                if d == image.manifest_digest {
+                    manifest_size = size as usize;
                 }
-                add(&format!("blobs/sha256/{}", d.trim_start_matches("sha256:")), b)?;
+                let f = std::fs::File::open(&blob).map_err(io(&blob))?;
+                t.append_data(
+                    &mut header(size),
+                    format!("blobs/sha256/{}", d.trim_start_matches("sha256:")),
+                    f,
+                )
+                .map_err(io(dest))?;
             }
             let path_of = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
             let manifest = json!([{
@@ -144,6 +158,10 @@ pub fn export(
                 "RepoTags": tags,
                 "Layers": image.layers.iter().map(|l| path_of(&l.digest)).collect::<Vec<_>>(),
             }]);
+            let mut add = |name: &str, data: &[u8]| -> Result<(), ClientError> {
+                t.append_data(&mut header(data.len() as u64), name, data)
+                    .map_err(io(dest))
+            };
             add("manifest.json", &serde_json::to_vec(&manifest).unwrap_or_default())?;
             add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
             add("index.json", &index_json(image, manifest_size, tags))?;

@@ -22,4 +22,5 @@ pub mod progress;
 pub mod render;
 pub mod run_step;
 pub mod snapshots;
+pub mod step_cache;
 pub mod user_lookup;

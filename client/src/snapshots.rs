@@ -1,6 +1,6 @@
-//! Extracted layers on local disk, one directory per layer blob, made once: fetched from the
-//! daemon, verified against the digest, extracted safely (overlay whiteouts kept) into a
-//! temp directory and renamed into place.
+//! Extracted layers on local disk, one directory per layer blob, made once: streamed from the
+//! step cache to a work file, verified against the digest, extracted safely (overlay
+//! whiteouts kept) into a temp directory and renamed into place.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -8,31 +8,37 @@ use std::path::PathBuf;
 use lcache_proto::wire::LayerRef;
 
 use crate::cache_dir::CacheDir;
-use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
 use crate::layer_extract::{extract_layer, is_root, Whiteouts};
+use crate::step_cache::StepCache;
 
-/// A reader over a layer blob that is gzip-compressed or a plain tar.
-pub fn layer_reader<'a>(blob: &'a [u8]) -> Box<dyn Read + 'a> {
-    if blob.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::GzDecoder::new(blob))
+/// A reader over a layer blob file that is gzip-compressed or a plain tar.
+pub fn layer_file_reader(file: std::fs::File) -> std::io::Result<Box<dyn Read>> {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(file);
+    if r.fill_buf()?.starts_with(&[0x1f, 0x8b]) {
+        Ok(Box::new(flate2::read::GzDecoder::new(r)))
     } else {
-        Box::new(blob)
+        Ok(Box::new(r))
     }
 }
 
-/// The snapshot directory of `layer`, extracting it first if needed.
-pub fn ensure_snapshot(cache: &CacheDir, client: &DaemonClient, layer: &LayerRef) -> Result<PathBuf, ClientError> {
+/// The snapshot directory of `layer`, extracting it first if needed: the blob is streamed
+/// to a work file (verified against its digest on the way), then extracted from there.
+pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef) -> Result<PathBuf, ClientError> {
     let dest = cache.snapshot(&layer.digest);
     if dest.is_dir() {
         return Ok(dest);
     }
-    // `blob` checks the digest.
-    let blob = client.blob(&layer.digest)?;
-    let tmp = cache
-        .work_dir()
-        .map_err(|e| ClientError::Local(format!("cannot make a work directory: {e}")))?;
-    extract_layer(layer_reader(&blob), tmp.path(), Whiteouts::Overlay, is_root())
+    let work = |e: std::io::Error| ClientError::Local(format!("cannot use a work directory: {e}"));
+    let download = cache.work_dir().map_err(work)?;
+    let blob_path = download.path().join("layer");
+    let mut blob = std::fs::File::create_new(&blob_path).map_err(work)?;
+    steps.get_blob(&layer.digest, &mut blob)?;
+    drop(blob);
+    let tmp = cache.work_dir().map_err(work)?;
+    let reader = layer_file_reader(std::fs::File::open(&blob_path).map_err(work)?).map_err(work)?;
+    extract_layer(reader, tmp.path(), Whiteouts::Overlay, is_root())
         .map_err(|e| ClientError::Local(format!("layer {}: {e}", layer.digest)))?;
     let staged = tmp.keep();
     if let Err(e) = std::fs::rename(&staged, &dest) {

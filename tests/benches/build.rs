@@ -63,7 +63,7 @@ fn main() {
         cache_dir: tmp.path().join("cache"),
     };
     let mut quiet = Progress::new(ProgressMode::Json);
-    let run = |p: &mut Progress| build(&client, &req, p).expect("build");
+    let run = |p: &mut Progress| build(&client, &client, &req, p).expect("build");
     // JSON progress goes to stdout; keep the figures readable by counting instead of printing.
     let cold = time(|| {
         run(&mut quiet);

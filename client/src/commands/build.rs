@@ -38,7 +38,7 @@ pub fn run(args: &BuildArgs, explicit: Option<&Endpoint>) -> Result<String> {
         runtime: args.runtime.clone(),
         cache_dir: args.cache_dir.clone().unwrap_or_else(default_cache_dir),
     };
-    let outcome = build(&client, &req, &mut progress)?;
+    let outcome = build(&client, &client, &req, &mut progress)?;
     if let Some(out) = &output {
         export(&client, &outcome.image, out, &args.tags)?;
         if mode != ProgressMode::Json {
