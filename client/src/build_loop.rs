@@ -10,13 +10,12 @@ use std::time::Instant;
 
 use lcache_context::context_walk::walk;
 use lcache_context::local_context::LocalContext;
-use lcache_proto::build_plan::{plan, Base, BuildPlan, CopyDef, CopyFrom, PlannedStage, StepDef};
+use lcache_proto::build_plan::{Base, BuildPlan, CopyDef, CopyFrom, PlannedStage, StepDef};
 use lcache_proto::cache_key::{key_inputs, KeyInputs};
-use lcache_proto::dockerfile::Dockerfile;
 use lcache_proto::dockerignore::IgnoreMatcher;
 use lcache_proto::explain::{cascades, root_after, MissCause};
 use lcache_proto::source_select::{select, ContextEntry, SelectedRoot};
-use lcache_proto::step_keys::{is_remote, StepKey};
+use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
 use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
 use serde_json::{Map, Value};
 
@@ -85,9 +84,12 @@ struct Builder<'a> {
     steps: &'a dyn StepCache,
     req: &'a BuildRequest,
     cache: CacheDir,
-    df: Dockerfile,
+    /// The Dockerfile's name, for `file:line` in messages.
+    dockerfile: String,
+    /// The plan lcached derived the keys from: the one this build executes.
     plan: BuildPlan,
-    daemon_keys: HashMap<(usize, usize), StepKey>,
+    /// Every step's key as lcached derived it, by where the step stands in the plan.
+    daemon_keys: HashMap<StepRef, StepKey>,
     /// The context walk, made once by the first COPY that misses.
     context: Mutex<Option<LocalContext>>,
     progress: Mutex<&'a mut Progress>,
@@ -111,23 +113,18 @@ pub fn build(
     progress: &mut Progress,
 ) -> Result<BuildOutcome, ClientError> {
     let started = Instant::now();
-    let df = Dockerfile::parse(&req.inputs.dockerfile_name, &req.inputs.dockerfile)?;
-    let plan = plan(&df, &req.inputs.plan_request()?)?;
+    // One plan: lcached parses and plans the Dockerfile once and derives every key it can
+    // (its index gives context digests without re-reading an unchanged tree); the build
+    // executes that plan and derives only the keys that were pending on a built result.
+    let resp = client.plan(&req.inputs)?;
+    let plan = resp
+        .plan
+        .ok_or_else(|| ClientError::Protocol("lcached answered the plan without the plan itself".into()))?;
     for w in &plan.warnings {
         progress.note(&format!("warning: {w}"));
     }
-    // The daemon's index gives context digests without re-reading an unchanged tree.
-    let resp = client.plan(&req.inputs)?;
-    let positions: Vec<(usize, usize)> = plan
-        .needed_stages()
-        .flat_map(|s| (0..s.steps.len()).map(move |n| (s.index, n)))
-        .collect();
-    if positions.len() != resp.report.steps.len() {
-        return Err(ClientError::Protocol(
-            "the daemon planned a different number of steps".into(),
-        ));
-    }
-    let daemon_keys = positions.into_iter().zip(resp.report.steps).collect();
+    let dockerfile = resp.report.dockerfile.clone();
+    let daemon_keys = resp.report.steps.into_iter().map(|k| (k.at(), k)).collect();
     let cache = CacheDir::open(&req.cache_dir).map_err(|e| {
         local(format!(
             "cannot use the cache directory {}: {e}",
@@ -145,7 +142,7 @@ pub fn build(
         steps,
         req,
         cache,
-        df,
+        dockerfile,
         plan,
         daemon_keys,
         context: Mutex::new(None),
@@ -228,7 +225,7 @@ pub fn build(
 
 impl<'a> Builder<'a> {
     fn at(&self, line: usize) -> String {
-        format!("{}:{line}", self.df.file)
+        format!("{}:{line}", self.dockerfile)
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, &'a mut Progress> {
@@ -340,7 +337,7 @@ impl<'a> Builder<'a> {
             self.progress().started(number, &label, &step.instruction);
             let t = Instant::now();
             let (digest, from_roots) = self.sources_digest(i, n, &step.def, states)?;
-            let inputs = key_inputs(&step.def, &stage.platform, &st.parent, &digest);
+            let inputs = self.key_inputs(i, n, &step.def, &stage.platform, &st.parent, &digest);
             let key = inputs.key();
             let mut hit = if self.req.no_cache {
                 None
@@ -436,6 +433,31 @@ impl<'a> Builder<'a> {
         Ok((st, finished))
     }
 
+    /// A step's key inputs: lcached's, when it derived the key from the same parent and
+    /// sources; derived here only for keys that waited on a result this build produced
+    /// (a `COPY --from`, or any step after one).
+    fn key_inputs(
+        &self,
+        stage: usize,
+        step: usize,
+        def: &StepDef,
+        platform: &str,
+        parent: &str,
+        sources_digest: &str,
+    ) -> KeyInputs {
+        let planned = self
+            .daemon_keys
+            .get(&StepRef { stage, step })
+            .and_then(|k| k.inputs.as_ref())
+            .filter(|i| {
+                i.parent == parent && (sources_digest.is_empty() || i.sources_digest() == Some(sources_digest))
+            });
+        match planned {
+            Some(i) => i.clone(),
+            None => key_inputs(def, platform, parent, sources_digest),
+        }
+    }
+
     /// The sources digest a step's key needs, and for `COPY --from` the selection made.
     fn sources_digest(
         &self,
@@ -454,7 +476,10 @@ impl<'a> Builder<'a> {
                 Err(local(format!("{}: ADD of a URL is not supported offline — download the file into the context and COPY it", self.at(line))))
             }
             CopyFrom::Context => {
-                let d = self.daemon_keys.get(&(stage, n)).and_then(|k| k.sources_digest.clone());
+                let d = self
+                    .daemon_keys
+                    .get(&StepRef { stage, step: n })
+                    .and_then(|k| k.sources_digest.clone());
                 d.map(|d| (d, None)).ok_or_else(|| ClientError::Protocol("the daemon gave no sources digest for a COPY".into()))
             }
             CopyFrom::Image { reference } => Err(local(format!(
@@ -484,7 +509,7 @@ impl<'a> Builder<'a> {
         started: Instant,
         seed: Option<Seed>,
     ) -> Result<(LayerRef, PathBuf), ClientError> {
-        let location = format!("{}:{line}", self.df.file);
+        let location = format!("{}:{line}", self.dockerfile);
         let fail = |message: String, last_output: Vec<String>| ClientError::StepFailed {
             location: location.clone(),
             instruction: instruction.to_string(),
@@ -536,13 +561,7 @@ impl<'a> Builder<'a> {
                 let layer = work.path().join("layer");
                 std::fs::create_dir(&layer).map_err(local)?;
                 let attrs = self.copy_attrs(c, &lowers, work.path()).map_err(|m| fail(m, vec![]))?;
-                let keyed_digest = inputs
-                    .fields
-                    .iter()
-                    .find(|f| f.name == "sources_digest")
-                    .and_then(|f| f.values.first())
-                    .cloned()
-                    .unwrap_or_default();
+                let keyed_digest = inputs.sources_digest().unwrap_or_default().to_string();
                 let built = match &from {
                     Some(sel) => build_copy_layer(
                         &layer,

@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
-use lcache_proto::build_plan::{plan, Base};
+use lcache_proto::build_plan::Base;
 use lcache_proto::cache_key::KeyInputs;
-use lcache_proto::dockerfile::Dockerfile;
 use lcache_proto::explain::{miss_cause, root_after, CauseContext, MissCause, Previous};
+use lcache_proto::step_keys::StepRef;
 use lcache_proto::wire::{BuildRecord, BuildStep, PlanInputs, PlanResponse};
 
 use crate::daemon_client::DaemonClient;
@@ -122,19 +122,34 @@ pub fn plan_causes(
     inputs: &PlanInputs,
     resp: &PlanResponse,
 ) -> Result<Vec<Option<MissCause>>, ClientError> {
-    let df = Dockerfile::parse(&inputs.dockerfile_name, &inputs.dockerfile)?;
-    let plan = plan(&df, &inputs.plan_request()?)?;
+    let Some(plan) = &resp.plan else {
+        // A plan made offline has no cache behind it, so no causes to predict.
+        return Ok(vec![None; resp.report.steps.len()]);
+    };
     let finder = CauseFinder::new(client, inputs, false);
-    let mut out = Vec::with_capacity(resp.report.steps.len());
+    let by_place: std::collections::HashMap<_, _> = resp
+        .report
+        .steps
+        .iter()
+        .zip(&resp.cached)
+        .enumerate()
+        .map(|(n, (s, cached))| (s.at(), (n, s, cached)))
+        .collect();
+    let mut out = vec![None; resp.report.steps.len()];
     let mut stage_root: std::collections::HashMap<usize, Option<(usize, usize, String)>> = Default::default();
-    let mut steps = resp.report.steps.iter().zip(&resp.cached).enumerate();
     for stage in plan.needed_stages() {
         let mut rebuilt = match stage.base {
             Base::Stage { index } => stage_root.get(&index).cloned().flatten(),
             _ => None,
         };
         for position in 0..stage.steps.len() {
-            let Some((n, (s, cached))) = steps.next() else { break };
+            let at = StepRef {
+                stage: stage.index,
+                step: position,
+            };
+            let Some(&(n, s, cached)) = by_place.get(&at) else {
+                continue;
+            };
             let cause = match (cached, &s.inputs, s.known_key()) {
                 (Some(false), Some(i), Some(key)) => {
                     let at = StepAt {
@@ -150,7 +165,7 @@ pub fn plan_causes(
                 _ => None,
             };
             rebuilt = root_after(cause.as_ref(), (n + 1, s.line, &s.instruction));
-            out.push(cause);
+            out[n] = cause;
         }
         stage_root.insert(stage.index, rebuilt);
     }

@@ -83,7 +83,7 @@ pub fn plan_build(
         dockerfile: df.file.clone(),
         context: inputs.context.clone(),
         platform: inputs.platform.clone(),
-        warnings: plan.warnings,
+        warnings: plan.warnings.clone(),
         hashed_files,
         steps,
     };
@@ -95,5 +95,6 @@ pub fn plan_build(
         cached,
         causes: Vec::new(),
         context: ctx.status(),
+        plan: Some(plan),
     })
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dockerfile::Dockerfile;
 use crate::errors::DockerfileError;
@@ -25,7 +25,7 @@ pub struct PlanRequest<'a> {
 }
 
 /// Where a stage starts from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Base {
     /// `FROM scratch`: the empty filesystem.
@@ -43,7 +43,7 @@ pub enum Base {
 }
 
 /// Where COPY/ADD reads from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CopyFrom {
     /// The build context.
@@ -61,7 +61,7 @@ pub enum CopyFrom {
 }
 
 /// A file that a heredoc makes (COPY) or feeds (RUN).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InlineFile {
     /// The heredoc delimiter, which is the file's name in COPY.
     pub name: String,
@@ -72,7 +72,7 @@ pub struct InlineFile {
 }
 
 /// A RUN step's effective definition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunDef {
     /// The command to execute: exec form as is, shell form wrapped by SHELL.
     pub argv: Vec<String>,
@@ -93,7 +93,7 @@ pub struct RunDef {
 }
 
 /// A COPY or ADD step's effective definition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyDef {
     /// ADD rather than COPY.
     pub add: bool,
@@ -142,7 +142,7 @@ impl CopyDef {
 }
 
 /// What a filesystem step does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum StepDef {
     /// RUN.
@@ -157,7 +157,7 @@ pub enum StepDef {
 }
 
 /// A filesystem step of a stage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedStep {
     /// 1-based first line.
     pub line: usize,
@@ -170,7 +170,7 @@ pub struct PlannedStep {
 }
 
 /// An image-config change, in Dockerfile order (values substituted).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ConfigChange {
     /// ENV name=value.
@@ -242,7 +242,7 @@ pub enum ConfigChange {
 }
 
 /// A stage of the build.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlannedStage {
     /// 0-based index.
     pub index: usize,
@@ -263,7 +263,7 @@ pub struct PlannedStage {
 }
 
 /// Every stage's steps, ready for key derivation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildPlan {
     /// All stages; those the target does not need have `needed: false`.
     pub stages: Vec<PlannedStage>,

@@ -54,6 +54,15 @@ impl KeyInputs {
         hex(blake3::hash(&self.encode()).as_bytes())
     }
 
+    /// The sources digest a COPY/ADD key was made from, if this is one.
+    pub fn sources_digest(&self) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|f| f.name == "sources_digest")
+            .and_then(|f| f.values.first())
+            .map(String::as_str)
+    }
+
     /// A field's values, if present.
     pub fn field(&self, name: &str) -> Option<&[String]> {
         self.fields.iter().find(|f| f.name == name).map(|f| f.values.as_slice())

@@ -10,7 +10,7 @@ use crate::errors::SelectError;
 use crate::sources_digest::{FileInput, SourcesDigest};
 
 /// Where a step stands in the plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct StepRef {
     /// Stage index.
     pub stage: usize,
@@ -49,6 +49,10 @@ pub enum KeyState {
 pub struct StepKey {
     /// 0-based stage.
     pub stage: usize,
+    /// 0-based index among the stage's filesystem steps: with `stage`, where the step stands
+    /// in the plan (steps are matched by this, never by their position in a list).
+    #[serde(default)]
+    pub step: usize,
     /// The stage's AS name.
     pub stage_name: Option<String>,
     /// 1-based line where the instruction starts.
@@ -71,6 +75,14 @@ pub struct StepKey {
 }
 
 impl StepKey {
+    /// Where the step stands in the plan.
+    pub fn at(&self) -> StepRef {
+        StepRef {
+            stage: self.stage,
+            step: self.step,
+        }
+    }
+
     /// The key, if known.
     pub fn known_key(&self) -> Option<&str> {
         match &self.key {
@@ -148,6 +160,7 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
             parent = key.clone();
             out.push(StepKey {
                 stage: stage.index,
+                step: n,
                 stage_name: stage.name.clone(),
                 line: step.line,
                 instruction: step.instruction.clone(),
@@ -168,4 +181,77 @@ pub fn is_remote(source: &str) -> bool {
     ["http://", "https://", "git@", "git://"]
         .iter()
         .any(|p| source.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::build_plan::{plan, PlanRequest};
+    use crate::dockerfile::Dockerfile;
+    use crate::platform::Platform;
+
+    /// Sources that know the context but no built stage.
+    struct ContextOnly;
+
+    impl StepSources for ContextOnly {
+        fn context_sources(&mut self, at: StepRef, _def: &CopyDef) -> Result<SourcesDigest, SelectError> {
+            Ok(SourcesDigest {
+                digest: format!("ctx-{}-{}", at.stage, at.step),
+                files: vec![],
+                total: 0,
+                summary: vec![],
+            })
+        }
+
+        fn stage_sources(&mut self, _at: StepRef, _stage: usize, _def: &CopyDef) -> Option<SourcesDigest> {
+            None
+        }
+
+        fn image_identity(&mut self, _reference: &str) -> Option<String> {
+            None
+        }
+    }
+
+    fn keys(dockerfile: &str) -> Vec<StepKey> {
+        let df = Dockerfile::parse("Dockerfile", dockerfile).unwrap();
+        let args = BTreeMap::new();
+        let p = plan(
+            &df,
+            &PlanRequest {
+                build_args: &args,
+                target: None,
+                platform: Platform::host(),
+            },
+        )
+        .unwrap();
+        derive_keys(&p, &mut ContextOnly).unwrap()
+    }
+
+    #[test]
+    fn every_step_knows_where_it_stands_in_the_plan() {
+        let k = keys("FROM a AS b\nRUN x\nCOPY f /f\nFROM b\nWORKDIR /w\nRUN y\n");
+        let at: Vec<(usize, usize)> = k.iter().map(|s| (s.stage, s.step)).collect();
+        assert_eq!(at, [(0, 0), (0, 1), (1, 0), (1, 1)]);
+        assert_eq!(k[1].sources_digest.as_deref(), Some("ctx-0-1"));
+    }
+
+    #[test]
+    fn a_key_waiting_on_a_stage_result_passes_the_wait_down_the_chain() {
+        let k = keys("FROM a AS b\nRUN x\nFROM a\nCOPY --from=b /o /o\nRUN y\n");
+        assert!(k[0].known_key().is_some());
+        assert!(k[1].known_key().is_none() && k[2].known_key().is_none());
+        assert!(matches!(&k[2].key, KeyState::Pending { waiting_on } if waiting_on.contains("stage b")));
+        assert!(k[1].inputs.is_none(), "no inputs are invented for a pending key");
+    }
+
+    #[test]
+    fn the_same_definition_parent_and_sources_give_the_same_key_however_reached() {
+        let a = keys("FROM a\nRUN x\nCOPY f /f\n");
+        let b = keys("# a comment\nFROM a\n\nRUN x\nLABEL l=1\nCOPY f /f\n");
+        let ka: Vec<_> = a.iter().map(|s| s.known_key().map(str::to_string)).collect();
+        let kb: Vec<_> = b.iter().map(|s| s.known_key().map(str::to_string)).collect();
+        assert_eq!(ka, kb);
+    }
 }

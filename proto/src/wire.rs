@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::build_plan::PlanRequest;
+use crate::build_plan::{BuildPlan, PlanRequest};
 use crate::cache_key::KeyInputs;
 use crate::errors::DockerfileError;
 use crate::explain::{Cascade, MissCause};
@@ -114,6 +114,10 @@ pub struct PlanResponse {
     pub causes: Vec<Option<MissCause>>,
     /// The context index after this plan.
     pub context: ContextIndexStatus,
+    /// The plan these keys were derived from: a build executes exactly this plan, so the
+    /// front end runs once per command.
+    #[serde(default)]
+    pub plan: Option<BuildPlan>,
 }
 
 /// A layer blob as a step record refers to it.

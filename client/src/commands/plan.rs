@@ -31,6 +31,7 @@ pub fn run(args: &KeysArgs, explicit: Option<&Endpoint>) -> Result<String> {
                 cached,
                 causes: Vec::new(),
                 context,
+                plan: None,
             },
             "offline: no cache consulted".to_string(),
         )
