@@ -3,11 +3,9 @@
 
 use std::path::Path;
 
-use lcache_proto::build_plan::plan;
-use lcache_proto::dockerfile::Dockerfile;
 use lcache_proto::errors::{DockerfileError, Location, SelectError};
-use lcache_proto::step_keys::derive_keys;
-use lcache_proto::wire::{KeysReport, PlanInputs, PlanResponse};
+use lcache_proto::planned_build::PlannedBuild;
+use lcache_proto::wire::{PlanInputs, PlanResponse};
 
 use crate::api::images::{resolve, Resolved};
 
@@ -45,8 +43,7 @@ pub fn plan_build(
     records: &dyn RecordStore,
     inputs: &PlanInputs,
 ) -> Result<PlanResponse, PlanError> {
-    let df = Dockerfile::parse(&inputs.dockerfile_name, &inputs.dockerfile)?;
-    let plan = plan(&df, &inputs.plan_request()?)?;
+    let planned = PlannedBuild::new(inputs)?;
     let root = Path::new(&inputs.context);
     if !root.is_absolute() || !root.is_dir() {
         return Err(PlanError::BadContext(inputs.context.clone()));
@@ -59,42 +56,28 @@ pub fn plan_build(
         _ => None,
     };
     let mut sources = ctx.sources(inputs.all_files, &images);
-    let steps = derive_keys(&plan, &mut sources).map_err(|(at, source)| PlanError::Select {
-        location: Location {
-            file: df.file.clone(),
-            line: plan.stages[at.stage].steps[at.step].line,
-            column: 1,
-        },
-        source,
+    let mut report = planned.keys(inputs, &mut sources).map_err(|e| PlanError::Select {
+        location: e.location,
+        source: e.source,
     })?;
     for (digest, summary) in std::mem::take(&mut sources.summaries) {
         records.put_summary(&digest, &summary)?;
     }
     let (fresh, hashed_files) = sources.finish();
     index.persist(&ctx, &fresh, &removed)?;
-    let mut cached = Vec::with_capacity(steps.len());
-    for s in &steps {
+    report.hashed_files = hashed_files;
+    let mut cached = Vec::with_capacity(report.steps.len());
+    for s in &report.steps {
         cached.push(match s.known_key() {
             Some(k) => Some(records.get_step(k)?.is_some()),
             None => None,
         });
-    }
-    let mut report = KeysReport {
-        dockerfile: df.file.clone(),
-        context: inputs.context.clone(),
-        platform: inputs.platform.clone(),
-        warnings: plan.warnings.clone(),
-        hashed_files,
-        steps,
-    };
-    if !inputs.all_files {
-        report.truncate_files();
     }
     Ok(PlanResponse {
         report,
         cached,
         causes: Vec::new(),
         context: ctx.status(),
-        plan: Some(plan),
+        plan: Some(planned.plan),
     })
 }

@@ -13,6 +13,7 @@ pub mod explain;
 pub mod instruction;
 pub mod instruction_names;
 pub mod key_encoding;
+pub mod planned_build;
 pub mod platform;
 pub mod source_select;
 pub mod sources_digest;
