@@ -13,7 +13,7 @@ use lcache_context::local_context::LocalContext;
 use lcache_proto::build_plan::{Base, BuildPlan, CopyDef, CopyFrom, PlannedStage, StepDef};
 use lcache_proto::cache_key::{key_inputs, KeyInputs};
 use lcache_proto::dockerignore::IgnoreMatcher;
-use lcache_proto::explain::{cascades, root_after, MissCause};
+use lcache_proto::explain::{cascades, root_after, CascadeRoot, MissCause};
 use lcache_proto::source_select::{select, ContextEntry, SelectedRoot};
 use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
 use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
@@ -75,7 +75,7 @@ struct StageState {
     snapshots: Vec<PathBuf>,
     config: Map<String, Value>,
     /// The root of the cascade that produced this state, if its last step rebuilt.
-    rebuilt: Option<(usize, usize, String)>,
+    rebuilt: Option<CascadeRoot>,
 }
 
 struct Builder<'a> {
@@ -380,7 +380,12 @@ impl<'a> Builder<'a> {
                     (Some(c), k)
                 }
             };
-            st.rebuilt = root_after(cause.as_ref(), (number, step.line, &step.instruction));
+            let this = CascadeRoot {
+                step: number,
+                line: step.line,
+                instruction: step.instruction.clone(),
+            };
+            st.rebuilt = root_after(cause.as_ref(), this);
             let layer = match hit {
                 Some(_) => restored,
                 None => Some(self.execute(

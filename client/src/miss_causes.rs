@@ -7,7 +7,7 @@ use std::path::Path;
 
 use lcache_proto::build_plan::Base;
 use lcache_proto::cache_key::KeyInputs;
-use lcache_proto::explain::{miss_cause, root_after, CauseContext, MissCause, Previous};
+use lcache_proto::explain::{miss_cause, root_after, CascadeRoot, CauseContext, MissCause, Previous};
 use lcache_proto::step_keys::StepRef;
 use lcache_proto::wire::{BuildRecord, BuildStep, PlanInputs, PlanResponse};
 
@@ -45,7 +45,7 @@ pub struct StepAt<'a> {
     /// The key.
     pub key: &'a str,
     /// The step that rebuilt and so changed this step's parent, if any.
-    pub rebuilt_parent: Option<(usize, usize, String)>,
+    pub rebuilt_parent: Option<CascadeRoot>,
 }
 
 impl<'a> CauseFinder<'a> {
@@ -136,7 +136,7 @@ pub fn plan_causes(
         .map(|(n, (s, cached))| (s.at(), (n, s, cached)))
         .collect();
     let mut out = vec![None; resp.report.steps.len()];
-    let mut stage_root: std::collections::HashMap<usize, Option<(usize, usize, String)>> = Default::default();
+    let mut stage_root: std::collections::HashMap<usize, Option<CascadeRoot>> = Default::default();
     for stage in plan.needed_stages() {
         let mut rebuilt = match stage.base {
             Base::Stage { index } => stage_root.get(&index).cloned().flatten(),
@@ -164,7 +164,12 @@ pub fn plan_causes(
                 }
                 _ => None,
             };
-            rebuilt = root_after(cause.as_ref(), (n + 1, s.line, &s.instruction));
+            let this = CascadeRoot {
+                step: n + 1,
+                line: s.line,
+                instruction: s.instruction.clone(),
+            };
+            rebuilt = root_after(cause.as_ref(), this);
             out[n] = cause;
         }
         stage_root.insert(stage.index, rebuilt);

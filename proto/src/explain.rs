@@ -94,6 +94,31 @@ pub enum MissCause {
     Evicted,
     /// The step was never built before.
     NeverBuilt,
+    /// An earlier record of the step exists and none of its inputs explains the new key: said
+    /// honestly rather than guessed. (Last, so stored causes keep their encoding.)
+    Unexplained,
+}
+
+/// The step at the root of a cascade: what a rebuilt step hands to the steps after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CascadeRoot {
+    /// Build step number (1-based).
+    pub step: usize,
+    /// Its Dockerfile line.
+    pub line: usize,
+    /// Its instruction as written.
+    pub instruction: String,
+}
+
+impl CascadeRoot {
+    /// The cause every step of this cascade after the root has.
+    pub fn cause(&self) -> MissCause {
+        MissCause::ParentRebuilt {
+            root_step: self.step,
+            root_line: self.line,
+            root_instruction: self.instruction.clone(),
+        }
+    }
 }
 
 impl MissCause {
@@ -138,6 +163,9 @@ impl MissCause {
             Self::NoCache => "--no-cache".into(),
             Self::Evicted => "its cached result was evicted".into(),
             Self::NeverBuilt => "never built before".into(),
+            Self::Unexplained => {
+                "changed, cause unknown: no input of the step differs from its earlier record's".into()
+            }
         }
     }
 
@@ -289,7 +317,7 @@ pub struct CauseContext<'a> {
     pub no_cache: bool,
     /// The step whose miss changed this step's parent, if one did in this build:
     /// (step number, line, instruction).
-    pub rebuilt_parent: Option<(usize, usize, String)>,
+    pub rebuilt_parent: Option<CascadeRoot>,
     /// Whether this is its stage's first step (its parent is the base image).
     pub first_in_stage: bool,
     /// Old and new sources summaries, when both are known.
@@ -315,11 +343,7 @@ pub fn miss_cause(
     let Some(prev) = prev else {
         // On a first build only the first step is new in itself; the rest follow from it.
         return match &cx.rebuilt_parent {
-            Some((root_step, root_line, root_instruction)) => MissCause::ParentRebuilt {
-                root_step: *root_step,
-                root_line: *root_line,
-                root_instruction: root_instruction.clone(),
-            },
+            Some(root) => root.cause(),
             None => MissCause::NeverBuilt,
         };
     };
@@ -329,12 +353,8 @@ pub fn miss_cause(
     // A step whose parent rebuilt in this build belongs to that cascade, whatever else
     // changed in it: every miss has one root, and the earliest change is it.
     if prev.inputs.parent != cur.parent {
-        if let Some((root_step, root_line, root_instruction)) = &cx.rebuilt_parent {
-            return MissCause::ParentRebuilt {
-                root_step: *root_step,
-                root_line: *root_line,
-                root_instruction: root_instruction.clone(),
-            };
+        if let Some(root) = &cx.rebuilt_parent {
+            return root.cause();
         }
     }
     if prev.instruction != instruction {
@@ -404,20 +424,24 @@ pub fn miss_cause(
             new: cur.parent.clone(),
         };
     }
-    MissCause::NeverBuilt
+    MissCause::Unexplained
 }
 
 /// The cascade root a step leaves for the steps after it: none after a hit, its own root
 /// after a cascade member, itself after a root cause. `this` is (step number, line,
 /// instruction).
-pub fn root_after(cause: Option<&MissCause>, this: (usize, usize, &str)) -> Option<(usize, usize, String)> {
+pub fn root_after(cause: Option<&MissCause>, this: CascadeRoot) -> Option<CascadeRoot> {
     match cause? {
         MissCause::ParentRebuilt {
             root_step,
             root_line,
             root_instruction,
-        } => Some((*root_step, *root_line, root_instruction.clone())),
-        _ => Some((this.0, this.1, this.2.to_string())),
+        } => Some(CascadeRoot {
+            step: *root_step,
+            line: *root_line,
+            instruction: root_instruction.clone(),
+        }),
+        _ => Some(this),
     }
 }
 
@@ -533,7 +557,11 @@ mod tests {
         let c = miss_cause("RUN make", &inputs(&["A=1"], "d1", "/b", "p1"), "k2", Some(&prev), &cx);
         assert_eq!(c.describe(), "workdir changed: /a → /b");
         let cx = CauseContext {
-            rebuilt_parent: Some((2, 5, "COPY src .".into())),
+            rebuilt_parent: Some(CascadeRoot {
+                step: 2,
+                line: 5,
+                instruction: "COPY src .".into(),
+            }),
             ..CauseContext::default()
         };
         let c = miss_cause("RUN make", &inputs(&["A=1"], "d1", "/a", "p9"), "k2", Some(&prev), &cx);
@@ -541,6 +569,11 @@ mod tests {
         assert_eq!(
             miss_cause("RUN make", &old, "k1", Some(&prev), &CauseContext::default()),
             MissCause::Evicted
+        );
+        assert_eq!(
+            miss_cause("RUN make", &old, "k2", Some(&prev), &CauseContext::default()),
+            MissCause::Unexplained,
+            "same inputs, another key: said so, not guessed"
         );
         assert_eq!(
             miss_cause("RUN make", &old, "k1", None, &CauseContext::default()),
