@@ -387,3 +387,133 @@ pub fn parse_chmod(v: &str) -> Result<Option<u32>, String> {
         .map(Some)
         .map_err(|_| format!("--chmod={v} is not an octal mode: write e.g. --chmod=755"))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use lcache_context::local_context::LocalContext;
+    use lcache_proto::dockerignore::IgnoreMatcher;
+    use lcache_proto::source_select::select;
+
+    use super::*;
+
+    fn context() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("src/sub")).unwrap();
+        std::fs::write(d.path().join("src/a.txt"), "alpha").unwrap();
+        std::fs::write(d.path().join("src/sub/run.sh"), "#!/bin/sh").unwrap();
+        std::fs::set_permissions(d.path().join("src/sub/run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("a.txt", d.path().join("src/link")).unwrap();
+        d
+    }
+
+    /// Builds `def` from `ctx` into a new layer directory; the key's digest is what the
+    /// context holds now unless `keyed` says otherwise.
+    fn copy(
+        ctx: &Path,
+        def: &CopyDef,
+        attrs: CopyAttrs,
+        keyed: Option<&str>,
+        seed: Option<&Seed>,
+    ) -> (tempfile::TempDir, Result<CopyManifest, CopyError>) {
+        let mut local = LocalContext::walk(ctx).unwrap();
+        let digest = local.digest_sources(def).unwrap().digest;
+        let roots = select(local.entries(), &def.sources, &IgnoreMatcher::default()).unwrap();
+        let layer = tempfile::tempdir().unwrap();
+        let job = CopyJob {
+            def,
+            src_root: ctx,
+            entries: local.entries(),
+            roots: &roots,
+            attrs,
+            keyed_digest: keyed.unwrap_or(&digest),
+        };
+        let r = build_copy_layer(layer.path(), &job, seed);
+        (layer, r)
+    }
+
+    #[test]
+    fn a_directory_copies_its_contents_with_modes_and_links_kept() {
+        let ctx = context();
+        let (layer, r) = copy(
+            ctx.path(),
+            &CopyDef::from_context(&["src"], "/app/"),
+            CopyAttrs::default(),
+            None,
+            None,
+        );
+        r.unwrap();
+        let l = layer.path();
+        assert_eq!(std::fs::read_to_string(l.join("app/a.txt")).unwrap(), "alpha");
+        assert_eq!(
+            std::fs::metadata(l.join("app/sub/run.sh")).unwrap().mode() & 0o777,
+            0o755
+        );
+        assert_eq!(std::fs::read_link(l.join("app/link")).unwrap(), Path::new("a.txt"));
+        assert!(!l.join("app/src").exists(), "a directory source copies its contents");
+    }
+
+    #[test]
+    fn one_file_to_a_path_without_a_slash_is_named_by_the_destination_and_chmod_applies() {
+        let ctx = context();
+        let attrs = CopyAttrs {
+            owner: None,
+            mode: Some(0o600),
+        };
+        let (layer, r) = copy(
+            ctx.path(),
+            &CopyDef::from_context(&["src/a.txt"], "/etc/app.conf"),
+            attrs,
+            None,
+            None,
+        );
+        r.unwrap();
+        let m = std::fs::metadata(layer.path().join("etc/app.conf")).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn content_that_differs_from_the_keyed_digest_fails_and_says_what_to_do() {
+        let ctx = context();
+        let def = CopyDef::from_context(&["src"], "/app/");
+        let (_, r) = copy(ctx.path(), &def, CopyAttrs::default(), Some("not-what-was-keyed"), None);
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("sources changed while the build ran") && e.contains("run the build again"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_rebuild_links_unchanged_files_from_the_previous_snapshot_and_copies_edited_ones() {
+        let ctx = context();
+        let def = CopyDef::from_context(&["src"], "/app/");
+        let (first, r) = copy(ctx.path(), &def, CopyAttrs::default(), None, None);
+        save_manifest(first.path(), &r.unwrap()).unwrap();
+        let seed = load_seed(first.path()).unwrap();
+        std::fs::write(ctx.path().join("src/a.txt"), "edited").unwrap();
+        let (second, r) = copy(ctx.path(), &def, CopyAttrs::default(), None, Some(&seed));
+        r.unwrap();
+        let ino = |root: &Path, p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
+        assert_eq!(
+            ino(first.path(), "app/sub/run.sh"),
+            ino(second.path(), "app/sub/run.sh"),
+            "linked"
+        );
+        assert_ne!(
+            ino(first.path(), "app/a.txt"),
+            ino(second.path(), "app/a.txt"),
+            "copied"
+        );
+        assert_eq!(
+            std::fs::read_to_string(second.path().join("app/a.txt")).unwrap(),
+            "edited"
+        );
+        assert_eq!(
+            std::fs::read_to_string(first.path().join("app/a.txt")).unwrap(),
+            "alpha",
+            "seed untouched"
+        );
+    }
+}

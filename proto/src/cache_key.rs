@@ -151,3 +151,56 @@ pub fn key_inputs(def: &StepDef, platform: &str, parent: &str, sources_digest: &
         fields,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build_plan::CopyDef;
+
+    fn copy_key(sources_digest: &str, dest: &str, parent: &str) -> String {
+        key_inputs(
+            &StepDef::Copy(CopyDef::from_context(&["src"], dest)),
+            "linux/amd64",
+            parent,
+            sources_digest,
+        )
+        .key()
+    }
+
+    #[test]
+    fn every_input_reaches_the_key() {
+        let base = copy_key("d1", "/app/", "p1");
+        assert_eq!(copy_key("d1", "/app/", "p1"), base, "deterministic");
+        assert_ne!(copy_key("d2", "/app/", "p1"), base, "sources");
+        assert_ne!(copy_key("d1", "/app", "p1"), base, "destination, even a trailing slash");
+        assert_ne!(copy_key("d1", "/app/", "p2"), base, "parent");
+        let other_platform = key_inputs(
+            &StepDef::Copy(CopyDef::from_context(&["src"], "/app/")),
+            "linux/arm64",
+            "p1",
+            "d1",
+        )
+        .key();
+        assert_ne!(other_platform, base, "platform");
+        let workdir = key_inputs(&StepDef::Workdir { path: "/app/".into() }, "linux/amd64", "p1", "d1").key();
+        assert_ne!(workdir, base, "the kind of step");
+    }
+
+    #[test]
+    fn values_are_length_prefixed_so_moving_a_boundary_changes_the_key() {
+        let a = key_inputs(
+            &StepDef::Copy(CopyDef::from_context(&["ab", "c"], "/d/")),
+            "linux/amd64",
+            "p",
+            "d",
+        );
+        let b = key_inputs(
+            &StepDef::Copy(CopyDef::from_context(&["a", "bc"], "/d/")),
+            "linux/amd64",
+            "p",
+            "d",
+        );
+        assert_ne!(a.key(), b.key());
+        assert_eq!(a.sources_digest(), Some("d"));
+    }
+}

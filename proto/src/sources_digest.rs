@@ -220,3 +220,95 @@ pub fn sources_digest(
 pub fn inline_digest(name: &str, content: &str) -> String {
     hex(&Encoder::new().str("inline").str(name).str(content).finish())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dockerignore::IgnoreMatcher;
+    use crate::source_select::{select, FileStamp};
+
+    fn file(path: &str, mode: u32) -> ContextEntry {
+        ContextEntry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode,
+            link_target: None,
+            size: 1,
+            stamp: FileStamp::default(),
+        }
+    }
+
+    fn dir(path: &str) -> ContextEntry {
+        ContextEntry {
+            kind: EntryKind::Dir,
+            ..file(path, 0o755)
+        }
+    }
+
+    fn link(path: &str, target: &str) -> ContextEntry {
+        ContextEntry {
+            kind: EntryKind::Symlink,
+            link_target: Some(target.into()),
+            ..file(path, 0o777)
+        }
+    }
+
+    /// The digest of `COPY src` over `entries`, each file's content given by its path.
+    fn digest_of(entries: &[ContextEntry], content: &dyn Fn(&str) -> u8) -> SourcesDigest {
+        let roots = select(entries, &["src".to_string()], &IgnoreMatcher::default()).unwrap();
+        sources_digest(entries, &roots, &|i| [content(&entries[i].path); 32])
+    }
+
+    fn tree() -> Vec<ContextEntry> {
+        vec![
+            dir("src"),
+            file("src/a", 0o644),
+            dir("src/d"),
+            file("src/d/b", 0o644),
+            link("src/l", "a"),
+        ]
+    }
+
+    #[test]
+    fn content_mode_link_target_and_names_change_the_digest_and_stamps_do_not() {
+        let same = |_: &str| 1;
+        let base = digest_of(&tree(), &same).digest;
+        let mut stamped = tree();
+        stamped[1].stamp.mtime_ns = 42;
+        stamped[1].stamp.ino = 7;
+        assert_eq!(
+            digest_of(&stamped, &same).digest,
+            base,
+            "mtime and inode are not inputs"
+        );
+        assert_ne!(
+            digest_of(&tree(), &|p| u8::from(p == "src/d/b") + 1).digest,
+            base,
+            "content"
+        );
+        let mut chmod = tree();
+        chmod[3].mode = 0o755;
+        assert_ne!(digest_of(&chmod, &same).digest, base, "mode");
+        let mut relink = tree();
+        relink[4].link_target = Some("d/b".into());
+        assert_ne!(digest_of(&relink, &same).digest, base, "symlink target");
+        let mut renamed = tree();
+        renamed[1].path = "src/a2".into();
+        assert_ne!(digest_of(&renamed, &same).digest, base, "a rename");
+        let mut empty_dir = tree();
+        empty_dir.push(dir("src/e"));
+        assert_ne!(digest_of(&empty_dir, &same).digest, base, "an empty directory");
+    }
+
+    #[test]
+    fn every_selected_entry_is_listed_and_the_summary_stays_within_its_budget() {
+        let mut entries = vec![dir("src")];
+        for i in 0..3000 {
+            entries.push(file(&format!("src/f{i:04}"), 0o644));
+        }
+        let d = digest_of(&entries, &|_| 1);
+        assert_eq!(d.total, 3001);
+        assert!(d.summary.len() <= SUMMARY_BUDGET);
+        assert_eq!(d.summary[0].path, "src", "breadth first: the root comes first");
+    }
+}

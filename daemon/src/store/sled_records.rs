@@ -212,3 +212,79 @@ impl RecordStore for SledRecords {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lcache_proto::source_select::FileStamp;
+    use lcache_proto::wire::{ImageRecord, StepRecord};
+
+    use super::*;
+    use crate::store::{CachedDigest, RecordStore};
+
+    fn step(key: &str, ms: u64) -> StepRecord {
+        StepRecord {
+            key: key.into(),
+            layer: None,
+            duration_ms: ms,
+            inputs: None,
+            created_at_ms: 0,
+        }
+    }
+
+    fn image(name: &str) -> ImageRecord {
+        ImageRecord {
+            name: name.into(),
+            manifest_digest: format!("sha256:{name}"),
+            config_digest: String::new(),
+            layers: vec![],
+            config: String::new(),
+            created_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn what_was_flushed_is_there_after_a_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = SledRecords::open(d.path()).unwrap();
+            s.put_step(&step("k1", 5)).unwrap();
+            s.put_image(&image("a:1")).unwrap();
+            let digest = CachedDigest {
+                stamp: FileStamp::default(),
+                size: 3,
+                digest: [9; 32],
+            };
+            s.update_context_digests("/ctx", &[("f".into(), digest), ("g".into(), digest)], &[])
+                .unwrap();
+            s.update_context_digests("/ctx", &[], &["g".into()]).unwrap();
+            s.flush().unwrap();
+        }
+        let s = SledRecords::open(d.path()).unwrap();
+        assert_eq!(s.get_step("k1").unwrap().unwrap().duration_ms, 5);
+        assert!(s.get_step("k2").unwrap().is_none(), "a miss is None");
+        assert_eq!(s.get_image("a:1").unwrap().unwrap().manifest_digest, "sha256:a:1");
+        let digests = s.context_digests("/ctx").unwrap();
+        assert_eq!(digests.len(), 1);
+        assert_eq!((digests[0].0.as_str(), digests[0].1.digest), ("f", [9; 32]));
+        assert!(
+            s.context_digests("/other").unwrap().is_empty(),
+            "contexts are kept apart"
+        );
+    }
+
+    #[test]
+    fn images_page_in_name_order() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SledRecords::open(d.path()).unwrap();
+        for n in ["c:1", "a:1", "b:1", "d:1"] {
+            s.put_image(&image(n)).unwrap();
+        }
+        let names = |v: Vec<ImageRecord>| v.into_iter().map(|i| i.name).collect::<Vec<_>>();
+        assert_eq!(names(s.images("", 2).unwrap()), ["a:1", "b:1"]);
+        assert_eq!(names(s.images("b:1", 2).unwrap()), ["c:1", "d:1"]);
+        assert!(s.images("d:1", 2).unwrap().is_empty());
+        assert!(s.remove_image("b:1").unwrap());
+        assert!(!s.remove_image("b:1").unwrap());
+        assert_eq!(names(s.images("", 10).unwrap()), ["a:1", "c:1", "d:1"]);
+    }
+}
