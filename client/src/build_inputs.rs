@@ -18,7 +18,7 @@ pub fn plan_inputs(inputs: &BuildInputs, all_files: bool) -> Result<PlanInputs, 
                 build_args.insert(k.to_string(), v.to_string());
             }
             Some(_) => {
-                return Err(ClientError::Local(format!(
+                return Err(ClientError::Usage(format!(
                     "--build-arg '{a}' has no name: write --build-arg NAME=value"
                 )))
             }
@@ -32,7 +32,7 @@ pub fn plan_inputs(inputs: &BuildInputs, all_files: bool) -> Result<PlanInputs, 
     }
     let platform = match &inputs.platform {
         Some(p) => Platform::parse(p).ok_or_else(|| {
-            ClientError::Local(format!(
+            ClientError::Usage(format!(
                 "--platform '{p}' is not os/arch[/variant]: write e.g. --platform linux/amd64"
             ))
         })?,

@@ -101,8 +101,8 @@ struct Builder<'a> {
 /// One finished step: what progress showed, and what the history keeps.
 type Finished = (StepEvent, BuildStep);
 
-fn local(e: impl std::fmt::Display) -> ClientError {
-    ClientError::Local(e.to_string())
+fn internal(what: &'static str) -> ClientError {
+    ClientError::Internal(what)
 }
 
 /// Builds the image `req` describes: plans through `client`, replays against `steps`.
@@ -125,11 +125,10 @@ pub fn build(
     }
     let dockerfile = resp.report.dockerfile.clone();
     let daemon_keys = resp.report.steps.into_iter().map(|k| (k.at(), k)).collect();
-    let cache = CacheDir::open(&req.cache_dir).map_err(|e| {
-        local(format!(
-            "cannot use the cache directory {}: {e}",
-            req.cache_dir.display()
-        ))
+    let cache = CacheDir::open(&req.cache_dir).map_err(|source| ClientError::Io {
+        action: "use the cache directory",
+        path: req.cache_dir.clone(),
+        source,
     })?;
     let mut first_step = HashMap::new();
     let mut n = 1;
@@ -155,7 +154,7 @@ pub fn build(
     let (events, history): (Vec<StepEvent>, Vec<BuildStep>) = finished.into_iter().unzip();
     let target = states
         .remove(&b.plan.target)
-        .ok_or_else(|| local("the target stage was not built"))?;
+        .ok_or_else(|| internal("the target stage was not built"))?;
     let platform = b.plan.stages[b.plan.target].platform.clone();
     let config = config_document(&platform, &target.config, &target.layers);
     let manifest = manifest_document(&config, &target.layers);
@@ -260,7 +259,7 @@ impl<'a> Builder<'a> {
                 .into_iter()
                 .partition(|s| deps(s).iter().all(|d| states.contains_key(d)));
             if ready.is_empty() {
-                return Err(local("stages depend on each other in a cycle"));
+                return Err(internal("stages depend on each other in a cycle"));
             }
             let done = &states;
             let results: Vec<Result<(StageState, Vec<Finished>), ClientError>> = std::thread::scope(|scope| {
@@ -270,7 +269,7 @@ impl<'a> Builder<'a> {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(local("a build thread panicked"))))
+                    .map(|h| h.join().unwrap_or_else(|_| Err(internal("a build thread panicked"))))
                     .collect()
             });
             for (s, r) in ready.iter().zip(results) {
@@ -295,16 +294,16 @@ impl<'a> Builder<'a> {
             Base::Stage { index } => {
                 let s = states
                     .get(index)
-                    .ok_or_else(|| local("a base stage was not built first"))?;
+                    .ok_or_else(|| internal("a base stage was not built first"))?;
                 // A stage's image config starts from its base stage's final config.
                 Ok(s.clone())
             }
             Base::Image { reference } => {
-                let img = self.client.image(reference)?.ok_or_else(|| {
-                    local(format!(
-                        "{}: base image {reference} is not known to lcached — import it first: `lcache image import FILE {reference}` (a `docker save` tar, an OCI layout or a rootfs tar)",
-                        self.at(stage.line)
-                    ))
+                let img = self.client.image(reference)?.ok_or_else(|| ClientError::Unbuildable {
+                    location: self.at(stage.line),
+                    message: format!(
+                        "base image {reference} is not known to lcached — import it first: `lcache image import FILE {reference}` (a `docker save` tar, an OCI layout or a rootfs tar)"
+                    ),
                 })?;
                 let mut snapshots = Vec::new();
                 for l in &img.layers {
@@ -478,7 +477,10 @@ impl<'a> Builder<'a> {
         match &c.from {
             CopyFrom::Context if c.sources.is_empty() => Ok((String::new(), None)),
             CopyFrom::Context if c.add && c.sources.iter().any(|s| is_remote(s)) => {
-                Err(local(format!("{}: ADD of a URL is not supported offline — download the file into the context and COPY it", self.at(line))))
+                Err(ClientError::Unbuildable {
+                    location: self.at(line),
+                    message: "ADD of a URL is not supported offline — download the file into the context and COPY it".into(),
+                })
             }
             CopyFrom::Context => {
                 let d = self
@@ -487,13 +489,18 @@ impl<'a> Builder<'a> {
                     .and_then(|k| k.sources_digest.clone());
                 d.map(|d| (d, None)).ok_or_else(|| ClientError::Protocol("the daemon gave no sources digest for a COPY".into()))
             }
-            CopyFrom::Image { reference } => Err(local(format!(
-                "{}: COPY --from={reference} (an image) is not supported yet — add a stage `FROM {reference} AS src` and COPY --from=src",
-                self.at(line)
-            ))),
+            CopyFrom::Image { reference } => Err(ClientError::Unbuildable {
+                location: self.at(line),
+                message: format!(
+                    "COPY --from={reference} (an image) is not supported yet — add a stage `FROM {reference} AS src` and COPY --from=src"
+                ),
+            }),
             CopyFrom::Stage { index } => {
-                let from = states.get(index).ok_or_else(|| local("a --from stage was not built first"))?;
-                let sel = StageSelection::make(&self.cache, from, c).map_err(|e| local(format!("{}: {e}", self.at(line))))?;
+                let from = states.get(index).ok_or_else(|| internal("a --from stage was not built first"))?;
+                let sel = StageSelection::make(&self.cache, from, c).map_err(|message| ClientError::Unbuildable {
+                    location: self.at(line),
+                    message,
+                })?;
                 Ok((sel.digest.clone(), Some(sel)))
             }
         }
@@ -521,7 +528,11 @@ impl<'a> Builder<'a> {
             message,
             last_output,
         };
-        let work = self.cache.work_dir().map_err(local)?;
+        let work = self.cache.work_dir().map_err(|source| ClientError::Io {
+            action: "make a work directory in",
+            path: self.cache.root().to_path_buf(),
+            source,
+        })?;
         let lowers: Vec<PathBuf> = st.snapshots.iter().rev().cloned().collect();
         let mut copied = None;
         let tree = match def {
@@ -564,7 +575,11 @@ impl<'a> Builder<'a> {
             }
             StepDef::Copy(c) => {
                 let layer = work.path().join("layer");
-                std::fs::create_dir(&layer).map_err(local)?;
+                std::fs::create_dir(&layer).map_err(|source| ClientError::Io {
+                    action: "create",
+                    path: layer.clone(),
+                    source,
+                })?;
                 let attrs = self.copy_attrs(c, &lowers, work.path()).map_err(|m| fail(m, vec![]))?;
                 let keyed_digest = inputs.sources_digest().unwrap_or_default().to_string();
                 let built = match &from {
@@ -598,8 +613,12 @@ impl<'a> Builder<'a> {
             }
             StepDef::Workdir { path } => {
                 let layer = work.path().join("layer");
-                std::fs::create_dir(&layer).map_err(local)?;
-                build_workdir_layer(&layer, path).map_err(local)?;
+                std::fs::create_dir(&layer).map_err(|source| ClientError::Io {
+                    action: "create",
+                    path: layer.clone(),
+                    source,
+                })?;
+                build_workdir_layer(&layer, path).map_err(|e| fail(e.to_string(), vec![]))?;
                 layer
             }
         };
@@ -622,8 +641,17 @@ impl<'a> Builder<'a> {
             created_at_ms: 0,
         })?;
         let snap = self.cache.snapshot(&packed.digest);
-        if !snap.exists() && std::fs::rename(&tree, &snap).is_err() && !snap.exists() {
-            return Err(local(format!("cannot keep the snapshot {}", snap.display())));
+        if !snap.exists() {
+            if let Err(source) = std::fs::rename(&tree, &snap) {
+                // Another build may have kept the same layer meanwhile: theirs is as good.
+                if !snap.exists() {
+                    return Err(ClientError::Io {
+                        action: "keep the snapshot",
+                        path: snap,
+                        source,
+                    });
+                }
+            }
         }
         if let Some(m) = copied {
             // Only a speed-up for the next build of this step: failing to keep it is harmless.

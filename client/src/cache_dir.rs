@@ -50,6 +50,11 @@ impl CacheDir {
         })
     }
 
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Where the extracted layer with blob digest `sha256:<hex>` lives.
     pub fn snapshot(&self, digest: &str) -> PathBuf {
         self.root.join("snapshots").join(digest.trim_start_matches("sha256:"))

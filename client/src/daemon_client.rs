@@ -26,7 +26,7 @@ impl DaemonClient {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| ClientError::Local(format!("cannot start the async runtime: {e}")))?;
+            .map_err(ClientError::Runtime)?;
         Ok(Self { endpoint, rt })
     }
 
@@ -50,7 +50,7 @@ impl DaemonClient {
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
         let bytes = match body {
-            Some(b) => Bytes::from(serde_json::to_vec(b).map_err(|e| ClientError::Local(e.to_string()))?),
+            Some(b) => Bytes::from(serde_json::to_vec(b).map_err(|e| ClientError::Encode(e.to_string()))?),
             None => Bytes::new(),
         };
         let (status, body) = self.call(method, path, bytes)?;
@@ -128,7 +128,11 @@ impl DaemonClient {
         if status == StatusCode::OK {
             return Ok(());
         }
-        let io = |e: std::io::Error| ClientError::Local(format!("cannot read {}: {e}", file.display()));
+        let io = |source| ClientError::Io {
+            action: "read",
+            path: file.to_path_buf(),
+            source,
+        };
         let mut f = std::fs::File::open(file).map_err(io)?;
         f.seek(std::io::SeekFrom::Start(offset)).map_err(io)?;
         let mut reader = f.take(len);
@@ -348,8 +352,11 @@ async fn request_into(
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ClientError::Protocol(e.to_string()))?;
         if let Ok(data) = frame.into_data() {
-            out.write_all(&data)
-                .map_err(|e| ClientError::Local(format!("cannot write a downloaded blob: {e}")))?;
+            out.write_all(&data).map_err(|source| ClientError::Io {
+                action: "write to disk the blob at",
+                path: path.into(),
+                source,
+            })?;
             n += data.len() as u64;
         }
     }
@@ -386,7 +393,7 @@ async fn send(
         .header("content-type", "application/json")
         .header("content-length", len)
         .body(body)
-        .map_err(|e| ClientError::Local(e.to_string()))?;
+        .map_err(|e| ClientError::Encode(e.to_string()))?;
     sender
         .send_request(req)
         .await

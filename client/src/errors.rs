@@ -68,9 +68,60 @@ pub enum ClientError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The client's own machinery failed.
+    /// A file or directory of the client's own could not be read or written.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done (`write`, `use the cache directory`…).
+        action: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A layer could not be extracted.
+    #[error("layer {digest}: {source}")]
+    Layer {
+        /// The layer's blob digest.
+        digest: String,
+        /// What is wrong with it.
+        source: crate::layer_extract::LayerError,
+    },
+    /// A command-line value is malformed; the message says what to write.
     #[error("{0}")]
-    Local(String),
+    Usage(String),
+    /// An image file to import is unusable.
+    #[error("{}: {reason}", file.display())]
+    Import {
+        /// The file given to `lcache image import`.
+        file: PathBuf,
+        /// What is wrong with it, and what to do.
+        reason: String,
+    },
+    /// A step of the Dockerfile cannot be built as written.
+    #[error("{location}: {message}")]
+    Unbuildable {
+        /// `Dockerfile:LINE`.
+        location: String,
+        /// Why, and what to do instead.
+        message: String,
+    },
+    /// An image record names a blob by something that is not a sha256 digest.
+    #[error("image {image} names blob '{digest}', which is not a sha256 digest — its record is corrupt; import or build it again")]
+    CorruptImage {
+        /// The image's name.
+        image: String,
+        /// What it names.
+        digest: String,
+    },
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// A request could not be encoded.
+    #[error("cannot encode the request: {0}")]
+    Encode(String),
+    /// lcache itself went wrong (a bug), not the build.
+    #[error("internal error: {0} — please report this bug")]
+    Internal(&'static str),
 }
 
 impl ClientError {

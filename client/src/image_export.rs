@@ -47,7 +47,11 @@ impl std::str::FromStr for OutputSpec {
 }
 
 fn io(dest: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
-    move |e| ClientError::Local(format!("cannot write {}: {e}", dest.display()))
+    move |source| ClientError::Io {
+        action: "write",
+        path: dest.to_path_buf(),
+        source,
+    }
 }
 
 /// The digests of an image's blobs: layers, config, manifest; each checked to be a sha256
@@ -60,10 +64,10 @@ fn blob_digests(image: &ImageRecord) -> Result<Vec<&str>, ClientError> {
         .chain([image.config_digest.as_str(), image.manifest_digest.as_str()])
         .collect();
     if let Some(bad) = all.iter().find(|d| sha256_hex(d).is_none()) {
-        return Err(ClientError::Local(format!(
-            "image {} names blob '{bad}', which is not a sha256 digest — its record is corrupt; import or build it again",
-            image.name
-        )));
+        return Err(ClientError::CorruptImage {
+            image: image.name.clone(),
+            digest: bad.to_string(),
+        });
     }
     Ok(all)
 }
@@ -105,8 +109,10 @@ pub fn export(
             for l in &image.layers {
                 fetch_to(steps, &l.digest, &blob)?;
                 let reader = layer_file_reader(std::fs::File::open(&blob).map_err(io(&blob))?).map_err(io(&blob))?;
-                extract_layer(reader, dest, Whiteouts::Apply, is_root())
-                    .map_err(|e| ClientError::Local(format!("layer {}: {e}", l.digest)))?;
+                extract_layer(reader, dest, Whiteouts::Apply, is_root()).map_err(|source| ClientError::Layer {
+                    digest: l.digest.clone(),
+                    source,
+                })?;
             }
             Ok(())
         }

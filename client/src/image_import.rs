@@ -26,7 +26,10 @@ use crate::oci_image::{config_document, manifest_document, runtime_config, sha25
 const DOCUMENT_LIMIT: u64 = 16 << 20;
 
 fn err(file: &Path, msg: impl std::fmt::Display) -> ClientError {
-    ClientError::Local(format!("{}: {msg}", file.display()))
+    ClientError::Import {
+        file: file.to_path_buf(),
+        reason: msg.to_string(),
+    }
 }
 
 /// Where the blobs of the file being imported are read from.

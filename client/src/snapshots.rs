@@ -30,7 +30,11 @@ pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef
     if dest.is_dir() {
         return Ok(dest);
     }
-    let work = |e: std::io::Error| ClientError::Local(format!("cannot use a work directory: {e}"));
+    let work = |source| ClientError::Io {
+        action: "use a work directory in",
+        path: cache.root().to_path_buf(),
+        source,
+    };
     let download = cache.work_dir().map_err(work)?;
     let blob_path = download.path().join("layer");
     let mut blob = std::fs::File::create_new(&blob_path).map_err(work)?;
@@ -38,17 +42,20 @@ pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef
     drop(blob);
     let tmp = cache.work_dir().map_err(work)?;
     let reader = layer_file_reader(std::fs::File::open(&blob_path).map_err(work)?).map_err(work)?;
-    extract_layer(reader, tmp.path(), Whiteouts::Overlay, is_root())
-        .map_err(|e| ClientError::Local(format!("layer {}: {e}", layer.digest)))?;
+    extract_layer(reader, tmp.path(), Whiteouts::Overlay, is_root()).map_err(|source| ClientError::Layer {
+        digest: layer.digest.clone(),
+        source,
+    })?;
     let staged = tmp.keep();
     if let Err(e) = std::fs::rename(&staged, &dest) {
         let _ = std::fs::remove_dir_all(&staged);
         // Another build extracted the same layer meanwhile: theirs is as good as ours.
         if !dest.is_dir() {
-            return Err(ClientError::Local(format!(
-                "cannot store snapshot {}: {e}",
-                dest.display()
-            )));
+            return Err(ClientError::Io {
+                action: "store the snapshot",
+                path: dest,
+                source: e,
+            });
         }
     }
     Ok(dest)

@@ -33,7 +33,11 @@ impl<'a> BlobSource<'a> {
     /// A whole file.
     pub fn file(path: &'a Path) -> Result<Self, ClientError> {
         let len = std::fs::metadata(path)
-            .map_err(|e| ClientError::Local(format!("cannot read {}: {e}", path.display())))?
+            .map_err(|source| ClientError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            })?
             .len();
         Ok(Self::File { path, offset: 0, len })
     }
