@@ -25,15 +25,15 @@ use crate::copy_step::{
 };
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
-use crate::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
 use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
-use crate::oci_image::{apply_changes, config_document, env_of, manifest_document, runtime_config, sha256_of};
 use crate::overlay_mount::OverlayMount;
 use crate::progress::{Progress, StepEvent, SummaryEvent};
 use crate::run_step::{argv_with_heredocs, run_step, RunError, RunSpec};
 use crate::snapshots::ensure_snapshot;
 use crate::step_cache::{BlobSource, StepCache};
 use crate::user_lookup::resolve_user;
+use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
+use lcache_image::oci_image::{apply_changes, config_document, env_of, manifest_document, runtime_config, sha256_of};
 
 /// BuildKit's PATH when the image sets none.
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

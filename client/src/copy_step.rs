@@ -13,7 +13,7 @@ use lcache_proto::build_plan::CopyDef;
 use lcache_proto::source_select::{ContextEntry, EntryKind, SelectedRoot};
 use lcache_proto::sources_digest::sources_digest;
 
-use crate::layer_extract::{extract_into, Whiteouts};
+use lcache_image::layer_extract::{extract_into, Whiteouts};
 
 /// What a copied file was made from. A later build of the same COPY hard-links the file
 /// from the previous layer's snapshot instead of copying it again when all of this is
@@ -107,7 +107,7 @@ pub enum CopyError {
         /// The archive's path in the context.
         path: String,
         /// Why.
-        source: crate::layer_extract::LayerError,
+        source: lcache_image::layer_extract::LayerError,
     },
     /// What was copied is not what the key was made from.
     #[error(
@@ -132,7 +132,7 @@ fn rel_dest(dest: &str) -> PathBuf {
 /// Sets owner and mode of a placed entry; the owner first, as chown clears setuid bits.
 fn finish(layer: &Root, p: &Path, mode: u32, attrs: CopyAttrs) -> Result<(), ConfineError> {
     let (uid, gid) = attrs.owner.unwrap_or((0, 0));
-    if crate::layer_extract::is_root() {
+    if lcache_image::layer_extract::is_root() {
         layer.chown(p, uid, gid)?;
     }
     layer.set_mode(p, attrs.mode.unwrap_or(mode))
@@ -184,7 +184,7 @@ impl Placement<'_> {
             EntryKind::Symlink => {
                 self.layer
                     .symlink(Path::new(e.link_target.as_deref().unwrap_or_default()), dest)?;
-                if crate::layer_extract::is_root() {
+                if lcache_image::layer_extract::is_root() {
                     let (uid, gid) = attrs.owner.unwrap_or((0, 0));
                     self.layer.chown(dest, uid, gid)?;
                 }

@@ -84,7 +84,7 @@ pub enum ClientError {
         /// The layer's blob digest.
         digest: String,
         /// What is wrong with it.
-        source: crate::layer_extract::LayerError,
+        source: lcache_image::layer_extract::LayerError,
     },
     /// A command-line value is malformed; the message says what to write.
     #[error("{0}")]

@@ -8,10 +8,10 @@ use lcache_proto::wire::ImageRecord;
 use serde_json::json;
 
 use crate::errors::ClientError;
-use crate::layer_extract::{extract_layer, is_root, Whiteouts};
-use crate::oci_image::MANIFEST_MEDIA_TYPE;
 use crate::snapshots::layer_file_reader;
 use crate::step_cache::StepCache;
+use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
+use lcache_image::oci_image::MANIFEST_MEDIA_TYPE;
 
 /// Where and how to export.
 #[derive(Debug, Clone, PartialEq, Eq)]

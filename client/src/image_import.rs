@@ -18,9 +18,9 @@ use sha2::{Digest, Sha256};
 
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
-use crate::layer_diff::LAYER_MEDIA_TYPE;
-use crate::layer_extract::{extract_into, is_root, max_layer_size, SizeLimit, Whiteouts};
-use crate::oci_image::{config_document, manifest_document, runtime_config, sha256_of};
+use lcache_image::layer_diff::LAYER_MEDIA_TYPE;
+use lcache_image::layer_extract::{extract_into, is_root, max_layer_size, SizeLimit, Whiteouts};
+use lcache_image::oci_image::{config_document, manifest_document, runtime_config, sha256_of};
 
 /// The largest manifest, index or config document read (they are small JSON files).
 const DOCUMENT_LIMIT: u64 = 16 << 20;

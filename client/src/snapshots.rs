@@ -9,8 +9,8 @@ use lcache_proto::wire::LayerRef;
 
 use crate::cache_dir::CacheDir;
 use crate::errors::ClientError;
-use crate::layer_extract::{extract_layer, is_root, Whiteouts};
 use crate::step_cache::StepCache;
+use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
 
 /// A reader over a layer blob file that is gzip-compressed or a plain tar.
 pub fn layer_file_reader(file: std::fs::File) -> std::io::Result<Box<dyn Read>> {
