@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
-use serde_json::{json, Value};
+use oci_spec::runtime::{LinuxNamespaceType, Root as SpecRoot, Spec};
 
 use crate::overlay_mount::OverlayMount;
 use crate::user_lookup::resolve_user;
@@ -87,24 +87,32 @@ pub fn run_step(spec: &RunSpec, work: &Path, output: &mut dyn FnMut(&str)) -> Re
             String::from_utf8_lossy(&gen.stderr).trim()
         )));
     }
+    // The runtime's own default spec, adjusted through oci-spec's typed runtime spec.
     let cfg_path = bundle.join("config.json");
-    let mut cfg: Value =
-        serde_json::from_slice(&std::fs::read(&cfg_path).map_err(setup("cannot read the runtime spec"))?)
-            .map_err(|e| RunError::Setup(format!("the runtime's default spec is not JSON: {e}")))?;
-    cfg["process"]["terminal"] = json!(false);
-    cfg["process"]["args"] = json!(spec.argv);
-    cfg["process"]["env"] = json!(spec.env);
-    cfg["process"]["cwd"] = json!(if spec.cwd.is_empty() { "/" } else { &spec.cwd });
-    cfg["process"]["user"] = json!({"uid": ids.uid, "gid": ids.gid});
-    cfg["root"] = json!({"path": mount.path(), "readonly": false});
-    cfg["hostname"] = json!("lcache");
+    let mut cfg =
+        Spec::load(&cfg_path).map_err(|e| RunError::Setup(format!("cannot read the runtime's default spec: {e}")))?;
+    let mut process = cfg.process().clone().unwrap_or_default();
+    process.set_terminal(Some(false));
+    process.set_args(Some(spec.argv.clone()));
+    process.set_env(Some(spec.env.clone()));
+    process.set_cwd(PathBuf::from(if spec.cwd.is_empty() { "/" } else { &spec.cwd }));
+    let mut user = process.user().clone();
+    user.set_uid(ids.uid);
+    user.set_gid(ids.gid);
+    process.set_user(user);
+    cfg.set_process(Some(process));
+    let mut root = SpecRoot::default();
+    root.set_path(mount.path().to_path_buf());
+    root.set_readonly(Some(false));
+    cfg.set_root(Some(root));
+    cfg.set_hostname(Some("lcache".into()));
     if !spec.network_none {
-        if let Some(ns) = cfg["linux"]["namespaces"].as_array_mut() {
-            ns.retain(|n| n["type"] != "network");
+        if let Some(ns) = cfg.linux_mut().as_mut().and_then(|l| l.namespaces_mut().as_mut()) {
+            ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
         }
     }
-    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap_or_default())
-        .map_err(setup("cannot write the bundle"))?;
+    cfg.save(&cfg_path)
+        .map_err(|e| RunError::Setup(format!("cannot write the bundle's spec: {e}")))?;
 
     let id = format!(
         "lcache-{}-{}",
