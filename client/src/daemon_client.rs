@@ -7,6 +7,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use lcache_image::sha256_stream::Sha256Stream;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{BuildRecord, ErrorBody, ImageRecord, PlanInputs, PlanResponse, StatusResponse, StepRecord};
 use serde::de::DeserializeOwned;
@@ -165,25 +166,7 @@ impl DaemonClient {
     /// missing or corrupt blob is [`ClientError::UnusableBlob`] (and `out` must then be
     /// discarded). Returns the blob's size.
     pub fn blob_into(&self, digest: &str, out: &mut dyn std::io::Write) -> Result<u64, ClientError> {
-        use sha2::Digest;
-        struct Hashing<'w> {
-            out: &'w mut dyn std::io::Write,
-            sha: sha2::Sha256,
-        }
-        impl std::io::Write for Hashing<'_> {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                let n = self.out.write(buf)?;
-                self.sha.update(&buf[..n]);
-                Ok(n)
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                self.out.flush()
-            }
-        }
-        let mut w = Hashing {
-            out,
-            sha: sha2::Sha256::new(),
-        };
+        let mut w = Sha256Stream::new(out);
         let (status, n, body) =
             self.rt
                 .block_on(request_into(&self.endpoint, &format!("/v1/blobs/{digest}"), &mut w))?;
@@ -196,7 +179,7 @@ impl DaemonClient {
         if !status.is_success() {
             return Err(daemon_error(status, &body));
         }
-        let actual = format!("sha256:{:x}", w.sha.finalize());
+        let actual = w.digest();
         if actual != digest {
             return Err(ClientError::UnusableBlob {
                 digest: digest.to_string(),

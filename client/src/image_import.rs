@@ -14,13 +14,13 @@ use lcache_confine::Root;
 use lcache_proto::digest::sha256_hex;
 use lcache_proto::wire::{normalize_image_name, ImageRecord, LayerRef};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
 use lcache_image::layer_diff::LAYER_MEDIA_TYPE;
 use lcache_image::layer_extract::{extract_into, is_root, max_layer_size, SizeLimit, Whiteouts};
 use lcache_image::oci_image::{config_document, manifest_document, runtime_config, sha256_of};
+use lcache_image::sha256_stream::Sha256Stream;
 
 /// The largest manifest, index or config document read (they are small JSON files).
 const DOCUMENT_LIMIT: u64 = 16 << 20;
@@ -338,56 +338,6 @@ fn load(file: &Path, src: &Source) -> Result<Loaded, ClientError> {
     })
 }
 
-/// A reader that hashes (sha256) and counts what passes through it.
-struct Hashing<R> {
-    inner: R,
-    sha: Sha256,
-    n: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.sha.update(&buf[..n]);
-        self.n += n as u64;
-        Ok(n)
-    }
-}
-
-impl<R> Hashing<R> {
-    fn new(inner: R) -> Self {
-        Self {
-            inner,
-            sha: Sha256::new(),
-            n: 0,
-        }
-    }
-
-    fn digest(&self) -> String {
-        format!("sha256:{:x}", self.sha.clone().finalize())
-    }
-}
-
-/// A writer that hashes (sha256) and counts what passes through it.
-struct HashingWriter<W> {
-    inner: W,
-    sha: Sha256,
-    n: u64,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.sha.update(&buf[..n]);
-        self.n += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// A reader that also writes what it reads to `out` (the gzip copy of a plain layer).
 struct Tee<R, W> {
     inner: R,
@@ -418,7 +368,7 @@ fn check_layer(file: &Path, src: &Source, l: &LayerSource, i: usize, work: &Path
     let (reader, _) = src
         .open(&l.member)
         .map_err(|e| err(file, format!("{what} ({}): {e}", l.member)))?;
-    let mut raw = BufReader::new(Hashing::new(reader));
+    let mut raw = BufReader::new(Sha256Stream::new(reader));
     let gz = raw.fill_buf().map_err(|e| err(file, e))?.starts_with(&[0x1f, 0x8b]);
     let decompressed: Box<dyn Read + '_> = if gz {
         Box::new(flate2::read::GzDecoder::new(&mut raw))
@@ -430,15 +380,11 @@ fn check_layer(file: &Path, src: &Source, l: &LayerSource, i: usize, work: &Path
         None
     } else {
         let f = std::fs::File::create(&gz_path).map_err(|e| err(file, e))?;
-        let w = HashingWriter {
-            inner: std::io::BufWriter::new(f),
-            sha: Sha256::new(),
-            n: 0,
-        };
+        let w = Sha256Stream::new(std::io::BufWriter::new(f));
         Some(flate2::GzBuilder::new().mtime(0).write(w, flate2::Compression::fast()))
     };
     let mut tar = Tee {
-        inner: Hashing::new(SizeLimit::new(decompressed, max_layer_size())),
+        inner: Sha256Stream::new(SizeLimit::new(decompressed, max_layer_size())),
         out: gz_out,
     };
     let check_dir = work.join(format!("check-{i}"));
@@ -464,7 +410,7 @@ fn check_layer(file: &Path, src: &Source, l: &LayerSource, i: usize, work: &Path
     drop(tar);
     let stored = raw.into_inner();
     if let Some(d) = &l.descriptor {
-        d.check(file, &what, &stored.digest(), stored.n)?;
+        d.check(file, &what, &stored.digest(), stored.len())?;
     }
     let (digest, size, blob) = match gz_out {
         None => {
@@ -472,13 +418,12 @@ fn check_layer(file: &Path, src: &Source, l: &LayerSource, i: usize, work: &Path
                 Some(loc) => loc,
                 None => return Err(err(file, format!("{what} vanished while it was read"))),
             };
-            (stored.digest(), stored.n, (path, off, len))
+            (stored.digest(), stored.len(), (path, off, len))
         }
         Some(enc) => {
             let mut w = enc.finish().map_err(|e| err(file, e))?;
             w.flush().map_err(|e| err(file, e))?;
-            let digest = format!("sha256:{:x}", w.sha.clone().finalize());
-            (digest, w.n, (gz_path, 0, w.n))
+            (w.digest(), w.len(), (gz_path, 0, w.len()))
         }
     };
     Ok(CheckedLayer {

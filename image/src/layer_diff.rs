@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use crate::sha256_stream::Sha256Stream;
 
 /// Directories a runtime creates as mount points when the image lacks them; they are not
 /// layer content unless a lower layer has them.
@@ -29,26 +29,6 @@ pub struct PackedLayer {
 
 /// The OCI media type of our layers.
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-
-/// Writes through to `inner` while hashing.
-struct HashingWriter<W> {
-    inner: W,
-    hash: Sha256,
-    written: u64,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
 
 fn collect(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut names: Vec<_> = std::fs::read_dir(dir)?
@@ -170,31 +150,24 @@ pub fn write_layer_tar(upper: &Path, lowers: &[PathBuf], out: impl Write) -> std
 /// Packs `upper` into a gzip layer blob at `dest`.
 pub fn pack_layer(upper: &Path, lowers: &[PathBuf], dest: &Path) -> std::io::Result<PackedLayer> {
     let file = std::fs::File::create(dest)?;
-    let blob = HashingWriter {
-        inner: std::io::BufWriter::new(file),
-        hash: Sha256::new(),
-        written: 0,
-    };
+    let blob = Sha256Stream::new(std::io::BufWriter::new(file));
     // A fixed header (no name, mtime 0) keeps equal layers byte-identical.
     let gz = flate2::GzBuilder::new()
         .mtime(0)
         .write(blob, flate2::Compression::fast());
-    let mut tar_hash = HashingWriter {
-        inner: gz,
-        hash: Sha256::new(),
-        written: 0,
-    };
+    let mut tar_hash = Sha256Stream::new(gz);
     write_layer_tar(upper, lowers, &mut tar_hash)?;
-    let diff_id = format!("sha256:{:x}", tar_hash.hash.finalize());
-    let mut blob = tar_hash.inner.finish()?;
+    let diff_id = tar_hash.digest();
+    let mut blob = tar_hash.into_inner().finish()?;
     blob.flush()?;
-    let file = blob.inner.into_inner().map_err(|e| e.into_error())?;
+    let (digest, size) = (blob.digest(), blob.len());
+    let file = blob.into_inner().into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     Ok(PackedLayer {
         path: dest.to_path_buf(),
-        digest: format!("sha256:{:x}", blob.hash.finalize()),
+        digest,
         diff_id,
-        size: blob.written,
+        size,
     })
 }
 

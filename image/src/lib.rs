@@ -5,3 +5,4 @@
 pub mod layer_diff;
 pub mod layer_extract;
 pub mod oci_image;
+pub mod sha256_stream;
