@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 
 use crate::cache_dir::CacheDir;
 use crate::copy_step::{
-    build_copy_layer, build_workdir_layer, load_seed, parse_chmod, save_manifest, CopyAttrs, CopyJob, Seed,
+    build_copy_layer, build_workdir_layer, load_seed, parse_chmod, save_manifest, CopyAttrs, CopyError, CopyJob, Seed,
 };
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
@@ -580,7 +580,9 @@ impl<'a> Builder<'a> {
                     path: layer.clone(),
                     source,
                 })?;
-                let attrs = self.copy_attrs(c, &lowers, work.path()).map_err(|m| fail(m, vec![]))?;
+                let attrs = self
+                    .copy_attrs(c, &lowers, work.path())
+                    .map_err(|e| fail(e.to_string(), vec![]))?;
                 let keyed_digest = inputs.sources_digest().unwrap_or_default().to_string();
                 let built = match &from {
                     Some(sel) => build_copy_layer(
@@ -666,7 +668,7 @@ impl<'a> Builder<'a> {
         load_seed(&self.cache.snapshot(&digest))
     }
 
-    fn copy_attrs(&self, c: &CopyDef, lowers: &[PathBuf], work: &Path) -> Result<CopyAttrs, String> {
+    fn copy_attrs(&self, c: &CopyDef, lowers: &[PathBuf], work: &Path) -> Result<CopyAttrs, CopyError> {
         let mode = parse_chmod(&c.chmod)?;
         let owner = if c.chown.is_empty() {
             None
@@ -677,7 +679,7 @@ impl<'a> Builder<'a> {
             } else {
                 // Names resolve through the image's own /etc/passwd and /etc/group.
                 let view = OverlayMount::mount(lowers, None, &work.join("view"), &work.join("empty-view"))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(CopyError::OwnerView)?;
                 resolve_user(view.path(), &c.chown)?
             };
             Some((ids.uid, ids.gid))

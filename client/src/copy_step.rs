@@ -123,6 +123,15 @@ pub enum CopyError {
     /// A COPY option that is not supported.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// `--chmod` is not an octal mode.
+    #[error("--chmod={0} is not an octal mode: write e.g. --chmod=755")]
+    BadChmod(String),
+    /// `--chown` names a user or group the image does not have.
+    #[error("--chown: {0}")]
+    Owner(#[from] crate::user_lookup::UserError),
+    /// The image's files could not be mounted to look the owner up.
+    #[error("cannot mount the image to look up --chown: {0}")]
+    OwnerView(std::io::Error),
 }
 
 fn rel_dest(dest: &str) -> PathBuf {
@@ -379,13 +388,13 @@ pub fn build_workdir_layer(layer: &Path, path: &str) -> Result<(), CopyError> {
 }
 
 /// Parses a `--chmod` value (octal).
-pub fn parse_chmod(v: &str) -> Result<Option<u32>, String> {
+pub fn parse_chmod(v: &str) -> Result<Option<u32>, CopyError> {
     if v.is_empty() {
         return Ok(None);
     }
     u32::from_str_radix(v, 8)
         .map(Some)
-        .map_err(|_| format!("--chmod={v} is not an octal mode: write e.g. --chmod=755"))
+        .map_err(|_| CopyError::BadChmod(v.to_string()))
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ pub fn run_step(spec: &RunSpec, work: &Path, output: &mut dyn FnMut(&str)) -> Re
     }
     let mount = OverlayMount::mount(&spec.lowers, Some((&upper, &ovl_work)), &rootfs, &empty)
         .map_err(|e| RunError::Setup(e.to_string()))?;
-    let ids = resolve_user(mount.path(), &spec.user).map_err(RunError::Setup)?;
+    let ids = resolve_user(mount.path(), &spec.user).map_err(|e| RunError::Setup(format!("USER: {e}")))?;
     let gen = Command::new(&spec.runtime)
         .args(["spec", "--bundle"])
         .arg(&bundle)
