@@ -497,9 +497,9 @@ impl<'a> Builder<'a> {
             }),
             CopyFrom::Stage { index } => {
                 let from = states.get(index).ok_or_else(|| internal("a --from stage was not built first"))?;
-                let sel = StageSelection::make(&self.cache, from, c).map_err(|message| ClientError::Unbuildable {
+                let sel = StageSelection::make(&self.cache, from, c).map_err(|e| ClientError::Unbuildable {
                     location: self.at(line),
-                    message,
+                    message: e.to_string(),
                 })?;
                 Ok((sel.digest.clone(), Some(sel)))
             }
@@ -598,7 +598,8 @@ impl<'a> Builder<'a> {
                         None,
                     ),
                     None => {
-                        let (entries, roots, root) = self.context_selection(c).map_err(|m| fail(m, vec![]))?;
+                        let (entries, roots, root) =
+                            self.context_selection(c).map_err(|e| fail(e.to_string(), vec![]))?;
                         let job = CopyJob {
                             def: c,
                             src_root: &root,
@@ -687,17 +688,38 @@ impl<'a> Builder<'a> {
         Ok(CopyAttrs { owner, mode })
     }
 
-    fn context_selection(&self, c: &CopyDef) -> Result<(Vec<ContextEntry>, Vec<SelectedRoot>, PathBuf), String> {
+    fn context_selection(
+        &self,
+        c: &CopyDef,
+    ) -> Result<(Vec<ContextEntry>, Vec<SelectedRoot>, PathBuf), SelectionError> {
         let mut guard = self.context.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            *guard = Some(LocalContext::walk(Path::new(&self.req.inputs.context)).map_err(|e| e.to_string())?);
-        }
-        let ctx = guard.as_ref().ok_or("no context")?;
-        let excludes =
-            IgnoreMatcher::from_patterns(c.excludes.iter().map(String::as_str)).map_err(|e| e.to_string())?;
-        let roots = select(ctx.entries(), &c.sources, &excludes).map_err(|e| e.to_string())?;
+        let ctx: &LocalContext = match &mut *guard {
+            Some(ctx) => ctx,
+            slot => slot.insert(LocalContext::walk(Path::new(&self.req.inputs.context))?),
+        };
+        let excludes = IgnoreMatcher::from_patterns(c.excludes.iter().map(String::as_str))?;
+        let roots = select(ctx.entries(), &c.sources, &excludes)?;
         Ok((ctx.entries().to_vec(), roots, ctx.root().to_path_buf()))
     }
+}
+
+/// Why the sources of a COPY could not be selected when the build reached it.
+#[derive(Debug, thiserror::Error)]
+enum SelectionError {
+    /// The context or a stage's files could not be walked.
+    #[error("cannot read the sources: {0}")]
+    Read(#[from] lcache_context::errors::ContextError),
+    /// A source or `--exclude` pattern does not select.
+    #[error(transparent)]
+    Select(#[from] lcache_proto::errors::SelectError),
+    /// A stage's files could not be mounted to copy from.
+    #[error("cannot mount the stage's files at {}: {source}", path.display())]
+    Mount {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// What a `COPY --from=<stage>` selects in that stage's files, on a read-only mount.
@@ -710,18 +732,21 @@ struct StageSelection {
 }
 
 impl StageSelection {
-    fn make(cache: &CacheDir, from: &StageState, c: &CopyDef) -> Result<Self, String> {
-        let dir = cache.work_dir().map_err(|e| e.to_string())?;
+    fn make(cache: &CacheDir, from: &StageState, c: &CopyDef) -> Result<Self, SelectionError> {
+        let mount_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SelectionError::Mount { path, source }
+        };
+        let dir = cache.work_dir().map_err(mount_err(cache.root()))?;
         let lowers: Vec<PathBuf> = from.snapshots.iter().rev().cloned().collect();
-        std::fs::create_dir(dir.path().join("empty")).map_err(|e| e.to_string())?;
-        let mount = OverlayMount::mount(&lowers, None, &dir.path().join("root"), &dir.path().join("empty"))
-            .map_err(|e| e.to_string())?;
-        let entries = walk(mount.path(), &IgnoreMatcher::default()).map_err(|e| e.to_string())?;
-        let excludes =
-            IgnoreMatcher::from_patterns(c.excludes.iter().map(String::as_str)).map_err(|e| e.to_string())?;
-        let roots = select(&entries, &c.sources, &excludes).map_err(|e| e.to_string())?;
+        let (root, empty) = (dir.path().join("root"), dir.path().join("empty"));
+        std::fs::create_dir(&empty).map_err(mount_err(&empty))?;
+        let mount = OverlayMount::mount(&lowers, None, &root, &empty).map_err(mount_err(&root))?;
+        let entries = walk(mount.path(), &IgnoreMatcher::default())?;
+        let excludes = IgnoreMatcher::from_patterns(c.excludes.iter().map(String::as_str))?;
+        let roots = select(&entries, &c.sources, &excludes)?;
         let mut local = LocalContext::from_entries(mount.path(), entries.clone(), |_| None);
-        let digest = local.digest_sources(c).map_err(|e| e.to_string())?.digest;
+        let digest = local.digest_sources(c)?.digest;
         Ok(Self {
             mount,
             _dir: dir,
