@@ -317,13 +317,7 @@ impl Root {
 
     /// Sets a freshly made directory's mode exactly (mkdir is subject to the umask).
     fn chmod_dir_in(&self, parent: &OwnedFd, name: &OsStr, mode: u32) -> std::result::Result<(), Errno> {
-        let fd = openat(
-            parent,
-            name,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        fchmod(&fd, Mode::from_bits_truncate(mode))
+        fchmod(&open_child_dir(parent, name)?, Mode::from_bits_truncate(mode))
     }
 
     /// Creates one directory `rel` (parents must exist); `Ok(false)` when a directory is
@@ -492,16 +486,7 @@ impl Root {
         let fd = self
             .resolve(rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
             .map_err(self.io(OP, rel))?;
-        let mut dir = nix::dir::Dir::from_fd(fd).map_err(self.io(OP, rel))?;
-        let mut out = Vec::new();
-        for e in dir.iter() {
-            let e = e.map_err(self.io(OP, rel))?;
-            let n = e.file_name().to_bytes();
-            if n != b"." && n != b".." {
-                out.push(OsStr::from_bytes(n).to_os_string());
-            }
-        }
-        Ok(out)
+        names_in(fd).map_err(self.io(OP, rel))
     }
 
     /// Removes whatever is at `rel`, a whole tree for a directory, never following a
@@ -513,29 +498,36 @@ impl Root {
     }
 }
 
+/// Opens the directory `name` in `parent` for reading, never through a symlink.
+fn open_child_dir(parent: &OwnedFd, name: &OsStr) -> std::result::Result<OwnedFd, Errno> {
+    openat(
+        parent,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// The names in an open directory, without `.` and `..`.
+fn names_in(dir: OwnedFd) -> std::result::Result<Vec<OsString>, Errno> {
+    let mut d = nix::dir::Dir::from_fd(dir)?;
+    let mut out = Vec::new();
+    for e in d.iter() {
+        let n = e?.file_name().to_bytes().to_vec();
+        if n != b"." && n != b".." {
+            out.push(OsStr::from_bytes(&n).to_os_string());
+        }
+    }
+    Ok(out)
+}
+
 fn remove_entry(dir: &OwnedFd, name: &OsStr) -> std::result::Result<(), Errno> {
     match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
         Err(Errno::ENOENT) => Ok(()),
         Err(e) => Err(e),
         Ok(st) if EntryStat::from(st).kind == EntryType::Dir => {
-            let fd = openat(
-                dir,
-                name,
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )?;
-            let children: Vec<OsString> = {
-                let dup = fd.try_clone().map_err(|_| Errno::EBADF)?;
-                let mut d = nix::dir::Dir::from_fd(dup)?;
-                let mut v = Vec::new();
-                for e in d.iter() {
-                    let n = e?.file_name().to_bytes().to_vec();
-                    if n != b"." && n != b".." {
-                        v.push(OsStr::from_bytes(&n).to_os_string());
-                    }
-                }
-                v
-            };
+            let fd = open_child_dir(dir, name)?;
+            let children = names_in(fd.try_clone().map_err(|_| Errno::EBADF)?)?;
             for c in children {
                 remove_entry(&fd, &c)?;
             }
