@@ -1,5 +1,5 @@
 //! Talking to lcached over its Unix socket or TCP: one HTTP/1.1 request at a time, with the
-//! daemon's `{error, hint}` bodies turned into [`ClientError::Daemon`].
+//! daemon's `{error, hint}` bodies turned into [`CacheError::Refused`].
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -13,7 +13,7 @@ use lcache_proto::wire::{BuildRecord, ErrorBody, ImageRecord, PlanInputs, PlanRe
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::errors::ClientError;
+use lcache_builder::errors::CacheError;
 
 /// A connection-per-request client of one daemon.
 pub struct DaemonClient {
@@ -23,11 +23,11 @@ pub struct DaemonClient {
 
 impl DaemonClient {
     /// A client for `endpoint` (nothing is connected yet).
-    pub fn new(endpoint: Endpoint) -> Result<Self, ClientError> {
+    pub fn new(endpoint: Endpoint) -> Result<Self, CacheError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(ClientError::Runtime)?;
+            .map_err(CacheError::Runtime)?;
         Ok(Self { endpoint, rt })
     }
 
@@ -37,66 +37,66 @@ impl DaemonClient {
     }
 
     /// Sends one request; returns the status and the whole body.
-    pub fn call(&self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), ClientError> {
+    pub fn call(&self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), CacheError> {
         let len = body.len() as u64;
         let body = Full::new(body).map_err(|never| match never {}).boxed();
         self.rt.block_on(request(&self.endpoint, method, path, body, len))
     }
 
-    /// Sends JSON (or nothing) and reads JSON, mapping error statuses to [`ClientError::Daemon`].
+    /// Sends JSON (or nothing) and reads JSON, mapping error statuses to [`CacheError::Refused`].
     pub fn json<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&impl Serialize>,
-    ) -> Result<T, ClientError> {
+    ) -> Result<T, CacheError> {
         let bytes = match body {
-            Some(b) => Bytes::from(serde_json::to_vec(b).map_err(|e| ClientError::Encode(e.to_string()))?),
+            Some(b) => Bytes::from(serde_json::to_vec(b).map_err(|e| CacheError::Encode(e.to_string()))?),
             None => Bytes::new(),
         };
         let (status, body) = self.call(method, path, bytes)?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&body) {
-                Ok(e) => ClientError::Daemon {
+                Ok(e) => CacheError::Refused {
                     status: status.as_u16(),
                     error: e.error,
                     hint: e.hint,
                 },
-                Err(_) => ClientError::Protocol(format!(
+                Err(_) => CacheError::Protocol(format!(
                     "status {status} with body {:?}",
                     String::from_utf8_lossy(&body)
                 )),
             });
         }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+        serde_json::from_slice(&body).map_err(|e| CacheError::Protocol(e.to_string()))
     }
 
     /// `GET /v1/status`.
-    pub fn status(&self) -> Result<StatusResponse, ClientError> {
+    pub fn status(&self) -> Result<StatusResponse, CacheError> {
         self.json(Method::GET, "/v1/status", None::<&()>)
     }
 
     /// `POST /v1/plan`.
-    pub fn plan(&self, inputs: &PlanInputs) -> Result<PlanResponse, ClientError> {
+    pub fn plan(&self, inputs: &PlanInputs) -> Result<PlanResponse, CacheError> {
         self.json(Method::POST, "/v1/plan", Some(inputs))
     }
 
     /// `GET /v1/steps/{key}`: `None` is a miss.
-    pub fn step(&self, key: &str) -> Result<Option<StepRecord>, ClientError> {
+    pub fn step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
         match self.json(Method::GET, &format!("/v1/steps/{key}"), None::<&()>) {
             Ok(r) => Ok(Some(r)),
-            Err(ClientError::Daemon { status: 404, .. }) => Ok(None),
+            Err(CacheError::Refused { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// `PUT /v1/steps/{key}`.
-    pub fn put_step(&self, rec: &StepRecord) -> Result<StepRecord, ClientError> {
+    pub fn put_step(&self, rec: &StepRecord) -> Result<StepRecord, CacheError> {
         self.json(Method::PUT, &format!("/v1/steps/{}", rec.key), Some(rec))
     }
 
     /// Uploads a blob unless the daemon has it.
-    pub fn put_blob(&self, digest: &str, data: Bytes) -> Result<(), ClientError> {
+    pub fn put_blob(&self, digest: &str, data: Bytes) -> Result<(), CacheError> {
         let (status, _) = self.call(Method::HEAD, &format!("/v1/blobs/{digest}"), Bytes::new())?;
         if status == StatusCode::OK {
             return Ok(());
@@ -106,7 +106,7 @@ impl DaemonClient {
     }
 
     /// `HEAD /v1/blobs/{digest}`: whether the daemon holds the blob whole.
-    pub fn blob_present(&self, digest: &str) -> Result<bool, ClientError> {
+    pub fn blob_present(&self, digest: &str) -> Result<bool, CacheError> {
         let (status, body) = self.call(Method::HEAD, &format!("/v1/blobs/{digest}"), Bytes::new())?;
         match status {
             StatusCode::OK => Ok(true),
@@ -117,19 +117,13 @@ impl DaemonClient {
 
     /// Uploads `len` bytes of `file` from `offset` as blob `digest`, streamed (never whole in
     /// memory), unless the daemon has it. The daemon verifies the digest.
-    pub fn put_blob_file(
-        &self,
-        digest: &str,
-        file: &std::path::Path,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), ClientError> {
+    pub fn put_blob_file(&self, digest: &str, file: &std::path::Path, offset: u64, len: u64) -> Result<(), CacheError> {
         use std::io::{Read, Seek};
         let (status, _) = self.call(Method::HEAD, &format!("/v1/blobs/{digest}"), Bytes::new())?;
         if status == StatusCode::OK {
             return Ok(());
         }
-        let io = |source| ClientError::Io {
+        let io = |source| CacheError::Io {
             action: "read",
             path: file.to_path_buf(),
             source,
@@ -163,15 +157,15 @@ impl DaemonClient {
     }
 
     /// Streams blob `digest` into `out`, checking it against its digest as it arrives; a
-    /// missing or corrupt blob is [`ClientError::UnusableBlob`] (and `out` must then be
+    /// missing or corrupt blob is [`CacheError::UnusableBlob`] (and `out` must then be
     /// discarded). Returns the blob's size.
-    pub fn blob_into(&self, digest: &str, out: &mut dyn std::io::Write) -> Result<u64, ClientError> {
+    pub fn blob_into(&self, digest: &str, out: &mut dyn std::io::Write) -> Result<u64, CacheError> {
         let mut w = Sha256Stream::new(out);
         let (status, n, body) =
             self.rt
                 .block_on(request_into(&self.endpoint, &format!("/v1/blobs/{digest}"), &mut w))?;
         if status == StatusCode::NOT_FOUND {
-            return Err(ClientError::UnusableBlob {
+            return Err(CacheError::UnusableBlob {
                 digest: digest.to_string(),
                 reason: "is not in lcached's store".into(),
             });
@@ -181,7 +175,7 @@ impl DaemonClient {
         }
         let actual = w.digest();
         if actual != digest {
-            return Err(ClientError::UnusableBlob {
+            return Err(CacheError::UnusableBlob {
                 digest: digest.to_string(),
                 reason: format!("arrived with digest {actual}: the stored copy is corrupt"),
             });
@@ -190,16 +184,16 @@ impl DaemonClient {
     }
 
     /// `GET /v1/images/{name}`: `None` if unknown.
-    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, ClientError> {
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, CacheError> {
         match self.json(Method::GET, &format!("/v1/images/{}", encode_name(name)), None::<&()>) {
             Ok(i) => Ok(Some(i)),
-            Err(ClientError::Daemon { status: 404, .. }) => Ok(None),
+            Err(CacheError::Refused { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// `GET /v1/images`, page after page.
-    pub fn images(&self) -> Result<Vec<ImageRecord>, ClientError> {
+    pub fn images(&self) -> Result<Vec<ImageRecord>, CacheError> {
         let mut all: Vec<ImageRecord> = Vec::new();
         loop {
             let after = all.last().map(|i| encode_name(&i.name)).unwrap_or_default();
@@ -213,7 +207,7 @@ impl DaemonClient {
     }
 
     /// `PUT /v1/images/{name}`.
-    pub fn put_image(&self, image: &ImageRecord) -> Result<ImageRecord, ClientError> {
+    pub fn put_image(&self, image: &ImageRecord) -> Result<ImageRecord, CacheError> {
         self.json(
             Method::PUT,
             &format!("/v1/images/{}", encode_name(&image.name)),
@@ -222,7 +216,7 @@ impl DaemonClient {
     }
 
     /// `DELETE /v1/images/{name}`.
-    pub fn remove_image(&self, name: &str) -> Result<(), ClientError> {
+    pub fn remove_image(&self, name: &str) -> Result<(), CacheError> {
         let _: serde_json::Value = self.json(
             Method::DELETE,
             &format!("/v1/images/{}", encode_name(name)),
@@ -232,38 +226,35 @@ impl DaemonClient {
     }
 
     /// `GET /v1/builds?limit=N`, newest first.
-    pub fn builds(&self, limit: usize) -> Result<Vec<BuildRecord>, ClientError> {
+    pub fn builds(&self, limit: usize) -> Result<Vec<BuildRecord>, CacheError> {
         self.json(Method::GET, &format!("/v1/builds?limit={limit}"), None::<&()>)
     }
 
     /// `GET /v1/builds/{id}`.
-    pub fn build_record(&self, id: &str) -> Result<BuildRecord, ClientError> {
+    pub fn build_record(&self, id: &str) -> Result<BuildRecord, CacheError> {
         self.json(Method::GET, &format!("/v1/builds/{id}"), None::<&()>)
     }
 
     /// `GET /v1/summaries/{digest}`: `None` if the daemon has none.
-    pub fn summary(
-        &self,
-        digest: &str,
-    ) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, ClientError> {
+    pub fn summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, CacheError> {
         match self.json(Method::GET, &format!("/v1/summaries/{digest}"), None::<&()>) {
             Ok(s) => Ok(Some(s)),
-            Err(ClientError::Daemon { status: 404, .. }) => Ok(None),
+            Err(CacheError::Refused { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
     /// `POST /v1/builds`.
-    pub fn post_build(&self, b: &BuildRecord) -> Result<BuildRecord, ClientError> {
+    pub fn post_build(&self, b: &BuildRecord) -> Result<BuildRecord, CacheError> {
         self.json(Method::POST, "/v1/builds", Some(b))
     }
 
-    fn json_bytes<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T, ClientError> {
+    fn json_bytes<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T, CacheError> {
         let (status, body) = self.call(method, path, body)?;
         if !status.is_success() {
             return Err(daemon_error(status, &body));
         }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+        serde_json::from_slice(&body).map_err(|e| CacheError::Protocol(e.to_string()))
     }
 }
 
@@ -280,14 +271,14 @@ fn encode_name(name: &str) -> String {
         .collect()
 }
 
-fn daemon_error(status: StatusCode, body: &[u8]) -> ClientError {
+fn daemon_error(status: StatusCode, body: &[u8]) -> CacheError {
     match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(e) => ClientError::Daemon {
+        Ok(e) => CacheError::Refused {
             status: status.as_u16(),
             error: e.error,
             hint: e.hint,
         },
-        Err(_) => ClientError::Protocol(format!("status {status} with body {:?}", String::from_utf8_lossy(body))),
+        Err(_) => CacheError::Protocol(format!("status {status} with body {:?}", String::from_utf8_lossy(body))),
     }
 }
 
@@ -300,14 +291,14 @@ async fn request(
     path: &str,
     body: ReqBody,
     len: u64,
-) -> Result<(StatusCode, Bytes), ClientError> {
+) -> Result<(StatusCode, Bytes), CacheError> {
     let resp = send(ep, method, path, body, len).await?;
     let status = resp.status();
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .map_err(|e| CacheError::Protocol(e.to_string()))?
         .to_bytes();
     Ok((status, body))
 }
@@ -318,7 +309,7 @@ async fn request_into(
     ep: &Endpoint,
     path: &str,
     out: &mut dyn std::io::Write,
-) -> Result<(StatusCode, u64, Bytes), ClientError> {
+) -> Result<(StatusCode, u64, Bytes), CacheError> {
     let empty = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
     let resp = send(ep, Method::GET, path, empty, 0).await?;
     let status = resp.status();
@@ -327,15 +318,15 @@ async fn request_into(
         let b = body
             .collect()
             .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .map_err(|e| CacheError::Protocol(e.to_string()))?
             .to_bytes();
         return Ok((status, 0, b));
     }
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let frame = frame.map_err(|e| CacheError::Protocol(e.to_string()))?;
         if let Ok(data) = frame.into_data() {
-            out.write_all(&data).map_err(|source| ClientError::Io {
+            out.write_all(&data).map_err(|source| CacheError::Io {
                 action: "write to disk the blob at",
                 path: path.into(),
                 source,
@@ -352,8 +343,8 @@ async fn send(
     path: &str,
     body: ReqBody,
     len: u64,
-) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
-    let unreachable = |e: std::io::Error| ClientError::DaemonUnreachable {
+) -> Result<hyper::Response<hyper::body::Incoming>, CacheError> {
+    let unreachable = |e: std::io::Error| CacheError::Unreachable {
         endpoint: ep.to_string(),
         reason: e.to_string(),
     };
@@ -376,20 +367,20 @@ async fn send(
         .header("content-type", "application/json")
         .header("content-length", len)
         .body(body)
-        .map_err(|e| ClientError::Encode(e.to_string()))?;
+        .map_err(|e| CacheError::Encode(e.to_string()))?;
     sender
         .send_request(req)
         .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))
+        .map_err(|e| CacheError::Protocol(e.to_string()))
 }
 
-async fn handshake<S>(stream: S) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, ClientError>
+async fn handshake<S>(stream: S) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, CacheError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        .map_err(|e| CacheError::Protocol(e.to_string()))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });

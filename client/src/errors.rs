@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use lcache_builder::errors::{BuildError, CacheError};
 use lcache_context::local_context::SourcesError;
 use lcache_proto::errors::DockerfileError;
 
@@ -27,106 +28,16 @@ pub enum ClientError {
     /// The build context is not a directory.
     #[error("the build context {0} is not a directory — pass the directory to build from, e.g. `.`")]
     NotADirectory(PathBuf),
-    /// No daemon answers.
-    #[error("no lcached answers at {endpoint} ({reason}) — start it with `lcached`, or pass --offline")]
-    DaemonUnreachable {
-        /// The address tried.
-        endpoint: String,
-        /// The connection error.
-        reason: String,
-    },
-    /// The daemon refused the request.
-    #[error("{error} — {hint}")]
-    Daemon {
-        /// HTTP status.
-        status: u16,
-        /// What the daemon says went wrong.
-        error: String,
-        /// What it says to do.
-        hint: String,
-    },
-    /// The daemon answered something this client does not understand.
-    #[error("lcached answered something unexpected: {0} — check that lcache and lcached are the same version")]
-    Protocol(String),
-    /// A build step failed.
-    #[error("{location}: {instruction}: {message}{}", if last_output.is_empty() { String::new() } else { format!("\n  last output:\n    {}", last_output.join("\n    ")) })]
-    StepFailed {
-        /// `Dockerfile:LINE`.
-        location: String,
-        /// The instruction as written.
-        instruction: String,
-        /// What went wrong.
-        message: String,
-        /// The step's last output lines.
-        last_output: Vec<String>,
-    },
-    /// A blob lcached holds is missing or does not match its digest.
-    #[error("blob {digest} {reason} — it is treated as not cached; the step that made it reruns")]
-    UnusableBlob {
-        /// The blob's digest.
-        digest: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A file or directory of the client's own could not be read or written.
-    #[error("cannot {action} {}: {source}", path.display())]
-    Io {
-        /// What was being done (`write`, `use the cache directory`…).
-        action: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A layer could not be extracted.
-    #[error("layer {digest}: {source}")]
-    Layer {
-        /// The layer's blob digest.
-        digest: String,
-        /// What is wrong with it.
-        source: lcache_image::layer_extract::LayerError,
-    },
+    /// lcached (or a cache behind it) failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The build failed.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// An image file to import is unusable.
+    #[error(transparent)]
+    Import(#[from] lcache_image::image_archive::ArchiveError),
     /// A command-line value is malformed; the message says what to write.
     #[error("{0}")]
     Usage(String),
-    /// An image file to import is unusable.
-    #[error("{}: {reason}", file.display())]
-    Import {
-        /// The file given to `lcache image import`.
-        file: PathBuf,
-        /// What is wrong with it, and what to do.
-        reason: String,
-    },
-    /// A step of the Dockerfile cannot be built as written.
-    #[error("{location}: {message}")]
-    Unbuildable {
-        /// `Dockerfile:LINE`.
-        location: String,
-        /// Why, and what to do instead.
-        message: String,
-    },
-    /// An image record names a blob by something that is not a sha256 digest.
-    #[error("image {image} names blob '{digest}', which is not a sha256 digest — its record is corrupt; import or build it again")]
-    CorruptImage {
-        /// The image's name.
-        image: String,
-        /// What it names.
-        digest: String,
-    },
-    /// The async runtime could not start.
-    #[error("cannot start the async runtime: {0}")]
-    Runtime(std::io::Error),
-    /// A request could not be encoded.
-    #[error("cannot encode the request: {0}")]
-    Encode(String),
-    /// lcache itself went wrong (a bug), not the build.
-    #[error("internal error: {0} — please report this bug")]
-    Internal(&'static str),
-}
-
-impl ClientError {
-    /// Whether a cached blob is gone or corrupt (a reason to rebuild, not to fail).
-    pub fn is_unusable_blob(&self) -> bool {
-        matches!(self, Self::UnusableBlob { .. })
-    }
 }

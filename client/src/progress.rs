@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::time::Duration;
 
+use lcache_builder::build_events::{BuildObserver, StepEvent, SummaryEvent};
 use serde::Serialize;
 
 /// How progress is shown.
@@ -16,54 +17,6 @@ pub enum ProgressMode {
     Json,
     /// A live display on stderr.
     Tty,
-}
-
-/// One step's result, as `--progress=json` prints it.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepEvent {
-    /// Always `step`.
-    pub event: &'static str,
-    /// 1-based step number in the build.
-    pub n: usize,
-    /// 0-based stage.
-    pub stage: usize,
-    /// The AS name, or null.
-    pub stage_name: Option<String>,
-    /// 1-based line where the instruction starts.
-    pub line: usize,
-    /// As written, continuations joined.
-    pub instruction: String,
-    /// Served from the cache.
-    pub cached: bool,
-    /// The step's key.
-    pub key: String,
-    /// Time taken, milliseconds.
-    pub duration_ms: u64,
-    /// Why it rebuilt (misses only).
-    pub cause: Option<String>,
-}
-
-/// The last event of a build.
-#[derive(Debug, Clone, Serialize)]
-pub struct SummaryEvent {
-    /// Always `summary`.
-    pub event: &'static str,
-    /// Steps in the build.
-    pub steps: usize,
-    /// Steps served from the cache.
-    pub cached: usize,
-    /// Steps executed.
-    pub built: usize,
-    /// Whole build, milliseconds.
-    pub duration_ms: u64,
-    /// The image's manifest digest.
-    pub image: String,
-    /// Names given with -t.
-    pub tags: Vec<String>,
-    /// Each root cause and the steps it rebuilt.
-    pub cascades: Vec<lcache_proto::explain::Cascade>,
-    /// The build's id in the history (`lcache explain ID`).
-    pub build: String,
 }
 
 /// The progress printer.
@@ -84,9 +37,11 @@ impl Progress {
             running: std::collections::HashMap::new(),
         }
     }
+}
 
+impl BuildObserver for Progress {
     /// A step begins.
-    pub fn started(&mut self, n: usize, label: &str, instruction: &str) {
+    fn started(&mut self, n: usize, label: &str, instruction: &str) {
         match self.mode {
             ProgressMode::Plain => eprintln!("#{n} [{label}] {instruction}"),
             ProgressMode::Json => {}
@@ -107,7 +62,7 @@ impl Progress {
     }
 
     /// A line of the running step's output.
-    pub fn output(&mut self, n: usize, line: &str) {
+    fn output(&mut self, n: usize, line: &str) {
         match (self.mode, self.running.get(&n)) {
             (ProgressMode::Plain, _) => eprintln!("#{n} {line}"),
             (ProgressMode::Tty, Some(pb)) => pb.println(format!("  {line}")),
@@ -116,7 +71,7 @@ impl Progress {
     }
 
     /// A step ends.
-    pub fn finished(&mut self, e: &StepEvent) {
+    fn finished(&mut self, e: &StepEvent) {
         match self.mode {
             ProgressMode::Plain => {
                 if e.cached {
@@ -143,7 +98,7 @@ impl Progress {
     }
 
     /// A free-form note (warnings).
-    pub fn note(&mut self, text: &str) {
+    fn note(&mut self, text: &str) {
         match self.mode {
             ProgressMode::Json => print_json(&serde_json::json!({"event": "note", "text": text})),
             _ => eprintln!("{text}"),
@@ -151,7 +106,7 @@ impl Progress {
     }
 
     /// The build's summary.
-    pub fn summary(&mut self, s: &SummaryEvent) {
+    fn summary(&mut self, s: &SummaryEvent) {
         if self.mode != ProgressMode::Json {
             for c in &s.cascades {
                 eprintln!("cascade: {}", c.describe());

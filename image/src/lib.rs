@@ -1,7 +1,9 @@
 //! The image layer of lcache: what OCI images are made of, with no daemon and no build in
 //! sight. Layer tars are extracted beneath a root (`lcache_confine`) and made from a
-//! directory deterministically; image configs and manifests are assembled here.
+//! directory deterministically; image configs and manifests are assembled here, and image
+//! files (`docker save`, OCI layouts, rootfs tars) checked before anything is imported.
 
+pub mod image_archive;
 pub mod layer_diff;
 pub mod layer_extract;
 pub mod oci_image;

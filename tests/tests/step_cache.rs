@@ -5,9 +5,9 @@
 
 use std::io::Write;
 
+use lcache_builder::errors::CacheError;
+use lcache_builder::step_cache::{BlobSource, ReadOnly, StepCache};
 use lcache_client::daemon_client::DaemonClient;
-use lcache_client::errors::ClientError;
-use lcache_client::step_cache::{BlobSource, ReadOnly, StepCache};
 use lcache_e2e::{sha256_digest, Daemon};
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{LayerRef, StepRecord};
@@ -41,7 +41,7 @@ fn record(key: &str, blob: &str) -> StepRecord {
     }
 }
 
-fn read(cache: &dyn StepCache, digest: &str) -> Result<Vec<u8>, ClientError> {
+fn read(cache: &dyn StepCache, digest: &str) -> Result<Vec<u8>, CacheError> {
     let mut out = Vec::new();
     cache.get_blob(digest, &mut out)?;
     Ok(out)

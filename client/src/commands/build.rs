@@ -6,12 +6,12 @@ use anyhow::{anyhow, Result};
 use lcache_proto::endpoint::Endpoint;
 
 use crate::build_inputs::plan_inputs;
-use crate::build_loop::{build, BuildRequest};
-use crate::cache_dir::default_cache_dir;
 use crate::cli::BuildArgs;
 use crate::daemon_choice::daemon;
-use crate::image_export::{export, OutputSpec};
 use crate::progress::{Progress, ProgressMode};
+use lcache_builder::build_loop::{build, BuildRequest};
+use lcache_builder::cache_dir::default_cache_dir;
+use lcache_builder::image_export::{export, OutputSpec};
 
 /// Runs `lcache build`.
 pub fn run(args: &BuildArgs, explicit: Option<&Endpoint>) -> Result<String> {

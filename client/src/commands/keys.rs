@@ -6,9 +6,9 @@ use lcache_proto::endpoint::Endpoint;
 use crate::build_inputs::plan_inputs;
 use crate::cli::KeysArgs;
 use crate::daemon_choice::daemon;
-use crate::errors::ClientError;
 use crate::offline_keys::offline_keys;
 use crate::render::render_keys;
+use lcache_builder::errors::CacheError;
 
 /// Runs `lcache keys`.
 pub fn run(args: &KeysArgs, explicit: Option<&Endpoint>) -> Result<String> {
@@ -20,7 +20,7 @@ pub fn run(args: &KeysArgs, explicit: Option<&Endpoint>) -> Result<String> {
         match client.plan(&inputs) {
             Ok(p) => (p.report, format!("daemon {}", client.endpoint())),
             // Keys need no cache: without a daemon at the default place, work offline.
-            Err(ClientError::DaemonUnreachable { .. }) if !named => {
+            Err(CacheError::Unreachable { .. }) if !named => {
                 (offline_keys(&inputs)?, "offline: no daemon running".to_string())
             }
             Err(e) => return Err(e.into()),

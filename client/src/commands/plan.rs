@@ -7,9 +7,9 @@ use lcache_proto::wire::{ContextIndexStatus, PlanResponse};
 use crate::build_inputs::plan_inputs;
 use crate::cli::KeysArgs;
 use crate::daemon_choice::daemon;
-use crate::miss_causes::plan_causes;
 use crate::offline_keys::offline_keys;
 use crate::render::render_plan;
+use lcache_builder::miss_causes::plan_causes;
 
 /// Runs `lcache plan`.
 pub fn run(args: &KeysArgs, explicit: Option<&Endpoint>) -> Result<String> {

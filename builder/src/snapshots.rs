@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use lcache_proto::wire::LayerRef;
 
 use crate::cache_dir::CacheDir;
-use crate::errors::ClientError;
+use crate::errors::BuildError;
 use crate::step_cache::StepCache;
 use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
 
@@ -25,12 +25,12 @@ pub fn layer_file_reader(file: std::fs::File) -> std::io::Result<Box<dyn Read>> 
 
 /// The snapshot directory of `layer`, extracting it first if needed: the blob is streamed
 /// to a work file (verified against its digest on the way), then extracted from there.
-pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef) -> Result<PathBuf, ClientError> {
+pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef) -> Result<PathBuf, BuildError> {
     let dest = cache.snapshot(&layer.digest);
     if dest.is_dir() {
         return Ok(dest);
     }
-    let work = |source| ClientError::Io {
+    let work = |source| BuildError::Io {
         action: "use a work directory in",
         path: cache.root().to_path_buf(),
         source,
@@ -42,7 +42,7 @@ pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef
     drop(blob);
     let tmp = cache.work_dir().map_err(work)?;
     let reader = layer_file_reader(std::fs::File::open(&blob_path).map_err(work)?).map_err(work)?;
-    extract_layer(reader, tmp.path(), Whiteouts::Overlay, is_root()).map_err(|source| ClientError::Layer {
+    extract_layer(reader, tmp.path(), Whiteouts::Overlay, is_root()).map_err(|source| BuildError::Layer {
         digest: layer.digest.clone(),
         source,
     })?;
@@ -51,7 +51,7 @@ pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef
         let _ = std::fs::remove_dir_all(&staged);
         // Another build extracted the same layer meanwhile: theirs is as good as ours.
         if !dest.is_dir() {
-            return Err(ClientError::Io {
+            return Err(BuildError::Io {
                 action: "store the snapshot",
                 path: dest,
                 source: e,

@@ -7,7 +7,7 @@ use lcache_proto::digest::sha256_hex;
 use lcache_proto::wire::ImageRecord;
 use serde_json::json;
 
-use crate::errors::ClientError;
+use crate::errors::BuildError;
 use crate::snapshots::layer_file_reader;
 use crate::step_cache::StepCache;
 use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
@@ -46,8 +46,8 @@ impl std::str::FromStr for OutputSpec {
     }
 }
 
-fn io(dest: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
-    move |source| ClientError::Io {
+fn io(dest: &Path) -> impl Fn(std::io::Error) -> BuildError + '_ {
+    move |source| BuildError::Io {
         action: "write",
         path: dest.to_path_buf(),
         source,
@@ -56,7 +56,7 @@ fn io(dest: &Path) -> impl Fn(std::io::Error) -> ClientError + '_ {
 
 /// The digests of an image's blobs: layers, config, manifest; each checked to be a sha256
 /// digest, since each names a file in the export.
-fn blob_digests(image: &ImageRecord) -> Result<Vec<&str>, ClientError> {
+fn blob_digests(image: &ImageRecord) -> Result<Vec<&str>, BuildError> {
     let all: Vec<&str> = image
         .layers
         .iter()
@@ -64,7 +64,7 @@ fn blob_digests(image: &ImageRecord) -> Result<Vec<&str>, ClientError> {
         .chain([image.config_digest.as_str(), image.manifest_digest.as_str()])
         .collect();
     if let Some(bad) = all.iter().find(|d| sha256_hex(d).is_none()) {
-        return Err(ClientError::CorruptImage {
+        return Err(BuildError::CorruptImage {
             image: image.name.clone(),
             digest: bad.to_string(),
         });
@@ -73,9 +73,9 @@ fn blob_digests(image: &ImageRecord) -> Result<Vec<&str>, ClientError> {
 }
 
 /// Streams blob `digest` into a new file at `path`; returns its size.
-fn fetch_to(steps: &dyn StepCache, digest: &str, path: &Path) -> Result<u64, ClientError> {
+fn fetch_to(steps: &dyn StepCache, digest: &str, path: &Path) -> Result<u64, BuildError> {
     let mut f = std::fs::File::create(path).map_err(io(path))?;
-    steps.get_blob(digest, &mut f)
+    Ok(steps.get_blob(digest, &mut f)?)
 }
 
 fn index_json(image: &ImageRecord, manifest_size: usize, tags: &[String]) -> Vec<u8> {
@@ -93,12 +93,7 @@ fn index_json(image: &ImageRecord, manifest_size: usize, tags: &[String]) -> Vec
 }
 
 /// Writes the export, streaming every blob from the step cache (none is held in memory).
-pub fn export(
-    steps: &dyn StepCache,
-    image: &ImageRecord,
-    out: &OutputSpec,
-    tags: &[String],
-) -> Result<(), ClientError> {
+pub fn export(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec, tags: &[String]) -> Result<(), BuildError> {
     let dest = &out.dest;
     let digests = blob_digests(image)?;
     match out.kind.as_str() {
@@ -109,7 +104,7 @@ pub fn export(
             for l in &image.layers {
                 fetch_to(steps, &l.digest, &blob)?;
                 let reader = layer_file_reader(std::fs::File::open(&blob).map_err(io(&blob))?).map_err(io(&blob))?;
-                extract_layer(reader, dest, Whiteouts::Apply, is_root()).map_err(|source| ClientError::Layer {
+                extract_layer(reader, dest, Whiteouts::Apply, is_root()).map_err(|source| BuildError::Layer {
                     digest: l.digest.clone(),
                     source,
                 })?;
@@ -164,7 +159,7 @@ pub fn export(
                 "RepoTags": tags,
                 "Layers": image.layers.iter().map(|l| path_of(&l.digest)).collect::<Vec<_>>(),
             }]);
-            let mut add = |name: &str, data: &[u8]| -> Result<(), ClientError> {
+            let mut add = |name: &str, data: &[u8]| -> Result<(), BuildError> {
                 t.append_data(&mut header(data.len() as u64), name, data)
                     .map_err(io(dest))
             };

@@ -19,15 +19,15 @@ use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
 use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
 use serde_json::{Map, Value};
 
+use crate::build_control::BuildControl;
+use crate::build_events::{BuildObserver, StepEvent, SummaryEvent};
 use crate::cache_dir::CacheDir;
 use crate::copy_step::{
     build_copy_layer, build_workdir_layer, load_seed, parse_chmod, save_manifest, CopyAttrs, CopyError, CopyJob, Seed,
 };
-use crate::daemon_client::DaemonClient;
-use crate::errors::ClientError;
+use crate::errors::BuildError;
 use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::overlay_mount::OverlayMount;
-use crate::progress::{Progress, StepEvent, SummaryEvent};
 use crate::run_step::{argv_with_heredocs, run_step, RunError, RunSpec};
 use crate::snapshots::ensure_snapshot;
 use crate::step_cache::{BlobSource, StepCache};
@@ -79,7 +79,7 @@ struct StageState {
 }
 
 struct Builder<'a> {
-    client: &'a DaemonClient,
+    client: &'a dyn BuildControl,
     /// Step records and blobs: every cache read and write of the replay goes here.
     steps: &'a dyn StepCache,
     req: &'a BuildRequest,
@@ -92,7 +92,7 @@ struct Builder<'a> {
     daemon_keys: HashMap<StepRef, StepKey>,
     /// The context walk, made once by the first COPY that misses.
     context: Mutex<Option<LocalContext>>,
-    progress: Mutex<&'a mut Progress>,
+    progress: Mutex<&'a mut dyn BuildObserver>,
     finder: CauseFinder<'a>,
     /// Build step number of each stage's first step (stages run concurrently).
     first_step: HashMap<usize, usize>,
@@ -101,31 +101,33 @@ struct Builder<'a> {
 /// One finished step: what progress showed, and what the history keeps.
 type Finished = (StepEvent, BuildStep);
 
-fn internal(what: &'static str) -> ClientError {
-    ClientError::Internal(what)
+fn internal(what: &'static str) -> BuildError {
+    BuildError::Internal(what)
 }
 
 /// Builds the image `req` describes: plans through `client`, replays against `steps`.
 pub fn build(
-    client: &DaemonClient,
+    client: &dyn BuildControl,
     steps: &dyn StepCache,
     req: &BuildRequest,
-    progress: &mut Progress,
-) -> Result<BuildOutcome, ClientError> {
+    progress: &mut dyn BuildObserver,
+) -> Result<BuildOutcome, BuildError> {
     let started = Instant::now();
     // One plan: lcached parses and plans the Dockerfile once and derives every key it can
     // (its index gives context digests without re-reading an unchanged tree); the build
     // executes that plan and derives only the keys that were pending on a built result.
     let resp = client.plan(&req.inputs)?;
-    let plan = resp
-        .plan
-        .ok_or_else(|| ClientError::Protocol("lcached answered the plan without the plan itself".into()))?;
+    let plan = resp.plan.ok_or_else(|| {
+        BuildError::Cache(crate::errors::CacheError::Protocol(
+            "lcached answered the plan without the plan itself".into(),
+        ))
+    })?;
     for w in &plan.warnings {
         progress.note(&format!("warning: {w}"));
     }
     let dockerfile = resp.report.dockerfile.clone();
     let daemon_keys = resp.report.steps.into_iter().map(|k| (k.at(), k)).collect();
-    let cache = CacheDir::open(&req.cache_dir).map_err(|source| ClientError::Io {
+    let cache = CacheDir::open(&req.cache_dir).map_err(|source| BuildError::Io {
         action: "use the cache directory",
         path: req.cache_dir.clone(),
         source,
@@ -227,13 +229,13 @@ impl<'a> Builder<'a> {
         format!("{}:{line}", self.dockerfile)
     }
 
-    fn progress(&self) -> std::sync::MutexGuard<'_, &'a mut Progress> {
+    fn progress(&self) -> std::sync::MutexGuard<'_, &'a mut dyn BuildObserver> {
         self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Builds every needed stage, each once the stages it uses are built; stages whose
     /// dependencies are all built run at the same time.
-    fn build_stages(&self) -> Result<(HashMap<usize, StageState>, Vec<Finished>), ClientError> {
+    fn build_stages(&self) -> Result<(HashMap<usize, StageState>, Vec<Finished>), BuildError> {
         let deps = |s: &PlannedStage| -> Vec<usize> {
             let mut d: Vec<usize> = s
                 .steps
@@ -262,7 +264,7 @@ impl<'a> Builder<'a> {
                 return Err(internal("stages depend on each other in a cycle"));
             }
             let done = &states;
-            let results: Vec<Result<(StageState, Vec<Finished>), ClientError>> = std::thread::scope(|scope| {
+            let results: Vec<Result<(StageState, Vec<Finished>), BuildError>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = ready
                     .iter()
                     .map(|s| scope.spawn(move || self.build_stage(s.index, done)))
@@ -282,7 +284,7 @@ impl<'a> Builder<'a> {
         Ok((states, finished))
     }
 
-    fn base_state(&self, stage: &PlannedStage, states: &HashMap<usize, StageState>) -> Result<StageState, ClientError> {
+    fn base_state(&self, stage: &PlannedStage, states: &HashMap<usize, StageState>) -> Result<StageState, BuildError> {
         match &stage.base {
             Base::Scratch => Ok(StageState {
                 parent: "scratch".into(),
@@ -299,7 +301,7 @@ impl<'a> Builder<'a> {
                 Ok(s.clone())
             }
             Base::Image { reference } => {
-                let img = self.client.image(reference)?.ok_or_else(|| ClientError::Unbuildable {
+                let img = self.client.image(reference)?.ok_or_else(|| BuildError::Unbuildable {
                     location: self.at(stage.line),
                     message: format!(
                         "base image {reference} is not known to lcached — import it first: `lcache image import FILE {reference}` (a `docker save` tar, an OCI layout or a rootfs tar)"
@@ -324,7 +326,7 @@ impl<'a> Builder<'a> {
         &self,
         i: usize,
         states: &HashMap<usize, StageState>,
-    ) -> Result<(StageState, Vec<Finished>), ClientError> {
+    ) -> Result<(StageState, Vec<Finished>), BuildError> {
         let stage = self.plan.stages[i].clone();
         let mut st = self.base_state(&stage, states)?;
         let base_env = env_of(&st.config);
@@ -469,7 +471,7 @@ impl<'a> Builder<'a> {
         n: usize,
         def: &StepDef,
         states: &HashMap<usize, StageState>,
-    ) -> Result<(String, Option<StageSelection>), ClientError> {
+    ) -> Result<(String, Option<StageSelection>), BuildError> {
         let StepDef::Copy(c) = def else {
             return Ok((String::new(), None));
         };
@@ -477,7 +479,7 @@ impl<'a> Builder<'a> {
         match &c.from {
             CopyFrom::Context if c.sources.is_empty() => Ok((String::new(), None)),
             CopyFrom::Context if c.add && c.sources.iter().any(|s| is_remote(s)) => {
-                Err(ClientError::Unbuildable {
+                Err(BuildError::Unbuildable {
                     location: self.at(line),
                     message: "ADD of a URL is not supported offline — download the file into the context and COPY it".into(),
                 })
@@ -487,9 +489,9 @@ impl<'a> Builder<'a> {
                     .daemon_keys
                     .get(&StepRef { stage, step: n })
                     .and_then(|k| k.sources_digest.clone());
-                d.map(|d| (d, None)).ok_or_else(|| ClientError::Protocol("the daemon gave no sources digest for a COPY".into()))
+                d.map(|d| (d, None)).ok_or_else(|| BuildError::Cache(crate::errors::CacheError::Protocol("the daemon gave no sources digest for a COPY".into())))
             }
-            CopyFrom::Image { reference } => Err(ClientError::Unbuildable {
+            CopyFrom::Image { reference } => Err(BuildError::Unbuildable {
                 location: self.at(line),
                 message: format!(
                     "COPY --from={reference} (an image) is not supported yet — add a stage `FROM {reference} AS src` and COPY --from=src"
@@ -497,7 +499,7 @@ impl<'a> Builder<'a> {
             }),
             CopyFrom::Stage { index } => {
                 let from = states.get(index).ok_or_else(|| internal("a --from stage was not built first"))?;
-                let sel = StageSelection::make(&self.cache, from, c).map_err(|e| ClientError::Unbuildable {
+                let sel = StageSelection::make(&self.cache, from, c).map_err(|e| BuildError::Unbuildable {
                     location: self.at(line),
                     message: e.to_string(),
                 })?;
@@ -520,15 +522,15 @@ impl<'a> Builder<'a> {
         key: &str,
         started: Instant,
         seed: Option<Seed>,
-    ) -> Result<(LayerRef, PathBuf), ClientError> {
+    ) -> Result<(LayerRef, PathBuf), BuildError> {
         let location = format!("{}:{line}", self.dockerfile);
-        let fail = |message: String, last_output: Vec<String>| ClientError::StepFailed {
+        let fail = |message: String, last_output: Vec<String>| BuildError::StepFailed {
             location: location.clone(),
             instruction: instruction.to_string(),
             message,
             last_output,
         };
-        let work = self.cache.work_dir().map_err(|source| ClientError::Io {
+        let work = self.cache.work_dir().map_err(|source| BuildError::Io {
             action: "make a work directory in",
             path: self.cache.root().to_path_buf(),
             source,
@@ -575,7 +577,7 @@ impl<'a> Builder<'a> {
             }
             StepDef::Copy(c) => {
                 let layer = work.path().join("layer");
-                std::fs::create_dir(&layer).map_err(|source| ClientError::Io {
+                std::fs::create_dir(&layer).map_err(|source| BuildError::Io {
                     action: "create",
                     path: layer.clone(),
                     source,
@@ -616,7 +618,7 @@ impl<'a> Builder<'a> {
             }
             StepDef::Workdir { path } => {
                 let layer = work.path().join("layer");
-                std::fs::create_dir(&layer).map_err(|source| ClientError::Io {
+                std::fs::create_dir(&layer).map_err(|source| BuildError::Io {
                     action: "create",
                     path: layer.clone(),
                     source,
@@ -648,7 +650,7 @@ impl<'a> Builder<'a> {
             if let Err(source) = std::fs::rename(&tree, &snap) {
                 // Another build may have kept the same layer meanwhile: theirs is as good.
                 if !snap.exists() {
-                    return Err(ClientError::Io {
+                    return Err(BuildError::Io {
                         action: "keep the snapshot",
                         path: snap,
                         source,

@@ -11,8 +11,8 @@ use lcache_proto::explain::{miss_cause, root_after, CascadeRoot, CauseContext, M
 use lcache_proto::step_keys::StepRef;
 use lcache_proto::wire::{BuildRecord, BuildStep, PlanInputs, PlanResponse};
 
-use crate::daemon_client::DaemonClient;
-use crate::errors::ClientError;
+use crate::build_control::BuildControl;
+use crate::errors::BuildError;
 
 /// How many past builds are searched for the previous build of the same context.
 const HISTORY_SEARCHED: usize = 50;
@@ -26,7 +26,7 @@ pub fn dockerignore_digest(context: &Path) -> String {
 
 /// Compares steps with the previous build.
 pub struct CauseFinder<'a> {
-    client: &'a DaemonClient,
+    client: &'a dyn BuildControl,
     previous: Option<BuildRecord>,
     no_cache: bool,
     dockerignore_changed: bool,
@@ -50,7 +50,7 @@ pub struct StepAt<'a> {
 
 impl<'a> CauseFinder<'a> {
     /// Looks up the newest earlier build of the same context, Dockerfile and target.
-    pub fn new(client: &'a DaemonClient, inputs: &PlanInputs, no_cache: bool) -> Self {
+    pub fn new(client: &'a dyn BuildControl, inputs: &PlanInputs, no_cache: bool) -> Self {
         let same_dockerfile = |b: &BuildRecord| match inputs.dockerfile_path.as_str() {
             "" => b.dockerfile == inputs.dockerfile_name,
             path => b.dockerfile_path == path,
@@ -118,10 +118,10 @@ impl<'a> CauseFinder<'a> {
 /// Predicted causes for a plan's misses, walking the steps as a build would: a miss makes
 /// the steps after it (and stages built on its stage) cascades of it.
 pub fn plan_causes(
-    client: &DaemonClient,
+    client: &dyn BuildControl,
     inputs: &PlanInputs,
     resp: &PlanResponse,
-) -> Result<Vec<Option<MissCause>>, ClientError> {
+) -> Result<Vec<Option<MissCause>>, BuildError> {
     let Some(plan) = &resp.plan else {
         // A plan made offline has no cache behind it, so no causes to predict.
         return Ok(vec![None; resp.report.steps.len()]);

@@ -1,0 +1,105 @@
+//! The cache a build replays against: step records by key and blobs by digest, with blob
+//! bodies streamed both ways. lcached's client is the first implementation; behaviours such
+//! as read-only access are wrappers around any implementation (as sccache's storage and
+//! tvix's blob services are layered), so the replay loop never knows which it talks to, and
+//! one conformance suite (`tests/tests/step_cache.rs`) runs against each.
+
+use std::io::Write;
+use std::path::Path;
+
+use lcache_proto::wire::StepRecord;
+
+use crate::errors::CacheError;
+
+/// The bytes of a blob to store.
+#[derive(Debug, Clone, Copy)]
+pub enum BlobSource<'a> {
+    /// Small documents (configs, manifests), in memory.
+    Bytes(&'a [u8]),
+    /// `len` bytes of a file from `offset`, streamed (layers).
+    File {
+        /// The file.
+        path: &'a Path,
+        /// Where the blob starts.
+        offset: u64,
+        /// How long it is.
+        len: u64,
+    },
+}
+
+impl<'a> BlobSource<'a> {
+    /// A whole file.
+    pub fn file(path: &'a Path) -> Result<Self, CacheError> {
+        let len = std::fs::metadata(path)
+            .map_err(|source| CacheError::Io {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        Ok(Self::File { path, offset: 0, len })
+    }
+}
+
+/// Step records and blobs: what a build reads and writes while it replays a Dockerfile.
+pub trait StepCache: Send + Sync {
+    /// The record stored for `key`; `None` is a miss.
+    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, CacheError>;
+    /// Stores a record. Its layer blob must be stored first.
+    fn put_step(&self, record: &StepRecord) -> Result<(), CacheError>;
+    /// Whether blob `digest` is stored whole.
+    fn has_blob(&self, digest: &str) -> Result<bool, CacheError>;
+    /// Streams blob `digest` into `out`, verified against the digest; returns its size. A
+    /// missing or corrupt blob is [`CacheError::UnusableBlob`], and `out` must be discarded.
+    fn get_blob(&self, digest: &str, out: &mut dyn Write) -> Result<u64, CacheError>;
+    /// Stores blob `digest` (unless it is there already); the bytes must hash to it.
+    fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError>;
+}
+
+/// Reads through `inner` and never writes to it: a build with read-only access still runs
+/// every step it must, it just does not share what it built.
+pub struct ReadOnly<C>(pub C);
+
+impl<C: StepCache> StepCache for ReadOnly<C> {
+    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
+        self.0.get_step(key)
+    }
+
+    fn put_step(&self, _record: &StepRecord) -> Result<(), CacheError> {
+        Ok(())
+    }
+
+    fn has_blob(&self, digest: &str) -> Result<bool, CacheError> {
+        self.0.has_blob(digest)
+    }
+
+    fn get_blob(&self, digest: &str, out: &mut dyn Write) -> Result<u64, CacheError> {
+        self.0.get_blob(digest, out)
+    }
+
+    fn put_blob(&self, _digest: &str, _source: BlobSource<'_>) -> Result<(), CacheError> {
+        Ok(())
+    }
+}
+
+impl<C: StepCache + ?Sized> StepCache for &C {
+    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
+        (**self).get_step(key)
+    }
+
+    fn put_step(&self, record: &StepRecord) -> Result<(), CacheError> {
+        (**self).put_step(record)
+    }
+
+    fn has_blob(&self, digest: &str) -> Result<bool, CacheError> {
+        (**self).has_blob(digest)
+    }
+
+    fn get_blob(&self, digest: &str, out: &mut dyn Write) -> Result<u64, CacheError> {
+        (**self).get_blob(digest, out)
+    }
+
+    fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError> {
+        (**self).put_blob(digest, source)
+    }
+}

@@ -1,0 +1,64 @@
+//! lcached's client as the builder's cache and control plane: the [`StepCache`] and
+//! [`BuildControl`] implementations over [`DaemonClient`].
+
+use std::io::Write;
+
+use bytes::Bytes;
+use lcache_builder::build_control::BuildControl;
+use lcache_builder::errors::CacheError;
+use lcache_builder::step_cache::{BlobSource, StepCache};
+use lcache_proto::sources_digest::SummaryEntry;
+use lcache_proto::wire::{BuildRecord, ImageRecord, PlanInputs, PlanResponse, StepRecord};
+
+use crate::daemon_client::DaemonClient;
+
+impl StepCache for DaemonClient {
+    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
+        self.step(key)
+    }
+
+    fn put_step(&self, record: &StepRecord) -> Result<(), CacheError> {
+        DaemonClient::put_step(self, record).map(|_| ())
+    }
+
+    fn has_blob(&self, digest: &str) -> Result<bool, CacheError> {
+        self.blob_present(digest)
+    }
+
+    fn get_blob(&self, digest: &str, out: &mut dyn Write) -> Result<u64, CacheError> {
+        self.blob_into(digest, out)
+    }
+
+    fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError> {
+        match source {
+            BlobSource::Bytes(b) => DaemonClient::put_blob(self, digest, Bytes::copy_from_slice(b)),
+            BlobSource::File { path, offset, len } => self.put_blob_file(digest, path, offset, len),
+        }
+    }
+}
+
+impl BuildControl for DaemonClient {
+    fn plan(&self, inputs: &PlanInputs) -> Result<PlanResponse, CacheError> {
+        DaemonClient::plan(self, inputs)
+    }
+
+    fn image(&self, name: &str) -> Result<Option<ImageRecord>, CacheError> {
+        DaemonClient::image(self, name)
+    }
+
+    fn put_image(&self, image: &ImageRecord) -> Result<ImageRecord, CacheError> {
+        DaemonClient::put_image(self, image)
+    }
+
+    fn builds(&self, limit: usize) -> Result<Vec<BuildRecord>, CacheError> {
+        DaemonClient::builds(self, limit)
+    }
+
+    fn summary(&self, digest: &str) -> Result<Option<Vec<SummaryEntry>>, CacheError> {
+        DaemonClient::summary(self, digest)
+    }
+
+    fn post_build(&self, build: &BuildRecord) -> Result<BuildRecord, CacheError> {
+        DaemonClient::post_build(self, build)
+    }
+}
