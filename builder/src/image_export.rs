@@ -22,26 +22,43 @@ pub struct OutputSpec {
     pub dest: PathBuf,
 }
 
-impl std::str::FromStr for OutputSpec {
-    type Err = String;
+/// Why an `--output` value could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutputSpecError {
+    /// A part that is not `type=` or `dest=`.
+    #[error("'{0}' in --output: write type=oci|docker|local,dest=PATH")]
+    UnknownPart(String),
+    /// No `type=`.
+    #[error("--output needs type=oci|docker|local")]
+    NoType,
+    /// A type lcache cannot export.
+    #[error("--output type={0} is not one of oci, docker, local")]
+    UnknownType(String),
+    /// No `dest=`.
+    #[error("--output needs dest=PATH")]
+    NoDest,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for OutputSpec {
+    type Err = OutputSpecError;
+
+    fn from_str(s: &str) -> Result<Self, OutputSpecError> {
         let mut kind = None;
         let mut dest = None;
         for kv in s.split(',') {
             match kv.split_once('=') {
                 Some(("type", v)) => kind = Some(v.to_string()),
                 Some(("dest", v)) => dest = Some(PathBuf::from(v)),
-                _ => return Err(format!("'{kv}' in --output: write type=oci|docker|local,dest=PATH")),
+                _ => return Err(OutputSpecError::UnknownPart(kv.into())),
             }
         }
-        let kind = kind.ok_or("--output needs type=oci|docker|local")?;
+        let kind = kind.ok_or(OutputSpecError::NoType)?;
         if !matches!(kind.as_str(), "oci" | "docker" | "local") {
-            return Err(format!("--output type={kind} is not one of oci, docker, local"));
+            return Err(OutputSpecError::UnknownType(kind));
         }
         Ok(Self {
             kind,
-            dest: dest.ok_or("--output needs dest=PATH")?,
+            dest: dest.ok_or(OutputSpecError::NoDest)?,
         })
     }
 }

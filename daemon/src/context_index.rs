@@ -44,6 +44,25 @@ pub enum IndexError {
     Store(#[from] StoreError),
 }
 
+/// Why a context cannot be watched (it is stat-walked instead; the words are its status).
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// No watcher could be made.
+    #[error("cannot start a file watcher: {0}")]
+    Start(notify::Error),
+    /// The kernel's limit on watched directories was reached.
+    #[error("too many directories to watch (raise fs.inotify.max_user_watches)")]
+    TooManyDirectories,
+    /// The tree could not be watched.
+    #[error("cannot watch {}: {source}", root.display())]
+    Watch {
+        /// The context.
+        root: PathBuf,
+        /// Why.
+        source: notify::Error,
+    },
+}
+
 /// What a COPY selects, for memoising its digest while the context does not change.
 type MemoKey = (Vec<String>, Vec<String>);
 
@@ -138,7 +157,7 @@ impl ContextIndex {
         } else if self.watch {
             match start_watcher(root, signals.clone()) {
                 Ok(w) => (Some(w), WatchMode::Watching),
-                Err(reason) => (None, WatchMode::StatWalk(reason)),
+                Err(reason) => (None, WatchMode::StatWalk(reason.to_string())),
             }
         } else {
             (None, WatchMode::StatWalk("watching disabled (--watch off)".into()))
@@ -208,7 +227,7 @@ fn network_filesystem(root: &Path) -> Option<&'static str> {
     }
 }
 
-fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<notify::RecommendedWatcher, String> {
+fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<notify::RecommendedWatcher, WatchError> {
     let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let event = match event {
             Ok(e) => e,
@@ -255,13 +274,14 @@ fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<notify::Reco
             signals.changed.store(true, Ordering::SeqCst);
         }
     })
-    .map_err(|e| format!("cannot start a file watcher: {e}"))?;
+    .map_err(WatchError::Start)?;
     w.watch(root, notify::RecursiveMode::Recursive)
         .map_err(|e| match e.kind {
-            notify::ErrorKind::MaxFilesWatch => {
-                "too many directories to watch (raise fs.inotify.max_user_watches)".to_string()
-            }
-            _ => format!("cannot watch {}: {e}", root.display()),
+            notify::ErrorKind::MaxFilesWatch => WatchError::TooManyDirectories,
+            _ => WatchError::Watch {
+                root: root.to_path_buf(),
+                source: e,
+            },
         })?;
     Ok(w)
 }

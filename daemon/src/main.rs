@@ -38,13 +38,13 @@ struct Args {
 }
 
 /// `1024`, `512K`, `64M`, `2G`, `1T` (binary units; `KiB`, `GB`… are read the same).
-fn parse_size(v: &str) -> Result<u64, String> {
+fn parse_size(v: &str) -> anyhow::Result<u64> {
     let t = v.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("'{v}' is not a size: write e.g. 512M or 64G"))?;
+        .map_err(|_| anyhow::anyhow!("'{v}' is not a size: write e.g. 512M or 64G"))?;
     let shift = match unit
         .trim()
         .to_ascii_uppercase()
@@ -56,9 +56,10 @@ fn parse_size(v: &str) -> Result<u64, String> {
         "M" => 20,
         "G" => 30,
         "T" => 40,
-        _ => return Err(format!("'{v}': unknown unit; use K, M, G or T")),
+        _ => anyhow::bail!("'{v}': unknown unit; use K, M, G or T"),
     };
-    n.checked_mul(1 << shift).ok_or_else(|| format!("'{v}' is too large"))
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| anyhow::anyhow!("'{v}' is too large"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

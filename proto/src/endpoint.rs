@@ -12,33 +12,41 @@ pub enum Endpoint {
     Tcp(String),
 }
 
-impl std::str::FromStr for Endpoint {
-    type Err = String;
+/// Why an address could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// `unix://` with nothing after it.
+    #[error("'{0}' names no socket path: write unix:///path/to/lcached.sock")]
+    NoSocketPath(String),
+    /// A TCP address without a port.
+    #[error("'{0}' has no port: write tcp://host:port, e.g. tcp://127.0.0.1:7878")]
+    NoPort(String),
+    /// Neither a socket path nor a TCP address.
+    #[error("'{0}' is not an address: write unix:///path/to/lcached.sock or tcp://host:port")]
+    NotAnAddress(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Endpoint {
+    type Err = EndpointError;
+
+    fn from_str(s: &str) -> Result<Self, EndpointError> {
         if let Some(p) = s.strip_prefix("unix://") {
             if p.is_empty() {
-                return Err(format!(
-                    "'{s}' names no socket path: write unix:///path/to/lcached.sock"
-                ));
+                return Err(EndpointError::NoSocketPath(s.into()));
             }
             return Ok(Self::Unix(PathBuf::from(p)));
         }
         if let Some(a) = s.strip_prefix("tcp://").or_else(|| s.strip_prefix("http://")) {
             let a = a.trim_end_matches('/');
             if !a.contains(':') {
-                return Err(format!(
-                    "'{s}' has no port: write tcp://host:port, e.g. tcp://127.0.0.1:7878"
-                ));
+                return Err(EndpointError::NoPort(s.into()));
             }
             return Ok(Self::Tcp(a.to_string()));
         }
         if s.starts_with('/') {
             return Ok(Self::Unix(PathBuf::from(s)));
         }
-        Err(format!(
-            "'{s}' is not an address: write unix:///path/to/lcached.sock or tcp://host:port"
-        ))
+        Err(EndpointError::NotAnAddress(s.into()))
     }
 }
 
@@ -89,7 +97,10 @@ mod tests {
             "http://127.0.0.1:7878/".parse::<Endpoint>().unwrap(),
             Endpoint::Tcp("127.0.0.1:7878".into())
         );
-        assert!("tcp://nohost".parse::<Endpoint>().unwrap_err().contains("no port"));
+        assert_eq!(
+            "tcp://nohost".parse::<Endpoint>(),
+            Err(EndpointError::NoPort("tcp://nohost".into()))
+        );
         assert!("ftp://x".parse::<Endpoint>().is_err());
     }
 

@@ -29,8 +29,63 @@ pub struct VarChange {
 pub struct FileChange {
     /// Its path in the context.
     pub path: String,
-    /// `modified`, `added`, `removed`, `renamed from X`, `mode 644 → 755`, `symlink a → b`.
-    pub change: String,
+    /// What happened to it.
+    pub change: ChangeKind,
+}
+
+/// What happened to one path between the sources of two builds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// It is new.
+    Added,
+    /// It is gone.
+    Removed,
+    /// A file's contents changed.
+    Modified,
+    /// Something beneath a directory changed; the summary does not list its children.
+    ContentsChanged,
+    /// A file with the same contents was removed at `from`.
+    RenamedFrom {
+        /// The path it had.
+        from: String,
+    },
+    /// Only its permission bits changed.
+    Mode {
+        /// The old mode.
+        old: u32,
+        /// The new mode.
+        new: u32,
+    },
+    /// A symlink points elsewhere.
+    LinkTarget {
+        /// The old target.
+        old: String,
+        /// The new target.
+        new: String,
+    },
+    /// It became another type of entry (a file became a directory…).
+    Type {
+        /// The old type.
+        old: EntryKind,
+        /// The new type.
+        new: EntryKind,
+    },
+}
+
+impl std::fmt::Display for ChangeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Added => f.write_str("added"),
+            Self::Removed => f.write_str("removed"),
+            Self::Modified => f.write_str("modified"),
+            Self::ContentsChanged => f.write_str("contents changed"),
+            Self::RenamedFrom { from } => write!(f, "renamed from {from}"),
+            Self::Mode { old, new } => write!(f, "mode {old:o} → {new:o}"),
+            Self::LinkTarget { old, new } => write!(f, "symlink target {old} → {new}"),
+            Self::Type { old, new } => write!(f, "{} → {}", old.name(), new.name()),
+        }
+    }
 }
 
 /// The root cause of a miss (or of a whole cascade).
@@ -233,20 +288,29 @@ pub fn diff_summaries(old: &[SummaryEntry], new: &[SummaryEntry]) -> Vec<FileCha
             None => {}
             Some(old) if old.digest != e.digest || old.mode != e.mode || old.kind != e.kind => {
                 let change = if old.kind != e.kind {
-                    format!("{:?} → {:?}", old.kind, e.kind).to_lowercase()
+                    ChangeKind::Type {
+                        old: old.kind,
+                        new: e.kind,
+                    }
                 } else if e.kind == EntryKind::Symlink {
-                    format!("symlink target {} → {}", old.digest, e.digest)
+                    ChangeKind::LinkTarget {
+                        old: old.digest.clone(),
+                        new: e.digest.clone(),
+                    }
                 } else if old.mode != e.mode
                     && (e.kind == EntryKind::Dir || old.digest == e.digest || digest_only_mode(old, e))
                 {
-                    format!("mode {:o} → {:o}", old.mode, e.mode)
+                    ChangeKind::Mode {
+                        old: old.mode,
+                        new: e.mode,
+                    }
                 } else if e.kind == EntryKind::Dir {
                     if e.expanded && old.expanded {
                         continue; // its children say what changed
                     }
-                    "contents changed".to_string()
+                    ChangeKind::ContentsChanged
                 } else {
-                    "modified".to_string()
+                    ChangeKind::Modified
                 };
                 out.push(FileChange {
                     path: p.to_string(),
@@ -275,8 +339,8 @@ pub fn diff_summaries(old: &[SummaryEntry], new: &[SummaryEntry]) -> Vec<FileCha
     }
     for a in added {
         let change = match renamed_from.get(&a.path) {
-            Some(from) => format!("renamed from {from}"),
-            None => "added".into(),
+            Some(from) => ChangeKind::RenamedFrom { from: from.clone() },
+            None => ChangeKind::Added,
         };
         out.push(FileChange {
             path: a.path.clone(),
@@ -286,7 +350,7 @@ pub fn diff_summaries(old: &[SummaryEntry], new: &[SummaryEntry]) -> Vec<FileCha
     for r in removed {
         out.push(FileChange {
             path: r.path.clone(),
-            change: "removed".into(),
+            change: ChangeKind::Removed,
         });
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
@@ -389,7 +453,7 @@ pub fn miss_cause(
         if changes.is_empty() {
             changes.push(FileChange {
                 path: cur.field("sources").map(|s| s.join(" ")).unwrap_or_default(),
-                change: "contents changed".into(),
+                change: ChangeKind::ContentsChanged,
             });
         }
         return if cx.dockerignore_changed {
@@ -614,11 +678,50 @@ mod tests {
     }
 
     #[test]
+    fn type_and_link_changes_are_typed() {
+        let old = vec![
+            entry("a", EntryKind::File, 0o644, "x", false),
+            entry("l", EntryKind::Symlink, 0o777, "t1", false),
+        ];
+        let new = vec![
+            entry("a", EntryKind::Dir, 0o755, "y", false),
+            entry("l", EntryKind::Symlink, 0o777, "t2", false),
+        ];
+        let d = diff_summaries(&old, &new);
+        assert_eq!(
+            d[0].change,
+            ChangeKind::Type {
+                old: EntryKind::File,
+                new: EntryKind::Dir
+            }
+        );
+        assert_eq!(d[0].change.to_string(), "file → dir");
+        assert_eq!(
+            d[1].change,
+            ChangeKind::LinkTarget {
+                old: "t1".into(),
+                new: "t2".into()
+            }
+        );
+        let json = serde_json::to_string(&d[1]).unwrap();
+        assert_eq!(json, r#"{"path":"l","change":{"link_target":{"old":"t1","new":"t2"}}}"#);
+        assert_eq!(
+            serde_json::to_string(&FileChange {
+                path: "f".into(),
+                change: ChangeKind::Modified
+            })
+            .unwrap(),
+            r#"{"path":"f","change":"modified"}"#,
+            "unit changes keep the JSON they always had"
+        );
+    }
+
+    #[test]
     fn cascades_group_under_their_root_with_time() {
         let root = MissCause::FilesChanged {
             changes: vec![FileChange {
                 path: "src/a.txt".into(),
-                change: "modified".into(),
+                change: ChangeKind::Modified,
             }],
             more: 0,
         };

@@ -19,6 +19,17 @@ pub enum EntryKind {
     Symlink,
 }
 
+impl EntryKind {
+    /// The kind in words: `file`, `dir`, `symlink`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::Dir => "dir",
+            Self::Symlink => "symlink",
+        }
+    }
+}
+
 /// What tells a file apart from its earlier self without reading it: a cached digest is
 /// reused only while the stamp and size are unchanged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]

@@ -104,7 +104,7 @@ fn a_chmod_is_named_with_both_modes() {
         |p| std::fs::set_permissions(p.path().join("src/b.txt"), std::fs::Permissions::from_mode(0o755)).unwrap(),
         &[],
     );
-    check(&plan, &b, "files_changed", "mode 644 → 755");
+    check(&plan, &b, "files_changed", r#"{"mode":{"new":493,"old":420}}"#);
 }
 
 #[test]
@@ -124,7 +124,7 @@ fn added_removed_and_renamed_files_are_named() {
         |p| std::fs::rename(p.path().join("src/b.txt"), p.path().join("src/b2.txt")).unwrap(),
         &[],
     );
-    check(&plan, &b, "files_changed", "renamed from src/b.txt");
+    check(&plan, &b, "files_changed", r#"{"renamed_from":{"from":"src/b.txt"}}"#);
 }
 
 #[test]
@@ -137,7 +137,12 @@ fn a_retargeted_symlink_is_named() {
         },
         &[],
     );
-    check(&plan, &b, "files_changed", "symlink target a.txt → b.txt");
+    check(
+        &plan,
+        &b,
+        "files_changed",
+        r#"{"link_target":{"new":"b.txt","old":"a.txt"}}"#,
+    );
 }
 
 #[test]

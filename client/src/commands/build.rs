@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use lcache_proto::endpoint::Endpoint;
 
 use crate::build_inputs::plan_inputs;
@@ -15,12 +15,7 @@ use lcache_builder::image_export::{export, OutputSpec};
 
 /// Runs `lcache build`.
 pub fn run(args: &BuildArgs, explicit: Option<&Endpoint>) -> Result<String> {
-    let output: Option<OutputSpec> = args
-        .output
-        .as_deref()
-        .map(str::parse)
-        .transpose()
-        .map_err(|e: String| anyhow!(e))?;
+    let output: Option<OutputSpec> = args.output.as_deref().map(str::parse).transpose()?;
     let inputs = plan_inputs(&args.inputs, false)?;
     let (client, _) = daemon(explicit)?;
     let mode = match args.progress.as_str() {

@@ -5,7 +5,7 @@ use std::path::Path;
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 
 use super::{BlobMeta, CachedDigest, RecordStore, StoreError};
-use crate::codec::{decode, encode};
+use crate::codec::{decode, encode, Stored};
 
 /// sled-backed records.
 pub struct SledRecords {
@@ -42,7 +42,7 @@ impl SledRecords {
 }
 
 /// A value of `tree` through the codec.
-fn get<T: serde::de::DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
+fn get<T: Stored>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
     match tree.get(key).map_err(db_err)? {
         Some(v) => Ok(Some(decode(&v)?)),
         None => Ok(None),
@@ -50,7 +50,7 @@ fn get<T: serde::de::DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<O
 }
 
 /// Stores a value in `tree` through the codec.
-fn put<T: serde::Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
+fn put<T: Stored>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
     tree.insert(key, encode(value)).map_err(db_err)?;
     Ok(())
 }
