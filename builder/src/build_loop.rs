@@ -17,7 +17,6 @@ use lcache_proto::explain::{cascades, root_after, CascadeRoot, MissCause};
 use lcache_proto::source_select::{select, ContextEntry, SelectedRoot};
 use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
 use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
-use serde_json::{Map, Value};
 
 use crate::build_control::BuildControl;
 use crate::build_events::{BuildObserver, StepEvent, SummaryEvent};
@@ -33,7 +32,7 @@ use crate::snapshots::ensure_snapshot;
 use crate::step_cache::{BlobSource, StepCache};
 use crate::user_lookup::resolve_user;
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
-use lcache_image::oci_image::{apply_changes, config_document, env_of, manifest_document, runtime_config, sha256_of};
+use lcache_image::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
 
 /// BuildKit's PATH when the image sets none.
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -73,7 +72,7 @@ struct StageState {
     parent: String,
     layers: Vec<LayerRef>,
     snapshots: Vec<PathBuf>,
-    config: Map<String, Value>,
+    config: RuntimeConfig,
     /// The root of the cascade that produced this state, if its last step rebuilt.
     rebuilt: Option<CascadeRoot>,
 }
@@ -159,7 +158,7 @@ pub fn build(
         .ok_or_else(|| internal("the target stage was not built"))?;
     let platform = b.plan.stages[b.plan.target].platform.clone();
     let config = config_document(&platform, &target.config, &target.layers);
-    let manifest = manifest_document(&config, &target.layers);
+    let manifest = manifest_document(&config, &target.layers)?;
     let mut image = ImageRecord {
         name: String::new(),
         manifest_digest: sha256_of(&manifest),
@@ -290,7 +289,7 @@ impl<'a> Builder<'a> {
                 parent: "scratch".into(),
                 layers: vec![],
                 snapshots: vec![],
-                config: Map::new(),
+                config: RuntimeConfig::default(),
                 rebuilt: None,
             }),
             Base::Stage { index } => {
@@ -315,7 +314,10 @@ impl<'a> Builder<'a> {
                     parent: img.manifest_digest.clone(),
                     layers: img.layers.clone(),
                     snapshots,
-                    config: runtime_config(&img.config),
+                    config: RuntimeConfig::of_document(img.config.as_bytes()).map_err(|e| BuildError::Unbuildable {
+                        location: self.at(stage.line),
+                        message: format!("base image {reference}: {e} — import it again"),
+                    })?,
                     rebuilt: None,
                 })
             }
@@ -329,7 +331,7 @@ impl<'a> Builder<'a> {
     ) -> Result<(StageState, Vec<Finished>), BuildError> {
         let stage = self.plan.stages[i].clone();
         let mut st = self.base_state(&stage, states)?;
-        let base_env = env_of(&st.config);
+        let base_env = st.config.env().to_vec();
         let label_name = stage.name.clone().unwrap_or_else(|| format!("stage-{i}"));
         let mut finished = Vec::new();
         for (n, step) in stage.steps.iter().enumerate() {
@@ -435,7 +437,7 @@ impl<'a> Builder<'a> {
             };
             finished.push((ev, record));
         }
-        apply_changes(&mut st.config, &stage.config);
+        st.config.apply(&stage.config);
         Ok((st, finished))
     }
 

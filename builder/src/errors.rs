@@ -121,6 +121,9 @@ pub enum BuildError {
         /// What it names.
         digest: String,
     },
+    /// An image document could not be written.
+    #[error(transparent)]
+    Document(#[from] lcache_image::oci_image::DocumentError),
     /// lcache itself went wrong (a bug), not the build.
     #[error("internal error: {0} — please report this bug")]
     Internal(&'static str),

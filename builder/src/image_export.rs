@@ -11,7 +11,7 @@ use crate::errors::BuildError;
 use crate::snapshots::layer_file_reader;
 use crate::step_cache::StepCache;
 use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
-use lcache_image::oci_image::MANIFEST_MEDIA_TYPE;
+use lcache_image::oci_image::index_document;
 
 /// Where and how to export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,20 +95,6 @@ fn fetch_to(steps: &dyn StepCache, digest: &str, path: &Path) -> Result<u64, Bui
     Ok(steps.get_blob(digest, &mut f)?)
 }
 
-fn index_json(image: &ImageRecord, manifest_size: usize, tags: &[String]) -> Vec<u8> {
-    let annotations = tags
-        .first()
-        .map(|t| json!({"org.opencontainers.image.ref.name": t, "io.containerd.image.name": t}));
-    let mut m = json!({"mediaType": MANIFEST_MEDIA_TYPE, "digest": image.manifest_digest, "size": manifest_size});
-    if let Some(a) = annotations {
-        m["annotations"] = a;
-    }
-    serde_json::to_vec(
-        &json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [m]}),
-    )
-    .unwrap_or_default()
-}
-
 /// Writes the export, streaming every blob from the step cache (none is held in memory).
 pub fn export(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec, tags: &[String]) -> Result<(), BuildError> {
     let dest = &out.dest;
@@ -135,11 +121,12 @@ pub fn export(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec, tags
             for d in digests {
                 let size = fetch_to(steps, d, &dir.join(d.trim_start_matches("sha256:")))?;
                 if d == image.manifest_digest {
-                    manifest_size = size as usize;
+                    manifest_size = size;
                 }
             }
             std::fs::write(dest.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io(dest))?;
-            std::fs::write(dest.join("index.json"), index_json(image, manifest_size, tags)).map_err(io(dest))?;
+            let index = index_document(&image.manifest_digest, manifest_size, tags.first().map(String::as_str))?;
+            std::fs::write(dest.join("index.json"), index).map_err(io(dest))?;
             Ok(())
         }
         _ => {
@@ -160,7 +147,7 @@ pub fn export(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec, tags
             for d in digests {
                 let size = fetch_to(steps, d, &blob)?;
                 if d == image.manifest_digest {
-                    manifest_size = size as usize;
+                    manifest_size = size;
                 }
                 let f = std::fs::File::open(&blob).map_err(io(&blob))?;
                 t.append_data(
@@ -182,7 +169,10 @@ pub fn export(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec, tags
             };
             add("manifest.json", &serde_json::to_vec(&manifest).unwrap_or_default())?;
             add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-            add("index.json", &index_json(image, manifest_size, tags))?;
+            add(
+                "index.json",
+                &index_document(&image.manifest_digest, manifest_size, tags.first().map(String::as_str))?,
+            )?;
             t.into_inner().map_err(io(dest))?;
             Ok(())
         }

@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use lcache_confine::Root;
 use lcache_proto::digest::sha256_hex;
 use lcache_proto::wire::{normalize_image_name, ImageRecord, LayerRef};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::layer_diff::LAYER_MEDIA_TYPE;
 use crate::layer_extract::{extract_into, is_root, max_layer_size, SizeLimit, Whiteouts};
-use crate::oci_image::{config_document, manifest_document, runtime_config, sha256_of};
+use crate::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
 use crate::sha256_stream::Sha256Stream;
 
 /// The largest manifest, index or config document read (they are small JSON files).
@@ -180,23 +180,23 @@ struct LayerSource {
 /// An image read from a file, before its layers are checked and stored.
 struct Loaded {
     layers: Vec<LayerSource>,
-    config: Map<String, Value>,
+    config: RuntimeConfig,
     name: Option<String>,
     format: &'static str,
 }
 
 /// The `config` section and `rootfs.diff_ids` of an image config document.
-fn config_parts(config: &Value) -> (Map<String, Value>, Vec<String>) {
-    let runtime = config
-        .get("config")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
+fn config_parts(file: &Path, config: &Value) -> Result<(RuntimeConfig, Vec<String>), ArchiveError> {
+    let runtime = match config.get("config") {
+        None | Some(Value::Null) => RuntimeConfig::default(),
+        Some(c) => serde_json::from_value(c.clone())
+            .map_err(|e| err(file, format!("the image config's `config` section is malformed: {e}")))?,
+    };
     let diff_ids = config["rootfs"]["diff_ids"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
         .unwrap_or_default();
-    (runtime, diff_ids)
+    Ok((runtime, diff_ids))
 }
 
 /// A config must name one diff_id per layer the manifest lists.
@@ -226,7 +226,7 @@ fn docker_save(file: &Path, src: &Source) -> Result<Loaded, ArchiveError> {
         .as_str()
         .ok_or_else(|| err(file, "manifest.json has no Config"))?;
     let config = json_doc(file, src, config_path)?;
-    let (runtime, diff_ids) = config_parts(&config);
+    let (runtime, diff_ids) = config_parts(file, &config)?;
     let paths: Vec<String> = first["Layers"]
         .as_array()
         .ok_or_else(|| err(file, "manifest.json has no Layers"))?
@@ -275,7 +275,7 @@ fn oci_layout(file: &Path, src: &Source) -> Result<Loaded, ArchiveError> {
             continue;
         }
         let config = Descriptor::of(file, &doc["config"], "the config")?.read_json(file, src, "config")?;
-        let (runtime, diff_ids) = config_parts(&config);
+        let (runtime, diff_ids) = config_parts(file, &config)?;
         let descs = doc["layers"].as_array().cloned().unwrap_or_default();
         same_layer_count(file, diff_ids.len(), descs.len(), "the manifest")?;
         let mut layers = Vec::new();
@@ -339,7 +339,7 @@ fn load(file: &Path, src: &Source) -> Result<Loaded, ArchiveError> {
             descriptor: None,
             diff_id: None,
         }],
-        config: Map::new(),
+        config: RuntimeConfig::default(),
         name: None,
         format: "root filesystem tar",
     })
@@ -510,12 +510,8 @@ pub fn check_archive(
         });
         layers.push(c.layer);
     }
-    let config = config_document(
-        platform,
-        &runtime_config(&serde_json::to_string(&serde_json::json!({"config": loaded.config})).unwrap_or_default()),
-        &layers,
-    );
-    let manifest = manifest_document(&config, &layers);
+    let config = config_document(platform, &loaded.config, &layers);
+    let manifest = manifest_document(&config, &layers).map_err(|e| err(file, e))?;
     let record = ImageRecord {
         name: normalize_image_name(&name),
         manifest_digest: sha256_of(&manifest),

@@ -694,11 +694,19 @@ impl Planner<'_> {
                     }
                     Some(Command::Shell { text }) => vec!["CMD-SHELL".to_string(), text.clone()],
                 };
-                let options = ins
+                let options: Vec<(String, String)> = ins
                     .flags
                     .iter()
                     .map(|f| (f.name.clone(), f.value.clone().unwrap_or_default()))
                     .collect();
+                // Checked here so a bad value is a file:line error, not a broken image config.
+                crate::healthcheck::parse_options(&options).map_err(|e| {
+                    self.err(
+                        ins,
+                        e.to_string(),
+                        "durations are Go durations (30s, 1m30s, 500ms); --retries is a whole number",
+                    )
+                })?;
                 vec![ConfigChange::Healthcheck { test, options }]
             }
             InstructionKind::Shell { args } => vec![ConfigChange::Shell { args: args.clone() }],

@@ -10,6 +10,7 @@ pub mod dockerignore;
 pub mod endpoint;
 pub mod errors;
 pub mod explain;
+pub mod healthcheck;
 pub mod instruction;
 pub mod instruction_names;
 pub mod key_encoding;
