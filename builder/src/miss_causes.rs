@@ -176,3 +176,172 @@ pub fn plan_causes(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::errors::CacheError;
+    use lcache_proto::cache_key::KeyField;
+    use lcache_proto::explain::{ChangeKind, FileChange};
+    use lcache_proto::source_select::EntryKind;
+    use lcache_proto::sources_digest::SummaryEntry;
+    use lcache_proto::wire::ImageRecord;
+
+    /// A history held in memory: what lcached's build history and summaries would answer.
+    struct History {
+        builds: Vec<BuildRecord>,
+        summaries: std::collections::HashMap<String, Vec<SummaryEntry>>,
+    }
+
+    impl BuildControl for History {
+        fn plan(&self, _: &PlanInputs) -> Result<PlanResponse, CacheError> {
+            Err(CacheError::Protocol("not planned here".into()))
+        }
+        fn image(&self, _: &str) -> Result<Option<ImageRecord>, CacheError> {
+            Ok(None)
+        }
+        fn put_image(&self, i: &ImageRecord) -> Result<ImageRecord, CacheError> {
+            Ok(i.clone())
+        }
+        fn builds(&self, limit: usize) -> Result<Vec<BuildRecord>, CacheError> {
+            Ok(self.builds.iter().take(limit).cloned().collect())
+        }
+        fn summary(&self, digest: &str) -> Result<Option<Vec<SummaryEntry>>, CacheError> {
+            Ok(self.summaries.get(digest).cloned())
+        }
+        fn post_build(&self, b: &BuildRecord) -> Result<BuildRecord, CacheError> {
+            Ok(b.clone())
+        }
+    }
+
+    fn copy_inputs(sources_digest: &str) -> KeyInputs {
+        KeyInputs {
+            platform: "linux/amd64".into(),
+            parent: "p".into(),
+            kind: "COPY".into(),
+            fields: vec![
+                KeyField {
+                    name: "sources".into(),
+                    values: vec!["src".into()],
+                },
+                KeyField {
+                    name: "sources_digest".into(),
+                    values: vec![sources_digest.into()],
+                },
+            ],
+        }
+    }
+
+    fn file(path: &str, digest: &str) -> SummaryEntry {
+        SummaryEntry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode: 0o644,
+            digest: digest.into(),
+            expanded: false,
+        }
+    }
+
+    fn record(context: &str, instruction: &str, inputs: KeyInputs) -> BuildRecord {
+        BuildRecord {
+            id: "b".into(),
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            dockerfile: "Dockerfile".into(),
+            context: context.into(),
+            target: None,
+            steps: vec![BuildStep {
+                stage: 0,
+                line: 2,
+                instruction: instruction.into(),
+                key: inputs.key(),
+                cached: false,
+                duration_ms: 0,
+                saved_ms: 0,
+                cause: None,
+                inputs: Some(inputs),
+                compared_with: None,
+            }],
+            dockerfile_path: String::new(),
+            dockerignore: String::new(),
+            cascades: vec![],
+            image: String::new(),
+        }
+    }
+
+    fn inputs_for(context: &str) -> PlanInputs {
+        PlanInputs {
+            dockerfile_name: "Dockerfile".into(),
+            dockerfile: String::new(),
+            dockerfile_path: String::new(),
+            context: context.into(),
+            build_args: Default::default(),
+            target: None,
+            platform: "linux/amd64".into(),
+            all_files: false,
+        }
+    }
+
+    #[test]
+    fn the_previous_build_of_the_same_context_names_the_changed_file() {
+        let ctx = tempfile::tempdir().unwrap();
+        let ctx = ctx.path().to_str().unwrap().to_string();
+        let history = History {
+            builds: vec![
+                // Newest first: another context's build must not be compared with.
+                record("/elsewhere", "COPY src /app", copy_inputs("zzz")),
+                record(&ctx, "COPY src /app", copy_inputs("old")),
+            ],
+            summaries: [
+                ("old".to_string(), vec![file("src/a", "1"), file("src/b", "2")]),
+                ("new".to_string(), vec![file("src/a", "1"), file("src/b", "3")]),
+            ]
+            .into(),
+        };
+        let finder = CauseFinder::new(&history, &inputs_for(&ctx), false);
+        let now = copy_inputs("new");
+        let key = now.key();
+        let at = StepAt {
+            stage: 0,
+            position: 0,
+            instruction: "COPY src /app",
+            inputs: &now,
+            key: &key,
+            rebuilt_parent: None,
+        };
+        let (cause, compared_with) = finder.cause(&at);
+        assert_eq!(
+            cause,
+            MissCause::FilesChanged {
+                changes: vec![FileChange {
+                    path: "src/b".into(),
+                    change: ChangeKind::Modified
+                }],
+                more: 0
+            }
+        );
+        assert_eq!(compared_with, Some(copy_inputs("old").key()));
+    }
+
+    #[test]
+    fn without_history_a_step_was_never_built_and_no_cache_says_so() {
+        let history = History {
+            builds: vec![],
+            summaries: Default::default(),
+        };
+        let now = copy_inputs("new");
+        let key = now.key();
+        let at = StepAt {
+            stage: 0,
+            position: 0,
+            instruction: "COPY src /app",
+            inputs: &now,
+            key: &key,
+            rebuilt_parent: None,
+        };
+        let (cause, compared) = CauseFinder::new(&history, &inputs_for("/c"), false).cause(&at);
+        assert_eq!((cause, compared), (MissCause::NeverBuilt, None));
+        let (cause, _) = CauseFinder::new(&history, &inputs_for("/c"), true).cause(&at);
+        assert_eq!(cause, MissCause::NoCache);
+    }
+}
