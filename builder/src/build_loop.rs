@@ -100,6 +100,17 @@ struct Builder<'a> {
 /// One finished step: what progress showed, and what the history keeps.
 type Finished = (StepEvent, BuildStep);
 
+/// A fresh directory for a step's layer in its work directory.
+fn layer_dir(work: &Path) -> Result<PathBuf, BuildError> {
+    let layer = work.join("layer");
+    std::fs::create_dir(&layer).map_err(|source| BuildError::Io {
+        action: "create",
+        path: layer.clone(),
+        source,
+    })?;
+    Ok(layer)
+}
+
 fn internal(what: &'static str) -> BuildError {
     BuildError::Internal(what)
 }
@@ -578,12 +589,7 @@ impl<'a> Builder<'a> {
                 upper
             }
             StepDef::Copy(c) => {
-                let layer = work.path().join("layer");
-                std::fs::create_dir(&layer).map_err(|source| BuildError::Io {
-                    action: "create",
-                    path: layer.clone(),
-                    source,
-                })?;
+                let layer = layer_dir(work.path())?;
                 let attrs = self
                     .copy_attrs(c, &lowers, work.path())
                     .map_err(|e| fail(e.to_string(), vec![]))?;
@@ -619,12 +625,7 @@ impl<'a> Builder<'a> {
                 layer
             }
             StepDef::Workdir { path } => {
-                let layer = work.path().join("layer");
-                std::fs::create_dir(&layer).map_err(|source| BuildError::Io {
-                    action: "create",
-                    path: layer.clone(),
-                    source,
-                })?;
+                let layer = layer_dir(work.path())?;
                 build_workdir_layer(&layer, path).map_err(|e| fail(e.to_string(), vec![]))?;
                 layer
             }

@@ -282,6 +282,20 @@ mod tests {
         }
     }
 
+    /// The cause of `COPY src /app`, first in its stage, whose sources digest is now `new`.
+    fn cause_of_copy(finder: &CauseFinder<'_>) -> (MissCause, Option<String>) {
+        let now = copy_inputs("new");
+        let key = now.key();
+        finder.cause(&StepAt {
+            stage: 0,
+            position: 0,
+            instruction: "COPY src /app",
+            inputs: &now,
+            key: &key,
+            rebuilt_parent: None,
+        })
+    }
+
     #[test]
     fn the_previous_build_of_the_same_context_names_the_changed_file() {
         let ctx = tempfile::tempdir().unwrap();
@@ -299,17 +313,7 @@ mod tests {
             .into(),
         };
         let finder = CauseFinder::new(&history, &inputs_for(&ctx), false);
-        let now = copy_inputs("new");
-        let key = now.key();
-        let at = StepAt {
-            stage: 0,
-            position: 0,
-            instruction: "COPY src /app",
-            inputs: &now,
-            key: &key,
-            rebuilt_parent: None,
-        };
-        let (cause, compared_with) = finder.cause(&at);
+        let (cause, compared_with) = cause_of_copy(&finder);
         assert_eq!(
             cause,
             MissCause::FilesChanged {
@@ -329,19 +333,9 @@ mod tests {
             builds: vec![],
             summaries: Default::default(),
         };
-        let now = copy_inputs("new");
-        let key = now.key();
-        let at = StepAt {
-            stage: 0,
-            position: 0,
-            instruction: "COPY src /app",
-            inputs: &now,
-            key: &key,
-            rebuilt_parent: None,
-        };
-        let (cause, compared) = CauseFinder::new(&history, &inputs_for("/c"), false).cause(&at);
+        let (cause, compared) = cause_of_copy(&CauseFinder::new(&history, &inputs_for("/c"), false));
         assert_eq!((cause, compared), (MissCause::NeverBuilt, None));
-        let (cause, _) = CauseFinder::new(&history, &inputs_for("/c"), true).cause(&at);
+        let (cause, _) = cause_of_copy(&CauseFinder::new(&history, &inputs_for("/c"), true));
         assert_eq!(cause, MissCause::NoCache);
     }
 }
