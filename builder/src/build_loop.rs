@@ -34,9 +34,6 @@ use crate::user_lookup::resolve_user;
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
 use lcache_image::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
 
-/// BuildKit's PATH when the image sets none.
-const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct BuildRequest {
@@ -300,7 +297,7 @@ impl<'a> Builder<'a> {
                 parent: "scratch".into(),
                 layers: vec![],
                 snapshots: vec![],
-                config: RuntimeConfig::default(),
+                config: RuntimeConfig::default().for_new_stage(),
                 rebuilt: None,
             }),
             Base::Stage { index } => {
@@ -325,10 +322,12 @@ impl<'a> Builder<'a> {
                     parent: img.manifest_digest.clone(),
                     layers: img.layers.clone(),
                     snapshots,
-                    config: RuntimeConfig::of_document(img.config.as_bytes()).map_err(|e| BuildError::Unbuildable {
-                        location: self.at(stage.line),
-                        message: format!("base image {reference}: {e} — import it again"),
-                    })?,
+                    config: RuntimeConfig::of_document(img.config.as_bytes())
+                        .map_err(|e| BuildError::Unbuildable {
+                            location: self.at(stage.line),
+                            message: format!("base image {reference}: {e} — import it again"),
+                        })?
+                        .for_new_stage(),
                     rebuilt: None,
                 })
             }
@@ -557,9 +556,6 @@ impl<'a> Builder<'a> {
                     env.retain(|e| !e.starts_with(&format!("{k}=")));
                     env.push(format!("{k}={v}"));
                 }
-                if !env.iter().any(|e| e.starts_with("PATH=")) {
-                    env.insert(0, DEFAULT_PATH.to_string());
-                }
                 if !r.mounts.is_empty() {
                     self.progress().note(&format!(
                         "warning: {}: RUN --mount is not supported yet; the step runs without its mounts",
@@ -630,7 +626,7 @@ impl<'a> Builder<'a> {
                 layer
             }
         };
-        let packed: PackedLayer = pack_layer(&tree, &lowers, &work.path().join("layer.tgz"))
+        let packed: PackedLayer = pack_layer(&tree, &work.path().join("layer.tgz"))
             .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
         self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
         let layer = LayerRef {

@@ -8,7 +8,11 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
-use oci_spec::runtime::{LinuxNamespaceType, Root as SpecRoot, Spec};
+use std::collections::HashSet;
+
+use oci_spec::runtime::{
+    Capability, LinuxCapabilitiesBuilder, LinuxNamespaceType, Mount, MountBuilder, Root as SpecRoot, Spec,
+};
 
 use crate::overlay_mount::OverlayMount;
 use crate::user_lookup::resolve_user;
@@ -49,6 +53,54 @@ pub enum RunError {
 }
 
 static CONTAINER_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The hostname a RUN sees, as in BuildKit.
+pub const HOSTNAME: &str = "buildkitsandbox";
+
+/// Docker's default capability set (runc's own default is much smaller: `apt-get`'s
+/// privilege drop, `chown` and `useradd` need these).
+const DOCKER_CAPABILITIES: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fowner,
+    Capability::Fsetid,
+    Capability::Kill,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::NetRaw,
+    Capability::SysChroot,
+    Capability::Mknod,
+    Capability::AuditWrite,
+    Capability::Setfcap,
+];
+
+/// `/etc/hosts` as BuildKit writes it for a RUN.
+const HOSTS: &str = "127.0.0.1\tlocalhost buildkitsandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+
+/// A read-only bind mount of a generated file, as BuildKit mounts `/etc/hosts` and
+/// `/etc/resolv.conf` (never part of the layer).
+fn ro_file_mount(source: &Path, destination: &str) -> Result<Mount, RunError> {
+    MountBuilder::default()
+        .destination(destination)
+        .typ("bind")
+        .source(source)
+        .options(["rbind", "ro", "nosuid", "nodev", "noexec"].map(String::from).to_vec())
+        .build()
+        .map_err(|e| RunError::Setup(format!("cannot describe the {destination} mount: {e}")))
+}
+
+/// Writes the files a RUN sees as `/etc/hosts` and `/etc/resolv.conf` into `dir`: BuildKit's
+/// hosts, and the host's resolver configuration (the RUN shares the host's network).
+fn write_network_files(dir: &Path) -> Result<(PathBuf, PathBuf), RunError> {
+    let hosts = dir.join("hosts");
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(&hosts, HOSTS).map_err(setup("cannot write the RUN's /etc/hosts"))?;
+    let conf = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+    std::fs::write(&resolv, conf).map_err(setup("cannot write the RUN's /etc/resolv.conf"))?;
+    Ok((hosts, resolv))
+}
 
 fn setup(what: &str) -> impl Fn(std::io::Error) -> RunError + '_ {
     move |e| RunError::Setup(format!("{what}: {e}"))
@@ -100,12 +152,31 @@ pub fn run_step(spec: &RunSpec, work: &Path, output: &mut dyn FnMut(&str)) -> Re
     user.set_uid(ids.uid);
     user.set_gid(ids.gid);
     process.set_user(user);
+    let caps: HashSet<Capability> = DOCKER_CAPABILITIES.into_iter().collect();
+    process.set_capabilities(Some(
+        LinuxCapabilitiesBuilder::default()
+            .bounding(caps.clone())
+            .effective(caps.clone())
+            .permitted(caps)
+            .inheritable(HashSet::new())
+            .ambient(HashSet::new())
+            .build()
+            .map_err(|e| RunError::Setup(format!("cannot describe the capabilities: {e}")))?,
+    ));
+    // As Docker: setuid programs (su, sudo) work, and limits are inherited, not runc's 1024 files.
+    process.set_no_new_privileges(Some(false));
+    process.set_rlimits(None);
     cfg.set_process(Some(process));
+    let (hosts, resolv) = write_network_files(work)?;
+    let mut mounts = cfg.mounts().clone().unwrap_or_default();
+    mounts.push(ro_file_mount(&hosts, "/etc/hosts")?);
+    mounts.push(ro_file_mount(&resolv, "/etc/resolv.conf")?);
+    cfg.set_mounts(Some(mounts));
     let mut root = SpecRoot::default();
     root.set_path(mount.path().to_path_buf());
     root.set_readonly(Some(false));
     cfg.set_root(Some(root));
-    cfg.set_hostname(Some("lcache".into()));
+    cfg.set_hostname(Some(HOSTNAME.into()));
     if !spec.network_none {
         if let Some(ns) = cfg.linux_mut().as_mut().and_then(|l| l.namespaces_mut().as_mut()) {
             ns.retain(|n| n.typ() != LinuxNamespaceType::Network);

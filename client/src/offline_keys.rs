@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use lcache_context::local_context::{LocalContext, SourcesError};
+use lcache_proto::build_plan::NoBaseImages;
 use lcache_proto::dockerfile::Dockerfile;
 use lcache_proto::planned_build::PlannedBuild;
 use lcache_proto::wire::{KeysReport, PlanInputs};
@@ -22,7 +23,8 @@ pub fn read_dockerfile(path: &Path) -> Result<Dockerfile, ClientError> {
 
 /// Derives the keys of a build, reading the context directly.
 pub fn offline_keys(req: &PlanInputs) -> Result<KeysReport, ClientError> {
-    let planned = PlannedBuild::new(req)?;
+    // Offline no image is known: a base's config counts as empty.
+    let planned = PlannedBuild::new(req, &NoBaseImages)?;
     let context = Path::new(&req.context);
     if !context.is_dir() {
         return Err(ClientError::NotADirectory(context.to_path_buf()));

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use lcache_image::oci_image::RuntimeConfig;
+use lcache_proto::build_plan::{BaseConfig, BaseImages};
 use lcache_proto::errors::{DockerfileError, Location, SelectError};
 use lcache_proto::planned_build::PlannedBuild;
 use lcache_proto::wire::{PlanInputs, PlanResponse};
@@ -37,13 +39,28 @@ pub enum PlanError {
     Store(#[from] StoreError),
 }
 
+/// Base images' configs from the images this daemon holds.
+struct StoredImages<'a>(&'a dyn RecordStore);
+
+impl BaseImages for StoredImages<'_> {
+    fn config(&self, reference: &str) -> Option<BaseConfig> {
+        match resolve(self.0, reference) {
+            // A config that does not parse is refused when the build starts from it.
+            Ok(Resolved::Found(i)) => RuntimeConfig::of_document(i.config.as_bytes())
+                .ok()
+                .map(|c| c.base_config()),
+            _ => None,
+        }
+    }
+}
+
 /// Plans a build against the context index and the record store.
 pub fn plan_build(
     index: &ContextIndex,
     records: &dyn RecordStore,
     inputs: &PlanInputs,
 ) -> Result<PlanResponse, PlanError> {
-    let planned = PlannedBuild::new(inputs)?;
+    let planned = PlannedBuild::new(inputs, &StoredImages(records))?;
     let root = Path::new(&inputs.context);
     if !root.is_absolute() || !root.is_dir() {
         return Err(PlanError::BadContext(inputs.context.clone()));

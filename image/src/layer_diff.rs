@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 
 use crate::sha256_stream::Sha256Stream;
 
-/// Directories a runtime creates as mount points when the image lacks them; they are not
-/// layer content unless a lower layer has them.
-const RUNTIME_MOUNTPOINTS: [&str; 3] = ["proc", "sys", "dev"];
+/// Files a RUN's runtime bind-mounts over (BuildKit's `/etc/hosts` and `/etc/resolv.conf`).
+/// Where the image lacks them the runtime leaves an empty stub in the upper dir, which is not
+/// content. The directories it makes for its mounts (`/proc`, `/sys`, `/dev`, `/etc`) are
+/// kept, as Docker 20.10's BuildKit keeps them.
+const RUNTIME_FILE_MOUNTPOINTS: [&str; 2] = ["etc/hosts", "etc/resolv.conf"];
 
 /// A packed layer: the gzip blob on disk and its digests.
 #[derive(Debug, Clone)]
@@ -46,24 +48,20 @@ fn collect(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()
     Ok(())
 }
 
-/// Whether `rel` is a runtime mount point to leave out: top level, empty, absent below.
-fn is_runtime_mountpoint(upper: &Path, rel: &Path, lowers: &[PathBuf]) -> bool {
-    let Some(name) = rel.to_str() else { return false };
-    // A RUN may have made any of these a symlink: only a real, empty directory counts.
-    RUNTIME_MOUNTPOINTS.contains(&name)
-        && std::fs::symlink_metadata(upper.join(rel)).is_ok_and(|m| m.is_dir())
-        && std::fs::read_dir(upper.join(rel)).is_ok_and(|mut d| d.next().is_none())
+/// Whether `rel` is a stub the runtime made to mount a file over: empty, absent below.
+fn is_runtime_stub(upper: &Path, rel: &Path, lowers: &[PathBuf]) -> bool {
+    std::fs::symlink_metadata(upper.join(rel)).is_ok_and(|m| m.is_file() && m.len() == 0)
         && !lowers.iter().any(|l| std::fs::symlink_metadata(l.join(rel)).is_ok())
 }
 
-/// Removes runtime mount points from `upper` (before it becomes a snapshot) so the snapshot
-/// holds exactly what the layer does.
+/// Removes the runtime's mount stubs from a RUN's `upper` (before it becomes a snapshot and
+/// a layer) so both hold exactly what the step made.
 pub fn remove_runtime_mountpoints(upper: &Path, lowers: &[PathBuf]) {
     let Ok(root) = lcache_confine::Root::open(upper) else {
         return;
     };
-    for m in RUNTIME_MOUNTPOINTS {
-        if is_runtime_mountpoint(upper, Path::new(m), lowers) {
+    for m in RUNTIME_FILE_MOUNTPOINTS {
+        if is_runtime_stub(upper, Path::new(m), lowers) {
             let _ = root.remove_all(Path::new(m));
         }
     }
@@ -80,17 +78,14 @@ fn header_for(meta: &std::fs::Metadata, kind: tar::EntryType, size: u64) -> tar:
     h
 }
 
-/// Writes the layer tar of `upper` (uncompressed) to `out`. `lowers` are the layers below,
-/// used to tell runtime mount points from real content.
-pub fn write_layer_tar(upper: &Path, lowers: &[PathBuf], out: impl Write) -> std::io::Result<()> {
+/// Writes the layer tar of `upper` (uncompressed) to `out`; a RUN's upper has had its
+/// runtime stubs removed first ([`remove_runtime_mountpoints`]).
+pub fn write_layer_tar(upper: &Path, out: impl Write) -> std::io::Result<()> {
     let mut paths = Vec::new();
     collect(upper, Path::new(""), &mut paths)?;
     let mut b = tar::Builder::new(out);
     let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for rel in paths {
-        if rel.components().count() == 1 && is_runtime_mountpoint(upper, &rel, lowers) {
-            continue;
-        }
         let full = upper.join(&rel);
         let meta = std::fs::symlink_metadata(&full)?;
         let ft = meta.file_type();
@@ -148,7 +143,7 @@ pub fn write_layer_tar(upper: &Path, lowers: &[PathBuf], out: impl Write) -> std
 }
 
 /// Packs `upper` into a gzip layer blob at `dest`.
-pub fn pack_layer(upper: &Path, lowers: &[PathBuf], dest: &Path) -> std::io::Result<PackedLayer> {
+pub fn pack_layer(upper: &Path, dest: &Path) -> std::io::Result<PackedLayer> {
     let file = std::fs::File::create(dest)?;
     let blob = Sha256Stream::new(std::io::BufWriter::new(file));
     // A fixed header (no name, mtime 0) keeps equal layers byte-identical.
@@ -156,7 +151,7 @@ pub fn pack_layer(upper: &Path, lowers: &[PathBuf], dest: &Path) -> std::io::Res
         .mtime(0)
         .write(blob, flate2::Compression::fast());
     let mut tar_hash = Sha256Stream::new(gz);
-    write_layer_tar(upper, lowers, &mut tar_hash)?;
+    write_layer_tar(upper, &mut tar_hash)?;
     let diff_id = tar_hash.digest();
     let mut blob = tar_hash.into_inner().finish()?;
     blob.flush()?;
@@ -182,7 +177,6 @@ mod tests {
         std::fs::write(root.join("app/z"), "z").unwrap();
         std::os::unix::fs::symlink("bin/run", root.join("app/entry")).unwrap();
         std::fs::hard_link(root.join("app/z"), root.join("app/z2")).unwrap();
-        std::fs::create_dir(root.join("proc")).unwrap();
     }
 
     #[test]
@@ -195,21 +189,21 @@ mod tests {
         tree(a.path());
         std::thread::sleep(std::time::Duration::from_millis(20));
         tree(b.path());
-        let la = pack_layer(a.path(), &[], &out.path().join("a.tgz")).unwrap();
-        let lb = pack_layer(b.path(), &[], &out.path().join("b.tgz")).unwrap();
+        let la = pack_layer(a.path(), &out.path().join("a.tgz")).unwrap();
+        let lb = pack_layer(b.path(), &out.path().join("b.tgz")).unwrap();
         assert_eq!(la.digest, lb.digest);
         assert_eq!(std::fs::read(&la.path).unwrap(), std::fs::read(&lb.path).unwrap());
     }
 
     #[test]
-    fn a_layer_round_trips_through_safe_extraction_without_runtime_mountpoints() {
+    fn a_layer_round_trips_through_safe_extraction() {
         let (a, out, x) = (
             tempfile::tempdir().unwrap(),
             tempfile::tempdir().unwrap(),
             tempfile::tempdir().unwrap(),
         );
         tree(a.path());
-        let l = pack_layer(a.path(), &[], &out.path().join("a.tgz")).unwrap();
+        let l = pack_layer(a.path(), &out.path().join("a.tgz")).unwrap();
         let gz = flate2::read::GzDecoder::new(std::fs::File::open(&l.path).unwrap());
         extract_layer(gz, x.path(), Whiteouts::Apply, true).unwrap();
         assert_eq!(std::fs::read(x.path().join("app/z2")).unwrap(), b"z");
@@ -217,10 +211,28 @@ mod tests {
             std::fs::read_link(x.path().join("app/entry")).unwrap(),
             Path::new("bin/run")
         );
+    }
+
+    #[test]
+    fn only_the_runtime_file_stubs_absent_below_are_removed() {
+        let (up, low) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for d in ["proc", "etc"] {
+            std::fs::create_dir(up.path().join(d)).unwrap();
+        }
+        std::fs::write(up.path().join("etc/hosts"), "").unwrap();
+        std::fs::write(up.path().join("etc/resolv.conf"), "").unwrap();
+        std::fs::create_dir(low.path().join("etc")).unwrap();
+        std::fs::write(low.path().join("etc/resolv.conf"), "nameserver 1.1.1.1\n").unwrap();
+        remove_runtime_mountpoints(up.path(), &[low.path().to_path_buf()]);
         assert!(
-            !x.path().join("proc").exists(),
-            "an empty runtime mount point is not content"
+            !up.path().join("etc/hosts").exists(),
+            "a stub over nothing is not content"
         );
+        assert!(
+            up.path().join("etc/resolv.conf").exists(),
+            "an emptied file the image had is the step's change"
+        );
+        assert!(up.path().join("proc").is_dir(), "Docker keeps the mount directories");
     }
 
     #[test]
@@ -240,7 +252,7 @@ mod tests {
         std::fs::create_dir(up.path().join("var")).unwrap();
         xattr::set(up.path().join("var"), "trusted.overlay.opaque", b"y").unwrap();
         let mut tar = Vec::new();
-        write_layer_tar(up.path(), &[], &mut tar).unwrap();
+        write_layer_tar(up.path(), &mut tar).unwrap();
         let mut a = tar::Archive::new(&tar[..]);
         let names: Vec<String> = a
             .entries()

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use lcache_proto::build_plan::ConfigChange;
+use lcache_proto::build_plan::{BaseConfig, ConfigChange};
 use lcache_proto::healthcheck::parse_options;
 use lcache_proto::wire::LayerRef;
 use oci_spec::image::{Descriptor, Digest as OciDigest, ImageIndexBuilder, ImageManifestBuilder, MediaType};
@@ -115,6 +115,27 @@ impl RuntimeConfig {
     pub fn of_document(document: &[u8]) -> Result<Self, ConfigError> {
         let d: ConfigDocument = serde_json::from_slice(document)?;
         Ok(d.config.unwrap_or_default())
+    }
+
+    /// The config a stage built on this image starts from, as BuildKit makes it: the
+    /// default PATH added if the image sets none, and its ONBUILD triggers dropped (the
+    /// stage runs them; they are not passed on to the images built from it).
+    pub fn for_new_stage(mut self) -> Self {
+        let path = self.base_config().env_with_path();
+        self.env = Some(path);
+        self.on_build = None;
+        self
+    }
+
+    /// What a stage built on this image starts from.
+    pub fn base_config(&self) -> BaseConfig {
+        BaseConfig {
+            env: self.env().to_vec(),
+            user: self.user.clone().unwrap_or_default(),
+            workdir: self.working_dir.clone().unwrap_or_default(),
+            shell: self.shell.clone().unwrap_or_default(),
+            onbuild: self.on_build.clone().unwrap_or_default(),
+        }
     }
 
     /// ENV as `NAME=value` strings.

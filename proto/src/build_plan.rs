@@ -13,7 +13,7 @@ use crate::platform::Platform;
 use crate::word_expansion::{expand_word, ExpandError, Vars};
 
 /// What a build is asked to do.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PlanRequest<'a> {
     /// `--build-arg` values; a `None` value means "take it from the environment" was not
     /// resolved and the arg is treated as not given.
@@ -22,6 +22,56 @@ pub struct PlanRequest<'a> {
     pub target: Option<&'a str>,
     /// The platform to build for.
     pub platform: Platform,
+    /// The base images' configs, where known.
+    pub bases: &'a dyn BaseImages,
+}
+
+/// The PATH BuildKit puts first in a stage's environment when its base image sets none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What a stage takes from its base image's config, as BuildKit does: ENV (for
+/// substitution and RUN), WORKDIR, USER and SHELL in effect from the start, and the
+/// ONBUILD triggers it runs first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BaseConfig {
+    /// `NAME=value`, in the image's order.
+    pub env: Vec<String>,
+    /// USER, or empty.
+    pub user: String,
+    /// WorkingDir, or empty (`/`).
+    pub workdir: String,
+    /// SHELL, or empty (`/bin/sh -c`).
+    pub shell: Vec<String>,
+    /// ONBUILD triggers, as written.
+    pub onbuild: Vec<String>,
+}
+
+impl BaseConfig {
+    /// The environment a stage starts with: the image's, with [`DEFAULT_PATH`] first if it
+    /// sets no PATH (BuildKit writes that into the image config too).
+    pub fn env_with_path(&self) -> Vec<String> {
+        let mut env = self.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, format!("PATH={DEFAULT_PATH}"));
+        }
+        env
+    }
+}
+
+/// The configs of base images, looked up while planning (lcached answers from the images it
+/// holds; offline nothing is known, and a base's config then counts as empty).
+pub trait BaseImages {
+    /// The config of the image `reference` names, if it is known.
+    fn config(&self, reference: &str) -> Option<BaseConfig>;
+}
+
+/// No base image is known.
+pub struct NoBaseImages;
+
+impl BaseImages for NoBaseImages {
+    fn config(&self, _: &str) -> Option<BaseConfig> {
+        None
+    }
 }
 
 /// Where a stage starts from.
@@ -382,6 +432,10 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
                 reference: reference.clone(),
             }
         };
+        let base_config = match &base {
+            Base::Image { reference } => req.bases.config(reference).unwrap_or_default(),
+            _ => BaseConfig::default(),
+        };
         let mut scope = match &base {
             // A stage built on another inherits its image config, never its ARGs.
             Base::Stage { index } => Scope {
@@ -389,18 +443,33 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
                 ..scopes[*index].clone()
             },
             _ => Scope {
-                shell: vec!["/bin/sh".into(), "-c".into()],
-                workdir: "/".into(),
+                shell: if base_config.shell.is_empty() {
+                    vec!["/bin/sh".into(), "-c".into()]
+                } else {
+                    base_config.shell.clone()
+                },
+                workdir: if base_config.workdir.is_empty() {
+                    "/".into()
+                } else {
+                    base_config.workdir.clone()
+                },
+                user: base_config.user.clone(),
+                env: base_config
+                    .env_with_path()
+                    .iter()
+                    .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                    .collect(),
                 ..Scope::default()
             },
         };
+        let triggers = p.onbuild_triggers(from, &reference, &base_config.onbuild)?;
         let mut stage_deps = BTreeSet::new();
         if let Base::Stage { index } = base {
             stage_deps.insert(index);
         }
         let mut steps = Vec::new();
         let mut config = Vec::new();
-        for ins in &ins[i + 1..end] {
+        for ins in triggers.iter().chain(&ins[i + 1..end]) {
             config.extend(p.config_changes(ins, &scope)?);
             if let Some(step) = p.step(ins, &mut scope, &stages, name.as_deref(), &mut stage_deps, &automatic)? {
                 steps.push(step);
@@ -510,6 +579,51 @@ fn mark_needed(
 }
 
 impl Planner<'_> {
+    /// A base image's ONBUILD triggers as instructions at the FROM line, run before the
+    /// stage's own (Docker refuses FROM, MAINTAINER and ONBUILD as triggers).
+    fn onbuild_triggers(
+        &self,
+        from: &Instruction,
+        reference: &str,
+        triggers: &[String],
+    ) -> Result<Vec<Instruction>, DockerfileError> {
+        if triggers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let text = format!("FROM scratch\n{}\n", triggers.join("\n"));
+        let parsed = Dockerfile::parse(&self.df.file, &text).map_err(|e| {
+            self.err(
+                from,
+                format!(
+                    "the ONBUILD triggers of base image {reference} do not parse: {}",
+                    e.message
+                ),
+                "fix or rebuild the base image",
+            )
+        })?;
+        let mut out = Vec::new();
+        for mut t in parsed.instructions.into_iter().skip(1) {
+            if matches!(
+                t.kind,
+                InstructionKind::From { .. } | InstructionKind::Maintainer { .. } | InstructionKind::Onbuild { .. }
+            ) {
+                return Err(self.err(
+                    from,
+                    format!(
+                        "base image {reference} has the ONBUILD trigger '{}', which Docker does not allow",
+                        t.written
+                    ),
+                    "rebuild the base image without it",
+                ));
+            }
+            t.line = from.line;
+            t.end_line = from.line;
+            t.column = from.column;
+            out.push(t);
+        }
+        Ok(out)
+    }
+
     fn escape(&self) -> char {
         self.df.directives.escape
     }
@@ -947,6 +1061,15 @@ mod tests {
     use super::*;
 
     fn plan_of(text: &str, args: &[(&str, &str)], target: Option<&str>) -> Result<BuildPlan, DockerfileError> {
+        plan_with(text, args, target, &NoBaseImages)
+    }
+
+    fn plan_with(
+        text: &str,
+        args: &[(&str, &str)],
+        target: Option<&str>,
+        bases: &dyn BaseImages,
+    ) -> Result<BuildPlan, DockerfileError> {
         let df = Dockerfile::parse("Dockerfile", text)?;
         let build_args = args.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         plan(
@@ -955,8 +1078,78 @@ mod tests {
                 build_args: &build_args,
                 target,
                 platform: Platform::parse("linux/amd64").unwrap(),
+                bases,
             },
         )
+    }
+
+    /// A RUN's environment without the PATH every stage starts with.
+    fn env_of(r: &RunDef) -> Vec<(String, String)> {
+        r.env.iter().filter(|(k, _)| k != "PATH").cloned().collect()
+    }
+
+    /// One base image, `base`, with a config.
+    struct OneBase(BaseConfig);
+
+    impl BaseImages for OneBase {
+        fn config(&self, reference: &str) -> Option<BaseConfig> {
+            (reference == "base").then(|| self.0.clone())
+        }
+    }
+
+    #[test]
+    fn a_base_image_config_is_in_effect_from_the_start() {
+        let base = OneBase(BaseConfig {
+            env: vec!["PATH=/usr/bin:/bin".into(), "HOME=/home/app".into()],
+            user: "app".into(),
+            workdir: "/srv".into(),
+            shell: vec!["/bin/bash".into(), "-ec".into()],
+            onbuild: vec!["RUN echo triggered".into(), "ENV FROM_TRIGGER=1".into()],
+        });
+        let p = plan_with(
+            "FROM base\nENV PATH=/opt/bin:$PATH\nWORKDIR app\nRUN echo $HOME\nCOPY f $HOME/\n",
+            &[],
+            None,
+            &base,
+        )
+        .unwrap();
+        let trigger = run(&p, 0, 0);
+        assert_eq!(
+            trigger.argv,
+            ["/bin/bash", "-ec", "echo triggered"],
+            "ONBUILD runs first, in the base's SHELL"
+        );
+        assert_eq!(p.stages[0].steps[0].line, 1, "a trigger stands at its FROM");
+        assert_eq!((trigger.workdir.as_str(), trigger.user.as_str()), ("/srv", "app"));
+        let r = run(&p, 0, 2);
+        assert_eq!(r.workdir, "/srv/app", "a relative WORKDIR resolves against the base's");
+        let env: BTreeMap<String, String> = r.env.iter().cloned().collect();
+        assert_eq!(env["PATH"], "/opt/bin:/usr/bin:/bin", "$PATH is the base's");
+        assert_eq!(env["FROM_TRIGGER"], "1");
+        let StepDef::Copy(c) = &p.stages[0].steps[3].def else {
+            panic!("COPY expected");
+        };
+        assert_eq!(c.dest, "/home/app/");
+        assert!(
+            p.stages[0]
+                .config
+                .iter()
+                .any(|c| matches!(c, ConfigChange::Env { name, .. } if name == "FROM_TRIGGER")),
+            "a trigger's config change is the stage's"
+        );
+    }
+
+    #[test]
+    fn a_base_without_path_gets_buildkits_and_bad_triggers_are_refused() {
+        let p = plan_of("FROM scratch\nRUN x\n", &[], None).unwrap();
+        assert_eq!(run(&p, 0, 0).env, [("PATH".to_string(), DEFAULT_PATH.to_string())]);
+        let base = OneBase(BaseConfig {
+            onbuild: vec!["FROM other".into()],
+            ..BaseConfig::default()
+        });
+        let e = plan_with("FROM base\nRUN x\n", &[], None, &base).unwrap_err();
+        assert_eq!(e.location.line, 1);
+        assert!(e.message.contains("ONBUILD trigger"), "{e}");
     }
 
     fn run(p: &BuildPlan, stage: usize, step: usize) -> RunDef {
@@ -975,13 +1168,13 @@ mod tests {
                 reference: "alpine:3.19".into()
             }
         );
-        assert_eq!(run(&p, 0, 0).env, [("V".to_string(), "3.19".to_string())]);
+        assert_eq!(env_of(&run(&p, 0, 0)), [("V".to_string(), "3.19".to_string())]);
     }
 
     #[test]
     fn global_arg_is_not_visible_in_a_stage_without_redeclaration() {
         let p = plan_of("ARG V=1\nFROM a\nRUN echo\n", &[], None).unwrap();
-        assert!(run(&p, 0, 0).env.is_empty());
+        assert!(env_of(&run(&p, 0, 0)).is_empty());
     }
 
     #[test]
@@ -995,7 +1188,7 @@ mod tests {
         let r = run(&p, 0, 1);
         assert_eq!(r.argv, ["/bin/bash", "-c", "echo $X"]);
         assert_eq!(
-            r.env,
+            env_of(&r),
             [
                 ("X".to_string(), "env".to_string()),
                 ("Y".to_string(), "cli".to_string())
@@ -1008,7 +1201,7 @@ mod tests {
     fn stages_inherit_env_but_not_args() {
         let p = plan_of("FROM a AS one\nARG A=1\nENV E=2\nFROM one\nRUN x\n", &[], None).unwrap();
         assert_eq!(p.stages[1].base, Base::Stage { index: 0 });
-        assert_eq!(run(&p, 1, 0).env, [("E".to_string(), "2".to_string())]);
+        assert_eq!(env_of(&run(&p, 1, 0)), [("E".to_string(), "2".to_string())]);
     }
 
     #[test]
@@ -1077,7 +1270,7 @@ mod tests {
     fn undeclared_build_arg_is_reported_and_changes_nothing() {
         let p = plan_of("FROM a\nRUN x\n", &[("NOPE", "1")], None).unwrap();
         assert!(p.warnings[0].contains("NOPE"));
-        assert!(run(&p, 0, 0).env.is_empty());
+        assert!(env_of(&run(&p, 0, 0)).is_empty());
     }
 
     #[test]

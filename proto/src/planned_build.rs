@@ -3,7 +3,7 @@
 //! (and through it `lcache plan` and `lcache build`) all call this, each with its own
 //! `StepSources`; nothing else parses, plans or chains keys.
 
-use crate::build_plan::{plan, BuildPlan};
+use crate::build_plan::{plan, BaseImages, BuildPlan};
 use crate::dockerfile::Dockerfile;
 use crate::errors::{DockerfileError, Location, SelectError};
 use crate::step_keys::{derive_keys, StepSources};
@@ -29,10 +29,10 @@ pub struct KeysError {
 }
 
 impl PlannedBuild {
-    /// Parses and plans `inputs`' Dockerfile.
-    pub fn new(inputs: &PlanInputs) -> Result<Self, DockerfileError> {
+    /// Parses and plans `inputs`' Dockerfile, with base images' configs from `bases`.
+    pub fn new(inputs: &PlanInputs, bases: &dyn BaseImages) -> Result<Self, DockerfileError> {
         let df = Dockerfile::parse(&inputs.dockerfile_name, &inputs.dockerfile)?;
-        let plan = plan(&df, &inputs.plan_request()?)?;
+        let plan = plan(&df, &inputs.plan_request(bases)?)?;
         Ok(Self { file: df.file, plan })
     }
 

@@ -223,6 +223,7 @@ mod tests {
                 build_args: &args,
                 target: None,
                 platform: Platform::host(),
+                bases: &crate::build_plan::NoBaseImages,
             },
         )
         .unwrap();

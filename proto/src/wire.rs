@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::build_plan::{BuildPlan, PlanRequest};
+use crate::build_plan::{BaseImages, BuildPlan, PlanRequest};
 use crate::cache_key::KeyInputs;
 use crate::errors::DockerfileError;
 use crate::explain::{Cascade, MissCause};
@@ -40,7 +40,7 @@ pub struct PlanInputs {
 
 impl PlanInputs {
     /// The front end's view of these inputs.
-    pub fn plan_request(&self) -> Result<PlanRequest<'_>, DockerfileError> {
+    pub fn plan_request<'a>(&'a self, bases: &'a dyn BaseImages) -> Result<PlanRequest<'a>, DockerfileError> {
         let platform = Platform::parse(&self.platform).ok_or_else(|| {
             DockerfileError::new(
                 &self.dockerfile_name,
@@ -54,6 +54,7 @@ impl PlanInputs {
             build_args: &self.build_args,
             target: self.target.as_deref(),
             platform,
+            bases,
         })
     }
 }

@@ -50,7 +50,7 @@ proptest! {
         match Dockerfile::parse("Dockerfile", &text) {
             Ok(df) => {
                 let args = BTreeMap::new();
-                let req = PlanRequest { build_args: &args, target: None, platform: Platform::parse("linux/amd64").unwrap() };
+                let req = PlanRequest { build_args: &args, target: None, platform: Platform::parse("linux/amd64").unwrap(), bases: &lcache_proto::build_plan::NoBaseImages };
                 let a = plan(&df, &req);
                 let b = plan(&df, &req);
                 prop_assert_eq!(a, b);
