@@ -97,6 +97,11 @@ struct Builder<'a> {
 /// One finished step: what progress showed, and what the history keeps.
 type Finished = (StepEvent, BuildStep);
 
+/// The image a COPY or WORKDIR goes on, mounted read-only in its work directory.
+fn image_view(lowers: &[PathBuf], work: &Path) -> Result<OverlayMount, CopyError> {
+    OverlayMount::mount(lowers, None, &work.join("view"), &work.join("empty-view")).map_err(CopyError::ImageView)
+}
+
 /// A fresh directory for a step's layer in its work directory.
 fn layer_dir(work: &Path) -> Result<PathBuf, BuildError> {
     let layer = work.join("layer");
@@ -586,8 +591,9 @@ impl<'a> Builder<'a> {
             }
             StepDef::Copy(c) => {
                 let layer = layer_dir(work.path())?;
+                let view = image_view(&lowers, work.path()).map_err(|e| fail(e.to_string(), vec![]))?;
                 let attrs = self
-                    .copy_attrs(c, &lowers, work.path())
+                    .copy_attrs(c, view.path())
                     .map_err(|e| fail(e.to_string(), vec![]))?;
                 let keyed_digest = inputs.sources_digest().unwrap_or_default().to_string();
                 let built = match &from {
@@ -600,6 +606,7 @@ impl<'a> Builder<'a> {
                             roots: &sel.roots,
                             attrs,
                             keyed_digest: &keyed_digest,
+                            image: Some(view.path()),
                         },
                         None,
                     ),
@@ -613,6 +620,7 @@ impl<'a> Builder<'a> {
                             roots: &roots,
                             attrs,
                             keyed_digest: &keyed_digest,
+                            image: Some(view.path()),
                         };
                         build_copy_layer(&layer, &job, seed.as_ref())
                     }
@@ -620,9 +628,16 @@ impl<'a> Builder<'a> {
                 copied = Some(built.map_err(|e| fail(e.to_string(), vec![]))?);
                 layer
             }
-            StepDef::Workdir { path } => {
+            StepDef::Workdir { path, user } => {
                 let layer = layer_dir(work.path())?;
-                build_workdir_layer(&layer, path).map_err(|e| fail(e.to_string(), vec![]))?;
+                let view = image_view(&lowers, work.path()).map_err(|e| fail(e.to_string(), vec![]))?;
+                let owner = if user.is_empty() {
+                    (0, 0)
+                } else {
+                    let ids = resolve_user(view.path(), user).map_err(|e| fail(format!("USER {user}: {e}"), vec![]))?;
+                    (ids.uid, ids.gid)
+                };
+                build_workdir_layer(&layer, path, Some(view.path()), owner).map_err(|e| fail(e.to_string(), vec![]))?;
                 layer
             }
         };
@@ -670,20 +685,14 @@ impl<'a> Builder<'a> {
         load_seed(&self.cache.snapshot(&digest))
     }
 
-    fn copy_attrs(&self, c: &CopyDef, lowers: &[PathBuf], work: &Path) -> Result<CopyAttrs, CopyError> {
+    /// `--chmod` and `--chown` of a COPY; names resolve through the image's own
+    /// /etc/passwd and /etc/group, beneath `image`.
+    fn copy_attrs(&self, c: &CopyDef, image: &Path) -> Result<CopyAttrs, CopyError> {
         let mode = parse_chmod(&c.chmod)?;
         let owner = if c.chown.is_empty() {
             None
         } else {
-            let numeric = c.chown.split(':').all(|p| p.parse::<u32>().is_ok());
-            let ids = if numeric {
-                resolve_user(Path::new("/nonexistent"), &c.chown)?
-            } else {
-                // Names resolve through the image's own /etc/passwd and /etc/group.
-                let view = OverlayMount::mount(lowers, None, &work.join("view"), &work.join("empty-view"))
-                    .map_err(CopyError::OwnerView)?;
-                resolve_user(view.path(), &c.chown)?
-            };
+            let ids = resolve_user(image, &c.chown)?;
             Some((ids.uid, ids.gid))
         };
         Ok(CopyAttrs { owner, mode })

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use lcache_confine::{ConfineError, Root};
+use lcache_confine::{ConfineError, EntryType, Root};
 use lcache_proto::build_plan::CopyDef;
 use lcache_proto::source_select::{ContextEntry, EntryKind, SelectedRoot};
 use lcache_proto::sources_digest::sources_digest;
@@ -129,9 +129,9 @@ pub enum CopyError {
     /// `--chown` names a user or group the image does not have.
     #[error("--chown: {0}")]
     Owner(#[from] crate::user_lookup::UserError),
-    /// The image's files could not be mounted to look the owner up.
-    #[error("cannot mount the image to look up --chown: {0}")]
-    OwnerView(std::io::Error),
+    /// The image's files could not be mounted (to resolve the destination and owners).
+    #[error("cannot mount the image the step builds on: {0}")]
+    ImageView(std::io::Error),
 }
 
 fn rel_dest(dest: &str) -> PathBuf {
@@ -306,6 +306,47 @@ pub struct CopyJob<'a> {
     pub attrs: CopyAttrs,
     /// The sources digest in the step's key; what is copied must match it.
     pub keyed_digest: &'a str,
+    /// The image the layer goes on (a read-only view): the destination is resolved through
+    /// its symlinks, and the directories it has keep their mode and owner.
+    pub image: Option<&'a Path>,
+}
+
+/// Creates `dir` and its missing parents in the layer: those the image has keep its mode
+/// and owner (Docker leaves existing directories as they are, `/tmp`'s 1777 included); new
+/// ones are 0755 and owned by `owner` (`--chown`'s, or WORKDIR's USER, as in BuildKit).
+fn make_dirs(layer: &Root, image: Option<&Root>, dir: &Path, owner: (u32, u32)) -> Result<(), ConfineError> {
+    let mut at = PathBuf::new();
+    for c in dir.components() {
+        at.push(c);
+        if layer.stat(&at)?.is_some() {
+            continue;
+        }
+        let existing = image
+            .and_then(|img| img.stat(&at).ok().flatten())
+            .filter(|st| st.kind == EntryType::Dir);
+        let (mode, uid, gid) = existing.map_or((0o755, owner.0, owner.1), |st| (st.mode, st.uid, st.gid));
+        layer.create_dir(&at, mode)?;
+        if lcache_image::layer_extract::is_root() {
+            layer.chown(&at, uid, gid)?;
+        }
+        layer.set_mode(&at, mode)?;
+    }
+    Ok(())
+}
+
+/// The destination as the image resolves it: through its symlinks (`/data/` where the
+/// image has `/data -> /var/data` is `var/data`); a file's own name is never followed.
+fn resolve_dest(image: Option<&Root>, dest: &Path, into_dir: bool) -> Result<PathBuf, ConfineError> {
+    let Some(img) = image else {
+        return Ok(dest.to_path_buf());
+    };
+    if into_dir {
+        return img.resolve_path(dest);
+    }
+    match (dest.parent(), dest.file_name()) {
+        (Some(parent), Some(name)) => Ok(img.resolve_path(parent)?.join(name)),
+        _ => Ok(dest.to_path_buf()),
+    }
 }
 
 /// Builds the layer of a COPY/ADD into the directory `layer`, linking unchanged files from
@@ -335,25 +376,24 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
     };
     let entries = job.entries;
     let roots = job.roots;
-    let dest = rel_dest(&def.dest);
     let sources = roots.len() + def.inline.len();
     let into_dir = def.dest.ends_with('/')
         || sources > 1
         || roots
             .iter()
             .any(|r| r.entry.is_none_or(|i| entries[i].kind == EntryKind::Dir));
-    if into_dir {
-        layer.create_dir_all(&dest, 0o755)?;
-    } else if let Some(parent) = dest.parent() {
-        layer.create_dir_all(parent, 0o755)?;
+    let image = job.image.map(Root::open).transpose()?;
+    let dest = resolve_dest(image.as_ref(), &rel_dest(&def.dest), into_dir)?;
+    let new_owner = job.attrs.owner.unwrap_or((0, 0));
+    let dir = if into_dir { Some(dest.as_path()) } else { dest.parent() };
+    if let Some(dir) = dir {
+        make_dirs(&layer, image.as_ref(), dir, new_owner)?;
     }
     for r in roots {
         match r.entry {
             Some(i) if entries[i].kind != EntryKind::Dir => {
-                let name = Path::new(&entries[i].path)
-                    .file_name()
-                    .map(PathBuf::from)
-                    .unwrap_or_default();
+                // Named as the source was written: a followed link keeps its own name.
+                let name = Path::new(&r.path).file_name().map(PathBuf::from).unwrap_or_default();
                 let target = if into_dir { dest.join(name) } else { dest.clone() };
                 p.place(i, &entries[i], &target)?;
             }
@@ -381,9 +421,12 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
     Ok(p.manifest)
 }
 
-/// Builds the layer of a WORKDIR: the directory itself.
-pub fn build_workdir_layer(layer: &Path, path: &str) -> Result<(), CopyError> {
-    Root::open(layer)?.create_dir_all(&rel_dest(path), 0o755)?;
+/// Builds the layer of a WORKDIR on `image`: the directory (resolved through the image's
+/// symlinks) and its missing parents, owned by `owner` (the USER in effect).
+pub fn build_workdir_layer(layer: &Path, path: &str, image: Option<&Path>, owner: (u32, u32)) -> Result<(), CopyError> {
+    let image = image.map(Root::open).transpose()?;
+    let dir = resolve_dest(image.as_ref(), &rel_dest(path), true)?;
+    make_dirs(&Root::open(layer)?, image.as_ref(), &dir, owner)?;
     Ok(())
 }
 
@@ -437,6 +480,7 @@ mod tests {
             roots: &roots,
             attrs,
             keyed_digest: keyed.unwrap_or(&digest),
+            image: None,
         };
         let r = build_copy_layer(layer.path(), &job, seed);
         (layer, r)

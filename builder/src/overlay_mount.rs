@@ -16,6 +16,7 @@ impl OverlayMount {
     /// An empty layer list mounts `empty` (an empty directory) as the only lower.
     pub fn mount(lowers: &[PathBuf], rw: Option<(&Path, &Path)>, target: &Path, empty: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(target)?;
+        std::fs::create_dir_all(empty)?;
         let lower_list: Vec<String> = if lowers.is_empty() {
             vec![empty.display().to_string()]
         } else {

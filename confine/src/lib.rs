@@ -255,6 +255,55 @@ impl Root {
         }
     }
 
+    /// The path `rel` names once every symlink on the way (the last one too) is resolved
+    /// inside the root, as `RESOLVE_IN_ROOT` resolves it: absolute targets start at the root
+    /// and `..` stops there. What does not exist is kept as written. This is how a COPY
+    /// destination like `/data/`, where the image has `/data -> /var/data`, becomes the
+    /// path the layer must hold (`var/data`).
+    pub fn resolve_path(&self, rel: &Path) -> Result<PathBuf> {
+        const MAX_LINKS: usize = 40;
+        let parts = |p: &Path| -> Vec<OsString> {
+            p.components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.to_os_string()),
+                    Component::ParentDir => Some(OsString::from("..")),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut todo: std::collections::VecDeque<OsString> = parts(rel).into();
+        let mut out = PathBuf::new();
+        let mut links = 0;
+        while let Some(c) = todo.pop_front() {
+            if c == ".." {
+                out.pop();
+                continue;
+            }
+            let candidate = out.join(&c);
+            let found = match self.stat(&candidate) {
+                Err(e) if e.is_not_found() => None,
+                other => other?,
+            };
+            match found {
+                Some(st) if st.kind == EntryType::Symlink => {
+                    links += 1;
+                    if links > MAX_LINKS {
+                        return Err(self.refused("resolve", rel, "too many levels of symbolic links"));
+                    }
+                    let target = self.read_link(&candidate)?;
+                    if target.is_absolute() {
+                        out = PathBuf::new();
+                    }
+                    for t in parts(&target).into_iter().rev() {
+                        todo.push_front(t);
+                    }
+                }
+                _ => out.push(c),
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether `rel` resolves (following symlinks inside the root) to a directory.
     pub fn is_dir(&self, rel: &Path) -> bool {
         self.dir_fd(rel).is_ok()

@@ -241,3 +241,34 @@ mod props {
         }
     }
 }
+
+#[test]
+fn paths_resolve_through_links_inside_the_root() {
+    let f = Fixture::new();
+    std::fs::create_dir_all(f.inside("var/data")).unwrap();
+    std::os::unix::fs::symlink("/var/data", f.inside("data")).unwrap();
+    std::os::unix::fs::symlink("../../../outside", f.inside("var/up")).unwrap();
+    std::os::unix::fs::symlink("loop2", f.inside("loop1")).unwrap();
+    std::os::unix::fs::symlink("loop1", f.inside("loop2")).unwrap();
+    let r = |p: &str| f.root.resolve_path(Path::new(p)).unwrap();
+    assert_eq!(
+        r("/data/f.txt"),
+        Path::new("var/data/f.txt"),
+        "absolute targets start at the root"
+    );
+    assert_eq!(r("data"), Path::new("var/data"), "the last link is followed too");
+    assert_eq!(
+        r("var/up/x"),
+        Path::new("outside/x"),
+        "`..` stops at the root: never the real outside"
+    );
+    assert_eq!(
+        r("new/dir/../f"),
+        Path::new("new/f"),
+        "what does not exist is kept as written"
+    );
+    assert!(
+        f.root.resolve_path(Path::new("loop1/x")).is_err(),
+        "link loops are refused"
+    );
+}

@@ -163,11 +163,16 @@ impl RuntimeConfig {
         for c in changes {
             match c {
                 ConfigChange::Env { name, value } => self.set_env(name, value),
-                ConfigChange::Cmd { args } => self.cmd = Some(args.clone()),
+                // BuildKit marks the command lines of CMD and ENTRYPOINT as already escaped.
+                ConfigChange::Cmd { args } => {
+                    self.cmd = Some(args.clone());
+                    self.args_escaped = Some(true);
+                }
                 ConfigChange::Entrypoint { args } => {
                     self.entrypoint = Some(args.clone());
                     // Docker drops an inherited CMD when the Dockerfile sets ENTRYPOINT.
                     self.cmd = None;
+                    self.args_escaped = Some(true);
                 }
                 ConfigChange::Workdir { path } => self.working_dir = Some(path.clone()),
                 ConfigChange::User { user } => self.user = Some(user.clone()),
@@ -296,7 +301,7 @@ mod tests {
         assert_eq!(cfg.cmd, None, "ENTRYPOINT resets an inherited CMD");
         assert_eq!(
             serde_json::to_value(&cfg).unwrap(),
-            json!({"Env": ["PATH=/usr/bin:/bin", "A=1"], "Entrypoint": ["/app"], "ExposedPorts": {"80/tcp": {}}}),
+            json!({"ArgsEscaped": true, "Env": ["PATH=/usr/bin:/bin", "A=1"], "Entrypoint": ["/app"], "ExposedPorts": {"80/tcp": {}}}),
             "fields BuildKit does not know are dropped; unset ones are absent"
         );
     }

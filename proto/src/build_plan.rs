@@ -203,6 +203,9 @@ pub enum StepDef {
     Workdir {
         /// The absolute path.
         path: String,
+        /// The USER in effect, who owns the directories it creates (as in Docker).
+        #[serde(default)]
+        user: String,
     },
 }
 
@@ -874,6 +877,7 @@ impl Planner<'_> {
                 scope.workdir = join_path(&scope.workdir, &p);
                 Ok(step(StepDef::Workdir {
                     path: scope.workdir.clone(),
+                    user: scope.user.clone(),
                 }))
             }
             InstructionKind::Run { command } => {

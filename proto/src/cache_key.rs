@@ -138,7 +138,14 @@ pub fn key_inputs(def: &StepDef, platform: &str, parent: &str, sources_digest: &
     let (kind, fields) = match def {
         StepDef::Run(r) => ("RUN", run_fields(r)),
         StepDef::Copy(c) => (if c.add { "ADD" } else { "COPY" }, copy_fields(c, sources_digest)),
-        StepDef::Workdir { path } => ("WORKDIR", vec![("path".into(), one(path))]),
+        StepDef::Workdir { path, user } => {
+            let mut fields = vec![("path".into(), one(path))];
+            // Only when set, so the keys of WORKDIRs before any USER stay as they were.
+            if !user.is_empty() {
+                fields.push(("user".into(), one(user)));
+            }
+            ("WORKDIR", fields)
+        }
     };
     let fields = fields
         .into_iter()
@@ -182,7 +189,16 @@ mod tests {
         )
         .key();
         assert_ne!(other_platform, base, "platform");
-        let workdir = key_inputs(&StepDef::Workdir { path: "/app/".into() }, "linux/amd64", "p1", "d1").key();
+        let workdir = key_inputs(
+            &StepDef::Workdir {
+                path: "/app/".into(),
+                user: String::new(),
+            },
+            "linux/amd64",
+            "p1",
+            "d1",
+        )
+        .key();
         assert_ne!(workdir, base, "the kind of step");
     }
 

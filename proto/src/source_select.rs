@@ -65,7 +65,9 @@ pub struct ContextEntry {
 /// One source of a COPY and what it brought in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SelectedRoot {
-    /// The matched path relative to the context (`.` for the whole context).
+    /// The source as written, cleaned, relative to the context (`.` for the whole
+    /// context): it names what lands at the destination, even when it is a symlink that
+    /// `entry` is the target of.
     pub path: String,
     /// Index of the matched entry (`None` for the context root).
     pub entry: Option<usize>,
@@ -97,17 +99,20 @@ pub fn select(
             let before = roots.len();
             for (i, e) in entries.iter().enumerate() {
                 if glob.is_match(&e.path) && !excludes.is_excluded(file_name(&e.path)) {
-                    roots.push(root_with_members(entries, &e.path, Some(i), excludes));
+                    let target = if e.kind == EntryKind::Symlink {
+                        follow(entries, &e.path).ok_or_else(|| SelectError::NotFound(e.path.clone()))?
+                    } else {
+                        Some(i)
+                    };
+                    roots.push(root_with_members(entries, &e.path, target, excludes));
                 }
             }
             if roots.len() == before {
                 return Err(SelectError::NotFound(source.clone()));
             }
         } else {
-            let i = entries
-                .binary_search_by(|e| e.path.as_str().cmp(path.as_str()))
-                .map_err(|_| SelectError::NotFound(source.clone()))?;
-            roots.push(root_with_members(entries, &path, Some(i), excludes));
+            let target = follow(entries, &path).ok_or_else(|| SelectError::NotFound(source.clone()))?;
+            roots.push(root_with_members(entries, &path, target, excludes));
         }
     }
     Ok(roots)
@@ -117,16 +122,63 @@ fn file_name(p: &str) -> &str {
     p.rsplit('/').next().unwrap_or(p)
 }
 
+/// Where `path` leads once the symlinks on it (the last one too) are followed inside the
+/// context, as BuildKit resolves a source: absolute targets start at the context's root
+/// and `..` stops there. `Some(None)` is the context root itself; `None`, nowhere.
+fn follow(entries: &[ContextEntry], path: &str) -> Option<Option<usize>> {
+    const MAX_LINKS: usize = 40;
+    let find = |p: &str| entries.binary_search_by(|e| e.path.as_str().cmp(p)).ok();
+    let mut todo: std::collections::VecDeque<String> = path.split('/').map(str::to_string).collect();
+    let mut out: Vec<String> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        match c.as_str() {
+            "" | "." => continue,
+            ".." => {
+                out.pop();
+                continue;
+            }
+            _ => {}
+        }
+        out.push(c);
+        let i = find(&out.join("/"))?;
+        if entries[i].kind == EntryKind::Symlink {
+            links += 1;
+            if links > MAX_LINKS {
+                return None;
+            }
+            out.pop();
+            let target = entries[i].link_target.as_deref().unwrap_or_default();
+            if target.starts_with('/') {
+                out.clear();
+            }
+            for t in target.split('/').rev() {
+                todo.push_front(t.to_string());
+            }
+        }
+    }
+    if out.is_empty() {
+        Some(None)
+    } else {
+        find(&out.join("/")).map(Some)
+    }
+}
+
+/// The root `name` (the source as written, which names what lands at the destination)
+/// selecting `entry` (what it leads to), with a directory's members.
 fn root_with_members(
     entries: &[ContextEntry],
-    path: &str,
+    name: &str,
     entry: Option<usize>,
     excludes: &IgnoreMatcher,
 ) -> SelectedRoot {
     let members = match entry {
         Some(i) if entries[i].kind != EntryKind::Dir => Vec::new(),
         _ => {
-            let prefix = if path == "." { String::new() } else { format!("{path}/") };
+            let prefix = match entry {
+                None => String::new(),
+                Some(i) => format!("{}/", entries[i].path),
+            };
             let start = entries.partition_point(|e| e.path.as_str() < prefix.as_str());
             entries[start..]
                 .iter()
@@ -138,7 +190,7 @@ fn root_with_members(
         }
     };
     SelectedRoot {
-        path: path.to_string(),
+        path: name.to_string(),
         entry,
         members,
     }
@@ -200,6 +252,41 @@ mod tests {
             &s,
             &IgnoreMatcher::from_patterns(excl.iter().copied()).unwrap(),
         )
+    }
+
+    fn link(path: &str, target: &str) -> ContextEntry {
+        ContextEntry {
+            link_target: Some(target.into()),
+            ..e(path, EntryKind::Symlink)
+        }
+    }
+
+    #[test]
+    fn symlinks_named_as_sources_are_followed_inside_the_context() {
+        let mut entries = tree();
+        entries.extend([
+            link("l-file", "a.txt"),
+            link("l-dir", "src/x"),
+            link("l-abs", "/src/lib.rs"),
+            link("l-out", "../../etc/passwd"),
+            link("l-host", "/etc/passwd"),
+            link("l-chain", "l-file"),
+        ]);
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let pick = |source: &str| select(&entries, &[source.to_string()], &IgnoreMatcher::default());
+        let path_of = |r: &SelectedRoot| r.entry.map(|i| entries[i].path.clone());
+        let r = &pick("l-file").unwrap()[0];
+        assert_eq!((r.path.as_str(), path_of(r).as_deref()), ("l-file", Some("a.txt")), "named as written, read from the target");
+        let r = &pick("l-dir").unwrap()[0];
+        assert_eq!(members(r), ["y.txt"], "a link to a directory copies its contents");
+        assert_eq!(path_of(&pick("l-abs").unwrap()[0]).as_deref(), Some("src/lib.rs"), "absolute targets start at the context root");
+        assert_eq!(path_of(&pick("l-chain").unwrap()[0]).as_deref(), Some("a.txt"));
+        assert_eq!(path_of(&pick("l-dir/y.txt").unwrap()[0]).as_deref(), Some("src/x/y.txt"), "a linked directory on the way");
+        for escaping in ["l-out", "l-host"] {
+            assert!(matches!(pick(escaping), Err(SelectError::NotFound(_))), "{escaping} leads nowhere inside the context");
+        }
+        let globbed = pick("l-f*").unwrap();
+        assert_eq!(path_of(&globbed[0]).as_deref(), Some("a.txt"), "a link a glob matches is followed too");
     }
 
     fn members(r: &SelectedRoot) -> Vec<&str> {

@@ -1,0 +1,2 @@
+FROM busybox:latest
+RUN hostname > /hostname && cat /etc/hosts > /hosts.seen && ls /etc > /etc-listing

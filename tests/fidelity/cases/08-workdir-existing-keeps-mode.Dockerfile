@@ -1,0 +1,3 @@
+FROM busybox:latest
+WORKDIR /tmp
+RUN touch in-tmp

@@ -1,0 +1,3 @@
+FROM busybox:latest
+RUN mkdir -p /var/data && ln -s /var/data /data
+COPY f.txt /data/

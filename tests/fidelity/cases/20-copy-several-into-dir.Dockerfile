@@ -1,0 +1,2 @@
+FROM busybox:latest
+COPY a.txt b.txt run.sh private.txt /m/

@@ -1,0 +1,4 @@
+FROM busybox:latest
+WORKDIR /app
+COPY f.txt .
+COPY dir sub/

@@ -1,0 +1,3 @@
+FROM busybox:latest
+ADD f.txt /z.txt
+ADD dir /added-dir/

@@ -1,0 +1,4 @@
+FROM busybox:latest
+RUN ["/bin/sh", "-c", "echo exec > /exec"]
+SHELL ["/bin/sh", "-ec"]
+RUN echo shell > /shell

@@ -1,0 +1,2 @@
+FROM busybox:latest
+RUN rm /etc/group && rm -rf /home

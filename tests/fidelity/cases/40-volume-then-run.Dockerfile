@@ -1,0 +1,3 @@
+FROM busybox:latest
+VOLUME /v
+RUN mkdir -p /v && touch /v/x

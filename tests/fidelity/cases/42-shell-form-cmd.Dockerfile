@@ -1,0 +1,4 @@
+FROM busybox:latest
+SHELL ["/bin/sh", "-ec"]
+CMD echo shell form
+HEALTHCHECK NONE
