@@ -276,17 +276,36 @@ mod tests {
         let pick = |source: &str| select(&entries, &[source.to_string()], &IgnoreMatcher::default());
         let path_of = |r: &SelectedRoot| r.entry.map(|i| entries[i].path.clone());
         let r = &pick("l-file").unwrap()[0];
-        assert_eq!((r.path.as_str(), path_of(r).as_deref()), ("l-file", Some("a.txt")), "named as written, read from the target");
+        assert_eq!(
+            (r.path.as_str(), path_of(r).as_deref()),
+            ("l-file", Some("a.txt")),
+            "named as written, read from the target"
+        );
         let r = &pick("l-dir").unwrap()[0];
         assert_eq!(members(r), ["y.txt"], "a link to a directory copies its contents");
-        assert_eq!(path_of(&pick("l-abs").unwrap()[0]).as_deref(), Some("src/lib.rs"), "absolute targets start at the context root");
+        assert_eq!(
+            path_of(&pick("l-abs").unwrap()[0]).as_deref(),
+            Some("src/lib.rs"),
+            "absolute targets start at the context root"
+        );
         assert_eq!(path_of(&pick("l-chain").unwrap()[0]).as_deref(), Some("a.txt"));
-        assert_eq!(path_of(&pick("l-dir/y.txt").unwrap()[0]).as_deref(), Some("src/x/y.txt"), "a linked directory on the way");
+        assert_eq!(
+            path_of(&pick("l-dir/y.txt").unwrap()[0]).as_deref(),
+            Some("src/x/y.txt"),
+            "a linked directory on the way"
+        );
         for escaping in ["l-out", "l-host"] {
-            assert!(matches!(pick(escaping), Err(SelectError::NotFound(_))), "{escaping} leads nowhere inside the context");
+            assert!(
+                matches!(pick(escaping), Err(SelectError::NotFound(_))),
+                "{escaping} leads nowhere inside the context"
+            );
         }
         let globbed = pick("l-f*").unwrap();
-        assert_eq!(path_of(&globbed[0]).as_deref(), Some("a.txt"), "a link a glob matches is followed too");
+        assert_eq!(
+            path_of(&globbed[0]).as_deref(),
+            Some("a.txt"),
+            "a link a glob matches is followed too"
+        );
     }
 
     fn members(r: &SelectedRoot) -> Vec<&str> {

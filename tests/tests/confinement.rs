@@ -168,7 +168,10 @@ fn copy_from_a_stage_whose_run_made_symlinks_to_the_host_writes_nothing_outside(
     );
     let before = target.state();
     let res = env.lcache(&p, &["build", "--progress", "plain", "."]);
-    assert!(!res.status.success(), "a link to the host must not be followed out of the stage");
+    assert!(
+        !res.status.success(),
+        "a link to the host must not be followed out of the stage"
+    );
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(err.contains("/s") && err.contains("Dockerfile:4"), "{err}");
     assert_eq!(target.state(), before, "the host directory changed");

@@ -277,8 +277,11 @@ fn editing_the_file_a_copied_symlink_names_rebuilds_the_copy() {
     // COPY follows a symlink named as a source (as BuildKit does), so the key must follow
     // it too: a hit after the target changed would be stale.
     let p = Project::new();
-    p.write("Dockerfile", "FROM alpine:3.19\nCOPY current.conf /etc/app.conf\nRUN true\n")
-        .write("conf/v1.conf", "one\n");
+    p.write(
+        "Dockerfile",
+        "FROM alpine:3.19\nCOPY current.conf /etc/app.conf\nRUN true\n",
+    )
+    .write("conf/v1.conf", "one\n");
     std::os::unix::fs::symlink("conf/v1.conf", p.path().join("current.conf")).unwrap();
     let before = p.keys(&[]);
     p.write("conf/v1.conf", "two\n");
