@@ -24,7 +24,7 @@ use crate::cache_dir::CacheDir;
 use crate::copy_step::{
     build_copy_layer, build_workdir_layer, load_seed, parse_chmod, save_manifest, CopyAttrs, CopyError, CopyJob, Seed,
 };
-use crate::errors::BuildError;
+use crate::errors::{BuildError, CacheError};
 use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::overlay_mount::OverlayMount;
 use crate::run_step::{argv_with_heredocs, run_step, RunError, RunSpec};
@@ -652,13 +652,21 @@ impl<'a> Builder<'a> {
             media_type: LAYER_MEDIA_TYPE.into(),
         };
         // The blob is durable in the daemon; only now may a record point to it.
-        self.steps.put_step(&StepRecord {
+        let stored = self.steps.put_step(&StepRecord {
             key: key.to_string(),
             layer: Some(layer.clone()),
             duration_ms: started.elapsed().as_millis() as u64,
             inputs: Some(inputs),
             created_at_ms: 0,
-        })?;
+        });
+        match stored {
+            // The cache kept the layer another build stored for this key first (a step
+            // that does not rebuild byte for byte): this build still uses its own.
+            Err(CacheError::Refused { status: 409, error, .. }) => {
+                self.progress().note(&format!("warning: {}: {error}", self.at(line)));
+            }
+            other => other?,
+        }
         let snap = self.cache.snapshot(&packed.digest);
         if !snap.exists() {
             if let Err(source) = std::fs::rename(&tree, &snap) {

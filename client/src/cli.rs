@@ -9,13 +9,25 @@ use lcache_proto::endpoint::Endpoint;
 #[derive(Debug, Parser)]
 #[command(name = "lcache", version, about)]
 pub struct Cli {
+    /// Which daemon, and the token to show it.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Which lcached a command talks to.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DaemonArgs {
     /// The daemon to use: unix:///path/to.sock or tcp://host:port
     /// [default: the local lcached's socket].
     #[arg(long, global = true, env = "LCACHE_DAEMON", value_name = "ADDR")]
     pub daemon: Option<Endpoint>,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
+    /// A file holding the token for a daemon's TCP listener (`lcache token create`);
+    /// `LCACHE_TOKEN` gives the token itself. The Unix socket needs none.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// The subcommands.
@@ -42,6 +54,12 @@ pub enum Command {
     },
     /// Show the daemon's state: store, listeners, cache contents, indexed contexts.
     Status(JsonArg),
+    /// Make, list and revoke tokens for the daemon's TCP listeners.
+    Token {
+        /// What to do.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Inspect the cache.
     Cache {
         /// What to inspect.
@@ -138,6 +156,30 @@ pub struct BuildArgs {
 pub enum CacheCommand {
     /// Cache contents and hit/miss counts.
     Stats(JsonArg),
+    /// Wait until every step record stored here is pushed to the daemon's upstream; fail,
+    /// naming them, if some could not be.
+    Sync,
+}
+
+/// `lcache token …`: tokens for the daemon's TCP listeners (run on its machine, through
+/// its socket).
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print it (the only time it is shown; lcached keeps its hash).
+    Create {
+        /// A name for it (`ci-runners`, `alice`); making a name again replaces its token.
+        name: String,
+        /// `read`: look up and download; `write`: also store.
+        #[arg(long, value_parser = ["read", "write"], default_value = "read")]
+        access: String,
+    },
+    /// List the tokens (names and access, never the tokens).
+    Ls(JsonArg),
+    /// Revoke a token: it stops working at once.
+    Revoke {
+        /// Its name.
+        name: String,
+    },
 }
 
 /// Just `--json`.

@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 
 use lcache_proto::endpoint::{default_socket, Endpoint};
 
+use crate::cli::DaemonArgs;
 use crate::daemon_client::DaemonClient;
 use crate::errors::ClientError;
 
@@ -14,10 +15,23 @@ pub fn default_endpoint() -> Endpoint {
     Endpoint::Unix(default_socket(uid, std::env::var("XDG_RUNTIME_DIR").ok().as_deref()))
 }
 
+/// The token to show a daemon: `--token-file`'s contents, else `LCACHE_TOKEN`, else none.
+pub fn token(args: &DaemonArgs) -> Result<Option<String>, ClientError> {
+    if let Some(path) = &args.token_file {
+        let t = std::fs::read_to_string(path).map_err(|source| ClientError::TokenFile {
+            path: path.clone(),
+            source,
+        })?;
+        return Ok(Some(t.trim().to_string()));
+    }
+    Ok(std::env::var("LCACHE_TOKEN").ok().filter(|t| !t.trim().is_empty()))
+}
+
 /// A client for the chosen daemon, and whether the user named it.
-pub fn daemon(explicit: Option<&Endpoint>) -> Result<(DaemonClient, bool), ClientError> {
-    match explicit {
-        Some(e) => Ok((DaemonClient::new(e.clone())?, true)),
-        None => Ok((DaemonClient::new(default_endpoint())?, false)),
+pub fn daemon(args: &DaemonArgs) -> Result<(DaemonClient, bool), ClientError> {
+    let token = token(args)?;
+    match &args.daemon {
+        Some(e) => Ok((DaemonClient::new(e.clone(), token)?, true)),
+        None => Ok((DaemonClient::new(default_endpoint(), token)?, false)),
     }
 }

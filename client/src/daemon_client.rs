@@ -2,14 +2,13 @@
 //! daemon's `{error, hint}` bodies turned into [`CacheError::Refused`].
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, StatusCode};
 use lcache_image::sha256_stream::Sha256Stream;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{BuildRecord, ErrorBody, ImageRecord, PlanInputs, PlanResponse, StatusResponse, StepRecord};
+use lcache_remote::{Remote, RemoteError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -17,30 +16,44 @@ use lcache_builder::errors::CacheError;
 
 /// A connection-per-request client of one daemon.
 pub struct DaemonClient {
-    endpoint: Endpoint,
+    remote: Remote,
     rt: tokio::runtime::Runtime,
 }
 
+/// A transport error as the builder's [`CacheError`].
+fn transport(e: RemoteError) -> CacheError {
+    match e {
+        RemoteError::Unreachable { endpoint, reason } => CacheError::Unreachable { endpoint, reason },
+        RemoteError::Protocol { reason, .. } => CacheError::Protocol(reason),
+        RemoteError::Encode(m) => CacheError::Encode(m),
+    }
+}
+
 impl DaemonClient {
-    /// A client for `endpoint` (nothing is connected yet).
-    pub fn new(endpoint: Endpoint) -> Result<Self, CacheError> {
+    /// A client for `endpoint` (nothing is connected yet), showing `token` if given.
+    pub fn new(endpoint: Endpoint, token: Option<String>) -> Result<Self, CacheError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(CacheError::Runtime)?;
-        Ok(Self { endpoint, rt })
+        Ok(Self {
+            remote: Remote { endpoint, token },
+            rt,
+        })
     }
 
     /// The daemon's address.
     pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
+        &self.remote.endpoint
     }
 
     /// Sends one request; returns the status and the whole body.
     pub fn call(&self, method: Method, path: &str, body: Bytes) -> Result<(StatusCode, Bytes), CacheError> {
         let len = body.len() as u64;
         let body = Full::new(body).map_err(|never| match never {}).boxed();
-        self.rt.block_on(request(&self.endpoint, method, path, body, len))
+        self.rt
+            .block_on(self.remote.request(method, path, body, len))
+            .map_err(transport)
     }
 
     /// Sends JSON (or nothing) and reads JSON, mapping error statuses to [`CacheError::Refused`].
@@ -143,13 +156,13 @@ impl DaemonClient {
             }
         });
         let body = StreamBody::new(chunks).boxed();
-        let (status, resp) = self.rt.block_on(request(
-            &self.endpoint,
-            Method::PUT,
-            &format!("/v1/blobs/{digest}"),
-            body,
-            len,
-        ))?;
+        let (status, resp) = self
+            .rt
+            .block_on(
+                self.remote
+                    .request(Method::PUT, &format!("/v1/blobs/{digest}"), body, len),
+            )
+            .map_err(transport)?;
         if !status.is_success() {
             return Err(daemon_error(status, &resp));
         }
@@ -161,9 +174,9 @@ impl DaemonClient {
     /// discarded). Returns the blob's size.
     pub fn blob_into(&self, digest: &str, out: &mut dyn std::io::Write) -> Result<u64, CacheError> {
         let mut w = Sha256Stream::new(out);
-        let (status, n, body) =
-            self.rt
-                .block_on(request_into(&self.endpoint, &format!("/v1/blobs/{digest}"), &mut w))?;
+        let (status, n, body) = self
+            .rt
+            .block_on(request_into(&self.remote, &format!("/v1/blobs/{digest}"), &mut w))?;
         if status == StatusCode::NOT_FOUND {
             return Err(CacheError::UnusableBlob {
                 digest: digest.to_string(),
@@ -282,36 +295,17 @@ fn daemon_error(status: StatusCode, body: &[u8]) -> CacheError {
     }
 }
 
-/// A request body: bytes in memory or a file streamed.
-type ReqBody = BoxBody<Bytes, std::io::Error>;
-
-async fn request(
-    ep: &Endpoint,
-    method: Method,
-    path: &str,
-    body: ReqBody,
-    len: u64,
-) -> Result<(StatusCode, Bytes), CacheError> {
-    let resp = send(ep, method, path, body, len).await?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| CacheError::Protocol(e.to_string()))?
-        .to_bytes();
-    Ok((status, body))
-}
-
 /// `GET path`, streaming a successful answer's body into `out`; an error answer's body is
 /// returned whole instead. Returns the status, the bytes streamed and the error body.
 async fn request_into(
-    ep: &Endpoint,
+    remote: &Remote,
     path: &str,
     out: &mut dyn std::io::Write,
 ) -> Result<(StatusCode, u64, Bytes), CacheError> {
-    let empty = Full::new(Bytes::new()).map_err(|never| match never {}).boxed();
-    let resp = send(ep, Method::GET, path, empty, 0).await?;
+    let resp = remote
+        .send(Method::GET, path, lcache_remote::empty(), 0)
+        .await
+        .map_err(transport)?;
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {
@@ -335,54 +329,4 @@ async fn request_into(
         }
     }
     Ok((status, n, Bytes::new()))
-}
-
-async fn send(
-    ep: &Endpoint,
-    method: Method,
-    path: &str,
-    body: ReqBody,
-    len: u64,
-) -> Result<hyper::Response<hyper::body::Incoming>, CacheError> {
-    let unreachable = |e: std::io::Error| CacheError::Unreachable {
-        endpoint: ep.to_string(),
-        reason: e.to_string(),
-    };
-    let mut sender = match ep {
-        Endpoint::Unix(p) => handshake(tokio::net::UnixStream::connect(p).await.map_err(unreachable)?).await?,
-        Endpoint::Tcp(a) => {
-            let s = tokio::net::TcpStream::connect(a).await.map_err(unreachable)?;
-            let _ = s.set_nodelay(true);
-            handshake(s).await?
-        }
-    };
-    let host = match ep {
-        Endpoint::Tcp(a) => a.clone(),
-        Endpoint::Unix(_) => "lcached".to_string(),
-    };
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host)
-        .header("content-type", "application/json")
-        .header("content-length", len)
-        .body(body)
-        .map_err(|e| CacheError::Encode(e.to_string()))?;
-    sender
-        .send_request(req)
-        .await
-        .map_err(|e| CacheError::Protocol(e.to_string()))
-}
-
-async fn handshake<S>(stream: S) -> Result<hyper::client::conn::http1::SendRequest<ReqBody>, CacheError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| CacheError::Protocol(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
 }

@@ -37,6 +37,14 @@ pub enum ClientError {
     /// An image file to import is unusable.
     #[error(transparent)]
     Import(#[from] lcache_image::image_archive::ArchiveError),
+    /// The token file could not be read.
+    #[error("cannot read the token file {}: {source} — create a token with `lcache token create NAME` on the daemon's machine and save it there", path.display())]
+    TokenFile {
+        /// The file given with --token-file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A command-line value is malformed; the message says what to write.
     #[error("{0}")]
     Usage(String),

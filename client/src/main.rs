@@ -7,7 +7,7 @@ use lcache_client::commands;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let daemon = cli.daemon.as_ref();
+    let daemon = &cli.daemon;
     let result = match &cli.command {
         Command::Parse(a) => commands::parse::run(a),
         Command::Keys(a) => commands::keys::run(a, daemon),
@@ -20,6 +20,10 @@ fn main() -> ExitCode {
         Command::Cache {
             command: CacheCommand::Stats(a),
         } => commands::status::cache_stats(a.json, daemon),
+        Command::Cache {
+            command: CacheCommand::Sync,
+        } => commands::token::sync(daemon),
+        Command::Token { command } => commands::token::run(command, daemon),
     };
     match result {
         Ok(out) => {

@@ -10,3 +10,5 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod store_lock;
+pub mod token_auth;
+pub mod upstream;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use lcache_daemon::server::{shutdown_signal, Daemon, DaemonConfig, Limits};
 use lcache_proto::endpoint::{default_socket, default_store, Endpoint};
+use lcache_remote::Remote;
 
 /// lcached: the lcache daemon. Keeps step records and layer blobs, indexes build contexts,
 /// and answers `lcache` over HTTP on a Unix socket and/or TCP.
@@ -35,6 +36,14 @@ struct Args {
     /// Seconds a request body may pause before the request is dropped.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     body_timeout: u64,
+    /// The cache behind this one (another lcached): local misses are looked up there and
+    /// what builds store here is pushed to it in the background.
+    #[arg(long, value_name = "ADDR")]
+    upstream: Option<Endpoint>,
+    /// A file holding the token for the upstream (`lcache token create` on its machine);
+    /// `LCACHE_TOKEN` gives the token itself.
+    #[arg(long, value_name = "FILE", requires = "upstream")]
+    upstream_token_file: Option<std::path::PathBuf>,
 }
 
 /// `1024`, `512K`, `64M`, `2G`, `1T` (binary units; `KiB`, `GB`… are read the same).
@@ -72,7 +81,21 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
     let env = |k: &str| std::env::var(k).ok();
+    let token = match &args.upstream_token_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                eprintln!(
+                    "lcached: cannot read the upstream token file {}: {e} — create a token on the upstream with `lcache token create NAME` and save it there",
+                    f.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        None => env("LCACHE_TOKEN").filter(|t| !t.trim().is_empty()),
+    };
     let cfg = DaemonConfig {
+        upstream: args.upstream.map(|endpoint| Remote { endpoint, token }),
         listen: if args.listen.is_empty() {
             vec![Endpoint::Unix(default_socket(uid, env("XDG_RUNTIME_DIR").as_deref()))]
         } else {

@@ -43,6 +43,22 @@ pub struct Metrics {
     pub client_errors: AtomicU64,
     /// Requests answered with a 5xx.
     pub server_errors: AtomicU64,
+    /// TCP requests refused for a missing, unknown or read-only token.
+    pub auth_failures: AtomicU64,
+    /// Step records refused because another layer was stored for the key first.
+    pub step_conflicts: AtomicU64,
+    /// Local misses the upstream answered.
+    pub upstream_hits: AtomicU64,
+    /// Local misses the upstream did not have either.
+    pub upstream_misses: AtomicU64,
+    /// Upstream requests that failed (unreachable, refused, corrupt).
+    pub upstream_errors: AtomicU64,
+    /// Step records pushed to the upstream.
+    pub upstream_pushed: AtomicU64,
+    /// Step records given up on after retries.
+    pub upstream_push_failures: AtomicU64,
+    /// Step records waiting to be pushed.
+    pub upstream_queue: AtomicU64,
     latency: [Histogram; ROUTES.len()],
 }
 
@@ -111,6 +127,50 @@ impl Metrics {
             "lcache_http_server_errors_total",
             "Requests answered 5xx.",
             &self.server_errors,
+        );
+        for (name, help, v) in [
+            (
+                "lcache_auth_failures_total",
+                "TCP requests refused for a missing, unknown or read-only token.",
+                &self.auth_failures,
+            ),
+            (
+                "lcache_step_conflicts_total",
+                "Step records refused: another layer was stored for the key first.",
+                &self.step_conflicts,
+            ),
+            (
+                "lcache_upstream_hits_total",
+                "Local misses the upstream answered.",
+                &self.upstream_hits,
+            ),
+            (
+                "lcache_upstream_misses_total",
+                "Local misses the upstream did not have.",
+                &self.upstream_misses,
+            ),
+            (
+                "lcache_upstream_errors_total",
+                "Upstream requests that failed.",
+                &self.upstream_errors,
+            ),
+            (
+                "lcache_upstream_pushed_total",
+                "Step records pushed to the upstream.",
+                &self.upstream_pushed,
+            ),
+            (
+                "lcache_upstream_push_failures_total",
+                "Step records given up on after retries.",
+                &self.upstream_push_failures,
+            ),
+        ] {
+            counter(&mut out, name, help, v);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP lcache_upstream_queue Step records waiting to be pushed to the upstream.\n# TYPE lcache_upstream_queue gauge\nlcache_upstream_queue {}",
+            self.upstream_queue.load(Ordering::Relaxed)
         );
         let name = "lcache_request_duration_seconds";
         let _ = writeln!(out, "# HELP {name} Request latency by route.\n# TYPE {name} histogram");

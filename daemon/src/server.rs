@@ -24,6 +24,8 @@ use crate::store::blob_store::BlobStore;
 use crate::store::sled_records::SledRecords;
 use crate::store::RecordStore;
 use crate::store_lock::{lock_store, LockError};
+use crate::upstream::Upstream;
+use lcache_remote::Remote;
 
 /// How the daemon is to run.
 #[derive(Debug, Clone)]
@@ -36,6 +38,8 @@ pub struct DaemonConfig {
     pub watch: bool,
     /// What one client may take.
     pub limits: Limits,
+    /// The cache behind this one, and the token to show it.
+    pub upstream: Option<Remote>,
 }
 
 /// What one client may take of the daemon: a client that is slow, idle, greedy or hostile
@@ -179,6 +183,7 @@ impl Daemon {
                 }
             }
         }
+        let upstream = cfg.upstream.clone().map(Upstream::new);
         let state = Arc::new(AppState {
             index: ContextIndex::new(records.clone(), cfg.watch),
             records,
@@ -189,7 +194,11 @@ impl Daemon {
             store_dir: cfg.store.clone(),
             build_seq: AtomicU64::new(0),
             limits: cfg.limits,
+            upstream: upstream.as_ref().map(|(u, _)| u.clone()),
         });
+        if let Some((u, rx)) = upstream {
+            tokio::spawn(u.run(rx, state.clone()));
+        }
         Ok(Self {
             state,
             listeners,
@@ -276,12 +285,23 @@ impl Daemon {
         if let Ok(graceful) = Arc::try_unwrap(graceful) {
             let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
         }
+        // What builds stored is pushed before the daemon goes (as long as the upstream
+        // answers within the drain time); what is not is reported.
+        if let Some(u) = &self.state.upstream {
+            let report = u.sync(UPSTREAM_DRAIN).await;
+            for f in &report.failed {
+                eprintln!("lcached: not pushed to upstream {}: {f}", report.upstream);
+            }
+        }
         let _ = self.state.records.flush();
         for s in sockets {
             let _ = std::fs::remove_file(s);
         }
     }
 }
+
+/// How long shutdown waits for the upstream push queue to drain.
+const UPSTREAM_DRAIN: Duration = Duration::from_secs(30);
 
 /// Makes the store directory owner-only, refusing one that belongs to another user.
 fn owner_only(dir: &std::path::Path) -> Result<(), StartError> {

@@ -10,6 +10,8 @@ use crate::metrics::Metrics;
 use crate::server::Limits;
 use crate::store::blob_store::BlobStore;
 use crate::store::RecordStore;
+use crate::upstream::Upstream;
+use lcache_proto::wire::StepRecord;
 
 /// The daemon's shared state.
 pub struct AppState {
@@ -31,4 +33,15 @@ pub struct AppState {
     pub build_seq: AtomicU64,
     /// What one client may take.
     pub limits: Limits,
+    /// The cache behind this one, if any.
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+impl AppState {
+    /// Queues a record stored here to be pushed to the upstream, if there is one.
+    pub fn upstream_push(&self, rec: &StepRecord) {
+        if let Some(u) = &self.upstream {
+            u.push(&rec.key, &self.metrics);
+        }
+    }
 }

@@ -321,3 +321,43 @@ mod tests {
         assert_eq!(normalize_image_name("app@sha256:00"), "app@sha256:00");
     }
 }
+
+/// `POST /v1/tokens`: a token to make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// Its name.
+    pub name: String,
+    /// `read` or `write`.
+    pub access: String,
+}
+
+/// A token just made: the only time it is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// Its name.
+    pub name: String,
+    /// `read` or `write`.
+    pub access: String,
+    /// The token.
+    pub token: String,
+}
+
+/// A token as `GET /v1/tokens` lists it (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Its name.
+    pub name: String,
+    /// `read` or `write`.
+    pub access: String,
+    /// When it was made.
+    pub created_at_ms: u64,
+}
+
+/// `POST /v1/upstream/sync`: what could not be pushed to the upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReport {
+    /// The upstream's address.
+    pub upstream: String,
+    /// Step records given up on since the last sync, with why.
+    pub failed: Vec<String>,
+}

@@ -24,7 +24,7 @@ fn main() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let socket = tmp.path().join("lcached.sock");
     let (_, stop) = start_daemon(tmp.path().join("store"), vec![Endpoint::Unix(socket.clone())]);
-    let client = DaemonClient::new(Endpoint::Unix(socket)).expect("client");
+    let client = DaemonClient::new(Endpoint::Unix(socket), None).expect("client");
     let base = tmp.path().join("busybox.tar");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/busybox-rootfs");
     assert!(

@@ -109,7 +109,7 @@ fn main() {
         .expect("addr");
     let unix = Endpoint::Unix(socket);
 
-    let client = DaemonClient::new(unix.clone()).expect("client");
+    let client = DaemonClient::new(unix.clone(), None).expect("client");
     for i in 0..KEYS {
         let rec = StepRecord {
             key: key(i),

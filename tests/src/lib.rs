@@ -322,8 +322,13 @@ impl BuildEnv {
     /// Starts a daemon and imports `busybox:latest` made from Debian's busybox-static.
     /// Builds need root, runc and overlayfs (`.ci/run` installs runc and busybox-static).
     pub fn new() -> Self {
+        Self::with_daemon_args(&[])
+    }
+
+    /// As [`BuildEnv::new`], with `lcached` started with `extra` arguments.
+    pub fn with_daemon_args(extra: &[&str]) -> Self {
         let env = Self {
-            daemon: Daemon::start(&[]),
+            daemon: Daemon::start(extra),
             cache: tempfile::tempdir().expect("temp dir"),
         };
         let tar = env.cache.path().join("busybox.tar");
@@ -399,6 +404,43 @@ impl BuildEnv {
         args.push(".");
         self.lcache(p, &args)
     }
+}
+
+/// Makes a token on `d` through its socket; returns it.
+pub fn make_token(d: &Daemon, name: &str, access: &str) -> String {
+    let (status, body) = d.http(
+        "POST",
+        "/v1/tokens",
+        format!(r#"{{"name":"{name}","access":"{access}"}}"#).as_bytes(),
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    v["token"].as_str().expect("token").to_string()
+}
+
+/// One HTTP/1.1 request over TCP with an optional bearer token; the status and body.
+pub fn tcp_http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    s.write_all(body).expect("write body");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.as_bytes().to_vec())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// Just the cached flags of a build's steps.

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use lcache_e2e::{raw_http, sha256_digest, Daemon};
+use lcache_e2e::{make_token, raw_http, sha256_digest, tcp_http, Daemon};
 
 fn key(n: u32) -> String {
     format!("{:064x}", 0xabc000 + n)
@@ -312,25 +312,97 @@ fn a_full_disk_refuses_the_upload_keeps_nothing_and_the_daemon_stays_up() {
 
 #[test]
 fn plans_are_refused_over_tcp_where_the_rest_of_the_api_is_served() {
-    use std::io::{Read, Write};
     let d = Daemon::start(&[]);
-    let over_tcp = |method: &str, path: &str, body: &str| {
-        let mut s = std::net::TcpStream::connect(&d.tcp).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        resp
-    };
+    let token = make_token(&d, "ci", "write");
     let plan = serde_json::json!({"dockerfile_name": "Dockerfile", "dockerfile": "FROM a\n", "context": "/etc", "platform": "linux/amd64"}).to_string();
-    let resp = over_tcp("POST", "/v1/plan", &plan);
-    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
-    assert!(resp.contains("Unix socket"), "{resp}");
-    assert!(over_tcp("GET", "/v1/status", "").starts_with("HTTP/1.1 200"));
+    let (status, body) = tcp_http(&d.tcp, "POST", "/v1/plan", Some(&token), plan.as_bytes());
+    assert_eq!(status, 403);
+    assert!(String::from_utf8_lossy(&body).contains("Unix socket"));
+    assert_eq!(tcp_http(&d.tcp, "GET", "/v1/status", Some(&token), b"").0, 200);
     let k = key(7);
-    assert!(over_tcp("GET", &format!("/v1/steps/{k}"), "").starts_with("HTTP/1.1 404"));
+    assert_eq!(
+        tcp_http(&d.tcp, "GET", &format!("/v1/steps/{k}"), Some(&token), b"").0,
+        404
+    );
+}
+
+#[test]
+fn tcp_needs_a_known_token_and_a_read_token_never_writes() {
+    let d = Daemon::start(&[]);
+    let read = make_token(&d, "reader", "read");
+    let write = make_token(&d, "writer", "write");
+    let k = key(9);
+    let rec = format!(r#"{{"key":"{k}","layer":null,"duration_ms":1}}"#);
+    let put = |token: Option<&str>| tcp_http(&d.tcp, "PUT", &format!("/v1/steps/{k}"), token, rec.as_bytes());
+    let (status, body) = put(None);
+    assert_eq!(status, 401, "no token");
+    assert!(
+        String::from_utf8_lossy(&body).contains("lcache token create"),
+        "says what to do"
+    );
+    assert_eq!(put(Some("lct_0000")).0, 401, "an unknown token");
+    let (status, body) = put(Some(&read));
+    assert_eq!(status, 403, "a read token writes nothing");
+    assert!(String::from_utf8_lossy(&body).contains("--access write"));
+    assert_eq!(
+        tcp_http(&d.tcp, "GET", &format!("/v1/steps/{k}"), Some(&read), b"").0,
+        404,
+        "and may read"
+    );
+    assert_eq!(put(Some(&write)).0, 201);
+    assert_eq!(
+        tcp_http(&d.tcp, "GET", &format!("/v1/steps/{k}"), Some(&read), b"").0,
+        200
+    );
+    // Tokens are made only on the socket, and a revoked one stops working at once.
+    assert_eq!(tcp_http(&d.tcp, "GET", "/v1/tokens", Some(&write), b"").0, 403);
+    let (status, body) = d.http("GET", "/v1/tokens", b"");
+    assert_eq!(status, 200);
+    assert!(
+        !String::from_utf8_lossy(&body).contains(&read),
+        "the list never shows a token"
+    );
+    assert_eq!(d.http("DELETE", "/v1/tokens/reader", b"").0, 200);
+    assert_eq!(
+        tcp_http(&d.tcp, "GET", &format!("/v1/steps/{k}"), Some(&read), b"").0,
+        401
+    );
+    let (_, metrics) = d.http("GET", "/metrics", b"");
+    assert!(String::from_utf8_lossy(&metrics).contains("lcache_auth_failures_total 4"));
+}
+
+#[test]
+fn a_key_keeps_the_first_layer_stored_for_it() {
+    let d = Daemon::start(&[]);
+    let k = key(11);
+    let mut layers = Vec::new();
+    for content in [&b"first layer"[..], b"second layer"] {
+        let digest = sha256_digest(content);
+        assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}"), content).0, 201);
+        layers.push(digest);
+    }
+    let rec = |digest: &str| {
+        format!(
+            r#"{{"key":"{k}","layer":{{"digest":"{digest}","blake3":"","size":0,"diff_id":"","media_type":"m"}},"duration_ms":1}}"#
+        )
+    };
+    assert_eq!(
+        d.http("PUT", &format!("/v1/steps/{k}"), rec(&layers[0]).as_bytes()).0,
+        201
+    );
+    assert_eq!(
+        d.http("PUT", &format!("/v1/steps/{k}"), rec(&layers[0]).as_bytes()).0,
+        200,
+        "the same again is fine"
+    );
+    let (status, body) = d.http("PUT", &format!("/v1/steps/{k}"), rec(&layers[1]).as_bytes());
+    assert_eq!(status, 409, "another layer for the same key is refused");
+    assert!(String::from_utf8_lossy(&body).contains("first writer wins"));
+    let (_, got) = d.http("GET", &format!("/v1/steps/{k}"), b"");
+    assert!(
+        String::from_utf8_lossy(&got).contains(&layers[0]),
+        "the first record stands"
+    );
+    let (_, metrics) = d.http("GET", "/metrics", b"");
+    assert!(String::from_utf8_lossy(&metrics).contains("lcache_step_conflicts_total 1"));
 }

@@ -22,7 +22,7 @@ enum Writes {
 }
 
 fn client(d: &Daemon) -> DaemonClient {
-    DaemonClient::new(Endpoint::Unix(d.socket.clone())).unwrap()
+    DaemonClient::new(Endpoint::Unix(d.socket.clone()), None).unwrap()
 }
 
 fn record(key: &str, blob: &str) -> StepRecord {

@@ -3,10 +3,10 @@
 use std::io::IsTerminal;
 
 use anyhow::Result;
-use lcache_proto::endpoint::Endpoint;
 
 use crate::build_inputs::plan_inputs;
 use crate::cli::BuildArgs;
+use crate::cli::DaemonArgs;
 use crate::daemon_choice::daemon;
 use crate::progress::{Progress, ProgressMode};
 use lcache_builder::build_loop::{build, BuildRequest};
@@ -14,7 +14,7 @@ use lcache_builder::cache_dir::default_cache_dir;
 use lcache_builder::image_export::{export, OutputSpec};
 
 /// Runs `lcache build`.
-pub fn run(args: &BuildArgs, explicit: Option<&Endpoint>) -> Result<String> {
+pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
     let output: Option<OutputSpec> = args.output.as_deref().map(str::parse).transpose()?;
     let inputs = plan_inputs(&args.inputs, false)?;
     let (client, _) = daemon(explicit)?;

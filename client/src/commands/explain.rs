@@ -5,10 +5,10 @@ use std::fmt::Write;
 
 use anyhow::{anyhow, Result};
 use lcache_proto::cache_key::KeyInputs;
-use lcache_proto::endpoint::Endpoint;
 use lcache_proto::explain::diff_summaries;
 use lcache_proto::wire::BuildRecord;
 
+use crate::cli::DaemonArgs;
 use crate::cli::{ExplainArgs, HistoryArgs, HistoryCommand};
 use crate::daemon_choice::daemon;
 use crate::daemon_client::DaemonClient;
@@ -153,7 +153,7 @@ fn render_step(client: &DaemonClient, b: &BuildRecord, n: usize) -> Result<Strin
 }
 
 /// Runs `lcache explain`.
-pub fn explain(args: &ExplainArgs, explicit: Option<&Endpoint>) -> Result<String> {
+pub fn explain(args: &ExplainArgs, explicit: &DaemonArgs) -> Result<String> {
     let (client, _) = daemon(explicit)?;
     let b = match &args.build {
         Some(id) => client.build_record(id)?,
@@ -174,7 +174,7 @@ pub fn explain(args: &ExplainArgs, explicit: Option<&Endpoint>) -> Result<String
 }
 
 /// Runs `lcache history`.
-pub fn history(args: &HistoryArgs, explicit: Option<&Endpoint>) -> Result<String> {
+pub fn history(args: &HistoryArgs, explicit: &DaemonArgs) -> Result<String> {
     let (client, _) = daemon(explicit)?;
     if let Some(HistoryCommand::Show { build }) = &args.command {
         let b = client.build_record(build)?;

@@ -3,15 +3,15 @@
 use std::fmt::Write;
 
 use anyhow::Result;
-use lcache_proto::endpoint::Endpoint;
 use lcache_proto::platform::Platform;
 
+use crate::cli::DaemonArgs;
 use crate::cli::ImageCommand;
 use crate::daemon_choice::daemon;
 use crate::image_import::import_image;
 
 /// Runs an `lcache image` subcommand.
-pub fn run(cmd: &ImageCommand, explicit: Option<&Endpoint>) -> Result<String> {
+pub fn run(cmd: &ImageCommand, explicit: &DaemonArgs) -> Result<String> {
     let (client, _) = daemon(explicit)?;
     match cmd {
         ImageCommand::Import { file, name } => {

@@ -1,9 +1,9 @@
 //! `lcache keys`: every step's key and inputs, through the daemon's index when one runs.
 
 use anyhow::Result;
-use lcache_proto::endpoint::Endpoint;
 
 use crate::build_inputs::plan_inputs;
+use crate::cli::DaemonArgs;
 use crate::cli::KeysArgs;
 use crate::daemon_choice::daemon;
 use crate::offline_keys::offline_keys;
@@ -11,7 +11,7 @@ use crate::render::render_keys;
 use lcache_builder::errors::CacheError;
 
 /// Runs `lcache keys`.
-pub fn run(args: &KeysArgs, explicit: Option<&Endpoint>) -> Result<String> {
+pub fn run(args: &KeysArgs, explicit: &DaemonArgs) -> Result<String> {
     let inputs = plan_inputs(&args.inputs, args.json)?;
     let (report, source) = if args.offline {
         (offline_keys(&inputs)?, "offline".to_string())

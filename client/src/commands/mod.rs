@@ -7,3 +7,4 @@ pub mod keys;
 pub mod parse;
 pub mod plan;
 pub mod status;
+pub mod token;

@@ -1,10 +1,10 @@
 //! `lcache plan`: which steps the next build takes from the cache, executing nothing.
 
 use anyhow::Result;
-use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{ContextIndexStatus, PlanResponse};
 
 use crate::build_inputs::plan_inputs;
+use crate::cli::DaemonArgs;
 use crate::cli::KeysArgs;
 use crate::daemon_choice::daemon;
 use crate::offline_keys::offline_keys;
@@ -12,7 +12,7 @@ use crate::render::render_plan;
 use lcache_builder::miss_causes::plan_causes;
 
 /// Runs `lcache plan`.
-pub fn run(args: &KeysArgs, explicit: Option<&Endpoint>) -> Result<String> {
+pub fn run(args: &KeysArgs, explicit: &DaemonArgs) -> Result<String> {
     let inputs = plan_inputs(&args.inputs, args.json)?;
     let (resp, source) = if args.offline {
         // Offline there is no cache to ask: every known key is a step to build.

@@ -3,12 +3,12 @@
 use std::fmt::Write;
 
 use anyhow::Result;
-use lcache_proto::endpoint::Endpoint;
 
+use crate::cli::DaemonArgs;
 use crate::daemon_choice::daemon;
 
 /// Runs `lcache status`.
-pub fn status(json: bool, explicit: Option<&Endpoint>) -> Result<String> {
+pub fn status(json: bool, explicit: &DaemonArgs) -> Result<String> {
     let (client, _) = daemon(explicit)?;
     let s = client.status()?;
     if json {
@@ -43,7 +43,7 @@ pub fn status(json: bool, explicit: Option<&Endpoint>) -> Result<String> {
 }
 
 /// Runs `lcache cache stats`.
-pub fn cache_stats(json: bool, explicit: Option<&Endpoint>) -> Result<String> {
+pub fn cache_stats(json: bool, explicit: &DaemonArgs) -> Result<String> {
     let (client, _) = daemon(explicit)?;
     let s = client.status()?.stats;
     if json {

@@ -109,3 +109,33 @@ pub fn summary(state: &AppState, digest: &str) -> Response<Body> {
         ),
     }
 }
+
+/// `POST /v1/upstream/sync`: waits until every stored record is pushed to the upstream;
+/// 502 with what was not, if anything.
+pub async fn sync(state: &AppState) -> Response<Body> {
+    let Some(u) = &state.upstream else {
+        return error(
+            StatusCode::CONFLICT,
+            "this lcached has no upstream",
+            "start it with --upstream ADDR to push to a shared cache",
+        );
+    };
+    let report = u.sync(SYNC_DEADLINE).await;
+    if report.failed.is_empty() {
+        json(StatusCode::OK, &report)
+    } else {
+        error(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "{} step records were not pushed to {}: {}",
+                report.failed.len(),
+                report.upstream,
+                report.failed.join("; ")
+            ),
+            "check that the upstream is reachable and the token may write, then build again to push them",
+        )
+    }
+}
+
+/// How long a sync waits for the push queue.
+const SYNC_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);

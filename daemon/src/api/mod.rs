@@ -10,6 +10,7 @@ mod builds;
 mod control;
 pub mod images;
 mod steps;
+mod tokens;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -122,7 +123,29 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if origin == Origin::Network {
+        if let Err(e) = crate::token_auth::authorize(&state, req.headers(), &method) {
+            let refused = e.response();
+            state
+                .metrics
+                .observe("other", refused.status().as_u16(), started.elapsed());
+            return refused;
+        }
+    }
     let (label, response) = match (&method, segs.as_slice()) {
+        // Tokens are made and the upstream synced by the daemon's owner, on its socket.
+        (_, ["v1", "tokens", ..] | ["v1", "upstream", ..]) if origin == Origin::Network => (
+            "other",
+            error(
+                StatusCode::FORBIDDEN,
+                format!("{path} is served only on the daemon's Unix socket"),
+                "run this on the daemon's machine, as its owner",
+            ),
+        ),
+        (&Method::POST, ["v1", "tokens"]) => ("other", tokens::create(&state, req).await),
+        (&Method::GET, ["v1", "tokens"]) => ("other", tokens::list(&state)),
+        (&Method::DELETE, ["v1", "tokens", name]) => ("other", tokens::revoke(&state, name)),
+        (&Method::POST, ["v1", "upstream", "sync"]) => ("other", control::sync(&state).await),
         (&Method::GET, ["v1", "status"]) => ("status", control::status(&state)),
         // Planning reads and lists files on this machine's disk: serving it over TCP would let
         // any remote client enumerate and fingerprint the daemon's filesystem.
@@ -136,7 +159,7 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         ),
         (&Method::POST, ["v1", "plan"]) => ("plan", control::plan(&state, req).await),
         (&Method::GET, ["metrics"]) => ("other", control::metrics(&state)),
-        (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key)),
+        (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key).await),
         (&Method::PUT, ["v1", "steps", key]) => ("steps_put", steps::put(&state, key, req).await),
         (&Method::HEAD, ["v1", "blobs", d]) => ("blobs_get", blobs::head(&state, d).await),
         (&Method::GET, ["v1", "blobs", d]) => ("blobs_get", blobs::get(&state, d).await),

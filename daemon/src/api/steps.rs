@@ -21,12 +21,16 @@ fn bad_key(key: &str) -> Response<Body> {
     )
 }
 
-/// `GET /v1/steps/{key}`.
-pub fn get(state: &AppState, key: &str) -> Response<Body> {
+/// `GET /v1/steps/{key}`: a local miss is looked up in the upstream, if there is one.
+pub async fn get(state: &AppState, key: &str) -> Response<Body> {
     if !valid_key(key) {
         return bad_key(key);
     }
-    match state.records.get_step(key) {
+    let mut found = state.records.get_step(key);
+    if let (Ok(None), Some(u)) = (&found, &state.upstream) {
+        found = Ok(u.fetch_step(key, state).await);
+    }
+    match found {
         Ok(Some(rec)) => {
             state.metrics.hits.fetch_add(1, Ordering::Relaxed);
             if let Some(l) = &rec.layer {
@@ -49,6 +53,16 @@ pub fn get(state: &AppState, key: &str) -> Response<Body> {
             "check the daemon's store",
         ),
     }
+}
+
+/// What a `PUT` of a step record came to.
+enum Stored {
+    /// Stored.
+    New(StepRecord),
+    /// The same layer was stored for the key already.
+    Same(StepRecord),
+    /// Another layer was stored for the key first; kept.
+    Conflict(StepRecord),
 }
 
 /// `PUT /v1/steps/{key}`: the record's layer blob must already be stored.
@@ -97,14 +111,45 @@ pub async fn put(state: &AppState, key: &str, req: Request<Incoming>) -> Respons
     rec.created_at_ms = now_ms();
     let records = state.records.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        records.put_step(&rec)?;
+        // First writer wins: a key never comes to point at another layer, so nobody can
+        // re-point a key others hit at a layer of their own (cache poisoning). A record
+        // whose layer is gone from the store may be replaced: that is how a lost layer is
+        // rebuilt.
+        let outcome = match records.put_step_first(&rec)? {
+            None => Stored::New(rec),
+            Some(old) if old.layer.as_ref().map(|l| &l.digest) == rec.layer.as_ref().map(|l| &l.digest) => {
+                Stored::Same(old)
+            }
+            Some(old) => match &old.layer {
+                Some(l) if records.get_blob(&l.digest)?.is_none() => {
+                    records.put_step(&rec)?;
+                    Stored::New(rec)
+                }
+                _ => Stored::Conflict(old),
+            },
+        };
         // Acknowledge only what survives a crash.
         records.flush()?;
-        Ok::<_, crate::store::StoreError>(rec)
+        Ok::<_, crate::store::StoreError>(outcome)
     })
     .await;
     match stored {
-        Ok(Ok(rec)) => json(StatusCode::CREATED, &rec),
+        Ok(Ok(Stored::New(rec))) => {
+            state.upstream_push(&rec);
+            json(StatusCode::CREATED, &rec)
+        }
+        Ok(Ok(Stored::Same(old))) => json(StatusCode::OK, &old),
+        Ok(Ok(Stored::Conflict(old))) => {
+            state.metrics.step_conflicts.fetch_add(1, Ordering::Relaxed);
+            error(
+                StatusCode::CONFLICT,
+                format!(
+                    "step {key} already has a record pointing at layer {}; the first writer wins, so it is kept",
+                    old.layer.as_ref().map_or("(none)", |l| l.digest.as_str())
+                ),
+                "nothing to do: a step that does not rebuild byte for byte keeps the first layer stored for its key",
+            )
+        }
         Ok(Err(e)) => error(
             StatusCode::INSUFFICIENT_STORAGE,
             e.to_string(),

@@ -12,7 +12,7 @@ use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::store::{BlobMeta, CachedDigest};
+use crate::store::{BlobMeta, CachedDigest, TokenRecord};
 
 /// The first format: file changes as strings.
 pub const FORMAT_V1: u8 = 1;
@@ -32,6 +32,7 @@ impl Stored for ImageRecord {}
 impl Stored for BlobMeta {}
 impl Stored for CachedDigest {}
 impl Stored for Vec<SummaryEntry> {}
+impl Stored for TokenRecord {}
 
 impl Stored for BuildRecord {
     fn from_v1(body: &[u8]) -> Result<Self, CodecError> {

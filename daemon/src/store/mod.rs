@@ -43,6 +43,28 @@ pub struct CachedDigest {
     pub digest: [u8; 32],
 }
 
+/// An access token: only its hash is kept; the token itself is shown once, at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Its name (`ci-runners`, `alice`).
+    pub name: String,
+    /// SHA-256 of the token, hex.
+    pub hash: String,
+    /// What it may do.
+    pub access: Access,
+    /// When it was made.
+    pub created_at_ms: u64,
+}
+
+/// What a token may do over TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Access {
+    /// Look up step records and download blobs, images and builds.
+    Read,
+    /// Also store step records, blobs, images and builds.
+    Write,
+}
+
 /// Small records: step results, blob metadata, build history, the context index, access
 /// times. One trait so the database behind it can be replaced without touching callers.
 pub trait RecordStore: Send + Sync {
@@ -50,6 +72,9 @@ pub trait RecordStore: Send + Sync {
     fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError>;
     /// Stores a step record (never removing the previous one for another key).
     fn put_step(&self, record: &StepRecord) -> Result<(), StoreError>;
+    /// Stores a step record only if its key has none, atomically; otherwise returns the
+    /// record already there (the first writer wins).
+    fn put_step_first(&self, record: &StepRecord) -> Result<Option<StepRecord>, StoreError>;
     /// Metadata of a stored blob.
     fn get_blob(&self, digest: &str) -> Result<Option<BlobMeta>, StoreError>;
     /// Records a blob as stored; call only once the blob file is durable.
@@ -93,6 +118,12 @@ pub trait RecordStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// The summary of a sources digest, if known.
     fn get_summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, StoreError>;
+    /// Stores (or replaces) a token by name.
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+    /// Every token, in name order.
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Forgets a token; true if it existed.
+    fn remove_token(&self, name: &str) -> Result<bool, StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 
-use super::{BlobMeta, CachedDigest, RecordStore, StoreError};
+use super::{BlobMeta, CachedDigest, RecordStore, StoreError, TokenRecord};
 use crate::codec::{decode, encode, Stored};
 
 /// sled-backed records.
@@ -17,6 +17,7 @@ pub struct SledRecords {
     contexts: sled::Tree,
     images: sled::Tree,
     summaries: sled::Tree,
+    tokens: sled::Tree,
 }
 
 fn db_err(e: sled::Error) -> StoreError {
@@ -36,6 +37,7 @@ impl SledRecords {
             contexts: tree("context_files")?,
             images: tree("images")?,
             summaries: tree("summaries")?,
+            tokens: tree("tokens")?,
             db,
         })
     }
@@ -71,6 +73,21 @@ impl RecordStore for SledRecords {
 
     fn put_step(&self, record: &StepRecord) -> Result<(), StoreError> {
         put(&self.steps, record.key.as_bytes(), record)
+    }
+
+    fn put_step_first(&self, record: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
+        let swapped = self
+            .steps
+            .compare_and_swap(record.key.as_bytes(), None as Option<&[u8]>, Some(encode(record)))
+            .map_err(db_err)?;
+        match swapped {
+            Ok(()) => Ok(None),
+            Err(e) => match e.current {
+                Some(v) => Ok(Some(decode(&v)?)),
+                // Removed between the two looks: nothing is there to win against.
+                None => self.put_step(record).map(|_| None),
+            },
+        }
     }
 
     fn get_blob(&self, digest: &str) -> Result<Option<BlobMeta>, StoreError> {
@@ -205,6 +222,25 @@ impl RecordStore for SledRecords {
 
     fn get_summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, StoreError> {
         get(&self.summaries, digest)
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        put(&self.tokens, token.name.as_bytes(), token)?;
+        self.flush()
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.tokens
+            .iter()
+            .values()
+            .map(|v| Ok(decode(&v.map_err(db_err)?)?))
+            .collect()
+    }
+
+    fn remove_token(&self, name: &str) -> Result<bool, StoreError> {
+        let existed = self.tokens.remove(name).map_err(db_err)?.is_some();
+        self.flush()?;
+        Ok(existed)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

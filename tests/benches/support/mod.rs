@@ -24,6 +24,7 @@ pub fn start_daemon(store: PathBuf, listen: Vec<Endpoint>) -> (Vec<String>, toki
                 store,
                 watch: true,
                 limits: Default::default(),
+                upstream: None,
             })
             .await
             .expect("daemon start");

@@ -1,0 +1,354 @@
+//! The cache behind this one (`lcached --upstream ADDR`): a local miss asks it
+//! (read-through: a hit there is fetched, verified and kept here); what builds store here is
+//! pushed to it in the background through a bounded queue (write-behind), retried, drained
+//! on shutdown, and waited for by `POST /v1/upstream/sync` (`lcache cache sync`). An
+//! unreachable upstream is a warning, never a failed build: the daemon serves what it has.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::{Method, StatusCode};
+use lcache_proto::wire::{StepRecord, SyncReport};
+use lcache_remote::{Remote, RemoteError};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::state::AppState;
+
+/// How many step records may wait to be pushed before new ones are refused (and reported
+/// by the next sync).
+pub const QUEUE_LEN: usize = 4096;
+
+/// Delays between the attempts to push one record.
+const RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
+
+/// Why the upstream did not answer as hoped.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Unreachable, or the exchange broke.
+    #[error(transparent)]
+    Transport(#[from] RemoteError),
+    /// It answered with an error status.
+    #[error("{status}: {body}")]
+    Refused {
+        /// The status.
+        status: StatusCode,
+        /// Its `{error, hint}` body, as sent.
+        body: String,
+    },
+    /// What it sent is not what was asked for.
+    #[error("{0}")]
+    Invalid(String),
+    /// The local store failed.
+    #[error("{0}")]
+    Local(String),
+}
+
+impl UpstreamError {
+    /// Whether trying again cannot help (a refused token, a record it rejects).
+    fn is_permanent(&self) -> bool {
+        matches!(self, Self::Refused { status, .. } if status.is_client_error() && *status != StatusCode::REQUEST_TIMEOUT)
+    }
+}
+
+/// The upstream tier.
+pub struct Upstream {
+    remote: Remote,
+    queue: mpsc::Sender<String>,
+    /// Keys given up on since the last sync, with why.
+    failed: Mutex<Vec<String>>,
+    /// Whether the last request failed for want of a connection (warn once, not per step).
+    down: AtomicBool,
+    /// Records queued and not yet pushed or given up on.
+    pending: AtomicU64,
+    /// Whether the upstream said our token may only read: then nothing is pushed.
+    read_only: AtomicBool,
+}
+
+impl Upstream {
+    /// An upstream at `remote`, and the receiving end of its push queue for [`Self::run`].
+    pub fn new(remote: Remote) -> (Arc<Self>, mpsc::Receiver<String>) {
+        let (tx, rx) = mpsc::channel(QUEUE_LEN);
+        (
+            Arc::new(Self {
+                remote,
+                queue: tx,
+                failed: Mutex::new(Vec::new()),
+                down: AtomicBool::new(false),
+                pending: AtomicU64::new(0),
+                read_only: AtomicBool::new(false),
+            }),
+            rx,
+        )
+    }
+
+    /// Its address.
+    pub fn endpoint(&self) -> String {
+        self.remote.endpoint.to_string()
+    }
+
+    fn note(&self, metrics: &Metrics, e: &UpstreamError) {
+        metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        let unreachable = matches!(e, UpstreamError::Transport(RemoteError::Unreachable { .. }));
+        if !unreachable || !self.down.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "lcached: warning: upstream {}: {e}; serving from the local store only",
+                self.endpoint()
+            );
+        }
+    }
+
+    fn fail(&self, key: &str, why: impl std::fmt::Display) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("{key}: {why}"));
+    }
+
+    /// Queues a stored record to be pushed.
+    pub fn push(&self, key: &str, metrics: &Metrics) {
+        if self.read_only.load(Ordering::Relaxed) {
+            return;
+        }
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        metrics.upstream_queue.fetch_add(1, Ordering::Relaxed);
+        if self.queue.try_send(key.to_string()).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            metrics.upstream_queue.fetch_sub(1, Ordering::Relaxed);
+            metrics.upstream_push_failures.fetch_add(1, Ordering::Relaxed);
+            self.fail(key, format!("the push queue is full ({QUEUE_LEN} records waiting)"));
+        }
+    }
+
+    /// Pushes queued records until the queue closes.
+    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<String>, state: Arc<AppState>) {
+        while let Some(key) = rx.recv().await {
+            let mut attempt = 0;
+            loop {
+                match self.push_one(&key, &state).await {
+                    Ok(()) => {
+                        self.down.store(false, Ordering::Relaxed);
+                        state.metrics.upstream_pushed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(UpstreamError::Refused { status, .. }) if status == StatusCode::FORBIDDEN => {
+                        // A read-only token: this runner uses the shared cache and adds to
+                        // it nothing, by design; not a failure.
+                        if !self.read_only.swap(true, Ordering::Relaxed) {
+                            eprintln!(
+                                "lcached: upstream {} gave this daemon read access only: what it builds stays local",
+                                self.endpoint()
+                            );
+                        }
+                        break;
+                    }
+                    Err(e) if !e.is_permanent() && attempt < RETRY_DELAYS.len() => {
+                        tokio::time::sleep(RETRY_DELAYS[attempt]).await;
+                        attempt += 1;
+                    }
+                    Err(e) => {
+                        self.note(&state.metrics, &e);
+                        state.metrics.upstream_push_failures.fetch_add(1, Ordering::Relaxed);
+                        self.fail(&key, e);
+                        break;
+                    }
+                }
+            }
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            state.metrics.upstream_queue.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until nothing is queued (or `deadline` passes); returns what was given up on
+    /// since the last sync, and forgets it.
+    pub async fn sync(&self, deadline: Duration) -> SyncReport {
+        let start = tokio::time::Instant::now();
+        while self.pending.load(Ordering::SeqCst) > 0 {
+            if start.elapsed() > deadline {
+                self.fail(
+                    "(queue)",
+                    format!(
+                        "{} records were still waiting after {deadline:?}",
+                        self.pending.load(Ordering::SeqCst)
+                    ),
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        SyncReport {
+            upstream: self.endpoint(),
+            failed: std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner())),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: lcache_remote::ReqBody,
+        len: u64,
+    ) -> Result<(StatusCode, Bytes), UpstreamError> {
+        Ok(self.remote.request(method, path, body, len).await?)
+    }
+
+    fn refused(status: StatusCode, body: &[u8]) -> UpstreamError {
+        UpstreamError::Refused {
+            status,
+            body: String::from_utf8_lossy(body).into_owned(),
+        }
+    }
+
+    /// Pushes one record: its layer blob first (unless the upstream has it), then the record.
+    async fn push_one(&self, key: &str, local: &AppState) -> Result<(), UpstreamError> {
+        let rec = local
+            .records
+            .get_step(key)
+            .map_err(|e| UpstreamError::Local(e.to_string()))?
+            .ok_or_else(|| UpstreamError::Local(format!("step {key} is no longer stored here")))?;
+        if let Some(layer) = &rec.layer {
+            let path = format!("/v1/blobs/{}", layer.digest);
+            let (status, _) = self.call(Method::HEAD, &path, lcache_remote::empty(), 0).await?;
+            if status != StatusCode::OK {
+                let file = local
+                    .blobs
+                    .path_of(&layer.digest)
+                    .ok_or_else(|| UpstreamError::Local(format!("blob {} has no file name", layer.digest)))?;
+                let f = tokio::fs::File::open(&file)
+                    .await
+                    .map_err(|e| UpstreamError::Local(format!("{}: {e}", file.display())))?;
+                let len = f
+                    .metadata()
+                    .await
+                    .map_err(|e| UpstreamError::Local(e.to_string()))?
+                    .len();
+                let chunks = file_chunks(f).map(|r| r.map(Frame::data));
+                let body = BodyExt::boxed(StreamBody::new(chunks));
+                let (status, body) = self.call(Method::PUT, &path, body, len).await?;
+                if !status.is_success() {
+                    return Err(Self::refused(status, &body));
+                }
+            }
+        }
+        let json = serde_json::to_vec(&rec).map_err(|e| UpstreamError::Local(e.to_string()))?;
+        let len = json.len() as u64;
+        let (status, body) = self
+            .call(
+                Method::PUT,
+                &format!("/v1/steps/{key}"),
+                lcache_remote::bytes(json),
+                len,
+            )
+            .await?;
+        // A conflict means the upstream had a record for the key first: it keeps its own.
+        if status.is_success() || status == StatusCode::CONFLICT {
+            return Ok(());
+        }
+        Err(Self::refused(status, &body))
+    }
+
+    /// Looks a locally missing step up in the upstream; on a hit, its layer blob is fetched
+    /// (verified against its digest) and both are kept here. `None` is a miss, whatever
+    /// the reason: an unreachable upstream is warned about, never an error.
+    pub async fn fetch_step(&self, key: &str, local: &AppState) -> Option<StepRecord> {
+        match self.try_fetch_step(key, local).await {
+            Ok(found) => {
+                self.down.store(false, Ordering::Relaxed);
+                let counter = if found.is_some() {
+                    &local.metrics.upstream_hits
+                } else {
+                    &local.metrics.upstream_misses
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                found
+            }
+            Err(e) => {
+                self.note(&local.metrics, &e);
+                None
+            }
+        }
+    }
+
+    async fn try_fetch_step(&self, key: &str, local: &AppState) -> Result<Option<StepRecord>, UpstreamError> {
+        let (status, body) = self
+            .call(Method::GET, &format!("/v1/steps/{key}"), lcache_remote::empty(), 0)
+            .await?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(Self::refused(status, &body));
+        }
+        let rec: StepRecord =
+            serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("step record: {e}")))?;
+        if rec.key != key {
+            return Err(UpstreamError::Invalid(format!("asked for step {key}, got {}", rec.key)));
+        }
+        if let Some(layer) = &rec.layer {
+            let known = local
+                .records
+                .get_blob(&layer.digest)
+                .map_err(|e| UpstreamError::Local(e.to_string()))?;
+            if known.is_none() {
+                let resp = self
+                    .remote
+                    .send(
+                        Method::GET,
+                        &format!("/v1/blobs/{}", layer.digest),
+                        lcache_remote::empty(),
+                        0,
+                    )
+                    .await?;
+                let status = resp.status();
+                if !status.is_success() {
+                    return Err(Self::refused(status, b""));
+                }
+                // Verified against the digest as it streams in; nothing is kept otherwise.
+                let meta = local
+                    .blobs
+                    .ingest(&layer.digest, resp.into_body(), Some(layer.size), &local.limits)
+                    .await
+                    .map_err(|e| UpstreamError::Invalid(format!("layer {}: {e}", layer.digest)))?;
+                local.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
+                local
+                    .records
+                    .put_blob(&meta)
+                    .and_then(|_| local.records.flush())
+                    .map_err(|e| UpstreamError::Local(e.to_string()))?;
+            }
+        }
+        let kept = match local.records.put_step_first(&rec) {
+            Ok(None) => rec,
+            Ok(Some(existing)) => existing,
+            Err(e) => return Err(UpstreamError::Local(e.to_string())),
+        };
+        let _ = local.records.flush();
+        Ok(Some(kept))
+    }
+}
+
+/// A file as a stream of chunks.
+fn file_chunks(f: tokio::fs::File) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    use tokio::io::AsyncReadExt;
+    futures_util::stream::unfold(Some(f), |f| async move {
+        let mut f = f?;
+        let mut buf = vec![0u8; 256 * 1024];
+        match f.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), Some(f)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}

@@ -1,0 +1,86 @@
+//! CI runners sharing one cache: real lcached daemons on loopback, each runner's daemon
+//! with `--upstream` pointing at a shared one over TCP with a token.
+
+use std::path::Path;
+
+use lcache_e2e::{cached, make_token, BuildEnv, Daemon, Project};
+
+const DOCKERFILE: &str =
+    "FROM busybox\nCOPY src /src\nRUN cat /src/a.txt /src/b.txt > /joined\nWORKDIR /app\nRUN echo built > /app/out\n";
+
+fn project() -> Project {
+    let p = Project::new();
+    p.write("Dockerfile", DOCKERFILE)
+        .write("src/a.txt", "alpha\n")
+        .write("src/b.txt", "bravo\n");
+    p
+}
+
+/// A runner: a daemon of its own (fresh store and client cache) whose upstream is `shared`.
+fn runner(shared: &Daemon, token: &str, dir: &Path, name: &str) -> BuildEnv {
+    let file = dir.join(format!("{name}.token"));
+    std::fs::write(&file, token).unwrap();
+    let upstream = format!("tcp://{}", shared.tcp);
+    BuildEnv::with_daemon_args(&["--upstream", &upstream, "--upstream-token-file", file.to_str().unwrap()])
+}
+
+fn steps_in(d: &Daemon) -> u64 {
+    let (_, body) = d.http("GET", "/v1/status", b"");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["stats"]["steps"].as_u64().unwrap()
+}
+
+fn sync(env: &BuildEnv, p: &Project) -> std::process::Output {
+    env.lcache(p, &["cache", "sync"])
+}
+
+#[test]
+fn a_fresh_runner_gets_every_step_from_the_shared_cache_and_a_read_only_one_adds_nothing() {
+    let shared = Daemon::start(&[]);
+    let tokens = tempfile::tempdir().unwrap();
+    let write = make_token(&shared, "runners", "write");
+    let p = project();
+
+    // Runner A builds and pushes.
+    let a = runner(&shared, &write, tokens.path(), "a");
+    let (steps, image_a) = a.build(&p, &[]);
+    assert_eq!(cached(&steps), [false; 4]);
+    let out = sync(&a, &p);
+    assert!(out.status.success(), "sync: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(steps_in(&shared), 4, "every step record reached the shared cache");
+
+    // Runner B, fresh store and cache, same upstream: nothing runs, the image is the same.
+    let b = runner(&shared, &write, tokens.path(), "b");
+    let (steps, image_b) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true; 4], "{steps:?}");
+    assert_eq!(image_a, image_b, "byte-identical layers, so the same image");
+
+    // A read-only runner rebuilds what an edit changed and the shared cache gains nothing.
+    let read = make_token(&shared, "forks", "read");
+    let c = runner(&shared, &read, tokens.path(), "c");
+    p.write("src/b.txt", "changed\n");
+    let (steps, _) = c.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false, false, false]);
+    let out = sync(&c, &p);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(steps_in(&shared), 4, "a read token stores nothing upstream");
+}
+
+#[test]
+fn an_unreachable_upstream_degrades_to_local_and_sync_says_what_was_not_pushed() {
+    let tokens = tempfile::tempdir().unwrap();
+    let shared = Daemon::start(&[]);
+    let write = make_token(&shared, "runners", "write");
+    let env = runner(&shared, &write, tokens.path(), "a");
+    // The shared cache goes away before the build.
+    drop(shared);
+    let p = project();
+    let (steps, _) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false; 4], "the build ran, green, from the local store");
+    let (again, _) = env.build(&p, &[]);
+    assert_eq!(cached(&again), [true; 4], "and the local store serves the next one");
+    let out = sync(&env, &p);
+    assert!(!out.status.success(), "sync must fail when records could not be pushed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not pushed") && err.contains("reachable"), "{err}");
+}
