@@ -17,6 +17,14 @@ pub enum CacheError {
         /// The connection error.
         reason: String,
     },
+    /// A TLS connection could not be set up.
+    #[error("cannot connect to {endpoint} over TLS: {reason}")]
+    Tls {
+        /// The address.
+        endpoint: String,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
     /// The cache refused the request.
     #[error("{error} — {hint}")]
     Refused {

@@ -20,7 +20,7 @@ pub struct Cli {
 /// Which lcached a command talks to.
 #[derive(Debug, Clone, Default, Args)]
 pub struct DaemonArgs {
-    /// The daemon to use: unix:///path/to.sock or tcp://host:port
+    /// The daemon to use: unix:///path/to.sock, tcp://host:port or https://host:port
     /// [default: the local lcached's socket].
     #[arg(long, global = true, env = "LCACHE_DAEMON", value_name = "ADDR")]
     pub daemon: Option<Endpoint>,
@@ -28,6 +28,10 @@ pub struct DaemonArgs {
     /// `LCACHE_TOKEN` gives the token itself. The Unix socket needs none.
     #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// For an https:// daemon: the CA certificate (PEM) that signed its certificate
+    /// [default: the system's CAs].
+    #[arg(long, global = true, env = "LCACHE_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The subcommands.

@@ -6,8 +6,9 @@ use std::os::unix::fs::MetadataExt;
 use lcache_proto::endpoint::{default_socket, Endpoint};
 
 use crate::cli::DaemonArgs;
-use crate::daemon_client::DaemonClient;
+use crate::daemon_client::{transport, DaemonClient};
 use crate::errors::ClientError;
+use lcache_remote::Remote;
 
 /// The daemon address this process uses when none is given.
 pub fn default_endpoint() -> Endpoint {
@@ -30,8 +31,10 @@ pub fn token(args: &DaemonArgs) -> Result<Option<String>, ClientError> {
 /// A client for the chosen daemon, and whether the user named it.
 pub fn daemon(args: &DaemonArgs) -> Result<(DaemonClient, bool), ClientError> {
     let token = token(args)?;
-    match &args.daemon {
-        Some(e) => Ok((DaemonClient::new(e.clone(), token)?, true)),
-        None => Ok((DaemonClient::new(default_endpoint(), token)?, false)),
-    }
+    let (endpoint, named) = match &args.daemon {
+        Some(e) => (e.clone(), true),
+        None => (default_endpoint(), false),
+    };
+    let remote = Remote::new(endpoint, token, args.ca_file.as_deref()).map_err(transport)?;
+    Ok((DaemonClient::with_remote(remote)?, named))
 }

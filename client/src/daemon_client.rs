@@ -21,25 +21,29 @@ pub struct DaemonClient {
 }
 
 /// A transport error as the builder's [`CacheError`].
-fn transport(e: RemoteError) -> CacheError {
+pub fn transport(e: RemoteError) -> CacheError {
     match e {
         RemoteError::Unreachable { endpoint, reason } => CacheError::Unreachable { endpoint, reason },
         RemoteError::Protocol { reason, .. } => CacheError::Protocol(reason),
         RemoteError::Encode(m) => CacheError::Encode(m),
+        RemoteError::Tls { endpoint, reason } => CacheError::Tls { endpoint, reason },
     }
 }
 
 impl DaemonClient {
-    /// A client for `endpoint` (nothing is connected yet), showing `token` if given.
+    /// A client for `endpoint` (nothing is connected yet), showing `token` if given; an
+    /// `https://` endpoint trusts the system's CAs.
     pub fn new(endpoint: Endpoint, token: Option<String>) -> Result<Self, CacheError> {
+        Self::with_remote(Remote::new(endpoint, token, None).map_err(transport)?)
+    }
+
+    /// A client for `remote` (nothing is connected yet).
+    pub fn with_remote(remote: Remote) -> Result<Self, CacheError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(CacheError::Runtime)?;
-        Ok(Self {
-            remote: Remote { endpoint, token },
-            rt,
-        })
+        Ok(Self { remote, rt })
     }
 
     /// The daemon's address.

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use lcache_daemon::server::{shutdown_signal, Daemon, DaemonConfig, Limits};
+use lcache_daemon::server::{shutdown_signal, Daemon, DaemonConfig, Limits, TlsFiles};
 use lcache_proto::endpoint::{default_socket, default_store, Endpoint};
 use lcache_remote::Remote;
 
@@ -13,7 +13,8 @@ use lcache_remote::Remote;
 #[derive(Debug, Parser)]
 #[command(name = "lcached", version, about)]
 struct Args {
-    /// Where to listen: unix:///path/to.sock or tcp://host:port; may be given twice
+    /// Where to listen: unix:///path/to.sock, tcp://host:port, or https://host:port (with
+    /// --tls-cert and --tls-key); may be given more than once
     /// [default: /run/lcache/lcached.sock as root, else $XDG_RUNTIME_DIR/lcache/lcached.sock].
     #[arg(long, value_name = "ADDR")]
     listen: Vec<Endpoint>,
@@ -44,6 +45,16 @@ struct Args {
     /// `LCACHE_TOKEN` gives the token itself.
     #[arg(long, value_name = "FILE", requires = "upstream")]
     upstream_token_file: Option<std::path::PathBuf>,
+    /// For an https:// upstream: the CA certificate (PEM) that signed its certificate
+    /// [default: the system's CAs].
+    #[arg(long, value_name = "FILE", requires = "upstream")]
+    upstream_ca: Option<std::path::PathBuf>,
+    /// The certificate chain (PEM) https:// listeners serve.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 /// `1024`, `512K`, `64M`, `2G`, `1T` (binary units; `KiB`, `GB`… are read the same).
@@ -94,8 +105,23 @@ fn main() -> ExitCode {
         },
         None => env("LCACHE_TOKEN").filter(|t| !t.trim().is_empty()),
     };
+    let upstream = match args
+        .upstream
+        .map(|endpoint| Remote::new(endpoint, token, args.upstream_ca.as_deref()))
+    {
+        Some(Err(e)) => {
+            eprintln!("lcached: --upstream: {e}");
+            return ExitCode::FAILURE;
+        }
+        Some(Ok(r)) => Some(r),
+        None => None,
+    };
     let cfg = DaemonConfig {
-        upstream: args.upstream.map(|endpoint| Remote { endpoint, token }),
+        upstream,
+        tls: args
+            .tls_cert
+            .zip(args.tls_key)
+            .map(|(cert, key)| TlsFiles { cert, key }),
         listen: if args.listen.is_empty() {
             vec![Endpoint::Unix(default_socket(uid, env("XDG_RUNTIME_DIR").as_deref()))]
         } else {

@@ -26,6 +26,7 @@ use crate::store::RecordStore;
 use crate::store_lock::{lock_store, LockError};
 use crate::upstream::Upstream;
 use lcache_remote::Remote;
+use tokio_rustls::TlsAcceptor;
 
 /// How the daemon is to run.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct DaemonConfig {
     pub limits: Limits,
     /// The cache behind this one, and the token to show it.
     pub upstream: Option<Remote>,
+    /// What `https://` listeners serve.
+    pub tls: Option<TlsFiles>,
 }
 
 /// What one client may take of the daemon: a client that is slow, idle, greedy or hostile
@@ -108,11 +111,55 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// An https:// listener has no usable certificate and key.
+    #[error("cannot serve TLS on {addr}: {reason}")]
+    Tls {
+        /// The address.
+        addr: String,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
+}
+
+/// The certificate chain and private key (PEM files) an `https://` listener serves.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// A TLS acceptor for `files`.
+fn tls_acceptor(addr: &str, files: Option<&TlsFiles>) -> Result<TlsAcceptor, StartError> {
+    let fail = |reason: String| StartError::Tls {
+        addr: addr.to_string(),
+        reason,
+    };
+    let files = files.ok_or_else(|| fail("no certificate: pass --tls-cert FILE and --tls-key FILE (PEM)".into()))?;
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| fail(format!("cannot read {}: {e}", p.display())));
+    let cert_pem = read(&files.cert)?;
+    let key_pem = read(&files.key)?;
+    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(format!("{} is not a PEM certificate chain: {e}", files.cert.display())))?;
+    if certs.is_empty() {
+        return Err(fail(format!("{} holds no certificate", files.cert.display())));
+    }
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| fail(format!("{} is not a PEM private key: {e}", files.key.display())))?
+        .ok_or_else(|| fail(format!("{} holds no private key", files.key.display())))?;
+    let config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| fail(format!("the certificate and key do not make a TLS identity: {e}")))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
+    Tls(TcpListener, TlsAcceptor),
 }
 
 /// A started daemon, bound and ready to serve.
@@ -169,17 +216,26 @@ impl Daemon {
                     listen.push(ep.to_string());
                     listeners.push(Listener::Unix(l, path.clone()));
                 }
-                Endpoint::Tcp(addr) => {
+                Endpoint::Tcp(addr) | Endpoint::Tls(addr) => {
+                    // The certificate is checked before the port is taken.
+                    let acceptor = match ep {
+                        Endpoint::Tls(_) => Some(tls_acceptor(&ep.to_string(), cfg.tls.as_ref())?),
+                        _ => None,
+                    };
                     let l = TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
                         addr: ep.to_string(),
                         source,
                     })?;
+                    let scheme = if acceptor.is_some() { "https" } else { "tcp" };
                     let actual = l
                         .local_addr()
-                        .map(|a| format!("tcp://{a}"))
+                        .map(|a| format!("{scheme}://{a}"))
                         .unwrap_or_else(|_| ep.to_string());
                     listen.push(actual);
-                    listeners.push(Listener::Tcp(l));
+                    listeners.push(match acceptor {
+                        Some(a) => Listener::Tls(l, a),
+                        None => Listener::Tcp(l),
+                    });
                 }
             }
         }
@@ -230,7 +286,7 @@ impl Daemon {
             }
             let origin = match l {
                 Listener::Unix(..) => api::Origin::Local,
-                Listener::Tcp(_) => api::Origin::Network,
+                Listener::Tcp(_) | Listener::Tls(..) => api::Origin::Network,
             };
             loops.push(tokio::spawn(async move {
                 loop {
@@ -238,7 +294,7 @@ impl Daemon {
                         _ = stop.changed() => break,
                         accepted = accept(&l) => accepted,
                     };
-                    let Some(io) = io else { continue };
+                    let Some((io, tls)) = io else { continue };
                     // At the limit this loop waits, so further connections wait in the
                     // kernel's backlog, not in memory.
                     let slot = tokio::select! {
@@ -264,14 +320,25 @@ impl Daemon {
                         }
                     });
                     // A client that half-closes after its body (as `curl -T -` or a shell script may) still gets its answer.
-                    let conn = http1::Builder::new()
-                        .half_close(true)
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(limits.header_timeout)
-                        .serve_connection(io, svc);
-                    let conn = graceful.watcher().watch(conn);
+                    let watcher = graceful.watcher();
                     tokio::spawn(async move {
-                        let _ = conn.await;
+                        // The TLS handshake runs here, not in the accept loop, so a client
+                        // that stalls it holds one slot for at most the header timeout.
+                        let io = match tls {
+                            None => io,
+                            Some(acceptor) => {
+                                match tokio::time::timeout(limits.header_timeout, acceptor.accept(io)).await {
+                                    Ok(Ok(s)) => Box::new(s) as Box<dyn IoStream>,
+                                    _ => return,
+                                }
+                            }
+                        };
+                        let conn = http1::Builder::new()
+                            .half_close(true)
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(limits.header_timeout)
+                            .serve_connection(TokioIo::new(io), svc);
+                        let _ = watcher.watch(conn).await;
                         drop(slot);
                     });
                 }
@@ -328,16 +395,20 @@ fn owner_only(dir: &std::path::Path) -> Result<(), StartError> {
 }
 
 /// Accepts one connection; `None` on a transient accept error (the loop goes on).
-async fn accept(l: &Listener) -> Option<TokioIo<Box<dyn IoStream>>> {
-    let stream: Box<dyn IoStream> = match l {
-        Listener::Unix(u, _) => Box::new(u.accept().await.ok()?.0),
-        Listener::Tcp(t) => {
+/// The next connection, and the TLS acceptor its handshake needs, if any.
+async fn accept(l: &Listener) -> Option<(Box<dyn IoStream>, Option<TlsAcceptor>)> {
+    match l {
+        Listener::Unix(u, _) => Some((Box::new(u.accept().await.ok()?.0), None)),
+        Listener::Tcp(t) | Listener::Tls(t, _) => {
             let (s, _) = t.accept().await.ok()?;
             let _ = s.set_nodelay(true);
-            Box::new(s)
+            let tls = match l {
+                Listener::Tls(_, a) => Some(a.clone()),
+                _ => None,
+            };
+            Some((Box::new(s), tls))
         }
-    };
-    Some(TokioIo::new(stream))
+    }
 }
 
 /// A connected stream of either kind.

@@ -1,5 +1,6 @@
 //! Where a daemon listens or is reached: `unix:///path/to.sock`, `tcp://host:port` (also
-//! `http://host:port` for clients), and the default locations.
+//! `http://host:port` for clients), `https://host:port` (TCP with TLS), and the default
+//! locations.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,22 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// A TCP `host:port`.
     Tcp(String),
+    /// A TCP `host:port` with TLS.
+    Tls(String),
+}
+
+impl Endpoint {
+    /// The host of a TCP address (for TLS's server name), without brackets.
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Self::Tcp(a) | Self::Tls(a) => Some(
+                a.rsplit_once(':')
+                    .map_or(a.as_str(), |(h, _)| h)
+                    .trim_matches(['[', ']']),
+            ),
+            Self::Unix(_) => None,
+        }
+    }
 }
 
 /// Why an address could not be read.
@@ -22,7 +39,7 @@ pub enum EndpointError {
     #[error("'{0}' has no port: write tcp://host:port, e.g. tcp://127.0.0.1:7878")]
     NoPort(String),
     /// Neither a socket path nor a TCP address.
-    #[error("'{0}' is not an address: write unix:///path/to/lcached.sock or tcp://host:port")]
+    #[error("'{0}' is not an address: write unix:///path/to/lcached.sock, tcp://host:port or https://host:port")]
     NotAnAddress(String),
 }
 
@@ -43,6 +60,13 @@ impl std::str::FromStr for Endpoint {
             }
             return Ok(Self::Tcp(a.to_string()));
         }
+        if let Some(a) = s.strip_prefix("https://") {
+            let a = a.trim_end_matches('/');
+            if !a.contains(':') {
+                return Err(EndpointError::NoPort(s.into()));
+            }
+            return Ok(Self::Tls(a.to_string()));
+        }
         if s.starts_with('/') {
             return Ok(Self::Unix(PathBuf::from(s)));
         }
@@ -55,6 +79,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Self::Unix(p) => write!(f, "unix://{}", p.display()),
             Self::Tcp(a) => write!(f, "tcp://{a}"),
+            Self::Tls(a) => write!(f, "https://{a}"),
         }
     }
 }
@@ -102,6 +127,10 @@ mod tests {
             Err(EndpointError::NoPort("tcp://nohost".into()))
         );
         assert!("ftp://x".parse::<Endpoint>().is_err());
+        let tls: Endpoint = "https://cache.internal:7879".parse().unwrap();
+        assert_eq!(tls, Endpoint::Tls("cache.internal:7879".into()));
+        assert_eq!(tls.host(), Some("cache.internal"));
+        assert_eq!(tls.to_string(), "https://cache.internal:7879");
     }
 
     #[test]

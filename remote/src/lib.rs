@@ -1,6 +1,10 @@
-//! Talking to an lcached: one HTTP/1.1 request per connection over its Unix socket or TCP,
-//! with `Authorization: Bearer` when a token is given. The client (`lcache`) and lcached's
+//! Talking to an lcached: one HTTP/1.1 request per connection over its Unix socket, TCP or
+//! TCP with TLS (rustls, trusting the CA file given, else the system's roots), with
+//! `Authorization: Bearer` when a token is given. The client (`lcache`) and lcached's
 //! upstream tier both speak through it, so there is one transport to harden.
+
+use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -9,6 +13,9 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use lcache_proto::endpoint::Endpoint;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 
 /// A request body: bytes in memory or a file streamed.
 pub type ReqBody = BoxBody<Bytes, std::io::Error>;
@@ -35,15 +42,67 @@ pub enum RemoteError {
     /// The request could not be built (a path or token that is not valid HTTP).
     #[error("cannot build the request: {0}")]
     Encode(String),
+    /// TLS could not be set up: no usable CA, or a bad server name.
+    #[error("cannot set up TLS for {endpoint}: {reason}")]
+    Tls {
+        /// The address.
+        endpoint: String,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
+}
+
+/// Where the system keeps its CA bundle (Debian's ca-certificates).
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A TLS client configuration trusting the CAs in `ca_file` (PEM), else the system's.
+pub fn tls_config(endpoint: &Endpoint, ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, RemoteError> {
+    let tls_err = |reason: String| RemoteError::Tls {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let path = ca_file.unwrap_or(Path::new(SYSTEM_ROOTS));
+    let pem = std::fs::read(path).map_err(|e| {
+        tls_err(format!(
+            "cannot read the CA file {}: {e} — pass the CA that signed the daemon's certificate with --ca-file (or --upstream-ca)",
+            path.display()
+        ))
+    })?;
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.map_err(|e| tls_err(format!("{} is not PEM: {e}", path.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| tls_err(format!("{}: a certificate is unusable: {e}", path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(tls_err(format!("{} holds no certificate", path.display())));
+    }
+    Ok(Arc::new(
+        ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
 }
 
 /// An lcached to talk to, and the token to show it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Remote {
     /// Its address.
     pub endpoint: Endpoint,
     /// The bearer token, for TCP listeners (the Unix socket needs none).
     pub token: Option<String>,
+    /// For `https://` endpoints: whom to trust.
+    tls: Option<Arc<ClientConfig>>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("Remote")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An empty body.
@@ -57,6 +116,16 @@ pub fn bytes(b: impl Into<Bytes>) -> ReqBody {
 }
 
 impl Remote {
+    /// A remote at `endpoint` showing `token`; an `https://` one trusts `ca_file` (else the
+    /// system's CAs).
+    pub fn new(endpoint: Endpoint, token: Option<String>, ca_file: Option<&Path>) -> Result<Self, RemoteError> {
+        let tls = match &endpoint {
+            Endpoint::Tls(_) => Some(tls_config(&endpoint, ca_file)?),
+            _ => None,
+        };
+        Ok(Self { endpoint, token, tls })
+    }
+
     fn protocol(&self, e: impl std::fmt::Display) -> RemoteError {
         RemoteError::Protocol {
             endpoint: self.endpoint.to_string(),
@@ -86,9 +155,28 @@ impl Remote {
                 let _ = s.set_nodelay(true);
                 self.handshake(s).await?
             }
+            Endpoint::Tls(a) => {
+                let s = tokio::net::TcpStream::connect(a).await.map_err(unreachable)?;
+                let _ = s.set_nodelay(true);
+                let config = self.tls.clone().ok_or_else(|| RemoteError::Tls {
+                    endpoint: self.endpoint.to_string(),
+                    reason: "made without a TLS configuration".into(),
+                })?;
+                let name = ServerName::try_from(self.endpoint.host().unwrap_or_default().to_string()).map_err(|e| {
+                    RemoteError::Tls {
+                        endpoint: self.endpoint.to_string(),
+                        reason: format!("not a server name: {e}"),
+                    }
+                })?;
+                let tls = TlsConnector::from(config).connect(name, s).await.map_err(|e| RemoteError::Tls {
+                    endpoint: self.endpoint.to_string(),
+                    reason: format!("handshake failed: {e} — is the daemon's certificate signed by the CA you trust, and for this host name?"),
+                })?;
+                self.handshake(tls).await?
+            }
         };
         let host = match &self.endpoint {
-            Endpoint::Tcp(a) => a.clone(),
+            Endpoint::Tcp(a) | Endpoint::Tls(a) => a.clone(),
             Endpoint::Unix(_) => "lcached".to_string(),
         };
         let mut req = Request::builder()

@@ -35,7 +35,7 @@ fn key(i: usize) -> String {
 async fn connect(ep: &Endpoint) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
     let io: Box<dyn lcache_daemon::server::IoStream> = match ep {
         Endpoint::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await.expect("connect")),
-        Endpoint::Tcp(a) => {
+        Endpoint::Tcp(a) | Endpoint::Tls(a) => {
             let s = tokio::net::TcpStream::connect(a).await.expect("connect");
             s.set_nodelay(true).expect("nodelay");
             Box::new(s)
@@ -49,7 +49,7 @@ async fn connect(ep: &Endpoint) -> hyper::client::conn::http1::SendRequest<Empty
 }
 
 /// Latencies of `LOOKUPS` hits spread over `clients` keep-alive connections, and the wall time.
-fn lookups(ep: &Endpoint, clients: usize) -> (Vec<Duration>, Duration) {
+fn lookups(ep: &Endpoint, clients: usize, token: &str) -> (Vec<Duration>, Duration) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -59,6 +59,7 @@ fn lookups(ep: &Endpoint, clients: usize) -> (Vec<Duration>, Duration) {
         let mut tasks = Vec::new();
         for c in 0..clients {
             let ep = ep.clone();
+            let auth = format!("Bearer {token}");
             tasks.push(tokio::spawn(async move {
                 let mut s = connect(&ep).await;
                 let mut lat = Vec::with_capacity(LOOKUPS / clients);
@@ -66,6 +67,7 @@ fn lookups(ep: &Endpoint, clients: usize) -> (Vec<Duration>, Duration) {
                     let path = format!("/v1/steps/{}", key((c * 7919 + i) % KEYS));
                     let req = Request::get(path)
                         .header("host", "lcached")
+                        .header("authorization", &auth)
                         .body(Empty::new())
                         .expect("request");
                     let t = Instant::now();
@@ -122,6 +124,15 @@ fn main() {
             .json(hyper::Method::PUT, &format!("/v1/steps/{}", key(i)), Some(&rec))
             .expect("put step");
     }
+    // TCP needs a token (the socket ignores it).
+    let made: serde_json::Value = client
+        .json(
+            hyper::Method::POST,
+            "/v1/tokens",
+            Some(&serde_json::json!({"name": "bench", "access": "read"})),
+        )
+        .expect("token");
+    let token = made["token"].as_str().expect("token").to_string();
     println!("== step lookups (hits), {LOOKUPS} per row, {KEYS} records");
     println!(
         "{:<6} {:>8} {:>10} {:>10} {:>12}",
@@ -129,7 +140,7 @@ fn main() {
     );
     for (name, ep) in [("unix", &unix), ("tcp", &tcp)] {
         for clients in [1, 8, 64] {
-            let (mut lat, wall) = lookups(ep, clients);
+            let (mut lat, wall) = lookups(ep, clients, &token);
             lat.sort();
             println!(
                 "{name:<6} {clients:>8} {:>10.3} {:>10.3} {:>12.0}",

@@ -137,6 +137,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// The TCP address (`127.0.0.1:PORT`).
     pub tcp: String,
+    /// The TLS address, when `extra` asked for an `https://` listener.
+    pub https: Option<String>,
 }
 
 impl Daemon {
@@ -149,13 +151,19 @@ impl Daemon {
     /// Starts a daemon on the store and socket of `dir` (kept from an earlier daemon).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let socket = dir.path().join("lcached.sock");
-        let (child, tcp) =
+        let (child, listening) =
             spawn_daemon(dir.path(), &socket, extra).unwrap_or_else(|e| panic!("lcached did not start: {e}"));
+        let find = |scheme: &str| {
+            listening
+                .iter()
+                .find_map(|l| l.strip_prefix(scheme).map(str::to_string))
+        };
         Self {
             child,
             dir,
             socket,
-            tcp,
+            tcp: find("tcp://").unwrap_or_default(),
+            https: find("https://"),
         }
     }
 
@@ -210,7 +218,7 @@ impl Drop for Daemon {
 
 /// Starts `lcached` on `dir/store`, listening on `socket` and an ephemeral TCP port, and
 /// waits until it says where it listens.
-pub fn spawn_daemon(dir: &Path, socket: &Path, extra: &[&str]) -> Result<(std::process::Child, String), String> {
+pub fn spawn_daemon(dir: &Path, socket: &Path, extra: &[&str]) -> Result<(std::process::Child, Vec<String>), String> {
     use std::io::BufRead;
     let mut child = Command::new(bin("lcached"))
         .arg("--listen")
@@ -226,21 +234,23 @@ pub fn spawn_daemon(dir: &Path, socket: &Path, extra: &[&str]) -> Result<(std::p
         .map_err(|e| e.to_string())?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut lines = std::io::BufReader::new(stdout).lines();
-    let mut tcp = None;
+    let mut listening = Vec::new();
+    let mut started = false;
     for line in lines.by_ref() {
         let line = line.map_err(|e| e.to_string())?;
-        if let Some(a) = line.strip_prefix("lcached: listening on tcp://") {
-            tcp = Some(a.to_string());
+        if let Some(a) = line.strip_prefix("lcached: listening on ") {
+            listening.push(a.to_string());
         }
         if line.starts_with("lcached: store ") {
+            started = true;
             break;
         }
     }
     // Keep draining stdout so the daemon never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    match tcp {
-        Some(t) => Ok((child, t)),
-        None => {
+    match started {
+        true => Ok((child, listening)),
+        false => {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
                 use std::io::Read;

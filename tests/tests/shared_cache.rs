@@ -84,3 +84,70 @@ fn an_unreachable_upstream_degrades_to_local_and_sync_says_what_was_not_pushed()
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not pushed") && err.contains("reachable"), "{err}");
 }
+
+/// A self-signed certificate for 127.0.0.1 and localhost: (cert.pem, key.pem) in `dir`.
+fn certificate(dir: &Path) -> (String, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    (cert.display().to_string(), key.display().to_string())
+}
+
+#[test]
+fn runners_reach_the_shared_cache_over_tls_trusting_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let shared = Daemon::start(&[
+        "--listen",
+        "https://127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    let https = format!("https://{}", shared.https.clone().expect("an https listener"));
+    let write = make_token(&shared, "runners", "write");
+    let token_file = dir.path().join("runner.token");
+    std::fs::write(&token_file, &write).unwrap();
+    let token_file = token_file.display().to_string();
+
+    // A runner's daemon reaches it over TLS, trusting its CA, and pushes what it builds.
+    let a = BuildEnv::with_daemon_args(&[
+        "--upstream",
+        &https,
+        "--upstream-token-file",
+        &token_file,
+        "--upstream-ca",
+        &cert,
+    ]);
+    let p = project();
+    a.build(&p, &[]);
+    let out = sync(&a, &p);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(steps_in(&shared), 4);
+
+    // The client speaks TLS too; without the CA it refuses the certificate, saying so.
+    let status = |extra: &[&str]| {
+        let mut c = std::process::Command::new(lcache_e2e::bin("lcache"));
+        c.args(["status", "--daemon", &https, "--token-file", &token_file])
+            .args(extra);
+        c.output().unwrap()
+    };
+    let ok = status(&["--ca-file", &cert]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let refused = status(&["--ca-file", "/etc/ssl/certs/ca-certificates.crt"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("TLS") && err.contains("certificate"), "{err}");
+    // Plain HTTP to the TLS port is no way in either.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(shared.https.as_deref().unwrap()).unwrap();
+    let _ = write!(
+        s,
+        "GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {write}\r\n\r\n"
+    );
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(!String::from_utf8_lossy(&answer).contains("200 OK"));
+}

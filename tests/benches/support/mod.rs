@@ -25,6 +25,7 @@ pub fn start_daemon(store: PathBuf, listen: Vec<Endpoint>) -> (Vec<String>, toki
                 watch: true,
                 limits: Default::default(),
                 upstream: None,
+                tls: None,
             })
             .await
             .expect("daemon start");
