@@ -138,6 +138,7 @@ pub fn build(
         progress.note(&format!("warning: {w}"));
     }
     let dockerfile = resp.report.dockerfile.clone();
+    let evicted = resp.evicted;
     let daemon_keys = resp.report.steps.into_iter().map(|k| (k.at(), k)).collect();
     let cache = CacheDir::open(&req.cache_dir).map_err(|source| BuildError::Io {
         action: "use the cache directory",
@@ -160,7 +161,7 @@ pub fn build(
         daemon_keys,
         context: Mutex::new(None),
         progress: Mutex::new(progress),
-        finder: CauseFinder::new(client, &req.inputs, req.no_cache),
+        finder: CauseFinder::new(client, &req.inputs, req.no_cache).with_evicted(&evicted),
         first_step,
     };
     let (mut states, mut finished) = b.build_stages()?;

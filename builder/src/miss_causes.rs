@@ -30,6 +30,8 @@ pub struct CauseFinder<'a> {
     previous: Option<BuildRecord>,
     no_cache: bool,
     dockerignore_changed: bool,
+    /// Keys whose records lcached evicted: their misses are "evicted", whatever history says.
+    evicted: std::collections::HashSet<String>,
 }
 
 /// A step being explained.
@@ -67,7 +69,14 @@ impl<'a> CauseFinder<'a> {
             previous,
             no_cache,
             dockerignore_changed,
+            evicted: Default::default(),
         }
+    }
+
+    /// Names the keys lcached evicted (from the plan's answer).
+    pub fn with_evicted(mut self, keys: &[String]) -> Self {
+        self.evicted = keys.iter().cloned().collect();
+        self
     }
 
     /// The step of the previous build this one is compared with.
@@ -82,6 +91,9 @@ impl<'a> CauseFinder<'a> {
     /// The root cause of a miss, and the key it was compared with.
     pub fn cause(&self, at: &StepAt<'_>) -> (MissCause, Option<String>) {
         let prev_step = self.previous_step(at);
+        if !self.no_cache && self.evicted.contains(at.key) {
+            return (MissCause::Evicted, prev_step.map(|s| s.key.clone()));
+        }
         let prev = prev_step.and_then(|s| {
             s.inputs.as_ref().map(|i| Previous {
                 instruction: &s.instruction,
@@ -126,7 +138,7 @@ pub fn plan_causes(
         // A plan made offline has no cache behind it, so no causes to predict.
         return Ok(vec![None; resp.report.steps.len()]);
     };
-    let finder = CauseFinder::new(client, inputs, false);
+    let finder = CauseFinder::new(client, inputs, false).with_evicted(&resp.evicted);
     let by_place: std::collections::HashMap<_, _> = resp
         .report
         .steps
@@ -325,6 +337,17 @@ mod tests {
             }
         );
         assert_eq!(compared_with, Some(copy_inputs("old").key()));
+    }
+
+    #[test]
+    fn a_key_lcached_evicted_is_evicted_even_without_history() {
+        let history = History {
+            builds: vec![],
+            summaries: Default::default(),
+        };
+        let key = copy_inputs("new").key();
+        let finder = CauseFinder::new(&history, &inputs_for("/c"), false).with_evicted(&[key]);
+        assert_eq!(cause_of_copy(&finder).0, MissCause::Evicted);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod codec;
 pub mod context_index;
+pub mod eviction;
 pub mod metrics;
 pub mod planner;
 pub mod server;

@@ -49,6 +49,10 @@ struct Args {
     /// [default: the system's CAs].
     #[arg(long, value_name = "FILE", requires = "upstream")]
     upstream_ca: Option<std::path::PathBuf>,
+    /// Keep the blobs under this size (1024, 512M, 64G…): least recently used blobs and the
+    /// step records that need them are evicted in the background [default: no limit].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_size: Option<u64>,
     /// The certificate chain (PEM) https:// listeners serve.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
     };
     let cfg = DaemonConfig {
         upstream,
+        max_size: args.max_size,
         tls: args
             .tls_cert
             .zip(args.tls_key)

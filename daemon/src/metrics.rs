@@ -59,6 +59,10 @@ pub struct Metrics {
     pub upstream_push_failures: AtomicU64,
     /// Step records waiting to be pushed.
     pub upstream_queue: AtomicU64,
+    /// Blobs evicted to stay under --max-size.
+    pub evicted_blobs: AtomicU64,
+    /// Their bytes.
+    pub evicted_bytes: AtomicU64,
     latency: [Histogram; ROUTES.len()],
 }
 
@@ -163,6 +167,16 @@ impl Metrics {
                 "lcache_upstream_push_failures_total",
                 "Step records given up on after retries.",
                 &self.upstream_push_failures,
+            ),
+            (
+                "lcache_evicted_blobs_total",
+                "Blobs evicted to stay under --max-size.",
+                &self.evicted_blobs,
+            ),
+            (
+                "lcache_evicted_bytes_total",
+                "Bytes of blobs evicted to stay under --max-size.",
+                &self.evicted_bytes,
             ),
         ] {
             counter(&mut out, name, help, v);

@@ -84,15 +84,23 @@ pub fn plan_build(
     index.persist(&ctx, &fresh, &removed)?;
     report.hashed_files = hashed_files;
     let mut cached = Vec::with_capacity(report.steps.len());
+    let mut evicted = Vec::new();
     for s in &report.steps {
         cached.push(match s.known_key() {
-            Some(k) => Some(records.get_step(k)?.is_some()),
+            Some(k) => {
+                let hit = records.get_step(k)?.is_some();
+                if !hit && records.was_evicted(k)? {
+                    evicted.push(k.to_string());
+                }
+                Some(hit)
+            }
             None => None,
         });
     }
     Ok(PlanResponse {
         report,
         cached,
+        evicted,
         causes: Vec::new(),
         context: ctx.status(),
         plan: Some(planned.plan),

@@ -43,6 +43,8 @@ pub struct DaemonConfig {
     pub upstream: Option<Remote>,
     /// What `https://` listeners serve.
     pub tls: Option<TlsFiles>,
+    /// Evict least recently used blobs to stay under this many bytes.
+    pub max_size: Option<u64>,
 }
 
 /// What one client may take of the daemon: a client that is slow, idle, greedy or hostile
@@ -251,7 +253,11 @@ impl Daemon {
             build_seq: AtomicU64::new(0),
             limits: cfg.limits,
             upstream: upstream.as_ref().map(|(u, _)| u.clone()),
+            evict_wake: tokio::sync::Notify::new(),
         });
+        if let Some(max) = cfg.max_size {
+            tokio::spawn(crate::eviction::run(state.clone(), max));
+        }
         if let Some((u, rx)) = upstream {
             tokio::spawn(u.run(rx, state.clone()));
         }

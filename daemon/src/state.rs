@@ -35,6 +35,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The cache behind this one, if any.
     pub upstream: Option<Arc<Upstream>>,
+    /// Wakes the eviction task (after an upload) when `--max-size` is set.
+    pub evict_wake: tokio::sync::Notify,
 }
 
 impl AppState {

@@ -322,8 +322,10 @@ impl Upstream {
                 local
                     .records
                     .put_blob(&meta)
+                    .and_then(|_| local.records.touch(&meta.digest, crate::api::now_ms()))
                     .and_then(|_| local.records.flush())
                     .map_err(|e| UpstreamError::Local(e.to_string()))?;
+                local.evict_wake.notify_one();
             }
         }
         let kept = match local.records.put_step_first(&rec) {

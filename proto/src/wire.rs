@@ -119,6 +119,9 @@ pub struct PlanResponse {
     /// front end runs once per command.
     #[serde(default)]
     pub plan: Option<BuildPlan>,
+    /// Keys of steps whose record was evicted (`--max-size`): their misses are "evicted".
+    #[serde(default)]
+    pub evicted: Vec<String>,
 }
 
 /// A layer blob as a step record refers to it.

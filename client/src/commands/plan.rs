@@ -32,6 +32,7 @@ pub fn run(args: &KeysArgs, explicit: &DaemonArgs) -> Result<String> {
                 causes: Vec::new(),
                 context,
                 plan: None,
+                evicted: Vec::new(),
             },
             "offline: no cache consulted".to_string(),
         )

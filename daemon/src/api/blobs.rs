@@ -170,6 +170,10 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
                     "free space on the store's disk",
                 );
             }
+            // Just stored counts as just used: eviction must not take a blob whose record
+            // is about to be written.
+            let _ = state.records.touch(&meta.digest, super::now_ms());
+            state.evict_wake.notify_one();
             json(if known { StatusCode::OK } else { StatusCode::CREATED }, &meta)
         }
         Err(e @ IngestError::TooLarge { .. }) => error(

@@ -41,9 +41,14 @@ pub async fn get(state: &AppState, key: &str) -> Response<Body> {
         }
         Ok(None) => {
             state.metrics.misses.fetch_add(1, Ordering::Relaxed);
+            let why = if state.records.was_evicted(key).unwrap_or(false) {
+                "its record was evicted to stay under --max-size"
+            } else {
+                "no record for it"
+            };
             error(
                 StatusCode::NOT_FOUND,
-                format!("no record for step {key}"),
+                format!("step {key}: {why}"),
                 "a miss: run the step, upload its layer, then PUT its record",
             )
         }

@@ -92,6 +92,17 @@ impl BlobStore {
         sha256_hex(digest).map(|h| self.root.join(h))
     }
 
+    /// Deletes a blob's file (after its metadata is gone, so nothing serves it meanwhile).
+    pub fn remove(&self, digest: &str) -> std::io::Result<()> {
+        match self.path_of(digest) {
+            Some(p) => match std::fs::remove_file(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
     /// Temp files currently present (uploads in flight).
     pub fn temp_files(&self) -> usize {
         std::fs::read_dir(&self.tmp).map(|d| d.count()).unwrap_or(0)

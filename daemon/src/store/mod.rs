@@ -118,6 +118,13 @@ pub trait RecordStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// The summary of a sources digest, if known.
     fn get_summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, StoreError>;
+    /// When each blob was last used (`touch`), by digest; blobs never touched are absent.
+    fn access_times(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Evicts a blob and the step records that need it: the records go first (so none
+    /// ever points at a missing blob), each leaving a tombstone; then the metadata.
+    fn evict_blob(&self, digest: &str, keys: &[String], now_ms: u64) -> Result<(), StoreError>;
+    /// Whether `key`'s record was evicted (and not stored again since).
+    fn was_evicted(&self, key: &str) -> Result<bool, StoreError>;
     /// Stores (or replaces) a token by name.
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     /// Every token, in name order.

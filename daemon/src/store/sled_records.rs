@@ -18,6 +18,7 @@ pub struct SledRecords {
     images: sled::Tree,
     summaries: sled::Tree,
     tokens: sled::Tree,
+    evicted: sled::Tree,
 }
 
 fn db_err(e: sled::Error) -> StoreError {
@@ -38,6 +39,7 @@ impl SledRecords {
             images: tree("images")?,
             summaries: tree("summaries")?,
             tokens: tree("tokens")?,
+            evicted: tree("evicted")?,
             db,
         })
     }
@@ -72,7 +74,9 @@ impl RecordStore for SledRecords {
     }
 
     fn put_step(&self, record: &StepRecord) -> Result<(), StoreError> {
-        put(&self.steps, record.key.as_bytes(), record)
+        put(&self.steps, record.key.as_bytes(), record)?;
+        self.evicted.remove(record.key.as_bytes()).map_err(db_err)?;
+        Ok(())
     }
 
     fn put_step_first(&self, record: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
@@ -81,7 +85,10 @@ impl RecordStore for SledRecords {
             .compare_and_swap(record.key.as_bytes(), None as Option<&[u8]>, Some(encode(record)))
             .map_err(db_err)?;
         match swapped {
-            Ok(()) => Ok(None),
+            Ok(()) => {
+                self.evicted.remove(record.key.as_bytes()).map_err(db_err)?;
+                Ok(None)
+            }
             Err(e) => match e.current {
                 Some(v) => Ok(Some(decode(&v)?)),
                 // Removed between the two looks: nothing is there to win against.
@@ -222,6 +229,33 @@ impl RecordStore for SledRecords {
 
     fn get_summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, StoreError> {
         get(&self.summaries, digest)
+    }
+
+    fn access_times(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.access
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(db_err)?;
+                let ms = v.as_ref().try_into().map(u64::from_le_bytes).unwrap_or(0);
+                Ok((String::from_utf8_lossy(&k).into_owned(), ms))
+            })
+            .collect()
+    }
+
+    fn evict_blob(&self, digest: &str, keys: &[String], now_ms: u64) -> Result<(), StoreError> {
+        for k in keys {
+            self.steps.remove(k.as_bytes()).map_err(db_err)?;
+            self.evicted
+                .insert(k.as_bytes(), &now_ms.to_le_bytes())
+                .map_err(db_err)?;
+        }
+        self.blobs.remove(digest.as_bytes()).map_err(db_err)?;
+        self.access.remove(digest.as_bytes()).map_err(db_err)?;
+        self.flush()
+    }
+
+    fn was_evicted(&self, key: &str) -> Result<bool, StoreError> {
+        self.evicted.contains_key(key.as_bytes()).map_err(db_err)
     }
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {

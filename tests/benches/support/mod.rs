@@ -26,6 +26,7 @@ pub fn start_daemon(store: PathBuf, listen: Vec<Endpoint>) -> (Vec<String>, toki
                 limits: Default::default(),
                 upstream: None,
                 tls: None,
+                max_size: None,
             })
             .await
             .expect("daemon start");

@@ -1,0 +1,63 @@
+//! `lcached --max-size`: least recently used blobs go, with the records that need them,
+//! never the blobs a named image uses; an evicted step says so.
+
+use lcache_e2e::{sha256_digest, Daemon};
+
+fn put_blob(d: &Daemon, content: &[u8]) -> String {
+    let digest = sha256_digest(content);
+    assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}"), content).0, 201);
+    digest
+}
+
+fn put_step(d: &Daemon, key: &str, digest: &str) {
+    let rec = format!(r#"{{"key":"{key}","layer":{{"digest":"{digest}","media_type":"m"}},"duration_ms":1}}"#);
+    assert_eq!(d.http("PUT", &format!("/v1/steps/{key}"), rec.as_bytes()).0, 201);
+}
+
+#[test]
+fn the_least_recently_used_blob_and_its_records_go_first_and_images_stay() {
+    let d = Daemon::start(&["--max-size", "100"]);
+    // A named image's blobs (60 bytes) are never evicted.
+    let (layer, config, manifest) = (put_blob(&d, &[1; 40]), put_blob(&d, &[2; 10]), put_blob(&d, &[3; 10]));
+    let image = format!(
+        r#"{{"name":"base:1","manifest_digest":"{manifest}","config_digest":"{config}","layers":[{{"digest":"{layer}","media_type":"m","size":40}}],"config":"{{}}"}}"#
+    );
+    assert_eq!(d.http("PUT", "/v1/images/base:1", image.as_bytes()).0, 201);
+    let (ka, kb) = (format!("{:064x}", 0xa), format!("{:064x}", 0xb));
+    let a = put_blob(&d, &[4; 30]);
+    put_step(&d, &ka, &a);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    assert_eq!(d.http("GET", &format!("/v1/steps/{ka}"), b"").0, 200);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    // 120 bytes now: over the limit, so the least recently used goes (A, used before B).
+    let b = put_blob(&d, &[5; 30]);
+    put_step(&d, &kb, &b);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let gone = loop {
+        let (status, body) = d.http("GET", &format!("/v1/steps/{ka}"), b"");
+        if status == 404 || std::time::Instant::now() > deadline {
+            break String::from_utf8_lossy(&body).to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(gone.contains("evicted"), "A's record is gone and says why: {gone}");
+    assert_eq!(d.http("HEAD", &format!("/v1/blobs/{a}"), b"").0, 404, "and its blob");
+    assert_eq!(d.http("GET", &format!("/v1/steps/{kb}"), b"").0, 200, "B stays");
+    for blob in [&layer, &config, &manifest] {
+        assert_eq!(
+            d.http("HEAD", &format!("/v1/blobs/{blob}"), b"").0,
+            200,
+            "image blobs stay"
+        );
+    }
+    let (_, metrics) = d.http("GET", "/metrics", b"");
+    let m = String::from_utf8_lossy(&metrics);
+    assert!(
+        m.contains("lcache_evicted_blobs_total 1") && m.contains("lcache_evicted_bytes_total 30"),
+        "{m}"
+    );
+    // Storing the step again clears its tombstone.
+    let a2 = put_blob(&d, &[4; 30]);
+    put_step(&d, &ka, &a2);
+    assert_eq!(d.http("GET", &format!("/v1/steps/{ka}"), b"").0, 200);
+}
