@@ -29,7 +29,7 @@ use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::overlay_mount::OverlayMount;
 use crate::run_step::{argv_with_heredocs, run_step, RunError, RunSpec};
 use crate::snapshots::ensure_snapshot;
-use crate::step_cache::{BlobSource, StepCache};
+use crate::step_cache::{BlobSource, Metered, StepCache};
 use crate::user_lookup::resolve_user;
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
 use lcache_image::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
@@ -60,6 +60,10 @@ pub struct BuildOutcome {
     pub steps: Vec<StepEvent>,
     /// The build as recorded in the history (causes, cascades).
     pub record: BuildRecord,
+    /// Blob bytes fetched from the cache (layers of hits not yet extracted here).
+    pub bytes_fetched: u64,
+    /// Blob bytes stored into the cache (layers of rebuilt steps, config, manifest).
+    pub bytes_stored: u64,
 }
 
 /// A built (or being built) stage.
@@ -124,6 +128,8 @@ pub fn build(
     req: &BuildRequest,
     progress: &mut dyn BuildObserver,
 ) -> Result<BuildOutcome, BuildError> {
+    let metered = Metered::new(steps);
+    let steps: &dyn StepCache = &metered;
     let started = Instant::now();
     // One plan: lcached parses and plans the Dockerfile once and derives every key it can
     // (its index gives context digests without re-reading an unchanged tree); the build
@@ -234,6 +240,8 @@ pub fn build(
         snapshots: target.snapshots,
         steps: events,
         record,
+        bytes_fetched: metered.fetched(),
+        bytes_stored: metered.stored(),
     })
 }
 

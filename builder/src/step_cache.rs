@@ -56,6 +56,65 @@ pub trait StepCache: Send + Sync {
     fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError>;
 }
 
+/// Counts the blob bytes that pass through `inner`, both ways: what a build fetched and
+/// what it stored, for its summary.
+pub struct Metered<C> {
+    inner: C,
+    fetched: std::sync::atomic::AtomicU64,
+    stored: std::sync::atomic::AtomicU64,
+}
+
+impl<C> Metered<C> {
+    /// Wraps `inner`, counting from zero.
+    pub fn new(inner: C) -> Self {
+        Self {
+            inner,
+            fetched: Default::default(),
+            stored: Default::default(),
+        }
+    }
+
+    /// Blob bytes fetched so far.
+    pub fn fetched(&self) -> u64 {
+        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Blob bytes stored so far.
+    pub fn stored(&self) -> u64 {
+        self.stored.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl<C: StepCache> StepCache for Metered<C> {
+    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
+        self.inner.get_step(key)
+    }
+
+    fn put_step(&self, record: &StepRecord) -> Result<(), CacheError> {
+        self.inner.put_step(record)
+    }
+
+    fn has_blob(&self, digest: &str) -> Result<bool, CacheError> {
+        self.inner.has_blob(digest)
+    }
+
+    fn get_blob(&self, digest: &str, out: &mut dyn Write) -> Result<u64, CacheError> {
+        let n = self.inner.get_blob(digest, out)?;
+        self.fetched.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError> {
+        self.inner.put_blob(digest, source)?;
+        let n = match source {
+            BlobSource::Bytes(b) => b.len() as u64,
+            BlobSource::File { len, .. } => len,
+        };
+        self.stored.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// Reads through `inner` and never writes to it: a build with read-only access still runs
 /// every step it must, it just does not share what it built.
 pub struct ReadOnly<C>(pub C);

@@ -153,6 +153,10 @@ pub struct BuildArgs {
     /// Where extracted layers are kept [default: $LCACHE_CACHE_DIR, else ~/.cache/lcache or /var/cache/lcache].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Write a JSON summary for CI dashboards to FILE: hit rate, time saved, bytes
+    /// fetched and stored, root causes.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
 }
 
 /// `lcache cache …`.

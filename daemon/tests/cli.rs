@@ -22,5 +22,6 @@ fn a_bad_listen_address_says_how_to_write_one() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unix:///path/to/lcached.sock, tcp://host:port or https://host:port"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("unix:///path/to/lcached.sock, tcp://host:port or https://host:port"));
 }

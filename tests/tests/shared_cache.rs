@@ -51,9 +51,21 @@ fn a_fresh_runner_gets_every_step_from_the_shared_cache_and_a_read_only_one_adds
 
     // Runner B, fresh store and cache, same upstream: nothing runs, the image is the same.
     let b = runner(&shared, &write, tokens.path(), "b");
-    let (steps, image_b) = b.build(&p, &[]);
+    let summary = tokens.path().join("summary.json");
+    let (steps, image_b) = b.build(&p, &["--summary-json", summary.to_str().unwrap()]);
     assert_eq!(cached(&steps), [true; 4], "{steps:?}");
     assert_eq!(image_a, image_b, "byte-identical layers, so the same image");
+    // What a CI dashboard reads: all hits, time saved, the layers fetched, nothing stored
+    // but the image's config and manifest.
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert_eq!(
+        (s["hit_rate"].as_f64(), s["built"].as_u64()),
+        (Some(1.0), Some(0)),
+        "{s}"
+    );
+    assert!(s["bytes_fetched"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["bytes_stored"].as_u64().unwrap() < 4096, "{s}");
+    assert_eq!(s["image"], image_b.as_str());
 
     // A read-only runner rebuilds what an edit changed and the shared cache gains nothing.
     let read = make_token(&shared, "forks", "read");

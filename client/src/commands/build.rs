@@ -2,7 +2,9 @@
 
 use std::io::IsTerminal;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use lcache_builder::build_loop::BuildOutcome;
+use serde::Serialize;
 
 use crate::build_inputs::plan_inputs;
 use crate::cli::BuildArgs;
@@ -34,6 +36,11 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
         cache_dir: args.cache_dir.clone().unwrap_or_else(default_cache_dir),
     };
     let outcome = build(&client, &client, &req, &mut progress)?;
+    if let Some(path) = &args.summary_json {
+        let summary = build_summary(&outcome);
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
+            .with_context(|| format!("cannot write the build summary to {}", path.display()))?;
+    }
     if let Some(out) = &output {
         export(&client, &outcome.image, out, &args.tags)?;
         if mode != ProgressMode::Json {
@@ -45,4 +52,50 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
     } else {
         format!("{}\n", outcome.image.manifest_digest)
     })
+}
+
+/// What `--summary-json` writes: one build, for a CI dashboard.
+#[derive(Debug, Serialize)]
+pub struct BuildSummary {
+    /// The build's id in the history (`lcache explain ID`).
+    pub build: String,
+    /// The image's manifest digest.
+    pub image: String,
+    /// Steps in the build.
+    pub steps: usize,
+    /// Steps served from the cache.
+    pub cached: usize,
+    /// Steps executed.
+    pub built: usize,
+    /// `cached / steps` (1.0 for a build without steps).
+    pub hit_rate: f64,
+    /// Whole build, milliseconds.
+    pub duration_ms: u64,
+    /// What the cached steps took when they were built, milliseconds.
+    pub saved_ms: u64,
+    /// Blob bytes fetched from the cache.
+    pub bytes_fetched: u64,
+    /// Blob bytes stored into the cache.
+    pub bytes_stored: u64,
+    /// Each root cause and the steps it rebuilt.
+    pub root_causes: Vec<lcache_proto::explain::Cascade>,
+}
+
+/// The summary of a finished build.
+pub fn build_summary(o: &BuildOutcome) -> BuildSummary {
+    let steps = o.steps.len();
+    let cached = o.steps.iter().filter(|s| s.cached).count();
+    BuildSummary {
+        build: o.record.id.clone(),
+        image: o.image.manifest_digest.clone(),
+        steps,
+        cached,
+        built: steps - cached,
+        hit_rate: if steps == 0 { 1.0 } else { cached as f64 / steps as f64 },
+        duration_ms: o.record.finished_at_ms.saturating_sub(o.record.started_at_ms),
+        saved_ms: o.record.steps.iter().map(|s| s.saved_ms).sum(),
+        bytes_fetched: o.bytes_fetched,
+        bytes_stored: o.bytes_stored,
+        root_causes: o.record.cascades.clone(),
+    }
 }
