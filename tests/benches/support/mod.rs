@@ -10,6 +10,15 @@ use lcache_proto::wire::PlanInputs;
 
 /// Starts a daemon on its own 2-worker runtime; returns where it listens and a stop handle.
 pub fn start_daemon(store: PathBuf, listen: Vec<Endpoint>) -> (Vec<String>, tokio::sync::oneshot::Sender<()>) {
+    start_daemon_with(store, listen, None)
+}
+
+/// As [`start_daemon`], with a cache behind it.
+pub fn start_daemon_with(
+    store: PathBuf,
+    listen: Vec<Endpoint>,
+    upstream: Option<lcache_remote::Remote>,
+) -> (Vec<String>, tokio::sync::oneshot::Sender<()>) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
@@ -24,7 +33,7 @@ pub fn start_daemon(store: PathBuf, listen: Vec<Endpoint>) -> (Vec<String>, toki
                 store,
                 watch: true,
                 limits: Default::default(),
-                upstream: None,
+                upstream,
                 tls: None,
                 max_size: None,
             })
