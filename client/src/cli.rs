@@ -153,6 +153,13 @@ pub struct BuildArgs {
     /// Where extracted layers are kept [default: $LCACHE_CACHE_DIR, else ~/.cache/lcache or /var/cache/lcache].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Write step records into this scope (a branch, say) and look them up there first
+    /// [default: unscoped].
+    #[arg(long, env = "LCACHE_SCOPE", value_name = "NAME")]
+    pub scope: Option<String>,
+    /// Where lookups go after --scope, in order (e.g. main); may be given more than once.
+    #[arg(long = "scope-fallback", value_name = "NAME", requires = "scope")]
+    pub scope_fallbacks: Vec<String>,
     /// Write a JSON summary for CI dashboards to FILE: hit rate, time saved, bytes
     /// fetched and stored, root causes.
     #[arg(long, value_name = "FILE")]
@@ -180,6 +187,10 @@ pub enum TokenCommand {
         /// `read`: look up and download; `write`: also store.
         #[arg(long, value_parser = ["read", "write"], default_value = "read")]
         access: String,
+        /// Limit a write token to step records in scopes matching this pattern (`pr-*`);
+        /// it may then store records and blobs only (no images, no builds).
+        #[arg(long, value_name = "PATTERN")]
+        scope: Option<String>,
     },
     /// List the tokens (names and access, never the tokens).
     Ls(JsonArg),

@@ -18,6 +18,13 @@ use lcache_builder::errors::CacheError;
 pub struct DaemonClient {
     remote: Remote,
     rt: tokio::runtime::Runtime,
+    /// The scope step records are written into, then the scopes lookups fall back to.
+    scopes: Vec<String>,
+}
+
+/// `%XX`-escapes what a scope name may hold that a query may not (`/`).
+fn query_value(v: &str) -> String {
+    v.replace('%', "%25").replace('/', "%2F")
 }
 
 /// A transport error as the builder's [`CacheError`].
@@ -43,7 +50,32 @@ impl DaemonClient {
             .enable_all()
             .build()
             .map_err(CacheError::Runtime)?;
-        Ok(Self { remote, rt })
+        Ok(Self {
+            remote,
+            rt,
+            scopes: Vec::new(),
+        })
+    }
+
+    /// Writes step records into `scope` and looks them up there, then in `fallbacks`.
+    pub fn set_scopes(&mut self, scope: &str, fallbacks: &[String]) {
+        self.scopes = std::iter::once(scope.to_string())
+            .chain(fallbacks.iter().cloned())
+            .collect();
+    }
+
+    /// `?scope=…&fallback=…` for lookups, `?scope=…` for writes (empty when unscoped).
+    fn scope_query(&self, lookup: bool) -> String {
+        let Some((scope, fallbacks)) = self.scopes.split_first() else {
+            return String::new();
+        };
+        let mut q = format!("?scope={}", query_value(scope));
+        if lookup {
+            for f in fallbacks {
+                q.push_str(&format!("&fallback={}", query_value(f)));
+            }
+        }
+        q
     }
 
     /// The daemon's address.
@@ -100,7 +132,11 @@ impl DaemonClient {
 
     /// `GET /v1/steps/{key}`: `None` is a miss.
     pub fn step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
-        match self.json(Method::GET, &format!("/v1/steps/{key}"), None::<&()>) {
+        match self.json(
+            Method::GET,
+            &format!("/v1/steps/{key}{}", self.scope_query(true)),
+            None::<&()>,
+        ) {
             Ok(r) => Ok(Some(r)),
             Err(CacheError::Refused { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
@@ -109,7 +145,11 @@ impl DaemonClient {
 
     /// `PUT /v1/steps/{key}`.
     pub fn put_step(&self, rec: &StepRecord) -> Result<StepRecord, CacheError> {
-        self.json(Method::PUT, &format!("/v1/steps/{}", rec.key), Some(rec))
+        self.json(
+            Method::PUT,
+            &format!("/v1/steps/{}{}", rec.key, self.scope_query(false)),
+            Some(rec),
+        )
     }
 
     /// Uploads a blob unless the daemon has it.

@@ -49,10 +49,10 @@ pub fn evict_to(state: &AppState, max: u64) -> Result<Evicted, StoreError> {
         }
     }
     let used: HashMap<String, u64> = state.records.access_times()?.into_iter().collect();
-    let mut keys_of: HashMap<String, Vec<String>> = HashMap::new();
-    for s in state.records.steps()? {
+    let mut keys_of: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for (id, s) in state.records.step_entries()? {
         if let Some(l) = &s.layer {
-            keys_of.entry(l.digest.clone()).or_default().push(s.key.clone());
+            keys_of.entry(l.digest.clone()).or_default().push(id);
         }
     }
     let mut candidates: Vec<_> = blobs.into_iter().filter(|b| !protected.contains(&b.digest)).collect();

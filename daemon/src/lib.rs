@@ -7,6 +7,7 @@ pub mod context_index;
 pub mod eviction;
 pub mod metrics;
 pub mod planner;
+pub mod scopes;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -64,9 +64,31 @@ pub struct Metrics {
     /// Their bytes.
     pub evicted_bytes: AtomicU64,
     latency: [Histogram; ROUTES.len()],
+    /// Lookups by the build's scope: (hits, misses).
+    scopes: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
 }
 
+/// How many scopes get series of their own; lookups in further ones count as `(other)`,
+/// so clients cannot grow the metrics without bound.
+const SCOPE_SERIES: usize = 256;
+
 impl Metrics {
+    /// Counts a lookup in `scope` (`""`: unscoped).
+    pub fn count_scope(&self, scope: &str, hit: bool) {
+        let mut m = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        let name = if m.contains_key(scope) || m.len() < SCOPE_SERIES {
+            scope
+        } else {
+            "(other)"
+        };
+        let e = m.entry(name.to_string()).or_default();
+        if hit {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+
     /// Records one request's latency under `route` (an entry of [`ROUTES`]).
     pub fn observe(&self, route: &str, status: u16, took: Duration) {
         let i = ROUTES.iter().position(|r| *r == route).unwrap_or(ROUTES.len() - 1);
@@ -186,6 +208,15 @@ impl Metrics {
             "# HELP lcache_upstream_queue Step records waiting to be pushed to the upstream.\n# TYPE lcache_upstream_queue gauge\nlcache_upstream_queue {}",
             self.upstream_queue.load(Ordering::Relaxed)
         );
+        let name = "lcache_scope_lookups_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Step lookups by the build's scope (\"\": unscoped).\n# TYPE {name} counter"
+        );
+        for (scope, (hits, misses)) in self.scopes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "{name}{{scope=\"{scope}\",result=\"hit\"}} {hits}");
+            let _ = writeln!(out, "{name}{{scope=\"{scope}\",result=\"miss\"}} {misses}");
+        }
         let name = "lcache_request_duration_seconds";
         let _ = writeln!(out, "# HELP {name} Request latency by route.\n# TYPE {name} histogram");
         for (route, h) in ROUTES.iter().zip(&self.latency) {

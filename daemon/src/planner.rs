@@ -88,8 +88,8 @@ pub fn plan_build(
     for s in &report.steps {
         cached.push(match s.known_key() {
             Some(k) => {
-                let hit = records.get_step(k)?.is_some();
-                if !hit && records.was_evicted(k)? {
+                let hit = records.get_step("", k)?.is_some();
+                if !hit && records.was_evicted("", k)? {
                     evicted.push(k.to_string());
                 }
                 Some(hit)

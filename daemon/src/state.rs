@@ -41,9 +41,9 @@ pub struct AppState {
 
 impl AppState {
     /// Queues a record stored here to be pushed to the upstream, if there is one.
-    pub fn upstream_push(&self, rec: &StepRecord) {
+    pub fn upstream_push(&self, scope: &str, rec: &StepRecord) {
         if let Some(u) = &self.upstream {
-            u.push(&rec.key, &self.metrics);
+            u.push(scope, &rec.key, &self.metrics);
         }
     }
 }

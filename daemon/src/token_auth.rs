@@ -11,6 +11,7 @@ use hyper::{HeaderMap, Method, StatusCode};
 use sha2::{Digest, Sha256};
 
 use crate::api::{error, Body};
+use crate::scopes;
 use crate::state::AppState;
 use crate::store::{Access, TokenRecord};
 
@@ -75,6 +76,16 @@ pub enum AuthError {
         /// The method tried.
         method: Method,
     },
+    /// A scoped write token tried to write outside its scopes.
+    #[error("token '{name}' may write only into scopes matching '{pattern}', not {what}")]
+    OutOfScope {
+        /// The token's name.
+        name: String,
+        /// Its scope pattern.
+        pattern: String,
+        /// What was tried.
+        what: String,
+    },
     /// The tokens could not be read.
     #[error("cannot read the tokens: {0}")]
     Store(String),
@@ -93,25 +104,40 @@ impl AuthError {
                 StatusCode::FORBIDDEN,
                 "use a token made with --access write to store into this cache",
             ),
+            Self::OutOfScope { .. } => (
+                StatusCode::FORBIDDEN,
+                "build with a --scope the token allows, or use a token made for this scope",
+            ),
             Self::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "check the store's disk"),
         };
         error(status, self.to_string(), hint)
     }
 }
 
+/// What a request writes, for a scoped token's check.
+#[derive(Debug, Clone, Copy)]
+pub enum Writes<'a> {
+    /// A step record into this scope.
+    Step(&'a str),
+    /// A blob (shared by every scope).
+    Blob,
+    /// Anything else (images, builds, …).
+    Other,
+}
+
 /// Checks the request's bearer token against the stored ones and what it may do.
-pub fn authorize(state: &AppState, headers: &HeaderMap, method: &Method) -> Result<(), AuthError> {
-    let outcome = check(state, headers, method);
+pub fn authorize(state: &AppState, headers: &HeaderMap, method: &Method, writes: Writes<'_>) -> Result<(), AuthError> {
+    let outcome = check(state, headers, method, writes);
     if matches!(
         outcome,
-        Err(AuthError::Missing | AuthError::Unknown | AuthError::ReadOnly { .. })
+        Err(AuthError::Missing | AuthError::Unknown | AuthError::ReadOnly { .. } | AuthError::OutOfScope { .. })
     ) {
         state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
     }
     outcome
 }
 
-fn check(state: &AppState, headers: &HeaderMap, method: &Method) -> Result<(), AuthError> {
+fn check(state: &AppState, headers: &HeaderMap, method: &Method, writes: Writes<'_>) -> Result<(), AuthError> {
     let presented = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -125,6 +151,25 @@ fn check(state: &AppState, headers: &HeaderMap, method: &Method) -> Result<(), A
             name: token.name.clone(),
             method: method.clone(),
         });
+    }
+    if let (Some(pattern), false) = (&token.scope, matches!(*method, Method::GET | Method::HEAD)) {
+        let out_of_scope = |what: String| AuthError::OutOfScope {
+            name: token.name.clone(),
+            pattern: pattern.clone(),
+            what,
+        };
+        match writes {
+            Writes::Blob => {}
+            Writes::Step(scope) if scopes::matches(pattern, scope) => {}
+            Writes::Step(scope) => {
+                return Err(out_of_scope(if scope.is_empty() {
+                    "unscoped records".into()
+                } else {
+                    format!("scope '{scope}'")
+                }))
+            }
+            Writes::Other => return Err(out_of_scope("images or builds".into())),
+        }
     }
     Ok(())
 }
@@ -144,6 +189,7 @@ mod tests {
             hash: hash(&a),
             access: Access::Read,
             created_at_ms: 0,
+            scope: None,
         }];
         assert_eq!(find(&stored, &a).map(|t| t.name.as_str()), Some("ci"));
         assert!(find(&stored, &b).is_none());

@@ -18,6 +18,7 @@ use lcache_remote::{Remote, RemoteError};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use crate::scopes::Scopes;
 use crate::state::AppState;
 
 /// How many step records may wait to be pushed before new ones are refused (and reported
@@ -63,7 +64,7 @@ impl UpstreamError {
 /// The upstream tier.
 pub struct Upstream {
     remote: Remote,
-    queue: mpsc::Sender<String>,
+    queue: mpsc::Sender<(String, String)>,
     /// Keys given up on since the last sync, with why.
     failed: Mutex<Vec<String>>,
     /// Whether the last request failed for want of a connection (warn once, not per step).
@@ -76,7 +77,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// An upstream at `remote`, and the receiving end of its push queue for [`Self::run`].
-    pub fn new(remote: Remote) -> (Arc<Self>, mpsc::Receiver<String>) {
+    pub fn new(remote: Remote) -> (Arc<Self>, mpsc::Receiver<(String, String)>) {
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
         (
             Arc::new(Self {
@@ -114,14 +115,14 @@ impl Upstream {
             .push(format!("{key}: {why}"));
     }
 
-    /// Queues a stored record to be pushed.
-    pub fn push(&self, key: &str, metrics: &Metrics) {
+    /// Queues a record stored in `scope` to be pushed.
+    pub fn push(&self, scope: &str, key: &str, metrics: &Metrics) {
         if self.read_only.load(Ordering::Relaxed) {
             return;
         }
         self.pending.fetch_add(1, Ordering::SeqCst);
         metrics.upstream_queue.fetch_add(1, Ordering::Relaxed);
-        if self.queue.try_send(key.to_string()).is_err() {
+        if self.queue.try_send((scope.to_string(), key.to_string())).is_err() {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             metrics.upstream_queue.fetch_sub(1, Ordering::Relaxed);
             metrics.upstream_push_failures.fetch_add(1, Ordering::Relaxed);
@@ -130,11 +131,11 @@ impl Upstream {
     }
 
     /// Pushes queued records until the queue closes.
-    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<String>, state: Arc<AppState>) {
-        while let Some(key) = rx.recv().await {
+    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<(String, String)>, state: Arc<AppState>) {
+        while let Some((scope, key)) = rx.recv().await {
             let mut attempt = 0;
             loop {
-                match self.push_one(&key, &state).await {
+                match self.push_one(&scope, &key, &state).await {
                     Ok(()) => {
                         self.down.store(false, Ordering::Relaxed);
                         state.metrics.upstream_pushed.fetch_add(1, Ordering::Relaxed);
@@ -209,10 +210,10 @@ impl Upstream {
     }
 
     /// Pushes one record: its layer blob first (unless the upstream has it), then the record.
-    async fn push_one(&self, key: &str, local: &AppState) -> Result<(), UpstreamError> {
+    async fn push_one(&self, scope: &str, key: &str, local: &AppState) -> Result<(), UpstreamError> {
         let rec = local
             .records
-            .get_step(key)
+            .get_step(scope, key)
             .map_err(|e| UpstreamError::Local(e.to_string()))?
             .ok_or_else(|| UpstreamError::Local(format!("step {key} is no longer stored here")))?;
         if let Some(layer) = &rec.layer {
@@ -244,7 +245,14 @@ impl Upstream {
         let (status, body) = self
             .call(
                 Method::PUT,
-                &format!("/v1/steps/{key}"),
+                &format!(
+                    "/v1/steps/{key}{}",
+                    Scopes {
+                        scope: scope.to_string(),
+                        fallbacks: Vec::new()
+                    }
+                    .query()
+                ),
                 lcache_remote::bytes(json),
                 len,
             )
@@ -256,11 +264,12 @@ impl Upstream {
         Err(Self::refused(status, &body))
     }
 
-    /// Looks a locally missing step up in the upstream; on a hit, its layer blob is fetched
-    /// (verified against its digest) and both are kept here. `None` is a miss, whatever
-    /// the reason: an unreachable upstream is warned about, never an error.
-    pub async fn fetch_step(&self, key: &str, local: &AppState) -> Option<StepRecord> {
-        match self.try_fetch_step(key, local).await {
+    /// Looks a locally missing step up in the upstream, along the same scopes; on a hit,
+    /// its layer blob is fetched (verified against its digest) and both are kept here, in
+    /// the scope the upstream found it in. `None` is a miss, whatever the reason: an
+    /// unreachable upstream is warned about, never an error.
+    pub async fn fetch_step(&self, key: &str, scopes: &Scopes, local: &AppState) -> Option<(String, StepRecord)> {
+        match self.try_fetch_step(key, scopes, local).await {
             Ok(found) => {
                 self.down.store(false, Ordering::Relaxed);
                 let counter = if found.is_some() {
@@ -278,10 +287,39 @@ impl Upstream {
         }
     }
 
-    async fn try_fetch_step(&self, key: &str, local: &AppState) -> Result<Option<StepRecord>, UpstreamError> {
-        let (status, body) = self
-            .call(Method::GET, &format!("/v1/steps/{key}"), lcache_remote::empty(), 0)
+    async fn try_fetch_step(
+        &self,
+        key: &str,
+        scopes: &Scopes,
+        local: &AppState,
+    ) -> Result<Option<(String, StepRecord)>, UpstreamError> {
+        let resp = self
+            .remote
+            .send(
+                Method::GET,
+                &format!("/v1/steps/{key}{}", scopes.query()),
+                lcache_remote::empty(),
+                0,
+            )
             .await?;
+        let status = resp.status();
+        let found_in = resp
+            .headers()
+            .get("lcache-scope")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(&scopes.scope)
+            .to_string();
+        if !scopes.lookup_order().any(|s| s == found_in) {
+            return Err(UpstreamError::Invalid(format!(
+                "answered from scope '{found_in}', which was not asked for"
+            )));
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| UpstreamError::Invalid(format!("the answer broke off: {e}")))?
+            .to_bytes();
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -328,13 +366,13 @@ impl Upstream {
                 local.evict_wake.notify_one();
             }
         }
-        let kept = match local.records.put_step_first(&rec) {
+        let kept = match local.records.put_step_first(&found_in, &rec) {
             Ok(None) => rec,
             Ok(Some(existing)) => existing,
             Err(e) => return Err(UpstreamError::Local(e.to_string())),
         };
         let _ = local.records.flush();
-        Ok(Some(kept))
+        Ok(Some((found_in, kept)))
     }
 }
 

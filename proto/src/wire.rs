@@ -332,6 +332,9 @@ pub struct TokenRequest {
     pub name: String,
     /// `read` or `write`.
     pub access: String,
+    /// For a write token: the scopes it may write into (`pr-*`); none: any, and images.
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 /// A token just made: the only time it is shown.
@@ -352,6 +355,9 @@ pub struct TokenInfo {
     pub name: String,
     /// `read` or `write`.
     pub access: String,
+    /// The scopes a write token may write into, if limited.
+    #[serde(default)]
+    pub scope: Option<String>,
     /// When it was made.
     pub created_at_ms: u64,
 }

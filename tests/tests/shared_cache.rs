@@ -163,3 +163,72 @@ fn runners_reach_the_shared_cache_over_tls_trusting_its_ca() {
     let _ = s.read_to_end(&mut answer);
     assert!(!String::from_utf8_lossy(&answer).contains("200 OK"));
 }
+
+#[test]
+fn a_pull_request_reads_main_through_its_scope_and_writes_only_its_own() {
+    let shared = Daemon::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let main_token = make_token_scoped(&shared, "main-ci", "main");
+    let pr_token = make_token_scoped(&shared, "pr-ci", "pr-*");
+    let p = project();
+
+    // main's pipeline fills scope `main`.
+    let m = runner(&shared, &main_token, dir.path(), "m");
+    let (steps, _) = m.build(&p, &["--scope", "main"]);
+    assert_eq!(cached(&steps), [false; 4]);
+    assert!(sync(&m, &p).status.success());
+
+    // A pull request's runner looks in pr-7, then main: everything is there.
+    let pr = runner(&shared, &pr_token, dir.path(), "pr");
+    let (steps, _) = pr.build(&p, &["--scope", "pr-7", "--scope-fallback", "main"]);
+    assert_eq!(cached(&steps), [true; 4], "{steps:?}");
+    // Its own edit is stored in pr-7 (pushed with its scoped token), never in main.
+    p.write("src/b.txt", "pull request change\n");
+    let (steps, _) = pr.build(&p, &["--scope", "pr-7", "--scope-fallback", "main"]);
+    assert_eq!(cached(&steps), [false; 4]);
+    let out = sync(&pr, &p);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fresh_main = runner(&shared, &main_token, dir.path(), "m2");
+    let (steps, _) = fresh_main.build(&p, &["--scope", "main"]);
+    assert_eq!(
+        cached(&steps),
+        [false; 4],
+        "main does not see the pull request's records"
+    );
+    let fresh_pr = runner(&shared, &pr_token, dir.path(), "pr2");
+    let (steps, _) = fresh_pr.build(&p, &["--scope", "pr-7", "--scope-fallback", "main"]);
+    assert_eq!(cached(&steps), [true; 4], "but the next run of the pull request does");
+
+    // The pull request's token writes nothing outside pr-*: not main, not images.
+    let key = format!("{:064x}", 77);
+    let rec = format!(r#"{{"key":"{key}","layer":null,"duration_ms":1}}"#);
+    let put = |q: &str| {
+        lcache_e2e::tcp_http(
+            &shared.tcp,
+            "PUT",
+            &format!("/v1/steps/{key}{q}"),
+            Some(&pr_token),
+            rec.as_bytes(),
+        )
+    };
+    let (status, body) = put("?scope=main");
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(put("").0, 403, "nor unscoped records");
+    assert_eq!(put("?scope=pr-8").0, 201);
+    let image = lcache_e2e::tcp_http(&shared.tcp, "PUT", "/v1/images/base:1", Some(&pr_token), b"{}");
+    assert_eq!(image.0, 403, "nor image names");
+    let (_, metrics) = shared.http("GET", "/metrics", b"");
+    assert!(String::from_utf8_lossy(&metrics).contains(r#"lcache_scope_lookups_total{scope="pr-7",result="hit"}"#));
+}
+
+/// A write token limited to scopes matching `pattern`.
+fn make_token_scoped(d: &Daemon, name: &str, pattern: &str) -> String {
+    let (status, body) = d.http(
+        "POST",
+        "/v1/tokens",
+        format!(r#"{{"name":"{name}","access":"write","scope":"{pattern}"}}"#).as_bytes(),
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["token"].as_str().unwrap().to_string()
+}

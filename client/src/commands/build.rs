@@ -19,7 +19,10 @@ use lcache_builder::image_export::{export, OutputSpec};
 pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
     let output: Option<OutputSpec> = args.output.as_deref().map(str::parse).transpose()?;
     let inputs = plan_inputs(&args.inputs, false)?;
-    let (client, _) = daemon(explicit)?;
+    let (mut client, _) = daemon(explicit)?;
+    if let Some(scope) = &args.scope {
+        client.set_scopes(scope, &args.scope_fallbacks);
+    }
     let mode = match args.progress.as_str() {
         "json" => ProgressMode::Json,
         "plain" => ProgressMode::Plain,

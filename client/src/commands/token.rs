@@ -12,13 +12,14 @@ use crate::daemon_choice::daemon;
 pub fn run(cmd: &TokenCommand, explicit: &DaemonArgs) -> Result<String> {
     let (client, _) = daemon(explicit)?;
     match cmd {
-        TokenCommand::Create { name, access } => {
+        TokenCommand::Create { name, access, scope } => {
             let t: TokenCreated = client.json(
                 Method::POST,
                 "/v1/tokens",
                 Some(&TokenRequest {
                     name: name.clone(),
                     access: access.clone(),
+                    scope: scope.clone(),
                 }),
             )?;
             eprintln!(
@@ -32,9 +33,16 @@ pub fn run(cmd: &TokenCommand, explicit: &DaemonArgs) -> Result<String> {
             if a.json {
                 return Ok(serde_json::to_string_pretty(&ts)? + "\n");
             }
-            let mut out = format!("{:<24} {:<6} CREATED (ms since epoch)\n", "NAME", "ACCESS");
+            let mut out = format!(
+                "{:<24} {:<6} {:<16} CREATED (ms since epoch)\n",
+                "NAME", "ACCESS", "SCOPES"
+            );
             for t in ts {
-                out.push_str(&format!("{:<24} {:<6} {}\n", t.name, t.access, t.created_at_ms));
+                let scope = t.scope.as_deref().unwrap_or("any");
+                out.push_str(&format!(
+                    "{:<24} {:<6} {scope:<16} {}\n",
+                    t.name, t.access, t.created_at_ms
+                ));
             }
             Ok(out)
         }

@@ -124,7 +124,15 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     if origin == Origin::Network {
-        if let Err(e) = crate::token_auth::authorize(&state, req.headers(), &method) {
+        let scope = crate::scopes::Scopes::from_query(req.uri().query())
+            .unwrap_or_default()
+            .scope;
+        let writes = match segs.as_slice() {
+            ["v1", "steps", _] => crate::token_auth::Writes::Step(&scope),
+            ["v1", "blobs", _] => crate::token_auth::Writes::Blob,
+            _ => crate::token_auth::Writes::Other,
+        };
+        if let Err(e) = crate::token_auth::authorize(&state, req.headers(), &method, writes) {
             let refused = e.response();
             state
                 .metrics
@@ -159,7 +167,7 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         ),
         (&Method::POST, ["v1", "plan"]) => ("plan", control::plan(&state, req).await),
         (&Method::GET, ["metrics"]) => ("other", control::metrics(&state)),
-        (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key).await),
+        (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key, req.uri().query()).await),
         (&Method::PUT, ["v1", "steps", key]) => ("steps_put", steps::put(&state, key, req).await),
         (&Method::HEAD, ["v1", "blobs", d]) => ("blobs_get", blobs::head(&state, d).await),
         (&Method::GET, ["v1", "blobs", d]) => ("blobs_get", blobs::get(&state, d).await),

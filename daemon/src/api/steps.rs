@@ -7,7 +7,9 @@ use hyper::{Request, Response, StatusCode};
 use lcache_proto::wire::StepRecord;
 
 use super::{error, json, now_ms, read_json, Body};
+use crate::scopes::{BadScope, Scopes};
 use crate::state::AppState;
+use crate::store::StoreError;
 
 fn valid_key(key: &str) -> bool {
     key.len() == 64 && key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -21,27 +23,53 @@ fn bad_key(key: &str) -> Response<Body> {
     )
 }
 
-/// `GET /v1/steps/{key}`: a local miss is looked up in the upstream, if there is one.
-pub async fn get(state: &AppState, key: &str) -> Response<Body> {
+fn bad_scope(e: BadScope) -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, e.to_string(), "see docs/ci.md on scopes")
+}
+
+/// The first record for `key` along the lookup order, and the scope it was found in.
+fn find(state: &AppState, key: &str, scopes: &Scopes) -> Result<Option<(String, StepRecord)>, StoreError> {
+    for scope in scopes.lookup_order() {
+        if let Some(r) = state.records.get_step(scope, key)? {
+            return Ok(Some((scope.to_string(), r)));
+        }
+    }
+    Ok(None)
+}
+
+/// `GET /v1/steps/{key}[?scope=S&fallback=F…]`: the first record along the scopes; a local
+/// miss is looked up in the upstream, if there is one. The scope that answered is in the
+/// `lcache-scope` header.
+pub async fn get(state: &AppState, key: &str, query: Option<&str>) -> Response<Body> {
     if !valid_key(key) {
         return bad_key(key);
     }
-    let mut found = state.records.get_step(key);
+    let scopes = match Scopes::from_query(query) {
+        Ok(s) => s,
+        Err(e) => return bad_scope(e),
+    };
+    let mut found = find(state, key, &scopes);
     if let (Ok(None), Some(u)) = (&found, &state.upstream) {
-        found = Ok(u.fetch_step(key, state).await);
+        found = Ok(u.fetch_step(key, &scopes, state).await);
     }
     match found {
-        Ok(Some(rec)) => {
+        Ok(Some((scope, rec))) => {
             state.metrics.hits.fetch_add(1, Ordering::Relaxed);
+            state.metrics.count_scope(&scopes.scope, true);
             if let Some(l) = &rec.layer {
                 // Access times only steer eviction; a failed update must not fail the hit.
                 let _ = state.records.touch(&l.digest, now_ms());
             }
-            json(StatusCode::OK, &rec)
+            let mut r = json(StatusCode::OK, &rec);
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&scope) {
+                r.headers_mut().insert("lcache-scope", v);
+            }
+            r
         }
         Ok(None) => {
             state.metrics.misses.fetch_add(1, Ordering::Relaxed);
-            let why = if state.records.was_evicted(key).unwrap_or(false) {
+            state.metrics.count_scope(&scopes.scope, false);
+            let why = if state.records.was_evicted(&scopes.scope, key).unwrap_or(false) {
                 "its record was evicted to stay under --max-size"
             } else {
                 "no record for it"
@@ -70,11 +98,15 @@ enum Stored {
     Conflict(StepRecord),
 }
 
-/// `PUT /v1/steps/{key}`: the record's layer blob must already be stored.
+/// `PUT /v1/steps/{key}[?scope=S]`: the record's layer blob must already be stored.
 pub async fn put(state: &AppState, key: &str, req: Request<Incoming>) -> Response<Body> {
     if !valid_key(key) {
         return bad_key(key);
     }
+    let scope = match Scopes::from_query(req.uri().query()) {
+        Ok(s) => s.scope,
+        Err(e) => return bad_scope(e),
+    };
     let mut rec: StepRecord = match read_json(state, req).await {
         Ok(r) => r,
         Err(r) => return r,
@@ -115,19 +147,21 @@ pub async fn put(state: &AppState, key: &str, req: Request<Incoming>) -> Respons
     }
     rec.created_at_ms = now_ms();
     let records = state.records.clone();
+    let in_scope = scope.clone();
     let stored = tokio::task::spawn_blocking(move || {
+        let scope = in_scope;
         // First writer wins: a key never comes to point at another layer, so nobody can
         // re-point a key others hit at a layer of their own (cache poisoning). A record
         // whose layer is gone from the store may be replaced: that is how a lost layer is
         // rebuilt.
-        let outcome = match records.put_step_first(&rec)? {
+        let outcome = match records.put_step_first(&scope, &rec)? {
             None => Stored::New(rec),
             Some(old) if old.layer.as_ref().map(|l| &l.digest) == rec.layer.as_ref().map(|l| &l.digest) => {
                 Stored::Same(old)
             }
             Some(old) => match &old.layer {
                 Some(l) if records.get_blob(&l.digest)?.is_none() => {
-                    records.put_step(&rec)?;
+                    records.put_step(&scope, &rec)?;
                     Stored::New(rec)
                 }
                 _ => Stored::Conflict(old),
@@ -140,7 +174,7 @@ pub async fn put(state: &AppState, key: &str, req: Request<Incoming>) -> Respons
     .await;
     match stored {
         Ok(Ok(Stored::New(rec))) => {
-            state.upstream_push(&rec);
+            state.upstream_push(&scope, &rec);
             json(StatusCode::CREATED, &rec)
         }
         Ok(Ok(Stored::Same(old))) => json(StatusCode::OK, &old),

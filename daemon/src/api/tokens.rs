@@ -55,11 +55,19 @@ pub async fn create(state: &AppState, req: Request<Incoming>) -> Response<Body> 
             )
         }
     };
+    if r.scope.as_deref().is_some_and(|p| p.is_empty() || p.len() > 128) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a scope pattern is 1 to 128 characters",
+            "write e.g. --scope 'pr-*' or --scope main",
+        );
+    }
     let rec = TokenRecord {
         name: r.name.clone(),
         hash: token_auth::hash(&token),
         access,
         created_at_ms: now_ms(),
+        scope: r.scope.clone(),
     };
     if let Err(e) = state.records.put_token(&rec) {
         return error(
@@ -88,6 +96,7 @@ pub fn list(state: &AppState) -> Response<Body> {
                     name: t.name.clone(),
                     access: access_name(t.access).into(),
                     created_at_ms: t.created_at_ms,
+                    scope: t.scope.clone(),
                 })
                 .collect::<Vec<_>>(),
         ),

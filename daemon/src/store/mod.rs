@@ -54,6 +54,9 @@ pub struct TokenRecord {
     pub access: Access,
     /// When it was made.
     pub created_at_ms: u64,
+    /// For a write token: the scopes it may write records into (`*` for any run of
+    /// characters); such a token stores step records and blobs only.
+    pub scope: Option<String>,
 }
 
 /// What a token may do over TCP.
@@ -65,24 +68,36 @@ pub enum Access {
     Write,
 }
 
+/// The id a step record is stored under: its key, or `scope NUL key` in a scope.
+pub fn step_id(scope: &str, key: &str) -> Vec<u8> {
+    if scope.is_empty() {
+        return key.as_bytes().to_vec();
+    }
+    let mut id = Vec::with_capacity(scope.len() + key.len() + 1);
+    id.extend_from_slice(scope.as_bytes());
+    id.push(0);
+    id.extend_from_slice(key.as_bytes());
+    id
+}
+
 /// Small records: step results, blob metadata, build history, the context index, access
 /// times. One trait so the database behind it can be replaced without touching callers.
 pub trait RecordStore: Send + Sync {
-    /// The step record for `key`, if any.
-    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError>;
-    /// Stores a step record (never removing the previous one for another key).
-    fn put_step(&self, record: &StepRecord) -> Result<(), StoreError>;
-    /// Stores a step record only if its key has none, atomically; otherwise returns the
-    /// record already there (the first writer wins).
-    fn put_step_first(&self, record: &StepRecord) -> Result<Option<StepRecord>, StoreError>;
+    /// The step record for `key` in `scope` (`""`: unscoped), if any.
+    fn get_step(&self, scope: &str, key: &str) -> Result<Option<StepRecord>, StoreError>;
+    /// Stores a step record in `scope` (never removing the previous one for another key).
+    fn put_step(&self, scope: &str, record: &StepRecord) -> Result<(), StoreError>;
+    /// Stores a step record in `scope` only if its key has none there, atomically;
+    /// otherwise returns the record already there (the first writer wins).
+    fn put_step_first(&self, scope: &str, record: &StepRecord) -> Result<Option<StepRecord>, StoreError>;
     /// Metadata of a stored blob.
     fn get_blob(&self, digest: &str) -> Result<Option<BlobMeta>, StoreError>;
     /// Records a blob as stored; call only once the blob file is durable.
     fn put_blob(&self, meta: &BlobMeta) -> Result<(), StoreError>;
     /// Every blob's metadata.
     fn blobs(&self) -> Result<Vec<BlobMeta>, StoreError>;
-    /// Every step record.
-    fn steps(&self) -> Result<Vec<StepRecord>, StoreError>;
+    /// Every step record, with the id it is stored under (for [`RecordStore::evict_blob`]).
+    fn step_entries(&self) -> Result<Vec<(Vec<u8>, StepRecord)>, StoreError>;
     /// Marks a blob as used now (for least-recently-used eviction).
     fn touch(&self, digest: &str, now_ms: u64) -> Result<(), StoreError>;
     /// Appends a build to the history.
@@ -122,9 +137,9 @@ pub trait RecordStore: Send + Sync {
     fn access_times(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// Evicts a blob and the step records that need it: the records go first (so none
     /// ever points at a missing blob), each leaving a tombstone; then the metadata.
-    fn evict_blob(&self, digest: &str, keys: &[String], now_ms: u64) -> Result<(), StoreError>;
-    /// Whether `key`'s record was evicted (and not stored again since).
-    fn was_evicted(&self, key: &str) -> Result<bool, StoreError>;
+    fn evict_blob(&self, digest: &str, ids: &[Vec<u8>], now_ms: u64) -> Result<(), StoreError>;
+    /// Whether `key`'s record in `scope` was evicted (and not stored again since).
+    fn was_evicted(&self, scope: &str, key: &str) -> Result<bool, StoreError>;
     /// Stores (or replaces) a token by name.
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     /// Every token, in name order.

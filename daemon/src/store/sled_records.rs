@@ -4,7 +4,7 @@ use std::path::Path;
 
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 
-use super::{BlobMeta, CachedDigest, RecordStore, StoreError, TokenRecord};
+use super::{step_id, BlobMeta, CachedDigest, RecordStore, StoreError, TokenRecord};
 use crate::codec::{decode, encode, Stored};
 
 /// sled-backed records.
@@ -69,30 +69,35 @@ fn context_key(root: &str, path: &str) -> Vec<u8> {
 }
 
 impl RecordStore for SledRecords {
-    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        get(&self.steps, key)
+    fn get_step(&self, scope: &str, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        match self.steps.get(step_id(scope, key)).map_err(db_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
     }
 
-    fn put_step(&self, record: &StepRecord) -> Result<(), StoreError> {
-        put(&self.steps, record.key.as_bytes(), record)?;
-        self.evicted.remove(record.key.as_bytes()).map_err(db_err)?;
+    fn put_step(&self, scope: &str, record: &StepRecord) -> Result<(), StoreError> {
+        let id = step_id(scope, &record.key);
+        put(&self.steps, &id, record)?;
+        self.evicted.remove(&id).map_err(db_err)?;
         Ok(())
     }
 
-    fn put_step_first(&self, record: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
+    fn put_step_first(&self, scope: &str, record: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
+        let id = step_id(scope, &record.key);
         let swapped = self
             .steps
-            .compare_and_swap(record.key.as_bytes(), None as Option<&[u8]>, Some(encode(record)))
+            .compare_and_swap(&id, None as Option<&[u8]>, Some(encode(record)))
             .map_err(db_err)?;
         match swapped {
             Ok(()) => {
-                self.evicted.remove(record.key.as_bytes()).map_err(db_err)?;
+                self.evicted.remove(&id).map_err(db_err)?;
                 Ok(None)
             }
             Err(e) => match e.current {
                 Some(v) => Ok(Some(decode(&v)?)),
                 // Removed between the two looks: nothing is there to win against.
-                None => self.put_step(record).map(|_| None),
+                None => self.put_step(scope, record).map(|_| None),
             },
         }
     }
@@ -113,11 +118,13 @@ impl RecordStore for SledRecords {
             .collect()
     }
 
-    fn steps(&self) -> Result<Vec<StepRecord>, StoreError> {
+    fn step_entries(&self) -> Result<Vec<(Vec<u8>, StepRecord)>, StoreError> {
         self.steps
             .iter()
-            .values()
-            .map(|v| Ok(decode(&v.map_err(db_err)?)?))
+            .map(|kv| {
+                let (k, v) = kv.map_err(db_err)?;
+                Ok((k.to_vec(), decode(&v)?))
+            })
             .collect()
     }
 
@@ -242,11 +249,11 @@ impl RecordStore for SledRecords {
             .collect()
     }
 
-    fn evict_blob(&self, digest: &str, keys: &[String], now_ms: u64) -> Result<(), StoreError> {
-        for k in keys {
-            self.steps.remove(k.as_bytes()).map_err(db_err)?;
+    fn evict_blob(&self, digest: &str, ids: &[Vec<u8>], now_ms: u64) -> Result<(), StoreError> {
+        for id in ids {
+            self.steps.remove(id).map_err(db_err)?;
             self.evicted
-                .insert(k.as_bytes(), &now_ms.to_le_bytes())
+                .insert(id.as_slice(), &now_ms.to_le_bytes())
                 .map_err(db_err)?;
         }
         self.blobs.remove(digest.as_bytes()).map_err(db_err)?;
@@ -254,8 +261,8 @@ impl RecordStore for SledRecords {
         self.flush()
     }
 
-    fn was_evicted(&self, key: &str) -> Result<bool, StoreError> {
-        self.evicted.contains_key(key.as_bytes()).map_err(db_err)
+    fn was_evicted(&self, scope: &str, key: &str) -> Result<bool, StoreError> {
+        self.evicted.contains_key(step_id(scope, key)).map_err(db_err)
     }
 
     fn put_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
@@ -317,7 +324,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         {
             let s = SledRecords::open(d.path()).unwrap();
-            s.put_step(&step("k1", 5)).unwrap();
+            s.put_step("", &step("k1", 5)).unwrap();
             s.put_image(&image("a:1")).unwrap();
             let digest = CachedDigest {
                 stamp: FileStamp::default(),
@@ -330,8 +337,9 @@ mod tests {
             s.flush().unwrap();
         }
         let s = SledRecords::open(d.path()).unwrap();
-        assert_eq!(s.get_step("k1").unwrap().unwrap().duration_ms, 5);
-        assert!(s.get_step("k2").unwrap().is_none(), "a miss is None");
+        assert_eq!(s.get_step("", "k1").unwrap().unwrap().duration_ms, 5);
+        assert!(s.get_step("", "k2").unwrap().is_none(), "a miss is None");
+        assert!(s.get_step("pr-1", "k1").unwrap().is_none(), "scopes are apart");
         assert_eq!(s.get_image("a:1").unwrap().unwrap().manifest_digest, "sha256:a:1");
         let digests = s.context_digests("/ctx").unwrap();
         assert_eq!(digests.len(), 1);
