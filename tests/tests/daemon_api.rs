@@ -406,3 +406,37 @@ fn a_key_keeps_the_first_layer_stored_for_it() {
     let (_, metrics) = d.http("GET", "/metrics", b"");
     assert!(String::from_utf8_lossy(&metrics).contains("lcache_step_conflicts_total 1"));
 }
+
+#[test]
+fn runners_racing_to_store_one_key_leave_one_record() {
+    let d = Daemon::start(&[]);
+    let token = make_token(&d, "runners", "write");
+    let k = key(13);
+    let layers: Vec<String> = (0..8u8)
+        .map(|i| {
+            let content = vec![i; 64];
+            let digest = sha256_digest(&content);
+            assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}"), &content).0, 201);
+            digest
+        })
+        .collect();
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = layers
+            .iter()
+            .map(|digest| {
+                let (tcp, token, k) = (&d.tcp, &token, &k);
+                s.spawn(move || {
+                    let rec =
+                        format!(r#"{{"key":"{k}","layer":{{"digest":"{digest}","media_type":"m"}},"duration_ms":1}}"#);
+                    tcp_http(tcp, "PUT", &format!("/v1/steps/{k}"), Some(token), rec.as_bytes()).0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 409).count(), 7, "{statuses:?}");
+    let (_, body) = d.http("GET", &format!("/v1/steps/{k}"), b"");
+    let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(layers.contains(&stored["layer"]["digest"].as_str().unwrap().to_string()));
+}
