@@ -125,14 +125,7 @@ fn main() {
             .expect("put step");
     }
     // TCP needs a token (the socket ignores it).
-    let made: serde_json::Value = client
-        .json(
-            hyper::Method::POST,
-            "/v1/tokens",
-            Some(&serde_json::json!({"name": "bench", "access": "read"})),
-        )
-        .expect("token");
-    let token = made["token"].as_str().expect("token").to_string();
+    let token = support::read_token(&client);
     println!("== step lookups (hits), {LOOKUPS} per row, {KEYS} records");
     println!(
         "{:<6} {:>8} {:>10} {:>10} {:>12}",

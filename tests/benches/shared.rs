@@ -57,14 +57,7 @@ fn main() {
         .expect("tcp listener")
         .to_string();
     let shared = DaemonClient::new(Endpoint::Unix(socket), None).expect("client");
-    let made: serde_json::Value = shared
-        .json(
-            hyper::Method::POST,
-            "/v1/tokens",
-            Some(&serde_json::json!({"name": "bench", "access": "read"})),
-        )
-        .expect("token");
-    let token = made["token"].as_str().expect("token").to_string();
+    let token = support::read_token(&shared);
     let file = tmp.path().join("layer");
     let digest = layer(&file);
     shared

@@ -79,3 +79,15 @@ pub fn inputs(root: &std::path::Path, dockerfile: String) -> PlanInputs {
         all_files: false,
     }
 }
+
+/// A read token made through `client` (the daemon's socket), for its TCP listener.
+pub fn read_token(client: &lcache_client::daemon_client::DaemonClient) -> String {
+    let made: serde_json::Value = client
+        .json(
+            hyper::Method::POST,
+            "/v1/tokens",
+            Some(&serde_json::json!({"name": "bench", "access": "read"})),
+        )
+        .expect("token");
+    made["token"].as_str().expect("token").to_string()
+}
