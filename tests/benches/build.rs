@@ -3,6 +3,8 @@
 //! hashing the context from scratch in the same run. Needs root, runc and busybox-static.
 //! Run: `cargo bench -p lcache-e2e --bench build`.
 
+// Shared with the daemon benches, which use the parts this one does not.
+#[allow(dead_code)]
 mod support;
 
 use std::path::PathBuf;
