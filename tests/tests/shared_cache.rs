@@ -232,3 +232,39 @@ fn make_token_scoped(d: &Daemon, name: &str, pattern: &str) -> String {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     v["token"].as_str().unwrap().to_string()
 }
+
+#[test]
+fn a_layer_the_upstream_serves_corrupt_is_refused_and_nothing_is_kept() {
+    let shared = Daemon::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let read = make_token(&shared, "runner", "read");
+    let content = vec![7u8; 4096];
+    let digest = lcache_e2e::sha256_digest(&content);
+    assert_eq!(shared.http("PUT", &format!("/v1/blobs/{digest}"), &content).0, 201);
+    let key = format!("{:064x}", 5);
+    let rec = format!(r#"{{"key":"{key}","layer":{{"digest":"{digest}","media_type":"m"}},"duration_ms":1}}"#);
+    assert_eq!(shared.http("PUT", &format!("/v1/steps/{key}"), rec.as_bytes()).0, 201);
+    // The upstream's copy rots on its disk: same length, other bytes.
+    let hex = digest.trim_start_matches("sha256:");
+    std::fs::write(shared.store().join("blobs/sha256").join(hex), vec![8u8; 4096]).unwrap();
+    let token_file = dir.path().join("t");
+    std::fs::write(&token_file, &read).unwrap();
+    let runner = Daemon::start(&[
+        "--upstream",
+        &format!("tcp://{}", shared.tcp),
+        "--upstream-token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        runner.http("GET", &format!("/v1/steps/{key}"), b"").0,
+        404,
+        "a miss, not a poisoned hit"
+    );
+    assert_eq!(
+        runner.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0,
+        404,
+        "nothing kept"
+    );
+    let (_, metrics) = runner.http("GET", "/metrics", b"");
+    assert!(String::from_utf8_lossy(&metrics).contains("lcache_upstream_errors_total 1"));
+}
