@@ -410,6 +410,23 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
                 "set the ARG it uses with --build-arg or give it a default",
             ));
         }
+        // A stage name is not an image reference; anything else must be one, as in Docker.
+        let names_stage = stages
+            .iter()
+            .any(|s| s.name.as_deref() == Some(reference.to_ascii_lowercase().as_str()));
+        if !names_stage && !reference.eq_ignore_ascii_case("scratch") {
+            if let Err(why) = crate::image_reference::check(&reference) {
+                return Err(p.err(
+                    from,
+                    format!("FROM '{image}' expands to '{reference}': {why}"),
+                    if image.contains('$') {
+                        "set the ARG it uses with --build-arg or give it a default"
+                    } else {
+                        "write the image as [registry/]name[:tag][@sha256:digest], lower case"
+                    },
+                ));
+            }
+        }
         let platform = match from.flag("platform") {
             Some(v) => {
                 let v = expand_word(v, p.escape(), &p.global).map_err(|e| p.expand_err(from, e))?;
@@ -1140,6 +1157,22 @@ mod tests {
                 .iter()
                 .any(|c| matches!(c, ConfigChange::Env { name, .. } if name == "FROM_TRIGGER")),
             "a trigger's config change is the stage's"
+        );
+    }
+
+    #[test]
+    fn a_from_that_expands_to_an_invalid_reference_is_refused_at_its_line() {
+        let e = plan_of("ARG GO\nFROM golang:$GO\nRUN x\n", &[], None).unwrap_err();
+        assert_eq!(e.location.line, 2);
+        assert!(e.message.contains("'golang:'") && e.hint.contains("--build-arg"), "{e}");
+        assert!(plan_of("ARG GO\nFROM golang:$GO\nRUN x\n", &[("GO", "1.22")], None).is_ok());
+        assert!(
+            plan_of("FROM Ubuntu\nRUN x\n", &[], None).is_err(),
+            "upper case, as Docker refuses"
+        );
+        assert!(
+            plan_of("FROM a AS Build\nFROM build\nRUN x\n", &[], None).is_ok(),
+            "stage names are not references"
         );
     }
 

@@ -73,7 +73,9 @@ pub fn lex(file: &str, text: &str) -> Result<(Directives, Vec<RawInstruction>), 
         let mut cur = trimmed;
         loop {
             let t = cur.trim_end_matches([' ', '\t']);
-            match t.strip_suffix(escape) {
+            // An escaped escape (`\\` at the end) is text, not a continuation, as in BuildKit.
+            let trailing = t.chars().rev().take_while(|c| *c == escape).count();
+            match t.strip_suffix(escape).filter(|_| trailing % 2 == 1) {
                 Some(before) => {
                     joined.push_str(before);
                     i += 1;
@@ -329,6 +331,15 @@ mod tests {
         assert_eq!(r[1].args, "echo a     && echo b");
         assert_eq!((r[1].line, r[1].end_line), (2, 5));
         assert_eq!(r[2].line, 6);
+    }
+
+    #[test]
+    fn an_escaped_escape_at_the_end_is_not_a_continuation() {
+        let df = crate::dockerfile::Dockerfile::parse("Dockerfile", "FROM a\nRUN echo a \\\\\nRUN echo b\n").unwrap();
+        assert_eq!(df.instructions.len(), 3, "the next instruction is not swallowed");
+        assert_eq!((df.instructions[1].line, df.instructions[1].end_line), (2, 2));
+        let df = crate::dockerfile::Dockerfile::parse("Dockerfile", "FROM a\nRUN echo a \\\\\\\n  b\n").unwrap();
+        assert_eq!(df.instructions.len(), 2, "an odd run still continues");
     }
 
     #[test]

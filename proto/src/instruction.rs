@@ -271,8 +271,9 @@ pub fn parse_instruction(file: &str, raw: &RawInstruction, escape: char) -> Resu
             }
         }
         "ENV" | "LABEL" => {
-            let pairs = pairs(rest, escape, raw.keyword == "ENV")
-                .map_err(|m| err(m, "write NAME=value (quote values that hold spaces)"))?;
+            // Both take the old `NAME value with spaces` form, as Docker does.
+            let pairs =
+                pairs(rest, escape, true).map_err(|m| err(m, "write NAME=value (quote values that hold spaces)"))?;
             if raw.keyword == "ENV" {
                 InstructionKind::Env { pairs }
             } else {
@@ -427,7 +428,7 @@ fn json_array(s: &str) -> Option<Vec<String>> {
     serde_json::from_str::<Vec<String>>(s).ok()
 }
 
-/// ENV/LABEL arguments: `K=V K2="v 2"`, or ENV's legacy `K value with spaces`.
+/// ENV/LABEL arguments: `K=V K2="v 2"`, or the legacy `K value with spaces`.
 fn pairs(rest: &str, escape: char, legacy_allowed: bool) -> Result<Vec<(String, String)>, String> {
     let words = split_words(rest, escape);
     let first_has_eq = words.first().is_some_and(|w| w.contains('='));
@@ -458,6 +459,15 @@ mod tests {
         raws.iter()
             .map(|r| parse_instruction("Dockerfile", r, d.escape))
             .collect()
+    }
+
+    #[test]
+    fn label_takes_the_old_name_value_form_as_env_does() {
+        let df = crate::dockerfile::Dockerfile::parse("Dockerfile", "FROM a\nLABEL key some value\n").unwrap();
+        match &df.instructions[1].kind {
+            InstructionKind::Label { pairs } => assert_eq!(pairs, &[("key".to_string(), "some value".to_string())]),
+            k => panic!("{k:?}"),
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod endpoint;
 pub mod errors;
 pub mod explain;
 pub mod healthcheck;
+pub mod image_reference;
 pub mod instruction;
 pub mod instruction_names;
 pub mod key_encoding;

@@ -1,5 +1,6 @@
 //! Variable substitution in instruction arguments, as BuildKit's shell lexer does it:
-//! `$V`, `${V}`, `${V:-w}`, `${V-w}`, `${V:+w}`, `${V+w}`, `${V:?msg}`, quotes and escapes.
+//! `$V`, `${V}`, `${V:-w}`, `${V-w}`, `${V:+w}`, `${V+w}`, `${V:?msg}`, `${V#p}`, `${V##p}`,
+//! `${V%p}`, `${V%%p}`, quotes and escapes.
 
 /// Why a word could not be expanded.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -204,6 +205,17 @@ impl Processor<'_> {
                 _ => return Err(ExpandError(format!("bad substitution in ${{{name}:…}}: expected :- :+ or :?"))),
             },
             Some(m @ ('-' | '+' | '?')) => (false, m),
+            Some(c @ ('#' | '%')) => {
+                // `${V#p}` `${V##p}` strip the shortest/longest prefix matching the shell
+                // pattern `p`; `%`/`%%` the suffix (BuildKit's Dockerfile 1.4+ front end).
+                let longest = self.peek() == Some(c);
+                if longest {
+                    self.next();
+                }
+                let pattern = self.braced_word()?;
+                let v = value.unwrap_or_default();
+                return Ok(trim_pattern(v, &pattern, c == '#', longest).to_string());
+            }
             Some(m) => {
                 return Err(ExpandError(format!(
                     "unsupported substitution '{m}' in ${{{name}…}}: use ${{{name}}}, ${{{name}:-default}} or ${{{name}:+alternative}}"
@@ -231,6 +243,7 @@ impl Processor<'_> {
     }
 
     /// The word inside `${V:-word}`, itself expanded, up to the matching `}`.
+    /// (Also the pattern of `${V#pattern}`.)
     fn braced_word(&mut self) -> Result<String, ExpandError> {
         let mut out = String::new();
         loop {
@@ -256,6 +269,43 @@ impl Processor<'_> {
     }
 }
 
+/// Whether `s` matches the shell pattern `p` whole: `*` any run, `?` one character,
+/// `\\x` a literal `x`.
+fn glob_matches(p: &[char], s: &[char]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some(('*', rest)) => (0..=s.len()).any(|i| glob_matches(rest, &s[i..])),
+        Some(('?', rest)) => !s.is_empty() && glob_matches(rest, &s[1..]),
+        Some(('\\', rest)) if !rest.is_empty() => s.first() == Some(&rest[0]) && glob_matches(&rest[1..], &s[1..]),
+        Some((c, rest)) => s.first() == Some(c) && glob_matches(rest, &s[1..]),
+    }
+}
+
+/// `v` without its shortest or longest prefix (or suffix) matching `pattern`.
+fn trim_pattern<'a>(v: &'a str, pattern: &str, prefix: bool, longest: bool) -> &'a str {
+    let p: Vec<char> = pattern.chars().collect();
+    let cuts: Vec<usize> = v.char_indices().map(|(i, _)| i).chain([v.len()]).collect();
+    let mut order: Vec<usize> = if prefix {
+        cuts.clone()
+    } else {
+        cuts.iter().rev().copied().collect()
+    };
+    if longest {
+        order.reverse();
+    }
+    for cut in order {
+        let (part, rest) = if prefix {
+            (&v[..cut], &v[cut..])
+        } else {
+            (&v[cut..], &v[..cut])
+        };
+        if glob_matches(&p, &part.chars().collect::<Vec<_>>()) {
+            return rest;
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +315,7 @@ mod tests {
             "A" => Some("alpha"),
             "E" => Some(""),
             "SP" => Some("a b"),
+            "P" => Some("src/lib/mod.tar.gz"),
             _ => None,
         }
     }
@@ -283,6 +334,12 @@ mod tests {
         assert_eq!(w("${E:-d}|${E-d}|${NOPE-d}|${A:-d}"), "d||d|alpha");
         assert_eq!(w("${E:+x}|${E+x}|${NOPE+x}|${A:+x}"), "|x||x");
         assert_eq!(w("${NOPE:-${A}}"), "alpha");
+        // Prefix and suffix removal, shortest and longest, as BuildKit's 1.4+ front end does.
+        assert_eq!(
+            w("${P#*/}|${P##*/}|${P%.*}|${P%%.*}"),
+            "lib/mod.tar.gz|mod.tar.gz|src/lib/mod.tar|src/lib/mod"
+        );
+        assert_eq!(w("${A#al}|${A%?a}|${A#nomatch}|${NOPE#x}"), "pha|alp|alpha|");
     }
 
     #[test]
@@ -307,7 +364,10 @@ mod tests {
 
     #[test]
     fn unsupported_modifier_is_an_error_not_a_guess() {
-        assert!(expand_word("${A#x}", '\\', &vars).is_err());
+        assert!(
+            expand_word("${A/x/y}", '\\', &vars).is_err(),
+            "replacement is not in the Dockerfile language"
+        );
         assert!(expand_word("${A", '\\', &vars).is_err());
     }
 }
