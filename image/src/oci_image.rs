@@ -164,12 +164,13 @@ impl RuntimeConfig {
             match c {
                 ConfigChange::Env { name, value } => self.set_env(name, value),
                 // BuildKit marks the command lines of CMD and ENTRYPOINT as already escaped.
+                // `CMD []` and `ENTRYPOINT []` clear them, as Docker writes them (absent).
                 ConfigChange::Cmd { args } => {
-                    self.cmd = Some(args.clone());
+                    self.cmd = (!args.is_empty()).then(|| args.clone());
                     self.args_escaped = Some(true);
                 }
                 ConfigChange::Entrypoint { args } => {
-                    self.entrypoint = Some(args.clone());
+                    self.entrypoint = (!args.is_empty()).then(|| args.clone());
                     // Docker drops an inherited CMD when the Dockerfile sets ENTRYPOINT.
                     self.cmd = None;
                     self.args_escaped = Some(true);

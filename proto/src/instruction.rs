@@ -247,8 +247,12 @@ pub fn parse_instruction(file: &str, raw: &RawInstruction, escape: char) -> Resu
             }
         }
         "RUN" => InstructionKind::Run { command: command(rest) },
-        "CMD" => InstructionKind::Cmd { command: command(rest) },
-        "ENTRYPOINT" => InstructionKind::Entrypoint { command: command(rest) },
+        "CMD" => InstructionKind::Cmd {
+            command: config_command(rest),
+        },
+        "ENTRYPOINT" => InstructionKind::Entrypoint {
+            command: config_command(rest),
+        },
         "COPY" | "ADD" => {
             let words = match json_array(rest) {
                 Some(a) => a,
@@ -420,6 +424,15 @@ fn command(rest: &str) -> Command {
     }
 }
 
+/// CMD's and ENTRYPOINT's command: as [`command`], but `[]` (or `[ ]`) is the empty list
+/// Docker makes of it (clearing an inherited one), not the shell command `[]`.
+fn config_command(rest: &str) -> Command {
+    match json_array(rest) {
+        Some(args) => Command::Exec { args },
+        None => command(rest),
+    }
+}
+
 /// A JSON array of strings, as exec form needs; anything else is shell form.
 fn json_array(s: &str) -> Option<Vec<String>> {
     if !s.starts_with('[') {
@@ -459,6 +472,19 @@ mod tests {
         raws.iter()
             .map(|r| parse_instruction("Dockerfile", r, d.escape))
             .collect()
+    }
+
+    #[test]
+    fn an_empty_cmd_or_entrypoint_is_an_empty_list() {
+        let df = crate::dockerfile::Dockerfile::parse("Dockerfile", "FROM a\nCMD []\nENTRYPOINT [ ]\n").unwrap();
+        for ins in &df.instructions[1..] {
+            match &ins.kind {
+                InstructionKind::Cmd { command } | InstructionKind::Entrypoint { command } => {
+                    assert_eq!(command, &Command::Exec { args: vec![] })
+                }
+                k => panic!("{k:?}"),
+            }
+        }
     }
 
     #[test]

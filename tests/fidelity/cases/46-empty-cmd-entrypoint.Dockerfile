@@ -1,0 +1,6 @@
+FROM busybox:latest AS base
+CMD ["x"]
+ENTRYPOINT ["y"]
+FROM base
+CMD []
+ENTRYPOINT [ ]
