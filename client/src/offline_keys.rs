@@ -32,7 +32,7 @@ pub fn offline_keys(req: &PlanInputs) -> Result<KeysReport, ClientError> {
     let mut ctx = LocalContext::walk(context).map_err(SourcesError::from)?;
     let mut report = planned.keys(req, &mut ctx).map_err(|e| SourcesError::Select {
         location: e.location,
-        source: e.source,
+        error: e.error,
     })?;
     report.hashed_files = ctx.hashed_files();
     Ok(report)

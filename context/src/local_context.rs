@@ -23,12 +23,12 @@ pub enum SourcesError {
     #[error(transparent)]
     Context(#[from] ContextError),
     /// A COPY/ADD source could not be selected or read.
-    #[error("{location}: {source}")]
+    #[error("{location}: {error}")]
     Select {
         /// The instruction's location.
         location: Location,
         /// What went wrong.
-        source: SelectError,
+        error: SelectError,
     },
 }
 

@@ -21,12 +21,12 @@ pub enum PlanError {
     #[error(transparent)]
     Dockerfile(#[from] DockerfileError),
     /// A COPY/ADD source could not be selected.
-    #[error("{location}: {source}")]
+    #[error("{location}: {error}")]
     Select {
         /// The instruction.
         location: Location,
         /// What went wrong.
-        source: SelectError,
+        error: SelectError,
     },
     /// The context path is unusable.
     #[error("the build context '{0}' is not an absolute path to a directory this daemon can read")]
@@ -75,7 +75,7 @@ pub fn plan_build(
     let mut sources = ctx.sources(inputs.all_files, &images);
     let mut report = planned.keys(inputs, &mut sources).map_err(|e| PlanError::Select {
         location: e.location,
-        source: e.source,
+        error: e.error,
     })?;
     for (digest, summary) in std::mem::take(&mut sources.summaries) {
         records.put_summary(&digest, &summary)?;

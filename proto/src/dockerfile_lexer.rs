@@ -71,6 +71,9 @@ pub fn lex(file: &str, text: &str) -> Result<(Directives, Vec<RawInstruction>), 
         let column = line.chars().take_while(|c| c.is_whitespace()).count() + 1;
         let mut joined = String::new();
         let mut cur = trimmed;
+        // The last line that holds part of the instruction (blank and comment lines a
+        // continuation runs into at the end of the file are not part of it).
+        let mut last = i;
         loop {
             let t = cur.trim_end_matches([' ', '\t']);
             // An escaped escape (`\\` at the end) is text, not a continuation, as in BuildKit.
@@ -87,6 +90,7 @@ pub fn lex(file: &str, text: &str) -> Result<(Directives, Vec<RawInstruction>), 
                         break;
                     }
                     cur = lines[i];
+                    last = i;
                 }
                 None => {
                     joined.push_str(cur);
@@ -94,8 +98,8 @@ pub fn lex(file: &str, text: &str) -> Result<(Directives, Vec<RawInstruction>), 
                 }
             }
         }
-        let end = i.min(lines.len() - 1);
-        i = end + 1;
+        let end = last;
+        i = i.max(last + 1);
         let written = joined.trim().to_string();
         let (keyword_written, args) = split_keyword(&written);
         let keyword = keyword_written.to_ascii_uppercase();
@@ -246,28 +250,40 @@ fn heredoc_markers(args: &str, escape: char) -> Vec<Marker> {
             if strip_tabs {
                 j += 1;
             }
-            let q = chars.get(j).copied().filter(|c| *c == '"' || *c == '\'');
-            if q.is_some() {
-                j += 1;
+            // The word may be quoted whole or in part (`"EOF"`, `'EOF'`, `E'O'F`): the
+            // delimiter is the word without its quotes, and any quote turns expansion off.
+            let mut word = String::new();
+            let mut quoted = false;
+            let mut closed = true;
+            while j < chars.len() {
+                match chars[j] {
+                    q @ ('"' | '\'') => {
+                        quoted = true;
+                        match chars[j + 1..].iter().position(|c| *c == q) {
+                            Some(k) => {
+                                word.extend(&chars[j + 1..j + 1 + k]);
+                                j += k + 2;
+                            }
+                            None => {
+                                closed = false;
+                                break;
+                            }
+                        }
+                    }
+                    c if c.is_alphanumeric() || c == '_' || c == '.' || c == '-' => {
+                        word.push(c);
+                        j += 1;
+                    }
+                    _ => break,
+                }
             }
-            let start = j;
-            while j < chars.len()
-                && (chars[j].is_alphanumeric() || chars[j] == '_' || chars[j] == '.' || chars[j] == '-')
-            {
-                j += 1;
-            }
-            let word: String = chars[start..j].iter().collect();
-            let closed = match q {
-                Some(q) => chars.get(j) == Some(&q),
-                None => true,
-            };
             if !word.is_empty() && closed {
                 out.push(Marker {
                     delimiter: word,
                     strip_tabs,
-                    expand: q.is_none(),
+                    expand: !quoted,
                 });
-                i = j + usize::from(q.is_some());
+                i = j;
                 continue;
             }
         }
@@ -334,6 +350,18 @@ mod tests {
     }
 
     #[test]
+    fn a_continuation_into_the_end_of_the_file_ends_on_its_last_line() {
+        for text in ["FROM a\nRUN a \\\n  b \\\n", "FROM a\nRUN a \\\n  b \\\n\n# c\n"] {
+            let df = crate::dockerfile::Dockerfile::parse("Dockerfile", text).unwrap();
+            assert_eq!(
+                (df.instructions[1].line, df.instructions[1].end_line),
+                (2, 3),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
     fn an_escaped_escape_at_the_end_is_not_a_continuation() {
         let df = crate::dockerfile::Dockerfile::parse("Dockerfile", "FROM a\nRUN echo a \\\\\nRUN echo b\n").unwrap();
         assert_eq!(df.instructions.len(), 3, "the next instruction is not swallowed");
@@ -364,6 +392,21 @@ mod tests {
         );
         assert_eq!(r[1].end_line, 6);
         assert_eq!(r[2].keyword, "RUN");
+    }
+
+    #[test]
+    fn a_partly_quoted_heredoc_word_is_closed_by_the_word_without_quotes() {
+        let r = lex_ok("FROM a\nRUN cat <<e'o'f > f\n$HOME\neof\nRUN y\n");
+        assert_eq!(
+            r.len(),
+            3,
+            "the heredoc closes at `eof` and the next instruction stands"
+        );
+        assert_eq!(r[1].heredocs[0].delimiter, "eof");
+        assert!(
+            !r[1].heredocs[0].expand,
+            "a quote anywhere in the word turns expansion off"
+        );
     }
 
     #[test]

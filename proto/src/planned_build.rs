@@ -20,12 +20,12 @@ pub struct PlannedBuild {
 
 /// A COPY/ADD source that could not be selected, at its instruction.
 #[derive(Debug, thiserror::Error)]
-#[error("{location}: {source}")]
+#[error("{location}: {error}")]
 pub struct KeysError {
     /// The instruction.
     pub location: Location,
     /// What went wrong.
-    pub source: SelectError,
+    pub error: SelectError,
 }
 
 impl PlannedBuild {
@@ -45,7 +45,7 @@ impl PlannedBuild {
                 line: self.plan.stages[at.stage].steps[at.step].line,
                 column: 1,
             },
-            source,
+            error: source,
         })?;
         let mut report = KeysReport {
             dockerfile: self.file.clone(),

@@ -29,6 +29,7 @@ fn a_missing_copy_source_names_the_line_and_the_path() {
         err.contains("Dockerfile:2:1") && err.contains("\"nothere\" was not found"),
         "{err}"
     );
+    assert_eq!(err.matches("was not found").count(), 1, "said once: {err}");
 }
 
 #[test]
