@@ -991,10 +991,12 @@ impl Planner<'_> {
                 }
                 let dest = self.expand(ins, dest, scope)?;
                 let mut resolved = join_path(&scope.workdir, &dest);
-                if (dest.ends_with('/') || dest == ".") && !resolved.ends_with('/') {
+                // A trailing `\` is a directory too: Windows paths (`C:\app\`), with `escape=`\``.
+                if (dest.ends_with('/') || dest.ends_with('\\') || dest == ".") && !resolved.ends_with('/') {
                     resolved.push('/');
                 }
-                if sources.len() > 1 && !resolved.ends_with('/') {
+                // As BuildKit: only file sources count; heredoc files go into the destination.
+                if paths.len() > 1 && !resolved.ends_with('/') {
                     return Err(self.err(
                         ins,
                         format!(
@@ -1158,6 +1160,15 @@ mod tests {
                 .any(|c| matches!(c, ConfigChange::Env { name, .. } if name == "FROM_TRIGGER")),
             "a trigger's config change is the stage's"
         );
+    }
+
+    #[test]
+    fn directory_destinations_as_buildkit_reads_them() {
+        // Several heredoc files need no slash: only file sources count, as in BuildKit.
+        assert!(plan_of("FROM a\nCOPY <<A <<B /bar\na\nA\nb\nB\n", &[], None).is_ok());
+        assert!(plan_of("FROM a\nCOPY x y /bar\n", &[], None).is_err());
+        // A Windows path's trailing backslash is a directory (with escape=`).
+        assert!(plan_of("# escape=`\nFROM a\nCOPY x y C:\\app\\\n", &[], None).is_ok());
     }
 
     #[test]

@@ -270,7 +270,14 @@ fn heredoc_markers(args: &str, escape: char) -> Vec<Marker> {
                             }
                         }
                     }
-                    c if c.is_alphanumeric() || c == '_' || c == '.' || c == '-' => {
+                    c if c == escape && j + 1 < chars.len() => {
+                        // `\'` is a literal quote, and quotes the word as a quote would.
+                        quoted = true;
+                        word.push(chars[j + 1]);
+                        j += 2;
+                    }
+                    // `$` too: `<<$EOF` ends at a line `$EOF` (the word is never expanded).
+                    c if c.is_alphanumeric() || "_.-$".contains(c) => {
                         word.push(c);
                         j += 1;
                     }
