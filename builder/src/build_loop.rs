@@ -27,7 +27,8 @@ use crate::copy_step::{
 use crate::errors::{BuildError, CacheError};
 use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::overlay_mount::OverlayMount;
-use crate::run_step::{argv_with_heredocs, run_step, RunError, RunSpec};
+use crate::run_mounts::prepare as prepare_mounts;
+use crate::run_step::{argv_with_heredocs, run_step, PreparedMount, RunError, RunSpec};
 use crate::snapshots::ensure_snapshot;
 use crate::step_cache::{BlobSource, Metered, StepCache};
 use crate::user_lookup::resolve_user;
@@ -47,6 +48,8 @@ pub struct BuildRequest {
     pub runtime: String,
     /// The client cache directory.
     pub cache_dir: PathBuf,
+    /// Secrets for `RUN --mount=type=secret`, by id (`lcache build --secret`).
+    pub secrets: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 /// What a build produced.
@@ -570,9 +573,16 @@ impl<'a> Builder<'a> {
                     env.retain(|e| !e.starts_with(&format!("{k}=")));
                     env.push(format!("{k}={v}"));
                 }
-                if !r.mounts.is_empty() {
+                let prepared = prepare_mounts(
+                    &r.mounts,
+                    &self.cache.root().join("run-cache"),
+                    work.path(),
+                    &self.req.secrets,
+                )
+                .map_err(|e| fail(e.to_string(), vec![]))?;
+                for skipped in &prepared.skipped {
                     self.progress().note(&format!(
-                        "warning: {}: RUN --mount is not supported yet; the step runs without its mounts",
+                        "warning: {}: RUN --mount={skipped} is not supported yet; the step runs without it",
                         self.at(line)
                     ));
                 }
@@ -586,6 +596,7 @@ impl<'a> Builder<'a> {
                     cwd: r.workdir.clone(),
                     user: r.user.clone(),
                     network_none: r.network == "none",
+                    mounts: prepared.mounts.clone(),
                 };
                 let upper =
                     run_step(&spec, work.path(), &mut |l| self.progress().output(number, l)).map_err(|e| match e {
@@ -595,7 +606,15 @@ impl<'a> Builder<'a> {
                         ),
                         RunError::Setup(m) => fail(m, vec![]),
                     })?;
-                remove_runtime_mountpoints(&upper, &lowers);
+                let file_mounts: Vec<&str> = prepared
+                    .mounts
+                    .iter()
+                    .filter_map(|m| match m {
+                        PreparedMount::Bind { source, target, .. } if source.is_file() => Some(target.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                remove_runtime_mountpoints(&upper, &lowers, &file_mounts);
                 upper
             }
             StepDef::Copy(c) => {

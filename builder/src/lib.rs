@@ -13,6 +13,7 @@ pub mod errors;
 pub mod image_export;
 pub mod miss_causes;
 pub mod overlay_mount;
+pub mod run_mounts;
 pub mod run_step;
 pub mod snapshots;
 pub mod step_cache;

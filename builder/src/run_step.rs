@@ -34,6 +34,27 @@ pub struct RunSpec {
     pub user: String,
     /// `--network=none`: an empty network namespace (otherwise the host's, as BuildKit).
     pub network_none: bool,
+    /// `RUN --mount`s, prepared.
+    pub mounts: Vec<PreparedMount>,
+}
+
+/// A `RUN --mount` ready for the runtime.
+#[derive(Debug, Clone)]
+pub enum PreparedMount {
+    /// A host directory or file (a cache's directory, a secret's file).
+    Bind {
+        /// On the host.
+        source: PathBuf,
+        /// In the container.
+        target: String,
+        /// Mounted read-only.
+        readonly: bool,
+    },
+    /// An empty in-memory filesystem.
+    Tmpfs {
+        /// In the container.
+        target: String,
+    },
 }
 
 /// Why a RUN failed.
@@ -171,6 +192,30 @@ pub fn run_step(spec: &RunSpec, work: &Path, output: &mut dyn FnMut(&str)) -> Re
     let mut mounts = cfg.mounts().clone().unwrap_or_default();
     mounts.push(ro_file_mount(&hosts, "/etc/hosts")?);
     mounts.push(ro_file_mount(&resolv, "/etc/resolv.conf")?);
+    for m in &spec.mounts {
+        let built = match m {
+            PreparedMount::Bind {
+                source,
+                target,
+                readonly,
+            } => MountBuilder::default()
+                .destination(target)
+                .typ("bind")
+                .source(source)
+                .options(vec![
+                    "rbind".to_string(),
+                    if *readonly { "ro" } else { "rw" }.to_string(),
+                ])
+                .build(),
+            PreparedMount::Tmpfs { target } => MountBuilder::default()
+                .destination(target)
+                .typ("tmpfs")
+                .source("tmpfs")
+                .options(vec!["nosuid".to_string(), "nodev".to_string()])
+                .build(),
+        };
+        mounts.push(built.map_err(|e| RunError::Setup(format!("cannot describe a --mount: {e}")))?);
+    }
     cfg.set_mounts(Some(mounts));
     let mut root = SpecRoot::default();
     root.set_path(mount.path().to_path_buf());

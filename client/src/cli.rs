@@ -45,7 +45,7 @@ pub enum Command {
     /// Predict which steps a build would take from the cache and which it would run.
     Plan(KeysArgs),
     /// Build an image: cached steps are reused, the others run for real (needs root, runc).
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Why each step of a build rebuilt, and what each root cause cost.
     Explain(ExplainArgs),
     /// Past builds: when, hit rate, time saved, root causes.
@@ -153,6 +153,10 @@ pub struct BuildArgs {
     /// Where extracted layers are kept [default: $LCACHE_CACHE_DIR, else ~/.cache/lcache or /var/cache/lcache].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// A secret for `RUN --mount=type=secret,id=ID`: `id=ID,src=FILE` or `id=ID,env=VAR`;
+    /// never in a key, a layer or the history. May be given more than once.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
+    pub secrets: Vec<String>,
     /// Write step records into this scope (a branch, say) and look them up there first
     /// [default: unscoped].
     #[arg(long, env = "LCACHE_SCOPE", value_name = "NAME")]

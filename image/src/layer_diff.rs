@@ -55,12 +55,18 @@ fn is_runtime_stub(upper: &Path, rel: &Path, lowers: &[PathBuf]) -> bool {
 }
 
 /// Removes the runtime's mount stubs from a RUN's `upper` (before it becomes a snapshot and
-/// a layer) so both hold exactly what the step made.
-pub fn remove_runtime_mountpoints(upper: &Path, lowers: &[PathBuf]) {
+/// a layer) so both hold exactly what the step made: those of `/etc/hosts` and
+/// `/etc/resolv.conf`, and of the step's own file mounts (`file_mounts`: secrets), as
+/// BuildKit removes them.
+pub fn remove_runtime_mountpoints(upper: &Path, lowers: &[PathBuf], file_mounts: &[&str]) {
     let Ok(root) = lcache_confine::Root::open(upper) else {
         return;
     };
-    for m in RUNTIME_FILE_MOUNTPOINTS {
+    let targets = RUNTIME_FILE_MOUNTPOINTS
+        .iter()
+        .copied()
+        .chain(file_mounts.iter().map(|t| t.trim_start_matches('/')));
+    for m in targets {
         if is_runtime_stub(upper, Path::new(m), lowers) {
             let _ = root.remove_all(Path::new(m));
         }
@@ -223,7 +229,7 @@ mod tests {
         std::fs::write(up.path().join("etc/resolv.conf"), "").unwrap();
         std::fs::create_dir(low.path().join("etc")).unwrap();
         std::fs::write(low.path().join("etc/resolv.conf"), "nameserver 1.1.1.1\n").unwrap();
-        remove_runtime_mountpoints(up.path(), &[low.path().to_path_buf()]);
+        remove_runtime_mountpoints(up.path(), &[low.path().to_path_buf()], &[]);
         assert!(
             !up.path().join("etc/hosts").exists(),
             "a stub over nothing is not content"

@@ -17,6 +17,7 @@ pub mod instruction_names;
 pub mod key_encoding;
 pub mod planned_build;
 pub mod platform;
+pub mod run_mount;
 pub mod source_select;
 pub mod sources_digest;
 pub mod step_keys;

@@ -63,6 +63,7 @@ fn main() {
         no_cache: false,
         runtime: "runc".into(),
         cache_dir: tmp.path().join("cache"),
+        secrets: Default::default(),
     };
     // Progress is not printed: the figures stay readable.
     let mut quiet = Quiet;

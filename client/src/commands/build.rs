@@ -31,7 +31,9 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
         _ => ProgressMode::Plain,
     };
     let mut progress = Progress::new(mode);
+    let secrets = read_secrets(&args.secrets)?;
     let req = BuildRequest {
+        secrets,
         inputs,
         tags: args.tags.clone(),
         no_cache: args.no_cache,
@@ -101,4 +103,32 @@ pub fn build_summary(o: &BuildOutcome) -> BuildSummary {
         bytes_stored: o.bytes_stored,
         root_causes: o.record.cascades.clone(),
     }
+}
+
+/// `--secret id=ID,src=FILE|env=VAR` values, read.
+fn read_secrets(values: &[String]) -> Result<std::collections::BTreeMap<String, Vec<u8>>> {
+    let mut out = std::collections::BTreeMap::new();
+    for v in values {
+        let (mut id, mut src, mut env) = (None, None, None);
+        for part in v.split(',') {
+            match part.split_once('=') {
+                Some(("id", x)) => id = Some(x.to_string()),
+                Some(("src" | "source", x)) => src = Some(x.to_string()),
+                Some(("env", x)) => env = Some(x.to_string()),
+                _ => anyhow::bail!("'{part}' in --secret {v}: write id=ID,src=FILE or id=ID,env=VAR"),
+            }
+        }
+        let id = id.ok_or_else(|| anyhow::anyhow!("--secret {v} has no id=: write id=ID,src=FILE or id=ID,env=VAR"))?;
+        let content = match (src, env) {
+            (Some(f), None) => {
+                std::fs::read(&f).with_context(|| format!("cannot read the secret file {f} for --secret id={id}"))?
+            }
+            (None, Some(e)) => std::env::var(&e)
+                .with_context(|| format!("--secret id={id}: the environment has no {e}"))?
+                .into_bytes(),
+            _ => anyhow::bail!("--secret id={id} needs exactly one of src=FILE or env=VAR"),
+        };
+        out.insert(id, content);
+    }
+    Ok(out)
 }
