@@ -361,7 +361,7 @@ impl Daemon {
         // What builds stored is pushed before the daemon goes (as long as the upstream
         // answers within the drain time); what is not is reported.
         if let Some(u) = &self.state.upstream {
-            let report = u.sync(UPSTREAM_DRAIN).await;
+            let report = u.sync(UPSTREAM_DRAIN, &self.state.metrics).await;
             for f in &report.failed {
                 eprintln!("lcached: not pushed to upstream {}: {f}", report.upstream);
             }

@@ -55,18 +55,30 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether nothing answered at the upstream's address.
+    fn is_unreachable(&self) -> bool {
+        matches!(self, Self::Transport(RemoteError::Unreachable { .. }))
+    }
+
     /// Whether trying again cannot help (a refused token, a record it rejects).
     fn is_permanent(&self) -> bool {
         matches!(self, Self::Refused { status, .. } if status.is_client_error() && *status != StatusCode::REQUEST_TIMEOUT)
     }
 }
 
+/// A record that could not be pushed, and why.
+struct Failure {
+    scope: String,
+    key: String,
+    why: String,
+}
+
 /// The upstream tier.
 pub struct Upstream {
     remote: Remote,
     queue: mpsc::Sender<(String, String)>,
-    /// Keys given up on since the last sync, with why.
-    failed: Mutex<Vec<String>>,
+    /// Records given up on since the last sync: tried again by the next one.
+    failed: Mutex<Vec<Failure>>,
     /// Whether the last request failed for want of a connection (warn once, not per step).
     down: AtomicBool,
     /// Records queued and not yet pushed or given up on.
@@ -108,11 +120,12 @@ impl Upstream {
         }
     }
 
-    fn fail(&self, key: &str, why: impl std::fmt::Display) {
-        self.failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(format!("{key}: {why}"));
+    fn fail(&self, scope: &str, key: &str, why: impl std::fmt::Display) {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).push(Failure {
+            scope: scope.to_string(),
+            key: key.to_string(),
+            why: why.to_string(),
+        });
     }
 
     /// Queues a record stored in `scope` to be pushed.
@@ -126,7 +139,11 @@ impl Upstream {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             metrics.upstream_queue.fetch_sub(1, Ordering::Relaxed);
             metrics.upstream_push_failures.fetch_add(1, Ordering::Relaxed);
-            self.fail(key, format!("the push queue is full ({QUEUE_LEN} records waiting)"));
+            self.fail(
+                scope,
+                key,
+                format!("the push queue is full ({QUEUE_LEN} records waiting)"),
+            );
         }
     }
 
@@ -152,14 +169,23 @@ impl Upstream {
                         }
                         break;
                     }
-                    Err(e) if !e.is_permanent() && attempt < RETRY_DELAYS.len() => {
+                    // Retried, unless the upstream is known to be down: then each queued
+                    // record fails at once instead of waiting out the delays in turn
+                    // (`cache sync` answers in seconds, not minutes); the first success
+                    // clears the flag.
+                    Err(e)
+                        if !e.is_permanent() && attempt < RETRY_DELAYS.len() && !self.down.load(Ordering::Relaxed) =>
+                    {
+                        if e.is_unreachable() && attempt + 1 == RETRY_DELAYS.len() {
+                            self.down.store(true, Ordering::Relaxed);
+                        }
                         tokio::time::sleep(RETRY_DELAYS[attempt]).await;
                         attempt += 1;
                     }
                     Err(e) => {
                         self.note(&state.metrics, &e);
                         state.metrics.upstream_push_failures.fetch_add(1, Ordering::Relaxed);
-                        self.fail(&key, e);
+                        self.fail(&scope, &key, e);
                         break;
                     }
                 }
@@ -169,14 +195,19 @@ impl Upstream {
         }
     }
 
-    /// Waits until nothing is queued (or `deadline` passes); returns what was given up on
-    /// since the last sync, and forgets it.
-    pub async fn sync(&self, deadline: Duration) -> SyncReport {
+    /// Tries again what earlier pushes gave up on, waits until nothing is queued (or
+    /// `deadline` passes), and returns what could still not be pushed.
+    pub async fn sync(&self, deadline: Duration, metrics: &Metrics) -> SyncReport {
+        let retry = std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()));
+        for f in retry.iter().filter(|f| !f.key.is_empty()) {
+            self.push(&f.scope, &f.key, metrics);
+        }
         let start = tokio::time::Instant::now();
         while self.pending.load(Ordering::SeqCst) > 0 {
             if start.elapsed() > deadline {
                 self.fail(
-                    "(queue)",
+                    "",
+                    "",
                     format!(
                         "{} records were still waiting after {deadline:?}",
                         self.pending.load(Ordering::SeqCst)
@@ -186,9 +217,17 @@ impl Upstream {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         SyncReport {
             upstream: self.endpoint(),
-            failed: std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner())),
+            failed: failed
+                .iter()
+                .map(|f| match (f.scope.as_str(), f.key.as_str()) {
+                    (_, "") => f.why.clone(),
+                    ("", k) => format!("{k}: {}", f.why),
+                    (s, k) => format!("{k} (scope {s}): {}", f.why),
+                })
+                .collect(),
         }
     }
 

@@ -120,7 +120,7 @@ pub async fn sync(state: &AppState) -> Response<Body> {
             "start it with --upstream ADDR to push to a shared cache",
         );
     };
-    let report = u.sync(SYNC_DEADLINE).await;
+    let report = u.sync(SYNC_DEADLINE, &state.metrics).await;
     if report.failed.is_empty() {
         json(StatusCode::OK, &report)
     } else {
@@ -132,7 +132,7 @@ pub async fn sync(state: &AppState) -> Response<Body> {
                 report.upstream,
                 report.failed.join("; ")
             ),
-            "check that the upstream is reachable and the token may write, then build again to push them",
+            "check that the upstream is reachable and the token may write; the next `lcache cache sync` tries them again",
         )
     }
 }
