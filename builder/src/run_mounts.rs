@@ -118,6 +118,37 @@ pub fn prepare(
     Ok(out)
 }
 
+/// Removes the cache mounts' directories under `cache_root` that no RUN is using (a locked
+/// one is skipped); returns how many were removed and how many were busy.
+pub fn prune(cache_root: &Path) -> std::io::Result<(usize, usize)> {
+    let (mut removed, mut busy) = (0, 0);
+    let entries = match std::fs::read_dir(cache_root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        if !e.file_type()?.is_dir() {
+            continue;
+        }
+        let lock_path = cache_root.join(format!("{}.lock", e.file_name().to_string_lossy()));
+        let lock = std::fs::File::create(&lock_path)?;
+        // A shared-sharing RUN holds no lock: pruning during a build may empty its cache,
+        // which a cache mount allows (it is a cache, never an input).
+        match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => {
+                std::fs::remove_dir_all(e.path())?;
+                let _ = std::fs::remove_file(&lock_path);
+                drop(held);
+                removed += 1;
+            }
+            Err(_) => busy += 1,
+        }
+    }
+    Ok((removed, busy))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

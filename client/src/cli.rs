@@ -178,6 +178,13 @@ pub enum CacheCommand {
     /// Wait until every step record stored here is pushed to the daemon's upstream; fail,
     /// naming them, if some could not be.
     Sync,
+    /// Empty the `RUN --mount=type=cache` directories in the client cache that no RUN is
+    /// using.
+    Prune {
+        /// The client cache [default: as `lcache build` uses it].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
 }
 
 /// `lcache token …`: tokens for the daemon's TCP listeners (run on its machine, through

@@ -24,6 +24,9 @@ fn main() -> ExitCode {
             command: CacheCommand::Sync,
         } => commands::token::sync(daemon),
         Command::Token { command } => commands::token::run(command, daemon),
+        Command::Cache {
+            command: CacheCommand::Prune { cache_dir },
+        } => commands::build::prune(cache_dir.as_deref()),
     };
     match result {
         Ok(out) => {

@@ -49,6 +49,17 @@ fn cache_tmpfs_and_secret_mounts_work_and_leave_nothing_behind() {
     let o = build_to(&env, &p, two.path(), &["--secret", &secret, "--no-cache"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(read(two.path(), "count").trim(), "2");
+    // `lcache cache prune` empties the cache mounts: the next run starts over.
+    let o = env.lcache(
+        &p,
+        &["cache", "prune", "--cache-dir", env.cache_dir().to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("removed 1 cache mount"));
+    let three = tempfile::tempdir().unwrap();
+    let o = build_to(&env, &p, three.path(), &["--secret", &secret, "--no-cache"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read(three.path(), "count").trim(), "1");
     // A required secret that is not given fails the RUN, saying how to give it.
     p.write(
         "Dockerfile",

@@ -132,3 +132,21 @@ fn read_secrets(values: &[String]) -> Result<std::collections::BTreeMap<String, 
     }
     Ok(out)
 }
+
+/// Runs `lcache cache prune`: empties the cache mounts no RUN is using.
+pub fn prune(cache_dir: Option<&std::path::Path>) -> Result<String> {
+    let root = cache_dir
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(default_cache_dir);
+    let (removed, busy) = lcache_builder::run_mounts::prune(&root.join("run-cache"))
+        .with_context(|| format!("cannot prune the cache mounts in {}", root.display()))?;
+    Ok(format!(
+        "removed {removed} cache mount{}{}\n",
+        if removed == 1 { "" } else { "s" },
+        if busy > 0 {
+            format!(", kept {busy} in use by a running build")
+        } else {
+            String::new()
+        }
+    ))
+}
