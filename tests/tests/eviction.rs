@@ -61,3 +61,46 @@ fn the_least_recently_used_blob_and_its_records_go_first_and_images_stay() {
     put_step(&d, &ka, &a2);
     assert_eq!(d.http("GET", &format!("/v1/steps/{ka}"), b"").0, 200);
 }
+
+#[test]
+fn a_build_after_eviction_explains_its_misses_as_evicted() {
+    use lcache_e2e::{cached, BuildEnv, Project};
+    // Room for the busybox base and little else: the steps' layers are evicted as soon as
+    // something newer needs the space.
+    let env = BuildEnv::with_daemon_args(&["--max-size", "3M"]);
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nRUN head -c 300000 /dev/urandom > /noise\n");
+    let (steps, _) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false]);
+    // Newer blobs push the step's layer out (least recently used goes first).
+    for i in 0..8u8 {
+        put_blob(&env.daemon, &vec![i; 400_000]);
+    }
+    // Built again from another directory: no earlier build of *this* context to compare
+    // with, so only the daemon's tombstone can tell the miss was an eviction.
+    let q = Project::new();
+    q.write("Dockerfile", "FROM busybox\nRUN head -c 300000 /dev/urandom > /noise\n");
+    let explain_cause = || {
+        let out = env.lcache(&q, &["explain", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["steps"][0]["cause"].clone()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, _) = env.daemon.http("GET", "/v1/status", b"");
+        assert_eq!(status, 200);
+        let plan = env.lcache(&p, &["plan", "--json", "."]);
+        let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+        if v["cached"][0] == false || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (steps, _) = env.build(&q, &[]);
+    assert_eq!(cached(&steps), [false], "the record was evicted");
+    assert_eq!(
+        explain_cause(),
+        serde_json::json!("evicted"),
+        "said as such, not 'never built'"
+    );
+}
