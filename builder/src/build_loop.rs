@@ -10,11 +10,12 @@ use std::time::Instant;
 
 use lcache_context::context_walk::walk;
 use lcache_context::local_context::LocalContext;
-use lcache_proto::build_plan::{Base, BuildPlan, CopyDef, CopyFrom, PlannedStage, StepDef};
+use lcache_proto::build_plan::{Base, BindDef, BuildPlan, CopyDef, CopyFrom, PlannedStage, StepDef};
 use lcache_proto::cache_key::{key_inputs, KeyInputs};
 use lcache_proto::dockerignore::IgnoreMatcher;
 use lcache_proto::explain::{cascades, root_after, CascadeRoot, MissCause};
-use lcache_proto::source_select::{select, ContextEntry, SelectedRoot};
+use lcache_proto::source_select::{select, ContextEntry, EntryKind, SelectedRoot};
+use lcache_proto::sources_digest::binds_digest;
 use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
 use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
 
@@ -27,7 +28,7 @@ use crate::copy_step::{
 use crate::errors::{BuildError, CacheError};
 use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::overlay_mount::OverlayMount;
-use crate::run_mounts::prepare as prepare_mounts;
+use crate::run_mounts::{prepare as prepare_mounts, MountInputs};
 use crate::run_step::{argv_with_heredocs, run_step, PreparedMount, RunError, RunSpec};
 use crate::snapshots::ensure_snapshot;
 use crate::step_cache::{BlobSource, Metered, StepCache};
@@ -50,6 +51,8 @@ pub struct BuildRequest {
     pub cache_dir: PathBuf,
     /// Secrets for `RUN --mount=type=secret`, by id (`lcache build --secret`).
     pub secrets: std::collections::BTreeMap<String, Vec<u8>>,
+    /// SSH agent sockets for `RUN --mount=type=ssh`, by id (`lcache build --ssh`).
+    pub ssh: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// What a build produced.
@@ -264,12 +267,20 @@ impl<'a> Builder<'a> {
             let mut d: Vec<usize> = s
                 .steps
                 .iter()
-                .filter_map(|st| match &st.def {
+                .flat_map(|st| match &st.def {
                     StepDef::Copy(CopyDef {
                         from: CopyFrom::Stage { index },
                         ..
-                    }) => Some(*index),
-                    _ => None,
+                    }) => vec![*index],
+                    StepDef::Run(r) => r
+                        .binds
+                        .iter()
+                        .filter_map(|b| match b.from {
+                            CopyFrom::Stage { index } => Some(index),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => vec![],
                 })
                 .collect();
             if let Base::Stage { index } = s.base {
@@ -493,48 +504,95 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// The sources digest a step's key needs, and for `COPY --from` the selection made.
+    /// The sources digest a step's key needs, and what it selected: one stage selection for a
+    /// `COPY --from`, one entry per bind mount of a RUN.
     fn sources_digest(
         &self,
         stage: usize,
         n: usize,
         def: &StepDef,
         states: &HashMap<usize, StageState>,
-    ) -> Result<(String, Option<StageSelection>), BuildError> {
-        let StepDef::Copy(c) = def else {
-            return Ok((String::new(), None));
-        };
+    ) -> Result<(String, Vec<Selected>), BuildError> {
         let line = self.plan.stages[stage].steps[n].line;
+        let planned = self.daemon_keys.get(&StepRef { stage, step: n });
+        let c = match def {
+            StepDef::Copy(c) => c,
+            StepDef::Run(r) if !r.binds.is_empty() => {
+                let mut parts = Vec::new();
+                let mut selections = Vec::new();
+                for (i, b) in r.binds.iter().enumerate() {
+                    let (digest, sel) = match &b.from {
+                        CopyFrom::Context => {
+                            let d = planned.and_then(|k| k.bind_digests.get(i)).filter(|d| !d.is_empty());
+                            let d = d.ok_or_else(|| {
+                                BuildError::Cache(CacheError::Protocol(
+                                    "the daemon gave no digest for a RUN's bind mount".into(),
+                                ))
+                            })?;
+                            (d.clone(), Selected::Context { digest: d.clone() })
+                        }
+                        other => {
+                            let sel = self.stage_selection(line, other, &b.selection(), states)?;
+                            (sel.digest.clone(), Selected::Stage(sel))
+                        }
+                    };
+                    parts.push((b.target.clone(), digest));
+                    selections.push(sel);
+                }
+                let parts: Vec<(&str, &str)> = parts.iter().map(|(t, d)| (t.as_str(), d.as_str())).collect();
+                return Ok((binds_digest(&parts), selections));
+            }
+            _ => return Ok((String::new(), Vec::new())),
+        };
         match &c.from {
-            CopyFrom::Context if c.sources.is_empty() => Ok((String::new(), None)),
-            CopyFrom::Context if c.add && c.sources.iter().any(|s| is_remote(s)) => {
-                Err(BuildError::Unbuildable {
-                    location: self.at(line),
-                    message: "ADD of a URL is not supported offline — download the file into the context and COPY it".into(),
+            CopyFrom::Context if c.sources.is_empty() => Ok((String::new(), Vec::new())),
+            CopyFrom::Context if c.add && c.sources.iter().any(|s| is_remote(s)) => Err(BuildError::Unbuildable {
+                location: self.at(line),
+                message: "ADD of a URL is not supported offline — download the file into the context and COPY it"
+                    .into(),
+            }),
+            CopyFrom::Context => {
+                let d = planned.and_then(|k| k.sources_digest.clone());
+                d.map(|d| (d, Vec::new())).ok_or_else(|| {
+                    BuildError::Cache(crate::errors::CacheError::Protocol(
+                        "the daemon gave no sources digest for a COPY".into(),
+                    ))
                 })
             }
-            CopyFrom::Context => {
-                let d = self
-                    .daemon_keys
-                    .get(&StepRef { stage, step: n })
-                    .and_then(|k| k.sources_digest.clone());
-                d.map(|d| (d, None)).ok_or_else(|| BuildError::Cache(crate::errors::CacheError::Protocol("the daemon gave no sources digest for a COPY".into())))
-            }
-            CopyFrom::Image { reference } => Err(BuildError::Unbuildable {
-                location: self.at(line),
-                message: format!(
-                    "COPY --from={reference} (an image) is not supported yet — add a stage `FROM {reference} AS src` and COPY --from=src"
-                ),
-            }),
-            CopyFrom::Stage { index } => {
-                let from = states.get(index).ok_or_else(|| internal("a --from stage was not built first"))?;
-                let sel = StageSelection::make(&self.cache, from, c).map_err(|e| BuildError::Unbuildable {
-                    location: self.at(line),
-                    message: e.to_string(),
-                })?;
-                Ok((sel.digest.clone(), Some(sel)))
+            other => {
+                let sel = self.stage_selection(line, other, c, states)?;
+                Ok((sel.digest.clone(), vec![Selected::Stage(sel)]))
             }
         }
+    }
+
+    /// What `c` selects in a built stage's files (an image's are not supported yet).
+    fn stage_selection(
+        &self,
+        line: usize,
+        from: &CopyFrom,
+        c: &CopyDef,
+        states: &HashMap<usize, StageState>,
+    ) -> Result<StageSelection, BuildError> {
+        let index = match from {
+            CopyFrom::Stage { index } => index,
+            CopyFrom::Image { reference } => {
+                return Err(BuildError::Unbuildable {
+                    location: self.at(line),
+                    message: format!(
+                        "--from={reference} (an image) is not supported yet — add a stage `FROM {reference} AS src` and use --from=src"
+                    ),
+                })
+            }
+            CopyFrom::Context => return Err(internal("the context is not a stage")),
+        };
+        let from = states
+            .get(index)
+            .ok_or_else(|| internal("a --from stage was not built first"))?;
+        StageSelection::make(&self.cache, from, c).map_err(|e| BuildError::Unbuildable {
+            location: self.at(line),
+            message: e.to_string(),
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -546,7 +604,7 @@ impl<'a> Builder<'a> {
         def: &StepDef,
         st: &StageState,
         base_env: &[String],
-        from: Option<StageSelection>,
+        selected: Vec<Selected>,
         inputs: KeyInputs,
         key: &str,
         started: Instant,
@@ -573,18 +631,33 @@ impl<'a> Builder<'a> {
                     env.retain(|e| !e.starts_with(&format!("{k}=")));
                     env.push(format!("{k}={v}"));
                 }
-                let prepared = prepare_mounts(
+                let mut prepared = prepare_mounts(
                     &r.mounts,
-                    &self.cache.root().join("run-cache"),
-                    work.path(),
-                    &self.req.secrets,
+                    &MountInputs {
+                        cache_root: &self.cache.root().join("run-cache"),
+                        work: work.path(),
+                        workdir: &r.workdir,
+                        secrets: &self.req.secrets,
+                        ssh: &self.req.ssh,
+                    },
                 )
                 .map_err(|e| fail(e.to_string(), vec![]))?;
-                for skipped in &prepared.skipped {
-                    self.progress().note(&format!(
-                        "warning: {}: RUN --mount={skipped} is not supported yet; the step runs without it",
-                        self.at(line)
-                    ));
+                for extra in &prepared.env {
+                    let name = extra.split('=').next().unwrap_or_default();
+                    let set = env.iter().any(|e| e.split('=').next() == Some(name));
+                    // BuildKit points SSH_AUTH_SOCK at the agent only when the RUN has none;
+                    // a secret asked for as a variable replaces one.
+                    if set && name == "SSH_AUTH_SOCK" {
+                        continue;
+                    }
+                    env.retain(|e| e.split('=').next() != Some(name));
+                    env.push(extra.clone());
+                }
+                for (i, (b, sel)) in r.binds.iter().zip(&selected).enumerate() {
+                    let mount = self
+                        .materialize_bind(b, sel, &work.path().join(format!("bind-{i}")))
+                        .map_err(|e| fail(format!("RUN --mount=type=bind,target={}: {e}", b.target), vec![]))?;
+                    prepared.mounts.push(mount);
                 }
                 let heredocs: Vec<(String, String)> =
                     r.heredocs.iter().map(|h| (h.name.clone(), h.content.clone())).collect();
@@ -610,7 +683,8 @@ impl<'a> Builder<'a> {
                     .mounts
                     .iter()
                     .filter_map(|m| match m {
-                        PreparedMount::Bind { source, target, .. } if source.is_file() => Some(target.as_str()),
+                        // Files, sockets: the runtime made an empty file to mount each over.
+                        PreparedMount::Bind { source, target, .. } if !source.is_dir() => Some(target.as_str()),
                         _ => None,
                     })
                     .collect();
@@ -624,8 +698,8 @@ impl<'a> Builder<'a> {
                     .copy_attrs(c, view.path())
                     .map_err(|e| fail(e.to_string(), vec![]))?;
                 let keyed_digest = inputs.sources_digest().unwrap_or_default().to_string();
-                let built = match &from {
-                    Some(sel) => build_copy_layer(
+                let built = match selected.first() {
+                    Some(Selected::Stage(sel)) => build_copy_layer(
                         &layer,
                         &CopyJob {
                             def: c,
@@ -638,7 +712,7 @@ impl<'a> Builder<'a> {
                         },
                         None,
                     ),
-                    None => {
+                    _ => {
                         let (entries, roots, root) =
                             self.context_selection(c).map_err(|e| fail(e.to_string(), vec![]))?;
                         let job = CopyJob {
@@ -715,6 +789,48 @@ impl<'a> Builder<'a> {
         Ok((layer, snap))
     }
 
+    /// Makes the files a bind mount shows in `dir` (a copy: the RUN can neither change
+    /// the context nor see what `.dockerignore` leaves out) and says how to mount them.
+    fn materialize_bind(&self, b: &BindDef, sel: &Selected, dir: &Path) -> Result<PreparedMount, BindError> {
+        std::fs::create_dir(dir).map_err(|source| BindError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let def = b.selection();
+        let context;
+        let (src_root, entries, roots, keyed) = match sel {
+            Selected::Stage(s) => (s.mount.path(), &s.entries[..], &s.roots[..], s.digest.as_str()),
+            Selected::Context { digest } => {
+                context = self.context_selection(&def)?;
+                (&context.2 as &Path, &context.0[..], &context.1[..], digest.as_str())
+            }
+        };
+        let job = CopyJob {
+            def: &def,
+            src_root,
+            entries,
+            roots,
+            attrs: CopyAttrs::default(),
+            keyed_digest: keyed,
+            image: None,
+        };
+        build_copy_layer(dir, &job, None)?;
+        // A file source lands at /<its name>: the mount is that file, not the directory.
+        let file = roots
+            .first()
+            .and_then(|r| r.entry.map(|i| (r, &entries[i])))
+            .filter(|(_, e)| e.kind != EntryKind::Dir)
+            .map(|(r, _)| r.path.rsplit('/').next().unwrap_or_default().to_string());
+        Ok(PreparedMount::Bind {
+            source: match file {
+                Some(name) => dir.join(name),
+                None => dir.to_path_buf(),
+            },
+            target: b.target.clone(),
+            readonly: !b.readwrite,
+        })
+    }
+
     /// The snapshot of the earlier record `key` as a seed for re-building its COPY.
     fn seed_from(&self, key: &str) -> Option<Seed> {
         let digest = self.steps.get_step(key).ok()??.layer?.digest;
@@ -766,6 +882,36 @@ enum SelectionError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// Why a bind mount's files could not be made.
+#[derive(Debug, thiserror::Error)]
+enum BindError {
+    /// The directory for them.
+    #[error("cannot make {}: {source}", path.display())]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Selecting them.
+    #[error(transparent)]
+    Select(#[from] SelectionError),
+    /// Copying them.
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+}
+
+/// Files a step reads besides its parent, as its key was derived from them.
+enum Selected {
+    /// From the context, keyed by this digest (the daemon's).
+    Context {
+        /// The digest in the key.
+        digest: String,
+    },
+    /// From a built stage.
+    Stage(StageSelection),
 }
 
 /// What a `COPY --from=<stage>` selects in that stage's files, on a read-only mount.

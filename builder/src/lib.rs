@@ -16,5 +16,6 @@ pub mod overlay_mount;
 pub mod run_mounts;
 pub mod run_step;
 pub mod snapshots;
+pub mod ssh_forward;
 pub mod step_cache;
 pub mod user_lookup;

@@ -157,6 +157,10 @@ pub struct BuildArgs {
     /// never in a key, a layer or the history. May be given more than once.
     #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
     pub secrets: Vec<String>,
+    /// An SSH agent for `RUN --mount=type=ssh`: `default` (the agent at $SSH_AUTH_SOCK), or
+    /// `ID=SOCKET`; the RUN sees a forwarded socket, never a key. May be given more than once.
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET]")]
+    pub ssh: Vec<String>,
     /// Write step records into this scope (a branch, say) and look them up there first
     /// [default: unscoped].
     #[arg(long, env = "LCACHE_SCOPE", value_name = "NAME")]

@@ -10,6 +10,7 @@ use crate::dockerfile::Dockerfile;
 use crate::errors::DockerfileError;
 use crate::instruction::{Command, Instruction, InstructionKind};
 use crate::platform::Platform;
+use crate::run_mount::{self, RunMount};
 use crate::word_expansion::{expand_word, ExpandError, Vars};
 
 /// What a build is asked to do.
@@ -140,6 +141,31 @@ pub struct RunDef {
     pub network: String,
     /// `--security` (`sandbox` unless given).
     pub security: String,
+    /// The `--mount=type=bind`s, in order: their content is in the key.
+    #[serde(default)]
+    pub binds: Vec<BindDef>,
+}
+
+/// A RUN's `--mount=type=bind`, resolved: what it shows and where.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindDef {
+    /// Absolute path in the RUN's filesystem.
+    pub target: String,
+    /// The path within `from` (`.` for its root).
+    pub source: String,
+    /// The context, a stage or an image.
+    pub from: CopyFrom,
+    /// Writable (the writes are discarded).
+    pub readwrite: bool,
+}
+
+impl BindDef {
+    /// The selection it makes, as the COPY of its source to `/` that shows the same files.
+    pub fn selection(&self) -> CopyDef {
+        let mut c = CopyDef::from_context(&[self.source.as_str()], "/");
+        c.from = self.from.clone();
+        c
+    }
 }
 
 /// A COPY or ADD step's effective definition.
@@ -903,12 +929,49 @@ impl Planner<'_> {
                     Command::Shell { text } => scope.shell.iter().cloned().chain([text.clone()]).collect(),
                 };
                 let mut mounts = Vec::new();
+                let mut binds = Vec::new();
                 for m in ins.flag_values("mount") {
                     let m = self.expand(ins, m, scope)?;
+                    let parsed = run_mount::parse(&m).map_err(|e| {
+                        self.err(
+                            ins,
+                            format!("RUN --mount={m}: {e}"),
+                            "see https://docs.docker.com/reference/dockerfile/#run---mount",
+                        )
+                    })?;
+                    let mut from_ref = None;
                     if let Some(from) = m.split(',').find_map(|kv| kv.strip_prefix("from=")) {
-                        if let CopyFrom::Stage { index } = self.resolve_stage_ref(ins, from, stages, current)? {
+                        let r = self.resolve_stage_ref(ins, from, stages, current)?;
+                        if let CopyFrom::Stage { index } = r {
                             deps.insert(index);
                         }
+                        from_ref = Some(r);
+                    }
+                    if let RunMount::Bind {
+                        target,
+                        source,
+                        readwrite,
+                        ..
+                    } = parsed
+                    {
+                        let source = source.trim_start_matches('/');
+                        let target = run_mount::absolute_target(&target, &scope.workdir).map_err(|e| {
+                            self.err(
+                                ins,
+                                format!("RUN --mount={m}: {e}"),
+                                "give the mount a target=PATH below /",
+                            )
+                        })?;
+                        binds.push(BindDef {
+                            target,
+                            source: if source.is_empty() {
+                                ".".into()
+                            } else {
+                                source.to_string()
+                            },
+                            from: from_ref.unwrap_or(CopyFrom::Context),
+                            readwrite,
+                        });
                     }
                     mounts.push(m);
                 }
@@ -943,6 +1006,7 @@ impl Planner<'_> {
                     mounts,
                     network,
                     security: ins.flag("security").unwrap_or("sandbox").to_string(),
+                    binds,
                 })))
             }
             InstructionKind::Copy { sources, dest } | InstructionKind::Add { sources, dest } => {

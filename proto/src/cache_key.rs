@@ -77,7 +77,7 @@ fn flag(b: bool) -> Vec<String> {
     one(if b { "true" } else { "false" })
 }
 
-fn run_fields(r: &RunDef) -> Vec<(String, Vec<String>)> {
+fn run_fields(r: &RunDef, sources_digest: &str) -> Vec<(String, Vec<String>)> {
     let heredocs = r
         .heredocs
         .iter()
@@ -99,6 +99,10 @@ fn run_fields(r: &RunDef) -> Vec<(String, Vec<String>)> {
         ("network".into(), one(&r.network)),
         ("security".into(), one(&r.security)),
     ]
+    .into_iter()
+    // Only a RUN with bind mounts reads files the key must follow; others keep their keys.
+    .chain((!r.binds.is_empty()).then(|| ("sources_digest".into(), one(sources_digest))))
+    .collect()
 }
 
 fn copy_fields(c: &CopyDef, sources_digest: &str) -> Vec<(String, Vec<String>)> {
@@ -136,7 +140,7 @@ fn copy_fields(c: &CopyDef, sources_digest: &str) -> Vec<(String, Vec<String>)> 
 /// selects (empty when it selects nothing but heredocs); other kinds ignore it.
 pub fn key_inputs(def: &StepDef, platform: &str, parent: &str, sources_digest: &str) -> KeyInputs {
     let (kind, fields) = match def {
-        StepDef::Run(r) => ("RUN", run_fields(r)),
+        StepDef::Run(r) => ("RUN", run_fields(r, sources_digest)),
         StepDef::Copy(c) => (if c.add { "ADD" } else { "COPY" }, copy_fields(c, sources_digest)),
         StepDef::Workdir { path, user } => {
             let mut fields = vec![("path".into(), one(path))];

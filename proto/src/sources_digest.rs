@@ -216,6 +216,22 @@ pub fn sources_digest(
     }
 }
 
+/// The sources digest of a RUN's bind mounts: the one mount's own digest (so explain can
+/// diff its files as a COPY's), or all of them, with their targets, when there are several.
+pub fn binds_digest(binds: &[(&str, &str)]) -> String {
+    match binds {
+        [(_, one)] => one.to_string(),
+        many => {
+            let mut e = Encoder::new();
+            e.str("binds");
+            for (target, digest) in many {
+                e.str(target).str(digest);
+            }
+            hex(&e.finish())
+        }
+    }
+}
+
 /// Digest of heredoc files a COPY makes, by name and content.
 pub fn inline_digest(name: &str, content: &str) -> String {
     hex(&Encoder::new().str("inline").str(name).str(content).finish())

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::build_plan::{Base, BuildPlan, CopyDef, CopyFrom, StepDef};
 use crate::cache_key::{key_inputs, KeyInputs};
 use crate::errors::SelectError;
-use crate::sources_digest::{FileInput, SourcesDigest};
+use crate::sources_digest::{binds_digest, FileInput, SourcesDigest};
 
 /// Where a step stands in the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -72,6 +72,10 @@ pub struct StepKey {
     /// key can be finished once the parent is known.
     #[serde(default)]
     pub sources_digest: Option<String>,
+    /// A RUN's bind mounts' digests, in order, where they come from the context (empty for
+    /// the others): the builder shows the RUN the files these name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bind_digests: Vec<String>,
 }
 
 impl StepKey {
@@ -121,7 +125,47 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
             let mut files = Vec::new();
             let mut files_total = 0;
             let mut context_digest = None;
+            let mut bind_digests = Vec::new();
             let sources: Result<String, KeyState> = match &step.def {
+                StepDef::Run(r) if !r.binds.is_empty() => {
+                    let mut parts = Vec::new();
+                    let mut pending = None;
+                    for b in &r.binds {
+                        let sel = b.selection();
+                        let digest = match &b.from {
+                            CopyFrom::Context => {
+                                let d = src.context_sources(at, &sel).map_err(|e| (at, e))?;
+                                if r.binds.len() == 1 {
+                                    files = d.files;
+                                    files_total = d.total;
+                                    context_digest = Some(d.digest.clone());
+                                }
+                                bind_digests.push(d.digest.clone());
+                                Some(d.digest)
+                            }
+                            CopyFrom::Stage { index } => {
+                                bind_digests.push(String::new());
+                                src.stage_sources(at, *index, &sel).map(|d| d.digest)
+                            }
+                            CopyFrom::Image { .. } => {
+                                bind_digests.push(String::new());
+                                None
+                            }
+                        };
+                        match digest {
+                            Some(d) => parts.push((b.target.clone(), d)),
+                            None => pending = pending.or(Some(from_words(plan, &b.from))),
+                        }
+                    }
+                    match pending {
+                        Some(waiting_on) => Err(KeyState::Pending { waiting_on }),
+                        None => {
+                            let parts: Vec<(&str, &str)> =
+                                parts.iter().map(|(t, d)| (t.as_str(), d.as_str())).collect();
+                            Ok(binds_digest(&parts))
+                        }
+                    }
+                }
                 StepDef::Copy(c) => match &c.from {
                     CopyFrom::Context if c.sources.is_empty() => Ok(String::new()),
                     CopyFrom::Context if c.add && c.sources.iter().any(|s| is_remote(s)) => Err(KeyState::Pending {
@@ -137,14 +181,11 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
                     CopyFrom::Stage { index } => match src.stage_sources(at, *index, c) {
                         Some(d) => Ok(d.digest),
                         None => Err(KeyState::Pending {
-                            waiting_on: format!(
-                                "the result of stage {}",
-                                plan.stages[*index].name.clone().unwrap_or_else(|| index.to_string())
-                            ),
+                            waiting_on: from_words(plan, &c.from),
                         }),
                     },
-                    CopyFrom::Image { reference } => Err(KeyState::Pending {
-                        waiting_on: format!("the files of image {reference}"),
+                    CopyFrom::Image { .. } => Err(KeyState::Pending {
+                        waiting_on: from_words(plan, &c.from),
                     }),
                 },
                 _ => Ok(String::new()),
@@ -169,11 +210,24 @@ pub fn derive_keys(plan: &BuildPlan, src: &mut dyn StepSources) -> Result<Vec<St
                 files_total,
                 files,
                 sources_digest: context_digest,
+                bind_digests,
             });
         }
         results[stage.index] = Some(parent);
     }
     Ok(out)
+}
+
+/// What a key waits for when its files come from `from`, in words.
+fn from_words(plan: &BuildPlan, from: &CopyFrom) -> String {
+    match from {
+        CopyFrom::Context => "the build context".into(),
+        CopyFrom::Stage { index } => format!(
+            "the result of stage {}",
+            plan.stages[*index].name.clone().unwrap_or_else(|| index.to_string())
+        ),
+        CopyFrom::Image { reference } => format!("the files of image {reference}"),
+    }
 }
 
 /// Whether an ADD source names something to download rather than a context path.

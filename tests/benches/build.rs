@@ -64,6 +64,7 @@ fn main() {
         runtime: "runc".into(),
         cache_dir: tmp.path().join("cache"),
         secrets: Default::default(),
+        ssh: Default::default(),
     };
     // Progress is not printed: the figures stay readable.
     let mut quiet = Quiet;

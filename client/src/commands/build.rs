@@ -32,8 +32,10 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
     };
     let mut progress = Progress::new(mode);
     let secrets = read_secrets(&args.secrets)?;
+    let ssh = read_ssh(&args.ssh, std::env::var_os("SSH_AUTH_SOCK"))?;
     let req = BuildRequest {
         secrets,
+        ssh,
         inputs,
         tags: args.tags.clone(),
         no_cache: args.no_cache,
@@ -129,6 +131,40 @@ fn read_secrets(values: &[String]) -> Result<std::collections::BTreeMap<String, 
             _ => anyhow::bail!("--secret id={id} needs exactly one of src=FILE or env=VAR"),
         };
         out.insert(id, content);
+    }
+    Ok(out)
+}
+
+/// `--ssh ID[=SOCKET]` values: agent sockets by id (`ID` alone is the agent at
+/// `$SSH_AUTH_SOCK`, given as `auth_sock`).
+fn read_ssh(
+    values: &[String],
+    auth_sock: Option<std::ffi::OsString>,
+) -> Result<std::collections::BTreeMap<String, std::path::PathBuf>> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = std::collections::BTreeMap::new();
+    for v in values {
+        let (id, path) = match v.split_once('=') {
+            Some((id, path)) => (id, std::path::PathBuf::from(path)),
+            None => match &auth_sock {
+                Some(p) => (v.as_str(), std::path::PathBuf::from(p)),
+                None => anyhow::bail!(
+                    "--ssh {v}: SSH_AUTH_SOCK is not set — start an agent (eval $(ssh-agent); ssh-add) or write --ssh {v}=SOCKET"
+                ),
+            },
+        };
+        let meta = std::fs::metadata(&path)
+            .with_context(|| format!("--ssh {id}: cannot use the agent socket {}", path.display()))?;
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "--ssh {id}: {} is not an agent socket — lcache forwards an agent, not key files: load the key with ssh-add and pass the agent's socket",
+                path.display()
+            );
+        }
+        if id.is_empty() || id.contains(',') {
+            anyhow::bail!("--ssh {v}: the id must be a non-empty name without commas");
+        }
+        out.insert(id.to_string(), path);
     }
     Ok(out)
 }
