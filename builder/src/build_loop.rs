@@ -14,6 +14,7 @@ use lcache_proto::build_plan::{Base, BindDef, BuildPlan, CopyDef, CopyFrom, Plan
 use lcache_proto::cache_key::{key_inputs, KeyInputs};
 use lcache_proto::dockerignore::IgnoreMatcher;
 use lcache_proto::explain::{cascades, root_after, CascadeRoot, MissCause};
+use lcache_proto::key_encoding::{hex, Encoder};
 use lcache_proto::source_select::{select, ContextEntry, EntryKind, SelectedRoot};
 use lcache_proto::sources_digest::binds_digest;
 use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
@@ -32,6 +33,7 @@ use crate::run_mounts::{prepare as prepare_mounts, MountInputs};
 use crate::run_step::{argv_with_heredocs, run_step, PreparedMount, RunError, RunSpec};
 use crate::snapshots::ensure_snapshot;
 use crate::step_cache::{BlobSource, Metered, StepCache};
+use crate::url_download::{download, place};
 use crate::user_lookup::resolve_user;
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
 use lcache_image::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
@@ -546,11 +548,10 @@ impl<'a> Builder<'a> {
         };
         match &c.from {
             CopyFrom::Context if c.sources.is_empty() => Ok((String::new(), Vec::new())),
-            CopyFrom::Context if c.add && c.sources.iter().any(|s| is_remote(s)) => Err(BuildError::Unbuildable {
-                location: self.at(line),
-                message: "ADD of a URL is not supported offline — download the file into the context and COPY it"
-                    .into(),
-            }),
+            CopyFrom::Context if c.add && c.sources.iter().any(|s| is_remote(s)) => {
+                let d = self.download_sources(line, c)?;
+                Ok((d.key_digest.clone(), vec![Selected::Download(Box::new(d))]))
+            }
             CopyFrom::Context => {
                 let d = planned.and_then(|k| k.sources_digest.clone());
                 d.map(|d| (d, Vec::new())).ok_or_else(|| {
@@ -564,6 +565,67 @@ impl<'a> Builder<'a> {
                 Ok((sel.digest.clone(), vec![Selected::Stage(sel)]))
             }
         }
+    }
+
+    /// Downloads an `ADD <url>…`'s sources into a directory of their own, as a context its
+    /// COPY reads from.
+    fn download_sources(&self, line: usize, c: &CopyDef) -> Result<Downloaded, BuildError> {
+        let refuse = |message: String| BuildError::Unbuildable {
+            location: self.at(line),
+            message,
+        };
+        if let Some(s) = c
+            .sources
+            .iter()
+            .find(|s| !s.starts_with("http://") && !s.starts_with("https://"))
+        {
+            return Err(refuse(if is_remote(s) {
+                format!("ADD of a git repository ({s}) is not supported yet — clone it in a RUN, or into the context and COPY it")
+            } else {
+                format!("ADD mixes URLs with the local source {s} — give the URLs and the local files an ADD each")
+            }));
+        }
+        if !c.checksum.is_empty() && c.sources.len() != 1 {
+            return Err(refuse("ADD --checksum needs exactly one URL".into()));
+        }
+        let dir = self.cache.work_dir().map_err(|source| BuildError::Io {
+            action: "make a work directory in",
+            path: self.cache.root().to_path_buf(),
+            source,
+        })?;
+        let mut names = Vec::new();
+        let mut key = Encoder::new();
+        key.str("remote");
+        for url in &c.sources {
+            let d = download(url, &c.checksum, self.cache.root()).map_err(|e| refuse(e.to_string()))?;
+            place(&d, dir.path()).map_err(|e| refuse(format!("cannot place the download of {url}: {e}")))?;
+            key.str(&d.name)
+                .str(&d.sha256)
+                .str(d.last_modified.as_deref().unwrap_or_default());
+            names.push(d.name);
+        }
+        // What lands is a plain COPY of the downloaded files: a URL's archive is never
+        // unpacked.
+        let mut def = c.clone();
+        def.add = false;
+        def.checksum.clear();
+        def.sources = names;
+        let mut local = LocalContext::walk(dir.path()).map_err(|e| refuse(e.to_string()))?;
+        let copied_digest = local.digest_sources(&def).map_err(|e| refuse(e.to_string()))?.digest;
+        key.str(&copied_digest);
+        let entries = local.entries().to_vec();
+        let excludes =
+            IgnoreMatcher::from_patterns(def.excludes.iter().map(String::as_str)).map_err(|e| refuse(e.to_string()))?;
+        let roots = select(&entries, &def.sources, &excludes).map_err(|e| refuse(e.to_string()))?;
+        Ok(Downloaded {
+            _dir: dir,
+            root: local.root().to_path_buf(),
+            def,
+            entries,
+            roots,
+            copied_digest,
+            key_digest: hex(&key.finish()),
+        })
     }
 
     /// What `c` selects in a built stage's files (an image's are not supported yet).
@@ -699,6 +761,19 @@ impl<'a> Builder<'a> {
                     .map_err(|e| fail(e.to_string(), vec![]))?;
                 let keyed_digest = inputs.sources_digest().unwrap_or_default().to_string();
                 let built = match selected.first() {
+                    Some(Selected::Download(d)) => build_copy_layer(
+                        &layer,
+                        &CopyJob {
+                            def: &d.def,
+                            src_root: &d.root,
+                            entries: &d.entries,
+                            roots: &d.roots,
+                            attrs,
+                            keyed_digest: &d.copied_digest,
+                            image: Some(view.path()),
+                        },
+                        None,
+                    ),
                     Some(Selected::Stage(sel)) => build_copy_layer(
                         &layer,
                         &CopyJob {
@@ -800,6 +875,7 @@ impl<'a> Builder<'a> {
         let context;
         let (src_root, entries, roots, keyed) = match sel {
             Selected::Stage(s) => (s.mount.path(), &s.entries[..], &s.roots[..], s.digest.as_str()),
+            Selected::Download(d) => (&d.root as &Path, &d.entries[..], &d.roots[..], d.copied_digest.as_str()),
             Selected::Context { digest } => {
                 context = self.context_selection(&def)?;
                 (&context.2 as &Path, &context.0[..], &context.1[..], digest.as_str())
@@ -912,6 +988,23 @@ enum Selected {
     },
     /// From a built stage.
     Stage(StageSelection),
+    /// Downloaded for an `ADD <url>`.
+    Download(Box<Downloaded>),
+}
+
+/// An `ADD <url>`'s files, downloaded into a directory of their own.
+struct Downloaded {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    /// The COPY of them that makes the layer.
+    def: CopyDef,
+    entries: Vec<ContextEntry>,
+    roots: Vec<SelectedRoot>,
+    /// What that COPY must copy.
+    copied_digest: String,
+    /// The key's sources digest: names, SHA-256s and Last-Modified of the downloads, and
+    /// the copy's digest (BuildKit's HTTP source keys on the same).
+    key_digest: String,
 }
 
 /// What a `COPY --from=<stage>` selects in that stage's files, on a read-only mount.

@@ -18,4 +18,5 @@ pub mod run_step;
 pub mod snapshots;
 pub mod ssh_forward;
 pub mod step_cache;
+pub mod url_download;
 pub mod user_lookup;
