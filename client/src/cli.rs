@@ -120,6 +120,28 @@ pub enum ImageCommand {
         /// The name to give it (default: the name the file carries).
         name: Option<String>,
     },
+    /// Pull an image from a registry (Docker's credentials are used; loopback registries
+    /// may be plain HTTP).
+    Pull {
+        /// `[REGISTRY/]NAME[:TAG|@DIGEST]` (`debian` is `docker.io/library/debian:latest`).
+        reference: String,
+        /// The platform to pick from a multi-platform image [default: this machine's].
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+        /// A registry (`host:port`) to reach over plain HTTP; may be given more than once.
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure_registries: Vec<String>,
+    },
+    /// Push an image to a registry, as NAME or as REFERENCE.
+    Push {
+        /// The image's name here.
+        name: String,
+        /// Where it goes [default: NAME].
+        reference: Option<String>,
+        /// A registry (`host:port`) to reach over plain HTTP; may be given more than once.
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure_registries: Vec<String>,
+    },
     /// List images.
     Ls(JsonArg),
     /// Forget an image name (its layers stay cached).
@@ -141,6 +163,16 @@ pub struct BuildArgs {
     /// Run every step even if the cache has it (new results are still stored).
     #[arg(long)]
     pub no_cache: bool,
+    /// Pull every base image again, re-resolving its tag (otherwise only missing ones are
+    /// pulled).
+    #[arg(long)]
+    pub pull: bool,
+    /// Push the image to each -t reference after it is built.
+    #[arg(long, requires = "tags")]
+    pub push: bool,
+    /// A registry (`host:port`) to reach over plain HTTP; may be given more than once.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
     /// Export the image: type=oci|docker|local,dest=PATH.
     #[arg(long, value_name = "type=…,dest=…")]
     pub output: Option<String>,

@@ -249,6 +249,22 @@ impl DaemonClient {
         }
     }
 
+    /// `POST /v1/images/pull`.
+    pub fn pull_image(
+        &self,
+        req: &lcache_proto::wire::PullRequest,
+    ) -> Result<lcache_proto::wire::PullResponse, CacheError> {
+        self.json(Method::POST, "/v1/images/pull", Some(req))
+    }
+
+    /// `POST /v1/images/push`.
+    pub fn push_image(
+        &self,
+        req: &lcache_proto::wire::PushRequest,
+    ) -> Result<lcache_proto::wire::PushResponse, CacheError> {
+        self.json(Method::POST, "/v1/images/push", Some(req))
+    }
+
     /// `GET /v1/images`, page after page.
     pub fn images(&self) -> Result<Vec<ImageRecord>, CacheError> {
         let mut all: Vec<ImageRecord> = Vec::new();

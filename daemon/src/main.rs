@@ -94,6 +94,9 @@ enum Watch {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // One TLS provider for the process: the registry client (reqwest) brings none of its
+    // own, and the listener and upstream already use ring.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
     let env = |k: &str| std::env::var(k).ok();
     let token = match &args.upstream_token_file {

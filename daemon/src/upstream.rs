@@ -416,7 +416,9 @@ impl Upstream {
 }
 
 /// A file as a stream of chunks.
-fn file_chunks(f: tokio::fs::File) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+pub(crate) fn file_chunks(
+    f: tokio::fs::File,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     use tokio::io::AsyncReadExt;
     futures_util::stream::unfold(Some(f), |f| async move {
         let mut f = f?;

@@ -94,3 +94,26 @@ mod tests {
         }
     }
 }
+
+/// The registry an image reference names, as Docker reads it: the first path component
+/// when it has a `.` or a `:` or is `localhost`, else Docker Hub (`docker.io`).
+pub fn registry_of(reference: &str) -> &str {
+    match reference.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::registry_of;
+
+    #[test]
+    fn registries_are_named_as_docker_names_them() {
+        assert_eq!(registry_of("debian:bookworm"), "docker.io");
+        assert_eq!(registry_of("library/debian"), "docker.io");
+        assert_eq!(registry_of("ghcr.io/o/r:1"), "ghcr.io");
+        assert_eq!(registry_of("127.0.0.1:5000/app"), "127.0.0.1:5000");
+        assert_eq!(registry_of("localhost/app"), "localhost");
+    }
+}

@@ -370,3 +370,95 @@ pub struct SyncReport {
     /// Step records given up on since the last sync, with why.
     pub failed: Vec<String>,
 }
+
+/// Credentials for one registry, as the client found them in Docker's config. Their
+/// `Debug` never shows a secret.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RegistryCredentials {
+    /// No credentials: anonymous pulls (a registry may still hand out a token).
+    #[default]
+    Anonymous,
+    /// A user name and password (or an access token used as one).
+    Basic {
+        /// The user name.
+        username: String,
+        /// The password or token.
+        password: String,
+    },
+    /// A registry bearer token, sent as is.
+    Bearer {
+        /// The token.
+        token: String,
+    },
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Anonymous => f.write_str("Anonymous"),
+            Self::Basic { username, .. } => write!(f, "Basic({username}, ***)"),
+            Self::Bearer { .. } => f.write_str("Bearer(***)"),
+        }
+    }
+}
+
+/// `POST /v1/images/pull`: fetch an image from a registry into the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// As written (`debian:bookworm`, `localhost:5000/app@sha256:…`).
+    pub reference: String,
+    /// The platform to pick from an index (`linux/amd64`).
+    pub platform: String,
+    /// For the reference's registry.
+    #[serde(default)]
+    pub credentials: RegistryCredentials,
+    /// Registries (`host[:port]`) that may be reached over plain HTTP; loopback always may.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+}
+
+/// What a pull did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PullResponse {
+    /// The image as stored.
+    pub image: ImageRecord,
+    /// The fully qualified reference (`docker.io/library/debian:bookworm`).
+    pub resolved: String,
+    /// Blobs downloaded, and their bytes.
+    pub fetched_blobs: usize,
+    /// Bytes downloaded.
+    pub fetched_bytes: u64,
+    /// Blobs the daemon already had.
+    pub reused_blobs: usize,
+}
+
+/// `POST /v1/images/push`: send a stored image to a registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushRequest {
+    /// The stored image's name.
+    pub image: String,
+    /// Where it goes (`registry.example.com/team/app:1`).
+    pub reference: String,
+    /// For the reference's registry.
+    #[serde(default)]
+    pub credentials: RegistryCredentials,
+    /// Registries that may be reached over plain HTTP; loopback always may.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushResponse {
+    /// The fully qualified reference pushed to.
+    pub resolved: String,
+    /// The manifest's digest, as the registry has it.
+    pub manifest_digest: String,
+    /// Blobs uploaded.
+    pub uploaded_blobs: usize,
+    /// Blobs the registry already had.
+    pub skipped_blobs: usize,
+    /// Blobs mounted from another repository of the same registry.
+    pub mounted_blobs: usize,
+}

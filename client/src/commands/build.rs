@@ -11,6 +11,7 @@ use crate::cli::BuildArgs;
 use crate::cli::DaemonArgs;
 use crate::daemon_choice::daemon;
 use crate::progress::{Progress, ProgressMode};
+use lcache_builder::build_events::BuildObserver;
 use lcache_builder::build_loop::{build, BuildRequest};
 use lcache_builder::cache_dir::default_cache_dir;
 use lcache_builder::image_export::{export, OutputSpec};
@@ -42,11 +43,23 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
         runtime: args.runtime.clone(),
         cache_dir: args.cache_dir.clone().unwrap_or_else(default_cache_dir),
     };
+    for note in crate::registry_ops::ensure_bases(&client, &req.inputs, args.pull, &args.insecure_registries)? {
+        progress.note(&note);
+    }
     let outcome = build(&client, &client, &req, &mut progress)?;
     if let Some(path) = &args.summary_json {
         let summary = build_summary(&outcome);
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("cannot write the build summary to {}", path.display()))?;
+    }
+    if args.push {
+        for tag in &args.tags {
+            let r = crate::registry_ops::push(&client, tag, tag, &args.insecure_registries)?;
+            progress.note(&format!(
+                "pushed {} ({}): {} blobs uploaded, {} already there, {} mounted",
+                r.resolved, r.manifest_digest, r.uploaded_blobs, r.skipped_blobs, r.mounted_blobs
+            ));
+        }
     }
     if let Some(out) = &output {
         export(&client, &outcome.image, out, &args.tags)?;

@@ -23,6 +23,30 @@ pub fn run(cmd: &ImageCommand, explicit: &DaemonArgs) -> Result<String> {
                 img.name
             ))
         }
+        ImageCommand::Pull {
+            reference,
+            platform,
+            insecure_registries,
+        } => {
+            let platform = platform.clone().unwrap_or_else(|| Platform::host().to_string());
+            let r = crate::registry_ops::pull(&client, reference, &platform, insecure_registries)?;
+            Ok(format!(
+                "pulled {} as {} ({}): {} blobs fetched ({} bytes), {} already here\n",
+                r.resolved, r.image.name, r.image.manifest_digest, r.fetched_blobs, r.fetched_bytes, r.reused_blobs
+            ))
+        }
+        ImageCommand::Push {
+            name,
+            reference,
+            insecure_registries,
+        } => {
+            let target = reference.as_deref().unwrap_or(name);
+            let r = crate::registry_ops::push(&client, name, target, insecure_registries)?;
+            Ok(format!(
+                "pushed {name} to {} ({}): {} blobs uploaded, {} already there, {} mounted\n",
+                r.resolved, r.manifest_digest, r.uploaded_blobs, r.skipped_blobs, r.mounted_blobs
+            ))
+        }
         ImageCommand::Ls(a) => {
             let images = client.images()?;
             if a.json {

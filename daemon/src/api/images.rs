@@ -60,15 +60,18 @@ pub fn resolve(records: &dyn RecordStore, reference: &str) -> Result<Resolved, S
     let Some((base, digest)) = split_pinned(&name) else {
         return Ok(records.get_image(&name)?.map_or(Resolved::Missing, Resolved::Found));
     };
-    let mut other = None;
-    for candidate in [name.clone(), normalize_image_name(base)] {
-        match records.get_image(&candidate)? {
-            Some(i) if i.manifest_digest == digest => return Ok(Resolved::Found(i)),
-            Some(i) => other = Some(i.manifest_digest),
-            None => {}
-        }
+    // Stored under the pinned reference itself: a pull that verified the digest (an
+    // index's, whose platform manifest the record holds) or a PUT whose manifest has it.
+    if let Some(i) = records.get_image(&name)? {
+        return Ok(Resolved::Found(i));
     }
-    Ok(other.map_or(Resolved::Missing, |found| Resolved::DigestMismatch { found }))
+    Ok(match records.get_image(&normalize_image_name(base))? {
+        Some(i) if i.manifest_digest == digest => Resolved::Found(i),
+        Some(i) => Resolved::DigestMismatch {
+            found: i.manifest_digest,
+        },
+        None => Resolved::Missing,
+    })
 }
 
 fn not_found(name: &str) -> Response<Body> {
@@ -144,6 +147,18 @@ pub async fn put(state: &AppState, raw: &str, req: Request<Incoming>) -> Respons
         Ok(i) => i,
         Err(r) => return r,
     };
+    if let Some((_, pinned)) = split_pinned(&name) {
+        if pinned != image.manifest_digest {
+            return error(
+                StatusCode::CONFLICT,
+                format!(
+                    "{name} pins {pinned}, but the image's manifest is {}",
+                    image.manifest_digest
+                ),
+                "name the image by the digest of its own manifest, or by a tag",
+            );
+        }
+    }
     image.name = name;
     image.created_at_ms = now_ms();
     let blobs = [&image.manifest_digest, &image.config_digest]

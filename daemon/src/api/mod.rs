@@ -9,6 +9,7 @@ mod blobs;
 mod builds;
 mod control;
 pub mod images;
+mod registry;
 mod steps;
 mod tokens;
 
@@ -142,14 +143,18 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
     }
     let (label, response) = match (&method, segs.as_slice()) {
         // Tokens are made and the upstream synced by the daemon's owner, on its socket.
-        (_, ["v1", "tokens", ..] | ["v1", "upstream", ..]) if origin == Origin::Network => (
-            "other",
-            error(
-                StatusCode::FORBIDDEN,
-                format!("{path} is served only on the daemon's Unix socket"),
-                "run this on the daemon's machine, as its owner",
-            ),
-        ),
+        (_, ["v1", "tokens", ..] | ["v1", "upstream", ..] | ["v1", "images", "pull" | "push"])
+            if origin == Origin::Network =>
+        {
+            (
+                "other",
+                error(
+                    StatusCode::FORBIDDEN,
+                    format!("{path} is served only on the daemon's Unix socket"),
+                    "run this on the daemon's machine, as its owner",
+                ),
+            )
+        }
         (&Method::POST, ["v1", "tokens"]) => ("other", tokens::create(&state, req).await),
         (&Method::GET, ["v1", "tokens"]) => ("other", tokens::list(&state)),
         (&Method::DELETE, ["v1", "tokens", name]) => ("other", tokens::revoke(&state, name)),
@@ -176,6 +181,8 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         (&Method::GET, ["v1", "builds"]) => ("builds", builds::list(&state, req.uri().query())),
         (&Method::GET, ["v1", "builds", id]) => ("builds", builds::get(&state, id)),
         (&Method::GET, ["v1", "summaries", d]) => ("other", control::summary(&state, d)),
+        (&Method::POST, ["v1", "images", "pull"]) => ("other", registry::pull(&state, req).await),
+        (&Method::POST, ["v1", "images", "push"]) => ("other", registry::push(&state, req).await),
         (&Method::GET, ["v1", "images"]) => ("other", images::list(&state, req.uri().query())),
         (&Method::GET, ["v1", "images", name]) => ("other", images::get(&state, name)),
         (&Method::PUT, ["v1", "images", name]) => ("other", images::put(&state, name, req).await),

@@ -1,0 +1,291 @@
+//! Registries for real: Debian's `docker-registry` (distribution v2) started on loopback
+//! with its own config, with and without htpasswd auth; images seeded and read back with
+//! `skopeo`. `FROM` pulls what the daemon lacks, `--push` pushes (mounting the base's blobs
+//! from its repository), and credentials come from Docker's config.json and helpers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+
+use lcache_e2e::{cached, BuildEnv, Project};
+
+/// A running `docker-registry` on 127.0.0.1, stopped when dropped.
+struct Registry {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Starts one; with `user`, behind htpasswd auth for that user (password `pw-<user>`).
+    fn start(user: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some(user) = user {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, &format!("pw-{user}")])
+                .output()
+                .expect("htpasswd (apache2-utils; scripts/setup installs it)");
+            assert!(out.status.success());
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: lcache-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        let config_file = dir.path().join("config.yml");
+        std::fs::write(&config_file, config).unwrap();
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry (scripts/setup installs it)");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return Self { child, addr, _dir: dir };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("docker-registry did not start on {addr}");
+    }
+}
+
+fn skopeo(args: &[&str]) -> Output {
+    let out = Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("skopeo (scripts/setup installs it)");
+    assert!(
+        out.status.success(),
+        "skopeo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Builds `FROM busybox` + a file in `env`, exports it as an OCI layout and copies it to
+/// `reference` with skopeo (as `creds`, if given).
+fn seed(env: &BuildEnv, reference: &str, creds: Option<&str>) {
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nRUN echo base > /base.txt\n");
+    let layout = tempfile::tempdir().unwrap();
+    let dest = format!("type=oci,dest={}", layout.path().display());
+    let o = env.lcache(&p, &["build", "--progress", "plain", "--output", &dest, "."]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let src = format!("oci:{}", layout.path().display());
+    let dst = format!("docker://{reference}");
+    let mut args = vec!["copy", "--dest-tls-verify=false", &src, &dst];
+    let creds_arg;
+    if let Some(c) = creds {
+        creds_arg = format!("--dest-creds={c}");
+        args.insert(1, &creds_arg);
+    }
+    skopeo(&args);
+}
+
+/// `lcache ARGS` with `DOCKER_CONFIG` pointing at `docker_config`.
+fn lcache_with_config(env: &BuildEnv, p: &Project, docker_config: &Path, args: &[&str]) -> Output {
+    env.command(p, args)
+        .env("DOCKER_CONFIG", docker_config)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn from_pulls_a_missing_base_and_push_publishes_what_skopeo_reads_back() {
+    let registry = Registry::start(None);
+    let seeder = BuildEnv::new();
+    let base = format!("{}/base:1", registry.addr);
+    seed(&seeder, &base, None);
+
+    let env = BuildEnv::new();
+    let p = Project::new();
+    let no_config = tempfile::tempdir().unwrap();
+    p.write("Dockerfile", &format!("FROM {base}\nRUN cat /base.txt > /copied\n"));
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("type=local,dest={}", out.path().display());
+    let o = lcache_with_config(
+        &env,
+        &p,
+        no_config.path(),
+        &["build", "--progress", "plain", "--output", &dest, "."],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("pulled {base}")), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(out.path().join("copied")).unwrap(), "base\n");
+
+    // Present now: no pull, every step cached.
+    let o = lcache_with_config(&env, &p, no_config.path(), &["build", "--progress", "json", "."]);
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("pulled"));
+    assert_eq!(cached(&env.build(&p, &[]).0), [true]);
+
+    // Push: the base's blobs are mounted from its repository, the new layer uploaded.
+    let app = format!("{}/app:1", registry.addr);
+    let o = lcache_with_config(
+        &env,
+        &p,
+        no_config.path(),
+        &["build", "--progress", "plain", "-t", &app, "--push", "."],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(said.contains(&format!("pushed {app}")), "{said}");
+    assert!(
+        !said.contains(" 0 mounted"),
+        "the base's layers are mounted, not uploaded: {said}"
+    );
+
+    // skopeo reads what was pushed: same manifest digest and layers as lcache's image.
+    let images = env.lcache(&p, &["image", "ls", "--json"]);
+    let images: serde_json::Value = serde_json::from_slice(&images.stdout).unwrap();
+    let ours = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == app.as_str())
+        .expect("the built image")
+        .clone();
+    let inspect = skopeo(&["inspect", "--tls-verify=false", &format!("docker://{app}")]);
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(inspect["Digest"], ours["manifest_digest"]);
+    let layers: Vec<&serde_json::Value> = ours["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["digest"])
+        .collect();
+    let theirs: Vec<&serde_json::Value> = inspect["Layers"].as_array().unwrap().iter().collect();
+    assert_eq!(layers, theirs);
+    let copy = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{app}"),
+        &format!("oci:{}", copy.path().display()),
+    ]);
+
+    // A fresh daemon pulls the pushed image to the same digest.
+    let other = BuildEnv::new();
+    let o = lcache_with_config(&other, &p, no_config.path(), &["image", "pull", &app]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(ours["manifest_digest"].as_str().unwrap()),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    // A tag the registry does not have: the error says so and what to check.
+    let o = lcache_with_config(
+        &other,
+        &p,
+        no_config.path(),
+        &["image", "pull", &format!("{}/app:nope", registry.addr)],
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("not found"),
+        "{}",
+        stderr(&o)
+    );
+    // Nothing listens: unreachable, with the address.
+    let o = lcache_with_config(&other, &p, no_config.path(), &["image", "pull", "127.0.0.1:9/x:1"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("cannot reach 127.0.0.1:9"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// A `docker-credential-NAME` in `dir` that answers `user`/`pw-user` for any registry.
+fn credential_helper(dir: &Path, name: &str, user: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("docker-credential-{name}"));
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\ncat >/dev/null\necho '{{\"Username\":\"{user}\",\"Secret\":\"pw-{user}\"}}'\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn credentials_come_from_docker_config_and_credential_helpers() {
+    let registry = Registry::start(Some("ci"));
+    let seeder = BuildEnv::new();
+    let base = format!("{}/private:1", registry.addr);
+    seed(&seeder, &base, Some("ci:pw-ci"));
+    let env = BuildEnv::new();
+    let p = Project::new();
+
+    // No login: refused, and told how to log in.
+    let empty = tempfile::tempdir().unwrap();
+    let o = lcache_with_config(&env, &p, empty.path(), &["image", "pull", &base]);
+    assert!(
+        !o.status.success() && stderr(&o).contains(&format!("docker login {}", registry.addr)),
+        "{}",
+        stderr(&o)
+    );
+
+    // `auths` as `docker login` writes it.
+    use base64::Engine;
+    let auths = tempfile::tempdir().unwrap();
+    let token = base64::engine::general_purpose::STANDARD.encode("ci:pw-ci");
+    std::fs::write(
+        auths.path().join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{token}"}}}}}}"#, registry.addr),
+    )
+    .unwrap();
+    let o = lcache_with_config(&env, &p, auths.path(), &["image", "pull", &base]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A credential helper named in credHelpers, found on PATH.
+    let helped = tempfile::tempdir().unwrap();
+    credential_helper(helped.path(), "lcachetest", "ci");
+    std::fs::write(
+        helped.path().join("config.json"),
+        format!(r#"{{"credHelpers":{{"{}":"lcachetest"}}}}"#, registry.addr),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        helped.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    p.write("Dockerfile", &format!("FROM {base}\nRUN cat /base.txt\n"));
+    let o = env
+        .command(&p, &["build", "--progress", "plain", "--pull", "."])
+        .env("DOCKER_CONFIG", helped.path())
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("pulled {base}")),
+        "--pull pulls again: {}",
+        stderr(&o)
+    );
+}
