@@ -198,6 +198,72 @@ fn from_pulls_a_missing_base_and_push_publishes_what_skopeo_reads_back() {
         String::from_utf8_lossy(&o.stdout)
     );
 
+    // The key follows the image, not the tag: base:1 moves to new content; a build keeps
+    // the base it has until --pull re-resolves the tag, which then rebuilds on it.
+    {
+        let p2 = Project::new();
+        p2.write("Dockerfile", "FROM busybox\nRUN echo moved > /base.txt\n");
+        let layout = tempfile::tempdir().unwrap();
+        let o = seeder.lcache(
+            &p2,
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--output",
+                &format!("type=oci,dest={}", layout.path().display()),
+                ".",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        skopeo(&[
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}", layout.path().display()),
+            &format!("docker://{base}"),
+        ]);
+    }
+    assert_eq!(
+        cached(&env.build(&p, &[]).0),
+        [true],
+        "without --pull the stored base is used"
+    );
+    let o = lcache_with_config(
+        &env,
+        &p,
+        no_config.path(),
+        &["build", "--progress", "json", "--pull", "."],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rebuilt = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .any(|l| l.contains("\"event\":\"step\"") && l.contains("\"cached\":false"));
+    assert!(rebuilt, "the re-resolved base changes the key");
+
+    // A blob corrupted on the registry is refused as it streams in, and nothing is kept.
+    let top = ours["layers"].as_array().unwrap().last().unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let data = registry
+        ._dir
+        .path()
+        .join(format!("data/docker/registry/v2/blobs/sha256/{}/{top}/data", &top[..2]));
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+    let third = BuildEnv::new();
+    let o = lcache_with_config(&third, &p, no_config.path(), &["image", "pull", &app]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("nothing of it was kept"),
+        "{}",
+        stderr(&o)
+    );
+    let listed = third.lcache(&p, &["image", "ls"]);
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains("app:1"));
+
     // A tag the registry does not have: the error says so and what to check.
     let o = lcache_with_config(
         &other,
