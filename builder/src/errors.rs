@@ -26,7 +26,7 @@ pub enum CacheError {
         reason: String,
     },
     /// The cache refused the request.
-    #[error("{error} — {hint}")]
+    #[error("{error}{}", if hint.is_empty() { String::new() } else { format!(" — {hint}") })]
     Refused {
         /// HTTP status.
         status: u16,

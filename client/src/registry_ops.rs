@@ -64,7 +64,12 @@ pub fn ensure_bases(
         if !always && client.image(reference)?.is_some() {
             continue;
         }
-        let r = pull(client, reference, &stage.platform, insecure)?;
+        let r = pull(client, reference, &stage.platform, insecure).with_context(|| {
+            format!(
+                "{}:{}: FROM {reference} is not in lcached and could not be pulled (offline? `lcache image import FILE {reference}` adds it from a file)",
+                inputs.dockerfile_name, stage.line
+            )
+        })?;
         notes.push(format!(
             "pulled {} ({}): {} blobs fetched ({} bytes), {} already here",
             r.resolved, r.image.manifest_digest, r.fetched_blobs, r.fetched_bytes, r.reused_blobs

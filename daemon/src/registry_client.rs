@@ -61,7 +61,7 @@ pub enum RegistryError {
         available: String,
     },
     /// Not reachable.
-    #[error("{reference}: cannot reach {registry}: {reason} — check the network; a registry served over plain HTTP needs --insecure-registry {registry}")]
+    #[error("{reference}: cannot reach {registry}: {reason} — check the network and the registry's name{}", if registry.ends_with("docker.io") { String::new() } else { format!("; a registry that serves plain HTTP needs --insecure-registry {registry}") })]
     Unreachable {
         /// The reference.
         reference: String,
