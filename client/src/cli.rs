@@ -215,11 +215,22 @@ pub enum CacheCommand {
     /// naming them, if some could not be.
     Sync,
     /// Empty the `RUN --mount=type=cache` directories in the client cache that no RUN is
-    /// using.
+    /// using; with --upstream, prune a bucket instead.
     Prune {
         /// The client cache [default: as `lcache build` uses it].
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// A bucket tier to prune (`s3://BUCKET/PREFIX`, with the AWS_* environment
+        /// variables): records unused for --older-than go, then blobs as old that no kept
+        /// record needs.
+        #[arg(long, value_name = "s3://BUCKET/PREFIX", requires = "older_than")]
+        upstream: Option<String>,
+        /// With --upstream: the age (30d, 12h, 90m) past which what no build used goes.
+        #[arg(long, value_name = "AGE", requires = "upstream")]
+        older_than: Option<String>,
+        /// With --upstream: count what would go, remove nothing.
+        #[arg(long, requires = "upstream")]
+        dry_run: bool,
     },
 }
 

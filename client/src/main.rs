@@ -25,7 +25,16 @@ fn main() -> ExitCode {
         } => commands::token::sync(daemon),
         Command::Token { command } => commands::token::run(command, daemon),
         Command::Cache {
-            command: CacheCommand::Prune { cache_dir },
+            command:
+                CacheCommand::Prune {
+                    upstream: Some(url),
+                    older_than,
+                    dry_run,
+                    ..
+                },
+        } => commands::bucket::prune(url, older_than.as_deref().unwrap_or_default(), *dry_run),
+        Command::Cache {
+            command: CacheCommand::Prune { cache_dir, .. },
         } => commands::build::prune(cache_dir.as_deref()),
     };
     match result {

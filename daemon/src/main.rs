@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use lcache_daemon::upstream::Tier;
 use lcache_daemon::server::{shutdown_signal, Daemon, DaemonConfig, Limits, TlsFiles};
 use lcache_proto::endpoint::{default_socket, default_store, Endpoint};
 use lcache_remote::Remote;
@@ -37,10 +38,12 @@ struct Args {
     /// Seconds a request body may pause before the request is dropped.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     body_timeout: u64,
-    /// The cache behind this one (another lcached): local misses are looked up there and
-    /// what builds store here is pushed to it in the background.
-    #[arg(long, value_name = "ADDR")]
-    upstream: Option<Endpoint>,
+    /// The cache behind this one — another lcached (`tcp://…`, `https://…`) or an
+    /// S3-compatible bucket (`s3://BUCKET/PREFIX`, configured by the AWS_* environment
+    /// variables): local misses are looked up there and what builds store here is pushed
+    /// to it in the background.
+    #[arg(long, value_name = "ADDR|s3://BUCKET/PREFIX")]
+    upstream: Option<String>,
     /// A file holding the token for the upstream (`lcache token create` on its machine);
     /// `LCACHE_TOKEN` gives the token itself.
     #[arg(long, value_name = "FILE", requires = "upstream")]
@@ -92,6 +95,19 @@ enum Watch {
     Off,
 }
 
+/// The tier `--upstream` names: a bucket for `s3://`, else another lcached.
+fn upstream_tier(url: &str, token: Option<String>, ca: Option<&std::path::Path>) -> Result<Tier, String> {
+    if url.starts_with("s3://") {
+        return lcache_bucket::Bucket::from_url(url)
+            .map(Tier::Bucket)
+            .map_err(|e| e.to_string());
+    }
+    let endpoint: Endpoint = url.parse().map_err(|e| format!("{e}"))?;
+    Remote::new(endpoint, token, ca)
+        .map(Tier::Lcached)
+        .map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     // One TLS provider for the process: the registry client (reqwest) brings none of its
@@ -112,15 +128,12 @@ fn main() -> ExitCode {
         },
         None => env("LCACHE_TOKEN").filter(|t| !t.trim().is_empty()),
     };
-    let upstream = match args
-        .upstream
-        .map(|endpoint| Remote::new(endpoint, token, args.upstream_ca.as_deref()))
-    {
+    let upstream = match args.upstream.as_deref().map(|u| upstream_tier(u, token, args.upstream_ca.as_deref())) {
         Some(Err(e)) => {
             eprintln!("lcached: --upstream: {e}");
             return ExitCode::FAILURE;
         }
-        Some(Ok(r)) => Some(r),
+        Some(Ok(t)) => Some(t),
         None => None,
     };
     let cfg = DaemonConfig {

@@ -25,7 +25,6 @@ use crate::store::sled_records::SledRecords;
 use crate::store::RecordStore;
 use crate::store_lock::{lock_store, LockError};
 use crate::upstream::Upstream;
-use lcache_remote::Remote;
 use tokio_rustls::TlsAcceptor;
 
 /// How the daemon is to run.
@@ -40,7 +39,7 @@ pub struct DaemonConfig {
     /// What one client may take.
     pub limits: Limits,
     /// The cache behind this one, and the token to show it.
-    pub upstream: Option<Remote>,
+    pub upstream: Option<crate::upstream::Tier>,
     /// What `https://` listeners serve.
     pub tls: Option<TlsFiles>,
     /// Evict least recently used blobs to stay under this many bytes.

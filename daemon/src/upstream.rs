@@ -14,6 +14,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, StatusCode};
 use lcache_proto::wire::{StepRecord, SyncReport};
+use lcache_bucket::{Bucket, BucketError};
 use lcache_remote::{Remote, RemoteError};
 use tokio::sync::mpsc;
 
@@ -52,18 +53,38 @@ pub enum UpstreamError {
     /// The local store failed.
     #[error("{0}")]
     Local(String),
+    /// The bucket failed.
+    #[error(transparent)]
+    Bucket(#[from] BucketError),
 }
 
 impl UpstreamError {
     /// Whether nothing answered at the upstream's address.
     fn is_unreachable(&self) -> bool {
-        matches!(self, Self::Transport(RemoteError::Unreachable { .. }))
+        match self {
+            Self::Bucket(e) => e.is_unreachable(),
+            other => matches!(other, Self::Transport(RemoteError::Unreachable { .. })),
+        }
     }
 
     /// Whether trying again cannot help (a refused token, a record it rejects).
     fn is_permanent(&self) -> bool {
-        matches!(self, Self::Refused { status, .. } if status.is_client_error() && *status != StatusCode::REQUEST_TIMEOUT)
+        match self {
+            Self::Bucket(e) => e.is_permanent(),
+            other => {
+                matches!(other, Self::Refused { status, .. } if status.is_client_error() && *status != StatusCode::REQUEST_TIMEOUT)
+            }
+        }
     }
+}
+
+/// Where the upstream tier is.
+#[derive(Clone, Debug)]
+pub enum Tier {
+    /// Another lcached (`tcp://`, `https://`).
+    Lcached(Remote),
+    /// An S3-compatible bucket (`s3://BUCKET/PREFIX`).
+    Bucket(Bucket),
 }
 
 /// A record that could not be pushed, and why.
@@ -75,7 +96,7 @@ struct Failure {
 
 /// The upstream tier.
 pub struct Upstream {
-    remote: Remote,
+    tier: Tier,
     queue: mpsc::Sender<(String, String)>,
     /// Records given up on since the last sync: tried again by the next one.
     failed: Mutex<Vec<Failure>>,
@@ -89,11 +110,11 @@ pub struct Upstream {
 
 impl Upstream {
     /// An upstream at `remote`, and the receiving end of its push queue for [`Self::run`].
-    pub fn new(remote: Remote) -> (Arc<Self>, mpsc::Receiver<(String, String)>) {
+    pub fn new(tier: Tier) -> (Arc<Self>, mpsc::Receiver<(String, String)>) {
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
         (
             Arc::new(Self {
-                remote,
+                tier,
                 queue: tx,
                 failed: Mutex::new(Vec::new()),
                 down: AtomicBool::new(false),
@@ -106,12 +127,15 @@ impl Upstream {
 
     /// Its address.
     pub fn endpoint(&self) -> String {
-        self.remote.endpoint.to_string()
+        match &self.tier {
+            Tier::Lcached(r) => r.endpoint.to_string(),
+            Tier::Bucket(b) => b.url().to_string(),
+        }
     }
 
     fn note(&self, metrics: &Metrics, e: &UpstreamError) {
         metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
-        let unreachable = matches!(e, UpstreamError::Transport(RemoteError::Unreachable { .. }));
+        let unreachable = e.is_unreachable();
         if !unreachable || !self.down.swap(true, Ordering::Relaxed) {
             eprintln!(
                 "lcached: warning: upstream {}: {e}; serving from the local store only",
@@ -232,13 +256,13 @@ impl Upstream {
     }
 
     async fn call(
-        &self,
+        remote: &Remote,
         method: Method,
         path: &str,
         body: lcache_remote::ReqBody,
         len: u64,
     ) -> Result<(StatusCode, Bytes), UpstreamError> {
-        Ok(self.remote.request(method, path, body, len).await?)
+        Ok(remote.request(method, path, body, len).await?)
     }
 
     fn refused(status: StatusCode, body: &[u8]) -> UpstreamError {
@@ -255,9 +279,13 @@ impl Upstream {
             .get_step(scope, key)
             .map_err(|e| UpstreamError::Local(e.to_string()))?
             .ok_or_else(|| UpstreamError::Local(format!("step {key} is no longer stored here")))?;
+        let remote = match &self.tier {
+            Tier::Lcached(r) => r,
+            Tier::Bucket(b) => return push_to_bucket(b, scope, &rec, local).await,
+        };
         if let Some(layer) = &rec.layer {
             let path = format!("/v1/blobs/{}", layer.digest);
-            let (status, _) = self.call(Method::HEAD, &path, lcache_remote::empty(), 0).await?;
+            let (status, _) = Self::call(remote, Method::HEAD, &path, lcache_remote::empty(), 0).await?;
             if status != StatusCode::OK {
                 let file = local
                     .blobs
@@ -273,7 +301,7 @@ impl Upstream {
                     .len();
                 let chunks = file_chunks(f).map(|r| r.map(Frame::data));
                 let body = BodyExt::boxed(StreamBody::new(chunks));
-                let (status, body) = self.call(Method::PUT, &path, body, len).await?;
+                let (status, body) = Self::call(remote, Method::PUT, &path, body, len).await?;
                 if !status.is_success() {
                     return Err(Self::refused(status, &body));
                 }
@@ -281,8 +309,8 @@ impl Upstream {
         }
         let json = serde_json::to_vec(&rec).map_err(|e| UpstreamError::Local(e.to_string()))?;
         let len = json.len() as u64;
-        let (status, body) = self
-            .call(
+        let (status, body) = Self::call(
+            remote,
                 Method::PUT,
                 &format!(
                     "/v1/steps/{key}{}",
@@ -332,8 +360,11 @@ impl Upstream {
         scopes: &Scopes,
         local: &AppState,
     ) -> Result<Option<(String, StepRecord)>, UpstreamError> {
-        let resp = self
-            .remote
+        let remote = match &self.tier {
+            Tier::Lcached(r) => r,
+            Tier::Bucket(b) => return fetch_from_bucket(b, key, scopes, local).await,
+        };
+        let resp = remote
             .send(
                 Method::GET,
                 &format!("/v1/steps/{key}{}", scopes.query()),
@@ -376,8 +407,7 @@ impl Upstream {
                 .get_blob(&layer.digest)
                 .map_err(|e| UpstreamError::Local(e.to_string()))?;
             if known.is_none() {
-                let resp = self
-                    .remote
+                let resp = remote
                     .send(
                         Method::GET,
                         &format!("/v1/blobs/{}", layer.digest),
@@ -405,14 +435,99 @@ impl Upstream {
                 local.evict_wake.notify_one();
             }
         }
-        let kept = match local.records.put_step_first(&found_in, &rec) {
-            Ok(None) => rec,
-            Ok(Some(existing)) => existing,
-            Err(e) => return Err(UpstreamError::Local(e.to_string())),
-        };
-        let _ = local.records.flush();
-        Ok(Some((found_in, kept)))
+        keep_locally(local, found_in, rec)
     }
+}
+
+/// Keeps a record found upstream in the local store (in the scope it was found in); a
+/// record stored here meanwhile stands.
+fn keep_locally(local: &AppState, found_in: String, rec: StepRecord) -> Result<Option<(String, StepRecord)>, UpstreamError> {
+    let kept = match local.records.put_step_first(&found_in, &rec) {
+        Ok(None) => rec,
+        Ok(Some(existing)) => existing,
+        Err(e) => return Err(UpstreamError::Local(e.to_string())),
+    };
+    let _ = local.records.flush();
+    Ok(Some((found_in, kept)))
+}
+
+/// Records a blob that just streamed in (verified) as stored here.
+fn note_ingested(local: &AppState, meta: &crate::store::BlobMeta) -> Result<(), UpstreamError> {
+    local.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
+    local
+        .records
+        .put_blob(meta)
+        .and_then(|_| local.records.touch(&meta.digest, crate::api::now_ms()))
+        .and_then(|_| local.records.flush())
+        .map_err(|e| UpstreamError::Local(e.to_string()))?;
+    local.evict_wake.notify_one();
+    Ok(())
+}
+
+/// Looks `key` up in the bucket along the scopes; on a hit, fetches its blob (verified as
+/// it streams in) unless it is here, and touches it there (at most once a day). A record
+/// whose blob the bucket no longer has is a miss.
+async fn fetch_from_bucket(
+    b: &Bucket,
+    key: &str,
+    scopes: &Scopes,
+    local: &AppState,
+) -> Result<Option<(String, StepRecord)>, UpstreamError> {
+    for scope in scopes.lookup_order() {
+        let Some(rec) = b.get_record(scope, key).await? else {
+            continue;
+        };
+        if let Some(layer) = &rec.layer {
+            let known = local
+                .records
+                .get_blob(&layer.digest)
+                .map_err(|e| UpstreamError::Local(e.to_string()))?;
+            if known.is_none() {
+                let Some((size, stream)) = b.blob_stream(&layer.digest).await? else {
+                    return Ok(None);
+                };
+                let body = StreamBody::new(stream.map(|r| r.map(Frame::data)));
+                let meta = local
+                    .blobs
+                    .ingest(&layer.digest, body, Some(size), &local.limits)
+                    .await
+                    .map_err(|e| UpstreamError::Invalid(format!("layer {}: {e}", layer.digest)))?;
+                note_ingested(local, &meta)?;
+            }
+            let (b, digest) = (b.clone(), layer.digest.clone());
+            // Only keeps the blob young for a lifecycle rule: never worth a build's wait.
+            tokio::spawn(async move {
+                let _ = b.touch_blob(&digest).await;
+            });
+        }
+        return keep_locally(local, scope.to_string(), rec);
+    }
+    Ok(None)
+}
+
+/// Pushes one record to the bucket: its blob unless the bucket has it, then the record
+/// with conditional create (the first writer wins) — unless the bucket's record for the
+/// key names a blob that has expired, which this one replaces.
+async fn push_to_bucket(b: &Bucket, scope: &str, rec: &StepRecord, local: &AppState) -> Result<(), UpstreamError> {
+    if let Some(layer) = &rec.layer {
+        let file = local
+            .blobs
+            .path_of(&layer.digest)
+            .ok_or_else(|| UpstreamError::Local(format!("blob {} has no file name", layer.digest)))?;
+        b.put_blob_file(&layer.digest, &file).await?;
+    }
+    if b.put_record(scope, rec, false).await? {
+        return Ok(());
+    }
+    let theirs = b.get_record(scope, &rec.key).await?;
+    let expired = match theirs.and_then(|r| r.layer) {
+        Some(l) => b.blob_info(&l.digest).await?.is_none(),
+        None => false,
+    };
+    if expired {
+        b.put_record(scope, rec, true).await?;
+    }
+    Ok(())
 }
 
 /// A file as a stream of chunks.

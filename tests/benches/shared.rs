@@ -114,7 +114,7 @@ fn main() {
         let (_, stop) = start_daemon_with(
             tmp.path().join(format!("runner{run}")),
             vec![Endpoint::Unix(runner_sock.clone())],
-            Some(upstream),
+            Some(lcache_daemon::upstream::Tier::Lcached(upstream)),
         );
         let runner = DaemonClient::new(Endpoint::Unix(runner_sock), None).expect("client");
         restore.push(time(|| {

@@ -150,9 +150,14 @@ impl Daemon {
 
     /// Starts a daemon on the store and socket of `dir` (kept from an earlier daemon).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::start_env(dir, extra, &[])
+    }
+
+    /// As [`Daemon::start_in`], with more environment variables for `lcached`.
+    pub fn start_env(dir: tempfile::TempDir, extra: &[&str], envs: &[(String, String)]) -> Self {
         let socket = dir.path().join("lcached.sock");
-        let (child, listening) =
-            spawn_daemon(dir.path(), &socket, extra).unwrap_or_else(|e| panic!("lcached did not start: {e}"));
+        let (child, listening) = spawn_daemon_env(dir.path(), &socket, extra, envs)
+            .unwrap_or_else(|e| panic!("lcached did not start: {e}"));
         let find = |scheme: &str| {
             listening
                 .iter()
@@ -219,8 +224,19 @@ impl Drop for Daemon {
 /// Starts `lcached` on `dir/store`, listening on `socket` and an ephemeral TCP port, and
 /// waits until it says where it listens.
 pub fn spawn_daemon(dir: &Path, socket: &Path, extra: &[&str]) -> Result<(std::process::Child, Vec<String>), String> {
+    spawn_daemon_env(dir, socket, extra, &[])
+}
+
+/// As [`spawn_daemon`], with more environment variables (`AWS_*` for a bucket tier).
+pub fn spawn_daemon_env(
+    dir: &Path,
+    socket: &Path,
+    extra: &[&str],
+    envs: &[(String, String)],
+) -> Result<(std::process::Child, Vec<String>), String> {
     use std::io::BufRead;
     let mut child = Command::new(bin("lcached"))
+        .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .arg("--listen")
         .arg(format!("unix://{}", socket.display()))
         .arg("--listen")
@@ -337,8 +353,13 @@ impl BuildEnv {
 
     /// As [`BuildEnv::new`], with `lcached` started with `extra` arguments.
     pub fn with_daemon_args(extra: &[&str]) -> Self {
+        Self::with_daemon_env(extra, &[])
+    }
+
+    /// As [`BuildEnv::with_daemon_args`], with more environment variables for `lcached`.
+    pub fn with_daemon_env(extra: &[&str], envs: &[(String, String)]) -> Self {
         let env = Self {
-            daemon: Daemon::start(extra),
+            daemon: Daemon::start_env(tempfile::tempdir().expect("temp dir"), extra, envs),
             cache: tempfile::tempdir().expect("temp dir"),
         };
         let tar = env.cache.path().join("busybox.tar");

@@ -1,5 +1,6 @@
 //! One module per subcommand; each turns parsed arguments into output text.
 
+pub mod bucket;
 pub mod build;
 pub mod explain;
 pub mod image;

@@ -17,7 +17,7 @@ pub fn start_daemon(store: PathBuf, listen: Vec<Endpoint>) -> (Vec<String>, toki
 pub fn start_daemon_with(
     store: PathBuf,
     listen: Vec<Endpoint>,
-    upstream: Option<lcache_remote::Remote>,
+    upstream: Option<lcache_daemon::upstream::Tier>,
 ) -> (Vec<String>, tokio::sync::oneshot::Sender<()>) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -1,0 +1,475 @@
+//! An S3-compatible bucket as the shared tier behind lcached (`--upstream s3://BUCKET/PREFIX`),
+//! on the `object_store` crate, configured by the standard AWS environment variables.
+//!
+//! Layout, under PREFIX (see docs/scale-out.md for why):
+//! - `blobs/sha256/<2 hex>/<hex>`: layer blobs, content-addressed, written with conditional
+//!   create (never replaced by other bytes), multipart when large — an object only appears
+//!   once complete, so a half-written one is never served;
+//! - `records/<scope>/<key>`: step records as JSON (`_` is the unscoped scope), written
+//!   with conditional create: the first writer wins, as on an lcached.
+//!
+//! Reads name objects directly; nothing on the hot path lists. A hit touches its blob at
+//! most once a day (a server-side copy over itself refreshes its Last-Modified) so a
+//! lifecycle rule can expire what no build used for N days; [`Bucket::prune`] does the same
+//! without one, never deleting a blob a kept record needs.
+
+use std::collections::HashSet;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use lcache_proto::wire::StepRecord;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::{Path, PathPart};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use tokio::io::AsyncReadExt;
+
+/// Blobs up to this size go up in one conditional PUT; larger ones in parts.
+const SINGLE_PUT_MAX: u64 = 16 * 1024 * 1024;
+/// The part size of a multipart upload.
+const PART_SIZE: usize = 8 * 1024 * 1024;
+/// A hit refreshes its blob's age at most this often.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Why the bucket did not answer as hoped.
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    /// The URL or the environment does not describe a bucket.
+    #[error("{0}")]
+    Config(String),
+    /// A request failed.
+    #[error("bucket {op} {path}: {source}")]
+    Store {
+        /// What was being done.
+        op: &'static str,
+        /// The object.
+        path: String,
+        /// Why.
+        source: object_store::Error,
+    },
+    /// What it holds is not what was expected.
+    #[error("{0}")]
+    Invalid(String),
+    /// A local file could not be read.
+    #[error("{path}: {source}")]
+    Local {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl BucketError {
+    /// Whether the bucket could not be reached at all (then a daemon stops asking for a while).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Store { source, .. } => {
+                let text = format!("{source:?}");
+                text.contains("Connect") || text.contains("connection") || text.contains("dns error")
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether trying again cannot help (access denied, a bad configuration).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::Config(_)
+                | Self::Invalid(_)
+                | Self::Store {
+                    source: object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. },
+                    ..
+                }
+        )
+    }
+}
+
+/// A blob as the bucket has it.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobInfo {
+    /// Its size.
+    pub size: u64,
+    /// When it was last written (or touched), seconds since the epoch.
+    pub modified_s: i64,
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PruneReport {
+    /// Records kept and removed.
+    pub records_kept: usize,
+    /// Records older than the cutoff, removed.
+    pub records_removed: usize,
+    /// Blobs kept (used by a kept record, or young).
+    pub blobs_kept: usize,
+    /// Blobs removed.
+    pub blobs_removed: usize,
+    /// Bytes of the removed blobs.
+    pub bytes_removed: u64,
+}
+
+/// A bucket and the prefix lcache owns in it.
+#[derive(Clone)]
+pub struct Bucket {
+    store: Arc<dyn ObjectStore>,
+    prefix: Vec<String>,
+    url: String,
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bucket").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn sha256_hex(digest: &str) -> Result<&str, BucketError> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .ok_or_else(|| BucketError::Invalid(format!("'{digest}' is not a sha256 digest")))?;
+    Ok(hex)
+}
+
+impl Bucket {
+    /// The bucket `s3://BUCKET[/PREFIX]` names, with credentials, region and endpoint from
+    /// the AWS environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint).
+    pub fn from_url(url: &str) -> Result<Self, BucketError> {
+        let rest = url.strip_prefix("s3://").ok_or_else(|| {
+            BucketError::Config(format!("'{url}' is not an s3:// URL — write s3://BUCKET/PREFIX"))
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(BucketError::Config(format!("'{url}' names no bucket — write s3://BUCKET/PREFIX")));
+        }
+        let store = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .build()
+            .map_err(|e| {
+                BucketError::Config(format!(
+                    "cannot use {url}: {e} — set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (and AWS_ENDPOINT_URL for a server other than AWS; AWS_ALLOW_HTTP=true for plain HTTP)"
+                ))
+            })?;
+        Ok(Self::with_store(Arc::new(store), prefix, url))
+    }
+
+    /// A bucket over any object store (tests use an in-memory one).
+    pub fn with_store(store: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Self {
+        Self {
+            store,
+            prefix: prefix.split('/').filter(|p| !p.is_empty()).map(str::to_string).collect(),
+            url: url.to_string(),
+        }
+    }
+
+    /// The URL it was made from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path<'a>(&'a self, parts: impl IntoIterator<Item = &'a str>) -> Path {
+        self.prefix
+            .iter()
+            .map(String::as_str)
+            .chain(parts)
+            .map(|p| PathPart::from(p.to_string()))
+            .collect()
+    }
+
+    fn blob_path(&self, digest: &str) -> Result<Path, BucketError> {
+        let hex = sha256_hex(digest)?;
+        Ok(self.path(["blobs", "sha256", &hex[..2], hex]))
+    }
+
+    fn record_path(&self, scope: &str, key: &str) -> Path {
+        self.path(["records", if scope.is_empty() { "_" } else { scope }, key])
+    }
+
+    fn err(op: &'static str, path: &Path) -> impl FnOnce(object_store::Error) -> BucketError {
+        let path = path.to_string();
+        move |source| BucketError::Store { op, path, source }
+    }
+
+    /// The record for `key` in `scope`, if the bucket has one.
+    pub async fn get_record(&self, scope: &str, key: &str) -> Result<Option<StepRecord>, BucketError> {
+        let path = self.record_path(scope, key);
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await.map_err(Self::err("read", &path))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Self::err("get", &path)(e)),
+        };
+        let rec: StepRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| BucketError::Invalid(format!("record {path} is not a step record: {e}")))?;
+        if rec.key != key {
+            return Err(BucketError::Invalid(format!("record {path} is for step {}", rec.key)));
+        }
+        Ok(Some(rec))
+    }
+
+    /// Stores `rec` unless the bucket has a record for its key in `scope` already (the first
+    /// writer wins); `replace` overwrites one (a record whose blob expired). Returns whether
+    /// it was stored.
+    pub async fn put_record(&self, scope: &str, rec: &StepRecord, replace: bool) -> Result<bool, BucketError> {
+        let path = self.record_path(scope, &rec.key);
+        let json = serde_json::to_vec(rec).map_err(|e| BucketError::Invalid(e.to_string()))?;
+        let mode = if replace { PutMode::Overwrite } else { PutMode::Create };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(json), PutOptions::from(mode))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(Self::err("put", &path)(e)),
+        }
+    }
+
+    /// Whether the bucket has `digest`, and its size and age.
+    pub async fn blob_info(&self, digest: &str) -> Result<Option<BlobInfo>, BucketError> {
+        let path = self.blob_path(digest)?;
+        match self.store.head(&path).await {
+            Ok(m) => Ok(Some(BlobInfo {
+                size: m.size,
+                modified_s: m.last_modified.timestamp(),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Self::err("head", &path)(e)),
+        }
+    }
+
+    /// Uploads the blob `digest` from `file` unless the bucket has it: one conditional PUT
+    /// when small, a multipart upload (visible only once complete) when large.
+    pub async fn put_blob_file(&self, digest: &str, file: &FsPath) -> Result<(), BucketError> {
+        let path = self.blob_path(digest)?;
+        if self.blob_info(digest).await?.is_some() {
+            return Ok(());
+        }
+        let local = |source| BucketError::Local {
+            path: file.display().to_string(),
+            source,
+        };
+        let mut f = tokio::fs::File::open(file).await.map_err(local)?;
+        let len = f.metadata().await.map_err(local)?.len();
+        if len <= SINGLE_PUT_MAX {
+            let mut buf = Vec::with_capacity(len as usize);
+            f.read_to_end(&mut buf).await.map_err(local)?;
+            return match self
+                .store
+                .put_opts(&path, PutPayload::from(buf), PutOptions::from(PutMode::Create))
+                .await
+            {
+                // Someone stored the same digest meanwhile: the same bytes.
+                Ok(_) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(()),
+                Err(e) => Err(Self::err("put", &path)(e)),
+            };
+        }
+        let upload = self
+            .store
+            .put_multipart(&path)
+            .await
+            .map_err(Self::err("start upload", &path))?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut buf = vec![0u8; 1024 * 1024];
+        loop {
+            let n = match f.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(local(e));
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            w.wait_for_capacity(4).await.map_err(Self::err("upload part", &path))?;
+            w.write(&buf[..n]);
+        }
+        w.finish().await.map_err(Self::err("finish upload", &path))?;
+        Ok(())
+    }
+
+    /// The blob's bytes as they stream in (the caller verifies them), and its size.
+    pub async fn blob_stream(
+        &self,
+        digest: &str,
+    ) -> Result<Option<(u64, BoxStream<'static, Result<Bytes, BucketError>>)>, BucketError> {
+        let path = self.blob_path(digest)?;
+        let r = match self.store.get(&path).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Self::err("get", &path)(e)),
+        };
+        let size = r.meta.size;
+        let shown = path.to_string();
+        let stream = r
+            .into_stream()
+            .map_err(move |source| BucketError::Store {
+                op: "read",
+                path: shown.clone(),
+                source,
+            })
+            .boxed();
+        Ok(Some((size, stream)))
+    }
+
+    /// Refreshes the blob's age if it is older than [`TOUCH_EVERY`], so a lifecycle rule
+    /// keeps what builds use; returns whether it did.
+    pub async fn touch_blob(&self, digest: &str) -> Result<bool, BucketError> {
+        let Some(info) = self.blob_info(digest).await? else {
+            return Ok(false);
+        };
+        if now_s() - info.modified_s < TOUCH_EVERY.as_secs() as i64 {
+            return Ok(false);
+        }
+        // S3 refuses a copy onto itself that changes nothing: copy out and back, both
+        // server-side, the second replacing the blob with its own bytes.
+        let path = self.blob_path(digest)?;
+        let hex = sha256_hex(digest)?;
+        let aside = self.path(["tmp", "touch", hex]);
+        self.store.copy(&path, &aside).await.map_err(Self::err("copy", &path))?;
+        let back = self.store.copy(&aside, &path).await.map_err(Self::err("copy", &aside));
+        let _ = self.store.delete(&aside).await;
+        back?;
+        Ok(true)
+    }
+
+    /// Removes records not written or touched for `older_than`, then blobs as old that no
+    /// kept record needs. Lists the bucket: an administrative job, never a build's path.
+    pub async fn prune(&self, older_than: Duration, dry_run: bool) -> Result<PruneReport, BucketError> {
+        let cutoff = now_s() - older_than.as_secs() as i64;
+        let mut report = PruneReport::default();
+        let mut needed = HashSet::new();
+        let records = self.path(["records"]);
+        let mut listing = self.store.list(Some(&records));
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(Self::err("list", &records))?;
+            if meta.last_modified.timestamp() < cutoff {
+                if !dry_run {
+                    self.store
+                        .delete(&meta.location)
+                        .await
+                        .map_err(Self::err("delete", &meta.location))?;
+                }
+                report.records_removed += 1;
+                continue;
+            }
+            report.records_kept += 1;
+            let bytes = self
+                .store
+                .get(&meta.location)
+                .await
+                .map_err(Self::err("get", &meta.location))?
+                .bytes()
+                .await
+                .map_err(Self::err("read", &meta.location))?;
+            // A record that does not parse needs nothing; it is left for its owner.
+            if let Ok(rec) = serde_json::from_slice::<StepRecord>(&bytes) {
+                if let Some(l) = rec.layer {
+                    needed.insert(l.digest);
+                }
+            }
+        }
+        let blobs = self.path(["blobs", "sha256"]);
+        let mut listing = self.store.list(Some(&blobs));
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(Self::err("list", &blobs))?;
+            let digest = format!("sha256:{}", meta.location.filename().unwrap_or_default());
+            if needed.contains(&digest) || meta.last_modified.timestamp() >= cutoff {
+                report.blobs_kept += 1;
+                continue;
+            }
+            if !dry_run {
+                self.store
+                    .delete(&meta.location)
+                    .await
+                    .map_err(Self::err("delete", &meta.location))?;
+            }
+            report.blobs_removed += 1;
+            report.bytes_removed += meta.size;
+        }
+        Ok(report)
+    }
+}
+
+/// Parses an age such as `30d`, `12h`, `90m` or `45s`.
+pub fn parse_age(text: &str) -> Option<Duration> {
+    let (n, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = n.parse().ok()?;
+    let secs = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n * secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lcache_proto::wire::LayerRef;
+    use object_store::memory::InMemory;
+    use sha2::Digest;
+
+    fn record(key: &str, digest: &str) -> StepRecord {
+        StepRecord {
+            key: key.into(),
+            layer: Some(LayerRef {
+                digest: digest.into(),
+                blake3: String::new(),
+                size: 5,
+                diff_id: String::new(),
+                media_type: String::new(),
+            }),
+            duration_ms: 1,
+            inputs: None,
+            created_at_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_are_first_writer_wins_blobs_content_addressed_and_prune_keeps_what_records_need() {
+        let b = Bucket::with_store(Arc::new(InMemory::new()), "team/cache", "s3://b/team/cache");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("blob");
+        std::fs::write(&file, b"layer").unwrap();
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(b"layer"));
+        b.put_blob_file(&digest, &file).await.unwrap();
+        b.put_blob_file(&digest, &file).await.unwrap();
+        let (size, stream) = b.blob_stream(&digest).await.unwrap().unwrap();
+        let got: Vec<Bytes> = stream.try_collect().await.unwrap();
+        assert_eq!((size, got.concat()), (5, b"layer".to_vec()));
+        let key = "a".repeat(64);
+        assert!(b.put_record("", &record(&key, &digest), false).await.unwrap());
+        let other = format!("sha256:{}", "0".repeat(64));
+        assert!(
+            !b.put_record("", &record(&key, &other), false).await.unwrap(),
+            "the first writer wins"
+        );
+        assert_eq!(b.get_record("", &key).await.unwrap().unwrap().layer.unwrap().digest, digest);
+        assert!(b.get_record("pr-1", &key).await.unwrap().is_none(), "scopes are apart");
+        assert!(b.blob_stream(&other).await.unwrap().is_none());
+        assert!(b.blob_path("sha256:../../x").is_err(), "a digest never names a path");
+        // Everything is young: nothing goes. Everything is old: the record goes, then its blob.
+        let r = b.prune(Duration::from_secs(3600), false).await.unwrap();
+        assert_eq!((r.records_removed, r.blobs_removed), (0, 0));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let r = b.prune(Duration::from_secs(0), true).await.unwrap();
+        assert_eq!((r.records_removed, r.blobs_removed), (1, 1), "a dry run counts");
+        assert!(b.get_record("", &key).await.unwrap().is_some(), "and removes nothing");
+        assert_eq!(parse_age("30d"), Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_age("30"), None);
+    }
+}
