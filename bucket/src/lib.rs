@@ -146,12 +146,14 @@ impl Bucket {
     /// the AWS environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
     /// `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint).
     pub fn from_url(url: &str) -> Result<Self, BucketError> {
-        let rest = url.strip_prefix("s3://").ok_or_else(|| {
-            BucketError::Config(format!("'{url}' is not an s3:// URL — write s3://BUCKET/PREFIX"))
-        })?;
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| BucketError::Config(format!("'{url}' is not an s3:// URL — write s3://BUCKET/PREFIX")))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
-            return Err(BucketError::Config(format!("'{url}' names no bucket — write s3://BUCKET/PREFIX")));
+            return Err(BucketError::Config(format!(
+                "'{url}' names no bucket — write s3://BUCKET/PREFIX"
+            )));
         }
         let store = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
@@ -168,7 +170,11 @@ impl Bucket {
     pub fn with_store(store: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Self {
         Self {
             store,
-            prefix: prefix.split('/').filter(|p| !p.is_empty()).map(str::to_string).collect(),
+            prefix: prefix
+                .split('/')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect(),
             url: url.to_string(),
         }
     }
@@ -270,7 +276,9 @@ impl Bucket {
                 .await
             {
                 // Someone stored the same digest meanwhile: the same bytes.
-                Ok(_) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(()),
+                Ok(_) | Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                    Ok(())
+                }
                 Err(e) => Err(Self::err("put", &path)(e)),
             };
         }
@@ -458,7 +466,10 @@ mod tests {
             !b.put_record("", &record(&key, &other), false).await.unwrap(),
             "the first writer wins"
         );
-        assert_eq!(b.get_record("", &key).await.unwrap().unwrap().layer.unwrap().digest, digest);
+        assert_eq!(
+            b.get_record("", &key).await.unwrap().unwrap().layer.unwrap().digest,
+            digest
+        );
         assert!(b.get_record("pr-1", &key).await.unwrap().is_none(), "scopes are apart");
         assert!(b.blob_stream(&other).await.unwrap().is_none());
         assert!(b.blob_path("sha256:../../x").is_err(), "a digest never names a path");

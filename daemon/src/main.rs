@@ -4,8 +4,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use lcache_daemon::upstream::Tier;
 use lcache_daemon::server::{shutdown_signal, Daemon, DaemonConfig, Limits, TlsFiles};
+use lcache_daemon::upstream::Tier;
 use lcache_proto::endpoint::{default_socket, default_store, Endpoint};
 use lcache_remote::Remote;
 
@@ -128,7 +128,11 @@ fn main() -> ExitCode {
         },
         None => env("LCACHE_TOKEN").filter(|t| !t.trim().is_empty()),
     };
-    let upstream = match args.upstream.as_deref().map(|u| upstream_tier(u, token, args.upstream_ca.as_deref())) {
+    let upstream = match args
+        .upstream
+        .as_deref()
+        .map(|u| upstream_tier(u, token, args.upstream_ca.as_deref()))
+    {
         Some(Err(e)) => {
             eprintln!("lcached: --upstream: {e}");
             return ExitCode::FAILURE;

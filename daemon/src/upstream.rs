@@ -13,8 +13,8 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, StatusCode};
-use lcache_proto::wire::{StepRecord, SyncReport};
 use lcache_bucket::{Bucket, BucketError};
+use lcache_proto::wire::{StepRecord, SyncReport};
 use lcache_remote::{Remote, RemoteError};
 use tokio::sync::mpsc;
 
@@ -311,19 +311,19 @@ impl Upstream {
         let len = json.len() as u64;
         let (status, body) = Self::call(
             remote,
-                Method::PUT,
-                &format!(
-                    "/v1/steps/{key}{}",
-                    Scopes {
-                        scope: scope.to_string(),
-                        fallbacks: Vec::new()
-                    }
-                    .query()
-                ),
-                lcache_remote::bytes(json),
-                len,
-            )
-            .await?;
+            Method::PUT,
+            &format!(
+                "/v1/steps/{key}{}",
+                Scopes {
+                    scope: scope.to_string(),
+                    fallbacks: Vec::new()
+                }
+                .query()
+            ),
+            lcache_remote::bytes(json),
+            len,
+        )
+        .await?;
         // A conflict means the upstream had a record for the key first: it keeps its own.
         if status.is_success() || status == StatusCode::CONFLICT {
             return Ok(());
@@ -441,7 +441,11 @@ impl Upstream {
 
 /// Keeps a record found upstream in the local store (in the scope it was found in); a
 /// record stored here meanwhile stands.
-fn keep_locally(local: &AppState, found_in: String, rec: StepRecord) -> Result<Option<(String, StepRecord)>, UpstreamError> {
+fn keep_locally(
+    local: &AppState,
+    found_in: String,
+    rec: StepRecord,
+) -> Result<Option<(String, StepRecord)>, UpstreamError> {
     let kept = match local.records.put_step_first(&found_in, &rec) {
         Ok(None) => rec,
         Ok(Some(existing)) => existing,

@@ -156,8 +156,8 @@ impl Daemon {
     /// As [`Daemon::start_in`], with more environment variables for `lcached`.
     pub fn start_env(dir: tempfile::TempDir, extra: &[&str], envs: &[(String, String)]) -> Self {
         let socket = dir.path().join("lcached.sock");
-        let (child, listening) = spawn_daemon_env(dir.path(), &socket, extra, envs)
-            .unwrap_or_else(|e| panic!("lcached did not start: {e}"));
+        let (child, listening) =
+            spawn_daemon_env(dir.path(), &socket, extra, envs).unwrap_or_else(|e| panic!("lcached did not start: {e}"));
         let find = |scheme: &str| {
             listening
                 .iter()

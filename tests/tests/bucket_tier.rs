@@ -26,24 +26,35 @@ impl Drop for S3Server {
 /// One raw HTTP request to `addr`; the status and body.
 fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
 impl S3Server {
     fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let addr = format!("127.0.0.1:{port}");
-        let mut child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("moto_server (pip install 'moto[server]'; scripts/setup installs it)");
+            .expect("python3 with moto (pip install 'moto[server]'; scripts/setup installs it)");
         for _ in 0..400 {
             if TcpStream::connect(&addr).is_ok() {
                 let (status, body) = http(&addr, "PUT", "/lcache-test");
@@ -124,7 +135,11 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
 
     let b = s3.runner();
     let (steps, image_b) = b.build(&p, &[]);
-    assert_eq!(cached(&steps), [true, true], "a fresh runner gets every step from the bucket");
+    assert_eq!(
+        cached(&steps),
+        [true, true],
+        "a fresh runner gets every step from the bucket"
+    );
     assert_eq!(image_b, image, "and the same image");
 
     // Many writers at once, from scratch: all green, one record per key, and what the
@@ -142,14 +157,25 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
             });
         }
     });
-    assert_eq!(s3.keys("ci/records/_/").len(), 4, "one record per key, whoever wrote first");
+    assert_eq!(
+        s3.keys("ci/records/_/").len(),
+        4,
+        "one record per key, whoever wrote first"
+    );
     let fresh = s3.runner();
     assert_eq!(cached(&fresh.build(&p, &[]).0), [true, true]);
     assert!(s3.keys("ci/tmp/").is_empty(), "no half-written object is left around");
 
     // Prune: nothing is older than a day; everything is older than nothing (dry run).
     let prune = |age: &str, dry: bool| {
-        let mut args = vec!["cache", "prune", "--upstream", "s3://lcache-test/ci", "--older-than", age];
+        let mut args = vec![
+            "cache",
+            "prune",
+            "--upstream",
+            "s3://lcache-test/ci",
+            "--older-than",
+            age,
+        ];
         if dry {
             args.push("--dry-run");
         }
@@ -163,7 +189,10 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
     assert!(said.contains("would remove 4 records"), "{said}");
     assert_eq!(s3.keys("ci/records/_/").len(), 4, "a dry run removes nothing");
     prune("0s", false);
-    assert!(s3.keys("ci/").is_empty(), "records unused for the age go, then their blobs");
+    assert!(
+        s3.keys("ci/").is_empty(),
+        "records unused for the age go, then their blobs"
+    );
 }
 
 #[test]
