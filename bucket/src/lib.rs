@@ -31,6 +31,9 @@ use tokio::io::AsyncReadExt;
 const SINGLE_PUT_MAX: u64 = 16 * 1024 * 1024;
 /// The part size of a multipart upload.
 const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Reads are handed on in pieces of about this size: the HTTP client's are a few KiB, and
+/// each piece costs the consumer a file write.
+const READ_CHUNK: usize = 1024 * 1024;
 /// A hit refreshes its blob's age at most this often.
 pub const TOUCH_EVERY: Duration = Duration::from_secs(24 * 3600);
 
@@ -320,15 +323,12 @@ impl Bucket {
         };
         let size = r.meta.size;
         let shown = path.to_string();
-        let stream = r
-            .into_stream()
-            .map_err(move |source| BucketError::Store {
-                op: "read",
-                path: shown.clone(),
-                source,
-            })
-            .boxed();
-        Ok(Some((size, stream)))
+        let stream = r.into_stream().map_err(move |source| BucketError::Store {
+            op: "read",
+            path: shown.clone(),
+            source,
+        });
+        Ok(Some((size, rechunk(stream, READ_CHUNK).boxed())))
     }
 
     /// Refreshes the blob's age if it is older than [`TOUCH_EVERY`], so a lifecycle rule
@@ -408,6 +408,32 @@ impl Bucket {
         }
         Ok(report)
     }
+}
+
+/// Joins the pieces of `input` into pieces of at least `min` bytes (the last may be less).
+fn rechunk<S>(input: S, min: usize) -> impl futures_util::Stream<Item = Result<Bytes, BucketError>>
+where
+    S: futures_util::Stream<Item = Result<Bytes, BucketError>> + Unpin,
+{
+    futures_util::stream::unfold((input, false), move |(mut input, done)| async move {
+        if done {
+            return None;
+        }
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match input.next().await {
+                Some(Ok(b)) => {
+                    buf.extend_from_slice(&b);
+                    if buf.len() >= min {
+                        return Some((Ok(buf.freeze()), (input, false)));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(e), (input, true))),
+                None if buf.is_empty() => return None,
+                None => return Some((Ok(buf.freeze()), (input, true))),
+            }
+        }
+    })
 }
 
 /// Parses an age such as `30d`, `12h`, `90m` or `45s`.
