@@ -50,7 +50,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 /// Starts moto's S3 server on `port` with the bucket `lcache-bench`.
 fn moto(port: u16) -> std::process::Child {
-    let child = Command::new("python3")
+    let mut child = Command::new("python3")
         .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -71,6 +71,8 @@ fn moto(port: u16) -> std::process::Child {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("moto did not start");
 }
 
