@@ -266,6 +266,7 @@ mod tests {
         );
         assert!(is_loopback("127.0.0.1:5000") && is_loopback("localhost:5000") && is_loopback("[::1]:5000"));
         assert!(!is_loopback("registry.example.com:5000") && !is_loopback("docker.io"));
-        assert!(parse_reference("UPPER/case").is_err());
+        assert!(parse_reference("no spaces allowed").is_err());
+        assert!(parse_reference("app@sha256:zz").is_err());
     }
 }
