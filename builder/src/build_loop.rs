@@ -35,8 +35,11 @@ use crate::snapshots::ensure_snapshot;
 use crate::step_cache::{BlobSource, Metered, StepCache};
 use crate::url_download::{download, place};
 use crate::user_lookup::resolve_user;
+use lcache_image::image_history::{base_history, extend, run_created_by, Contribution, HistoryEntry};
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
 use lcache_image::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
+use lcache_proto::dockerfile::Dockerfile;
+use lcache_proto::instruction::{Instruction, InstructionKind};
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -55,6 +58,9 @@ pub struct BuildRequest {
     pub secrets: std::collections::BTreeMap<String, Vec<u8>>,
     /// SSH agent sockets for `RUN --mount=type=ssh`, by id (`lcache build --ssh`).
     pub ssh: std::collections::BTreeMap<String, PathBuf>,
+    /// `SOURCE_DATE_EPOCH`: the time the image's history and config say it was made.
+    /// Without it they give no time, so that a rebuild is the same image, byte for byte.
+    pub source_date_epoch: Option<u64>,
 }
 
 /// What a build produced.
@@ -84,6 +90,8 @@ struct StageState {
     config: RuntimeConfig,
     /// The root of the cascade that produced this state, if its last step rebuilt.
     rebuilt: Option<CascadeRoot>,
+    /// The image config's `history` so far: one entry with a layer per layer.
+    history: Vec<HistoryEntry>,
 }
 
 struct Builder<'a> {
@@ -96,6 +104,8 @@ struct Builder<'a> {
     dockerfile: String,
     /// The plan lcached derived the keys from: the one this build executes.
     plan: BuildPlan,
+    /// The Dockerfile's instructions, for the image's history.
+    instructions: Vec<Instruction>,
     /// Every step's key as lcached derived it, by where the step stands in the plan.
     daemon_keys: HashMap<StepRef, StepKey>,
     /// The context walk, made once by the first COPY that misses.
@@ -172,6 +182,9 @@ pub fn build(
         cache,
         dockerfile,
         plan,
+        instructions: Dockerfile::parse(&req.inputs.dockerfile_name, &req.inputs.dockerfile)
+            .map(|d| d.instructions)
+            .unwrap_or_default(),
         daemon_keys,
         context: Mutex::new(None),
         progress: Mutex::new(progress),
@@ -185,7 +198,7 @@ pub fn build(
         .remove(&b.plan.target)
         .ok_or_else(|| internal("the target stage was not built"))?;
     let platform = b.plan.stages[b.plan.target].platform.clone();
-    let config = config_document(&platform, &target.config, &target.layers);
+    let config = config_document(&platform, &target.config, &target.layers, &target.history);
     let manifest = manifest_document(&config, &target.layers)?;
     let mut image = ImageRecord {
         name: String::new(),
@@ -329,6 +342,7 @@ impl<'a> Builder<'a> {
                 snapshots: vec![],
                 config: RuntimeConfig::default().for_new_stage(),
                 rebuilt: None,
+                history: Vec::new(),
             }),
             Base::Stage { index } => {
                 let s = states
@@ -359,6 +373,7 @@ impl<'a> Builder<'a> {
                         })?
                         .for_new_stage(),
                     rebuilt: None,
+                    history: base_history(img.config.as_bytes(), img.layers.len()),
                 })
             }
         }
@@ -478,7 +493,45 @@ impl<'a> Builder<'a> {
             finished.push((ev, record));
         }
         st.config.apply(&stage.config);
+        let contributions = self.history_of(&stage);
+        extend(&mut st.history, &contributions, self.req.source_date_epoch);
         Ok((st, finished))
+    }
+
+    /// What the stage's instructions add to the image's history, in Dockerfile order:
+    /// a layer entry per filesystem step (ONBUILD triggers, at the FROM line, first), a
+    /// config entry per other instruction but ARG.
+    fn history_of(&self, stage: &PlannedStage) -> Vec<Contribution> {
+        let end = self
+            .instructions
+            .iter()
+            .find(|i| i.line > stage.line && matches!(i.kind, InstructionKind::From { .. }))
+            .map_or(usize::MAX, |i| i.line);
+        let layer = |s: &lcache_proto::build_plan::PlannedStep| Contribution::Layer {
+            created_by: match &s.def {
+                StepDef::Run(r) => run_created_by(&r.argv),
+                StepDef::Workdir { .. } => s.instruction.clone(),
+                StepDef::Copy(_) => format!("{} # buildkit", s.instruction),
+            },
+        };
+        let mut out: Vec<Contribution> = stage.steps.iter().filter(|s| s.line <= stage.line).map(layer).collect();
+        for ins in self.instructions.iter().filter(|i| i.line > stage.line && i.line < end) {
+            match &ins.kind {
+                InstructionKind::Arg { .. } | InstructionKind::From { .. } => {}
+                InstructionKind::Run { .. }
+                | InstructionKind::Copy { .. }
+                | InstructionKind::Add { .. }
+                | InstructionKind::Workdir { .. } => {
+                    for s in stage.steps.iter().filter(|s| s.line == ins.line) {
+                        out.push(layer(s));
+                    }
+                }
+                _ => out.push(Contribution::Config {
+                    created_by: ins.written.clone(),
+                }),
+            }
+        }
+        out
     }
 
     /// A step's key inputs: lcached's, when it derived the key from the same parent and

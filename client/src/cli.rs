@@ -142,6 +142,23 @@ pub enum ImageCommand {
         #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
         insecure_registries: Vec<String>,
     },
+    /// An image's layers, newest first, as `docker history` shows them, with the
+    /// Dockerfile line, the step's key and whether its build took it from the cache.
+    History {
+        /// The image's name.
+        name: String,
+        /// Show whole instructions, ids and keys.
+        #[arg(long)]
+        no_trunc: bool,
+        /// `table` (default) or `json` (one object per line, as `docker history --format json`).
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+    /// An image as `docker inspect` shows it (Id, RepoTags, Config, RootFS, Size…).
+    Inspect {
+        /// The image's name.
+        name: String,
+    },
     /// List images.
     Ls(JsonArg),
     /// Forget an image name (its layers stay cached).

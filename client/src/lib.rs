@@ -10,6 +10,7 @@ pub mod daemon_client;
 pub mod docker_credentials;
 pub mod errors;
 pub mod image_import;
+pub mod image_views;
 pub mod offline_keys;
 pub mod progress;
 pub mod registry_ops;

@@ -510,7 +510,7 @@ pub fn check_archive(
         });
         layers.push(c.layer);
     }
-    let config = config_document(platform, &loaded.config, &layers);
+    let config = config_document(platform, &loaded.config, &layers, &[]);
     let manifest = manifest_document(&config, &layers).map_err(|e| err(file, e))?;
     let record = ImageRecord {
         name: normalize_image_name(&name),

@@ -207,16 +207,28 @@ impl RuntimeConfig {
 }
 
 /// The image config document for `layers` with runtime config `cfg`.
-pub fn config_document(platform: &str, cfg: &RuntimeConfig, layers: &[LayerRef]) -> Vec<u8> {
+pub fn config_document(
+    platform: &str,
+    cfg: &RuntimeConfig,
+    layers: &[LayerRef],
+    history: &[crate::image_history::HistoryEntry],
+) -> Vec<u8> {
     let mut parts = platform.split('/');
     let os = parts.next().unwrap_or("linux");
     let arch = parts.next().unwrap_or("amd64");
-    let doc = json!({
+    let mut doc = json!({
         "architecture": arch,
         "os": os,
         "config": cfg,
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>()},
     });
+    // An image without history (an import) keeps the document it always had.
+    if let (false, Some(obj)) = (history.is_empty(), doc.as_object_mut()) {
+        obj.insert("history".into(), json!(history));
+        if let Some(created) = history.iter().rev().find_map(|h| h.created.clone()) {
+            obj.insert("created".into(), json!(created));
+        }
+    }
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
@@ -331,8 +343,8 @@ mod tests {
             diff_id: "sha256:b".into(),
             media_type: crate::layer_diff::LAYER_MEDIA_TYPE.into(),
         }];
-        let c1 = config_document("linux/amd64", &cfg, &l);
-        assert_eq!(c1, config_document("linux/amd64", &cfg, &l));
+        let c1 = config_document("linux/amd64", &cfg, &l, &[]);
+        assert_eq!(c1, config_document("linux/amd64", &cfg, &l, &[]));
         let m = manifest_document(&c1, &l).unwrap();
         assert_eq!(m, manifest_document(&c1, &l).unwrap());
         let v: serde_json::Value = serde_json::from_slice(&m).unwrap();

@@ -65,6 +65,7 @@ fn main() {
         cache_dir: tmp.path().join("cache"),
         secrets: Default::default(),
         ssh: Default::default(),
+        source_date_epoch: None,
     };
     // Progress is not printed: the figures stay readable.
     let mut quiet = Quiet;

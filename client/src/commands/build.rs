@@ -37,6 +37,14 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
     let req = BuildRequest {
         secrets,
         ssh,
+        source_date_epoch: match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) if !v.is_empty() => Some(
+                v.trim()
+                    .parse()
+                    .with_context(|| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds since 1970"))?,
+            ),
+            _ => None,
+        },
         inputs,
         tags: args.tags.clone(),
         no_cache: args.no_cache,

@@ -47,6 +47,21 @@ pub fn run(cmd: &ImageCommand, explicit: &DaemonArgs) -> Result<String> {
                 r.resolved, r.manifest_digest, r.uploaded_blobs, r.skipped_blobs, r.mounted_blobs
             ))
         }
+        ImageCommand::History { name, no_trunc, format } => {
+            let rows = crate::image_views::history(&client, name)?;
+            if format == "json" {
+                let mut out = String::new();
+                for r in &rows {
+                    out.push_str(&serde_json::to_string(r)?);
+                    out.push('\n');
+                }
+                return Ok(out);
+            }
+            Ok(crate::image_views::history_table(&rows, *no_trunc))
+        }
+        ImageCommand::Inspect { name } => {
+            Ok(serde_json::to_string_pretty(&crate::image_views::inspect(&client, name)?)? + "\n")
+        }
         ImageCommand::Ls(a) => {
             let images = client.images()?;
             if a.json {

@@ -1,0 +1,104 @@
+//! `lcache image history` and `lcache image inspect` against what `docker history` and
+//! `docker inspect` showed for the same build, exported and `docker load`ed
+//! (`tests/image_views/docker`, recorded by `scripts/record-docker-image-views`). lcache's
+//! builds are reproducible, so CI's build is the recorded image, byte for byte — as long as
+//! the busybox base is the same; where it is not, the fields that depend on it are skipped
+//! and the test says so.
+
+use std::path::Path;
+
+use lcache_e2e::{BuildEnv, Project};
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("image_views/docker")
+            .join(name),
+    )
+    .expect("fixture")
+}
+
+#[test]
+fn history_and_inspect_show_what_docker_shows_for_the_same_image() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    let ctx = Path::new(env!("CARGO_MANIFEST_DIR")).join("image_views/context");
+    for f in ["Dockerfile", "app.sh"] {
+        p.write(f, &std::fs::read_to_string(ctx.join(f)).unwrap());
+    }
+    let (steps, _) = env.build(&p, &["-t", "lcache-views:1"]);
+    assert_eq!(steps.len(), 4);
+
+    let docker_inspect: serde_json::Value = serde_json::from_str(&fixture("inspect.json")).unwrap();
+    let theirs = &docker_inspect[0];
+    let o = env.lcache(&p, &["image", "inspect", "lcache-views:1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ours = &ours[0];
+    let same_base = ours["RootFS"]["Layers"][0] == theirs["RootFS"]["Layers"][0];
+    if !same_base {
+        eprintln!("the busybox base differs from the recorded one: Id, Size and the base layer are not compared");
+    }
+    for field in ["RepoTags", "Created", "Architecture", "Os"] {
+        assert_eq!(ours[field], theirs[field], "{field}");
+    }
+    for field in [
+        "User",
+        "ExposedPorts",
+        "Env",
+        "Cmd",
+        "ArgsEscaped",
+        "Volumes",
+        "WorkingDir",
+        "Entrypoint",
+        "Labels",
+        "StopSignal",
+    ] {
+        assert_eq!(ours["Config"][field], theirs["Config"][field], "Config.{field}");
+    }
+    let layers = |v: &serde_json::Value| v["RootFS"]["Layers"].as_array().unwrap()[1..].to_vec();
+    assert_eq!(layers(ours), layers(theirs), "the layers lcache made");
+    if same_base {
+        for field in ["Id", "Size"] {
+            assert_eq!(ours[field], theirs[field], "{field}");
+        }
+    }
+
+    // History: newest first, the same instruction, size and comment on every row, and
+    // lcache's own columns on the rows its build made.
+    let o = env.lcache(&p, &["image", "history", "--format", "json", "lcache-views:1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ours: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let theirs: Vec<serde_json::Value> = fixture("history.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ours.len(), theirs.len());
+    for (o, t) in ours.iter().zip(&theirs) {
+        assert_eq!(o["CreatedBy"], t["CreatedBy"]);
+        assert_eq!(o["Comment"], t["Comment"]);
+        if same_base || !o["CreatedBy"].as_str().unwrap_or_default().is_empty() {
+            assert_eq!(o["Size"], t["Size"], "{}", o["CreatedBy"]);
+        }
+    }
+    let run = ours
+        .iter()
+        .find(|r| r["CreatedBy"].as_str().unwrap_or_default().contains("chmod"))
+        .unwrap();
+    assert_eq!((run["Line"].as_u64(), run["Cached"].as_bool()), (Some(6), Some(false)));
+    assert_eq!(run["Key"].as_str().map(str::len), Some(64));
+    let label = ours
+        .iter()
+        .find(|r| r["CreatedBy"].as_str().unwrap_or_default().starts_with("LABEL"))
+        .unwrap();
+    assert_eq!(label["Line"].as_u64(), Some(8), "config-only rows find their line too");
+
+    // The table, truncated as docker history truncates.
+    let o = env.lcache(&p, &["image", "history", "lcache-views:1"]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.lines().next().unwrap().starts_with("IMAGE"));
+    assert!(table.contains("rebuilt") && table.contains("30B"), "{table}");
+}
