@@ -35,11 +35,9 @@ use crate::snapshots::ensure_snapshot;
 use crate::step_cache::{BlobSource, Metered, StepCache};
 use crate::url_download::{download, place};
 use crate::user_lookup::resolve_user;
-use lcache_image::image_history::{base_history, extend, run_created_by, Contribution, HistoryEntry};
+use lcache_image::image_history::{base_history, extend, Contribution, HistoryEntry};
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
 use lcache_image::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
-use lcache_proto::dockerfile::Dockerfile;
-use lcache_proto::instruction::{Instruction, InstructionKind};
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -104,8 +102,6 @@ struct Builder<'a> {
     dockerfile: String,
     /// The plan lcached derived the keys from: the one this build executes.
     plan: BuildPlan,
-    /// The Dockerfile's instructions, for the image's history.
-    instructions: Vec<Instruction>,
     /// Every step's key as lcached derived it, by where the step stands in the plan.
     daemon_keys: HashMap<StepRef, StepKey>,
     /// The context walk, made once by the first COPY that misses.
@@ -182,9 +178,6 @@ pub fn build(
         cache,
         dockerfile,
         plan,
-        instructions: Dockerfile::parse(&req.inputs.dockerfile_name, &req.inputs.dockerfile)
-            .map(|d| d.instructions)
-            .unwrap_or_default(),
         daemon_keys,
         context: Mutex::new(None),
         progress: Mutex::new(progress),
@@ -498,40 +491,21 @@ impl<'a> Builder<'a> {
         Ok((st, finished))
     }
 
-    /// What the stage's instructions add to the image's history, in Dockerfile order:
-    /// a layer entry per filesystem step (ONBUILD triggers, at the FROM line, first), a
-    /// config entry per other instruction but ARG.
+    /// What the stage's instructions add to the image's history, in Dockerfile order, in
+    /// BuildKit's words (the plan has them).
     fn history_of(&self, stage: &PlannedStage) -> Vec<Contribution> {
-        let end = self
-            .instructions
+        stage
+            .history
             .iter()
-            .find(|i| i.line > stage.line && matches!(i.kind, InstructionKind::From { .. }))
-            .map_or(usize::MAX, |i| i.line);
-        let layer = |s: &lcache_proto::build_plan::PlannedStep| Contribution::Layer {
-            created_by: match &s.def {
-                StepDef::Run(r) => run_created_by(&r.argv),
-                StepDef::Workdir { .. } => s.instruction.clone(),
-                StepDef::Copy(_) => format!("{} # buildkit", s.instruction),
-            },
-        };
-        let mut out: Vec<Contribution> = stage.steps.iter().filter(|s| s.line <= stage.line).map(layer).collect();
-        for ins in self.instructions.iter().filter(|i| i.line > stage.line && i.line < end) {
-            match &ins.kind {
-                InstructionKind::Arg { .. } | InstructionKind::From { .. } => {}
-                InstructionKind::Run { .. }
-                | InstructionKind::Copy { .. }
-                | InstructionKind::Add { .. }
-                | InstructionKind::Workdir { .. } => {
-                    for s in stage.steps.iter().filter(|s| s.line == ins.line) {
-                        out.push(layer(s));
-                    }
-                }
-                _ => out.push(Contribution::Config {
-                    created_by: ins.written.clone(),
-                }),
-            }
-        }
-        out
+            .map(|h| match h.layer {
+                true => Contribution::Layer {
+                    created_by: h.created_by.clone(),
+                },
+                false => Contribution::Config {
+                    created_by: h.created_by.clone(),
+                },
+            })
+            .collect()
     }
 
     /// A step's key inputs: lcached's, when it derived the key from the same parent and

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use lcache_builder::snapshots::layer_file_reader;
 use lcache_image::image_history::HistoryEntry;
-use lcache_proto::dockerfile::Dockerfile;
-use lcache_proto::wire::{BuildRecord, ImageRecord, LayerRef};
+use lcache_proto::build_plan::NoBaseImages;
+use lcache_proto::planned_build::PlannedBuild;
+use lcache_proto::wire::{BuildRecord, ImageRecord, LayerRef, PlanInputs};
 use serde::{Deserialize, Serialize};
 
 use crate::daemon_client::DaemonClient;
@@ -138,10 +139,26 @@ pub fn history(client: &DaemonClient, name: &str) -> Result<Vec<HistoryRow>> {
             }
         }
         // Config-only instructions have no record: their lines come from the Dockerfile as
-        // it is now, and only where its text is still the instruction's.
-        let text = std::fs::read_to_string(&b.dockerfile_path).unwrap_or_default();
-        if let Ok(df) = Dockerfile::parse(&b.dockerfile, &text) {
-            config_lines = df.instructions.iter().map(|i| (i.line, i.written.clone())).collect();
+        // it is now, planned again, and only where its history reads as the image's.
+        let inputs = PlanInputs {
+            dockerfile_name: b.dockerfile.clone(),
+            dockerfile: std::fs::read_to_string(&b.dockerfile_path).unwrap_or_default(),
+            dockerfile_path: b.dockerfile_path.clone(),
+            context: b.context.clone(),
+            build_args: Default::default(),
+            target: b.target.clone(),
+            platform: format!("{}/{}", doc.os, doc.architecture),
+            all_files: false,
+        };
+        if let Ok(planned) = PlannedBuild::new(&inputs, &NoBaseImages) {
+            config_lines = planned
+                .plan
+                .stages
+                .iter()
+                .flat_map(|s| s.history.iter())
+                .filter(|h| !h.layer)
+                .map(|h| (h.line, h.created_by.clone()))
+                .collect();
         }
     }
     let mut layers = image.layers.iter();

@@ -1,5 +1,5 @@
-//! An image config's `history`, as BuildKit writes it: one entry per instruction after FROM
-//! (ARG excepted), `created_by` in BuildKit's words (`RUN /bin/sh -c … # buildkit`,
+//! An image config's `history`, as BuildKit writes it: one entry per instruction after FROM,
+//! `created_by` in BuildKit's words (the planner writes them: `build_plan::HistoryLine`) (`RUN /bin/sh -c … # buildkit`,
 //! `COPY a.txt . # buildkit`, `ENV A=b`), `empty_layer` for instructions that change only
 //! the config, the comment `buildkit.dockerfile.v0`. `docker history` zips the entries that
 //! have layers with the layers, so there is exactly one such entry per layer.
@@ -101,11 +101,6 @@ pub fn extend(history: &mut Vec<HistoryEntry>, contributions: &[Contribution], s
     }
 }
 
-/// `created_by` of a RUN: its argv (SHELL-wrapped for the shell form) and BuildKit's mark.
-pub fn run_created_by(argv: &[String]) -> String {
-    format!("RUN {} # buildkit", argv.join(" "))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,7 +118,7 @@ mod tests {
                     created_by: "ENV A=b".into(),
                 },
                 Contribution::Layer {
-                    created_by: run_created_by(&["/bin/sh".into(), "-c".into(), "echo hi".into()]),
+                    created_by: "RUN /bin/sh -c echo hi # buildkit".into(),
                 },
                 Contribution::Config {
                     created_by: "CMD [\"sh\"]".into(),

@@ -337,8 +337,47 @@ pub struct PlannedStage {
     pub steps: Vec<PlannedStep>,
     /// Its image-config changes, in order.
     pub config: Vec<ConfigChange>,
+    /// What each instruction after FROM adds to the image's history, in BuildKit's words,
+    /// in order; those with `layer` are the steps, one for one.
+    #[serde(default)]
+    pub history: Vec<HistoryLine>,
     /// Whether the target needs it (false: pruned by `--target`).
     pub needed: bool,
+}
+
+/// One instruction's entry in the image config's `history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryLine {
+    /// 1-based line of the instruction.
+    pub line: usize,
+    /// BuildKit's `created_by` (`RUN |1 A=b /bin/sh -c … # buildkit`, `ENV A=b`).
+    pub created_by: String,
+    /// Whether it made a layer (a step).
+    pub layer: bool,
+}
+
+/// Go's `%q` of a string list, as BuildKit writes CMD and ENTRYPOINT: `["a" "b"]`.
+fn go_quoted_list(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| {
+            let mut q = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' => q.push_str("\\\""),
+                    '\\' => q.push_str("\\\\"),
+                    '\n' => q.push_str("\\n"),
+                    '\t' => q.push_str("\\t"),
+                    '\r' => q.push_str("\\r"),
+                    c if c.is_control() => q.push_str(&format!("\\x{:02x}", c as u32)),
+                    c => q.push(c),
+                }
+            }
+            q.push('"');
+            q
+        })
+        .collect();
+    format!("[{}]", quoted.join(" "))
 }
 
 /// Every stage's steps, ready for key derivation.
@@ -364,6 +403,9 @@ impl BuildPlan {
 struct Scope {
     env: BTreeMap<String, String>,
     args: BTreeMap<String, Option<String>>,
+    /// The stage's ARGs in the order they were declared (BuildKit lists them so in RUN's
+    /// history).
+    arg_order: Vec<String>,
     workdir: String,
     user: String,
     shell: Vec<String>,
@@ -486,6 +528,7 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
             // A stage built on another inherits its image config, never its ARGs.
             Base::Stage { index } => Scope {
                 args: BTreeMap::new(),
+                arg_order: Vec::new(),
                 ..scopes[*index].clone()
             },
             _ => Scope {
@@ -515,11 +558,13 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
         }
         let mut steps = Vec::new();
         let mut config = Vec::new();
+        let mut history = Vec::new();
         for ins in triggers.iter().chain(&ins[i + 1..end]) {
-            config.extend(p.config_changes(ins, &scope)?);
-            if let Some(step) = p.step(ins, &mut scope, &stages, name.as_deref(), &mut stage_deps, &automatic)? {
-                steps.push(step);
-            }
+            let changes = p.config_changes(ins, &scope)?;
+            let step = p.step(ins, &mut scope, &stages, name.as_deref(), &mut stage_deps, &automatic)?;
+            history.extend(p.history_line(ins, &changes, step.as_ref(), &scope)?);
+            config.extend(changes);
+            steps.extend(step);
         }
         stages.push(PlannedStage {
             index,
@@ -529,6 +574,7 @@ pub fn plan(df: &Dockerfile, req: &PlanRequest<'_>) -> Result<BuildPlan, Dockerf
             platform: platform.to_string(),
             steps,
             config,
+            history,
             needed: false,
         });
         scopes.push(scope);
@@ -731,10 +777,152 @@ impl Planner<'_> {
                     };
                     self.consumed.insert(name.clone());
                     scope.args.insert(name.clone(), value);
+                    if !scope.arg_order.contains(name) {
+                        scope.arg_order.push(name.clone());
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// What `ins` adds to the image's history, in BuildKit's words (`changes` are its config
+    /// changes, `step` its step, `scope` the scope after it); `None` for FROM.
+    fn history_line(
+        &self,
+        ins: &Instruction,
+        changes: &[ConfigChange],
+        step: Option<&PlannedStep>,
+        scope: &Scope,
+    ) -> Result<Option<HistoryLine>, DockerfileError> {
+        let config = |created_by: String| {
+            Ok(Some(HistoryLine {
+                line: ins.line,
+                created_by,
+                layer: false,
+            }))
+        };
+        let pairs = |prefix: &str| {
+            let mut out = prefix.to_string();
+            for c in changes {
+                match c {
+                    ConfigChange::Env { name, value } => out.push_str(&format!(" {name}={value}")),
+                    ConfigChange::Label { key, value } => out.push_str(&format!(" {key}={value}")),
+                    _ => {}
+                }
+            }
+            out
+        };
+        let layer_of = |created_by: String| {
+            Ok(step.map(|_| HistoryLine {
+                line: ins.line,
+                created_by,
+                layer: true,
+            }))
+        };
+        match &ins.kind {
+            InstructionKind::From { .. } => Ok(None),
+            InstructionKind::Arg { args } => config(format!(
+                "ARG {}",
+                args.iter()
+                    .map(|(name, _)| match scope.args.get(name).cloned().flatten() {
+                        Some(v) => format!("{name}={v}"),
+                        None => name.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
+            InstructionKind::Env { .. } => config(pairs("ENV")),
+            InstructionKind::Label { .. } => config(pairs("LABEL")),
+            InstructionKind::Run { .. } => {
+                let Some(StepDef::Run(r)) = step.map(|s| &s.def) else {
+                    return Ok(None);
+                };
+                let mut words: Vec<String> = scope
+                    .arg_order
+                    .iter()
+                    .map(|name| {
+                        let v = scope
+                            .env
+                            .get(name)
+                            .cloned()
+                            .or_else(|| scope.args.get(name).cloned().flatten())
+                            .unwrap_or_default();
+                        format!("{name}={v}")
+                    })
+                    .collect();
+                if !words.is_empty() {
+                    words.insert(0, format!("|{}", words.len()));
+                }
+                words.extend(r.argv.iter().cloned());
+                layer_of(format!("RUN {} # buildkit", words.join(" ")))
+            }
+            InstructionKind::Copy { dest, .. } | InstructionKind::Add { dest, .. } => {
+                let Some(StepDef::Copy(c)) = step.map(|s| &s.def) else {
+                    return Ok(None);
+                };
+                let mut out = String::from(if c.add { "ADD" } else { "COPY" });
+                if c.parents {
+                    out.push_str(" --parents");
+                }
+                if !c.chown.is_empty() {
+                    out.push_str(&format!(" --chown={}", c.chown));
+                }
+                if !c.chmod.is_empty() {
+                    out.push_str(&format!(" --chmod={}", c.chmod));
+                }
+                for src in &c.sources {
+                    out.push_str(&format!(" {src}"));
+                }
+                for h in &c.inline {
+                    out.push_str(&format!(" <<{}", h.name));
+                }
+                out.push_str(&format!(" {} # buildkit", self.expand(ins, dest, scope)?));
+                layer_of(out)
+            }
+            InstructionKind::Workdir { .. } => match step.map(|s| &s.def) {
+                Some(StepDef::Workdir { path, .. }) => layer_of(format!("WORKDIR {path}")),
+                _ => config(format!("WORKDIR {}", scope.workdir)),
+            },
+            _ => {
+                let text = match changes.first() {
+                    Some(ConfigChange::Cmd { args }) => format!("CMD {}", go_quoted_list(args)),
+                    Some(ConfigChange::Entrypoint { args }) => format!("ENTRYPOINT {}", go_quoted_list(args)),
+                    Some(ConfigChange::User { user }) => format!("USER {user}"),
+                    Some(ConfigChange::Stopsignal { signal }) => format!("STOPSIGNAL {signal}"),
+                    Some(ConfigChange::Shell { args }) => format!("SHELL [{}]", args.join(" ")),
+                    Some(ConfigChange::Onbuild { instruction }) => format!("ONBUILD {instruction}"),
+                    _ if matches!(ins.kind, InstructionKind::Expose { .. }) => {
+                        let mut ports: Vec<String> = changes
+                            .iter()
+                            .flat_map(|c| match c {
+                                ConfigChange::Expose { ports } => ports.clone(),
+                                _ => Vec::new(),
+                            })
+                            .collect();
+                        ports.sort();
+                        ports.dedup();
+                        format!(
+                            "EXPOSE map[{}]",
+                            ports.iter().map(|p| format!("{p}:{{}}")).collect::<Vec<_>>().join(" ")
+                        )
+                    }
+                    _ if matches!(ins.kind, InstructionKind::Volume { .. }) => {
+                        let paths: Vec<String> = changes
+                            .iter()
+                            .flat_map(|c| match c {
+                                ConfigChange::Volume { paths } => paths.clone(),
+                                _ => Vec::new(),
+                            })
+                            .collect();
+                        format!("VOLUME [{}]", paths.join(" "))
+                    }
+                    // HEALTHCHECK (Go's %+v of a struct) and MAINTAINER: as written.
+                    _ => ins.written.clone(),
+                };
+                config(text)
+            }
+        }
     }
 
     fn resolve_stage_ref(
@@ -1383,6 +1571,39 @@ mod tests {
         let p = plan_of("FROM a\nRUN x\n", &[("NOPE", "1")], None).unwrap();
         assert!(p.warnings[0].contains("NOPE"));
         assert!(env_of(&run(&p, 0, 0)).is_empty());
+    }
+
+    #[test]
+    fn history_reads_as_buildkit_writes_it() {
+        let p = plan_of(
+            "FROM a\nARG V=1\nENV P=/srv Q=$V\nWORKDIR $P\nCOPY --chmod=644 x y/ ./\nRUN echo \"$P\"\nEXPOSE 53/udp 80\nCMD run \"it\"\nARG W\n",
+            &[],
+            None,
+        )
+        .unwrap();
+        let h: Vec<(usize, &str, bool)> = p.stages[0]
+            .history
+            .iter()
+            .map(|h| (h.line, h.created_by.as_str(), h.layer))
+            .collect();
+        assert_eq!(
+            h,
+            [
+                (2, "ARG V=1", false),
+                (3, "ENV P=/srv Q=1", false),
+                (4, "WORKDIR /srv", true),
+                (5, "COPY --chmod=644 x y/ ./ # buildkit", true),
+                (6, "RUN |1 V=1 /bin/sh -c echo \"$P\" # buildkit", true),
+                (7, "EXPOSE map[53/udp:{} 80/tcp:{}]", false),
+                (8, "CMD [\"/bin/sh\" \"-c\" \"run \\\"it\\\"\"]", false),
+                (9, "ARG W", false),
+            ]
+        );
+        assert_eq!(
+            p.stages[0].history.iter().filter(|h| h.layer).count(),
+            p.stages[0].steps.len(),
+            "one layer entry per step"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `lcache image history` and `lcache image inspect` against what `docker history` and
 //! `docker inspect` showed for the same build, exported and `docker load`ed
-//! (`tests/image_views/docker`, recorded by `scripts/record-docker-image-views`). lcache's
+//! (`tests/image_views/docker`, recorded by `scripts/record-docker-image-views`), and with
+//! the history Docker's BuildKit writes when it builds the same Dockerfile. lcache's
 //! builds are reproducible, so CI's build is the recorded image, byte for byte — as long as
 //! the busybox base is the same; where it is not, the fields that depend on it are skipped
 //! and the test says so.
@@ -82,6 +83,19 @@ fn history_and_inspect_show_what_docker_shows_for_the_same_image() {
         assert_eq!(o["Comment"], t["Comment"]);
         if same_base || !o["CreatedBy"].as_str().unwrap_or_default().is_empty() {
             assert_eq!(o["Size"], t["Size"], "{}", o["CreatedBy"]);
+        }
+    }
+    // And every row reads as BuildKit's own build of the same Dockerfile reads.
+    let buildkit: Vec<serde_json::Value> = fixture("buildkit-history.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ours.len(), buildkit.len());
+    for (o, b) in ours.iter().zip(&buildkit) {
+        assert_eq!(o["CreatedBy"], b["CreatedBy"], "as BuildKit writes it");
+        if !o["CreatedBy"].as_str().unwrap_or_default().is_empty() {
+            assert_eq!(o["Size"], b["Size"], "{}", o["CreatedBy"]);
+            assert_eq!(o["Comment"], b["Comment"]);
         }
     }
     let run = ours
