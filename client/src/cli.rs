@@ -159,6 +159,23 @@ pub enum ImageCommand {
         /// The image's name.
         name: String,
     },
+    /// What each layer adds, modifies and removes, the bytes wasted on files a later layer
+    /// overwrites or removes (Dive's efficiency), the Dockerfile lines that caused them and
+    /// the fix; `--ci` applies Dive's rules and fails the command when one fails.
+    Analyze {
+        /// The image's name.
+        name: String,
+        /// Print the analysis as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Check Dive's rules (lowestEfficiency, highestWastedBytes, highestUserWastedPercent)
+        /// and exit non-zero when one fails.
+        #[arg(long)]
+        ci: bool,
+        /// The rules file [default: .dive-ci in the current directory, else Dive's defaults].
+        #[arg(long, value_name = "FILE", requires = "ci")]
+        ci_config: Option<PathBuf>,
+    },
     /// List images.
     Ls(JsonArg),
     /// Forget an image name (its layers stay cached).

@@ -56,6 +56,9 @@ pub struct HistoryRow {
     pub key: Option<String>,
     /// Whether that build took the layer from the cache.
     pub cached: Option<bool>,
+    /// Whether the row has a layer.
+    #[serde(skip)]
+    pub layer: bool,
 }
 
 /// Sizes as Docker prints them (`6B`, `1.98MB`).
@@ -196,6 +199,7 @@ pub fn history(client: &DaemonClient, name: &str) -> Result<Vec<HistoryRow>> {
             line,
             key,
             cached,
+            layer: !h.empty_layer,
         });
     }
     rows.reverse();

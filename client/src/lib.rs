@@ -11,6 +11,7 @@ pub mod docker_credentials;
 pub mod errors;
 pub mod image_import;
 pub mod image_views;
+pub mod layer_analysis;
 pub mod offline_keys;
 pub mod progress;
 pub mod registry_ops;

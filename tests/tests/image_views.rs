@@ -116,3 +116,55 @@ fn history_and_inspect_show_what_docker_shows_for_the_same_image() {
     assert!(table.lines().next().unwrap().starts_with("IMAGE"));
     assert!(table.contains("rebuilt") && table.contains("30B"), "{table}");
 }
+
+#[test]
+fn analyze_finds_a_file_written_then_removed_and_ci_rules_fail_and_pass_around_it() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nRUN dd if=/dev/zero of=/big bs=1024 count=200 2>/dev/null && echo keep > /keep\nRUN rm /big\n",
+    );
+    env.build(&p, &["-t", "wasteful:1"]);
+    let o = env.lcache(&p, &["image", "analyze", "--json", "wasteful:1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let big = a["inefficiencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["path"] == "big")
+        .expect("/big is wasted");
+    assert_eq!(
+        big["lines"],
+        serde_json::json!([2, 3]),
+        "attributed to the line that wrote it and the one that removed it"
+    );
+    assert_eq!(big["cumulative_size"], 2 * 204_800);
+    assert!(a["wasted_bytes"].as_u64().unwrap() >= 409_600);
+    assert!(a["efficiency"].as_f64().unwrap() < 1.0);
+    assert!(a["fixes"][0].as_str().unwrap().starts_with("line 2:"), "{}", a["fixes"]);
+    assert_eq!(a["layers"][2]["removed"], serde_json::json!(["big"]));
+
+    let text = String::from_utf8_lossy(&env.lcache(&p, &["image", "analyze", "wasteful:1"]).stdout).to_string();
+    assert!(text.contains("/big") && text.contains("fix: line 2"), "{text}");
+
+    // Dive's rules, from a .dive-ci, on both sides of the threshold.
+    p.write(
+        ".dive-ci",
+        "rules:\n  lowestEfficiency: 0.1\n  highestWastedBytes: 100KB\n  highestUserWastedPercent: disabled\n",
+    );
+    let o = env.lcache(&p, &["image", "analyze", "--ci", "wasteful:1"]);
+    assert!(!o.status.success(), "409.6 kB wasted is over 100 kB");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("FAIL: highestWastedBytes"));
+    p.write(
+        "lax.yaml",
+        "rules:\n  lowestEfficiency: 0.1\n  highestWastedBytes: 1MB\n  highestUserWastedPercent: disabled\n",
+    );
+    let o = env.lcache(
+        &p,
+        &["image", "analyze", "--ci", "--ci-config", "lax.yaml", "wasteful:1"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("PASS: highestWastedBytes"));
+}

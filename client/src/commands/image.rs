@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lcache_proto::platform::Platform;
 
 use crate::cli::DaemonArgs;
@@ -58,6 +58,39 @@ pub fn run(cmd: &ImageCommand, explicit: &DaemonArgs) -> Result<String> {
                 return Ok(out);
             }
             Ok(crate::image_views::history_table(&rows, *no_trunc))
+        }
+        ImageCommand::Analyze {
+            name,
+            json,
+            ci,
+            ci_config,
+        } => {
+            let a = crate::layer_analysis::analyze_image(&client, name)?;
+            if *ci {
+                let (path, required) = match ci_config {
+                    Some(p) => (p.clone(), true),
+                    None => (std::path::PathBuf::from(".dive-ci"), false),
+                };
+                let rules = match std::fs::read_to_string(&path) {
+                    Ok(t) => crate::layer_analysis::parse_ci_rules(&t)
+                        .with_context(|| format!("cannot read the rules in {}", path.display()))?,
+                    Err(e) if required => {
+                        return Err(anyhow::anyhow!("cannot read the rules file {}: {e}", path.display()))
+                    }
+                    Err(_) => Default::default(),
+                };
+                let (lines, ok) = crate::layer_analysis::check(&a, &rules);
+                let report = format!("{}\n{}\n", crate::layer_analysis::render(&a), lines.join("\n"));
+                if !ok {
+                    print!("{report}");
+                    anyhow::bail!("{name} fails the image efficiency rules above");
+                }
+                return Ok(report + "all rules passed\n");
+            }
+            if *json {
+                return Ok(serde_json::to_string_pretty(&a)? + "\n");
+            }
+            Ok(crate::layer_analysis::render(&a))
         }
         ImageCommand::Inspect { name } => {
             Ok(serde_json::to_string_pretty(&crate::image_views::inspect(&client, name)?)? + "\n")
