@@ -32,6 +32,7 @@ use crate::overlay_mount::OverlayMount;
 use crate::run_mounts::{prepare as prepare_mounts, MountInputs};
 use crate::run_step::{argv_with_heredocs, run_step, PreparedMount, RunError, RunSpec};
 use crate::snapshots::ensure_snapshot;
+use crate::squash::squash;
 use crate::step_cache::{BlobSource, Metered, StepCache};
 use crate::url_download::{download, place};
 use crate::user_lookup::resolve_user;
@@ -56,6 +57,8 @@ pub struct BuildRequest {
     pub secrets: std::collections::BTreeMap<String, Vec<u8>>,
     /// SSH agent sockets for `RUN --mount=type=ssh`, by id (`lcache build --ssh`).
     pub ssh: std::collections::BTreeMap<String, PathBuf>,
+    /// Merge the target stage's own layers into one (`--squash`).
+    pub squash: bool,
     /// `SOURCE_DATE_EPOCH`: the time the image's history and config say it was made.
     /// Without it they give no time, so that a rebuild is the same image, byte for byte.
     pub source_date_epoch: Option<u64>,
@@ -90,6 +93,8 @@ struct StageState {
     rebuilt: Option<CascadeRoot>,
     /// The image config's `history` so far: one entry with a layer per layer.
     history: Vec<HistoryEntry>,
+    /// How many of `layers` (and `snapshots`) the stage's base brought.
+    base_layers: usize,
 }
 
 struct Builder<'a> {
@@ -187,9 +192,30 @@ pub fn build(
     let (mut states, mut finished) = b.build_stages()?;
     finished.sort_by_key(|(e, _)| e.n);
     let (events, history): (Vec<StepEvent>, Vec<BuildStep>) = finished.into_iter().unzip();
-    let target = states
+    let mut target = states
         .remove(&b.plan.target)
         .ok_or_else(|| internal("the target stage was not built"))?;
+    if req.squash && target.layers.len() > target.base_layers + 1 {
+        let own = target.layers.split_off(target.base_layers);
+        let merged = squash(&b.cache, steps, &target.snapshots[..target.base_layers], &own)?;
+        target.layers.push(merged);
+        // Docker's --squash keeps every entry, marks the merged ones empty and adds one for
+        // the merged layer.
+        let mut seen = 0;
+        let keep = target.history.iter().filter(|h| !h.empty_layer).count() - own.len();
+        for h in target.history.iter_mut().filter(|h| !h.empty_layer) {
+            seen += 1;
+            if seen > keep {
+                h.empty_layer = true;
+            }
+        }
+        target.history.push(HistoryEntry {
+            created: target.history.last().and_then(|h| h.created.clone()),
+            created_by: None,
+            comment: Some(format!("merge of {} layers (lcache build --squash)", own.len())),
+            empty_layer: false,
+        });
+    }
     let platform = b.plan.stages[b.plan.target].platform.clone();
     let config = config_document(&platform, &target.config, &target.layers, &target.history);
     let manifest = manifest_document(&config, &target.layers)?;
@@ -336,6 +362,7 @@ impl<'a> Builder<'a> {
                 config: RuntimeConfig::default().for_new_stage(),
                 rebuilt: None,
                 history: Vec::new(),
+                base_layers: 0,
             }),
             Base::Stage { index } => {
                 let s = states
@@ -367,6 +394,7 @@ impl<'a> Builder<'a> {
                         .for_new_stage(),
                     rebuilt: None,
                     history: base_history(img.config.as_bytes(), img.layers.len()),
+                    base_layers: img.layers.len(),
                 })
             }
         }
@@ -379,6 +407,7 @@ impl<'a> Builder<'a> {
     ) -> Result<(StageState, Vec<Finished>), BuildError> {
         let stage = self.plan.stages[i].clone();
         let mut st = self.base_state(&stage, states)?;
+        st.base_layers = st.layers.len();
         let base_env = st.config.env().to_vec();
         let label_name = stage.name.clone().unwrap_or_else(|| format!("stage-{i}"));
         let mut finished = Vec::new();

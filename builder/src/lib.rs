@@ -16,6 +16,7 @@ pub mod overlay_mount;
 pub mod run_mounts;
 pub mod run_step;
 pub mod snapshots;
+pub mod squash;
 pub mod ssh_forward;
 pub mod step_cache;
 pub mod url_download;

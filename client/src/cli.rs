@@ -201,6 +201,10 @@ pub struct BuildArgs {
     /// pulled).
     #[arg(long)]
     pub pull: bool,
+    /// Merge the target stage's own layers into one on top of its base (config and
+    /// history kept); the steps stay cached, the squashed layer is no step's.
+    #[arg(long)]
+    pub squash: bool,
     /// Push the image to each -t reference after it is built.
     #[arg(long, requires = "tags")]
     pub push: bool,

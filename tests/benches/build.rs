@@ -66,6 +66,7 @@ fn main() {
         secrets: Default::default(),
         ssh: Default::default(),
         source_date_epoch: None,
+        squash: false,
     };
     // Progress is not printed: the figures stay readable.
     let mut quiet = Quiet;

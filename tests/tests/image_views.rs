@@ -168,3 +168,62 @@ fn analyze_finds_a_file_written_then_removed_and_ci_rules_fail_and_pass_around_i
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     assert!(String::from_utf8_lossy(&o.stdout).contains("PASS: highestWastedBytes"));
 }
+
+#[test]
+fn squash_merges_the_stage_layers_into_one_and_keeps_config_and_history() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nRUN echo a > /a && echo tmp > /tmp/t\nRUN rm /bin/ls /tmp/t && echo b > /b\nCMD [\"sh\"]\n",
+    );
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("type=local,dest={}", out.path().display());
+    let o = env.lcache(
+        &p,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--squash",
+            "-t",
+            "sq:1",
+            "--output",
+            &dest,
+            ".",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.path().join("a").exists() && out.path().join("b").exists());
+    assert!(
+        !out.path().join("bin/ls").exists(),
+        "a base file removed by the stage stays removed"
+    );
+    assert!(!out.path().join("tmp/t").exists());
+    assert!(out.path().join("bin/sh").exists());
+    let inspect: serde_json::Value =
+        serde_json::from_slice(&env.lcache(&p, &["image", "inspect", "sq:1"]).stdout).unwrap();
+    assert_eq!(
+        inspect[0]["RootFS"]["Layers"].as_array().unwrap().len(),
+        2,
+        "the base's layer and one more"
+    );
+    assert_eq!(inspect[0]["Config"]["Cmd"], serde_json::json!(["sh"]));
+    let history =
+        String::from_utf8_lossy(&env.lcache(&p, &["image", "history", "--format", "json", "sq:1"]).stdout).to_string();
+    assert!(
+        history.lines().next().unwrap().contains("merge of 2 layers"),
+        "{history}"
+    );
+    assert!(
+        history.contains("RUN /bin/sh -c rm /bin/ls"),
+        "the instructions stay in the history"
+    );
+    // The steps stay cached; a squashed build again is the same image.
+    let (steps, first) = env.build(&p, &["--squash"]);
+    assert!(lcache_e2e::cached(&steps).iter().all(|c| *c));
+    let (_, again) = env.build(&p, &["--squash"]);
+    assert_eq!(first, again);
+    let (_, plain) = env.build(&p, &[]);
+    assert_ne!(plain, first);
+}

@@ -37,6 +37,7 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
     let req = BuildRequest {
         secrets,
         ssh,
+        squash: args.squash,
         source_date_epoch: match std::env::var("SOURCE_DATE_EPOCH") {
             Ok(v) if !v.is_empty() => Some(
                 v.trim()
