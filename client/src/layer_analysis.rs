@@ -302,8 +302,8 @@ fn fixes(layers: &[LayerReport], waste: &[Inefficiency]) -> Vec<String> {
     out
 }
 
-/// Analyses the image `name` the daemon has.
-pub fn analyze_image(client: &DaemonClient, name: &str) -> Result<Analysis> {
+/// Analyses the image `name` the daemon has; also returns its layers as read.
+pub fn analyze_image(client: &DaemonClient, name: &str) -> Result<(Analysis, Vec<LayerTree>)> {
     let image = client
         .image(name)?
         .with_context(|| format!("no image {name} — `lcache image ls` lists them"))?;
@@ -318,7 +318,7 @@ pub fn analyze_image(client: &DaemonClient, name: &str) -> Result<Analysis> {
     for l in &image.layers {
         trees.push(read_layer(client, l)?);
     }
-    Ok(analyze(&image.name, &trees, &made_by))
+    Ok((analyze(&image.name, &trees, &made_by), trees))
 }
 
 /// The analysis as text.

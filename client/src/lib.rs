@@ -1,6 +1,7 @@
 //! The lcache client library: the commands the `lcache` binary runs, lcached's client (the
 //! builder's cache and control plane), and deriving keys offline.
 
+pub mod analyze_view;
 pub mod build_inputs;
 pub mod cli;
 pub mod commands;

@@ -65,7 +65,7 @@ pub fn run(cmd: &ImageCommand, explicit: &DaemonArgs) -> Result<String> {
             ci,
             ci_config,
         } => {
-            let a = crate::layer_analysis::analyze_image(&client, name)?;
+            let (a, trees) = crate::layer_analysis::analyze_image(&client, name)?;
             if *ci {
                 let (path, required) = match ci_config {
                     Some(p) => (p.clone(), true),
@@ -89,6 +89,12 @@ pub fn run(cmd: &ImageCommand, explicit: &DaemonArgs) -> Result<String> {
             }
             if *json {
                 return Ok(serde_json::to_string_pretty(&a)? + "\n");
+            }
+            use std::io::IsTerminal;
+            if std::io::stdout().is_terminal() && std::io::stdin().is_terminal() {
+                crate::analyze_view::run(crate::analyze_view::ViewState::new(a, &trees))
+                    .context("the terminal view failed")?;
+                return Ok(String::new());
             }
             Ok(crate::layer_analysis::render(&a))
         }
