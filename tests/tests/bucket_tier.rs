@@ -1,7 +1,8 @@
 //! An S3-compatible bucket as the tier behind runners' lcacheds (`--upstream s3://…`),
 //! against a real S3 server on loopback: the Python `moto` server, started by the tests
 //! (`scripts/setup` installs it). Runners share a bucket, a fresh runner gets every step
-//! cached, concurrent writers keep one valid record, a stopped server degrades to local,
+//! cached, concurrent writers keep one valid record, a server stopped mid-build degrades to
+//! local,
 //! and `lcache cache prune --upstream` prunes by age.
 
 use std::io::{Read, Write};
@@ -196,18 +197,29 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
 }
 
 #[test]
-fn a_stopped_bucket_server_degrades_to_local_and_sync_says_what_was_not_pushed() {
+fn a_bucket_server_stopped_mid_build_degrades_to_local_and_sync_says_what_was_not_pushed() {
     let s3 = S3Server::start();
-    let p = project();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY src/ /src/\nRUN sleep 2 && cat /src/a.txt > /copied\nRUN echo after > /after\n",
+    )
+    .write("src/a.txt", "one\n");
     let a = s3.runner();
     a.build(&p, &[]);
     assert!(sync(&a, &p).status.success());
-    drop(s3);
-    p.write("src/a.txt", "changed while the bucket is down\n");
+    p.write("src/a.txt", "changed while the bucket goes away\n");
+    // The server stops while the RUN sleeps: the COPY before it was looked up (and
+    // missed) with the server up; the RUN and what follows run with it gone.
+    let steps = std::thread::scope(|scope| {
+        let build = scope.spawn(|| a.build(&p, &[]).0);
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        drop(s3);
+        build.join().unwrap()
+    });
+    assert_eq!(cached(&steps), [false, false, false], "the build is green without its bucket");
     let (steps, _) = a.build(&p, &[]);
-    assert_eq!(cached(&steps), [false, false], "the build is green without its bucket");
-    let (steps, _) = a.build(&p, &[]);
-    assert_eq!(cached(&steps), [true, true], "and the local cache serves it");
+    assert_eq!(cached(&steps), [true, true, true], "and the local cache serves it");
     let o = sync(&a, &p);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("s3://lcache-test/ci"), "{err}");
