@@ -305,14 +305,7 @@ mod tests {
     use crate::layer_analysis::analyze;
 
     fn file(path: &str, size: u64) -> Entry {
-        Entry {
-            path: path.into(),
-            kind: "file",
-            size,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        }
+        Entry::file(path, size)
     }
 
     fn screen(state: &ViewState) -> String {

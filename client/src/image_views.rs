@@ -89,15 +89,21 @@ pub fn human_size(n: u64) -> String {
     format!("{s}{}", UNITS[u])
 }
 
-/// A layer's size as Docker counts it: its regular files' bytes and its links' targets.
-fn content_size(client: &DaemonClient, layer: &LayerRef) -> Result<u64> {
+/// A layer blob of the daemon's as a tar archive (fetched into a temporary file, verified
+/// on the way, decompressed as it is read).
+pub fn layer_archive(client: &DaemonClient, layer: &LayerRef) -> Result<tar::Archive<Box<dyn std::io::Read>>> {
     let mut tmp = tempfile::tempfile().context("cannot make a temporary file")?;
     client
         .blob_into(&layer.digest, &mut tmp)
         .with_context(|| format!("cannot read layer {}", layer.digest))?;
     use std::io::Seek;
     tmp.rewind()?;
-    let mut archive = tar::Archive::new(layer_file_reader(tmp)?);
+    Ok(tar::Archive::new(layer_file_reader(tmp)?))
+}
+
+/// A layer's size as Docker counts it: its regular files' bytes and its links' targets.
+fn content_size(client: &DaemonClient, layer: &LayerRef) -> Result<u64> {
+    let mut archive = layer_archive(client, layer)?;
     let mut total = 0;
     for entry in archive.entries().context("the layer is not a tar")? {
         let entry = entry.context("the layer is not a tar")?;

@@ -4,15 +4,13 @@
 //! attributed to the Dockerfile lines that caused it, with the fix where it is plain.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Seek;
 
 use anyhow::{Context, Result};
-use lcache_builder::snapshots::layer_file_reader;
 use lcache_proto::wire::LayerRef;
 use serde::Serialize;
 
 use crate::daemon_client::DaemonClient;
-use crate::image_views::{history, human_size};
+use crate::image_views::{history, human_size, layer_archive};
 
 /// One entry of a layer, as the layer's tar has it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -95,6 +93,21 @@ pub struct Analysis {
     pub fixes: Vec<String>,
 }
 
+impl Entry {
+    /// A regular file (tests build layer trees by hand).
+    #[cfg(test)]
+    pub(crate) fn file(path: &str, size: u64) -> Self {
+        Self {
+            path: path.into(),
+            kind: "file",
+            size,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
 fn clean(path: &str) -> String {
     path.trim_start_matches("./")
         .trim_start_matches('/')
@@ -104,12 +117,7 @@ fn clean(path: &str) -> String {
 
 /// Reads a layer blob's tar into a [`LayerTree`].
 pub fn read_layer(client: &DaemonClient, layer: &LayerRef) -> Result<LayerTree> {
-    let mut tmp = tempfile::tempfile().context("cannot make a temporary file")?;
-    client
-        .blob_into(&layer.digest, &mut tmp)
-        .with_context(|| format!("cannot read layer {}", layer.digest))?;
-    tmp.rewind()?;
-    let mut archive = tar::Archive::new(layer_file_reader(tmp)?);
+    let mut archive = layer_archive(client, layer)?;
     let mut tree = LayerTree::default();
     for entry in archive.entries().context("the layer is not a tar")? {
         let entry = entry.context("the layer is not a tar")?;
@@ -510,14 +518,7 @@ mod tests {
     use super::*;
 
     fn file(path: &str, size: u64) -> Entry {
-        Entry {
-            path: path.into(),
-            kind: "file",
-            size,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        }
+        Entry::file(path, size)
     }
 
     #[test]

@@ -425,14 +425,7 @@ impl Upstream {
                     .ingest(&layer.digest, resp.into_body(), Some(layer.size), &local.limits)
                     .await
                     .map_err(|e| UpstreamError::Invalid(format!("layer {}: {e}", layer.digest)))?;
-                local.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
-                local
-                    .records
-                    .put_blob(&meta)
-                    .and_then(|_| local.records.touch(&meta.digest, crate::api::now_ms()))
-                    .and_then(|_| local.records.flush())
-                    .map_err(|e| UpstreamError::Local(e.to_string()))?;
-                local.evict_wake.notify_one();
+                note_ingested(local, &meta)?;
             }
         }
         keep_locally(local, found_in, rec)

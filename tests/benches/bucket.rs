@@ -9,91 +9,27 @@
 #[allow(dead_code)]
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
 use lcache_bucket::Bucket;
 use lcache_client::daemon_client::DaemonClient;
 use lcache_daemon::upstream::Tier;
+use lcache_e2e::S3Server;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{LayerRef, StepRecord};
-use support::{ms, start_daemon_with, time};
+use support::{layer, median, ms, start_daemon_with, time, SIZE};
 
-const SIZE: usize = 200 << 20;
 const RUNS: usize = 3;
-
-fn layer(path: &std::path::Path) -> String {
-    use sha2::Digest;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
-    let mut h = sha2::Sha256::new();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..SIZE / buf.len() {
-        for chunk in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        h.update(&buf);
-        f.write_all(&buf).expect("write");
-    }
-    format!("sha256:{:x}", h.finalize())
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-/// Starts moto's S3 server on `port` with the bucket `lcache-bench`.
-fn moto(port: u16) -> std::process::Child {
-    let mut child = Command::new("python3")
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("python3 -m moto.server (scripts/setup --tests)");
-    let addr = format!("127.0.0.1:{port}");
-    for _ in 0..400 {
-        if let Ok(mut s) = TcpStream::connect(&addr) {
-            write!(
-                s,
-                "PUT /lcache-bench HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )
-            .expect("create bucket");
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out);
-            assert!(out.starts_with("HTTP/1.1 200"), "create bucket: {out}");
-            return child;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("moto did not start");
-}
 
 fn main() {
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir().expect("temp dir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let mut server = moto(port);
-    for (k, v) in [
-        ("AWS_ACCESS_KEY_ID", "bench"),
-        ("AWS_SECRET_ACCESS_KEY", "bench"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ALLOW_HTTP", "true"),
-    ] {
+    let server = S3Server::start("lcache-bench");
+    let port = server.addr.rsplit(':').next().unwrap_or_default().to_string();
+    for (k, v) in server.env() {
         std::env::set_var(k, v);
     }
-    std::env::set_var("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"));
     let url = "s3://lcache-bench/ci";
     let file = tmp.path().join("layer");
     let digest = layer(&file);
@@ -159,8 +95,7 @@ print(time.perf_counter()-t)",
         assert!(runner.blob_present(&digest).expect("head"), "the layer is kept locally");
         let _ = stop.send(());
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let (b, r) = (median(boto), median(restore));
     println!(
         "== restore of a {} MB layer from an S3 bucket (moto) over loopback, median of {RUNS}",

@@ -9,6 +9,8 @@
 //! The daemon runs in this process on its own runtime (2 workers) but is reached through
 //! real sockets. Run: `cargo bench -p lcache-e2e --bench daemon`.
 
+// Shared with the other benches, which use parts this one does not.
+#[allow(dead_code)]
 mod support;
 
 use std::path::PathBuf;

@@ -6,43 +6,15 @@
 #[allow(dead_code)]
 mod support;
 
-use std::io::Write;
 use std::process::Command;
-use std::time::Duration;
 
 use lcache_client::daemon_client::DaemonClient;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{LayerRef, StepRecord};
 use lcache_remote::Remote;
-use support::{ms, start_daemon, start_daemon_with, time};
+use support::{layer, median, ms, start_daemon, start_daemon_with, time, SIZE};
 
-const SIZE: usize = 200 << 20;
 const RUNS: usize = 3;
-
-/// Incompressible bytes, quickly: xorshift.
-fn layer(path: &std::path::Path) -> String {
-    use sha2::Digest;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
-    let mut h = sha2::Sha256::new();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..SIZE / buf.len() {
-        for chunk in buf.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        h.update(&buf);
-        f.write_all(&buf).expect("write");
-    }
-    format!("sha256:{:x}", h.finalize())
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 fn main() {
     let tmp = tempfile::tempdir().expect("temp dir");

@@ -478,3 +478,99 @@ pub fn tcp_http(addr: &str, method: &str, path: &str, token: Option<&str>, body:
 pub fn cached(steps: &[(String, bool)]) -> Vec<bool> {
     steps.iter().map(|(_, c)| *c).collect()
 }
+
+/// A TCP port on 127.0.0.1 that nothing listens on (a server the test starts takes it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Waits until `addr` accepts connections (up to 10 s); stops `child` and panics naming
+/// `what` if it never does.
+pub fn wait_for_port(addr: &str, child: &mut std::process::Child, what: &str) {
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("{what} did not start on {addr}");
+}
+
+/// moto's S3 server on 127.0.0.1 with one empty bucket, stopped when dropped
+/// (`scripts/setup --tests` installs moto).
+pub struct S3Server {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The bucket it holds.
+    pub bucket: String,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl S3Server {
+    /// Starts it and makes `bucket`.
+    pub fn start(bucket: &str) -> Self {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 with moto (pip install 'moto[server]'; scripts/setup --tests installs it)");
+        wait_for_port(&addr, &mut child, "moto's S3 server");
+        let server = Self {
+            child,
+            addr,
+            bucket: bucket.to_string(),
+        };
+        let (status, body) = server.http("PUT", &format!("/{bucket}"));
+        assert_eq!(status, 200, "create the bucket: {body}");
+        server
+    }
+
+    /// One plain HTTP request to it (moto checks no signature): status and body.
+    pub fn http(&self, method: &str, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.addr).expect("connect");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.addr
+        )
+        .expect("request");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The AWS environment a client of it needs.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT_URL", &format!("http://{}", self.addr)),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}

@@ -5,98 +5,21 @@
 //! local,
 //! and `lcache cache prune --upstream` prunes by age.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command};
+use lcache_e2e::{cached, BuildEnv, Project, S3Server};
 
-use lcache_e2e::{cached, BuildEnv, Project};
-
-/// A running moto server with one bucket, stopped when dropped.
-struct S3Server {
-    child: Child,
-    addr: String,
+/// A runner: its own lcached with `s3`'s bucket behind it.
+fn runner(s3: &S3Server) -> BuildEnv {
+    BuildEnv::with_daemon_env(&["--upstream", "s3://lcache-test/ci"], &s3.env())
 }
 
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One raw HTTP request to `addr`; the status and body.
-fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-impl S3Server {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 with moto (pip install 'moto[server]'; scripts/setup installs it)");
-        for _ in 0..400 {
-            if TcpStream::connect(&addr).is_ok() {
-                let (status, body) = http(&addr, "PUT", "/lcache-test");
-                assert_eq!(status, 200, "create the bucket: {body}");
-                return Self { child, addr };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("moto_server did not start on {addr}");
-    }
-
-    /// The environment a daemon needs to use the bucket.
-    fn env(&self) -> Vec<(String, String)> {
-        [
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-            ("AWS_ENDPOINT_URL", &format!("http://{}", self.addr)),
-            ("AWS_ALLOW_HTTP", "true"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+/// The object keys under `prefix`.
+fn keys(s3: &S3Server, prefix: &str) -> Vec<String> {
+    let (_, body) = s3.http("GET", &format!("/lcache-test?list-type=2&prefix={prefix}"));
+    body.split("<Key>")
+        .skip(1)
+        .filter_map(|k| k.split("</Key>").next())
+        .map(str::to_string)
         .collect()
-    }
-
-    /// A runner: its own lcached with the bucket behind it.
-    fn runner(&self) -> BuildEnv {
-        BuildEnv::with_daemon_env(&["--upstream", "s3://lcache-test/ci"], &self.env())
-    }
-
-    /// The object keys under `prefix`.
-    fn keys(&self, prefix: &str) -> Vec<String> {
-        let (_, body) = http(&self.addr, "GET", &format!("/lcache-test?list-type=2&prefix={prefix}"));
-        body.split("<Key>")
-            .skip(1)
-            .filter_map(|k| k.split("</Key>").next())
-            .map(str::to_string)
-            .collect()
-    }
 }
 
 fn project() -> Project {
@@ -115,17 +38,17 @@ fn sync(env: &BuildEnv, p: &Project) -> std::process::Output {
 
 #[test]
 fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
-    let s3 = S3Server::start();
+    let s3 = S3Server::start("lcache-test");
     let p = project();
-    let a = s3.runner();
+    let a = runner(&s3);
     let (steps, image) = a.build(&p, &[]);
     assert_eq!(cached(&steps), [false, false]);
     let o = sync(&a, &p);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // The layout docs/scale-out.md describes.
-    let blobs = s3.keys("ci/blobs/sha256/");
-    let records = s3.keys("ci/records/_/");
+    let blobs = keys(&s3, "ci/blobs/sha256/");
+    let records = keys(&s3, "ci/records/_/");
     assert_eq!(records.len(), 2, "one record per step: {records:?}");
     assert!(blobs.len() >= 2, "{blobs:?}");
     for b in &blobs {
@@ -134,7 +57,7 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
         assert!(parts[4].starts_with(parts[3]) && parts[4].len() == 64, "{b}");
     }
 
-    let b = s3.runner();
+    let b = runner(&s3);
     let (steps, image_b) = b.build(&p, &[]);
     assert_eq!(
         cached(&steps),
@@ -146,7 +69,7 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
     // Many writers at once, from scratch: all green, one record per key, and what the
     // bucket keeps serves a fresh runner.
     p.write("src/a.txt", "two\n");
-    let runners: Vec<BuildEnv> = (0..3).map(|_| s3.runner()).collect();
+    let runners: Vec<BuildEnv> = (0..3).map(|_| runner(&s3)).collect();
     std::thread::scope(|scope| {
         for r in &runners {
             let p = &p;
@@ -159,13 +82,13 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
         }
     });
     assert_eq!(
-        s3.keys("ci/records/_/").len(),
+        keys(&s3, "ci/records/_/").len(),
         4,
         "one record per key, whoever wrote first"
     );
-    let fresh = s3.runner();
+    let fresh = runner(&s3);
     assert_eq!(cached(&fresh.build(&p, &[]).0), [true, true]);
-    assert!(s3.keys("ci/tmp/").is_empty(), "no half-written object is left around");
+    assert!(keys(&s3, "ci/tmp/").is_empty(), "no half-written object is left around");
 
     // Prune: nothing is older than a day; everything is older than nothing (dry run).
     let prune = |age: &str, dry: bool| {
@@ -188,24 +111,24 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let said = prune("0s", true);
     assert!(said.contains("would remove 4 records"), "{said}");
-    assert_eq!(s3.keys("ci/records/_/").len(), 4, "a dry run removes nothing");
+    assert_eq!(keys(&s3, "ci/records/_/").len(), 4, "a dry run removes nothing");
     prune("0s", false);
     assert!(
-        s3.keys("ci/").is_empty(),
+        keys(&s3, "ci/").is_empty(),
         "records unused for the age go, then their blobs"
     );
 }
 
 #[test]
 fn a_bucket_server_stopped_mid_build_degrades_to_local_and_sync_says_what_was_not_pushed() {
-    let s3 = S3Server::start();
+    let s3 = S3Server::start("lcache-test");
     let p = Project::new();
     p.write(
         "Dockerfile",
         "FROM busybox\nCOPY src/ /src/\nRUN sleep 2 && cat /src/a.txt > /copied\nRUN echo after > /after\n",
     )
     .write("src/a.txt", "one\n");
-    let a = s3.runner();
+    let a = runner(&s3);
     a.build(&p, &[]);
     assert!(sync(&a, &p).status.success());
     p.write("src/a.txt", "changed while the bucket goes away\n");
@@ -217,7 +140,11 @@ fn a_bucket_server_stopped_mid_build_degrades_to_local_and_sync_says_what_was_no
         drop(s3);
         build.join().unwrap()
     });
-    assert_eq!(cached(&steps), [false, false, false], "the build is green without its bucket");
+    assert_eq!(
+        cached(&steps),
+        [false, false, false],
+        "the build is green without its bucket"
+    );
     let (steps, _) = a.build(&p, &[]);
     assert_eq!(cached(&steps), [true, true, true], "and the local cache serves it");
     let o = sync(&a, &p);

@@ -26,12 +26,7 @@ impl Registry {
     /// Starts one; with `user`, behind htpasswd auth for that user (password `pw-<user>`).
     fn start(user: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = format!("127.0.0.1:{}", lcache_e2e::free_port());
         let mut config = format!(
             "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
             dir.path().join("data").display()
@@ -58,15 +53,8 @@ impl Registry {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("docker-registry (scripts/setup installs it)");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(&addr).is_ok() {
-                return Self { child, addr, _dir: dir };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("docker-registry did not start on {addr}");
+        lcache_e2e::wait_for_port(&addr, &mut child, "docker-registry");
+        Self { child, addr, _dir: dir }
     }
 }
 

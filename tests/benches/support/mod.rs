@@ -91,3 +91,32 @@ pub fn read_token(client: &lcache_client::daemon_client::DaemonClient) -> String
         .expect("token");
     made["token"].as_str().expect("token").to_string()
 }
+
+/// The size of the layer the restore benches move.
+pub const SIZE: usize = 200 << 20;
+
+/// Incompressible bytes, quickly: xorshift.
+pub fn layer(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut h = sha2::Sha256::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..SIZE / buf.len() {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        h.update(&buf);
+        f.write_all(&buf).expect("write");
+    }
+    format!("sha256:{:x}", h.finalize())
+}
+
+pub fn median(mut v: Vec<std::time::Duration>) -> std::time::Duration {
+    v.sort();
+    v[v.len() / 2]
+}
