@@ -402,11 +402,7 @@ impl Upstream {
             return Err(UpstreamError::Invalid(format!("asked for step {key}, got {}", rec.key)));
         }
         if let Some(layer) = &rec.layer {
-            let known = local
-                .records
-                .get_blob(&layer.digest)
-                .map_err(|e| UpstreamError::Local(e.to_string()))?;
-            if known.is_none() {
+            if !has_blob(local, &layer.digest)? {
                 let resp = remote
                     .send(
                         Method::GET,
@@ -448,6 +444,15 @@ fn keep_locally(
     Ok(Some((found_in, kept)))
 }
 
+/// Whether the local store has blob `digest` already.
+fn has_blob(local: &AppState, digest: &str) -> Result<bool, UpstreamError> {
+    local
+        .records
+        .get_blob(digest)
+        .map(|b| b.is_some())
+        .map_err(|e| UpstreamError::Local(e.to_string()))
+}
+
 /// Records a blob that just streamed in (verified) as stored here.
 fn note_ingested(local: &AppState, meta: &crate::store::BlobMeta) -> Result<(), UpstreamError> {
     local.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
@@ -475,11 +480,7 @@ async fn fetch_from_bucket(
             continue;
         };
         if let Some(layer) = &rec.layer {
-            let known = local
-                .records
-                .get_blob(&layer.digest)
-                .map_err(|e| UpstreamError::Local(e.to_string()))?;
-            if known.is_none() {
+            if !has_blob(local, &layer.digest)? {
                 let Some((size, stream)) = b.blob_stream(&layer.digest).await? else {
                     return Ok(None);
                 };

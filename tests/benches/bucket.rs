@@ -17,8 +17,7 @@ use lcache_client::daemon_client::DaemonClient;
 use lcache_daemon::upstream::Tier;
 use lcache_e2e::S3Server;
 use lcache_proto::endpoint::Endpoint;
-use lcache_proto::wire::{LayerRef, StepRecord};
-use support::{layer, median, ms, start_daemon_with, time, SIZE};
+use support::{layer, layer_record, median, ms, start_daemon_with, time, SIZE};
 
 const RUNS: usize = 3;
 
@@ -38,19 +37,7 @@ fn main() {
     let bucket = Bucket::from_url(url).expect("bucket");
     rt.block_on(async {
         bucket.put_blob_file(&digest, &file).await.expect("upload");
-        let rec = StepRecord {
-            key: key.clone(),
-            layer: Some(LayerRef {
-                digest: digest.clone(),
-                blake3: String::new(),
-                size: SIZE as u64,
-                diff_id: String::new(),
-                media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-            }),
-            duration_ms: 1,
-            inputs: None,
-            created_at_ms: 0,
-        };
+        let rec = layer_record(&key, &digest);
         bucket.put_record("", &rec, false).await.expect("record");
     });
     let object = format!(

@@ -10,9 +10,9 @@ use std::process::Command;
 
 use lcache_client::daemon_client::DaemonClient;
 use lcache_proto::endpoint::Endpoint;
-use lcache_proto::wire::{LayerRef, StepRecord};
+use lcache_proto::wire::StepRecord;
 use lcache_remote::Remote;
-use support::{layer, median, ms, start_daemon, start_daemon_with, time, SIZE};
+use support::{layer, layer_record, median, ms, start_daemon, start_daemon_with, time, SIZE};
 
 const RUNS: usize = 3;
 
@@ -36,19 +36,7 @@ fn main() {
         .put_blob_file(&digest, &file, 0, SIZE as u64)
         .expect("upload the layer");
     let key = format!("{:064x}", 200);
-    let rec = StepRecord {
-        key: key.clone(),
-        layer: Some(LayerRef {
-            digest: digest.clone(),
-            blake3: String::new(),
-            size: SIZE as u64,
-            diff_id: String::new(),
-            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-        }),
-        duration_ms: 1,
-        inputs: None,
-        created_at_ms: 0,
-    };
+    let rec = layer_record(&key, &digest);
     let _: StepRecord = shared
         .json(hyper::Method::PUT, &format!("/v1/steps/{key}"), Some(&rec))
         .expect("record");

@@ -120,3 +120,20 @@ pub fn median(mut v: Vec<std::time::Duration>) -> std::time::Duration {
     v.sort();
     v[v.len() / 2]
 }
+
+/// The record of a step whose layer is the bench's [`layer`].
+pub fn layer_record(key: &str, digest: &str) -> lcache_proto::wire::StepRecord {
+    lcache_proto::wire::StepRecord {
+        key: key.to_string(),
+        layer: Some(lcache_proto::wire::LayerRef {
+            digest: digest.to_string(),
+            blake3: String::new(),
+            size: SIZE as u64,
+            diff_id: String::new(),
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        }),
+        duration_ms: 1,
+        inputs: None,
+        created_at_ms: 0,
+    }
+}
