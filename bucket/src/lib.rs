@@ -6,7 +6,9 @@
 //!   create (never replaced by other bytes), multipart when large — an object only appears
 //!   once complete, so a half-written one is never served;
 //! - `records/<scope>/<key>`: step records as JSON (`_` is the unscoped scope), written
-//!   with conditional create: the first writer wins, as on an lcached.
+//!   with conditional create: the first writer wins, as on an lcached;
+//! - `images/<name>`: image records (a tag moves: the last writer wins), their manifest,
+//!   config and layers among the blobs.
 //!
 //! Reads name objects directly; nothing on the hot path lists. A hit touches its blob at
 //! most once a day (a server-side copy over itself refreshes its Last-Modified) so a
@@ -108,6 +110,10 @@ pub struct PruneReport {
     pub records_kept: usize,
     /// Records older than the cutoff, removed.
     pub records_removed: usize,
+    /// Image records kept (their blobs with them).
+    pub images_kept: usize,
+    /// Image records older than the cutoff, removed.
+    pub images_removed: usize,
     /// Blobs kept (used by a kept record, or young).
     pub blobs_kept: usize,
     /// Blobs removed.
@@ -244,6 +250,37 @@ impl Bucket {
         }
     }
 
+    fn image_path(&self, name: &str) -> Path {
+        self.path(["images", name])
+    }
+
+    /// Records the image `image.name` points to (a tag moves: it replaces what was there).
+    pub async fn put_image(&self, image: &lcache_proto::wire::ImageRecord) -> Result<(), BucketError> {
+        let path = self.image_path(&image.name);
+        let json = serde_json::to_vec(image).map_err(|e| BucketError::Invalid(e.to_string()))?;
+        self.store
+            .put_opts(&path, PutPayload::from(json), PutOptions::from(PutMode::Overwrite))
+            .await
+            .map_err(Self::err("put", &path))?;
+        Ok(())
+    }
+
+    /// The image record `name` points to, if the bucket has one.
+    pub async fn get_image(&self, name: &str) -> Result<Option<lcache_proto::wire::ImageRecord>, BucketError> {
+        let path = self.image_path(name);
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await.map_err(Self::err("read", &path))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Self::err("get", &path)(e)),
+        };
+        let image: lcache_proto::wire::ImageRecord = serde_json::from_slice(&bytes)
+            .map_err(|e| BucketError::Invalid(format!("image {path} is not an image record: {e}")))?;
+        if image.name != name {
+            return Err(BucketError::Invalid(format!("image {path} is named {}", image.name)));
+        }
+        Ok(Some(image))
+    }
+
     /// Whether the bucket has `digest`, and its size and age.
     pub async fn blob_info(&self, digest: &str) -> Result<Option<BlobInfo>, BucketError> {
         let path = self.blob_path(digest)?;
@@ -352,8 +389,8 @@ impl Bucket {
         Ok(true)
     }
 
-    /// Removes records not written or touched for `older_than`, then blobs as old that no
-    /// kept record needs. Lists the bucket: an administrative job, never a build's path.
+    /// Removes records and image names not written for `older_than`, then blobs as old that
+    /// no kept record or image needs. Lists the bucket: an administrative job, never a build's path.
     pub async fn prune(&self, older_than: Duration, dry_run: bool) -> Result<PruneReport, BucketError> {
         let cutoff = now_s() - older_than.as_secs() as i64;
         let mut report = PruneReport::default();
@@ -386,6 +423,36 @@ impl Bucket {
                 if let Some(l) = rec.layer {
                     needed.insert(l.digest);
                 }
+            }
+        }
+        // Images: a kept one needs its manifest, config and layers.
+        let images = self.path(["images"]);
+        let mut listing = self.store.list(Some(&images));
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(Self::err("list", &images))?;
+            if meta.last_modified.timestamp() < cutoff {
+                if !dry_run {
+                    self.store
+                        .delete(&meta.location)
+                        .await
+                        .map_err(Self::err("delete", &meta.location))?;
+                }
+                report.images_removed += 1;
+                continue;
+            }
+            report.images_kept += 1;
+            let bytes = self
+                .store
+                .get(&meta.location)
+                .await
+                .map_err(Self::err("get", &meta.location))?
+                .bytes()
+                .await
+                .map_err(Self::err("read", &meta.location))?;
+            if let Ok(image) = serde_json::from_slice::<lcache_proto::wire::ImageRecord>(&bytes) {
+                needed.extend(image.layers.into_iter().map(|l| l.digest));
+                needed.insert(image.config_digest);
+                needed.insert(image.manifest_digest);
             }
         }
         let blobs = self.path(["blobs", "sha256"]);
@@ -499,6 +566,17 @@ mod tests {
         assert!(b.get_record("pr-1", &key).await.unwrap().is_none(), "scopes are apart");
         assert!(b.blob_stream(&other).await.unwrap().is_none());
         assert!(b.blob_path("sha256:../../x").is_err(), "a digest never names a path");
+        let image = lcache_proto::wire::ImageRecord {
+            name: "team/app:1".into(),
+            manifest_digest: other.clone(),
+            config_digest: other.clone(),
+            layers: vec![],
+            config: "{}".into(),
+            created_at_ms: 0,
+        };
+        b.put_image(&image).await.unwrap();
+        assert_eq!(b.get_image("team/app:1").await.unwrap().unwrap().manifest_digest, other);
+        assert!(b.get_image("team/app:2").await.unwrap().is_none());
         // Everything is young: nothing goes. Everything is old: the record goes, then its blob.
         let r = b.prune(Duration::from_secs(3600), false).await.unwrap();
         assert_eq!((r.records_removed, r.blobs_removed), (0, 0));

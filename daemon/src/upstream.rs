@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, StatusCode};
 use lcache_bucket::{Bucket, BucketError};
-use lcache_proto::wire::{StepRecord, SyncReport};
+use lcache_proto::wire::{ImageRecord, StepRecord, SyncReport};
 use lcache_remote::{Remote, RemoteError};
 use tokio::sync::mpsc;
 
@@ -329,6 +329,85 @@ impl Upstream {
             return Ok(());
         }
         Err(Self::refused(status, &body))
+    }
+
+    /// Shares the image `name` names through a bucket tier, in the background: its blobs
+    /// (those the bucket lacks), then its record. An lcached tier shares steps only.
+    pub fn push_image(&self, image: &ImageRecord, local: &Arc<AppState>) {
+        let Tier::Bucket(b) = &self.tier else { return };
+        let (b, image, local) = (b.clone(), image.clone(), local.clone());
+        tokio::spawn(async move {
+            let blobs = image
+                .layers
+                .iter()
+                .map(|l| l.digest.clone())
+                .chain([image.config_digest.clone(), image.manifest_digest.clone()]);
+            for digest in blobs {
+                let Some(file) = local.blobs.path_of(&digest) else {
+                    return;
+                };
+                if let Err(e) = b.put_blob_file(&digest, &file).await {
+                    eprintln!(
+                        "lcached: warning: image {} not shared through {}: {e}",
+                        image.name,
+                        b.url()
+                    );
+                    return;
+                }
+            }
+            if let Err(e) = b.put_image(&image).await {
+                eprintln!(
+                    "lcached: warning: image {} not shared through {}: {e}",
+                    image.name,
+                    b.url()
+                );
+            }
+        });
+    }
+
+    /// An image this daemon lacks, from a bucket tier: its blobs are fetched (verified as
+    /// they stream in) and the record kept here. `None` when the tier has none (or is not a
+    /// bucket, or is unreachable: a warning, never an error).
+    pub async fn fetch_image(&self, name: &str, local: &AppState) -> Option<ImageRecord> {
+        let Tier::Bucket(b) = &self.tier else { return None };
+        let fetched = async {
+            let Some(image) = b.get_image(name).await? else {
+                return Ok(None);
+            };
+            let blobs = image
+                .layers
+                .iter()
+                .map(|l| l.digest.clone())
+                .chain([image.config_digest.clone(), image.manifest_digest.clone()]);
+            for digest in blobs {
+                if has_blob(local, &digest)? {
+                    continue;
+                }
+                let Some((size, stream)) = b.blob_stream(&digest).await? else {
+                    return Ok(None);
+                };
+                let body = StreamBody::new(stream.map(|r| r.map(Frame::data)));
+                let meta = local
+                    .blobs
+                    .ingest(&digest, body, Some(size), &local.limits)
+                    .await
+                    .map_err(|e| UpstreamError::Invalid(format!("blob {digest}: {e}")))?;
+                note_ingested(local, &meta)?;
+            }
+            local
+                .records
+                .put_image(&image)
+                .and_then(|_| local.records.flush())
+                .map_err(|e| UpstreamError::Local(e.to_string()))?;
+            Ok::<_, UpstreamError>(Some(image))
+        };
+        match fetched.await {
+            Ok(found) => found,
+            Err(e) => {
+                self.note(&local.metrics, &e);
+                None
+            }
+        }
     }
 
     /// Looks a locally missing step up in the upstream, along the same scopes; on a hit,

@@ -41,7 +41,7 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
     let s3 = S3Server::start("lcache-test");
     let p = project();
     let a = runner(&s3);
-    let (steps, image) = a.build(&p, &[]);
+    let (steps, image) = a.build(&p, &["-t", "team-app:1"]);
     assert_eq!(cached(&steps), [false, false]);
     let o = sync(&a, &p);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -66,6 +66,19 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
     );
     assert_eq!(image_b, image, "and the same image");
 
+    // The image name is shared too (in the background): another fresh runner builds FROM it.
+    for _ in 0..200 {
+        if keys(&s3, "ci/images/").len() >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let c = runner(&s3);
+    let q = Project::new();
+    q.write("Dockerfile", "FROM team-app:1\nRUN cat /copied > /again\n");
+    let (steps, _) = c.build(&q, &[]);
+    assert_eq!(cached(&steps), [false], "built FROM an image another runner named");
+
     // Many writers at once, from scratch: all green, one record per key, and what the
     // bucket keeps serves a fresh runner.
     p.write("src/a.txt", "two\n");
@@ -81,9 +94,10 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
             });
         }
     });
+    // Two steps, the one built FROM the shared image, and the change's two.
     assert_eq!(
         keys(&s3, "ci/records/_/").len(),
-        4,
+        5,
         "one record per key, whoever wrote first"
     );
     let fresh = runner(&s3);
@@ -107,11 +121,11 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
-    assert!(prune("1d", false).contains("removed 0 records and 0 blobs"));
+    assert!(prune("1d", false).contains("removed 0 records, 0 images and 0 blobs"));
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let said = prune("0s", true);
-    assert!(said.contains("would remove 4 records"), "{said}");
-    assert_eq!(keys(&s3, "ci/records/_/").len(), 4, "a dry run removes nothing");
+    assert!(said.contains("would remove 5 records, 2 images"), "{said}");
+    assert_eq!(keys(&s3, "ci/records/_/").len(), 5, "a dry run removes nothing");
     prune("0s", false);
     assert!(
         keys(&s3, "ci/").is_empty(),

@@ -20,7 +20,7 @@ pub fn prune(url: &str, older_than: &str, dry_run: bool) -> Result<String> {
         .with_context(|| format!("cannot prune {url}"))?;
     let verb = if dry_run { "would remove" } else { "removed" };
     Ok(format!(
-        "{url}: {verb} {} records and {} blobs ({} bytes) unused for {older_than}; kept {} records and {} blobs\n",
-        r.records_removed, r.blobs_removed, r.bytes_removed, r.records_kept, r.blobs_kept
+        "{url}: {verb} {} records, {} images and {} blobs ({} bytes) unused for {older_than}; kept {} records, {} images and {} blobs\n",
+        r.records_removed, r.images_removed, r.blobs_removed, r.bytes_removed, r.records_kept, r.images_kept, r.blobs_kept
     ))
 }

@@ -116,14 +116,21 @@ pub fn list(state: &AppState, query: Option<&str>) -> Response<Body> {
 }
 
 /// `GET /v1/images/{name}`.
-pub fn get(state: &AppState, raw: &str) -> Response<Body> {
+pub async fn get(state: &AppState, raw: &str) -> Response<Body> {
     let name = match name_of(raw) {
         Ok(n) => n,
         Err(r) => return r,
     };
     match resolve(state.records.as_ref(), &name) {
         Ok(Resolved::Found(i)) => json(StatusCode::OK, &i),
-        Ok(Resolved::Missing) => not_found(&name),
+        // A bucket tier may have it: an image another runner built.
+        Ok(Resolved::Missing) => match state.upstream.as_ref() {
+            Some(u) => match u.fetch_image(&name, state).await {
+                Some(i) => json(StatusCode::OK, &i),
+                None => not_found(&name),
+            },
+            None => not_found(&name),
+        },
         Ok(Resolved::DigestMismatch { found }) => error(
             StatusCode::CONFLICT,
             format!("{name} pins a digest, but the image lcached has under that name is {found}"),
@@ -138,7 +145,7 @@ pub fn get(state: &AppState, raw: &str) -> Response<Body> {
 }
 
 /// `PUT /v1/images/{name}`: every blob it names must be stored.
-pub async fn put(state: &AppState, raw: &str, req: Request<Incoming>) -> Response<Body> {
+pub async fn put(state: &std::sync::Arc<AppState>, raw: &str, req: Request<Incoming>) -> Response<Body> {
     let name = match name_of(raw) {
         Ok(n) => n,
         Err(r) => return r,
@@ -184,7 +191,12 @@ pub async fn put(state: &AppState, raw: &str, req: Request<Incoming>) -> Respons
         }
     }
     match state.records.put_image(&image).and_then(|_| state.records.flush()) {
-        Ok(()) => json(StatusCode::CREATED, &image),
+        Ok(()) => {
+            if let Some(u) = &state.upstream {
+                u.push_image(&image, state);
+            }
+            json(StatusCode::CREATED, &image)
+        }
         Err(e) => error(
             StatusCode::INSUFFICIENT_STORAGE,
             e.to_string(),

@@ -184,7 +184,7 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         (&Method::POST, ["v1", "images", "pull"]) => ("other", registry::pull(&state, req).await),
         (&Method::POST, ["v1", "images", "push"]) => ("other", registry::push(&state, req).await),
         (&Method::GET, ["v1", "images"]) => ("other", images::list(&state, req.uri().query())),
-        (&Method::GET, ["v1", "images", name]) => ("other", images::get(&state, name)),
+        (&Method::GET, ["v1", "images", name]) => ("other", images::get(&state, name).await),
         (&Method::PUT, ["v1", "images", name]) => ("other", images::put(&state, name, req).await),
         (&Method::DELETE, ["v1", "images", name]) => ("other", images::delete(&state, name)),
         (
