@@ -535,29 +535,40 @@ impl S3Server {
             addr,
             bucket: bucket.to_string(),
         };
-        let (status, body) = server.http("PUT", &format!("/{bucket}"));
-        assert_eq!(status, 200, "create the bucket: {body}");
-        server
+        // The port opens before the server answers: ask until it does (up to 10 s).
+        let mut last = String::new();
+        for _ in 0..100 {
+            match server.try_http("PUT", &format!("/{bucket}")) {
+                Ok((200, _)) => return server,
+                Ok((status, body)) => last = format!("{status}: {body}"),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("moto's S3 server would not make the bucket: {last}");
     }
 
-    /// One plain HTTP request to it (moto checks no signature): status and body.
-    pub fn http(&self, method: &str, path: &str) -> (u16, String) {
+    fn try_http(&self, method: &str, path: &str) -> std::io::Result<(u16, String)> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.addr).expect("connect");
+        let mut s = std::net::TcpStream::connect(&self.addr)?;
         write!(
             s,
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             self.addr
-        )
-        .expect("request");
+        )?;
         let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
+        s.read_to_string(&mut out)?;
         let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
         let body = out
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_string())
             .unwrap_or_default();
-        (status, body)
+        Ok((status, body))
+    }
+
+    /// One plain HTTP request to it (moto checks no signature): status and body.
+    pub fn http(&self, method: &str, path: &str) -> (u16, String) {
+        self.try_http(method, path).expect("a request to moto's S3 server")
     }
 
     /// The AWS environment a client of it needs.
