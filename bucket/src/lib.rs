@@ -389,72 +389,71 @@ impl Bucket {
         Ok(true)
     }
 
+    /// Removes the objects under `prefix` older than `cutoff` (unless `dry_run`); returns
+    /// what `needs` says each kept one needs, and how many went.
+    async fn prune_listed(
+        &self,
+        prefix: &str,
+        cutoff: i64,
+        dry_run: bool,
+        needs: impl Fn(&[u8]) -> Vec<String>,
+    ) -> Result<(Vec<Vec<String>>, usize), BucketError> {
+        let (mut kept, mut removed) = (Vec::new(), 0);
+        let dir = self.path([prefix]);
+        let mut listing = self.store.list(Some(&dir));
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(Self::err("list", &dir))?;
+            if meta.last_modified.timestamp() < cutoff {
+                if !dry_run {
+                    self.store
+                        .delete(&meta.location)
+                        .await
+                        .map_err(Self::err("delete", &meta.location))?;
+                }
+                removed += 1;
+                continue;
+            }
+            let bytes = self
+                .store
+                .get(&meta.location)
+                .await
+                .map_err(Self::err("get", &meta.location))?
+                .bytes()
+                .await
+                .map_err(Self::err("read", &meta.location))?;
+            kept.push(needs(&bytes));
+        }
+        Ok((kept, removed))
+    }
+
     /// Removes records and image names not written for `older_than`, then blobs as old that
     /// no kept record or image needs. Lists the bucket: an administrative job, never a build's path.
     pub async fn prune(&self, older_than: Duration, dry_run: bool) -> Result<PruneReport, BucketError> {
         let cutoff = now_s() - older_than.as_secs() as i64;
         let mut report = PruneReport::default();
         let mut needed = HashSet::new();
-        let records = self.path(["records"]);
-        let mut listing = self.store.list(Some(&records));
-        while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(Self::err("list", &records))?;
-            if meta.last_modified.timestamp() < cutoff {
-                if !dry_run {
-                    self.store
-                        .delete(&meta.location)
-                        .await
-                        .map_err(Self::err("delete", &meta.location))?;
-                }
-                report.records_removed += 1;
-                continue;
-            }
-            report.records_kept += 1;
-            let bytes = self
-                .store
-                .get(&meta.location)
-                .await
-                .map_err(Self::err("get", &meta.location))?
-                .bytes()
-                .await
-                .map_err(Self::err("read", &meta.location))?;
-            // A record that does not parse needs nothing; it is left for its owner.
-            if let Ok(rec) = serde_json::from_slice::<StepRecord>(&bytes) {
-                if let Some(l) = rec.layer {
-                    needed.insert(l.digest);
-                }
-            }
-        }
-        // Images: a kept one needs its manifest, config and layers.
-        let images = self.path(["images"]);
-        let mut listing = self.store.list(Some(&images));
-        while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(Self::err("list", &images))?;
-            if meta.last_modified.timestamp() < cutoff {
-                if !dry_run {
-                    self.store
-                        .delete(&meta.location)
-                        .await
-                        .map_err(Self::err("delete", &meta.location))?;
-                }
-                report.images_removed += 1;
-                continue;
-            }
-            report.images_kept += 1;
-            let bytes = self
-                .store
-                .get(&meta.location)
-                .await
-                .map_err(Self::err("get", &meta.location))?
-                .bytes()
-                .await
-                .map_err(Self::err("read", &meta.location))?;
-            if let Ok(image) = serde_json::from_slice::<lcache_proto::wire::ImageRecord>(&bytes) {
-                needed.extend(image.layers.into_iter().map(|l| l.digest));
-                needed.insert(image.config_digest);
-                needed.insert(image.manifest_digest);
-            }
-        }
+        // Records, then images: a kept one names the blobs it needs; one that does not parse
+        // needs nothing and is left for its owner.
+        let (kept, removed) = self
+            .prune_listed("records", cutoff, dry_run, |bytes| {
+                serde_json::from_slice::<StepRecord>(bytes)
+                    .ok()
+                    .and_then(|r| r.layer)
+                    .map(|l| vec![l.digest])
+                    .unwrap_or_default()
+            })
+            .await?;
+        (report.records_kept, report.records_removed) = (kept.len(), removed);
+        needed.extend(kept.into_iter().flatten());
+        let (kept, removed) = self
+            .prune_listed("images", cutoff, dry_run, |bytes| {
+                serde_json::from_slice::<lcache_proto::wire::ImageRecord>(bytes)
+                    .map(|i| i.blobs().map(str::to_string).collect())
+                    .unwrap_or_default()
+            })
+            .await?;
+        (report.images_kept, report.images_removed) = (kept.len(), removed);
+        needed.extend(kept.into_iter().flatten());
         let blobs = self.path(["blobs", "sha256"]);
         let mut listing = self.store.list(Some(&blobs));
         while let Some(meta) = listing.next().await {

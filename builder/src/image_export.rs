@@ -74,12 +74,7 @@ fn io(dest: &Path) -> impl Fn(std::io::Error) -> BuildError + '_ {
 /// The digests of an image's blobs: layers, config, manifest; each checked to be a sha256
 /// digest, since each names a file in the export.
 fn blob_digests(image: &ImageRecord) -> Result<Vec<&str>, BuildError> {
-    let all: Vec<&str> = image
-        .layers
-        .iter()
-        .map(|l| l.digest.as_str())
-        .chain([image.config_digest.as_str(), image.manifest_digest.as_str()])
-        .collect();
+    let all: Vec<&str> = image.blobs().collect();
     if let Some(bad) = all.iter().find(|d| sha256_hex(d).is_none()) {
         return Err(BuildError::CorruptImage {
             image: image.name.clone(),

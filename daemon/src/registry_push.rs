@@ -69,11 +69,12 @@ pub async fn push(state: &AppState, req: &PushRequest) -> Result<PushResponse, R
         reason,
     };
     let (mut uploaded, mut skipped, mut mounted) = (0, 0, 0);
-    let blobs = image
-        .layers
-        .iter()
-        .map(|l| l.digest.clone())
-        .chain(std::iter::once(image.config_digest.clone()));
+    // The manifest goes last, on its own, after everything it names.
+    let blobs: Vec<String> = image
+        .blobs()
+        .filter(|d| *d != image.manifest_digest)
+        .map(str::to_string)
+        .collect();
     for digest in blobs {
         if client
             .blob_exists(&reference, &digest)

@@ -337,25 +337,17 @@ impl Upstream {
         let Tier::Bucket(b) = &self.tier else { return };
         let (b, image, local) = (b.clone(), image.clone(), local.clone());
         tokio::spawn(async move {
-            let blobs = image
-                .layers
-                .iter()
-                .map(|l| l.digest.clone())
-                .chain([image.config_digest.clone(), image.manifest_digest.clone()]);
-            for digest in blobs {
-                let Some(file) = local.blobs.path_of(&digest) else {
-                    return;
-                };
-                if let Err(e) = b.put_blob_file(&digest, &file).await {
-                    eprintln!(
-                        "lcached: warning: image {} not shared through {}: {e}",
-                        image.name,
-                        b.url()
-                    );
-                    return;
+            let shared = async {
+                for digest in image.blobs() {
+                    let file = local
+                        .blobs
+                        .path_of(digest)
+                        .ok_or_else(|| BucketError::Invalid(format!("blob {digest} has no file name")))?;
+                    b.put_blob_file(digest, &file).await?;
                 }
-            }
-            if let Err(e) = b.put_image(&image).await {
+                b.put_image(&image).await
+            };
+            if let Err(e) = shared.await {
                 eprintln!(
                     "lcached: warning: image {} not shared through {}: {e}",
                     image.name,
@@ -374,22 +366,17 @@ impl Upstream {
             let Some(image) = b.get_image(name).await? else {
                 return Ok(None);
             };
-            let blobs = image
-                .layers
-                .iter()
-                .map(|l| l.digest.clone())
-                .chain([image.config_digest.clone(), image.manifest_digest.clone()]);
-            for digest in blobs {
-                if has_blob(local, &digest)? {
+            for digest in image.blobs() {
+                if has_blob(local, digest)? {
                     continue;
                 }
-                let Some((size, stream)) = b.blob_stream(&digest).await? else {
+                let Some((size, stream)) = b.blob_stream(digest).await? else {
                     return Ok(None);
                 };
                 let body = StreamBody::new(stream.map(|r| r.map(Frame::data)));
                 let meta = local
                     .blobs
-                    .ingest(&digest, body, Some(size), &local.limits)
+                    .ingest(digest, body, Some(size), &local.limits)
                     .await
                     .map_err(|e| UpstreamError::Invalid(format!("blob {digest}: {e}")))?;
                 note_ingested(local, &meta)?;

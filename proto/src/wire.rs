@@ -284,6 +284,16 @@ pub struct ImageRecord {
     pub created_at_ms: u64,
 }
 
+impl ImageRecord {
+    /// Every blob the image needs: its layers, bottom first, then its config and manifest.
+    pub fn blobs(&self) -> impl Iterator<Item = &str> {
+        self.layers
+            .iter()
+            .map(|l| l.digest.as_str())
+            .chain([self.config_digest.as_str(), self.manifest_digest.as_str()])
+    }
+}
+
 /// `busybox` → `busybox:latest`; `docker.io/library/x:1` → `x:1`; digests kept.
 pub fn normalize_image_name(name: &str) -> String {
     let n = name.strip_prefix("docker.io/").unwrap_or(name);
