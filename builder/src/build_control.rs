@@ -3,7 +3,7 @@
 //! build history that explains misses. lcached's client is the implementation; keeping it a
 //! trait is what lets the builder crate sit below the client.
 
-use lcache_proto::sources_digest::SummaryEntry;
+use lcache_proto::sources_digest::{DirNode, SummaryEntry};
 use lcache_proto::wire::{BuildRecord, ImageRecord, PlanInputs, PlanResponse};
 
 use crate::errors::CacheError;
@@ -20,6 +20,8 @@ pub trait BuildControl: Send + Sync {
     fn builds(&self, limit: usize) -> Result<Vec<BuildRecord>, CacheError>;
     /// The Merkle summary of a sources digest, if lcached still has it.
     fn summary(&self, digest: &str) -> Result<Option<Vec<SummaryEntry>>, CacheError>;
+    /// A directory's listing by its node digest, if lcached still has it.
+    fn dir_node(&self, digest: &str) -> Result<Option<DirNode>, CacheError>;
     /// Adds a build to the history; returns it with its id.
     fn post_build(&self, build: &BuildRecord) -> Result<BuildRecord, CacheError>;
 }

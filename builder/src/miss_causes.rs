@@ -1,13 +1,16 @@
 //! Finds each missed step's root cause for `lcache build` and `lcache plan`: the nearest
 //! earlier record of the same step is the same stage and position in the newest earlier
 //! build of this context and Dockerfile, else the same instruction text anywhere in it;
-//! file changes come from the daemon's Merkle summaries of the two sources digests.
+//! file changes come from the daemon's Merkle summaries of the two sources digests and the
+//! directory listings beneath them.
 
 use std::path::Path;
 
 use lcache_proto::build_plan::Base;
 use lcache_proto::cache_key::KeyInputs;
-use lcache_proto::explain::{miss_cause, root_after, CascadeRoot, CauseContext, MissCause, Previous};
+use lcache_proto::explain::{
+    diff_summaries, miss_cause, root_after, CascadeRoot, CauseContext, FileChange, MissCause, Previous,
+};
 use lcache_proto::step_keys::StepRef;
 use lcache_proto::wire::{BuildRecord, BuildStep, PlanInputs, PlanResponse};
 
@@ -106,18 +109,15 @@ impl<'a> CauseFinder<'a> {
                 .and_then(|v| v.first().cloned())
                 .filter(|d| !d.is_empty())
         };
-        let (old, new) = match (&prev, digest(at.inputs)) {
-            (Some(p), Some(n)) => (
-                digest(p.inputs).and_then(|o| self.client.summary(&o).ok().flatten()),
-                self.client.summary(&n).ok().flatten(),
-            ),
-            _ => (None, None),
+        let file_changes = match (&prev, digest(at.inputs)) {
+            (Some(p), Some(n)) => digest(p.inputs).and_then(|o| file_changes(self.client, &o, &n)),
+            _ => None,
         };
         let cx = CauseContext {
             no_cache: self.no_cache,
             rebuilt_parent: at.rebuilt_parent.clone(),
             first_in_stage: at.position == 0,
-            summaries: old.as_deref().zip(new.as_deref()),
+            file_changes,
             dockerignore_changed: self.dockerignore_changed,
         };
         (
@@ -125,6 +125,14 @@ impl<'a> CauseFinder<'a> {
             prev_step.map(|s| s.key.clone()),
         )
     }
+}
+
+/// What changed between the sources behind two sources digests, to the file (see
+/// [`diff_summaries`]); `None` when lcached no longer has both summaries.
+pub fn file_changes(client: &dyn BuildControl, old: &str, new: &str) -> Option<Vec<FileChange>> {
+    let old = client.summary(old).ok().flatten()?;
+    let new = client.summary(new).ok().flatten()?;
+    Some(diff_summaries(&old, &new, &|d| client.dir_node(d).ok().flatten()))
 }
 
 /// Predicted causes for a plan's misses, walking the steps as a build would: a miss makes
@@ -194,15 +202,16 @@ mod tests {
     use super::*;
     use crate::errors::CacheError;
     use lcache_proto::cache_key::KeyField;
-    use lcache_proto::explain::{ChangeKind, FileChange};
+    use lcache_proto::explain::ChangeKind;
     use lcache_proto::source_select::EntryKind;
-    use lcache_proto::sources_digest::SummaryEntry;
+    use lcache_proto::sources_digest::{DirNode, SummaryEntry};
     use lcache_proto::wire::ImageRecord;
 
     /// A history held in memory: what lcached's build history and summaries would answer.
     struct History {
         builds: Vec<BuildRecord>,
         summaries: std::collections::HashMap<String, Vec<SummaryEntry>>,
+        nodes: std::collections::HashMap<String, DirNode>,
     }
 
     impl BuildControl for History {
@@ -220,6 +229,9 @@ mod tests {
         }
         fn summary(&self, digest: &str) -> Result<Option<Vec<SummaryEntry>>, CacheError> {
             Ok(self.summaries.get(digest).cloned())
+        }
+        fn dir_node(&self, digest: &str) -> Result<Option<DirNode>, CacheError> {
+            Ok(self.nodes.get(digest).cloned())
         }
         fn post_build(&self, b: &BuildRecord) -> Result<BuildRecord, CacheError> {
             Ok(b.clone())
@@ -244,10 +256,10 @@ mod tests {
         }
     }
 
-    fn file(path: &str, digest: &str) -> SummaryEntry {
+    fn entry(path: &str, kind: EntryKind, digest: &str) -> SummaryEntry {
         SummaryEntry {
             path: path.into(),
-            kind: EntryKind::File,
+            kind,
             mode: 0o644,
             digest: digest.into(),
             expanded: false,
@@ -319,9 +331,28 @@ mod tests {
                 record(&ctx, "COPY src /app", copy_inputs("old")),
             ],
             summaries: [
-                ("old".to_string(), vec![file("src/a", "1"), file("src/b", "2")]),
-                ("new".to_string(), vec![file("src/a", "1"), file("src/b", "3")]),
+                ("old".to_string(), vec![entry("src", EntryKind::Dir, "d1")]),
+                ("new".to_string(), vec![entry("src", EntryKind::Dir, "d2")]),
             ]
+            .into(),
+            nodes: [
+                (
+                    "d1",
+                    [entry("a", EntryKind::File, "1"), entry("b", EntryKind::File, "2")],
+                ),
+                (
+                    "d2",
+                    [entry("a", EntryKind::File, "1"), entry("b", EntryKind::File, "3")],
+                ),
+            ]
+            .map(|(d, entries)| {
+                (
+                    d.to_string(),
+                    DirNode {
+                        entries: entries.into(),
+                    },
+                )
+            })
             .into(),
         };
         let finder = CauseFinder::new(&history, &inputs_for(&ctx), false);
@@ -344,6 +375,7 @@ mod tests {
         let history = History {
             builds: vec![],
             summaries: Default::default(),
+            nodes: Default::default(),
         };
         let key = copy_inputs("new").key();
         let finder = CauseFinder::new(&history, &inputs_for("/c"), false).with_evicted(&[key]);
@@ -355,6 +387,7 @@ mod tests {
         let history = History {
             builds: vec![],
             summaries: Default::default(),
+            nodes: Default::default(),
         };
         let (cause, compared) = cause_of_copy(&CauseFinder::new(&history, &inputs_for("/c"), false));
         assert_eq!((cause, compared), (MissCause::NeverBuilt, None));

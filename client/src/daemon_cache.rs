@@ -7,7 +7,7 @@ use bytes::Bytes;
 use lcache_builder::build_control::BuildControl;
 use lcache_builder::errors::CacheError;
 use lcache_builder::step_cache::{BlobSource, StepCache};
-use lcache_proto::sources_digest::SummaryEntry;
+use lcache_proto::sources_digest::{DirNode, SummaryEntry};
 use lcache_proto::wire::{BuildRecord, ImageRecord, PlanInputs, PlanResponse, StepRecord};
 
 use crate::daemon_client::DaemonClient;
@@ -56,6 +56,10 @@ impl BuildControl for DaemonClient {
 
     fn summary(&self, digest: &str) -> Result<Option<Vec<SummaryEntry>>, CacheError> {
         DaemonClient::summary(self, digest)
+    }
+
+    fn dir_node(&self, digest: &str) -> Result<Option<DirNode>, CacheError> {
+        DaemonClient::dir_node(self, digest)
     }
 
     fn post_build(&self, build: &BuildRecord) -> Result<BuildRecord, CacheError> {

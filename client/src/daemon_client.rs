@@ -317,6 +317,15 @@ impl DaemonClient {
         }
     }
 
+    /// `GET /v1/dir-nodes/{digest}`: `None` if the daemon has none.
+    pub fn dir_node(&self, digest: &str) -> Result<Option<lcache_proto::sources_digest::DirNode>, CacheError> {
+        match self.json(Method::GET, &format!("/v1/dir-nodes/{digest}"), None::<&()>) {
+            Ok(s) => Ok(Some(s)),
+            Err(CacheError::Refused { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST /v1/builds`.
     pub fn post_build(&self, b: &BuildRecord) -> Result<BuildRecord, CacheError> {
         self.json(Method::POST, "/v1/builds", Some(b))

@@ -383,6 +383,7 @@ impl IndexedContext {
             all_files,
             images,
             summaries: Vec::new(),
+            dir_nodes: Vec::new(),
         }
     }
 }
@@ -396,6 +397,8 @@ pub struct IndexSources<'a> {
     images: &'a dyn Fn(&str) -> Option<String>,
     /// Summaries of digests computed in this plan, for `explain` to diff later.
     pub summaries: Vec<(String, Vec<lcache_proto::sources_digest::SummaryEntry>)>,
+    /// Directory listings beneath them, by node digest.
+    pub dir_nodes: Vec<(String, lcache_proto::sources_digest::DirNode)>,
 }
 
 impl IndexSources<'_> {
@@ -450,6 +453,7 @@ impl StepSources for IndexSources<'_> {
         });
         let mut d = local.digest_sources(def)?;
         self.summaries.push((d.digest.clone(), std::mem::take(&mut d.summary)));
+        self.dir_nodes.append(&mut d.nodes);
         if !self.all_files && !ctx.has_racy_files() {
             d.files.truncate(FILES_LISTED);
             ctx.memo.insert(key, d.clone());

@@ -80,6 +80,7 @@ pub fn plan_build(
     for (digest, summary) in std::mem::take(&mut sources.summaries) {
         records.put_summary(&digest, &summary)?;
     }
+    records.put_dir_nodes(&std::mem::take(&mut sources.dir_nodes))?;
     let (fresh, hashed_files) = sources.finish();
     index.persist(&ctx, &fresh, &removed)?;
     report.hashed_files = hashed_files;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache_key::KeyInputs;
 use crate::source_select::EntryKind;
-use crate::sources_digest::SummaryEntry;
+use crate::sources_digest::{DirNode, SummaryEntry};
 
 /// How many file changes a cause lists before counting the rest.
 pub const CHANGES_LISTED: usize = 10;
@@ -269,92 +269,160 @@ fn env_map(i: &KeyInputs) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Differences between two sources summaries, in user terms.
-pub fn diff_summaries(old: &[SummaryEntry], new: &[SummaryEntry]) -> Vec<FileChange> {
-    let o: BTreeMap<&str, &SummaryEntry> = old.iter().map(|e| (e.path.as_str(), e)).collect();
-    let n: BTreeMap<&str, &SummaryEntry> = new.iter().map(|e| (e.path.as_str(), e)).collect();
-    // An entry whose parent is collapsed (children not listed) on the other side is
-    // explained by that parent; don't report it as added or removed.
-    let parent_collapsed = |m: &BTreeMap<&str, &SummaryEntry>, p: &str| {
-        let parent = p.rsplit_once('/').map_or(".", |(d, _)| d);
-        m.get(parent).is_some_and(|e| e.kind == EntryKind::Dir && !e.expanded)
+/// Differences between two sources summaries, in user terms, to the file: where two
+/// directories' digests differ, their listings are fetched by digest (`nodes`) and compared
+/// in turn, so the work follows the change, not the tree. A directory whose listing is not
+/// to be had is reported as `contents changed`.
+pub fn diff_summaries(
+    old: &[SummaryEntry],
+    new: &[SummaryEntry],
+    nodes: &dyn Fn(&str) -> Option<DirNode>,
+) -> Vec<FileChange> {
+    let mut d = TreeDiff {
+        nodes,
+        out: Vec::new(),
+        added: Vec::new(),
+        removed: Vec::new(),
     };
-    let mut out = Vec::new();
-    let mut added: Vec<&SummaryEntry> = Vec::new();
-    let mut removed: Vec<&SummaryEntry> = Vec::new();
-    for (p, e) in &n {
-        match o.get(p) {
-            None if !parent_collapsed(&o, p) => added.push(e),
-            None => {}
-            Some(old) if old.digest != e.digest || old.mode != e.mode || old.kind != e.kind => {
-                let change = if old.kind != e.kind {
-                    ChangeKind::Type {
-                        old: old.kind,
-                        new: e.kind,
-                    }
-                } else if e.kind == EntryKind::Symlink {
-                    ChangeKind::LinkTarget {
-                        old: old.digest.clone(),
-                        new: e.digest.clone(),
-                    }
-                } else if old.mode != e.mode
-                    && (e.kind == EntryKind::Dir || old.digest == e.digest || digest_only_mode(old, e))
-                {
-                    ChangeKind::Mode {
-                        old: old.mode,
-                        new: e.mode,
-                    }
-                } else if e.kind == EntryKind::Dir {
-                    if e.expanded && old.expanded {
-                        continue; // its children say what changed
-                    }
-                    ChangeKind::ContentsChanged
-                } else {
-                    ChangeKind::Modified
-                };
-                out.push(FileChange {
-                    path: p.to_string(),
-                    change,
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    for (p, e) in &o {
-        if !n.contains_key(p) && !parent_collapsed(&n, p) {
-            removed.push(e);
-        }
-    }
-    // A removed and an added file with the same content is a rename.
-    let mut renamed_from = BTreeMap::new();
-    for a in &added {
-        if a.kind == EntryKind::File {
-            if let Some(pos) = removed
-                .iter()
-                .position(|r| r.kind == EntryKind::File && r.digest == a.digest)
-            {
-                renamed_from.insert(a.path.clone(), removed.remove(pos).path.clone());
-            }
-        }
-    }
-    for a in added {
-        let change = match renamed_from.get(&a.path) {
-            Some(from) => ChangeKind::RenamedFrom { from: from.clone() },
-            None => ChangeKind::Added,
+    d.level(old, new);
+    d.finish()
+}
+
+/// A diff in progress: changes found so far, and adds and removes kept apart until the end
+/// so that a file moved between directories is seen as renamed.
+struct TreeDiff<'a> {
+    nodes: &'a dyn Fn(&str) -> Option<DirNode>,
+    out: Vec<FileChange>,
+    added: Vec<SummaryEntry>,
+    removed: Vec<SummaryEntry>,
+}
+
+impl TreeDiff<'_> {
+    /// Compares one level: entries named by their full paths (a stored summary may list
+    /// deeper levels too, under directories marked expanded).
+    fn level(&mut self, old: &[SummaryEntry], new: &[SummaryEntry]) {
+        let o: BTreeMap<&str, &SummaryEntry> = old.iter().map(|e| (e.path.as_str(), e)).collect();
+        let n: BTreeMap<&str, &SummaryEntry> = new.iter().map(|e| (e.path.as_str(), e)).collect();
+        // An entry whose parent is collapsed (children not listed) on the other side is
+        // explained by that parent; don't report it as added or removed.
+        let parent_collapsed = |m: &BTreeMap<&str, &SummaryEntry>, p: &str| {
+            let parent = p.rsplit_once('/').map_or(".", |(d, _)| d);
+            m.get(parent).is_some_and(|e| e.kind == EntryKind::Dir && !e.expanded)
         };
-        out.push(FileChange {
-            path: a.path.clone(),
+        for (p, e) in &n {
+            match o.get(p) {
+                None if !parent_collapsed(&o, p) => self.added.push((*e).clone()),
+                None => {}
+                Some(old) if old.digest != e.digest || old.mode != e.mode || old.kind != e.kind => {
+                    self.changed(old, e);
+                }
+                Some(_) => {}
+            }
+        }
+        for (p, e) in &o {
+            if !n.contains_key(p) && !parent_collapsed(&n, p) {
+                self.removed.push((*e).clone());
+            }
+        }
+    }
+
+    fn push(&mut self, path: &str, change: ChangeKind) {
+        self.out.push(FileChange {
+            path: path.to_string(),
             change,
         });
     }
-    for r in removed {
-        out.push(FileChange {
-            path: r.path.clone(),
-            change: ChangeKind::Removed,
-        });
+
+    fn changed(&mut self, old: &SummaryEntry, e: &SummaryEntry) {
+        let p = e.path.as_str();
+        if old.kind != e.kind {
+            let change = ChangeKind::Type {
+                old: old.kind,
+                new: e.kind,
+            };
+            return self.push(p, change);
+        }
+        match e.kind {
+            EntryKind::Symlink => {
+                let change = ChangeKind::LinkTarget {
+                    old: old.digest.clone(),
+                    new: e.digest.clone(),
+                };
+                self.push(p, change);
+            }
+            EntryKind::File if old.mode != e.mode && (old.digest == e.digest || digest_only_mode(old, e)) => {
+                self.push(
+                    p,
+                    ChangeKind::Mode {
+                        old: old.mode,
+                        new: e.mode,
+                    },
+                );
+            }
+            EntryKind::File => self.push(p, ChangeKind::Modified),
+            EntryKind::Dir => {
+                if old.mode != e.mode {
+                    self.push(
+                        p,
+                        ChangeKind::Mode {
+                            old: old.mode,
+                            new: e.mode,
+                        },
+                    );
+                }
+                if e.expanded && old.expanded {
+                    return; // an old-style summary: its children say what changed
+                }
+                match ((self.nodes)(&old.digest), (self.nodes)(&e.digest)) {
+                    (Some(a), Some(b)) if a != b => self.level(&beneath(p, a), &beneath(p, b)),
+                    (Some(_), Some(_)) => {} // the same children: only its mode changed
+                    _ if old.mode == e.mode => self.push(p, ChangeKind::ContentsChanged),
+                    _ => {}
+                }
+            }
+        }
     }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    out
+
+    fn finish(mut self) -> Vec<FileChange> {
+        // A removed and an added file with the same content is a rename.
+        let mut renamed_from = BTreeMap::new();
+        for a in &self.added {
+            if a.kind == EntryKind::File {
+                if let Some(pos) = self
+                    .removed
+                    .iter()
+                    .position(|r| r.kind == EntryKind::File && r.digest == a.digest)
+                {
+                    renamed_from.insert(a.path.clone(), self.removed.remove(pos).path);
+                }
+            }
+        }
+        for a in std::mem::take(&mut self.added) {
+            let change = match renamed_from.remove(&a.path) {
+                Some(from) => ChangeKind::RenamedFrom { from },
+                None => ChangeKind::Added,
+            };
+            self.push(&a.path, change);
+        }
+        for r in std::mem::take(&mut self.removed) {
+            self.push(&r.path, ChangeKind::Removed);
+        }
+        self.out.sort_by(|a, b| a.path.cmp(&b.path));
+        self.out
+    }
+}
+
+/// A directory listing's entries named by their full paths beneath `dir`.
+fn beneath(dir: &str, node: DirNode) -> Vec<SummaryEntry> {
+    node.entries
+        .into_iter()
+        .map(|mut e| {
+            if !(dir.is_empty() || dir == ".") {
+                e.path = format!("{dir}/{}", e.path);
+            }
+            e
+        })
+        .collect()
 }
 
 /// A file's node digest covers its mode, so a pure chmod changes the digest too; the
@@ -376,7 +444,7 @@ pub struct Previous<'a> {
 
 /// What else the comparison needs.
 #[derive(Debug, Clone, Default)]
-pub struct CauseContext<'a> {
+pub struct CauseContext {
     /// `--no-cache` was given.
     pub no_cache: bool,
     /// The step whose miss changed this step's parent, if one did in this build:
@@ -384,8 +452,9 @@ pub struct CauseContext<'a> {
     pub rebuilt_parent: Option<CascadeRoot>,
     /// Whether this is its stage's first step (its parent is the base image).
     pub first_in_stage: bool,
-    /// Old and new sources summaries, when both are known.
-    pub summaries: Option<(&'a [SummaryEntry], &'a [SummaryEntry])>,
+    /// What changed between the old and new sources ([`diff_summaries`]), when both
+    /// summaries are known.
+    pub file_changes: Option<Vec<FileChange>>,
     /// Whether .dockerignore differs from the earlier build's.
     pub dockerignore_changed: bool,
 }
@@ -399,7 +468,7 @@ pub fn miss_cause(
     cur: &KeyInputs,
     key: &str,
     prev: Option<&Previous<'_>>,
-    cx: &CauseContext<'_>,
+    cx: &CauseContext,
 ) -> MissCause {
     if cx.no_cache {
         return MissCause::NoCache;
@@ -447,7 +516,7 @@ pub fn miss_cause(
         return MissCause::VariableChanged { changes: vars };
     }
     if prev.inputs.field("sources_digest") != cur.field("sources_digest") {
-        let mut changes = cx.summaries.map(|(o, n)| diff_summaries(o, n)).unwrap_or_default();
+        let mut changes = cx.file_changes.clone().unwrap_or_default();
         let more = changes.len().saturating_sub(CHANGES_LISTED);
         changes.truncate(CHANGES_LISTED);
         if changes.is_empty() {
@@ -661,7 +730,7 @@ mod tests {
             entry("src/run.sh", EntryKind::File, 0o755, "r3", false),
             entry("src/new", EntryKind::File, 0o644, "n", false),
         ];
-        let d: Vec<String> = diff_summaries(&old, &new)
+        let d: Vec<String> = diff_summaries(&old, &new, &|_| None)
             .iter()
             .map(|c| format!("{} {}", c.path, c.change))
             .collect();
@@ -677,6 +746,80 @@ mod tests {
         );
     }
 
+    /// `COPY src` over a generated tree of `dirs` × `files`, with `edit` applied to its entries.
+    fn big_tree(
+        dirs: usize,
+        files: usize,
+        edit: &dyn Fn(&mut Vec<crate::source_select::ContextEntry>),
+    ) -> crate::sources_digest::SourcesDigest {
+        use crate::source_select::{ContextEntry, FileStamp};
+        let entry = |path: String, kind: EntryKind| ContextEntry {
+            path,
+            kind,
+            mode: 0o644,
+            link_target: None,
+            size: 1,
+            stamp: FileStamp::default(),
+        };
+        let mut entries = vec![entry("src".into(), EntryKind::Dir)];
+        for d in 0..dirs {
+            entries.push(entry(format!("src/d{d:03}"), EntryKind::Dir));
+            for f in 0..files {
+                entries.push(entry(format!("src/d{d:03}/f{f:03}"), EntryKind::File));
+            }
+        }
+        edit(&mut entries);
+        let roots = crate::source_select::select(
+            &entries,
+            &["src".to_string()],
+            &crate::dockerignore::IgnoreMatcher::default(),
+        )
+        .unwrap();
+        // Content by path (the moved file keeps its own); size 2 marks an edited file.
+        crate::sources_digest::sources_digest(&entries, &roots, &|i| {
+            let path = entries[i].path.replace("src/d101/moved", "src/d100/f099");
+            let mut c = *blake3::hash(path.as_bytes()).as_bytes();
+            c[0] ^= entries[i].size as u8;
+            c
+        })
+    }
+
+    #[test]
+    fn directory_nodes_take_the_diff_to_the_file_fetching_only_what_differs() {
+        let old = big_tree(300, 100, &|_| {});
+        let new = big_tree(300, 100, &|e| {
+            e.iter_mut().find(|e| e.path == "src/d250/f050").unwrap().size = 2;
+            e.retain(|e| e.path != "src/d007/f001");
+            let moved = e.iter().position(|e| e.path == "src/d100/f099").unwrap();
+            e[moved].path = "src/d101/moved".into();
+        });
+        let store: std::collections::HashMap<String, DirNode> = old.nodes.into_iter().chain(new.nodes).collect();
+        let fetched = std::cell::Cell::new(0);
+        let nodes = |d: &str| {
+            fetched.set(fetched.get() + 1);
+            store.get(d).cloned()
+        };
+        let d: Vec<String> = diff_summaries(&old.summary, &new.summary, &nodes)
+            .iter()
+            .map(|c| format!("{} {}", c.path, c.change))
+            .collect();
+        assert_eq!(
+            d,
+            [
+                "src/d007/f001 removed",
+                "src/d101/moved renamed from src/d100/f099",
+                "src/d250/f050 modified"
+            ]
+        );
+        assert_eq!(fetched.get(), 2 + 2 * 4, "src, then the four directories that changed");
+        let unknown = diff_summaries(&old.summary, &new.summary, &|_| None);
+        assert_eq!(
+            (unknown[0].path.as_str(), &unknown[0].change),
+            ("src", &ChangeKind::ContentsChanged),
+            "no listings: the nearest directory"
+        );
+    }
+
     #[test]
     fn type_and_link_changes_are_typed() {
         let old = vec![
@@ -687,7 +830,7 @@ mod tests {
             entry("a", EntryKind::Dir, 0o755, "y", false),
             entry("l", EntryKind::Symlink, 0o777, "t2", false),
         ];
-        let d = diff_summaries(&old, &new);
+        let d = diff_summaries(&old, &new, &|_| None);
         assert_eq!(
             d[0].change,
             ChangeKind::Type {

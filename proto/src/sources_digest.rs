@@ -1,6 +1,8 @@
 //! The Merkle digest of what a COPY/ADD selects: per entry its path, type, permission bits,
 //! symlink target and content BLAKE3 — never mtime or owner. Each directory's node digest
-//! covers its children, so two trees can be compared subtree by subtree.
+//! covers its children, so two trees can be compared subtree by subtree: every directory's
+//! listing is kept by its node digest ([`DirNode`], once per distinct content, as git keeps
+//! trees), so `explain` descends only where two digests differ, down to the file.
 
 use std::collections::BTreeMap;
 
@@ -22,10 +24,8 @@ pub struct FileInput {
     pub digest: String,
 }
 
-/// How many entries a sources summary keeps at most (breadth first).
-pub const SUMMARY_BUDGET: usize = 2048;
-
-/// One node of a sources summary: what `explain` compares without the old tree.
+/// One entry of a sources summary (a selected root) or of a directory's listing: what
+/// `explain` compares without the old tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SummaryEntry {
     /// Path relative to the context (`src/a.txt`), or the matched root itself.
@@ -36,8 +36,17 @@ pub struct SummaryEntry {
     pub mode: u32,
     /// Node digest (hex) for files and directories, the target for symlinks.
     pub digest: String,
-    /// For directories: whether all its children are in the summary too.
+    /// For directories: whether all its children are in the summary too (summaries stored
+    /// before directory nodes were kept listed the tree's top breadth first; now a summary
+    /// lists the roots and a directory's children are in its [`DirNode`]).
     pub expanded: bool,
+}
+
+/// One directory's listing, stored under its node digest: its children by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirNode {
+    /// The children, sorted by name; `path` is the child's name.
+    pub entries: Vec<SummaryEntry>,
 }
 
 /// The digest of a COPY's selected sources and the entries it covers.
@@ -49,8 +58,10 @@ pub struct SourcesDigest {
     pub files: Vec<FileInput>,
     /// How many entries went in.
     pub total: usize,
-    /// The Merkle tree's top, breadth first, at most [`SUMMARY_BUDGET`] entries.
+    /// The selected roots as Merkle nodes.
     pub summary: Vec<SummaryEntry>,
+    /// Every directory node beneath them, by node digest (hex), each once.
+    pub nodes: Vec<(String, DirNode)>,
 }
 
 enum Node {
@@ -68,9 +79,11 @@ enum Node {
 }
 
 impl Node {
-    /// The node's digest; every node's (path, kind, mode, digest) goes to `seen`.
-    fn digest(&self, path: &str, seen: &mut Vec<SummaryEntry>) -> [u8; 32] {
+    /// The node's digest and its entry under `name`; every directory's listing goes to
+    /// `nodes` (each distinct one once).
+    fn digest(&self, name: &str, nodes: &mut BTreeMap<String, DirNode>) -> ([u8; 32], SummaryEntry) {
         let mut e = Encoder::new();
+        let mut listing = Vec::new();
         let (kind, mode) = match self {
             Node::File { mode, content } => {
                 e.str("file").u32(*mode).digest(content);
@@ -82,13 +95,10 @@ impl Node {
             }
             Node::Dir { mode, children } => {
                 e.str("dir").u32(*mode).u32(children.len() as u32);
-                for (name, child) in children {
-                    let p = if path.is_empty() || path == "." {
-                        name.clone()
-                    } else {
-                        format!("{path}/{name}")
-                    };
-                    e.str(name).digest(&child.digest(&p, seen));
+                for (child_name, child) in children {
+                    let (d, entry) = child.digest(child_name, nodes);
+                    e.str(child_name).digest(&d);
+                    listing.push(entry);
                 }
                 (EntryKind::Dir, *mode)
             }
@@ -98,33 +108,18 @@ impl Node {
             Node::Symlink { target } => target.clone(),
             _ => hex(&d),
         };
-        seen.push(SummaryEntry {
-            path: path.to_string(),
+        if kind == EntryKind::Dir {
+            nodes.entry(digest.clone()).or_insert(DirNode { entries: listing });
+        }
+        let entry = SummaryEntry {
+            path: name.to_string(),
             kind,
             mode,
             digest,
             expanded: false,
-        });
-        d
+        };
+        (d, entry)
     }
-}
-
-/// Keeps the top of the tree, breadth first, within the budget; marks directories whose
-/// children all made it as expanded.
-fn summarise(mut seen: Vec<SummaryEntry>) -> Vec<SummaryEntry> {
-    let depth = |p: &str| if p == "." { 0 } else { p.matches('/').count() + 1 };
-    seen.sort_by(|a, b| depth(&a.path).cmp(&depth(&b.path)).then_with(|| a.path.cmp(&b.path)));
-    let kept_all = seen.len() <= SUMMARY_BUDGET;
-    let cut = if kept_all { seen.len() } else { SUMMARY_BUDGET };
-    let boundary_depth = seen.get(cut).map(|e| depth(&e.path));
-    seen.truncate(cut);
-    for e in &mut seen {
-        if e.kind == EntryKind::Dir {
-            // Children sit one level deeper; that level is whole only below the cut's depth.
-            e.expanded = kept_all || boundary_depth.is_some_and(|b| depth(&e.path) + 1 < b);
-        }
-    }
-    seen
 }
 
 /// Node for one entry; `content` gives a file's BLAKE3 by entry index.
@@ -174,7 +169,8 @@ pub fn sources_digest(
     let mut e = Encoder::new();
     e.str("lcache-sources").u32(1).u32(roots.len() as u32);
     let mut files = Vec::new();
-    let mut seen = Vec::new();
+    let mut summary = Vec::new();
+    let mut nodes = BTreeMap::new();
     let mut describe = |i: usize| {
         let en = &entries[i];
         files.push(FileInput {
@@ -205,14 +201,16 @@ pub fn sources_digest(
                 insert(children, rel, leaf(&entries[*i], *i, content));
             }
         }
-        let d = node.digest(&root.path, &mut seen);
+        let (d, entry) = node.digest(&root.path, &mut nodes);
         e.str(&root.path).digest(&d);
+        summary.push(entry);
     }
     SourcesDigest {
         digest: hex(&e.finish()),
         total: files.len(),
         files,
-        summary: summarise(seen),
+        summary,
+        nodes: nodes.into_iter().collect(),
     }
 }
 
@@ -317,14 +315,26 @@ mod tests {
     }
 
     #[test]
-    fn every_selected_entry_is_listed_and_the_summary_stays_within_its_budget() {
+    fn the_summary_lists_the_roots_and_each_distinct_directory_is_one_node() {
         let mut entries = vec![dir("src")];
-        for i in 0..3000 {
-            entries.push(file(&format!("src/f{i:04}"), 0o644));
+        for d in ["x", "y"] {
+            entries.push(dir(&format!("src/{d}")));
+            for i in 0..3000 {
+                entries.push(file(&format!("src/{d}/f{i:04}"), 0o644));
+            }
         }
         let d = digest_of(&entries, &|_| 1);
-        assert_eq!(d.total, 3001);
-        assert!(d.summary.len() <= SUMMARY_BUDGET);
-        assert_eq!(d.summary[0].path, "src", "breadth first: the root comes first");
+        assert_eq!(d.total, 6003);
+        assert_eq!(d.summary.len(), 1);
+        assert_eq!((d.summary[0].path.as_str(), d.summary[0].kind), ("src", EntryKind::Dir));
+        // x and y have the same contents: one node serves both.
+        assert_eq!(d.nodes.len(), 2, "src and the shared listing of x and y");
+        let top = &d.nodes.iter().find(|(k, _)| *k == d.summary[0].digest).unwrap().1;
+        let names: Vec<&str> = top.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(names, ["x", "y"]);
+        assert_eq!(top.entries[0].digest, top.entries[1].digest);
+        let x = &d.nodes.iter().find(|(k, _)| *k == top.entries[0].digest).unwrap().1;
+        assert_eq!(x.entries.len(), 3000);
+        assert_eq!(x.entries[0].path, "f0000");
     }
 }

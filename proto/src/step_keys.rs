@@ -256,6 +256,7 @@ mod tests {
                 files: vec![],
                 total: 0,
                 summary: vec![],
+                nodes: vec![],
             })
         }
 

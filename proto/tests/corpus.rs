@@ -23,6 +23,7 @@ impl StepSources for Stubbed {
             total: def.sources.len(),
             files: Vec::new(),
             summary: Vec::new(),
+            nodes: Vec::new(),
         })
     }
     fn stage_sources(&mut self, _: StepRef, _: usize, _: &CopyDef) -> Option<SourcesDigest> {

@@ -321,3 +321,37 @@ fn the_previous_build_is_found_whatever_the_paths_are_called() {
         b["steps"][1]["cause"]
     );
 }
+
+#[test]
+fn an_edit_deep_in_a_large_tree_is_named_to_the_file() {
+    // 6,000 entries: three times what a summary could list before directory nodes were kept.
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /src\n");
+    for d in 0..60 {
+        for f in 0..100 {
+            p.write(&format!("src/d{d:02}/f{f:03}"), &format!("{d} {f}\n"));
+        }
+    }
+    env.build(&p, &[]);
+    p.write("src/d47/f050", "edited\n");
+    std::fs::remove_file(p.path().join("src/d03/f001")).unwrap();
+    let plan = json(&env.lcache(&p, &["plan", "--json", "."]));
+    env.build(&p, &[]);
+    let b = json(&env.lcache(&p, &["explain", "--json"]));
+    check(
+        &plan,
+        &b,
+        "files_changed",
+        r#"{"change":"modified","path":"src/d47/f050"}"#,
+    );
+    assert!(
+        b["steps"][0]["cause"]
+            .to_string()
+            .contains(r#"{"change":"removed","path":"src/d03/f001"}"#),
+        "{}",
+        b["steps"][0]["cause"]
+    );
+    let text = String::from_utf8_lossy(&env.lcache(&p, &["explain", "--step", "1"]).stdout).to_string();
+    assert!(text.contains("src/d47/f050 modified"), "{text}");
+}

@@ -4,8 +4,8 @@
 use std::fmt::Write;
 
 use anyhow::{anyhow, Result};
+use lcache_builder::miss_causes::file_changes;
 use lcache_proto::cache_key::KeyInputs;
-use lcache_proto::explain::diff_summaries;
 use lcache_proto::wire::BuildRecord;
 
 use crate::cli::DaemonArgs;
@@ -140,9 +140,9 @@ fn render_step(client: &DaemonClient, b: &BuildRecord, n: usize) -> Result<Strin
         };
         if let (Some(o), Some(nw)) = (old.as_ref().and_then(digest), digest(new)) {
             if o != nw {
-                if let (Some(a), Some(bb)) = (client.summary(&o)?, client.summary(&nw)?) {
+                if let Some(changes) = file_changes(client, &o, &nw) {
                     let _ = writeln!(out, "files:");
-                    for c in diff_summaries(&a, &bb) {
+                    for c in changes {
                         let _ = writeln!(out, "  {} {}", c.path, c.change);
                     }
                 }

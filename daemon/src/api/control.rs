@@ -93,6 +93,23 @@ pub fn metrics(state: &AppState) -> Response<Body> {
     r
 }
 
+/// `GET /v1/dir-nodes/{digest}`: a directory's listing by its node digest.
+pub fn dir_node(state: &AppState, digest: &str) -> Response<Body> {
+    match state.records.get_dir_node(digest) {
+        Ok(Some(n)) => json(StatusCode::OK, &n),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no directory node {digest}"),
+            "directory nodes exist for the directories of sources digests a plan computed",
+        ),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
+    }
+}
+
 /// `GET /v1/summaries/{digest}`: the Merkle summary behind a sources digest.
 pub fn summary(state: &AppState, digest: &str) -> Response<Body> {
     match state.records.get_summary(digest) {

@@ -181,6 +181,7 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         (&Method::GET, ["v1", "builds"]) => ("builds", builds::list(&state, req.uri().query())),
         (&Method::GET, ["v1", "builds", id]) => ("builds", builds::get(&state, id)),
         (&Method::GET, ["v1", "summaries", d]) => ("other", control::summary(&state, d)),
+        (&Method::GET, ["v1", "dir-nodes", d]) => ("other", control::dir_node(&state, d)),
         (&Method::POST, ["v1", "images", "pull"]) => ("other", registry::pull(&state, req).await),
         (&Method::POST, ["v1", "images", "push"]) => ("other", registry::push(&state, req).await),
         (&Method::GET, ["v1", "images"]) => ("other", images::list(&state, req.uri().query())),

@@ -7,7 +7,7 @@
 
 mod build_v1;
 
-use lcache_proto::sources_digest::SummaryEntry;
+use lcache_proto::sources_digest::{DirNode, SummaryEntry};
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -32,6 +32,7 @@ impl Stored for ImageRecord {}
 impl Stored for BlobMeta {}
 impl Stored for CachedDigest {}
 impl Stored for Vec<SummaryEntry> {}
+impl Stored for DirNode {}
 impl Stored for TokenRecord {}
 
 impl Stored for BuildRecord {

@@ -133,6 +133,10 @@ pub trait RecordStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// The summary of a sources digest, if known.
     fn get_summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, StoreError>;
+    /// Stores directory listings by node digest, each once (content-addressed).
+    fn put_dir_nodes(&self, nodes: &[(String, lcache_proto::sources_digest::DirNode)]) -> Result<(), StoreError>;
+    /// A directory listing by node digest, if known.
+    fn get_dir_node(&self, digest: &str) -> Result<Option<lcache_proto::sources_digest::DirNode>, StoreError>;
     /// When each blob was last used (`touch`), by digest; blobs never touched are absent.
     fn access_times(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// Evicts a blob and the step records that need it: the records go first (so none

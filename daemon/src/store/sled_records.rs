@@ -17,6 +17,7 @@ pub struct SledRecords {
     contexts: sled::Tree,
     images: sled::Tree,
     summaries: sled::Tree,
+    dir_nodes: sled::Tree,
     tokens: sled::Tree,
     evicted: sled::Tree,
 }
@@ -38,6 +39,7 @@ impl SledRecords {
             contexts: tree("context_files")?,
             images: tree("images")?,
             summaries: tree("summaries")?,
+            dir_nodes: tree("dir_nodes")?,
             tokens: tree("tokens")?,
             evicted: tree("evicted")?,
             db,
@@ -236,6 +238,20 @@ impl RecordStore for SledRecords {
 
     fn get_summary(&self, digest: &str) -> Result<Option<Vec<lcache_proto::sources_digest::SummaryEntry>>, StoreError> {
         get(&self.summaries, digest)
+    }
+
+    fn put_dir_nodes(&self, nodes: &[(String, lcache_proto::sources_digest::DirNode)]) -> Result<(), StoreError> {
+        for (digest, node) in nodes {
+            // Content-addressed: a listing already kept is the same listing.
+            if !self.dir_nodes.contains_key(digest).map_err(db_err)? {
+                self.dir_nodes.insert(digest.as_bytes(), encode(node)).map_err(db_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn get_dir_node(&self, digest: &str) -> Result<Option<lcache_proto::sources_digest::DirNode>, StoreError> {
+        get(&self.dir_nodes, digest)
     }
 
     fn access_times(&self) -> Result<Vec<(String, u64)>, StoreError> {
