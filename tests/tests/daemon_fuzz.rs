@@ -42,6 +42,7 @@ fn path() -> impl Strategy<Value = String> {
             Just("plan".to_string()),
             Just("status".to_string()),
             Just("summaries".to_string()),
+            Just("dir-nodes".to_string()),
             Just("metrics".to_string()),
             Just("..".to_string()),
             Just("%2F..%2F".to_string()),
