@@ -22,6 +22,7 @@ use lcache_proto::step_keys::{StepRef, StepSources};
 use lcache_proto::wire::{ContextIndexStatus, FILES_LISTED};
 use notify::Watcher;
 
+use crate::digest_persister::DigestPersister;
 use crate::store::{CachedDigest, RecordStore, StoreError};
 
 /// How a context is kept fresh.
@@ -121,6 +122,7 @@ pub struct IndexedContext {
 /// All indexed contexts.
 pub struct ContextIndex {
     records: Arc<dyn RecordStore>,
+    persister: DigestPersister,
     watch: bool,
     contexts: Mutex<HashMap<PathBuf, Arc<Mutex<IndexedContext>>>>,
 }
@@ -129,6 +131,7 @@ impl ContextIndex {
     /// An empty index; `watch` false forces stat walks everywhere (`lcached --watch off`).
     pub fn new(records: Arc<dyn RecordStore>, watch: bool) -> Self {
         Self {
+            persister: DigestPersister::start(records.clone()),
             records,
             watch,
             contexts: Mutex::new(HashMap::new()),
@@ -196,18 +199,24 @@ impl ContextIndex {
     }
 
     /// Persists what a plan learnt: new digests, and digests of files gone from the tree.
-    pub fn persist(
-        &self,
-        ctx: &IndexedContext,
-        upserts: &[(String, CachedDigest)],
-        removals: &[String],
-    ) -> Result<(), StoreError> {
-        if upserts.is_empty() && removals.is_empty() {
+    /// Durable on return when the plan read new contents; stamps that merely moved are
+    /// written behind (see [`DigestPersister`]).
+    pub fn persist(&self, ctx: &IndexedContext, learnt: Learnt, removals: Vec<String>) -> Result<(), StoreError> {
+        if learnt.upserts.is_empty() && removals.is_empty() {
             return Ok(());
         }
-        self.records.update_context_digests(&ctx.root_key, upserts, removals)?;
-        // Hashing cost real reads; make it survive a crash so a restart does not repeat it.
-        self.records.flush()
+        self.persister.persist(
+            &*self.records,
+            &ctx.root_key,
+            learnt.upserts,
+            removals,
+            learnt.new_contents,
+        )
+    }
+
+    /// Waits until every digest queued for the store is written.
+    pub fn drain(&self) -> Result<(), StoreError> {
+        self.persister.drain(&*self.records)
     }
 }
 
@@ -402,10 +411,10 @@ pub struct IndexSources<'a> {
 }
 
 impl IndexSources<'_> {
-    /// Files read by this plan, with the digests to cache.
-    pub fn finish(self) -> (Vec<(String, CachedDigest)>, usize) {
+    /// Files read by this plan, with the digests to cache, and how many were read.
+    pub fn finish(self) -> (Learnt, usize) {
         let Some(local) = self.local else {
-            return (Vec::new(), 0);
+            return (Learnt::default(), 0);
         };
         let started = self.ctx.plan_started_ns;
         // A racily clean file was hashed correctly for this plan, but its digest is not kept:
@@ -424,12 +433,29 @@ impl IndexSources<'_> {
                 )
             })
             .collect();
+        let mut new_contents = false;
         for (p, d) in &fresh {
-            self.ctx.digests.insert(p.clone(), *d);
+            let before = self.ctx.digests.insert(p.clone(), *d);
+            new_contents |= before.is_none_or(|b| b.digest != d.digest);
         }
         let n = local.hashed_files();
-        (fresh, n)
+        (
+            Learnt {
+                upserts: fresh,
+                new_contents,
+            },
+            n,
+        )
     }
+}
+
+/// What a plan learnt about a context's files.
+#[derive(Debug, Default)]
+pub struct Learnt {
+    /// Digests to keep, with the stamps they were taken at.
+    pub upserts: Vec<(String, CachedDigest)>,
+    /// Whether some file's contents were new (not only its stamp).
+    pub new_contents: bool,
 }
 
 impl StepSources for IndexSources<'_> {
@@ -487,8 +513,8 @@ mod tests {
         let mut sources = ctx.sources(false, &no_images);
         let at = StepRef { stage: 0, step: 0 };
         let d = sources.context_sources(at, &copy_all()).unwrap().digest;
-        let (fresh, _) = sources.finish();
-        index.persist(&ctx, &fresh, &removed).unwrap();
+        let (learnt, _) = sources.finish();
+        index.persist(&ctx, learnt, removed).unwrap();
         d
     }
 
@@ -519,15 +545,63 @@ mod tests {
             sources
                 .context_sources(StepRef { stage: 0, step: 0 }, &copy_all())
                 .unwrap();
-            let (fresh, hashed) = sources.finish();
-            assert_eq!((fresh.len(), hashed), (0, 1), "racily clean: read and used, not kept");
-            index.persist(&c, &fresh, &removed).unwrap();
+            let (learnt, hashed) = sources.finish();
+            assert_eq!(
+                (learnt.upserts.len(), hashed),
+                (0, 1),
+                "racily clean: read and used, not kept"
+            );
+            index.persist(&c, learnt, removed).unwrap();
             assert!(c.memo.is_empty(), "nor memoised");
         }
         assert_eq!(ctx.lock().unwrap().status().digests, 0);
         std::thread::sleep(Duration::from_millis(2 * (RACY_WINDOW_NS / 1_000_000) as u64));
         plan(&index, &ctx);
         assert_eq!(ctx.lock().unwrap().status().digests, 1, "old enough to trust now");
+    }
+
+    #[test]
+    fn a_touched_file_is_read_again_but_brings_no_new_contents() {
+        let store = tempfile::tempdir().unwrap();
+        let context = tempfile::tempdir().unwrap();
+        let file = context.path().join("a");
+        std::fs::write(&file, "one").unwrap();
+        std::thread::sleep(Duration::from_millis(2 * (RACY_WINDOW_NS / 1_000_000) as u64));
+        let index = index(store.path(), false);
+        let ctx = index.context(context.path()).unwrap();
+        let learn = |touch: &dyn Fn()| {
+            touch();
+            let mut c = ctx.lock().unwrap();
+            c.refresh().unwrap();
+            c.plan_started_ns += 10 * RACY_WINDOW_NS; // as if the plan ran well after the write
+            let no_images = |_: &str| None;
+            let mut sources = c.sources(false, &no_images);
+            sources
+                .context_sources(StepRef { stage: 0, step: 0 }, &copy_all())
+                .unwrap();
+            sources.finish()
+        };
+        let (first, _) = learn(&|| {});
+        assert!(first.new_contents && first.upserts.len() == 1);
+        let t = nix::sys::time::TimeSpec::new(1_700_000_000, 0);
+        let touch = || {
+            nix::sys::stat::utimensat(
+                nix::fcntl::AT_FDCWD,
+                &file,
+                &t,
+                &t,
+                nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap()
+        };
+        let (touched, hashed) = learn(&touch);
+        assert_eq!(
+            (touched.upserts.len(), hashed, touched.new_contents),
+            (1, 1, false),
+            "written behind"
+        );
+        let (edited, _) = learn(&|| std::fs::write(&file, "two").unwrap());
+        assert!(edited.new_contents, "waited for");
     }
 
     #[test]

@@ -81,8 +81,8 @@ pub fn plan_build(
         records.put_summary(&digest, &summary)?;
     }
     records.put_dir_nodes(&std::mem::take(&mut sources.dir_nodes))?;
-    let (fresh, hashed_files) = sources.finish();
-    index.persist(&ctx, &fresh, &removed)?;
+    let (learnt, hashed_files) = sources.finish();
+    index.persist(&ctx, learnt, removed)?;
     report.hashed_files = hashed_files;
     let mut cached = Vec::with_capacity(report.steps.len());
     let mut evicted = Vec::new();

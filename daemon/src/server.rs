@@ -365,6 +365,9 @@ impl Daemon {
                 eprintln!("lcached: not pushed to upstream {}: {f}", report.upstream);
             }
         }
+        if let Err(e) = self.state.index.drain() {
+            eprintln!("lcached: {e}");
+        }
         let _ = self.state.records.flush();
         for s in sockets {
             let _ = std::fs::remove_file(s);

@@ -4,7 +4,9 @@
 //!    1, 8 and 64 concurrent keep-alive clients: p50/p99 latency and lookups/s;
 //! 2. `POST /v1/plan` on the synthetic 50,000-file / ~200 MB context: cold (empty index),
 //!    warm no-op, and after a one-file edit, against hashing the context from scratch
-//!    (`lcache keys --offline`'s path).
+//!    (`lcache keys --offline`'s path), and every file's mtime touched; then the heap the
+//!    daemon holds per indexed file (a counting allocator: live bytes after the plans minus
+//!    before, sled's cache included).
 //!
 //! The daemon runs in this process on its own runtime (2 workers) but is reached through
 //! real sockets. Run: `cargo bench -p lcache-e2e --bench daemon`.
@@ -26,6 +28,35 @@ use lcache_context::synthetic_context::{make_synthetic_context, FILES};
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::StepRecord;
 use support::{row, start_daemon, time};
+
+/// Counts live heap bytes, so the daemon's memory per indexed file is measured exactly
+/// rather than read off a noisy RSS.
+struct Counting;
+
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size, std::sync::atomic::Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live_bytes() -> usize {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 const KEYS: usize = 2_000;
 const LOOKUPS: usize = 40_000;
@@ -160,6 +191,7 @@ fn main() {
             .map(|_| time(|| assert_eq!(offline_keys(&inputs).expect("keys").hashed_files, FILES)))
             .collect(),
     );
+    let heap_before = live_bytes();
     let cold = time(|| assert_eq!(client.plan(&inputs).expect("plan").report.hashed_files, FILES));
     let warm = median(
         (0..30)
@@ -179,10 +211,70 @@ fn main() {
             .collect(),
     );
     std::fs::write(&edited_file, &original).expect("restore");
+    // Every file's mtime moves, no content changes: each file is stat'ed and read once.
+    let touch_all = median(
+        (0..3i64)
+            .map(|n| {
+                let t = nix::sys::time::TimeSpec::new(1_700_000_000 + n, 0);
+                for entry in walkdir(&root.join("src")) {
+                    nix::sys::stat::utimensat(
+                        nix::fcntl::AT_FDCWD,
+                        &entry,
+                        &t,
+                        &t,
+                        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+                    )
+                    .expect("touch");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                time(|| assert!(client.plan(&inputs).expect("plan").report.hashed_files >= FILES))
+            })
+            .collect(),
+    );
+    // Settle: one more plan with no change, then what the daemon keeps.
+    client.plan(&inputs).expect("plan");
+    let per_file = live_bytes().saturating_sub(heap_before) as f64 / FILES as f64;
     eprintln!("\n== plan on {FILES} files (page cache warm)");
     row("hash from scratch (offline keys)", scratch, scratch, "");
     row("daemon plan, cold (empty index)", cold, scratch, "");
     row("daemon plan, warm no-op", warm, scratch, "(target <= 30 ms)");
     row("daemon plan, one file edited", edit, scratch, "(target <= 1500 ms)");
+    row(
+        "daemon plan, every mtime touched",
+        touch_all,
+        scratch,
+        "(target <= 500 ms)",
+    );
+    eprintln!(
+        "daemon heap held per indexed file: {per_file:.0} bytes (target <= 512; RSS now {} MiB)",
+        rss_kib() / 1024
+    );
     let _ = stop.send(());
+}
+
+/// Every file beneath `dir`.
+fn walkdir(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// This process's resident set, KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
