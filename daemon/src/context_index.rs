@@ -5,10 +5,9 @@
 //! re-read. Where watching is impossible every plan re-stats the tree (a stat walk).
 
 use std::collections::HashMap;
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lcache_context::context_walk::{read_dockerignore, walk, BARRIER_PREFIX};
@@ -20,8 +19,8 @@ use lcache_proto::source_select::{ContextEntry, EntryKind, FileStamp};
 use lcache_proto::sources_digest::SourcesDigest;
 use lcache_proto::step_keys::{StepRef, StepSources};
 use lcache_proto::wire::{ContextIndexStatus, FILES_LISTED};
-use notify::Watcher;
 
+use crate::context_watcher::{start_watcher, ContextWatcher, WatchSignals};
 use crate::digest_persister::DigestPersister;
 use crate::store::{CachedDigest, RecordStore, StoreError};
 
@@ -45,38 +44,8 @@ pub enum IndexError {
     Store(#[from] StoreError),
 }
 
-/// Why a context cannot be watched (it is stat-walked instead; the words are its status).
-#[derive(Debug, thiserror::Error)]
-pub enum WatchError {
-    /// No watcher could be made.
-    #[error("cannot start a file watcher: {0}")]
-    Start(notify::Error),
-    /// The kernel's limit on watched directories was reached.
-    #[error("too many directories to watch (raise fs.inotify.max_user_watches)")]
-    TooManyDirectories,
-    /// The tree could not be watched.
-    #[error("cannot watch {}: {source}", root.display())]
-    Watch {
-        /// The context.
-        root: PathBuf,
-        /// Why.
-        source: notify::Error,
-    },
-}
-
 /// What a COPY selects, for memoising its digest while the context does not change.
 type MemoKey = (Vec<String>, Vec<String>);
-
-/// What the watcher thread tells planners.
-#[derive(Default)]
-struct WatchSignals {
-    changed: AtomicBool,
-    /// Set when the watcher reported an error: events may have been lost, so the context is
-    /// stat-walked from then on.
-    failed: Mutex<Option<String>>,
-    cookies: Mutex<HashSet<String>>,
-    cookie_seen: Condvar,
-}
 
 /// How close to the moment it was read a file's ctime may be before its digest is not
 /// trusted later (git's "racily clean" rule): a write in the same timestamp tick as an
@@ -110,7 +79,7 @@ pub struct IndexedContext {
     digests: HashMap<String, CachedDigest>,
     signals: Arc<WatchSignals>,
     mode: WatchMode,
-    _watcher: Option<notify::RecommendedWatcher>,
+    _watcher: Option<ContextWatcher>,
     memo: HashMap<MemoKey, SourcesDigest>,
     /// When the current plan started (ns since the epoch).
     plan_started_ns: i64,
@@ -234,65 +203,6 @@ fn network_filesystem(root: &Path) -> Option<&'static str> {
         0x6573_5546 => Some("FUSE"),
         _ => None,
     }
-}
-
-fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<notify::RecommendedWatcher, WatchError> {
-    let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let event = match event {
-            Ok(e) => e,
-            Err(e) => {
-                // An overflowed queue or a directory that could not be watched: events were or
-                // will be lost, so this watcher can no longer be trusted.
-                signals
-                    .failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert_with(|| format!("the file watcher failed ({e}); stat-walking from now on"));
-                signals.changed.store(true, Ordering::SeqCst);
-                return;
-            }
-        };
-        let closed_after_write = matches!(
-            event.kind,
-            notify::EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Write))
-        );
-        if event.kind.is_access() && !closed_after_write {
-            // Opening or reading a file changes nothing, and our own hashing causes these.
-            return;
-        }
-        let mut other = event.paths.is_empty();
-        for p in &event.paths {
-            match p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .filter(|n| n.starts_with(BARRIER_PREFIX))
-            {
-                Some(name) if event.kind.is_create() => {
-                    signals
-                        .cookies
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(name.to_string());
-                    signals.cookie_seen.notify_all();
-                }
-                Some(_) => {}
-                None => other = true,
-            }
-        }
-        if other {
-            signals.changed.store(true, Ordering::SeqCst);
-        }
-    })
-    .map_err(WatchError::Start)?;
-    w.watch(root, notify::RecursiveMode::Recursive)
-        .map_err(|e| match e.kind {
-            notify::ErrorKind::MaxFilesWatch => WatchError::TooManyDirectories,
-            _ => WatchError::Watch {
-                root: root.to_path_buf(),
-                source: e,
-            },
-        })?;
-    Ok(w)
 }
 
 impl IndexedContext {

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod codec;
 pub mod context_index;
+pub mod context_watcher;
 pub mod digest_persister;
 pub mod eviction;
 pub mod metrics;

@@ -1,0 +1,240 @@
+//! Watches a build context with inotify and tells planners when something in it may have
+//! changed. Only events that can change a build's inputs are asked for (writes, attribute
+//! changes, creations, deletions, moves): never opens or reads, so the daemon's own hashing
+//! of thousands of files does not wake the watcher once per file (a general-purpose watcher
+//! such as `notify` always subscribes to opens, which cost a quarter of a touched tree's
+//! plan). Directories made later are watched as they appear; an overflowed queue or a
+//! directory that cannot be watched marks the watcher failed, and the context is
+//! stat-walked from then on.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use inotify::{EventMask, Inotify, WatchMask, Watches};
+use lcache_context::context_walk::BARRIER_PREFIX;
+
+/// What the watcher thread tells planners.
+#[derive(Default)]
+pub struct WatchSignals {
+    /// Something changed since the flag was last cleared.
+    pub changed: AtomicBool,
+    /// Set when events may have been lost, so the context is stat-walked from then on.
+    pub failed: Mutex<Option<String>>,
+    /// Barrier marker files seen created (see `IndexedContext::sync_watcher`).
+    pub cookies: Mutex<HashSet<String>>,
+    /// Signalled when a marker is seen.
+    pub cookie_seen: Condvar,
+}
+
+impl WatchSignals {
+    fn fail(&self, why: String) {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
+        self.changed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Why a context cannot be watched (it is stat-walked instead; the words are its status).
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// No watcher could be made.
+    #[error("cannot start a file watcher: {0}")]
+    Start(std::io::Error),
+    /// The kernel's limit on watched directories was reached.
+    #[error("too many directories to watch (raise fs.inotify.max_user_watches)")]
+    TooManyDirectories,
+    /// The tree could not be watched.
+    #[error("cannot watch {}: {source}", root.display())]
+    Watch {
+        /// The directory.
+        root: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The events that can change what a build reads.
+fn mask() -> WatchMask {
+    WatchMask::MODIFY
+        | WatchMask::ATTRIB
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::DONT_FOLLOW
+        | WatchMask::ONLYDIR
+}
+
+/// A running watcher; dropping it stops the thread.
+pub struct ContextWatcher {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for ContextWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Every directory beneath `dir` (itself included), with a watch each; the map gives each
+/// watch's directory, so directories made later beneath it can be watched too.
+fn watch_tree(watches: &mut Watches, dir: &Path, dirs: &mut HashMap<i32, PathBuf>) -> Result<(), WatchError> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let wd = match watches.add(&d, mask()) {
+            Ok(wd) => wd,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => return Err(WatchError::TooManyDirectories),
+            // Gone or replaced by a file meanwhile: the event that says so is queued.
+            Err(e) if matches!(e.raw_os_error(), Some(nix::libc::ENOENT | nix::libc::ENOTDIR)) && d != dir => continue,
+            Err(source) => return Err(WatchError::Watch { root: d, source }),
+        };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            dirs.insert(wd.get_watch_descriptor_id(), d);
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            }
+        }
+        dirs.insert(wd.get_watch_descriptor_id(), d);
+    }
+    Ok(())
+}
+
+/// Starts watching `root` and everything beneath it.
+pub fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<ContextWatcher, WatchError> {
+    let inotify = Inotify::init().map_err(WatchError::Start)?;
+    let mut dirs = HashMap::new();
+    watch_tree(&mut inotify.watches(), root, &mut dirs)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::Builder::new()
+        .name("context-watcher".into())
+        .spawn(move || watch_loop(inotify, dirs, &signals, &stopped))
+        .map_err(WatchError::Start)?;
+    Ok(ContextWatcher { stop })
+}
+
+fn watch_loop(mut inotify: Inotify, mut dirs: HashMap<i32, PathBuf>, signals: &WatchSignals, stop: &AtomicBool) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::SeqCst) {
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(500u16)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return signals.fail(format!("the file watcher failed ({e}); stat-walking from now on")),
+        }
+        let events = match inotify.read_events(&mut buf) {
+            Ok(events) => events,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return signals.fail(format!("the file watcher failed ({e}); stat-walking from now on")),
+        };
+        let mut new_dirs = Vec::new();
+        for ev in events {
+            if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                signals.fail("the file watcher's queue overflowed; stat-walking from now on".into());
+                continue;
+            }
+            let id = ev.wd.get_watch_descriptor_id();
+            if ev.mask.contains(EventMask::IGNORED) {
+                dirs.remove(&id);
+                signals.changed.store(true, Ordering::SeqCst);
+                continue;
+            }
+            let name = ev.name.and_then(|n| n.to_str());
+            if let Some(marker) = name.filter(|n| n.starts_with(BARRIER_PREFIX)) {
+                if ev.mask.contains(EventMask::CREATE) {
+                    signals
+                        .cookies
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(marker.to_string());
+                    signals.cookie_seen.notify_all();
+                }
+                continue;
+            }
+            signals.changed.store(true, Ordering::SeqCst);
+            if ev.mask.contains(EventMask::ISDIR) && ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+                if let (Some(parent), Some(n)) = (dirs.get(&id), ev.name) {
+                    new_dirs.push(parent.join(n));
+                }
+            }
+        }
+        // Watched before the next read, so before any later barrier marker is seen: a plan
+        // that waited for its marker walks a tree whose every directory is watched.
+        for d in new_dirs {
+            if let Err(e) = watch_tree(&mut inotify.watches(), &d, &mut dirs) {
+                signals.fail(format!("{e}; stat-walking from now on"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn wait_for(what: impl Fn() -> bool) -> bool {
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn writes_creations_and_new_directories_are_seen_and_reads_are_not() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("sub")).unwrap();
+        std::fs::write(root.path().join("sub/a"), "a").unwrap();
+        let signals = Arc::new(WatchSignals::default());
+        let _w = start_watcher(root.path(), signals.clone()).unwrap();
+        let changed = || signals.changed.swap(false, Ordering::SeqCst);
+
+        std::fs::read(root.path().join("sub/a")).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!changed(), "reading changes nothing");
+
+        std::fs::write(root.path().join("sub/a"), "b").unwrap();
+        assert!(wait_for(changed), "a write beneath a watched directory");
+
+        std::fs::create_dir_all(root.path().join("new/deeper")).unwrap();
+        assert!(wait_for(changed));
+        std::thread::sleep(Duration::from_millis(100));
+        changed();
+        std::fs::write(root.path().join("new/deeper/f"), "x").unwrap();
+        assert!(wait_for(changed), "a directory made after the start is watched");
+
+        let t = nix::sys::time::TimeSpec::new(1_700_000_000, 0);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &root.path().join("sub/a"),
+            &t,
+            &t,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        assert!(wait_for(changed), "a touch");
+
+        std::fs::write(root.path().join(format!("{BARRIER_PREFIX}x")), "").unwrap();
+        assert!(wait_for(|| signals
+            .cookies
+            .lock()
+            .unwrap()
+            .contains(&format!("{BARRIER_PREFIX}x"))));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!changed(), "a barrier marker is not a change");
+        assert!(signals.failed.lock().unwrap().is_none());
+    }
+}
