@@ -1086,7 +1086,7 @@ impl StageSelection {
         let entries = walk(mount.path(), &IgnoreMatcher::default())?;
         let excludes = IgnoreMatcher::from_patterns(c.excludes.iter().map(String::as_str))?;
         let roots = select(&entries, &c.sources, &excludes)?;
-        let mut local = LocalContext::from_entries(mount.path(), entries.clone(), |_| None);
+        let mut local = LocalContext::from_entries(mount.path(), entries.clone(), |_, _| None);
         let digest = local.digest_sources(c)?.digest;
         Ok(Self {
             mount,

@@ -45,7 +45,7 @@ impl LocalContext {
     /// Walks `root` (honouring its `.dockerignore`); nothing is hashed yet.
     pub fn walk(root: &Path) -> Result<Self, ContextError> {
         let ignore = read_dockerignore(root)?;
-        Ok(Self::from_entries(root, walk(root, &ignore)?, |_| None))
+        Ok(Self::from_entries(root, walk(root, &ignore)?, |_, _| None))
     }
 
     /// A context from entries walked earlier; `known(entry)` gives a digest that is still
@@ -53,11 +53,12 @@ impl LocalContext {
     pub fn from_entries(
         root: &Path,
         entries: Vec<ContextEntry>,
-        known: impl Fn(&ContextEntry) -> Option<[u8; 32]>,
+        known: impl Fn(usize, &ContextEntry) -> Option<[u8; 32]>,
     ) -> Self {
         let content = entries
             .iter()
-            .map(|e| if e.kind == EntryKind::File { known(e) } else { None })
+            .enumerate()
+            .map(|(i, e)| if e.kind == EntryKind::File { known(i, e) } else { None })
             .collect();
         Self {
             root: root.to_path_buf(),
@@ -164,7 +165,7 @@ mod tests {
 
         let entries = ctx.entries().to_vec();
         let known: Vec<(String, [u8; 32])> = ctx.newly_hashed().map(|(e, h)| (e.path.clone(), h)).collect();
-        let mut again = LocalContext::from_entries(d.path(), entries, |e| {
+        let mut again = LocalContext::from_entries(d.path(), entries, |_, e| {
             known.iter().find(|(p, _)| *p == e.path).map(|(_, h)| *h)
         });
         assert_eq!(again.digest_sources(&copy(&["src"])).unwrap(), first);

@@ -71,12 +71,26 @@ fn now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// One indexed context.
+/// A file's content digest as last read, and whether it still holds: taken at the entry's
+/// current stamp and size, and not racily (see [`racy`]). An invalid one is kept to tell a
+/// re-read that found the same contents (a touch) from an edit.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    digest: [u8; 32],
+    valid: bool,
+}
+
+/// One indexed context. Paths are held once, in the entry list; each file's digest sits
+/// beside its entry (`known`), so the index costs an entry and 33 bytes per file.
 pub struct IndexedContext {
     root: PathBuf,
     root_key: String,
+    /// The walked entries, sorted by path.
     entries: Option<Vec<ContextEntry>>,
-    digests: HashMap<String, CachedDigest>,
+    /// Aligned with `entries`: each file's last known content digest.
+    known: Vec<Option<Known>>,
+    /// Digests read from the store when the context was opened, until the first walk.
+    stored: Option<HashMap<String, CachedDigest>>,
     signals: Arc<WatchSignals>,
     mode: WatchMode,
     _watcher: Option<ContextWatcher>,
@@ -114,7 +128,7 @@ impl ContextIndex {
             return Ok(c.clone());
         }
         let root_key = root.display().to_string();
-        let digests = self.records.context_digests(&root_key)?.into_iter().collect();
+        let stored = self.records.context_digests(&root_key)?.into_iter().collect();
         let signals = Arc::new(WatchSignals {
             changed: AtomicBool::new(true),
             ..WatchSignals::default()
@@ -138,7 +152,8 @@ impl ContextIndex {
             root: root.to_path_buf(),
             root_key,
             entries: None,
-            digests,
+            known: Vec::new(),
+            stored: Some(stored),
             signals,
             mode,
             _watcher: watcher,
@@ -217,7 +232,7 @@ impl IndexedContext {
             mode,
             reason,
             entries: self.entries.as_ref().map_or(0, Vec::len),
-            digests: self.digests.len(),
+            digests: self.known.iter().flatten().filter(|k| k.valid).count(),
         }
     }
 
@@ -240,24 +255,63 @@ impl IndexedContext {
         if self.entries.as_ref() != Some(&entries) {
             self.memo.clear();
         }
-        let mut present = std::collections::HashSet::with_capacity(entries.len());
-        for e in &entries {
-            if e.kind == EntryKind::File {
-                present.insert(e.path.as_str());
-            }
-        }
-        let removed: Vec<String> = self
-            .digests
-            .keys()
-            .filter(|p| !present.contains(p.as_str()))
-            .cloned()
-            .collect();
-        for p in &removed {
-            self.digests.remove(p);
-        }
+        let (known, removed) = self.carry_digests(&entries);
         self.newest_stamp = entries.iter().map(|e| e.stamp).max_by_key(|s| s.ctime_ns);
+        let mut entries = entries;
+        entries.shrink_to_fit();
         self.entries = Some(entries);
+        self.known = known;
         Ok(removed)
+    }
+
+    /// Each new entry's known digest, carried from the previous walk (or, after a restart,
+    /// from the store) by path; and the paths that had a digest and are no longer files.
+    fn carry_digests(&mut self, entries: &[ContextEntry]) -> (Vec<Option<Known>>, Vec<String>) {
+        let old = self.entries.take().unwrap_or_default();
+        let old_known = std::mem::take(&mut self.known);
+        let stored = self.stored.take().unwrap_or_default();
+        let is_file = |list: &[ContextEntry], path: &str| {
+            list.binary_search_by(|e| e.path.as_str().cmp(path))
+                .is_ok_and(|i| list[i].kind == EntryKind::File)
+        };
+        let known = entries
+            .iter()
+            .map(|e| {
+                if e.kind != EntryKind::File {
+                    return None;
+                }
+                let from_walk = old
+                    .binary_search_by(|o| o.path.as_str().cmp(&e.path))
+                    .ok()
+                    .filter(|&i| old[i].kind == EntryKind::File)
+                    .and_then(|i| old_known[i].map(|k| (k, old[i].stamp, old[i].size)));
+                let from_store = || {
+                    stored.get(&e.path).map(|c| {
+                        (
+                            Known {
+                                digest: c.digest,
+                                valid: true,
+                            },
+                            c.stamp,
+                            c.size,
+                        )
+                    })
+                };
+                let (k, stamp, size) = from_walk.or_else(from_store)?;
+                Some(Known {
+                    digest: k.digest,
+                    valid: k.valid && stamp == e.stamp && size == e.size,
+                })
+            })
+            .collect();
+        let mut removed: Vec<String> = old
+            .iter()
+            .zip(&old_known)
+            .filter(|(o, k)| k.is_some() && !is_file(entries, &o.path))
+            .map(|(o, _)| o.path.clone())
+            .collect();
+        removed.extend(stored.into_keys().filter(|p| !is_file(entries, p)));
+        (known, removed)
     }
 
     /// Waits until the watcher has delivered every event that happened before this call:
@@ -344,9 +398,16 @@ impl IndexSources<'_> {
             })
             .collect();
         let mut new_contents = false;
-        for (p, d) in &fresh {
-            let before = self.ctx.digests.insert(p.clone(), *d);
-            new_contents |= before.is_none_or(|b| b.digest != d.digest);
+        let entries = self.ctx.entries.as_deref().unwrap_or_default();
+        for (e, digest) in local.newly_hashed() {
+            let Ok(i) = entries.binary_search_by(|x| x.path.as_str().cmp(&e.path)) else {
+                continue;
+            };
+            let before = self.ctx.known[i].replace(Known {
+                digest,
+                valid: !racy(&e.stamp, started),
+            });
+            new_contents |= before.is_none_or(|b| b.digest != digest);
         }
         let n = local.hashed_files();
         (
@@ -379,12 +440,9 @@ impl StepSources for IndexSources<'_> {
         let ctx = &mut *self.ctx;
         let local = self.local.get_or_insert_with(|| {
             let entries = ctx.entries.clone().unwrap_or_default();
-            let digests = &ctx.digests;
-            LocalContext::from_entries(&ctx.root, entries, |e| {
-                digests
-                    .get(&e.path)
-                    .filter(|c| c.stamp == e.stamp && c.size == e.size)
-                    .map(|c| c.digest)
+            let known = &ctx.known;
+            LocalContext::from_entries(&ctx.root, entries, |i, _| {
+                known.get(i).copied().flatten().filter(|k| k.valid).map(|k| k.digest)
             })
         });
         let mut d = local.digest_sources(def)?;
@@ -392,6 +450,8 @@ impl StepSources for IndexSources<'_> {
         self.dir_nodes.append(&mut d.nodes);
         if !self.all_files && !ctx.has_racy_files() {
             d.files.truncate(FILES_LISTED);
+            // Kept for as long as the context is unchanged: not the capacity of every file.
+            d.files.shrink_to_fit();
             ctx.memo.insert(key, d.clone());
         }
         Ok(d)

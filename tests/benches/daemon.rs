@@ -231,8 +231,10 @@ fn main() {
             })
             .collect(),
     );
-    // Settle: one more plan with no change, then what the daemon keeps.
+    // Settle: one more plan with no change, and time for the digests written behind to
+    // leave the writer's queue; then what the daemon keeps.
     client.plan(&inputs).expect("plan");
+    std::thread::sleep(Duration::from_secs(3));
     let per_file = live_bytes().saturating_sub(heap_before) as f64 / FILES as f64;
     eprintln!("\n== plan on {FILES} files (page cache warm)");
     row("hash from scratch (offline keys)", scratch, scratch, "");

@@ -22,6 +22,9 @@ pub struct SledRecords {
     evicted: sled::Tree,
 }
 
+/// The most memory sled's page cache may hold.
+const SLED_CACHE_BYTES: u64 = 32 << 20;
+
 fn db_err(e: sled::Error) -> StoreError {
     StoreError::Db(e.to_string())
 }
@@ -29,7 +32,14 @@ fn db_err(e: sled::Error) -> StoreError {
 impl SledRecords {
     /// Opens (creating) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open().map_err(db_err)?;
+        // sled's default cache is 1 GiB and keeps every page it touched: a bound keeps the
+        // daemon's memory from growing with the contexts it indexes (the OS page cache still
+        // holds the file).
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+            .map_err(db_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
         Ok(Self {
             steps: tree("steps")?,
