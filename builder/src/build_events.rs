@@ -27,6 +27,21 @@ pub struct StepEvent {
     pub duration_ms: u64,
     /// Why it rebuilt (misses only).
     pub cause: Option<String>,
+    /// Where a rebuilt step's time went (misses only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<StepPhases>,
+}
+
+/// Where a rebuilt step's time went, milliseconds: what `docs/benchmarks.md` breaks a cold
+/// build down by.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StepPhases {
+    /// Running the RUN, or copying (and hashing) what a COPY brings, into the layer tree.
+    pub execute_ms: u64,
+    /// The layer tree as an OCI tar: walk, read, gzip, both SHA-256s, fsync.
+    pub pack_ms: u64,
+    /// The blob uploaded to the cache, stored and fsynced there, and the step recorded.
+    pub store_ms: u64,
 }
 
 /// The last event of a build.

@@ -21,7 +21,7 @@ use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
 use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
 
 use crate::build_control::BuildControl;
-use crate::build_events::{BuildObserver, StepEvent, SummaryEvent};
+use crate::build_events::{BuildObserver, StepEvent, StepPhases, SummaryEvent};
 use crate::cache_dir::CacheDir;
 use crate::copy_step::{
     build_copy_layer, build_workdir_layer, load_seed, parse_chmod, save_manifest, CopyAttrs, CopyError, CopyJob, Seed,
@@ -467,7 +467,7 @@ impl<'a> Builder<'a> {
             };
             st.rebuilt = root_after(cause.as_ref(), this);
             let layer = match hit {
-                Some(_) => restored,
+                Some(_) => restored.map(|(l, s)| (l, s, None)),
                 None => Some(self.execute(
                     number,
                     step.line,
@@ -482,7 +482,8 @@ impl<'a> Builder<'a> {
                     compared_with.as_deref().and_then(|k| self.seed_from(k)),
                 )?),
             };
-            if let Some((l, snap)) = layer {
+            let phases = layer.as_ref().and_then(|(_, _, p)| *p);
+            if let Some((l, snap, _)) = layer {
                 st.layers.push(l);
                 st.snapshots.push(snap);
             }
@@ -498,6 +499,7 @@ impl<'a> Builder<'a> {
                 key: key.clone(),
                 duration_ms: t.elapsed().as_millis() as u64,
                 cause: cause.as_ref().map(MissCause::describe),
+                phases,
             };
             self.progress().finished(&ev);
             let record = BuildStep {
@@ -727,7 +729,7 @@ impl<'a> Builder<'a> {
         key: &str,
         started: Instant,
         seed: Option<Seed>,
-    ) -> Result<(LayerRef, PathBuf), BuildError> {
+    ) -> Result<(LayerRef, PathBuf, Option<StepPhases>), BuildError> {
         let location = format!("{}:{line}", self.dockerfile);
         let fail = |message: String, last_output: Vec<String>| BuildError::StepFailed {
             location: location.clone(),
@@ -874,8 +876,15 @@ impl<'a> Builder<'a> {
                 layer
             }
         };
+        let mut phases = StepPhases {
+            execute_ms: started.elapsed().as_millis() as u64,
+            ..StepPhases::default()
+        };
+        let packing = Instant::now();
         let packed: PackedLayer = pack_layer(&tree, &work.path().join("layer.tgz"))
             .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+        phases.pack_ms = packing.elapsed().as_millis() as u64;
+        let storing = Instant::now();
         self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
         let layer = LayerRef {
             digest: packed.digest.clone(),
@@ -900,6 +909,7 @@ impl<'a> Builder<'a> {
             }
             other => other?,
         }
+        phases.store_ms = storing.elapsed().as_millis() as u64;
         let snap = self.cache.snapshot(&packed.digest);
         if !snap.exists() {
             if let Err(source) = std::fs::rename(&tree, &snap) {
@@ -917,7 +927,7 @@ impl<'a> Builder<'a> {
             // Only a speed-up for the next build of this step: failing to keep it is harmless.
             let _ = save_manifest(&snap, &m);
         }
-        Ok((layer, snap))
+        Ok((layer, snap, Some(phases)))
     }
 
     /// Makes the files a bind mount shows in `dir` (a copy: the RUN can neither change

@@ -33,6 +33,9 @@ impl DigestPersister {
             .spawn(move || {
                 for job in rx {
                     let written = write(&*records, &job);
+                    if job.upserts.len() > 10_000 {
+                        crate::memory_release::release_free_memory();
+                    }
                     match job.done {
                         Some(done) => {
                             let _ = done.send(written);

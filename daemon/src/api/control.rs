@@ -52,7 +52,16 @@ pub async fn plan(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Bod
     };
     let st = state.clone();
     // Walking and hashing block: keep them off the async workers.
-    let result = tokio::task::spawn_blocking(move || plan_build(&st.index, st.records.as_ref(), &inputs)).await;
+    let result = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let plan = plan_build(&st.index, st.records.as_ref(), &inputs);
+        // Only a plan that walked or read a large tree freed enough to be worth handing back.
+        if started.elapsed() > std::time::Duration::from_millis(50) {
+            crate::memory_release::release_free_memory();
+        }
+        plan
+    })
+    .await;
     match result {
         Ok(Ok(resp)) => json(StatusCode::OK, &resp),
         Ok(Err(PlanError::Dockerfile(e))) => error(
