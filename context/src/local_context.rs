@@ -9,7 +9,7 @@ use lcache_proto::build_plan::CopyDef;
 use lcache_proto::dockerignore::IgnoreMatcher;
 use lcache_proto::errors::{Location, SelectError};
 use lcache_proto::source_select::{select, ContextEntry, EntryKind};
-use lcache_proto::sources_digest::{sources_digest, SourcesDigest};
+use lcache_proto::sources_digest::{sources_digest_listing, SourcesDigest};
 use lcache_proto::step_keys::{StepRef, StepSources};
 
 use crate::content_hash::hash_files;
@@ -39,6 +39,8 @@ pub struct LocalContext {
     entries: Vec<ContextEntry>,
     content: Vec<Option<[u8; 32]>>,
     hashed: Vec<usize>,
+    /// How many files a sources digest describes (`SourcesDigest::files`).
+    listed: usize,
 }
 
 impl LocalContext {
@@ -65,7 +67,19 @@ impl LocalContext {
             entries,
             content,
             hashed: Vec::new(),
+            listed: usize::MAX,
         }
+    }
+
+    /// Describes at most `n` files per sources digest from now on (the digests and totals
+    /// are unchanged).
+    pub fn list_at_most(&mut self, n: usize) {
+        self.listed = n;
+    }
+
+    /// The entries back, for the caller that lent them.
+    pub fn into_entries(self) -> Vec<ContextEntry> {
+        self.entries
     }
 
     /// The context directory.
@@ -122,9 +136,12 @@ impl LocalContext {
             self.hashed.extend(missing);
         }
         let content = &self.content;
-        Ok(sources_digest(&self.entries, &roots, &|i| {
-            content[i].unwrap_or_default()
-        }))
+        Ok(sources_digest_listing(
+            &self.entries,
+            &roots,
+            &|i| content[i].unwrap_or_default(),
+            self.listed,
+        ))
     }
 }
 

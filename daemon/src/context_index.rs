@@ -376,8 +376,8 @@ pub struct IndexSources<'a> {
 
 impl IndexSources<'_> {
     /// Files read by this plan, with the digests to cache, and how many were read.
-    pub fn finish(self) -> (Learnt, usize) {
-        let Some(local) = self.local else {
+    pub fn finish(mut self) -> (Learnt, usize) {
+        let Some(local) = self.local.take() else {
             return (Learnt::default(), 0);
         };
         let started = self.ctx.plan_started_ns;
@@ -398,7 +398,7 @@ impl IndexSources<'_> {
             })
             .collect();
         let mut new_contents = false;
-        let entries = self.ctx.entries.as_deref().unwrap_or_default();
+        let entries = local.entries();
         for (e, digest) in local.newly_hashed() {
             let Ok(i) = entries.binary_search_by(|x| x.path.as_str().cmp(&e.path)) else {
                 continue;
@@ -410,6 +410,7 @@ impl IndexSources<'_> {
             new_contents |= before.is_none_or(|b| b.digest != digest);
         }
         let n = local.hashed_files();
+        self.ctx.entries = Some(local.into_entries());
         (
             Learnt {
                 upserts: fresh,
@@ -417,6 +418,15 @@ impl IndexSources<'_> {
             },
             n,
         )
+    }
+}
+
+impl Drop for IndexSources<'_> {
+    fn drop(&mut self) {
+        // A plan that failed before `finish` still gives the entries back.
+        if let Some(local) = self.local.take() {
+            self.ctx.entries = Some(local.into_entries());
+        }
     }
 }
 
@@ -437,13 +447,19 @@ impl StepSources for IndexSources<'_> {
                 return Ok(d.clone());
             }
         }
+        let all_files = self.all_files;
         let ctx = &mut *self.ctx;
         let local = self.local.get_or_insert_with(|| {
-            let entries = ctx.entries.clone().unwrap_or_default();
+            // Lent for the plan, not copied: `finish` (or dropping these sources) returns them.
+            let entries = ctx.entries.take().unwrap_or_default();
             let known = &ctx.known;
-            LocalContext::from_entries(&ctx.root, entries, |i, _| {
+            let mut local = LocalContext::from_entries(&ctx.root, entries, |i, _| {
                 known.get(i).copied().flatten().filter(|k| k.valid).map(|k| k.digest)
-            })
+            });
+            if !all_files {
+                local.list_at_most(FILES_LISTED);
+            }
+            local
         });
         let mut d = local.digest_sources(def)?;
         self.summaries.push((d.digest.clone(), std::mem::take(&mut d.summary)));
@@ -572,6 +588,39 @@ mod tests {
         );
         let (edited, _) = learn(&|| std::fs::write(&file, "two").unwrap());
         assert!(edited.new_contents, "waited for");
+    }
+
+    #[test]
+    fn a_plan_that_fails_keeps_the_entries_and_digests_it_borrowed() {
+        let store = tempfile::tempdir().unwrap();
+        let context = tempfile::tempdir().unwrap();
+        std::fs::write(context.path().join("a"), "one").unwrap();
+        std::thread::sleep(Duration::from_millis(2 * (RACY_WINDOW_NS / 1_000_000) as u64));
+        let index = index(store.path(), false);
+        let ctx = index.context(context.path()).unwrap();
+        plan(&index, &ctx);
+        {
+            let mut c = ctx.lock().unwrap();
+            c.refresh().unwrap();
+            let no_images = |_: &str| None;
+            let mut sources = c.sources(false, &no_images);
+            let at = StepRef { stage: 0, step: 0 };
+            sources.context_sources(at, &copy_all()).unwrap();
+            let missing = CopyDef::from_context(&["nope"], "/d/");
+            assert!(sources.context_sources(at, &missing).is_err());
+            // Dropped without `finish`, as a failed plan is.
+        }
+        let status = ctx.lock().unwrap().status();
+        assert_eq!((status.entries, status.digests), (1, 1));
+        let mut c = ctx.lock().unwrap();
+        c.refresh().unwrap();
+        let no_images = |_: &str| None;
+        let mut sources = c.sources(true, &no_images);
+        let d = sources
+            .context_sources(StepRef { stage: 0, step: 0 }, &copy_all())
+            .unwrap();
+        assert_eq!((d.files.len(), d.total), (1, 1));
+        assert_eq!(sources.finish().1, 0, "nothing read again");
     }
 
     #[test]

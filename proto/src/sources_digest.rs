@@ -166,12 +166,28 @@ pub fn sources_digest(
     roots: &[SelectedRoot],
     content: &dyn Fn(usize) -> [u8; 32],
 ) -> SourcesDigest {
+    sources_digest_listing(entries, roots, content, usize::MAX)
+}
+
+/// [`sources_digest`], describing only the first `listed` entries in `files` (`total` still
+/// counts them all): describing 50,000 files to keep ten is most of a touched tree's digest.
+pub fn sources_digest_listing(
+    entries: &[ContextEntry],
+    roots: &[SelectedRoot],
+    content: &dyn Fn(usize) -> [u8; 32],
+    listed: usize,
+) -> SourcesDigest {
     let mut e = Encoder::new();
+    let mut total = 0;
     e.str("lcache-sources").u32(1).u32(roots.len() as u32);
     let mut files = Vec::new();
     let mut summary = Vec::new();
     let mut nodes = BTreeMap::new();
     let mut describe = |i: usize| {
+        total += 1;
+        if files.len() >= listed {
+            return;
+        }
         let en = &entries[i];
         files.push(FileInput {
             path: en.path.clone(),
@@ -207,7 +223,7 @@ pub fn sources_digest(
     }
     SourcesDigest {
         digest: hex(&e.finish()),
-        total: files.len(),
+        total,
         files,
         summary,
         nodes: nodes.into_iter().collect(),
@@ -312,6 +328,20 @@ mod tests {
         let mut empty_dir = tree();
         empty_dir.push(dir("src/e"));
         assert_ne!(digest_of(&empty_dir, &same).digest, base, "an empty directory");
+    }
+
+    #[test]
+    fn a_listing_limit_changes_only_how_many_files_are_described() {
+        let entries = tree();
+        let roots = select(&entries, &["src".to_string()], &IgnoreMatcher::default()).unwrap();
+        let all = sources_digest(&entries, &roots, &|_| [1; 32]);
+        let two = sources_digest_listing(&entries, &roots, &|_| [1; 32], 2);
+        assert_eq!(
+            (two.digest.as_str(), two.total, two.files.len()),
+            (all.digest.as_str(), all.total, 2)
+        );
+        assert_eq!(two.files[..], all.files[..2]);
+        assert_eq!((two.summary, two.nodes), (all.summary, all.nodes));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use lcache_proto::wire::BuildRecord;
 
-use super::{error, json, now_ms, read_json, Body};
+use super::{error, json, now_ms, read_json, stored, Body};
 use crate::state::AppState;
 
 /// `POST /v1/builds`: stores a finished build, assigning its id.
@@ -55,17 +55,9 @@ pub fn list(state: &AppState, query: Option<&str>) -> Response<Body> {
 
 /// `GET /v1/builds/{id}`.
 pub fn get(state: &AppState, id: &str) -> Response<Body> {
-    match state.records.get_build(id) {
-        Ok(Some(b)) => json(StatusCode::OK, &b),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("no build {id}"),
-            "list builds with GET /v1/builds",
-        ),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        ),
-    }
+    stored(
+        state.records.get_build(id),
+        format!("no build {id}"),
+        "list builds with GET /v1/builds",
+    )
 }

@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use lcache_proto::wire::{CacheStats, PlanInputs, StatusResponse};
 
-use super::{error, json, read_json, Body};
+use super::{error, json, read_json, stored, Body};
 use crate::planner::{plan_build, PlanError};
 use crate::state::AppState;
 use std::sync::atomic::Ordering;
@@ -104,36 +104,20 @@ pub fn metrics(state: &AppState) -> Response<Body> {
 
 /// `GET /v1/dir-nodes/{digest}`: a directory's listing by its node digest.
 pub fn dir_node(state: &AppState, digest: &str) -> Response<Body> {
-    match state.records.get_dir_node(digest) {
-        Ok(Some(n)) => json(StatusCode::OK, &n),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("no directory node {digest}"),
-            "directory nodes exist for the directories of sources digests a plan computed",
-        ),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        ),
-    }
+    stored(
+        state.records.get_dir_node(digest),
+        format!("no directory node {digest}"),
+        "directory nodes exist for the directories of sources digests a plan computed",
+    )
 }
 
 /// `GET /v1/summaries/{digest}`: the Merkle summary behind a sources digest.
 pub fn summary(state: &AppState, digest: &str) -> Response<Body> {
-    match state.records.get_summary(digest) {
-        Ok(Some(s)) => json(StatusCode::OK, &s),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            format!("no summary for sources digest {digest}"),
-            "summaries exist for digests a plan computed",
-        ),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        ),
-    }
+    stored(
+        state.records.get_summary(digest),
+        format!("no summary for sources digest {digest}"),
+        "summaries exist for digests a plan computed",
+    )
 }
 
 /// `POST /v1/upstream/sync`: waits until every stored record is pushed to the upstream;

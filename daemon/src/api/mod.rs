@@ -70,6 +70,24 @@ pub fn error(status: StatusCode, error: impl Into<String>, hint: impl Into<Strin
     r
 }
 
+/// A value looked up in the store: 200 with it, 404 (`missing`, `hint`) without it, 500 when
+/// the store failed.
+pub fn stored<T: Serialize>(
+    found: Result<Option<T>, crate::store::StoreError>,
+    missing: String,
+    hint: &str,
+) -> Response<Body> {
+    match found {
+        Ok(Some(v)) => json(StatusCode::OK, &v),
+        Ok(None) => error(StatusCode::NOT_FOUND, missing, hint),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
+    }
+}
+
 /// Reads a JSON body of at most [`JSON_LIMIT`] bytes, within the body timeout.
 pub async fn read_json<T: DeserializeOwned>(state: &AppState, req: Request<Incoming>) -> Result<T, Response<Body>> {
     let timeout = state.limits.body_timeout;
