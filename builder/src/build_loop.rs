@@ -23,15 +23,14 @@ use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInpu
 use crate::build_control::BuildControl;
 use crate::build_events::{BuildObserver, StepEvent, StepPhases, SummaryEvent};
 use crate::cache_dir::CacheDir;
-use crate::copy_step::{
-    build_copy_layer, build_workdir_layer, load_seed, parse_chmod, save_manifest, CopyAttrs, CopyError, CopyJob, Seed,
-};
+use crate::copy_seed::{save_entries, DeltaUnit, Seed};
+use crate::copy_step::{build_copy_layer, build_workdir_layer, parse_chmod, CopyAttrs, CopyError, CopyJob, CopyLayer};
 use crate::errors::{BuildError, CacheError};
 use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::overlay_mount::OverlayMount;
 use crate::run_mounts::{prepare as prepare_mounts, MountInputs};
 use crate::run_step::{argv_with_heredocs, run_step, PreparedMount, RunError, RunSpec};
-use crate::snapshots::ensure_snapshot;
+use crate::snapshots::{delta_snapshot, ensure_snapshot, lowers, Snapshot};
 use crate::squash::squash;
 use crate::step_cache::{BlobSource, Metered, StepCache};
 use crate::url_download::{download, place};
@@ -69,7 +68,7 @@ pub struct BuildRequest {
 pub struct BuildOutcome {
     /// The image (its `name` is the first tag, or empty).
     pub image: ImageRecord,
-    /// Snapshot directories of the image's layers, bottom first.
+    /// Snapshot directories of the image's layers, bottom first (a delta's above its base).
     pub snapshots: Vec<PathBuf>,
     /// Every step, in order.
     pub steps: Vec<StepEvent>,
@@ -87,7 +86,7 @@ struct StageState {
     /// The state id the next step's key chains from.
     parent: String,
     layers: Vec<LayerRef>,
-    snapshots: Vec<PathBuf>,
+    snapshots: Vec<Snapshot>,
     config: RuntimeConfig,
     /// The root of the cascade that produced this state, if its last step rebuilt.
     rebuilt: Option<CascadeRoot>,
@@ -277,7 +276,7 @@ pub fn build(
     });
     Ok(BuildOutcome {
         image,
-        snapshots: target.snapshots,
+        snapshots: target.snapshots.iter().flat_map(|s| s.dirs().to_vec()).collect(),
         steps: events,
         record,
         bytes_fetched: metered.fetched(),
@@ -729,7 +728,7 @@ impl<'a> Builder<'a> {
         key: &str,
         started: Instant,
         seed: Option<Seed>,
-    ) -> Result<(LayerRef, PathBuf, Option<StepPhases>), BuildError> {
+    ) -> Result<(LayerRef, Snapshot, Option<StepPhases>), BuildError> {
         let location = format!("{}:{line}", self.dockerfile);
         let fail = |message: String, last_output: Vec<String>| BuildError::StepFailed {
             location: location.clone(),
@@ -742,7 +741,9 @@ impl<'a> Builder<'a> {
             path: self.cache.root().to_path_buf(),
             source,
         })?;
-        let lowers: Vec<PathBuf> = st.snapshots.iter().rev().cloned().collect();
+        let lowers = lowers(&st.snapshots);
+        // A re-run COPY's layer directory may hold only what changed: then the whole
+        // layer is its base's snapshot with it above.
         let mut copied = None;
         let tree = match def {
             StepDef::Run(r) => {
@@ -881,8 +882,22 @@ impl<'a> Builder<'a> {
             ..StepPhases::default()
         };
         let packing = Instant::now();
-        let packed: PackedLayer = pack_layer(&tree, &work.path().join("layer.tgz"))
+        let pack_view = match &copied {
+            Some(CopyLayer::Delta { base_dir, .. }) => Some(
+                OverlayMount::mount(
+                    &[tree.clone(), base_dir.clone()],
+                    None,
+                    &work.path().join("pack-view"),
+                    &work.path().join("pack-empty"),
+                )
+                .map_err(|e| fail(format!("cannot mount the layer to pack it: {e}"), vec![]))?,
+            ),
+            _ => None,
+        };
+        let whole = pack_view.as_ref().map_or(tree.as_path(), |v| v.path());
+        let packed: PackedLayer = pack_layer(whole, &work.path().join("layer.tgz"))
             .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+        drop(pack_view);
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
         self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
@@ -910,24 +925,62 @@ impl<'a> Builder<'a> {
             other => other?,
         }
         phases.store_ms = storing.elapsed().as_millis() as u64;
-        let snap = self.cache.snapshot(&packed.digest);
-        if !snap.exists() {
-            if let Err(source) = std::fs::rename(&tree, &snap) {
-                // Another build may have kept the same layer meanwhile: theirs is as good.
-                if !snap.exists() {
-                    return Err(BuildError::Io {
-                        action: "keep the snapshot",
-                        path: snap,
-                        source,
-                    });
-                }
+        let snap = self.keep_snapshot(&packed.digest, &tree, copied, work.path())?;
+        Ok((layer, snap, Some(phases)))
+    }
+
+    /// Keeps a rebuilt step's layer directory as the snapshot of the layer `digest`: whole,
+    /// or as a delta over its base; another build's snapshot of the same layer, if one
+    /// appeared meanwhile, is as good.
+    fn keep_snapshot(
+        &self,
+        digest: &str,
+        tree: &Path,
+        copied: Option<CopyLayer>,
+        work: &Path,
+    ) -> Result<Snapshot, BuildError> {
+        let snap = self.cache.snapshot(digest);
+        if snap.is_dir() {
+            return Ok(Snapshot::whole(snap));
+        }
+        if let Some(CopyLayer::Delta {
+            base_digest,
+            base_dir,
+            delta,
+        }) = copied
+        {
+            let unit = DeltaUnit::of(&self.cache, digest);
+            let staging = work.join("delta-unit");
+            let stored = std::fs::create_dir(&staging).and_then(|()| unit.store(&staging, tree, &base_digest, &delta));
+            return match stored {
+                Ok(true) => Ok(Snapshot::delta(base_dir, unit.tree())),
+                // Another build kept a delta of the same layer first, perhaps over another base.
+                Ok(false) => delta_snapshot(&self.cache, digest).ok_or(BuildError::Io {
+                    action: "use the snapshot",
+                    path: unit.tree(),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                }),
+                Err(source) => Err(BuildError::Io {
+                    action: "keep the snapshot",
+                    path: unit.tree(),
+                    source,
+                }),
+            };
+        }
+        if let Err(source) = std::fs::rename(tree, &snap) {
+            if !snap.exists() {
+                return Err(BuildError::Io {
+                    action: "keep the snapshot",
+                    path: snap,
+                    source,
+                });
             }
         }
-        if let Some(m) = copied {
+        if let Some(CopyLayer::Whole(Some(entries))) = copied {
             // Only a speed-up for the next build of this step: failing to keep it is harmless.
-            let _ = save_manifest(&snap, &m);
+            let _ = save_entries(&snap, &entries);
         }
-        Ok((layer, snap, Some(phases)))
+        Ok(Snapshot::whole(snap))
     }
 
     /// Makes the files a bind mount shows in `dir` (a copy: the RUN can neither change
@@ -976,7 +1029,7 @@ impl<'a> Builder<'a> {
     /// The snapshot of the earlier record `key` as a seed for re-building its COPY.
     fn seed_from(&self, key: &str) -> Option<Seed> {
         let digest = self.steps.get_step(key).ok()??.layer?.digest;
-        load_seed(&self.cache.snapshot(&digest))
+        Seed::load(&self.cache, &digest)
     }
 
     /// `--chmod` and `--chown` of a COPY; names resolve through the image's own
@@ -1089,7 +1142,7 @@ impl StageSelection {
             move |source| SelectionError::Mount { path, source }
         };
         let dir = cache.work_dir().map_err(mount_err(cache.root()))?;
-        let lowers: Vec<PathBuf> = from.snapshots.iter().rev().cloned().collect();
+        let lowers = lowers(&from.snapshots);
         let (root, empty) = (dir.path().join("root"), dir.path().join("empty"));
         std::fs::create_dir(&empty).map_err(mount_err(&empty))?;
         let mount = OverlayMount::mount(&lowers, None, &root, &empty).map_err(mount_err(&root))?;

@@ -9,65 +9,14 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use lcache_confine::{ConfineError, EntryType, Root};
+use nix::sys::stat::SFlag;
+
+use crate::copy_seed::{CopiedFrom, Holder, LayerDelta, LayerEntries, Placed, Seed};
 use lcache_proto::build_plan::CopyDef;
 use lcache_proto::source_select::{ContextEntry, EntryKind, SelectedRoot};
 use lcache_proto::sources_digest::sources_digest;
 
 use lcache_image::layer_extract::{extract_into, Whiteouts};
-
-/// What a copied file was made from. A later build of the same COPY hard-links the file
-/// from the previous layer's snapshot instead of copying it again when all of this is
-/// unchanged: the source's device and inode, ctime (which every write moves, even one that restores
-/// mtime), mtime and size, and the resulting mode and owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CopiedFrom {
-    dev: u64,
-    ino: u64,
-    ctime_ns: i64,
-    mtime_ns: i64,
-    size: u64,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    /// The BLAKE3 of the bytes copied, so a linked file still counts toward the check that
-    /// what was copied is what was keyed.
-    #[serde(default)]
-    content: [u8; 32],
-}
-
-/// A COPY layer's copied files, by path inside the layer; kept beside its snapshot.
-pub type CopyManifest = HashMap<String, CopiedFrom>;
-
-/// An earlier layer of the same step whose unchanged files can be linked, not copied.
-#[derive(Debug)]
-pub struct Seed {
-    dir: PathBuf,
-    manifest: CopyManifest,
-}
-
-/// Manifests are bincode, not JSON: at 50,000 files JSON took 275 bytes a file (a BLAKE3 as
-/// 32 numbers) and its writing was a third of the bytes a one-file edit wrote. A manifest
-/// of another format (the JSON ones, `.copied`) is simply not found: the next build of the
-/// step copies instead of linking, once.
-fn manifest_path(snapshot: &Path) -> PathBuf {
-    snapshot.with_extension("copied.bin")
-}
-
-/// The seed a snapshot offers, if it was made by a COPY and still has its manifest.
-pub fn load_seed(snapshot: &Path) -> Option<Seed> {
-    let bytes = std::fs::read(manifest_path(snapshot)).ok()?;
-    let (manifest, _) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).ok()?;
-    Some(Seed {
-        dir: snapshot.to_path_buf(),
-        manifest,
-    })
-}
-
-/// Keeps a COPY layer's manifest beside its snapshot.
-pub fn save_manifest(snapshot: &Path, manifest: &CopyManifest) -> std::io::Result<()> {
-    let bytes = bincode::serde::encode_to_vec(manifest, bincode::config::standard()).map_err(std::io::Error::other)?;
-    std::fs::write(manifest_path(snapshot), bytes)
-}
 
 /// Where a COPY's files come from and go, for `place`.
 struct Placement<'a> {
@@ -75,10 +24,29 @@ struct Placement<'a> {
     layer: &'a Root,
     attrs: CopyAttrs,
     add: bool,
-    seed: Option<(&'a Seed, Root)>,
-    manifest: CopyManifest,
+    seed: Option<SeedRoots<'a>>,
+    /// The layer directory holds only what differs from the seed's base (a delta).
+    delta: bool,
+    /// Every entry the new layer has, by path.
+    entries: LayerEntries,
     /// The content BLAKE3 of every file placed, by entry index, as it was read.
     content: HashMap<usize, [u8; 32]>,
+}
+
+/// A seed with its directories opened.
+struct SeedRoots<'a> {
+    seed: &'a Seed,
+    base: Root,
+    delta: Option<Root>,
+}
+
+impl SeedRoots<'_> {
+    fn root(&self, h: Holder) -> Option<&Root> {
+        match h {
+            Holder::Base => Some(&self.base),
+            Holder::Delta => self.delta.as_ref(),
+        }
+    }
 }
 
 /// Ownership and mode overrides of a COPY.
@@ -190,16 +158,35 @@ impl Placement<'_> {
         };
         match e.kind {
             EntryKind::Dir => {
-                self.layer.create_dir(dest, 0o755)?;
-                finish(self.layer, dest, e.mode, attrs)?;
+                let (uid, gid) = attrs.owner.unwrap_or((0, 0));
+                let placed = Placed::Dir {
+                    mode: attrs.mode.unwrap_or(e.mode),
+                    uid,
+                    gid,
+                };
+                if !self.in_base(dest, &placed) {
+                    self.delta_parents(dest)?;
+                    self.layer.create_dir(dest, 0o755)?;
+                    finish(self.layer, dest, e.mode, attrs)?;
+                }
+                self.entries.insert(key(dest), placed);
             }
             EntryKind::Symlink => {
-                self.layer
-                    .symlink(Path::new(e.link_target.as_deref().unwrap_or_default()), dest)?;
-                if lcache_image::layer_extract::is_root() {
-                    let (uid, gid) = attrs.owner.unwrap_or((0, 0));
-                    self.layer.chown(dest, uid, gid)?;
+                let (uid, gid) = attrs.owner.unwrap_or((0, 0));
+                let target = e.link_target.clone().unwrap_or_default();
+                let placed = Placed::Symlink {
+                    target: target.clone(),
+                    uid,
+                    gid,
+                };
+                if !self.in_base(dest, &placed) {
+                    self.delta_parents(dest)?;
+                    self.layer.symlink(Path::new(&target), dest)?;
+                    if lcache_image::layer_extract::is_root() {
+                        self.layer.chown(dest, uid, gid)?;
+                    }
                 }
+                self.entries.insert(key(dest), placed);
             }
             EntryKind::File => {
                 let src = Path::new(&e.path);
@@ -237,7 +224,7 @@ impl Placement<'_> {
                     self.content.insert(i, *hashing.hasher.finalize().as_bytes());
                     return Ok(());
                 }
-                let rel = dest.display().to_string();
+                let rel = key(dest);
                 let (uid, gid) = attrs.owner.unwrap_or((0, 0));
                 let from = CopiedFrom {
                     dev: e.stamp.dev,
@@ -250,31 +237,125 @@ impl Placement<'_> {
                     gid,
                     content: [0; 32],
                 };
-                // Linking shares the inode with the earlier snapshot, which nothing ever
-                // writes in place; mode and owner already match, so nothing is changed here.
-                let linked = self.seed.as_ref().and_then(|(s, root)| {
-                    let old = s.manifest.get(&rel)?;
-                    let same = CopiedFrom {
-                        content: old.content,
-                        ..from
-                    } == *old;
-                    (same && self.layer.hard_link_from(root, dest, dest).is_ok()).then_some(old.content)
-                });
-                let content = match linked {
-                    Some(c) => c,
-                    None => {
-                        let mut out = self.layer.create_file(dest, 0o600)?;
-                        let c = copy_hashing(self.src.open_file(src, false)?, &mut out).map_err(io)?;
-                        finish(self.layer, dest, e.mode, attrs)?;
-                        c
+                let content = match self.kept(&rel, &from) {
+                    Some((None, c)) => c,
+                    kept => {
+                        self.delta_parents(dest)?;
+                        // Linking shares the inode with the earlier snapshot, which nothing
+                        // ever writes in place; mode and owner already match.
+                        let linked =
+                            kept.and_then(|(root, c)| self.layer.hard_link_from(root?, dest, dest).ok().map(|()| c));
+                        match linked {
+                            Some(c) => c,
+                            None => {
+                                let mut out = self.layer.create_file(dest, 0o600)?;
+                                let c = copy_hashing(self.src.open_file(src, false)?, &mut out).map_err(io)?;
+                                finish(self.layer, dest, e.mode, attrs)?;
+                                c
+                            }
+                        }
                     }
                 };
                 self.content.insert(i, content);
-                self.manifest.insert(rel, CopiedFrom { content, ..from });
+                self.entries.insert(rel, Placed::File(CopiedFrom { content, ..from }));
             }
         }
         Ok(())
     }
+
+    /// Whether a delta layer need not hold `placed` at `dest`: its base has it already.
+    fn in_base(&self, dest: &Path, placed: &Placed) -> bool {
+        self.delta && self.seed.as_ref().and_then(|s| s.seed.base.get(&key(dest))) == Some(placed)
+    }
+
+    /// The file the seed has at `rel`, if it was made from the same source with the same
+    /// mode and owner: `None` for the root when a delta layer need not hold it (its base
+    /// does), else the root to link it from. With its content digest.
+    fn kept(&self, rel: &str, from: &CopiedFrom) -> Option<(Option<&Root>, [u8; 32])> {
+        let seed = self.seed.as_ref()?;
+        if self.delta {
+            if let Some(Placed::File(old)) = seed.seed.base.get(rel) {
+                if from.same_source(old) {
+                    return Some((None, old.content));
+                }
+            }
+        }
+        match seed.seed.lookup(rel)? {
+            // A delta layer holds only what differs from the base: a file the seed's base
+            // has, unchanged, was answered above.
+            (Holder::Base, _) if self.delta => None,
+            (h, Placed::File(old)) if from.same_source(old) => Some((Some(seed.root(h)?), old.content)),
+            _ => None,
+        }
+    }
+
+    /// In a delta layer, creates the directories above `dest` that the layer lacks, with
+    /// the mode and owner the new layer gives them (its base has them already; the
+    /// overlay shows the topmost directory's).
+    fn delta_parents(&self, dest: &Path) -> Result<(), ConfineError> {
+        if !self.delta {
+            return Ok(());
+        }
+        let Some(parent) = dest.parent() else {
+            return Ok(());
+        };
+        let mut at = PathBuf::new();
+        for c in parent.components() {
+            at.push(c);
+            if self.layer.stat(&at)?.is_some() {
+                continue;
+            }
+            let k = key(&at);
+            let known = self
+                .entries
+                .get(&k)
+                .or_else(|| self.seed.as_ref().and_then(|s| s.seed.base.get(&k)));
+            let (mode, uid, gid) = match known {
+                Some(Placed::Dir { mode, uid, gid }) => (*mode, *uid, *gid),
+                _ => (0o755, 0, 0),
+            };
+            self.layer.create_dir(&at, mode)?;
+            if lcache_image::layer_extract::is_root() {
+                self.layer.chown(&at, uid, gid)?;
+            }
+            self.layer.set_mode(&at, mode)?;
+        }
+        Ok(())
+    }
+
+    /// Whites out, in a delta layer, what the base has and the new layer does not; returns
+    /// those paths, sorted. A path beneath one that is whited out or replaced needs none.
+    fn white_out_removed(&self) -> Result<Vec<String>, ConfineError> {
+        let Some(seed) = self.seed.as_ref().filter(|_| self.delta) else {
+            return Ok(Vec::new());
+        };
+        let mut removed: Vec<String> = seed
+            .seed
+            .base
+            .keys()
+            .filter(|k| !self.entries.contains_key(*k))
+            .cloned()
+            .collect();
+        removed.sort();
+        for r in &removed {
+            let path = Path::new(r);
+            let under_dirs = path
+                .ancestors()
+                .skip(1)
+                .filter(|a| !a.as_os_str().is_empty())
+                .all(|a| matches!(self.entries.get(&key(a)), Some(Placed::Dir { .. })));
+            if under_dirs {
+                self.delta_parents(path)?;
+                self.layer.mknod(path, SFlag::S_IFCHR, 0, 0)?;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// An entry's key in a layer's entries: its path inside the layer.
+fn key(p: &Path) -> String {
+    p.display().to_string()
 }
 
 fn is_archive(mut f: std::fs::File) -> bool {
@@ -317,7 +398,14 @@ pub struct CopyJob<'a> {
 /// Creates `dir` and its missing parents in the layer: those the image has keep its mode
 /// and owner (Docker leaves existing directories as they are, `/tmp`'s 1777 included); new
 /// ones are 0755 and owned by `owner` (`--chown`'s, or WORKDIR's USER, as in BuildKit).
-fn make_dirs(layer: &Root, image: Option<&Root>, dir: &Path, owner: (u32, u32)) -> Result<(), ConfineError> {
+/// Returns what it created, as layer entries.
+fn make_dirs(
+    layer: &Root,
+    image: Option<&Root>,
+    dir: &Path,
+    owner: (u32, u32),
+) -> Result<Vec<(String, Placed)>, ConfineError> {
+    let mut made = Vec::new();
     let mut at = PathBuf::new();
     for c in dir.components() {
         at.push(c);
@@ -333,8 +421,9 @@ fn make_dirs(layer: &Root, image: Option<&Root>, dir: &Path, owner: (u32, u32)) 
             layer.chown(&at, uid, gid)?;
         }
         layer.set_mode(&at, mode)?;
+        made.push((key(&at), Placed::Dir { mode, uid, gid }));
     }
-    Ok(())
+    Ok(made)
 }
 
 /// The destination as the image resolves it: through its symlinks (`/data/` where the
@@ -352,29 +441,65 @@ fn resolve_dest(image: Option<&Root>, dest: &Path, into_dir: bool) -> Result<Pat
     }
 }
 
-/// Builds the layer of a COPY/ADD into the directory `layer`, linking unchanged files from
-/// `seed`; returns the layer's manifest. Fails, storing nothing, when what it read is not
+/// What a COPY layer directory holds, as `build_copy_layer` made it.
+#[derive(Debug)]
+pub enum CopyLayer {
+    /// The whole layer, with its entries when they are all known (not after an ADD
+    /// unpacked an archive or with inline files: such a layer seeds no later build).
+    Whole(Option<LayerEntries>),
+    /// Only what differs from the whole snapshot `base_digest` (in `base_dir`), with
+    /// whiteouts for what it no longer has.
+    Delta {
+        /// The base's blob digest.
+        base_digest: String,
+        /// The base's snapshot directory.
+        base_dir: PathBuf,
+        /// The difference.
+        delta: LayerDelta,
+    },
+}
+
+/// A seed's delta past this many entries (and a quarter of its base) is not built on: the
+/// next build makes the layer whole again, so deltas stay small and never stack.
+const DELTA_REBASE_AT: usize = 1024;
+
+/// Builds the layer of a COPY/ADD into the directory `layer`. With a `seed` (an earlier
+/// layer of the same step), unchanged files are not copied again: as root the layer is
+/// made a delta over the seed's whole snapshot (only what changed, and whiteouts), else
+/// unchanged files are linked from it. Fails, storing nothing, when what it read is not
 /// what the key was made from.
-pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Result<CopyManifest, CopyError> {
+pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Result<CopyLayer, CopyError> {
     let def = job.def;
     if def.parents {
         return Err(CopyError::Unsupported(
             "COPY --parents is not supported yet: copy each directory with its own COPY",
         ));
     }
+    let complete = !def.add && def.inline.is_empty();
     let layer = Root::open(layer)?;
     let src = Root::open(job.src_root)?;
     let seed = match seed {
-        Some(s) => Some((s, Root::open(&s.dir)?)),
+        Some(s) => Some(SeedRoots {
+            seed: s,
+            base: Root::open(&s.base_dir)?,
+            delta: s.delta.as_ref().map(|(d, _)| Root::open(d)).transpose()?,
+        }),
         None => None,
     };
+    // Whiteouts are device nodes: only root makes them.
+    let delta = complete
+        && lcache_image::layer_extract::is_root()
+        && seed
+            .as_ref()
+            .is_some_and(|s| s.seed.delta_len() <= DELTA_REBASE_AT.max(s.seed.base.len() / 4));
     let mut p = Placement {
         src: &src,
         layer: &layer,
         attrs: job.attrs,
         add: def.add,
         seed,
-        manifest: HashMap::new(),
+        delta,
+        entries: HashMap::new(),
         content: HashMap::new(),
     };
     let entries = job.entries;
@@ -390,7 +515,7 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
     let new_owner = job.attrs.owner.unwrap_or((0, 0));
     let dir = if into_dir { Some(dest.as_path()) } else { dest.parent() };
     if let Some(dir) = dir {
-        make_dirs(&layer, image.as_ref(), dir, new_owner)?;
+        p.entries.extend(make_dirs(&layer, image.as_ref(), dir, new_owner)?);
     }
     for r in roots {
         match r.entry {
@@ -421,7 +546,22 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         layer.write_file(&target, f.content.as_bytes(), 0o644)?;
         finish(&layer, &target, 0o644, job.attrs)?;
     }
-    Ok(p.manifest)
+    let removed = p.white_out_removed()?;
+    match p.seed {
+        Some(s) if p.delta => {
+            let changed = p
+                .entries
+                .into_iter()
+                .filter(|(k, v)| s.seed.base.get(k) != Some(v))
+                .collect();
+            Ok(CopyLayer::Delta {
+                base_digest: s.seed.base_digest.clone(),
+                base_dir: s.seed.base_dir.clone(),
+                delta: LayerDelta { changed, removed },
+            })
+        }
+        _ => Ok(CopyLayer::Whole(complete.then_some(p.entries))),
+    }
 }
 
 /// Builds the layer of a WORKDIR on `image`: the directory (resolved through the image's
@@ -471,7 +611,7 @@ mod tests {
         attrs: CopyAttrs,
         keyed: Option<&str>,
         seed: Option<&Seed>,
-    ) -> (tempfile::TempDir, Result<CopyManifest, CopyError>) {
+    ) -> (tempfile::TempDir, Result<CopyLayer, CopyError>) {
         let mut local = LocalContext::walk(ctx).unwrap();
         let digest = local.digest_sources(def).unwrap().digest;
         let roots = select(local.entries(), &def.sources, &IgnoreMatcher::default()).unwrap();
@@ -542,32 +682,45 @@ mod tests {
     }
 
     #[test]
-    fn a_rebuild_links_unchanged_files_from_the_previous_snapshot_and_copies_edited_ones() {
+    fn a_rebuild_keeps_unchanged_files_from_the_previous_snapshot_and_copies_edited_ones() {
         let ctx = context();
         let def = CopyDef::from_context(&["src"], "/app/");
         let (first, r) = copy(ctx.path(), &def, CopyAttrs::default(), None, None);
-        save_manifest(first.path(), &r.unwrap()).unwrap();
-        let seed = load_seed(first.path()).unwrap();
+        let CopyLayer::Whole(Some(entries)) = r.unwrap() else {
+            panic!("a first COPY is whole and knows its entries")
+        };
+        let cache_root = tempfile::tempdir().unwrap();
+        let cache = crate::cache_dir::CacheDir::open(cache_root.path()).unwrap();
+        let digest = format!("sha256:{}", "1".repeat(64));
+        let snap = cache.snapshot(&digest);
+        std::fs::rename(first.path(), &snap).unwrap();
+        crate::copy_seed::save_entries(&snap, &entries).unwrap();
+        let seed = Seed::load(&cache, &digest).unwrap();
         std::fs::write(ctx.path().join("src/a.txt"), "edited").unwrap();
         let (second, r) = copy(ctx.path(), &def, CopyAttrs::default(), None, Some(&seed));
-        r.unwrap();
         let ino = |root: &Path, p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
-        assert_eq!(
-            ino(first.path(), "app/sub/run.sh"),
-            ino(second.path(), "app/sub/run.sh"),
-            "linked"
-        );
-        assert_ne!(
-            ino(first.path(), "app/a.txt"),
-            ino(second.path(), "app/a.txt"),
-            "copied"
-        );
+        match r.unwrap() {
+            CopyLayer::Delta { base_digest, delta, .. } => {
+                assert_eq!(base_digest, digest);
+                assert!(!second.path().join("app/sub/run.sh").exists(), "only what changed");
+                assert_eq!(delta.changed.keys().collect::<Vec<_>>(), ["app/a.txt"]);
+                assert!(delta.removed.is_empty());
+            }
+            CopyLayer::Whole(_) => {
+                assert_eq!(
+                    ino(&snap, "app/sub/run.sh"),
+                    ino(second.path(), "app/sub/run.sh"),
+                    "linked"
+                );
+                assert_ne!(ino(&snap, "app/a.txt"), ino(second.path(), "app/a.txt"), "copied");
+            }
+        }
         assert_eq!(
             std::fs::read_to_string(second.path().join("app/a.txt")).unwrap(),
             "edited"
         );
         assert_eq!(
-            std::fs::read_to_string(first.path().join("app/a.txt")).unwrap(),
+            std::fs::read_to_string(snap.join("app/a.txt")).unwrap(),
             "alpha",
             "seed untouched"
         );

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use lcache_proto::wire::LayerRef;
 
 use crate::cache_dir::CacheDir;
+use crate::copy_seed::DeltaUnit;
 use crate::errors::BuildError;
 use crate::step_cache::StepCache;
 use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
@@ -23,12 +24,58 @@ pub fn layer_file_reader(file: std::fs::File) -> std::io::Result<Box<dyn Read>> 
     }
 }
 
-/// The snapshot directory of `layer`, extracting it first if needed: the blob is streamed
-/// to a work file (verified against its digest on the way), then extracted from there.
-pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef) -> Result<PathBuf, BuildError> {
+/// A layer's files on local disk: one directory, or a whole snapshot with a delta above it
+/// (a re-run COPY's changed entries and whiteouts), mounted as consecutive overlay lowers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Bottom first.
+    dirs: Vec<PathBuf>,
+}
+
+impl Snapshot {
+    /// A snapshot that is one directory.
+    pub fn whole(dir: PathBuf) -> Self {
+        Self { dirs: vec![dir] }
+    }
+
+    /// A delta `tree` over the whole snapshot `base`.
+    pub fn delta(base: PathBuf, tree: PathBuf) -> Self {
+        Self { dirs: vec![base, tree] }
+    }
+
+    /// Its directories, bottom first.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+}
+
+/// The overlay lowers of `snapshots` (bottom first), top first as overlayfs lists them.
+pub fn lowers(snapshots: &[Snapshot]) -> Vec<PathBuf> {
+    snapshots
+        .iter()
+        .rev()
+        .flat_map(|s| s.dirs.iter().rev().cloned())
+        .collect()
+}
+
+/// The delta snapshot of `digest`, if one is here and so is the whole snapshot it goes over.
+pub fn delta_snapshot(cache: &CacheDir, digest: &str) -> Option<Snapshot> {
+    let unit = DeltaUnit::of(cache, digest);
+    let tree = unit.tree();
+    let base = cache.snapshot(&unit.base_digest()?);
+    (tree.is_dir() && base.is_dir()).then(|| Snapshot::delta(base, tree))
+}
+
+/// The snapshot of `layer`, extracting it first if needed: the blob is streamed to a work
+/// file (verified against its digest on the way), then extracted from there. A delta whose
+/// base is gone is not used: the layer is extracted whole instead.
+pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef) -> Result<Snapshot, BuildError> {
     let dest = cache.snapshot(&layer.digest);
     if dest.is_dir() {
-        return Ok(dest);
+        return Ok(Snapshot::whole(dest));
+    }
+    if let Some(s) = delta_snapshot(cache, &layer.digest) {
+        return Ok(s);
     }
     let work = |source| BuildError::Io {
         action: "use a work directory in",
@@ -58,5 +105,5 @@ pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef
             });
         }
     }
-    Ok(dest)
+    Ok(Snapshot::whole(dest))
 }

@@ -4,7 +4,7 @@
 //! whiteouts for what was removed) is exactly the merged layer. Nothing is recorded as a
 //! step: a squashed image is never a cache parent, and the steps that made it stay cached.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use lcache_image::layer_diff::{pack_layer, LAYER_MEDIA_TYPE};
 use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
@@ -13,7 +13,7 @@ use lcache_proto::wire::LayerRef;
 use crate::cache_dir::CacheDir;
 use crate::errors::BuildError;
 use crate::overlay_mount::OverlayMount;
-use crate::snapshots::layer_file_reader;
+use crate::snapshots::{layer_file_reader, lowers, Snapshot};
 use crate::step_cache::{BlobSource, StepCache};
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
@@ -26,7 +26,7 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Build
 pub fn squash(
     cache: &CacheDir,
     steps: &dyn StepCache,
-    base_snapshots: &[PathBuf],
+    base_snapshots: &[Snapshot],
     layers: &[LayerRef],
 ) -> Result<LayerRef, BuildError> {
     let work = cache.work_dir().map_err(io("make a work directory in", cache.root()))?;
@@ -39,7 +39,7 @@ pub fn squash(
     for d in [&upper, &ovl_work] {
         std::fs::create_dir_all(d).map_err(io("make", d))?;
     }
-    let lowers: Vec<PathBuf> = base_snapshots.iter().rev().cloned().collect();
+    let lowers = lowers(base_snapshots);
     let mount = OverlayMount::mount(&lowers, Some((&upper, &ovl_work)), &root, &empty)
         .map_err(io("mount the base to squash onto at", &root))?;
     let blob = work.path().join("blob");

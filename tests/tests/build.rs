@@ -490,15 +490,113 @@ fn a_rebuilt_copy_links_unchanged_files_and_copies_changed_ones_even_with_mtime_
         "ALPHA\nBETA\ngamma\nbuilt\n"
     );
 
-    // Unchanged files are hard links shared by the old and the new snapshot.
+    // A file the last delta holds, unchanged since, is a hard link shared by both deltas.
     p.write("src/c.txt", "GAMMA\n");
     env.build(&p, &[]);
     let mut linked = 0;
-    for snap in std::fs::read_dir(env.cache_dir().join("snapshots")).unwrap() {
-        let f = snap.unwrap().path().join("app/src/b.txt");
-        if let Ok(m) = std::fs::metadata(&f) {
+    for tree in delta_trees(&env) {
+        if let Ok(m) = std::fs::metadata(tree.join("app/src/b.txt")) {
             linked += usize::from(m.nlink() > 1);
         }
     }
-    assert!(linked >= 2, "b.txt should be shared by the last two COPY snapshots");
+    assert_eq!(linked, 2, "b.txt should be shared by the last two COPY snapshots");
+}
+
+/// The trees of the delta snapshots in `env`'s cache.
+fn delta_trees(env: &BuildEnv) -> Vec<std::path::PathBuf> {
+    let mut trees: Vec<_> = std::fs::read_dir(env.cache_dir().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "delta"))
+        .map(|p| p.join("tree"))
+        .collect();
+    trees.sort();
+    trees
+}
+
+/// Regular files and whiteouts beneath `root`, as `(path, "file" | "whiteout")`, sorted.
+fn leaves(root: &std::path::Path) -> Vec<(String, &'static str)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            if m.is_dir() {
+                todo.push(path);
+            } else if m.file_type().is_char_device() && m.rdev() == 0 {
+                out.push((rel, "whiteout"));
+            } else {
+                out.push((rel, "file"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_rebuilt_copy_keeps_only_what_changed_and_makes_the_layer_a_cold_build_makes() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY src /app/\nRUN ls -lnR /app > /listing\n",
+    );
+    for i in 0..40 {
+        p.write(&format!("src/d{}/f{i}.txt", i % 4), &format!("file {i}\n"));
+    }
+    p.write("src/gone/x.txt", "x\n");
+    env.build(&p, &[]);
+    p.write("src/d1/f5.txt", "EDITED\n");
+    p.write("src/d2/new.txt", "new\n");
+    std::fs::remove_file(p.path().join("src/d3/f7.txt")).unwrap();
+    std::fs::remove_dir_all(p.path().join("src/gone")).unwrap();
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false]);
+    let trees = delta_trees(&env);
+    assert_eq!(trees.len(), 1, "the rebuilt COPY's snapshot is a delta");
+    assert_eq!(
+        leaves(&trees[0]),
+        [
+            ("app/d1/f5.txt".to_string(), "file"),
+            ("app/d2/new.txt".to_string(), "file"),
+            ("app/d3/f7.txt".to_string(), "whiteout"),
+            ("app/gone".to_string(), "whiteout"),
+        ],
+        "only what changed, and whiteouts for what is gone"
+    );
+
+    // The next edit's delta is over the same whole snapshot, not stacked on the last one.
+    p.write("src/d0/f0.txt", "EDITED TOO\n");
+    let (_, image) = {
+        let _ = image;
+        env.build(&p, &[])
+    };
+    let trees = delta_trees(&env);
+    assert_eq!(trees.len(), 2);
+    let newest: Vec<_> = trees
+        .iter()
+        .map(|t| leaves(t))
+        .find(|l| l.len() == 5)
+        .expect("a delta with both edits");
+    assert!(newest.contains(&("app/d0/f0.txt".to_string(), "file")), "{newest:?}");
+
+    // What RUN saw through the deltas and the layers they packed are what a cold build makes.
+    let (steps, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(cached(&steps), [false, false]);
+    assert_eq!(image, again, "same layers, byte for byte");
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    let listing = std::fs::read_to_string(out.path().join("listing")).unwrap();
+    assert!(
+        listing.contains("new.txt") && !listing.contains("f7.txt") && !listing.contains("gone"),
+        "{listing}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("app/d1/f5.txt")).unwrap(),
+        "EDITED\n"
+    );
 }
