@@ -23,7 +23,8 @@ use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInpu
 use crate::build_control::BuildControl;
 use crate::build_events::{BuildObserver, StepEvent, StepPhases, SummaryEvent};
 use crate::cache_dir::CacheDir;
-use crate::copy_seed::{save_entries, DeltaUnit, Seed};
+use crate::copy_pack::pack_copy;
+use crate::copy_seed::{save_entries, save_segments, DeltaUnit, Seed};
 use crate::copy_step::{build_copy_layer, build_workdir_layer, parse_chmod, CopyAttrs, CopyError, CopyJob, CopyLayer};
 use crate::errors::{BuildError, CacheError};
 use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
@@ -36,7 +37,8 @@ use crate::step_cache::{BlobSource, Metered, StepCache};
 use crate::url_download::{download, place};
 use crate::user_lookup::resolve_user;
 use lcache_image::image_history::{base_history, extend, Contribution, HistoryEntry};
-use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, PackedLayer, LAYER_MEDIA_TYPE};
+use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, LAYER_MEDIA_TYPE};
+use lcache_image::layer_segments::SegmentIndex;
 use lcache_image::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
 
 /// What to build.
@@ -882,22 +884,16 @@ impl<'a> Builder<'a> {
             ..StepPhases::default()
         };
         let packing = Instant::now();
-        let pack_view = match &copied {
-            Some(CopyLayer::Delta { base_dir, .. }) => Some(
-                OverlayMount::mount(
-                    &[tree.clone(), base_dir.clone()],
-                    None,
-                    &work.path().join("pack-view"),
-                    &work.path().join("pack-empty"),
-                )
-                .map_err(|e| fail(format!("cannot mount the layer to pack it: {e}"), vec![]))?,
-            ),
-            _ => None,
-        };
-        let whole = pack_view.as_ref().map_or(tree.as_path(), |v| v.path());
-        let packed: PackedLayer = pack_layer(whole, &work.path().join("layer.tgz"))
-            .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
-        drop(pack_view);
+        let dest = work.path().join("layer.tgz");
+        let (packed, segments) = match &copied {
+            Some(
+                c @ CopyLayer {
+                    entries: Some(entries), ..
+                },
+            ) => pack_copy(self.steps, c, entries, &tree, &dest).map(|(p, i)| (p, Some(i))),
+            _ => pack_layer(&tree, &dest).map(|p| (p, None)),
+        }
+        .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
         self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
@@ -925,7 +921,7 @@ impl<'a> Builder<'a> {
             other => other?,
         }
         phases.store_ms = storing.elapsed().as_millis() as u64;
-        let snap = self.keep_snapshot(&packed.digest, &tree, copied, work.path())?;
+        let snap = self.keep_snapshot(&packed.digest, &tree, copied, segments, work.path())?;
         Ok((layer, snap, Some(phases)))
     }
 
@@ -937,16 +933,17 @@ impl<'a> Builder<'a> {
         digest: &str,
         tree: &Path,
         copied: Option<CopyLayer>,
+        segments: Option<SegmentIndex>,
         work: &Path,
     ) -> Result<Snapshot, BuildError> {
         let snap = self.cache.snapshot(digest);
         if snap.is_dir() {
             return Ok(Snapshot::whole(snap));
         }
-        if let Some(CopyLayer::Delta {
-            base_digest,
-            base_dir,
-            delta,
+        if let Some(CopyLayer {
+            seed_base: Some((base_digest, base_dir)),
+            delta: Some(delta),
+            ..
         }) = copied
         {
             let unit = DeltaUnit::of(&self.cache, digest);
@@ -976,9 +973,15 @@ impl<'a> Builder<'a> {
                 });
             }
         }
-        if let Some(CopyLayer::Whole(Some(entries))) = copied {
+        if let Some(CopyLayer {
+            entries: Some(entries), ..
+        }) = copied
+        {
             // Only a speed-up for the next build of this step: failing to keep it is harmless.
             let _ = save_entries(&snap, &entries);
+            if let Some(index) = segments {
+                let _ = save_segments(&snap, &index);
+            }
         }
         Ok(Snapshot::whole(snap))
     }

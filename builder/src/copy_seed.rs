@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use lcache_image::layer_segments::SegmentIndex;
+
 use crate::cache_dir::CacheDir;
 
 /// What a copied file was made from. A later build of the same COPY keeps the file from
@@ -169,6 +171,21 @@ fn entries_path(snapshot: &Path) -> PathBuf {
 /// Keeps a whole COPY snapshot's entries beside it.
 pub fn save_entries(snapshot: &Path, entries: &LayerEntries) -> std::io::Result<()> {
     write_bincode(&entries_path(snapshot), entries)
+}
+
+fn segments_path(snapshot: &Path) -> PathBuf {
+    snapshot.with_extension("segments.bin")
+}
+
+/// Keeps the segment index of a whole COPY snapshot's blob beside it.
+pub fn save_segments(snapshot: &Path, index: &SegmentIndex) -> std::io::Result<()> {
+    write_bincode(&segments_path(snapshot), index)
+}
+
+/// The segment index of the blob of the whole snapshot `snapshot`, if it was packed in
+/// segments (older ones were not: their next layer is compressed whole).
+pub fn load_segments(snapshot: &Path) -> Option<SegmentIndex> {
+    read_bincode(&segments_path(snapshot))
 }
 
 /// The on-disk unit of a delta snapshot: made in a work directory and renamed into place

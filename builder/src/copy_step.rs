@@ -206,7 +206,7 @@ impl Placement<'_> {
                         .starts_with(&[0x1f, 0x8b]);
                     let unpacked = if gz {
                         extract_into(
-                            flate2::read::GzDecoder::new(&mut raw),
+                            flate2::read::MultiGzDecoder::new(&mut raw),
                             &unpack_root,
                             Whiteouts::Apply,
                             false,
@@ -370,7 +370,7 @@ fn is_archive(mut f: std::fs::File) -> bool {
         if f.seek(SeekFrom::Start(0)).is_err() {
             return false;
         }
-        let _ = flate2::read::GzDecoder::new(f).take(512).read_to_end(&mut inner);
+        let _ = flate2::read::MultiGzDecoder::new(f).take(512).read_to_end(&mut inner);
         return tar_magic(&inner);
     }
     tar_magic(&head)
@@ -443,20 +443,25 @@ fn resolve_dest(image: Option<&Root>, dest: &Path, into_dir: bool) -> Result<Pat
 
 /// What a COPY layer directory holds, as `build_copy_layer` made it.
 #[derive(Debug)]
-pub enum CopyLayer {
-    /// The whole layer, with its entries when they are all known (not after an ADD
-    /// unpacked an archive or with inline files: such a layer seeds no later build).
-    Whole(Option<LayerEntries>),
-    /// Only what differs from the whole snapshot `base_digest` (in `base_dir`), with
-    /// whiteouts for what it no longer has.
-    Delta {
-        /// The base's blob digest.
-        base_digest: String,
-        /// The base's snapshot directory.
-        base_dir: PathBuf,
-        /// The difference.
-        delta: LayerDelta,
-    },
+pub struct CopyLayer {
+    /// Every entry of the layer, when all are known (not after an ADD unpacked an archive
+    /// or with inline files: such a layer is packed from its directory and seeds nothing).
+    pub entries: Option<LayerEntries>,
+    /// The whole snapshot the seed is or goes over (blob digest, directory): the layer's
+    /// pack takes the unchanged segments of its blob.
+    pub seed_base: Option<(String, PathBuf)>,
+    /// Set when the directory holds only what differs from `seed_base` (and whiteouts).
+    pub delta: Option<LayerDelta>,
+}
+
+impl CopyLayer {
+    /// The directory that holds the file at `path` of the layer built in `dir`.
+    pub fn holder<'a>(&'a self, dir: &'a Path, path: &str) -> &'a Path {
+        match (&self.delta, &self.seed_base) {
+            (Some(d), Some((_, base))) if !d.changed.contains_key(path) => base,
+            _ => dir,
+        }
+    }
 }
 
 /// A seed's delta past this many entries (and a quarter of its base) is not built on: the
@@ -547,21 +552,27 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         finish(&layer, &target, 0o644, job.attrs)?;
     }
     let removed = p.white_out_removed()?;
-    match p.seed {
-        Some(s) if p.delta => {
-            let changed = p
+    let seed_base = p
+        .seed
+        .as_ref()
+        .map(|s| (s.seed.base_digest.clone(), s.seed.base_dir.clone()));
+    let delta = match (&p.seed, p.delta) {
+        (Some(s), true) => Some(LayerDelta {
+            changed: p
                 .entries
-                .into_iter()
-                .filter(|(k, v)| s.seed.base.get(k) != Some(v))
-                .collect();
-            Ok(CopyLayer::Delta {
-                base_digest: s.seed.base_digest.clone(),
-                base_dir: s.seed.base_dir.clone(),
-                delta: LayerDelta { changed, removed },
-            })
-        }
-        _ => Ok(CopyLayer::Whole(complete.then_some(p.entries))),
-    }
+                .iter()
+                .filter(|(k, v)| s.seed.base.get(*k) != Some(*v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            removed,
+        }),
+        _ => None,
+    };
+    Ok(CopyLayer {
+        entries: complete.then_some(p.entries),
+        seed_base,
+        delta,
+    })
 }
 
 /// Builds the layer of a WORKDIR on `image`: the directory (resolved through the image's
@@ -686,7 +697,12 @@ mod tests {
         let ctx = context();
         let def = CopyDef::from_context(&["src"], "/app/");
         let (first, r) = copy(ctx.path(), &def, CopyAttrs::default(), None, None);
-        let CopyLayer::Whole(Some(entries)) = r.unwrap() else {
+        let CopyLayer {
+            entries: Some(entries),
+            delta: None,
+            ..
+        } = r.unwrap()
+        else {
             panic!("a first COPY is whole and knows its entries")
         };
         let cache_root = tempfile::tempdir().unwrap();
@@ -699,14 +715,15 @@ mod tests {
         std::fs::write(ctx.path().join("src/a.txt"), "edited").unwrap();
         let (second, r) = copy(ctx.path(), &def, CopyAttrs::default(), None, Some(&seed));
         let ino = |root: &Path, p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
-        match r.unwrap() {
-            CopyLayer::Delta { base_digest, delta, .. } => {
-                assert_eq!(base_digest, digest);
+        let built = r.unwrap();
+        assert_eq!(built.seed_base.as_ref().map(|(d, _)| d.as_str()), Some(digest.as_str()));
+        match built.delta {
+            Some(delta) => {
                 assert!(!second.path().join("app/sub/run.sh").exists(), "only what changed");
                 assert_eq!(delta.changed.keys().collect::<Vec<_>>(), ["app/a.txt"]);
                 assert!(delta.removed.is_empty());
             }
-            CopyLayer::Whole(_) => {
+            None => {
                 assert_eq!(
                     ino(&snap, "app/sub/run.sh"),
                     ino(second.path(), "app/sub/run.sh"),

@@ -18,7 +18,7 @@ pub fn layer_file_reader(file: std::fs::File) -> std::io::Result<Box<dyn Read>> 
     use std::io::BufRead;
     let mut r = std::io::BufReader::new(file);
     if r.fill_buf()?.starts_with(&[0x1f, 0x8b]) {
-        Ok(Box::new(flate2::read::GzDecoder::new(r)))
+        Ok(Box::new(flate2::read::MultiGzDecoder::new(r)))
     } else {
         Ok(Box::new(r))
     }

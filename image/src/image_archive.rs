@@ -316,7 +316,7 @@ fn open_source(file: &Path, spool: &Path) -> Result<Source, ArchiveError> {
     let gz = f.fill_buf().map_err(|e| err(file, e))?.starts_with(&[0x1f, 0x8b]);
     let tar_path = if gz {
         let mut out = std::fs::File::create(spool).map_err(|e| err(file, e))?;
-        let mut r = SizeLimit::new(flate2::read::GzDecoder::new(f), max_layer_size());
+        let mut r = SizeLimit::new(flate2::read::MultiGzDecoder::new(f), max_layer_size());
         std::io::copy(&mut r, &mut out).map_err(|e| err(file, format!("not a readable gzip file: {e}")))?;
         spool.to_path_buf()
     } else {
@@ -384,7 +384,7 @@ fn check_layer(
     let mut raw = BufReader::new(Sha256Stream::new(reader));
     let gz = raw.fill_buf().map_err(|e| err(file, e))?.starts_with(&[0x1f, 0x8b]);
     let decompressed: Box<dyn Read + '_> = if gz {
-        Box::new(flate2::read::GzDecoder::new(&mut raw))
+        Box::new(flate2::read::MultiGzDecoder::new(&mut raw))
     } else {
         Box::new(&mut raw)
     };

@@ -210,7 +210,7 @@ mod tests {
         );
         tree(a.path());
         let l = pack_layer(a.path(), &out.path().join("a.tgz")).unwrap();
-        let gz = flate2::read::GzDecoder::new(std::fs::File::open(&l.path).unwrap());
+        let gz = flate2::read::MultiGzDecoder::new(std::fs::File::open(&l.path).unwrap());
         extract_layer(gz, x.path(), Whiteouts::Apply, true).unwrap();
         assert_eq!(std::fs::read(x.path().join("app/z2")).unwrap(), b"z");
         assert_eq!(

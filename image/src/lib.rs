@@ -7,5 +7,6 @@ pub mod image_archive;
 pub mod image_history;
 pub mod layer_diff;
 pub mod layer_extract;
+pub mod layer_segments;
 pub mod oci_image;
 pub mod sha256_stream;

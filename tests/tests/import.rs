@@ -74,7 +74,7 @@ fn a_valid_layout_imports_and_a_tampered_one_is_refused() {
     let layer_path = dest.join("blobs/sha256").join(&layer);
     let original = std::fs::read(&layer_path).unwrap();
     let mut plain = Vec::new();
-    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&original[..]), &mut plain).unwrap();
+    std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&original[..]), &mut plain).unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     std::io::Write::write_all(&mut gz, &plain).unwrap();
     std::fs::write(&layer_path, gz.finish().unwrap()).unwrap();

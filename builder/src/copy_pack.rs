@@ -1,0 +1,85 @@
+//! Packs a COPY layer from its entries, in segments (`lcache_image::layer_segments`): files
+//! are read from whichever directory holds them (the layer's own, or its seed's whole
+//! snapshot under a delta), and the segments unchanged since the seed's blob are taken from
+//! that blob as it streams from the step cache, not read and compressed again.
+
+use std::io::BufReader;
+use std::path::Path;
+
+use lcache_image::layer_diff::PackedLayer;
+use lcache_image::layer_segments::{pack_segmented, Reuse, SegmentEntry, SegmentEntryKind, SegmentIndex};
+
+use crate::copy_seed::{load_segments, LayerEntries, Placed};
+use crate::copy_step::CopyLayer;
+use crate::step_cache::StepCache;
+
+/// The layer's entries in the order a tar holds them: sorted, so parents come first.
+fn sorted(entries: &LayerEntries) -> Vec<SegmentEntry<'_>> {
+    let mut list: Vec<SegmentEntry> = entries
+        .iter()
+        .filter(|(path, _)| !path.is_empty())
+        .map(|(path, placed)| match placed {
+            Placed::File(f) => SegmentEntry {
+                path,
+                kind: SegmentEntryKind::File {
+                    size: f.size,
+                    content: f.content,
+                },
+                mode: f.mode,
+                uid: f.uid,
+                gid: f.gid,
+            },
+            Placed::Dir { mode, uid, gid } => SegmentEntry {
+                path,
+                kind: SegmentEntryKind::Dir,
+                mode: *mode,
+                uid: *uid,
+                gid: *gid,
+            },
+            Placed::Symlink { target, uid, gid } => SegmentEntry {
+                path,
+                kind: SegmentEntryKind::Symlink { target },
+                mode: 0o777,
+                uid: *uid,
+                gid: *gid,
+            },
+        })
+        .collect();
+    list.sort_by(|a, b| a.path.cmp(b.path));
+    list
+}
+
+/// Packs the COPY layer `layer`, built in `dir`, into `dest`; unchanged segments come
+/// from the blob of its seed's whole snapshot. A seed blob that cannot be used (gone, or
+/// not what its index says) only costs the reuse.
+pub fn pack_copy(
+    steps: &dyn StepCache,
+    layer: &CopyLayer,
+    entries: &LayerEntries,
+    dir: &Path,
+    dest: &Path,
+) -> std::io::Result<(PackedLayer, SegmentIndex)> {
+    let list = sorted(entries);
+    let open = |e: &SegmentEntry| std::fs::File::open(layer.holder(dir, e.path).join(e.path));
+    let index = layer
+        .seed_base
+        .as_ref()
+        .and_then(|(digest, dir)| Some((digest, load_segments(dir)?)));
+    if let Some((digest, index)) = index {
+        let reused = std::thread::scope(|s| {
+            let (reader, mut writer) = std::io::pipe()?;
+            // When the pack stops reading (done, or failed) the pipe closes and the
+            // download stops with it.
+            s.spawn(move || steps.get_blob(digest, &mut writer));
+            let reuse = Reuse {
+                index: &index,
+                blob: BufReader::with_capacity(256 * 1024, reader),
+            };
+            pack_segmented(&list, &open, Some(reuse), dest)
+        });
+        if reused.is_ok() {
+            return reused;
+        }
+    }
+    pack_segmented::<std::io::Empty>(&list, &open, None, dest)
+}

@@ -1,0 +1,508 @@
+//! A layer whose entries are all known (a COPY's) packed in segments: its sorted entries are
+//! cut where a path's hash says so (and around big files), so the cuts depend only on the
+//! entries near them, and each segment is its own gzip member (a multi-member gzip is one
+//! valid layer blob). A later layer of the same step takes the members of unchanged
+//! segments from the earlier blob as they are, and compresses and reads from disk only the
+//! segments that changed; the blob is the same, byte for byte, as packing from scratch.
+//! Both digests still cover every byte (the uncompressed one by inflating reused members).
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::path::Path;
+
+use crate::layer_diff::PackedLayer;
+use crate::sha256_stream::Sha256Stream;
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentEntryKind<'a> {
+    /// A directory.
+    Dir,
+    /// A regular file, by its size and BLAKE3.
+    File {
+        /// Its size in bytes.
+        size: u64,
+        /// The BLAKE3 of its bytes.
+        content: [u8; 32],
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Where it points.
+        target: &'a str,
+    },
+}
+
+/// One entry of a layer to pack, in the (sorted) order packed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentEntry<'a> {
+    /// Its path inside the layer, without a leading slash.
+    pub path: &'a str,
+    /// What it is.
+    pub kind: SegmentEntryKind<'a>,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+/// Where each segment's member lies in a packed blob, and what it holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SegmentIndex {
+    /// In blob order.
+    pub segments: Vec<Segment>,
+}
+
+/// One segment's gzip member.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Segment {
+    /// BLAKE3 over the segment's entries (path, kind, mode, owner, size, content).
+    pub fingerprint: [u8; 32],
+    /// Where its member starts in the blob.
+    pub offset: u64,
+    /// The member's length.
+    pub len: u64,
+}
+
+/// An earlier blob of the same step, and its index, to take unchanged members from. The
+/// blob is read once, front to back.
+pub struct Reuse<'a, R> {
+    /// The earlier blob's index.
+    pub index: &'a SegmentIndex,
+    /// The earlier blob's bytes.
+    pub blob: R,
+}
+
+/// A file this big gets a segment of its own: an edit next to it does not re-compress it.
+const BIG_FILE: u64 = 1 << 20;
+
+/// About one entry in this many ends a segment.
+const CUT_ONE_IN: u8 = 255;
+
+/// The segments of `entries`: a cut after an entry whose path hashes to a byte of 0 (so
+/// about every 256 entries, wherever the tree is edited), and around big files.
+fn split(entries: &[SegmentEntry]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let big = matches!(e.kind, SegmentEntryKind::File { size, .. } if size >= BIG_FILE);
+        if big && i > start {
+            out.push(start..i);
+            start = i;
+        }
+        if big || blake3::hash(e.path.as_bytes()).as_bytes()[0] == CUT_ONE_IN {
+            out.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < entries.len() {
+        out.push(start..entries.len());
+    }
+    out
+}
+
+fn fingerprint(entries: &[SegmentEntry]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    for e in entries {
+        h.update(&(e.path.len() as u64).to_le_bytes());
+        h.update(e.path.as_bytes());
+        for n in [e.mode, e.uid, e.gid] {
+            h.update(&n.to_le_bytes());
+        }
+        match &e.kind {
+            SegmentEntryKind::Dir => {
+                h.update(b"d");
+            }
+            SegmentEntryKind::File { size, content } => {
+                h.update(b"f");
+                h.update(&size.to_le_bytes());
+                h.update(content);
+            }
+            SegmentEntryKind::Symlink { target } => {
+                h.update(b"l");
+                h.update(&(target.len() as u64).to_le_bytes());
+                h.update(target.as_bytes());
+            }
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Writes to two writers.
+struct Tee<A, B>(A, B);
+
+impl<A: Write, B: Write> Write for Tee<A, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
+/// Passes on all but the last `TRAILER` bytes written: a segment is a run of tar entries,
+/// and `tar::Builder` always ends with the archive's end marker, which only the blob's
+/// last member carries.
+struct WithoutTrailer<W> {
+    inner: W,
+    held: Vec<u8>,
+}
+
+const TRAILER: usize = 1024;
+
+impl<W: Write> Write for WithoutTrailer<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.held.extend_from_slice(buf);
+        if self.held.len() > 64 * 1024 {
+            let pass = self.held.len() - TRAILER;
+            self.inner.write_all(&self.held[..pass])?;
+            self.held.drain(..pass);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> WithoutTrailer<W> {
+    fn finish(mut self) -> io::Result<W> {
+        let pass = self
+            .held
+            .len()
+            .checked_sub(TRAILER)
+            .filter(|_| self.held[self.held.len() - TRAILER..].iter().all(|b| *b == 0));
+        let pass = pass.ok_or_else(|| io::Error::other("a tar segment did not end with the end-of-archive marker"))?;
+        self.inner.write_all(&self.held[..pass])?;
+        Ok(self.inner)
+    }
+}
+
+fn header(e: &SegmentEntry, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(e.mode & 0o7777);
+    h.set_uid(u64::from(e.uid));
+    h.set_gid(u64::from(e.gid));
+    h.set_mtime(0);
+    h.set_size(size);
+    h
+}
+
+fn gzip<W: Write>(out: W) -> flate2::write::GzEncoder<W> {
+    // A fixed header (no name, mtime 0) keeps equal segments byte-identical.
+    flate2::GzBuilder::new()
+        .mtime(0)
+        .write(out, flate2::Compression::fast())
+}
+
+/// Compresses `entries` as one member onto `blob`, their tar bytes also into `tar`.
+fn write_member<B: Write, T: Write>(
+    entries: &[SegmentEntry],
+    open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
+    blob: B,
+    tar: T,
+) -> io::Result<()> {
+    let mut b = tar::Builder::new(WithoutTrailer {
+        inner: Tee(tar, gzip(blob)),
+        held: Vec::new(),
+    });
+    for e in entries {
+        match &e.kind {
+            SegmentEntryKind::Dir => {
+                let mut h = header(e, tar::EntryType::Directory, 0);
+                b.append_data(&mut h, e.path, &[][..])?;
+            }
+            SegmentEntryKind::Symlink { target } => {
+                let mut h = header(e, tar::EntryType::Symlink, 0);
+                b.append_link(&mut h, e.path, target)?;
+            }
+            SegmentEntryKind::File { size, .. } => {
+                let f = open(e)?;
+                if f.metadata()?.len() != *size {
+                    return Err(io::Error::other(format!(
+                        "{} is not the size it was copied at: the snapshot changed",
+                        e.path
+                    )));
+                }
+                let mut h = header(e, tar::EntryType::Regular, *size);
+                b.append_data(&mut h, e.path, f)?;
+            }
+        }
+    }
+    let Tee(_, gz) = b.into_inner()?.finish()?;
+    gz.finish()?;
+    Ok(())
+}
+
+/// Reads through `inner`, copying what it reads to `out`.
+struct ReadTee<R, W> {
+    inner: R,
+    out: W,
+}
+
+impl<R: Read, W: Write> Read for ReadTee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Copies the earlier blob's member `seg` onto `blob` and its inflated bytes into `tar`;
+/// `pos` is how far the earlier blob has been read.
+fn copy_member<R: Read, B: Write, T: Write>(
+    from: &mut R,
+    pos: &mut u64,
+    seg: &Segment,
+    blob: B,
+    mut tar: T,
+) -> io::Result<()> {
+    let skip = seg
+        .offset
+        .checked_sub(*pos)
+        .ok_or_else(|| io::Error::other("the earlier blob's segments are out of order"))?;
+    if io::copy(&mut (&mut *from).take(skip), &mut io::sink())? != skip {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let mut member = ReadTee {
+        inner: (&mut *from).take(seg.len),
+        out: blob,
+    };
+    io::copy(&mut flate2::read::GzDecoder::new(&mut member), &mut tar)?;
+    io::copy(&mut member, &mut io::sink())?;
+    if member.inner.limit() != 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    *pos = seg.offset + seg.len;
+    Ok(())
+}
+
+/// Packs `entries` (sorted, parents first) into a gzip layer blob at `dest`, reading each
+/// file through `open`, taking the members of unchanged segments from `reuse`. Returns the
+/// layer and its index (for the next layer of the step to reuse).
+pub fn pack_segmented<R: Read>(
+    entries: &[SegmentEntry],
+    open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
+    mut reuse: Option<Reuse<'_, R>>,
+    dest: &Path,
+) -> io::Result<(PackedLayer, SegmentIndex)> {
+    let file = std::fs::File::create(dest)?;
+    let mut blob = Sha256Stream::new(io::BufWriter::new(file));
+    let mut tar = Sha256Stream::new(io::sink());
+    let earlier: HashMap<[u8; 32], usize> = reuse
+        .as_ref()
+        .map(|r| {
+            r.index
+                .segments
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.fingerprint, i))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (mut pos, mut next_reusable) = (0u64, 0usize);
+    let mut index = SegmentIndex::default();
+    for range in split(entries) {
+        let seg = &entries[range];
+        let fp = fingerprint(seg);
+        let offset = blob.len();
+        match (reuse.as_mut(), earlier.get(&fp)) {
+            (Some(r), Some(&j)) if j >= next_reusable => {
+                copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, &mut tar)?;
+                next_reusable = j + 1;
+            }
+            _ => write_member(seg, open, &mut blob, &mut tar)?,
+        }
+        index.segments.push(Segment {
+            fingerprint: fp,
+            offset,
+            len: blob.len() - offset,
+        });
+    }
+    let mut end = gzip(&mut blob);
+    end.write_all(&[0; TRAILER])?;
+    end.finish()?;
+    tar.write_all(&[0; TRAILER])?;
+    blob.flush()?;
+    let (digest, size, diff_id) = (blob.digest(), blob.len(), tar.digest());
+    let file = blob.into_inner().into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok((
+        PackedLayer {
+            path: dest.to_path_buf(),
+            digest,
+            diff_id,
+            size,
+        },
+        index,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Tree {
+        dir: tempfile::TempDir,
+        files: Vec<(String, Vec<u8>)>,
+    }
+
+    fn tree(n: usize) -> Tree {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for i in 0..n {
+            let path = format!("app/d{}/f{i:04}", i % 7);
+            let body = format!("{i}").repeat(i % 50 + 1).into_bytes();
+            files.push((path, body));
+        }
+        files.sort();
+        for (p, b) in &files {
+            std::fs::create_dir_all(dir.path().join(p).parent().unwrap()).unwrap();
+            std::fs::write(dir.path().join(p), b).unwrap();
+        }
+        Tree { dir, files }
+    }
+
+    fn entries(t: &Tree) -> Vec<(String, Vec<u8>, bool)> {
+        let mut out: Vec<(String, Vec<u8>, bool)> = vec![("app".into(), vec![], true)];
+        for d in 0..7 {
+            out.push((format!("app/d{d}"), vec![], true));
+        }
+        out.extend(t.files.iter().map(|(p, b)| (p.clone(), b.clone(), false)));
+        out.sort();
+        out
+    }
+
+    fn as_entries(list: &[(String, Vec<u8>, bool)]) -> Vec<SegmentEntry<'_>> {
+        list.iter()
+            .map(|(p, b, dir)| SegmentEntry {
+                path: p,
+                kind: if *dir {
+                    SegmentEntryKind::Dir
+                } else {
+                    SegmentEntryKind::File {
+                        size: b.len() as u64,
+                        content: *blake3::hash(b).as_bytes(),
+                    }
+                },
+                mode: if *dir { 0o755 } else { 0o644 },
+                uid: 0,
+                gid: 0,
+            })
+            .collect()
+    }
+
+    fn pack(
+        root: &Path,
+        list: &[(String, Vec<u8>, bool)],
+        reuse: Option<(&SegmentIndex, &[u8])>,
+        out: &Path,
+        opened: &std::cell::Cell<usize>,
+    ) -> (PackedLayer, SegmentIndex) {
+        let open = |e: &SegmentEntry| {
+            opened.set(opened.get() + 1);
+            std::fs::File::open(root.join(e.path))
+        };
+        pack_segmented(
+            &as_entries(list),
+            &open,
+            reuse.map(|(index, blob)| Reuse { index, blob }),
+            out,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn reusing_unchanged_members_gives_the_blob_packing_from_scratch_gives_and_reads_only_the_changed() {
+        let t = tree(6000);
+        let out = tempfile::tempdir().unwrap();
+        let opened = std::cell::Cell::new(0);
+        let list = entries(&t);
+        let (first, index) = pack(t.dir.path(), &list, None, &out.path().join("1"), &opened);
+        assert!(index.segments.len() > 12, "{} segments", index.segments.len());
+        assert_eq!(opened.get(), 6000);
+        let first_blob = std::fs::read(&first.path).unwrap();
+
+        // Edit one file, add one, remove one.
+        let mut list2 = list.clone();
+        let edit = list2.iter_mut().find(|(p, _, _)| p == "app/d6/f1000").unwrap();
+        edit.1 = b"edited".to_vec();
+        std::fs::write(t.dir.path().join("app/d6/f1000"), b"edited").unwrap();
+        list2.retain(|(p, _, _)| p != "app/d5/f2000");
+        std::fs::write(t.dir.path().join("app/d5/new"), b"new").unwrap();
+        list2.push(("app/d5/new".into(), b"new".to_vec(), false));
+        list2.sort();
+
+        opened.set(0);
+        let (scratch, _) = pack(t.dir.path(), &list2, None, &out.path().join("2"), &opened);
+        opened.set(0);
+        let (reused, _) = pack(
+            t.dir.path(),
+            &list2,
+            Some((&index, &first_blob)),
+            &out.path().join("3"),
+            &opened,
+        );
+        assert_eq!(reused.digest, scratch.digest);
+        assert_eq!(reused.diff_id, scratch.diff_id);
+        // Three changes touch at most three segments of about 256 entries.
+        assert!(opened.get() < 6000 / 4, "read {} files", opened.get());
+
+        // The blob is one layer: every entry is there, in order, edits included.
+        let gz = flate2::read::MultiGzDecoder::new(std::fs::File::open(&reused.path).unwrap());
+        let mut a = tar::Archive::new(gz);
+        let mut seen = Vec::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let p = e.path().unwrap().display().to_string();
+            let mut body = Vec::new();
+            e.read_to_end(&mut body).unwrap();
+            seen.push((p.trim_end_matches('/').to_string(), body));
+        }
+        let expected: Vec<(String, Vec<u8>)> = list2.iter().map(|(p, b, _)| (p.clone(), b.clone())).collect();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn a_wrong_earlier_blob_fails_rather_than_packing_it() {
+        let t = tree(600);
+        let out = tempfile::tempdir().unwrap();
+        let opened = std::cell::Cell::new(0);
+        let list = entries(&t);
+        let (_, index) = pack(t.dir.path(), &list, None, &out.path().join("1"), &opened);
+        let garbage = vec![7u8; 4096];
+        let r = pack_segmented(
+            &as_entries(&list),
+            &|e: &SegmentEntry| std::fs::File::open(t.dir.path().join(e.path)),
+            Some(Reuse {
+                index: &index,
+                blob: &garbage[..],
+            }),
+            &out.path().join("2"),
+        );
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn cuts_depend_only_on_the_entries_near_them() {
+        let t = tree(2000);
+        let list = entries(&t);
+        let e = as_entries(&list);
+        let before = split(&e);
+        let mut fewer = e.clone();
+        fewer.remove(10);
+        let after = split(&fewer);
+        // Past the removed entry's segment, the same cuts (shifted by one).
+        let tail =
+            |s: &[Range<usize>], shift: usize| -> Vec<usize> { s.iter().skip(2).map(|r| r.end - shift).collect() };
+        assert_eq!(tail(&before, 1), tail(&after, 0));
+    }
+}
