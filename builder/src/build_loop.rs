@@ -948,7 +948,8 @@ impl<'a> Builder<'a> {
         {
             let unit = DeltaUnit::of(&self.cache, digest);
             let staging = work.join("delta-unit");
-            let stored = std::fs::create_dir(&staging).and_then(|()| unit.store(&staging, tree, &base_digest, &delta));
+            let stored = std::fs::create_dir(&staging)
+                .and_then(|()| unit.store(&staging, tree, &base_digest, &delta, segments.as_ref()));
             return match stored {
                 Ok(true) => Ok(Snapshot::delta(base_dir, unit.tree())),
                 // Another build kept a delta of the same layer first, perhaps over another base.

@@ -1,6 +1,6 @@
 //! Packs a COPY layer from its entries, in segments (`lcache_image::layer_segments`): files
 //! are read from whichever directory holds them (the layer's own, or its seed's whole
-//! snapshot under a delta), and the segments unchanged since the seed's blob are taken from
+//! snapshot under a delta), and the segments unchanged since the seed layer's blob are taken from
 //! that blob as it streams from the step cache, not read and compressed again.
 
 use std::io::BufReader;
@@ -50,7 +50,8 @@ fn sorted(entries: &LayerEntries) -> Vec<SegmentEntry<'_>> {
 }
 
 /// Packs the COPY layer `layer`, built in `dir`, into `dest`; unchanged segments come
-/// from the blob of its seed's whole snapshot. A seed blob that cannot be used (gone, or
+/// from the seed layer's own blob (so after a run of edits, the diff_id is hashed again
+/// only from the newest change on). A seed blob that cannot be used (gone, or
 /// not what its index says) only costs the reuse.
 pub fn pack_copy(
     steps: &dyn StepCache,
@@ -62,9 +63,9 @@ pub fn pack_copy(
     let list = sorted(entries);
     let open = |e: &SegmentEntry| std::fs::File::open(layer.holder(dir, e.path).join(e.path));
     let index = layer
-        .seed_base
+        .reuse
         .as_ref()
-        .and_then(|(digest, dir)| Some((digest, load_segments(dir)?)));
+        .and_then(|(digest, path)| Some((digest, load_segments(path)?)));
     if let Some((digest, index)) = index {
         let reused = std::thread::scope(|s| {
             let (reader, mut writer) = std::io::pipe()?;

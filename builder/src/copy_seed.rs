@@ -89,6 +89,9 @@ pub struct Seed {
     pub(crate) base: LayerEntries,
     /// The seed's own delta over `base`: its tree and what it changed.
     pub(crate) delta: Option<(PathBuf, LayerDelta)>,
+    /// The seed layer's own blob digest and where its segment index is kept: the next
+    /// pack takes the unchanged segments from that blob.
+    pub(crate) blob: (String, PathBuf),
 }
 
 /// Where a seed's entry is: in the base snapshot or in the seed's delta tree.
@@ -129,6 +132,7 @@ impl Seed {
             return Some(Seed {
                 base: read_bincode(&entries_path(&whole))?,
                 base_digest: digest.to_string(),
+                blob: (digest.to_string(), segments_path(&whole)),
                 base_dir: whole,
                 delta: None,
             });
@@ -145,6 +149,7 @@ impl Seed {
             base_digest,
             base_dir,
             delta: Some((unit.tree(), delta)),
+            blob: (digest.to_string(), unit.segments()),
         })
     }
 }
@@ -182,10 +187,10 @@ pub fn save_segments(snapshot: &Path, index: &SegmentIndex) -> std::io::Result<(
     write_bincode(&segments_path(snapshot), index)
 }
 
-/// The segment index of the blob of the whole snapshot `snapshot`, if it was packed in
-/// segments (older ones were not: their next layer is compressed whole).
-pub fn load_segments(snapshot: &Path) -> Option<SegmentIndex> {
-    read_bincode(&segments_path(snapshot))
+/// The segment index kept at `path`, if the blob was packed in segments (older ones were
+/// not: their next layer is compressed whole).
+pub fn load_segments(path: &Path) -> Option<SegmentIndex> {
+    read_bincode(path)
 }
 
 /// The on-disk unit of a delta snapshot: made in a work directory and renamed into place
@@ -212,6 +217,11 @@ impl DeltaUnit {
         self.dir.join("delta.bin")
     }
 
+    /// Where the segment index of the layer's blob is kept.
+    pub fn segments(&self) -> PathBuf {
+        self.dir.join("segments.bin")
+    }
+
     /// The blob digest of the whole snapshot the delta goes over.
     pub fn base_digest(&self) -> Option<String> {
         let d = std::fs::read_to_string(self.dir.join("base")).ok()?;
@@ -223,10 +233,20 @@ impl DeltaUnit {
     /// Stores `tree` (a delta over `base_digest`) as this unit, assembled in `staging`
     /// (a fresh directory on the same filesystem). Returns false when another build stored
     /// the unit first (theirs is as good).
-    pub fn store(&self, staging: &Path, tree: &Path, base_digest: &str, delta: &LayerDelta) -> std::io::Result<bool> {
+    pub fn store(
+        &self,
+        staging: &Path,
+        tree: &Path,
+        base_digest: &str,
+        delta: &LayerDelta,
+        segments: Option<&SegmentIndex>,
+    ) -> std::io::Result<bool> {
         std::fs::rename(tree, staging.join("tree"))?;
         std::fs::write(staging.join("base"), base_digest)?;
         write_bincode(&staging.join("delta.bin"), delta)?;
+        if let Some(index) = segments {
+            write_bincode(&staging.join("segments.bin"), index)?;
+        }
         match std::fs::rename(staging, &self.dir) {
             Ok(()) => Ok(true),
             Err(_) if self.dir.is_dir() => Ok(false),
@@ -258,6 +278,7 @@ mod tests {
         let base: LayerEntries = [("a".to_string(), file(1)), ("b".to_string(), file(2))].into();
         let seed = Seed {
             base_digest: "sha256:00".into(),
+            blob: ("sha256:00".into(), PathBuf::from("/nonexistent.segments.bin")),
             base_dir: PathBuf::from("/nonexistent"),
             base,
             delta: Some((
@@ -284,7 +305,9 @@ mod tests {
         std::fs::create_dir_all(&staging).unwrap();
         std::fs::create_dir_all(&tree).unwrap();
         let base = format!("sha256:{}", "b".repeat(64));
-        assert!(unit.store(&staging, &tree, &base, &LayerDelta::default()).unwrap());
+        assert!(unit
+            .store(&staging, &tree, &base, &LayerDelta::default(), None)
+            .unwrap());
         assert_eq!(unit.base_digest(), Some(base));
         std::fs::write(unit.dir.join("base"), "../../etc").unwrap();
         assert_eq!(unit.base_digest(), None);

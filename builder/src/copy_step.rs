@@ -447,11 +447,13 @@ pub struct CopyLayer {
     /// Every entry of the layer, when all are known (not after an ADD unpacked an archive
     /// or with inline files: such a layer is packed from its directory and seeds nothing).
     pub entries: Option<LayerEntries>,
-    /// The whole snapshot the seed is or goes over (blob digest, directory): the layer's
-    /// pack takes the unchanged segments of its blob.
+    /// The whole snapshot the seed is or goes over (blob digest, directory).
     pub seed_base: Option<(String, PathBuf)>,
     /// Set when the directory holds only what differs from `seed_base` (and whiteouts).
     pub delta: Option<LayerDelta>,
+    /// The seed layer's blob digest and its segment index's path: the pack takes the
+    /// unchanged segments from that blob.
+    pub reuse: Option<(String, PathBuf)>,
 }
 
 impl CopyLayer {
@@ -568,10 +570,12 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         }),
         _ => None,
     };
+    let reuse = p.seed.as_ref().map(|s| s.seed.blob.clone());
     Ok(CopyLayer {
         entries: complete.then_some(p.entries),
         seed_base,
         delta,
+        reuse,
     })
 }
 

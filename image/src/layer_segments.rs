@@ -4,7 +4,9 @@
 //! valid layer blob). A later layer of the same step takes the members of unchanged
 //! segments from the earlier blob as they are, and compresses and reads from disk only the
 //! segments that changed; the blob is the same, byte for byte, as packing from scratch.
-//! Both digests still cover every byte (the uncompressed one by inflating reused members).
+//! Both digests still cover every byte: the blob's over every member, the diff_id resumed
+//! from the SHA-256 state kept after the last of the unchanged segments in front of the
+//! first change, and taken over the rest by inflating the reused members.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -64,6 +66,44 @@ pub struct Segment {
     pub offset: u64,
     /// The member's length.
     pub len: u64,
+    /// The uncompressed tar's SHA-256 state after this segment (segments end on 512-byte
+    /// tar blocks, so nothing is buffered).
+    pub tar_state: Vec<u8>,
+}
+
+/// The uncompressed tar's SHA-256 (the diff_id), whose state can be kept and resumed.
+#[derive(Default)]
+struct TarHash(sha2_resumable::Sha256);
+
+impl Write for TarHash {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        sha2_resumable::Digest::update(&mut self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TarHash {
+    fn state(&self) -> Vec<u8> {
+        use sha2_resumable::digest::common::hazmat::SerializableState;
+        self.0.serialize().to_vec()
+    }
+
+    fn resume(state: &[u8]) -> io::Result<Self> {
+        use sha2_resumable::digest::common::hazmat::{SerializableState, SerializedState};
+        let bad = || io::Error::other("a kept SHA-256 state is malformed");
+        let state = SerializedState::<sha2_resumable::Sha256>::try_from(state).map_err(|_| bad())?;
+        sha2_resumable::Sha256::deserialize(&state).map(Self).map_err(|_| bad())
+    }
+
+    fn digest(self) -> String {
+        let out = sha2_resumable::Digest::finalize(self.0);
+        let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
 }
 
 /// An earlier blob of the same step, and its index, to take unchanged members from. The
@@ -256,14 +296,14 @@ impl<R: Read, W: Write> Read for ReadTee<R, W> {
     }
 }
 
-/// Copies the earlier blob's member `seg` onto `blob` and its inflated bytes into `tar`;
-/// `pos` is how far the earlier blob has been read.
-fn copy_member<R: Read, B: Write, T: Write>(
+/// Copies the earlier blob's member `seg` onto `blob` and, given `tar`, its inflated
+/// bytes into it; `pos` is how far the earlier blob has been read.
+fn copy_member<R: Read, B: Write>(
     from: &mut R,
     pos: &mut u64,
     seg: &Segment,
     blob: B,
-    mut tar: T,
+    tar: Option<&mut TarHash>,
 ) -> io::Result<()> {
     let skip = seg
         .offset
@@ -276,7 +316,9 @@ fn copy_member<R: Read, B: Write, T: Write>(
         inner: (&mut *from).take(seg.len),
         out: blob,
     };
-    io::copy(&mut flate2::read::GzDecoder::new(&mut member), &mut tar)?;
+    if let Some(tar) = tar {
+        io::copy(&mut flate2::read::GzDecoder::new(&mut member), tar)?;
+    }
     io::copy(&mut member, &mut io::sink())?;
     if member.inner.limit() != 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
@@ -296,7 +338,7 @@ pub fn pack_segmented<R: Read>(
 ) -> io::Result<(PackedLayer, SegmentIndex)> {
     let file = std::fs::File::create(dest)?;
     let mut blob = Sha256Stream::new(io::BufWriter::new(file));
-    let mut tar = Sha256Stream::new(io::sink());
+    let mut tar = TarHash::default();
     let earlier: HashMap<[u8; 32], usize> = reuse
         .as_ref()
         .map(|r| {
@@ -309,14 +351,42 @@ pub fn pack_segmented<R: Read>(
         })
         .unwrap_or_default();
     let (mut pos, mut next_reusable) = (0u64, 0usize);
+    // While the segments are the earlier blob's, one for one from the start, the tar is
+    // not hashed: its state after them is the earlier one's (`front`, once they end).
+    let mut in_front = reuse.is_some();
+    let mut front: Option<&[u8]> = None;
     let mut index = SegmentIndex::default();
-    for range in split(entries) {
+    for (i, range) in split(entries).into_iter().enumerate() {
         let seg = &entries[range];
         let fp = fingerprint(seg);
         let offset = blob.len();
-        match (reuse.as_mut(), earlier.get(&fp)) {
-            (Some(r), Some(&j)) if j >= next_reusable => {
-                copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, &mut tar)?;
+        let reusable = match (reuse.as_ref(), earlier.get(&fp)) {
+            (Some(_), Some(&j)) if j >= next_reusable => Some(j),
+            _ => None,
+        };
+        let (r, j) = match (reuse.as_mut(), reusable) {
+            (Some(r), Some(j)) if in_front && j == i => {
+                copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, None)?;
+                next_reusable = j + 1;
+                front = Some(&r.index.segments[j].tar_state);
+                index.segments.push(Segment {
+                    fingerprint: fp,
+                    offset,
+                    len: blob.len() - offset,
+                    tar_state: r.index.segments[j].tar_state.clone(),
+                });
+                continue;
+            }
+            (r, j) => (r, j),
+        };
+        if std::mem::take(&mut in_front) {
+            if let Some(state) = front {
+                tar = TarHash::resume(state)?;
+            }
+        }
+        match (r, j) {
+            (Some(r), Some(j)) => {
+                copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, Some(&mut tar))?;
                 next_reusable = j + 1;
             }
             _ => write_member(seg, open, &mut blob, &mut tar)?,
@@ -325,7 +395,13 @@ pub fn pack_segmented<R: Read>(
             fingerprint: fp,
             offset,
             len: blob.len() - offset,
+            tar_state: tar.state(),
         });
+    }
+    if in_front {
+        if let Some(state) = front {
+            tar = TarHash::resume(state)?;
+        }
     }
     let mut end = gzip(&mut blob);
     end.write_all(&[0; TRAILER])?;
@@ -469,6 +545,45 @@ mod tests {
         }
         let expected: Vec<(String, Vec<u8>)> = list2.iter().map(|(p, b, _)| (p.clone(), b.clone())).collect();
         assert_eq!(seen, expected);
+    }
+
+    #[test]
+    fn the_diff_id_resumed_after_an_unchanged_front_is_the_one_hashing_everything_gives() {
+        let t = tree(2000);
+        let out = tempfile::tempdir().unwrap();
+        let opened = std::cell::Cell::new(0);
+        let list = entries(&t);
+        let (first, index) = pack(t.dir.path(), &list, None, &out.path().join("0"), &opened);
+        let first_blob = std::fs::read(&first.path).unwrap();
+        let last = list.last().unwrap().0.clone();
+        let first_file = list.iter().find(|(_, _, dir)| !dir).unwrap().0.clone();
+        for (n, edit) in [None, Some(last), Some(first_file)].into_iter().enumerate() {
+            let mut changed = list.clone();
+            if let Some(path) = &edit {
+                let e = changed.iter_mut().find(|(p, _, _)| p == path).unwrap();
+                e.1 = format!("edited {n}").into_bytes();
+                std::fs::write(t.dir.path().join(path), &e.1).unwrap();
+            }
+            let (scratch, scratch_index) =
+                pack(t.dir.path(), &changed, None, &out.path().join(format!("s{n}")), &opened);
+            let (resumed, resumed_index) = pack(
+                t.dir.path(),
+                &changed,
+                Some((&index, &first_blob)),
+                &out.path().join(format!("r{n}")),
+                &opened,
+            );
+            assert_eq!(
+                (&resumed.digest, &resumed.diff_id),
+                (&scratch.digest, &scratch.diff_id),
+                "{edit:?}"
+            );
+            assert_eq!(resumed_index, scratch_index, "the kept states are the same too");
+            if let Some(path) = &edit {
+                let original = &list.iter().find(|(p, _, _)| p == path).unwrap().1;
+                std::fs::write(t.dir.path().join(path), original).unwrap();
+            }
+        }
     }
 
     #[test]
