@@ -600,3 +600,61 @@ fn a_rebuilt_copy_keeps_only_what_changed_and_makes_the_layer_a_cold_build_makes
         "EDITED\n"
     );
 }
+
+/// The whole COPY snapshots in `env`'s cache (those that keep their entries), by digest hex.
+fn whole_copy_snapshots(env: &BuildEnv) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(env.cache_dir().join("snapshots"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".entries.bin").map(str::to_string)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_delta_whose_base_is_gone_and_a_seed_blob_that_is_gone_cost_speed_not_correctness() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY src /app/\nRUN cat /app/a.txt > /seen\n",
+    )
+    .write("src/a.txt", "one\n")
+    .write("src/b.txt", "b\n");
+    env.build(&p, &[]);
+    p.write("src/a.txt", "two\n");
+    env.build(&p, &[]);
+    assert_eq!(delta_trees(&env).len(), 1);
+
+    // The whole snapshot under the delta is removed: the delta is not used, its layer is
+    // extracted whole from the blob, and the next edit copies everything.
+    let snapshots = env.cache_dir().join("snapshots");
+    for hex in whole_copy_snapshots(&env) {
+        std::fs::remove_dir_all(snapshots.join(&hex)).unwrap();
+        std::fs::remove_file(snapshots.join(format!("{hex}.entries.bin"))).unwrap();
+    }
+    let (steps, _) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [true, true]);
+    p.write("src/a.txt", "three\n");
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false]);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+
+    // The seed layer's blob is gone from lcached: its segments cannot be reused, so all are
+    // packed again, to the same bytes.
+    let seed = whole_copy_snapshots(&env);
+    assert_eq!(seed.len(), 1, "{seed:?}");
+    std::fs::remove_file(env.daemon.store().join("blobs/sha256").join(&seed[0])).unwrap();
+    p.write("src/a.txt", "four\n");
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false]);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert_eq!(std::fs::read_to_string(out.path().join("seen")).unwrap(), "four\n");
+}
