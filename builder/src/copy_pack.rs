@@ -69,14 +69,19 @@ pub fn pack_copy(
     if let Some((digest, index)) = index {
         let reused = std::thread::scope(|s| {
             let (reader, mut writer) = std::io::pipe()?;
-            // When the pack stops reading (done, or failed) the pipe closes and the
-            // download stops with it.
-            s.spawn(move || steps.get_blob(digest, &mut writer));
+            // When the pack stops reading (failed) the pipe closes and the download stops
+            // with it; a pack that succeeded read the blob to its end, so the download
+            // checked its digest: reused bytes from a corrupt copy are never kept.
+            let download = s.spawn(move || steps.get_blob(digest, &mut writer));
             let reuse = Reuse {
                 index: &index,
                 blob: BufReader::with_capacity(256 * 1024, reader),
             };
-            pack_segmented(&list, &open, Some(reuse), dest)
+            let packed = pack_segmented(&list, &open, Some(reuse), dest)?;
+            match download.join() {
+                Ok(Ok(_)) => Ok(packed),
+                _ => Err(std::io::Error::other("the seed layer's blob did not arrive whole")),
+            }
         });
         if reused.is_ok() {
             return reused;

@@ -161,9 +161,13 @@ fn read_bincode<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
         .map(|(v, _)| v)
 }
 
+/// Written aside and renamed into place: a crash leaves the old file or none, never part
+/// of one (a segment index that decoded wrong would give a wrong diff_id).
 fn write_bincode<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(std::io::Error::other)?;
-    std::fs::write(path, bytes)
+    let aside = path.with_extension("partial");
+    std::fs::write(&aside, bytes)?;
+    std::fs::rename(&aside, path)
 }
 
 /// Bincode, not JSON: at 50,000 files JSON took 275 bytes a file (a BLAKE3 as 32 numbers).

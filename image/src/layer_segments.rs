@@ -107,7 +107,7 @@ impl TarHash {
 }
 
 /// An earlier blob of the same step, and its index, to take unchanged members from. The
-/// blob is read once, front to back.
+/// blob is read once, front to back, to its end.
 pub struct Reuse<'a, R> {
     /// The earlier blob's index.
     pub index: &'a SegmentIndex,
@@ -402,6 +402,10 @@ pub fn pack_segmented<R: Read>(
         if let Some(state) = front {
             tar = TarHash::resume(state)?;
         }
+    }
+    if let Some(r) = reuse.as_mut() {
+        // Read to the end, so that whoever streams it can check the whole blob's digest.
+        io::copy(&mut r.blob, &mut io::sink())?;
     }
     let mut end = gzip(&mut blob);
     end.write_all(&[0; TRAILER])?;

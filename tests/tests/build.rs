@@ -658,3 +658,37 @@ fn a_delta_whose_base_is_gone_and_a_seed_blob_that_is_gone_cost_speed_not_correc
     export_local(&env, &p, out.path());
     assert_eq!(std::fs::read_to_string(out.path().join("seen")).unwrap(), "four\n");
 }
+
+#[test]
+fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n");
+    // Enough entries for several segments, so the front of the layer is reused as is.
+    for i in 0..1500 {
+        p.write(&format!("src/f{i:04}.txt"), &format!("{i}\n"));
+    }
+    env.build(&p, &[]);
+    let seed = whole_copy_snapshots(&env);
+    assert_eq!(seed.len(), 1);
+    let blob = env.daemon.store().join("blobs/sha256").join(&seed[0]);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[40] ^= 0x55;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    p.write("src/f1499.txt", "edited\n");
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false]);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again, "the corrupt front was not copied into the new layer");
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("app/f0000.txt")).unwrap(),
+        "0\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("app/f1499.txt")).unwrap(),
+        "edited\n"
+    );
+}
