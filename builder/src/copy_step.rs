@@ -29,6 +29,8 @@ struct Placement<'a> {
     delta: bool,
     /// Every entry the new layer has, by path.
     entries: LayerEntries,
+    /// An ADD unpacked an archive: `entries` does not list what it holds.
+    unpacked: bool,
     /// The content BLAKE3 of every file placed, by entry index, as it was read.
     content: HashMap<usize, [u8; 32]>,
 }
@@ -222,6 +224,7 @@ impl Placement<'_> {
                     std::io::copy(&mut raw, &mut std::io::sink()).map_err(io)?;
                     drop(raw);
                     self.content.insert(i, *hashing.hasher.finalize().as_bytes());
+                    self.unpacked = true;
                     return Ok(());
                 }
                 let rel = key(dest);
@@ -444,8 +447,8 @@ fn resolve_dest(image: Option<&Root>, dest: &Path, into_dir: bool) -> Result<Pat
 /// What a COPY layer directory holds, as `build_copy_layer` made it.
 #[derive(Debug)]
 pub struct CopyLayer {
-    /// Every entry of the layer, when all are known (not after an ADD unpacked an archive
-    /// or with inline files: such a layer is packed from its directory and seeds nothing).
+    /// Every entry of the layer, when all are known (not after an ADD unpacked an archive,
+    /// nor with inline files: such a layer is packed from its directory and seeds nothing).
     pub entries: Option<LayerEntries>,
     /// The whole snapshot the seed is or goes over (blob digest, directory).
     pub seed_base: Option<(String, PathBuf)>,
@@ -482,6 +485,7 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
             "COPY --parents is not supported yet: copy each directory with its own COPY",
         ));
     }
+    // An ADD may unpack an archive, whose entries are not tracked: it is never a delta.
     let complete = !def.add && def.inline.is_empty();
     let layer = Root::open(layer)?;
     let src = Root::open(job.src_root)?;
@@ -507,6 +511,7 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         seed,
         delta,
         entries: HashMap::new(),
+        unpacked: false,
         content: HashMap::new(),
     };
     let entries = job.entries;
@@ -575,7 +580,7 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
     };
     let reuse = p.seed.as_ref().map(|s| s.seed.blob.clone());
     Ok(CopyLayer {
-        entries: complete.then_some(p.entries),
+        entries: (!p.unpacked && def.inline.is_empty()).then_some(p.entries),
         seed_base,
         delta,
         reuse,
