@@ -266,9 +266,14 @@ impl Placement<'_> {
         Ok(())
     }
 
-    /// Whether a delta layer need not hold `placed` at `dest`: its base has it already.
+    /// Whether a delta layer need not hold `placed` at `dest`: its base has it already,
+    /// and nothing placed earlier in this build (another source's entry at the same path,
+    /// a destination directory) is in the delta to cover it.
     fn in_base(&self, dest: &Path, placed: &Placed) -> bool {
-        self.delta && self.seed.as_ref().and_then(|s| s.seed.base.get(&key(dest))) == Some(placed)
+        let k = key(dest);
+        self.delta
+            && !self.entries.contains_key(&k)
+            && self.seed.as_ref().and_then(|s| s.seed.base.get(&k)) == Some(placed)
     }
 
     /// The file the seed has at `rel`, if it was made from the same source with the same
@@ -276,7 +281,7 @@ impl Placement<'_> {
     /// does), else the root to link it from. With its content digest.
     fn kept(&self, rel: &str, from: &CopiedFrom) -> Option<(Option<&Root>, [u8; 32])> {
         let seed = self.seed.as_ref()?;
-        if self.delta {
+        if self.delta && !self.entries.contains_key(rel) {
             if let Some(Placed::File(old)) = seed.seed.base.get(rel) {
                 if from.same_source(old) {
                     return Some((None, old.content));

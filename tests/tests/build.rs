@@ -543,12 +543,19 @@ fn a_rebuilt_copy_keeps_only_what_changed_and_makes_the_layer_a_cold_build_makes
     let p = Project::new();
     p.write(
         "Dockerfile",
-        "FROM busybox\nCOPY src /app/\nRUN ls -lnR /app > /listing\n",
+        "FROM busybox\nCOPY src /app/\nRUN ls -lnR /app > /listing && stat -c '%a %n' /app /app/d1 >> /listing\n",
     );
     for i in 0..40 {
         p.write(&format!("src/d{}/f{i}.txt", i % 4), &format!("file {i}\n"));
     }
     p.write("src/gone/x.txt", "x\n");
+    // Directories' own modes must survive in the delta's view.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for (dir, mode) in [("src", 0o750), ("src/d1", 0o700)] {
+            std::fs::set_permissions(p.path().join(dir), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    }
     env.build(&p, &[]);
     p.write("src/d1/f5.txt", "EDITED\n");
     p.write("src/d2/new.txt", "new\n");
@@ -595,6 +602,7 @@ fn a_rebuilt_copy_keeps_only_what_changed_and_makes_the_layer_a_cold_build_makes
         listing.contains("new.txt") && !listing.contains("f7.txt") && !listing.contains("gone"),
         "{listing}"
     );
+    assert!(listing.contains("700 /app/d1\n"), "{listing}");
     assert_eq!(
         std::fs::read_to_string(out.path().join("app/d1/f5.txt")).unwrap(),
         "EDITED\n"
@@ -690,5 +698,34 @@ fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
     assert_eq!(
         std::fs::read_to_string(out.path().join("app/f1499.txt")).unwrap(),
         "edited\n"
+    );
+}
+
+#[test]
+fn sources_that_overlap_at_the_destination_end_as_the_last_one_says_in_a_delta_too() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY a b /dest/\nRUN cat /dest/x/f > /seen && stat -c '%a' /dest/x >> /seen\n",
+    )
+    .write("a/x/f", "from a\n")
+    .write("b/x/f", "from b\n")
+    .write("b/other", "1\n");
+    std::fs::set_permissions(p.path().join("a/x"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(p.path().join("b/x"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    env.build(&p, &[]);
+    p.write("b/other", "2\n");
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false]);
+    assert_eq!(delta_trees(&env).len(), 1, "the rebuild is a delta");
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("seen")).unwrap(),
+        "from b\n750\n"
     );
 }
