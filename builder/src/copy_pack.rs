@@ -6,6 +6,7 @@
 use std::io::BufReader;
 use std::path::Path;
 
+use lcache_confine::Root;
 use lcache_image::layer_diff::PackedLayer;
 use lcache_image::layer_segments::{pack_segmented, Reuse, SegmentEntry, SegmentEntryKind, SegmentIndex};
 
@@ -61,7 +62,20 @@ pub fn pack_copy(
     dest: &Path,
 ) -> std::io::Result<(PackedLayer, SegmentIndex)> {
     let list = sorted(entries);
-    let open = |e: &SegmentEntry| std::fs::File::open(layer.holder(dir, e.path).join(e.path));
+    // Read through the confined roots: a path that met a symlink on the way (sources
+    // overlapping at the destination) must not read a file of the host into the layer.
+    let own = Root::open(dir).map_err(std::io::Error::other)?;
+    let base = match (&layer.delta, &layer.seed_base) {
+        (Some(_), Some((_, base))) => Some(Root::open(base).map_err(std::io::Error::other)?),
+        _ => None,
+    };
+    let open = |e: &SegmentEntry| {
+        let root = match &base {
+            Some(b) if layer.from_base(e.path) => b,
+            _ => &own,
+        };
+        root.open_file(Path::new(e.path), false).map_err(std::io::Error::other)
+    };
     let index = layer
         .reuse
         .as_ref()

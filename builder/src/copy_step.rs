@@ -465,12 +465,10 @@ pub struct CopyLayer {
 }
 
 impl CopyLayer {
-    /// The directory that holds the file at `path` of the layer built in `dir`.
-    pub fn holder<'a>(&'a self, dir: &'a Path, path: &str) -> &'a Path {
-        match (&self.delta, &self.seed_base) {
-            (Some(d), Some((_, base))) if !d.changed.contains_key(path) => base,
-            _ => dir,
-        }
+    /// Whether the layer's file at `path` is in the seed's whole snapshot, not in the
+    /// layer's own directory (which, as a delta, holds only what changed).
+    pub fn from_base(&self, path: &str) -> bool {
+        matches!((&self.delta, &self.seed_base), (Some(d), Some(_)) if !d.changed.contains_key(path))
     }
 }
 
