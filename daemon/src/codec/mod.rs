@@ -31,6 +31,7 @@ impl Stored for StepRecord {}
 impl Stored for ImageRecord {}
 impl Stored for BlobMeta {}
 impl Stored for CachedDigest {}
+impl Stored for Vec<(String, CachedDigest)> {}
 impl Stored for Vec<SummaryEntry> {}
 impl Stored for DirNode {}
 impl Stored for TokenRecord {}
