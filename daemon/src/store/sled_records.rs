@@ -81,6 +81,9 @@ fn put<T: Stored>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<(), StoreE
 /// 16 MiB, and 7x the time, measured with sled's own settings here).
 type DirDigests = Vec<(String, CachedDigest)>;
 
+/// What one update does to one directory: digests put (by name), names gone.
+type DirChange<'a> = (Vec<(&'a str, &'a CachedDigest)>, Vec<&'a str>);
+
 /// A context path's directory and name (`""` for the context's top).
 fn split_dir(path: &str) -> (&str, &str) {
     path.rsplit_once('/').unwrap_or(("", path))
@@ -217,7 +220,7 @@ impl RecordStore for SledRecords {
     ) -> Result<(), StoreError> {
         // Each directory's value stands alone (a stale digest is caught by its stamp), so
         // no batch is needed.
-        let mut dirs: BTreeMap<&str, (Vec<(&str, &CachedDigest)>, Vec<&str>)> = BTreeMap::new();
+        let mut dirs: BTreeMap<&str, DirChange> = BTreeMap::new();
         for (path, d) in upserts {
             let (dir, name) = split_dir(path);
             dirs.entry(dir).or_default().0.push((name, d));
