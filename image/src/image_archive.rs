@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::layer_diff::LAYER_MEDIA_TYPE;
 use crate::layer_extract::{extract_into, is_root, max_layer_size, SizeLimit, Whiteouts};
 use crate::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
+use crate::read_tee::ReadTee;
 use crate::sha256_stream::Sha256Stream;
 
 /// The largest manifest, index or config document read (they are small JSON files).
@@ -345,22 +346,6 @@ fn load(file: &Path, src: &Source) -> Result<Loaded, ArchiveError> {
     })
 }
 
-/// A reader that also writes what it reads to `out` (the gzip copy of a plain layer).
-struct Tee<R, W> {
-    inner: R,
-    out: Option<W>,
-}
-
-impl<R: Read, W: Write> Read for Tee<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if let Some(w) = self.out.as_mut() {
-            w.write_all(&buf[..n])?;
-        }
-        Ok(n)
-    }
-}
-
 /// A checked layer and where its (gzip) blob bytes are, for the streamed upload.
 struct CheckedLayer {
     layer: LayerRef,
@@ -396,7 +381,8 @@ fn check_layer(
         let w = Sha256Stream::new(std::io::BufWriter::new(f));
         Some(flate2::GzBuilder::new().mtime(0).write(w, flate2::Compression::fast()))
     };
-    let mut tar = Tee {
+    // The gzip copy of a plain layer is made as it is read.
+    let mut tar = ReadTee {
         inner: Sha256Stream::new(SizeLimit::new(decompressed, max_layer_size())),
         out: gz_out,
     };

@@ -14,6 +14,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::layer_diff::PackedLayer;
+use crate::read_tee::ReadTee;
 use crate::sha256_stream::Sha256Stream;
 
 /// What an entry is.
@@ -100,9 +101,9 @@ impl TarHash {
     }
 
     fn digest(self) -> String {
-        let out = sha2_resumable::Digest::finalize(self.0);
-        let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256:{hex}")
+        let mut bytes = [0u8; 32];
+        bytes.copy_from_slice(&sha2_resumable::Digest::finalize(self.0));
+        format!("sha256:{}", lcache_proto::key_encoding::hex(&bytes))
     }
 }
 
@@ -282,20 +283,6 @@ fn write_member<B: Write, T: Write>(
     Ok(())
 }
 
-/// Reads through `inner`, copying what it reads to `out`.
-struct ReadTee<R, W> {
-    inner: R,
-    out: W,
-}
-
-impl<R: Read, W: Write> Read for ReadTee<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.out.write_all(&buf[..n])?;
-        Ok(n)
-    }
-}
-
 /// Copies the earlier blob's member `seg` onto `blob` and, given `tar`, its inflated
 /// bytes into it; `pos` is how far the earlier blob has been read.
 fn copy_member<R: Read, B: Write>(
@@ -314,7 +301,7 @@ fn copy_member<R: Read, B: Write>(
     }
     let mut member = ReadTee {
         inner: (&mut *from).take(seg.len),
-        out: blob,
+        out: Some(blob),
     };
     if let Some(tar) = tar {
         io::copy(&mut flate2::read::GzDecoder::new(&mut member), tar)?;

@@ -9,4 +9,5 @@ pub mod layer_diff;
 pub mod layer_extract;
 pub mod layer_segments;
 pub mod oci_image;
+mod read_tee;
 pub mod sha256_stream;
