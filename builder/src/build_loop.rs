@@ -23,9 +23,13 @@ use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInpu
 use crate::build_control::BuildControl;
 use crate::build_events::{BuildObserver, StepEvent, StepPhases, SummaryEvent};
 use crate::cache_dir::CacheDir;
+use crate::copy_changes::source_changes;
 use crate::copy_pack::pack_copy;
 use crate::copy_seed::{save_entries, save_segments, DeltaUnit, Seed};
-use crate::copy_step::{build_copy_layer, build_workdir_layer, parse_chmod, CopyAttrs, CopyError, CopyJob, CopyLayer};
+use crate::copy_step::{
+    build_copy_changes, build_copy_layer, build_workdir_layer, changes_from, parse_chmod, ChangeJob, CopyAttrs,
+    CopyError, CopyJob, CopyLayer, DELTA_REBASE_AT,
+};
 use crate::errors::{BuildError, CacheError};
 use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::overlay_mount::OverlayMount;
@@ -480,7 +484,7 @@ impl<'a> Builder<'a> {
                     inputs.clone(),
                     &key,
                     t,
-                    compared_with.as_deref().and_then(|k| self.seed_from(k)),
+                    compared_with.as_deref().and_then(|k| self.seed_from(k, &inputs)),
                 )?),
             };
             let phases = layer.as_ref().and_then(|(_, _, p)| *p);
@@ -849,18 +853,39 @@ impl<'a> Builder<'a> {
                         None,
                     ),
                     _ => {
-                        let (entries, roots, root) =
-                            self.context_selection(c).map_err(|e| fail(e.to_string(), vec![]))?;
-                        let job = CopyJob {
-                            def: c,
-                            src_root: &root,
-                            entries: &entries,
-                            roots: &roots,
-                            attrs,
-                            keyed_digest: &keyed_digest,
-                            image: Some(view.path()),
-                        };
-                        build_copy_layer(&layer, &job, seed.as_ref())
+                        // A re-run of the same COPY: lcached knows what changed since its
+                        // seed, so only that is read, without walking the context.
+                        let changes = seed.as_ref().and_then(|s| {
+                            let old = changes_from(c, s)?;
+                            Some((s, source_changes(self.client, old, &keyed_digest, DELTA_REBASE_AT)?))
+                        });
+                        let quick = changes.and_then(|(s, changes)| {
+                            let job = ChangeJob {
+                                def: c,
+                                context: Path::new(&self.req.inputs.context),
+                                changes: &changes,
+                                attrs,
+                                image: Some(view.path()),
+                            };
+                            build_copy_changes(&layer, &job, s).transpose()
+                        });
+                        match quick {
+                            Some(built) => built,
+                            None => {
+                                let (entries, roots, root) =
+                                    self.context_selection(c).map_err(|e| fail(e.to_string(), vec![]))?;
+                                let job = CopyJob {
+                                    def: c,
+                                    src_root: &root,
+                                    entries: &entries,
+                                    roots: &roots,
+                                    attrs,
+                                    keyed_digest: &keyed_digest,
+                                    image: Some(view.path()),
+                                };
+                                build_copy_layer(&layer, &job, seed.as_ref())
+                            }
+                        }
                     }
                 };
                 copied = Some(built.map_err(|e| fail(e.to_string(), vec![]))?);
@@ -1030,10 +1055,18 @@ impl<'a> Builder<'a> {
         })
     }
 
-    /// The snapshot of the earlier record `key` as a seed for re-building its COPY.
-    fn seed_from(&self, key: &str) -> Option<Seed> {
-        let digest = self.steps.get_step(key).ok()??.layer?.digest;
-        Seed::load(&self.cache, &digest)
+    /// The snapshot of the earlier record `key` as a seed for re-building its COPY as
+    /// `inputs` say; it knows the sources it was made from if only they differ.
+    fn seed_from(&self, key: &str, inputs: &KeyInputs) -> Option<Seed> {
+        let record = self.steps.get_step(key).ok()??;
+        let mut seed = Seed::load(&self.cache, &record.layer?.digest)?;
+        // The inputs are the key's own (it is their hash), so the diff starts from what
+        // the record's layer was made of.
+        seed.sources_before = record
+            .inputs
+            .filter(|old| old.key() == key && old.differs_only_in_sources(inputs))
+            .and_then(|old| old.sources_digest().map(str::to_string));
+        Some(seed)
     }
 
     /// `--chmod` and `--chown` of a COPY; names resolve through the image's own

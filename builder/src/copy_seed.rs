@@ -92,6 +92,10 @@ pub struct Seed {
     /// The seed layer's own blob digest and where its segment index is kept: the next
     /// pack takes the unchanged segments from that blob.
     pub(crate) blob: (String, PathBuf),
+    /// The sources digest the seed's layer was made from, when it is the same step on the
+    /// same parent as the one being built (only its sources differ): the layer can then be
+    /// made from the seed and lcached's list of what changed.
+    pub(crate) sources_before: Option<String>,
 }
 
 /// Where a seed's entry is: in the base snapshot or in the seed's delta tree.
@@ -135,6 +139,7 @@ impl Seed {
                 blob: (digest.to_string(), segments_path(&whole)),
                 base_dir: whole,
                 delta: None,
+                sources_before: None,
             });
         }
         let unit = DeltaUnit::of(cache, digest);
@@ -150,6 +155,7 @@ impl Seed {
             base_dir,
             delta: Some((unit.tree(), delta)),
             blob: (digest.to_string(), unit.segments()),
+            sources_before: None,
         })
     }
 }
@@ -285,6 +291,7 @@ mod tests {
             blob: ("sha256:00".into(), PathBuf::from("/nonexistent.segments.bin")),
             base_dir: PathBuf::from("/nonexistent"),
             base,
+            sources_before: None,
             delta: Some((
                 PathBuf::from("/nonexistent-tree"),
                 LayerDelta {

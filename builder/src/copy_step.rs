@@ -4,17 +4,20 @@
 //! so no symlink, from the context or a stage, leads a read or a write outside; every file
 //! is hashed as it is copied and the result checked against the key's sources digest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use lcache_confine::{ConfineError, EntryType, Root};
 use nix::sys::stat::SFlag;
 
+use crate::copy_changes::{SourceChange, SourceChanges};
 use crate::copy_seed::{CopiedFrom, Holder, LayerDelta, LayerEntries, Placed, Seed};
+use lcache_context::context_walk::entry_at;
+use lcache_context::errors::ContextError;
 use lcache_proto::build_plan::CopyDef;
 use lcache_proto::source_select::{ContextEntry, EntryKind, SelectedRoot};
-use lcache_proto::sources_digest::sources_digest_listing;
+use lcache_proto::sources_digest::{file_node_digest, sources_digest_listing};
 
 use lcache_image::layer_extract::{extract_into, Whiteouts};
 
@@ -93,6 +96,18 @@ pub enum CopyError {
         /// The digest in the step's key.
         keyed: String,
     },
+    /// A source lcached listed as changed is not, as read, what the key was made from.
+    #[error(
+        "{path} changed while the build ran — nothing was cached; run the build again once the \
+         files stop changing"
+    )]
+    SourceChanged {
+        /// The source's path in the context.
+        path: String,
+    },
+    /// A changed source could not be inspected.
+    #[error(transparent)]
+    Context(#[from] ContextError),
     /// A COPY option that is not supported.
     #[error("{0}")]
     Unsupported(&'static str),
@@ -317,7 +332,7 @@ impl Placement<'_> {
             let known = self
                 .entries
                 .get(&k)
-                .or_else(|| self.seed.as_ref().and_then(|s| s.seed.base.get(&k)));
+                .or_else(|| self.seed.as_ref().and_then(|s| s.seed.lookup(&k)).map(|(_, p)| p));
             let (mode, uid, gid) = match known {
                 Some(Placed::Dir { mode, uid, gid }) => (*mode, *uid, *gid),
                 _ => (0o755, 0, 0),
@@ -331,20 +346,19 @@ impl Placement<'_> {
         Ok(())
     }
 
-    /// Whites out, in a delta layer, what the base has and the new layer does not; returns
-    /// those paths, sorted. A path beneath one that is whited out or replaced needs none.
-    fn white_out_removed(&self) -> Result<Vec<String>, ConfineError> {
+    /// Whites out, in a delta layer, those of `candidates` the base has and the new layer
+    /// (`entries`, whole) does not; returns those paths, sorted. A path beneath one that is
+    /// whited out or replaced needs none.
+    fn white_out_removed<'k>(&self, candidates: impl Iterator<Item = &'k String>) -> Result<Vec<String>, ConfineError> {
         let Some(seed) = self.seed.as_ref().filter(|_| self.delta) else {
             return Ok(Vec::new());
         };
-        let mut removed: Vec<String> = seed
-            .seed
-            .base
-            .keys()
-            .filter(|k| !self.entries.contains_key(*k))
+        let mut removed: Vec<String> = candidates
+            .filter(|k| seed.seed.base.contains_key(*k) && !self.entries.contains_key(*k))
             .cloned()
             .collect();
         removed.sort();
+        removed.dedup();
         for r in &removed {
             let path = Path::new(r);
             let under_dirs = path
@@ -359,6 +373,53 @@ impl Placement<'_> {
         }
         Ok(removed)
     }
+}
+
+impl Placement<'_> {
+    /// Puts `placed`, an entry of the seed's own delta that this build leaves as it was,
+    /// in the new delta: a file is linked from the seed's tree (copied if it cannot be).
+    fn carry(&mut self, k: &str, placed: &Placed) -> Result<(), CopyError> {
+        let path = Path::new(k);
+        self.delta_parents(path)?;
+        let root = is_root();
+        match placed {
+            Placed::File(f) => {
+                let Some(from) = self.seed.as_ref().and_then(|s| s.delta.as_ref()) else {
+                    return Err(CopyError::Unsupported("a carried file without the seed's delta"));
+                };
+                if self.layer.hard_link_from(from, path, path).is_err() {
+                    let mut out = self.layer.create_file(path, 0o600)?;
+                    std::io::copy(&mut from.open_file(path, false)?, &mut out).map_err(|source| CopyError::Io {
+                        path: k.to_string(),
+                        source,
+                    })?;
+                    if root {
+                        self.layer.chown(path, f.uid, f.gid)?;
+                    }
+                    self.layer.set_mode(path, f.mode)?;
+                }
+            }
+            Placed::Dir { mode, uid, gid } => {
+                self.layer.create_dir(path, *mode)?;
+                if root {
+                    self.layer.chown(path, *uid, *gid)?;
+                }
+                self.layer.set_mode(path, *mode)?;
+            }
+            Placed::Symlink { target, uid, gid } => {
+                self.layer.symlink(Path::new(target), path)?;
+                if root {
+                    self.layer.chown(path, *uid, *gid)?;
+                }
+            }
+        }
+        self.entries.insert(k.to_string(), placed.clone());
+        Ok(())
+    }
+}
+
+fn is_root() -> bool {
+    lcache_image::layer_extract::is_root()
 }
 
 /// An entry's key in a layer's entries: its path inside the layer.
@@ -474,7 +535,13 @@ impl CopyLayer {
 
 /// A seed's delta past this many entries (and a quarter of its base) is not built on: the
 /// next build makes the layer whole again, so deltas stay small and never stack.
-const DELTA_REBASE_AT: usize = 1024;
+pub const DELTA_REBASE_AT: usize = 1024;
+
+/// Whether a delta may be made over `seed`'s base: only as root (whiteouts are device
+/// nodes), and while the seed's own delta is small.
+fn builds_on(seed: &Seed) -> bool {
+    lcache_image::layer_extract::is_root() && seed.delta_len() <= DELTA_REBASE_AT.max(seed.base.len() / 4)
+}
 
 /// Builds the layer of a COPY/ADD into the directory `layer`. With a `seed` (an earlier
 /// layer of the same step), unchanged files are not copied again: as root the layer is
@@ -501,11 +568,7 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         None => None,
     };
     // Whiteouts are device nodes: only root makes them.
-    let delta = complete
-        && lcache_image::layer_extract::is_root()
-        && seed
-            .as_ref()
-            .is_some_and(|s| s.seed.delta_len() <= DELTA_REBASE_AT.max(s.seed.base.len() / 4));
+    let delta = complete && seed.as_ref().is_some_and(|s| builds_on(s.seed));
     let mut p = Placement {
         src: &src,
         layer: &layer,
@@ -564,7 +627,8 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         layer.write_file(&target, f.content.as_bytes(), 0o644)?;
         finish(&layer, &target, 0o644, job.attrs)?;
     }
-    let removed = p.white_out_removed()?;
+    let base = p.seed.as_ref().map(|s| s.seed);
+    let removed = p.white_out_removed(base.iter().flat_map(|s| s.base.keys()))?;
     let seed_base = p
         .seed
         .as_ref()
@@ -588,6 +652,141 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         delta,
         reuse,
     })
+}
+
+/// A re-run COPY of one directory from the context, to build from its seed and the
+/// changes since (`build_copy_changes`).
+pub struct ChangeJob<'a> {
+    /// The instruction.
+    pub def: &'a CopyDef,
+    /// The context.
+    pub context: &'a Path,
+    /// What differs between the seed's sources and this build's, as lcached lists it.
+    pub changes: &'a SourceChanges,
+    /// `--chown`/`--chmod`.
+    pub attrs: CopyAttrs,
+    /// The image the layer goes on (a read-only view).
+    pub image: Option<&'a Path>,
+}
+
+/// The sources digest to ask lcached's changes from, when the COPY `def` may be built from
+/// `seed` and those changes alone: a plain COPY of one source, over a seed of the same step
+/// on the same parent that a delta may be made over.
+pub fn changes_from<'s>(def: &CopyDef, seed: &'s Seed) -> Option<&'s str> {
+    let plain = !def.add && !def.parents && def.inline.is_empty() && def.sources.len() == 1;
+    if plain && builds_on(seed) {
+        seed.sources_before.as_deref()
+    } else {
+        None
+    }
+}
+
+/// Builds a re-run COPY's layer into `layer` from its `seed` and lcached's list of what
+/// changed since (`job.changes`): only the changed entries are read, placed (a delta over
+/// the seed's whole snapshot, as `build_copy_layer` makes one) and checked, each against the
+/// digest lcached's listing gives it; the rest is the seed's, made from the same sources.
+/// `None`, having written nothing, when the copied directory is not a directory here.
+pub fn build_copy_changes(layer: &Path, job: &ChangeJob, seed: &Seed) -> Result<Option<CopyLayer>, CopyError> {
+    let changes = job.changes;
+    if changes.root != "." && entry_at(job.context, &changes.root)?.is_none_or(|e| e.kind != EntryKind::Dir) {
+        // A symlink to a directory: its entries' paths are not the context's.
+        return Ok(None);
+    }
+    let layer = Root::open(layer)?;
+    let src = Root::open(job.context)?;
+    let image = job.image.map(Root::open).transpose()?;
+    let dest = resolve_dest(image.as_ref(), &rel_dest(&job.def.dest), true)?;
+    let mut p = Placement {
+        src: &src,
+        layer: &layer,
+        attrs: job.attrs,
+        add: false,
+        seed: Some(SeedRoots {
+            seed,
+            base: Root::open(&seed.base_dir)?,
+            delta: seed.delta.as_ref().map(|(d, _)| Root::open(d)).transpose()?,
+        }),
+        delta: true,
+        entries: HashMap::new(),
+        unpacked: false,
+        content: HashMap::new(),
+    };
+    p.entries.extend(make_dirs(
+        &layer,
+        image.as_ref(),
+        &dest,
+        job.attrs.owner.unwrap_or((0, 0)),
+    )?);
+    let at = |rel: &str| key(&dest.join(rel));
+    let mut gone = HashSet::new();
+    for (i, c) in changes.changes.iter().enumerate() {
+        let want = match c {
+            SourceChange::Gone(rel) => {
+                gone.insert(at(rel));
+                continue;
+            }
+            SourceChange::Put(want) => want,
+        };
+        let path = changes.context_path(&want.path);
+        let changed = || CopyError::SourceChanged { path: path.clone() };
+        let e = entry_at(job.context, &path)?.ok_or_else(changed)?;
+        let as_listed = e.kind == want.kind
+            && match e.kind {
+                EntryKind::Symlink => e.link_target.as_deref() == Some(want.digest.as_str()),
+                _ => e.mode == want.mode,
+            };
+        if !as_listed {
+            return Err(changed());
+        }
+        p.place(i, &e, &dest.join(&want.path))?;
+        if e.kind == EntryKind::File
+            && p.content.get(&i).map(|c| file_node_digest(e.mode, c)) != Some(want.digest.clone())
+        {
+            return Err(changed());
+        }
+    }
+    // What the seed's own delta holds and this build leaves as it was stays in the delta.
+    if let Some((_, d)) = &seed.delta {
+        let mut kept: Vec<(&String, &Placed)> = d
+            .changed
+            .iter()
+            .filter(|(k, _)| !p.entries.contains_key(*k) && !gone.contains(*k))
+            .collect();
+        kept.sort_by(|a, b| a.0.cmp(b.0));
+        for (k, placed) in kept {
+            p.carry(k, placed)?;
+        }
+    }
+    let changed: LayerEntries = p
+        .entries
+        .iter()
+        .filter(|(k, v)| seed.base.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // The whole layer: the seed's, less what is gone, with what was placed now.
+    let mut all = seed.base.clone();
+    if let Some((_, d)) = &seed.delta {
+        for r in &d.removed {
+            all.remove(r);
+        }
+        all.extend(d.changed.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    for g in &gone {
+        all.remove(g);
+    }
+    all.extend(p.entries.drain());
+    p.entries = all;
+    let candidates: Vec<&String> = gone
+        .iter()
+        .chain(seed.delta.iter().flat_map(|(_, d)| &d.removed))
+        .collect();
+    let removed = p.white_out_removed(candidates.into_iter())?;
+    Ok(Some(CopyLayer {
+        entries: Some(p.entries),
+        seed_base: Some((seed.base_digest.clone(), seed.base_dir.clone())),
+        delta: Some(LayerDelta { changed, removed }),
+        reuse: Some(seed.blob.clone()),
+    }))
 }
 
 /// Builds the layer of a WORKDIR on `image`: the directory (resolved through the image's
@@ -707,6 +906,77 @@ mod tests {
         );
     }
 
+    /// Keeps the layer built in `dir` as a whole snapshot in a new cache and loads it as a
+    /// seed: (cache, its digest, the snapshot, the seed).
+    fn seed_of(dir: tempfile::TempDir, entries: &LayerEntries) -> (tempfile::TempDir, String, PathBuf, Seed) {
+        let cache_root = tempfile::tempdir().unwrap();
+        let cache = crate::cache_dir::CacheDir::open(cache_root.path()).unwrap();
+        let digest = format!("sha256:{}", "1".repeat(64));
+        let snap = cache.snapshot(&digest);
+        std::fs::rename(dir.path(), &snap).unwrap();
+        crate::copy_seed::save_entries(&snap, entries).unwrap();
+        let seed = Seed::load(&cache, &digest).unwrap();
+        (cache_root, digest, snap, seed)
+    }
+
+    #[test]
+    fn a_rebuild_from_listed_changes_reads_only_them_and_refuses_one_that_is_not_as_listed() {
+        use lcache_proto::sources_digest::SummaryEntry;
+        let ctx = context();
+        let def = CopyDef::from_context(&["src"], "/app/");
+        let (first, r) = copy(ctx.path(), &def, CopyAttrs::default(), None, None);
+        let entries = r.unwrap().entries.unwrap();
+        let (_cache, _, _, seed) = seed_of(first, &entries);
+        std::fs::write(ctx.path().join("src/a.txt"), "edited").unwrap();
+        let listed = |content: &str| SourceChanges {
+            root: "src".into(),
+            changes: vec![SourceChange::Put(SummaryEntry {
+                path: "a.txt".into(),
+                kind: EntryKind::File,
+                mode: 0o644,
+                digest: file_node_digest(0o644, blake3::hash(content.as_bytes()).as_bytes()),
+                expanded: false,
+            })],
+        };
+        let build = |changes: &SourceChanges| {
+            let layer = tempfile::tempdir().unwrap();
+            let job = ChangeJob {
+                def: &def,
+                context: ctx.path(),
+                changes,
+                attrs: CopyAttrs::default(),
+                image: None,
+            };
+            let r = build_copy_changes(layer.path(), &job, &seed);
+            (layer, r)
+        };
+
+        let (layer, r) = build(&listed("edited"));
+        let built = r.unwrap().expect("src is a directory");
+        let delta = built.delta.expect("a delta over the seed");
+        assert_eq!(delta.changed.keys().collect::<Vec<_>>(), ["app/a.txt"]);
+        assert_eq!(
+            std::fs::read_to_string(layer.path().join("app/a.txt")).unwrap(),
+            "edited"
+        );
+        assert!(
+            !layer.path().join("app/sub/run.sh").exists(),
+            "unchanged files are not read"
+        );
+        assert_eq!(
+            built.entries.map(|e| e.len()),
+            Some(entries.len()),
+            "the whole layer's entries"
+        );
+
+        let (_, r) = build(&listed("what lcached saw before the edit"));
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("src/a.txt changed while the build ran") && e.contains("run the build again"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_rebuild_keeps_unchanged_files_from_the_previous_snapshot_and_copies_edited_ones() {
         let ctx = context();
@@ -720,13 +990,7 @@ mod tests {
         else {
             panic!("a first COPY is whole and knows its entries")
         };
-        let cache_root = tempfile::tempdir().unwrap();
-        let cache = crate::cache_dir::CacheDir::open(cache_root.path()).unwrap();
-        let digest = format!("sha256:{}", "1".repeat(64));
-        let snap = cache.snapshot(&digest);
-        std::fs::rename(first.path(), &snap).unwrap();
-        crate::copy_seed::save_entries(&snap, &entries).unwrap();
-        let seed = Seed::load(&cache, &digest).unwrap();
+        let (_cache_root, digest, snap, seed) = seed_of(first, &entries);
         std::fs::write(ctx.path().join("src/a.txt"), "edited").unwrap();
         let (second, r) = copy(ctx.path(), &def, CopyAttrs::default(), None, Some(&seed));
         let ino = |root: &Path, p: &str| std::fs::metadata(root.join(p)).unwrap().ino();

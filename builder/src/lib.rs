@@ -8,6 +8,7 @@ pub mod build_control;
 pub mod build_events;
 pub mod build_loop;
 pub mod cache_dir;
+pub mod copy_changes;
 pub mod copy_pack;
 pub mod copy_seed;
 pub mod copy_step;

@@ -124,64 +124,68 @@ fn read_one_dir(
             path: item.path(),
             source,
         })?;
-        let ft = meta.file_type();
-        let mode = meta.permissions().mode() & 0o7777;
-        let stamp = FileStamp {
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-            ino: meta.ino(),
-            dev: meta.dev(),
-        };
-        if ft.is_dir() {
+        if meta.is_dir() {
             if excluded && ignore.skips_dir(&path) {
                 continue;
             }
             subdirs.push((item.path(), path.clone()));
-            if !excluded {
-                out.push(ContextEntry {
-                    path,
-                    kind: EntryKind::Dir,
-                    mode,
-                    link_target: None,
-                    size: 0,
-                    stamp,
-                });
-            }
-            continue;
         }
         if excluded {
             continue;
         }
-        if ft.is_symlink() {
-            let target = std::fs::read_link(item.path()).map_err(|source| ContextError::Io {
-                path: item.path(),
-                source,
-            })?;
-            let target = target
-                .to_str()
-                .ok_or_else(|| ContextError::NonUtf8(item.path()))?
-                .to_string();
-            out.push(ContextEntry {
-                path,
-                kind: EntryKind::Symlink,
-                mode,
-                link_target: Some(target),
-                size: 0,
-                stamp,
-            });
-        } else if ft.is_file() {
-            out.push(ContextEntry {
-                path,
-                kind: EntryKind::File,
-                mode,
-                link_target: None,
-                size: meta.len(),
-                stamp,
-            });
-        }
-        // Sockets, FIFOs and devices cannot be copied into an image layer; Docker skips them too.
+        out.extend(entry_of(path, &|| item.path(), &meta)?);
     }
     Ok(())
+}
+
+/// The entry `meta` describes (`full()` is where it lies, `path` its name in the context);
+/// `None` for sockets, FIFOs and devices, which cannot be copied into an image layer
+/// (Docker skips them too).
+fn entry_of(
+    path: String,
+    full: &dyn Fn() -> PathBuf,
+    meta: &std::fs::Metadata,
+) -> Result<Option<ContextEntry>, ContextError> {
+    let ft = meta.file_type();
+    let stamp = FileStamp {
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        ino: meta.ino(),
+        dev: meta.dev(),
+    };
+    let (kind, link_target, size) = if ft.is_dir() {
+        (EntryKind::Dir, None, 0)
+    } else if ft.is_symlink() {
+        let target = std::fs::read_link(full()).map_err(|source| ContextError::Io { path: full(), source })?;
+        let target = target
+            .to_str()
+            .ok_or_else(|| ContextError::NonUtf8(full()))?
+            .to_string();
+        (EntryKind::Symlink, Some(target), 0)
+    } else if ft.is_file() {
+        (EntryKind::File, None, meta.len())
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(ContextEntry {
+        path,
+        kind,
+        mode: meta.permissions().mode() & 0o7777,
+        link_target,
+        size,
+        stamp,
+    }))
+}
+
+/// The entry at `path` (relative to `context`, never followed if a symlink) as a walk
+/// would list it; `None` if nothing is there, or something a layer cannot hold.
+pub fn entry_at(context: &Path, path: &str) -> Result<Option<ContextEntry>, ContextError> {
+    let full = context.join(path);
+    match std::fs::symlink_metadata(&full) {
+        Ok(meta) => entry_of(path.to_string(), &|| full.clone(), &meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ContextError::Io { path: full, source }),
+    }
 }
 
 #[cfg(test)]
@@ -231,5 +235,19 @@ mod tests {
             walk(d.path(), &IgnoreMatcher::default()),
             Err(ContextError::NonUtf8(p)) if p.starts_with(d.path().join("t13/u2"))
         ));
+    }
+
+    #[test]
+    fn one_entry_is_what_the_walk_lists_for_it() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a/b")).unwrap();
+        std::fs::write(d.path().join("a/b/f"), "12345").unwrap();
+        std::os::unix::fs::symlink("b/f", d.path().join("a/link")).unwrap();
+        let walked = walk(d.path(), &IgnoreMatcher::default()).unwrap();
+        for e in &walked {
+            assert_eq!(entry_at(d.path(), &e.path).unwrap().as_ref(), Some(e));
+        }
+        assert_eq!(walked.len(), 4);
+        assert_eq!(entry_at(d.path(), "a/missing").unwrap(), None);
     }
 }

@@ -63,6 +63,22 @@ impl KeyInputs {
             .map(String::as_str)
     }
 
+    /// Whether `other` is the same step on the same parent, its sources digest aside: a
+    /// re-run COPY may then be built from its earlier layer and the sources' changes.
+    pub fn differs_only_in_sources(&self, other: &KeyInputs) -> bool {
+        let rest = |k: &KeyInputs| {
+            k.fields
+                .iter()
+                .filter(|f| f.name != "sources_digest")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        self.platform == other.platform
+            && self.parent == other.parent
+            && self.kind == other.kind
+            && rest(self) == rest(other)
+    }
+
     /// A field's values, if present.
     pub fn field(&self, name: &str) -> Option<&[String]> {
         self.fields.iter().find(|f| f.name == name).map(|f| f.values.as_slice())
@@ -176,6 +192,22 @@ mod tests {
             sources_digest,
         )
         .key()
+    }
+
+    #[test]
+    fn only_a_copy_of_the_same_step_on_the_same_parent_differs_only_in_sources() {
+        let copy = |digest: &str, dest: &str, parent: &str| {
+            key_inputs(
+                &StepDef::Copy(CopyDef::from_context(&["src"], dest)),
+                "linux/amd64",
+                parent,
+                digest,
+            )
+        };
+        let base = copy("d1", "/app/", "p1");
+        assert!(base.differs_only_in_sources(&copy("d2", "/app/", "p1")));
+        assert!(!base.differs_only_in_sources(&copy("d2", "/app", "p1")), "destination");
+        assert!(!base.differs_only_in_sources(&copy("d1", "/app/", "p2")), "parent");
     }
 
     #[test]

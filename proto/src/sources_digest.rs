@@ -86,7 +86,7 @@ impl Node {
         let mut listing = Vec::new();
         let (kind, mode) = match self {
             Node::File { mode, content } => {
-                e.str("file").u32(*mode).digest(content);
+                file_node(&mut e, *mode, content);
                 (EntryKind::File, *mode)
             }
             Node::Symlink { target } => {
@@ -120,6 +120,18 @@ impl Node {
         };
         (d, entry)
     }
+}
+
+fn file_node(e: &mut Encoder, mode: u32, content: &[u8; 32]) {
+    e.str("file").u32(mode).digest(content);
+}
+
+/// A file's node digest (hex), as its directory's listing names it: what a COPY that
+/// copies only changed files checks each one against.
+pub fn file_node_digest(mode: u32, content: &[u8; 32]) -> String {
+    let mut e = Encoder::new();
+    file_node(&mut e, mode, content);
+    hex(&e.finish())
 }
 
 /// Node for one entry; `content` gives a file's BLAKE3 by entry index.

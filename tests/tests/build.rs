@@ -609,6 +609,105 @@ fn a_rebuilt_copy_keeps_only_what_changed_and_makes_the_layer_a_cold_build_makes
     );
 }
 
+#[test]
+fn a_rebuilt_copy_reads_only_what_lcached_lists_as_changed_and_makes_the_layer_a_cold_build_makes() {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY src /app/\nRUN ls -lnR /app > /listing && stat -c '%a %n' /app/sub /app/mode.sh >> /listing\n",
+    )
+    .write("src/keep.txt", "keep\n")
+    .write("src/touched.txt", "same bytes\n")
+    .write("src/edit.txt", "one\n")
+    .write("src/t2d", "a file, then a directory\n")
+    .write("src/d2t/x", "a directory, then a file\n")
+    .write("src/gone/x", "x\n")
+    .write("src/mode.sh", "#!/bin/sh\n")
+    .write("src/sub/y", "y\n");
+    symlink("keep.txt", p.path().join("src/link")).unwrap();
+    let chmod = |path: &str, mode| {
+        std::fs::set_permissions(p.path().join(path), std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    chmod("src/sub", 0o750);
+    env.build(&p, &[]);
+
+    // Every kind of change at once; one file only touched.
+    let touched = std::fs::File::options()
+        .write(true)
+        .open(p.path().join("src/touched.txt"))
+        .unwrap();
+    touched
+        .set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+        .unwrap();
+    p.write("src/edit.txt", "two\n");
+    std::fs::remove_file(p.path().join("src/t2d")).unwrap();
+    p.write("src/t2d/y", "now a directory\n");
+    std::fs::remove_dir_all(p.path().join("src/d2t")).unwrap();
+    p.write("src/d2t", "now a file\n");
+    std::fs::remove_file(p.path().join("src/link")).unwrap();
+    symlink("edit.txt", p.path().join("src/link")).unwrap();
+    std::fs::remove_dir_all(p.path().join("src/gone")).unwrap();
+    chmod("src/mode.sh", 0o755);
+    chmod("src/sub", 0o700);
+    p.write("src/new/deep/z", "z\n");
+    let (steps, _) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false]);
+    let trees = delta_trees(&env);
+    assert_eq!(trees.len(), 1, "the rebuilt COPY's snapshot is a delta");
+    let first = leaves(&trees[0]);
+    let has = |l: &[(String, &str)], p: &str, what: &str| l.contains(&(p.to_string(), what));
+    assert!(
+        !first.iter().any(|(p, _)| p == "app/touched.txt"),
+        "a file lcached does not list as changed is not read again: {first:?}"
+    );
+    for (path, what) in [
+        ("app/edit.txt", "file"),
+        ("app/t2d/y", "file"),
+        ("app/d2t", "file"),
+        ("app/link", "file"),
+        ("app/gone", "whiteout"),
+        ("app/mode.sh", "file"),
+        ("app/new/deep/z", "file"),
+    ] {
+        assert!(has(&first, path, what), "{path} {what} in {first:?}");
+    }
+
+    // The next edit builds on the same base: what the last delta changed is kept in this one.
+    p.write("src/keep.txt", "kept no more\n");
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false]);
+    let newest = delta_trees(&env)
+        .iter()
+        .map(|t| leaves(t))
+        .find(|l| has(l, "app/keep.txt", "file"))
+        .expect("a delta with the second edit");
+    for (path, what) in [
+        ("app/edit.txt", "file"),
+        ("app/gone", "whiteout"),
+        ("app/new/deep/z", "file"),
+    ] {
+        assert!(has(&newest, path, what), "{path} {what} in {newest:?}");
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    let read = |p: &str| std::fs::read_to_string(out.path().join(p)).unwrap();
+    assert_eq!(read("app/link"), "two\n");
+    assert_eq!(read("app/t2d/y"), "now a directory\n");
+    assert_eq!(read("app/d2t"), "now a file\n");
+    assert_eq!(read("app/keep.txt"), "kept no more\n");
+    let listing = read("listing");
+    assert!(
+        listing.contains("700 /app/sub\n") && listing.contains("755 /app/mode.sh\n"),
+        "{listing}"
+    );
+    assert!(!listing.contains("gone"), "{listing}");
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again, "same layers, byte for byte, as a cold build");
+}
+
 /// The whole COPY snapshots in `env`'s cache (those that keep their entries), by digest hex.
 fn whole_copy_snapshots(env: &BuildEnv) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(env.cache_dir().join("snapshots"))
