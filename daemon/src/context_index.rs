@@ -4,13 +4,15 @@
 //! a plan reads no file and stats nothing; after an edit only files whose stamp moved are
 //! re-read. Where watching is impossible every plan re-stats the tree (a stat walk).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lcache_context::context_walk::{read_dockerignore, walk, BARRIER_PREFIX};
+use lcache_context::context_walk::{
+    entry_at, read_dockerignore, read_listing, walk, walk_beneath, walk_reads, BARRIER_PREFIX,
+};
 use lcache_context::errors::ContextError;
 use lcache_context::local_context::LocalContext;
 use lcache_proto::build_plan::CopyDef;
@@ -20,7 +22,7 @@ use lcache_proto::sources_digest::SourcesDigest;
 use lcache_proto::step_keys::{StepRef, StepSources};
 use lcache_proto::wire::{ContextIndexStatus, FILES_LISTED};
 
-use crate::context_watcher::{start_watcher, ContextWatcher, WatchSignals};
+use crate::context_watcher::{start_watcher, ContextWatcher, Dirty, WatchSignals};
 use crate::digest_persister::DigestPersister;
 use crate::store::{CachedDigest, RecordStore, StoreError};
 
@@ -250,15 +252,145 @@ impl IndexedContext {
         if !self.signals.changed.swap(false, Ordering::SeqCst) && !must_walk {
             return Ok(Vec::new());
         }
+        let dirty = self.signals.take_dirty();
+        let mut dropped = Vec::new();
+        if !must_walk && !dirty.everything {
+            // Only the directories the watcher named are read again: an edit in a tree of
+            // 200,000 files costs a listing, not 200,000 stats.
+            match self.refresh_dirs(&dirty) {
+                Ok(removed) => return Ok(removed),
+                // Something changed under the reads: the whole walk below settles it.
+                Err((_, removed)) => dropped = removed,
+            }
+        }
         let ignore = read_dockerignore(&self.root)?;
         let entries = walk(&self.root, &ignore)?;
         if self.entries.as_ref() != Some(&entries) {
             self.memo.clear();
         }
-        let (known, removed) = self.carry_digests(&entries);
+        let (known, mut removed) = self.carry_digests(&entries);
+        let is_file = |path: &str| {
+            entries
+                .binary_search_by(|e| e.path.as_str().cmp(path))
+                .is_ok_and(|i| entries[i].kind == EntryKind::File)
+        };
+        removed.extend(dropped.into_iter().filter(|p| !is_file(p)));
         self.newest_stamp = entries.iter().map(|e| e.stamp).max_by_key(|s| s.ctime_ns);
         let mut entries = entries;
         entries.shrink_to_fit();
+        self.entries = Some(entries);
+        self.known = known;
+        Ok(removed)
+    }
+
+    /// Reads again the listings of the directories in `dirty` (parents first) and walks the
+    /// trees made in them, splicing what it finds into the entry list; digests are carried
+    /// by path as a whole walk carries them. The result is the list a whole walk gives.
+    /// On failure, the list as far as it got and the paths whose digests it dropped.
+    fn refresh_dirs(&mut self, dirty: &Dirty) -> Result<Vec<String>, (IndexError, Vec<String>)> {
+        let rel = |p: &PathBuf| {
+            p.strip_prefix(&self.root)
+                .ok()
+                .and_then(|r| r.to_str())
+                .map(str::to_string)
+        };
+        let trees: HashSet<String> = dirty.trees.iter().filter_map(rel).collect();
+        let mut dirs: Vec<String> = dirty.listings.iter().filter_map(rel).collect();
+        dirs.sort_by_key(|d| (d.split('/').filter(|p| !p.is_empty()).count(), d.clone()));
+        let ignore = read_dockerignore(&self.root).map_err(|e| (e.into(), Vec::new()))?;
+        let mut entries = self.entries.take().unwrap_or_default();
+        let mut known = std::mem::take(&mut self.known);
+        let mut dropped: Vec<String> = Vec::new();
+        let mut changed = false;
+        let result = (|| -> Result<(), IndexError> {
+            for d in &dirs {
+                // Gone, beneath something no longer a directory, or never read by a walk.
+                if !walk_reads(&self.root, d, &ignore) {
+                    continue;
+                }
+                let (fresh, descended) = read_listing(&self.root, d, &ignore)?;
+                // A directory's own stamp moves with its listing.
+                if let Ok(i) = entries.binary_search_by(|e| e.path.as_str().cmp(d)) {
+                    if let Some(e) = entry_at(&self.root, d)?.filter(|e| e.kind == EntryKind::Dir) {
+                        changed |= entries[i] != e;
+                        entries[i] = e;
+                    }
+                }
+                let prefix = if d.is_empty() { String::new() } else { format!("{d}/") };
+                let lo = entries.partition_point(|e| e.path.as_str() < prefix.as_str());
+                let hi = lo + entries[lo..].partition_point(|e| e.path.starts_with(&prefix));
+                // The entry directly in `d` that `path` is or is beneath.
+                let child_of = |path: &str| -> usize {
+                    let rest = &path[prefix.len()..];
+                    prefix.len() + rest.find('/').unwrap_or(rest.len())
+                };
+                let was_dir = |path: &str| {
+                    entries[lo..hi]
+                        .binary_search_by(|e| e.path.as_str().cmp(path))
+                        .is_ok_and(|i| entries[lo + i].kind == EntryKind::Dir)
+                };
+                let descended: HashSet<&str> = descended.iter().map(String::as_str).collect();
+                let walk_again: HashSet<&str> = descended
+                    .iter()
+                    .copied()
+                    .filter(|c| trees.contains(*c) || !was_dir(c))
+                    .collect();
+                let mut next: Vec<(ContextEntry, Option<Known>)> = Vec::with_capacity(hi - lo + fresh.len());
+                // What is read again, by path: digests carry over as a whole walk carries them.
+                let mut before: HashMap<&str, usize> = HashMap::new();
+                for i in lo..hi {
+                    let path = entries[i].path.as_str();
+                    let child = &path[..child_of(path)];
+                    if child != path && descended.contains(child) && !walk_again.contains(child) {
+                        next.push((entries[i].clone(), known[i]));
+                        continue;
+                    }
+                    before.insert(path, i);
+                    if known[i].is_some() {
+                        dropped.push(path.to_string());
+                    }
+                }
+                let mut walked = Vec::new();
+                for c in &walk_again {
+                    walked.extend(walk_beneath(&self.root, c, &ignore)?);
+                }
+                for e in fresh.into_iter().chain(walked) {
+                    let carried = before.get(e.path.as_str()).and_then(|&i| {
+                        let old = &entries[i];
+                        let k = known[i].filter(|_| old.kind == EntryKind::File && e.kind == EntryKind::File)?;
+                        Some(Known {
+                            digest: k.digest,
+                            valid: k.valid && old.stamp == e.stamp && old.size == e.size,
+                        })
+                    });
+                    next.push((e, carried));
+                }
+                next.sort_unstable_by(|a, b| a.0.path.cmp(&b.0.path));
+                if next.len() != hi - lo || next.iter().zip(&entries[lo..hi]).any(|(n, o)| n.0 != *o) {
+                    changed = true;
+                }
+                let (e, k): (Vec<ContextEntry>, Vec<Option<Known>>) = next.into_iter().unzip();
+                entries.splice(lo..hi, e);
+                known.splice(lo..hi, k);
+            }
+            Ok(())
+        })();
+        let is_file = |path: &str| {
+            entries
+                .binary_search_by(|e| e.path.as_str().cmp(path))
+                .is_ok_and(|i| entries[i].kind == EntryKind::File)
+        };
+        let removed: Vec<String> = dropped.into_iter().filter(|p| !is_file(p)).collect();
+        if let Err(e) = result {
+            // The whole walk that follows carries digests from the list as it stands.
+            self.entries = Some(entries);
+            self.known = known;
+            return Err((e, removed));
+        }
+        if changed {
+            self.memo.clear();
+        }
+        self.newest_stamp = entries.iter().map(|e| e.stamp).max_by_key(|s| s.ctime_ns);
         self.entries = Some(entries);
         self.known = known;
         Ok(removed)
@@ -675,5 +807,79 @@ mod tests {
         }
         assert_eq!(std::fs::read_to_string(victim.path()).unwrap(), "keep");
         assert_eq!(ctx.lock().unwrap().status().entries, 0, "markers are never entries");
+    }
+
+    /// Applies `op` (0..16) to the tree at `root`, with `n` to vary names and contents.
+    fn mutate(root: &Path, op: u64, n: u64) {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let p = |rel: &str| root.join(rel);
+        // Some operations do not apply to the tree as it is (a file where a directory was):
+        // they fail, and the tree stays as it is.
+        let write = |rel: &str, body: String| {
+            std::fs::create_dir_all(p(rel).parent().unwrap_or(root)).and_then(|()| std::fs::write(p(rel), body))
+        };
+        let d = n % 3;
+        let _ = match op {
+            0 => write(&format!("a/b{d}/f{}", n % 5), format!("edit {n}")),
+            1 => write(&format!("new{n}/deep/x/f"), format!("{n}")),
+            2 => std::fs::remove_file(p(&format!("a/b{d}/f{}", n % 5))),
+            3 => std::fs::remove_dir_all(p(&format!("a/b{d}"))),
+            4 => std::fs::set_permissions(
+                p(&format!("a/b{d}")),
+                std::fs::Permissions::from_mode(0o700 + (n % 2) as u32 * 0o55),
+            ),
+            5 => std::fs::set_permissions(
+                p("top.txt"),
+                std::fs::Permissions::from_mode(0o600 + (n % 2) as u32 * 0o44),
+            ),
+            6 => std::fs::remove_file(p("top.txt")).and_then(|()| std::fs::create_dir_all(p("top.txt/inner"))),
+            7 => std::fs::remove_dir_all(p("top.txt")).and_then(|()| write("top.txt", format!("file again {n}"))),
+            8 => symlink(format!("a/b{d}"), p(&format!("link{n}"))),
+            9 => std::fs::rename(p(&format!("a/b{d}")), p(&format!("a/moved{n}"))),
+            10 => std::fs::rename(p(&format!("a/b{d}/f0")), p(&format!("a/b{}/g{n}", (d + 1) % 3))),
+            11 => write(&format!("ignored/f{n}"), format!("{n}")),
+            12 => write(&format!("keep/in/f{}", n % 2), format!("kept {n}")),
+            13 => write(&format!("keep/out{n}"), format!("{n}")),
+            14 => write("top.txt", format!("top {n}")),
+            _ => std::fs::rename(p(&format!("a/moved{}", n.saturating_sub(1))), p(&format!("a/b{d}"))),
+        };
+    }
+
+    #[test]
+    fn after_any_edit_the_listings_read_again_give_what_a_whole_walk_gives() {
+        use lcache_context::local_context::LocalContext;
+        let store = tempfile::tempdir().unwrap();
+        let context = tempfile::tempdir().unwrap();
+        let root = context.path();
+        std::fs::write(root.join(".dockerignore"), "ignored\nkeep/*\n!keep/in\n").unwrap();
+        for n in 0..15 {
+            mutate(root, 0, n);
+        }
+        mutate(root, 12, 0);
+        mutate(root, 14, 0);
+        std::thread::sleep(Duration::from_millis(2 * (RACY_WINDOW_NS / 1_000_000) as u64));
+        let index = index(store.path(), true);
+        let ctx = index.context(root).unwrap();
+        plan(&index, &ctx);
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for round in 0..120 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            mutate(root, seed % 16, round);
+            if round % 3 == 0 {
+                mutate(root, (seed >> 8) % 16, round + 1000);
+            }
+            let digest = plan(&index, &ctx);
+            let c = ctx.lock().unwrap();
+            assert_eq!(c.status().mode, "watching");
+            let ignore = read_dockerignore(root).unwrap();
+            assert_eq!(c.entries.as_ref(), Some(&walk(root, &ignore).unwrap()), "round {round}");
+            let whole = LocalContext::walk(root).unwrap().digest_sources(&copy_all()).unwrap();
+            assert_eq!(
+                digest, whole.digest,
+                "round {round}: digests carried as a whole walk carries them"
+            );
+        }
     }
 }

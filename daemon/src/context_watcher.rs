@@ -16,11 +16,25 @@ use std::sync::{Arc, Condvar, Mutex};
 use inotify::{EventMask, Inotify, WatchMask, Watches};
 use lcache_context::context_walk::BARRIER_PREFIX;
 
+/// Where changes were seen since a refresh last took them (absolute paths).
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Directories in which an entry was made, removed, moved, written or changed.
+    pub listings: HashSet<PathBuf>,
+    /// Directories made or moved in: everything beneath them is new.
+    pub trees: HashSet<PathBuf>,
+    /// A change that is not one directory's (a directory moved, `.dockerignore` changed):
+    /// the whole context must be walked.
+    pub everything: bool,
+}
+
 /// What the watcher thread tells planners.
 #[derive(Default)]
 pub struct WatchSignals {
-    /// Something changed since the flag was last cleared.
+    /// Something changed since the flag was last cleared; set after `dirty` says where.
     pub changed: AtomicBool,
+    /// Where.
+    pub dirty: Mutex<Dirty>,
     /// Set when events may have been lost, so the context is stat-walked from then on.
     pub failed: Mutex<Option<String>>,
     /// Barrier marker files seen created (see `IndexedContext::sync_watcher`).
@@ -30,6 +44,12 @@ pub struct WatchSignals {
 }
 
 impl WatchSignals {
+    /// Takes where changes were seen; clear `changed` first, so that a change seen in
+    /// between is either taken now or flagged again.
+    pub fn take_dirty(&self) -> Dirty {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn fail(&self, why: String) {
         self.failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
         self.changed.store(true, Ordering::SeqCst);
@@ -116,12 +136,49 @@ pub fn start_watcher(root: &Path, signals: Arc<WatchSignals>) -> Result<ContextW
     let stopped = stop.clone();
     std::thread::Builder::new()
         .name("context-watcher".into())
-        .spawn(move || watch_loop(inotify, dirs, &signals, &stopped))
+        .spawn({
+            let root = root.to_path_buf();
+            move || watch_loop(inotify, &root, dirs, &signals, &stopped)
+        })
         .map_err(WatchError::Start)?;
     Ok(ContextWatcher { stop })
 }
 
-fn watch_loop(mut inotify: Inotify, mut dirs: HashMap<i32, PathBuf>, signals: &WatchSignals, stop: &AtomicBool) {
+/// Notes in `dirty` what an event on the watched directory `dir` (`None`: unknown) says
+/// must be read again.
+fn note(dirty: &mut Dirty, root: &Path, dir: Option<&PathBuf>, mask: EventMask, name: Option<&std::ffi::OsStr>) {
+    let Some(dir) = dir else {
+        dirty.everything = true;
+        return;
+    };
+    let moved = mask.contains(EventMask::ISDIR) && mask.intersects(EventMask::MOVED_FROM | EventMask::MOVED_TO);
+    match name {
+        // A moved directory's watches still name it by its old path until it is watched
+        // again (`watch_tree` on its new path); the whole tree is walked meanwhile.
+        _ if moved || mask.contains(EventMask::MOVE_SELF) => dirty.everything = true,
+        Some(n) if dir == root && n == ".dockerignore" => dirty.everything = true,
+        Some(n) => {
+            dirty.listings.insert(dir.clone());
+            if mask.contains(EventMask::ISDIR) && mask.contains(EventMask::CREATE) {
+                dirty.trees.insert(dir.join(n));
+            }
+        }
+        // The directory itself (its mode, its removal): its entry is in its parent's listing.
+        None => {
+            if let Some(parent) = dir.parent().filter(|_| dir != root) {
+                dirty.listings.insert(parent.to_path_buf());
+            }
+        }
+    }
+}
+
+fn watch_loop(
+    mut inotify: Inotify,
+    root: &Path,
+    mut dirs: HashMap<i32, PathBuf>,
+    signals: &WatchSignals,
+    stop: &AtomicBool,
+) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut buf = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::SeqCst) {
@@ -144,7 +201,15 @@ fn watch_loop(mut inotify: Inotify, mut dirs: HashMap<i32, PathBuf>, signals: &W
             }
             let id = ev.wd.get_watch_descriptor_id();
             if ev.mask.contains(EventMask::IGNORED) {
-                dirs.remove(&id);
+                if let Some(dir) = dirs.remove(&id) {
+                    note(
+                        &mut signals.dirty.lock().unwrap_or_else(|p| p.into_inner()),
+                        root,
+                        Some(&dir),
+                        ev.mask,
+                        None,
+                    );
+                }
                 signals.changed.store(true, Ordering::SeqCst);
                 continue;
             }
@@ -160,6 +225,13 @@ fn watch_loop(mut inotify: Inotify, mut dirs: HashMap<i32, PathBuf>, signals: &W
                 }
                 continue;
             }
+            note(
+                &mut signals.dirty.lock().unwrap_or_else(|p| p.into_inner()),
+                root,
+                dirs.get(&id),
+                ev.mask,
+                ev.name,
+            );
             signals.changed.store(true, Ordering::SeqCst);
             if ev.mask.contains(EventMask::ISDIR) && ev.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
                 if let (Some(parent), Some(n)) = (dirs.get(&id), ev.name) {
