@@ -25,7 +25,7 @@ use crate::build_events::{BuildObserver, StepEvent, StepPhases, SummaryEvent};
 use crate::cache_dir::CacheDir;
 use crate::copy_changes::source_changes;
 use crate::copy_pack::pack_copy;
-use crate::copy_seed::{save_entries, save_segments, DeltaUnit, Seed};
+use crate::copy_seed::{keep_segments, save_entries, save_segments, DeltaUnit, Seed};
 use crate::copy_step::{
     build_copy_changes, build_copy_layer, build_workdir_layer, changes_from, parse_chmod, ChangeJob, CopyAttrs,
     CopyError, CopyJob, CopyLayer, DELTA_REBASE_AT,
@@ -124,6 +124,19 @@ struct Builder<'a> {
 
 /// One finished step: what progress showed, and what the history keeps.
 type Finished = (StepEvent, BuildStep);
+
+/// A rebuilt COPY whose diff_id is being hashed on a thread of its own: its record is
+/// stored, and its segment index kept, once the diff_id is known.
+struct PendingRecord {
+    /// The record, its layer's diff_id still empty.
+    record: StepRecord,
+    /// The layer's blob digest.
+    digest: String,
+    line: usize,
+    instruction: String,
+    /// The diff_id, the complete segment index, and how long the hashing took (ms).
+    hashing: std::thread::JoinHandle<std::io::Result<(String, SegmentIndex, u64)>>,
+}
 
 /// The image a COPY or WORKDIR goes on, mounted read-only in its work directory.
 fn image_view(lowers: &[PathBuf], work: &Path) -> Result<OverlayMount, CopyError> {
@@ -416,6 +429,36 @@ impl<'a> Builder<'a> {
         let base_env = st.config.env().to_vec();
         let label_name = stage.name.clone().unwrap_or_else(|| format!("stage-{i}"));
         let mut finished = Vec::new();
+        let mut pending = Vec::new();
+        let ran = self.build_steps(
+            (i, &stage, &label_name),
+            states,
+            &base_env,
+            &mut st,
+            &mut finished,
+            &mut pending,
+        );
+        // Records still waiting for their diff_id are stored even when a later step failed,
+        // as every step's record is stored once it is built.
+        let settled = self.settle(&mut st.layers, pending);
+        ran?;
+        settled?;
+        st.config.apply(&stage.config);
+        let contributions = self.history_of(&stage);
+        extend(&mut st.history, &contributions, self.req.source_date_epoch);
+        Ok((st, finished))
+    }
+
+    /// Builds the steps of stage `i` onto `st`.
+    fn build_steps(
+        &self,
+        (i, stage, label_name): (usize, &PlannedStage, &str),
+        states: &HashMap<usize, StageState>,
+        base_env: &[String],
+        st: &mut StageState,
+        finished: &mut Vec<Finished>,
+        pending: &mut Vec<(usize, PendingRecord)>,
+    ) -> Result<(), BuildError> {
         for (n, step) in stage.steps.iter().enumerate() {
             let number = self.first_step.get(&i).copied().unwrap_or(1) + n;
             let label = format!("{label_name} {}/{}", n + 1, stage.steps.len());
@@ -472,23 +515,28 @@ impl<'a> Builder<'a> {
             };
             st.rebuilt = root_after(cause.as_ref(), this);
             let layer = match hit {
-                Some(_) => restored.map(|(l, s)| (l, s, None)),
+                Some(_) => restored.map(|(l, s)| (l, s, None, None)),
                 None => Some(self.execute(
                     number,
                     step.line,
                     &step.instruction,
                     &step.def,
-                    &st,
-                    &base_env,
+                    st,
+                    base_env,
                     from_roots,
                     inputs.clone(),
                     &key,
                     t,
                     compared_with.as_deref().and_then(|k| self.seed_from(k, &inputs)),
+                    // Worth it only while a later step can use the time.
+                    n + 1 < stage.steps.len(),
                 )?),
             };
-            let phases = layer.as_ref().and_then(|(_, _, p)| *p);
-            if let Some((l, snap, _)) = layer {
+            let phases = layer.as_ref().and_then(|(_, _, p, _)| *p);
+            if let Some((l, snap, _, waiting)) = layer {
+                if let Some(w) = waiting {
+                    pending.push((st.layers.len(), w));
+                }
                 st.layers.push(l);
                 st.snapshots.push(snap);
             }
@@ -521,10 +569,7 @@ impl<'a> Builder<'a> {
             };
             finished.push((ev, record));
         }
-        st.config.apply(&stage.config);
-        let contributions = self.history_of(&stage);
-        extend(&mut st.history, &contributions, self.req.source_date_epoch);
-        Ok((st, finished))
+        Ok(())
     }
 
     /// What the stage's instructions add to the image's history, in Dockerfile order, in
@@ -734,7 +779,8 @@ impl<'a> Builder<'a> {
         key: &str,
         started: Instant,
         seed: Option<Seed>,
-    ) -> Result<(LayerRef, Snapshot, Option<StepPhases>), BuildError> {
+        defer_hashing: bool,
+    ) -> Result<(LayerRef, Snapshot, Option<StepPhases>, Option<PendingRecord>), BuildError> {
         let location = format!("{}:{line}", self.dockerfile);
         let fail = |message: String, last_output: Vec<String>| BuildError::StepFailed {
             location: location.clone(),
@@ -910,13 +956,16 @@ impl<'a> Builder<'a> {
         };
         let packing = Instant::now();
         let dest = work.path().join("layer.tgz");
-        let (packed, segments) = match &copied {
+        // The diff_id after a reused front is hashed on its own thread while the build
+        // goes on, when a later step of the stage can use the time.
+        let defer = defer_hashing;
+        let (packed, segments, pending) = match &copied {
             Some(
                 c @ CopyLayer {
                     entries: Some(entries), ..
                 },
-            ) => pack_copy(self.steps, c, entries, &tree, &dest).map(|(p, i)| (p, Some(i))),
-            _ => pack_layer(&tree, &dest).map(|p| (p, None)),
+            ) => pack_copy(self.steps, c, entries, &tree, &dest, defer).map(|p| (p.layer, Some(p.index), p.pending)),
+            _ => pack_layer(&tree, &dest).map(|p| (p, None, None)),
         }
         .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
         phases.pack_ms = packing.elapsed().as_millis() as u64;
@@ -929,25 +978,94 @@ impl<'a> Builder<'a> {
             diff_id: packed.diff_id.clone(),
             media_type: LAYER_MEDIA_TYPE.into(),
         };
-        // The blob is durable in the daemon; only now may a record point to it.
-        let stored = self.steps.put_step(&StepRecord {
+        let record = StepRecord {
             key: key.to_string(),
             layer: Some(layer.clone()),
             duration_ms: started.elapsed().as_millis() as u64,
             inputs: Some(inputs),
             created_at_ms: 0,
-        });
-        match stored {
+        };
+        let (pending, segments) = match pending {
+            // The blob is durable in the daemon; only now may a record point to it.
+            None => {
+                self.put_record(&record, line)?;
+                (None, segments)
+            }
+            Some(job) => {
+                let hashing = std::thread::Builder::new()
+                    .name("diff-id".into())
+                    .spawn(move || {
+                        let t = Instant::now();
+                        job.finish().map(|(d, i)| (d, i, t.elapsed().as_millis() as u64))
+                    })
+                    .map_err(|source| BuildError::Io {
+                        action: "start hashing the layer of",
+                        path: PathBuf::from(&self.dockerfile),
+                        source,
+                    })?;
+                let pending = PendingRecord {
+                    record,
+                    digest: packed.digest.clone(),
+                    line,
+                    instruction: instruction.to_string(),
+                    hashing,
+                };
+                (Some(pending), None)
+            }
+        };
+        phases.store_ms = storing.elapsed().as_millis() as u64;
+        let snap = self.keep_snapshot(&packed.digest, &tree, copied, segments, work.path())?;
+        Ok((layer, snap, Some(phases), pending))
+    }
+
+    /// Stores a rebuilt step's record.
+    fn put_record(&self, record: &StepRecord, line: usize) -> Result<(), BuildError> {
+        match self.steps.put_step(record) {
             // The cache kept the layer another build stored for this key first (a step
             // that does not rebuild byte for byte): this build still uses its own.
             Err(CacheError::Refused { status: 409, error, .. }) => {
                 self.progress().note(&format!("warning: {}: {error}", self.at(line)));
+                Ok(())
             }
-            other => other?,
+            other => Ok(other?),
         }
-        phases.store_ms = storing.elapsed().as_millis() as u64;
-        let snap = self.keep_snapshot(&packed.digest, &tree, copied, segments, work.path())?;
-        Ok((layer, snap, Some(phases)))
+    }
+
+    /// Waits for the diff_ids still being hashed (`layers[at]`'s), then stores each
+    /// record and keeps each segment index; the first failure is returned once all are.
+    fn settle(&self, layers: &mut [LayerRef], pending: Vec<(usize, PendingRecord)>) -> Result<(), BuildError> {
+        let mut result = Ok(());
+        for (at, p) in pending {
+            let hashed = p
+                .hashing
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread panicked")));
+            let stored = match hashed {
+                Ok((diff_id, index, ms)) => {
+                    let mut record = p.record;
+                    if let Some(l) = record.layer.as_mut() {
+                        l.diff_id.clone_from(&diff_id);
+                    }
+                    record.duration_ms += ms;
+                    if let Some(l) = layers.get_mut(at) {
+                        l.diff_id = diff_id;
+                    }
+                    // Only a speed-up for the next build of this step.
+                    let _ = keep_segments(&self.cache, &p.digest, &index);
+                    self.put_record(&record, p.line)
+                }
+                Err(e) => Err(BuildError::StepFailed {
+                    location: self.at(p.line),
+                    instruction: p.instruction,
+                    message: format!("cannot hash the layer: {e}; nothing was cached"),
+                    last_output: vec![],
+                }),
+            };
+            if let (Ok(()), Err(e)) = (&result, stored) {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     /// Keeps a rebuilt step's layer directory as the snapshot of the layer `digest`: whole,

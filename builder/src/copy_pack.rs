@@ -7,8 +7,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use lcache_confine::Root;
-use lcache_image::layer_diff::PackedLayer;
-use lcache_image::layer_segments::{pack_segmented, Reuse, SegmentEntry, SegmentEntryKind, SegmentIndex};
+use lcache_image::layer_segments::{pack_segmented, Packed, Reuse, SegmentEntry, SegmentEntryKind};
 
 use crate::copy_seed::{load_segments, LayerEntries, Placed};
 use crate::copy_step::CopyLayer;
@@ -52,15 +51,16 @@ fn sorted(entries: &LayerEntries) -> Vec<SegmentEntry<'_>> {
 
 /// Packs the COPY layer `layer`, built in `dir`, into `dest`; unchanged segments come
 /// from the seed layer's own blob (so after a run of edits, the diff_id is hashed again
-/// only from the newest change on). A seed blob that cannot be used (gone, or
-/// not what its index says) only costs the reuse.
+/// only from the newest change on, and with `defer` not here: see `Packed::pending`). A
+/// seed blob that cannot be used (gone, or not what its index says) only costs the reuse.
 pub fn pack_copy(
     steps: &dyn StepCache,
     layer: &CopyLayer,
     entries: &LayerEntries,
     dir: &Path,
     dest: &Path,
-) -> std::io::Result<(PackedLayer, SegmentIndex)> {
+    defer: bool,
+) -> std::io::Result<Packed> {
     let list = sorted(entries);
     // Read through the confined roots: a path that met a symlink on the way (sources
     // overlapping at the destination) must not read a file of the host into the layer.
@@ -91,7 +91,7 @@ pub fn pack_copy(
                 index: &index,
                 blob: BufReader::with_capacity(256 * 1024, reader),
             };
-            let packed = pack_segmented(&list, &open, Some(reuse), dest)?;
+            let packed = pack_segmented(&list, &open, Some(reuse), dest, defer)?;
             match download.join() {
                 Ok(Ok(_)) => Ok(packed),
                 _ => Err(std::io::Error::other("the seed layer's blob did not arrive whole")),
@@ -101,5 +101,5 @@ pub fn pack_copy(
             return reused;
         }
     }
-    pack_segmented::<std::io::Empty>(&list, &open, None, dest)
+    pack_segmented::<std::io::Empty>(&list, &open, None, dest, defer)
 }

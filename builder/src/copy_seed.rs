@@ -197,6 +197,17 @@ pub fn save_segments(snapshot: &Path, index: &SegmentIndex) -> std::io::Result<(
     write_bincode(&segments_path(snapshot), index)
 }
 
+/// Keeps the segment index of the layer `digest`'s blob beside its snapshot, whole or a
+/// delta, once its last states are known (see `PendingDiffId`).
+pub fn keep_segments(cache: &CacheDir, digest: &str, index: &SegmentIndex) -> std::io::Result<()> {
+    let whole = cache.snapshot(digest);
+    if whole.is_dir() {
+        save_segments(&whole, index)
+    } else {
+        write_bincode(&DeltaUnit::of(cache, digest).segments(), index)
+    }
+}
+
 /// The segment index kept at `path`, if the blob was packed in segments (older ones were
 /// not: their next layer is compressed whole).
 pub fn load_segments(path: &Path) -> Option<SegmentIndex> {

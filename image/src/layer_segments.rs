@@ -116,6 +116,46 @@ pub struct Reuse<'a, R> {
     pub blob: R,
 }
 
+/// A packed layer's diff_id, still to be hashed: over the blob's members from `first` on,
+/// from the tar's SHA-256 state in front of them. Its own job, so that it can run on
+/// another core while the build goes on (the blob and its digest are final already).
+pub struct PendingDiffId {
+    blob: std::fs::File,
+    state: Vec<u8>,
+    first: usize,
+    index: SegmentIndex,
+}
+
+impl PendingDiffId {
+    /// Inflates the members from the first one not hashed yet to the end (the blob as
+    /// written, read through its own descriptor), hashing the tar: the diff_id, and the
+    /// index with every segment's state.
+    pub fn finish(self) -> io::Result<(String, SegmentIndex)> {
+        use std::io::{Seek, SeekFrom};
+        let Self {
+            mut blob,
+            state,
+            first,
+            mut index,
+        } = self;
+        let mut tar = TarHash::resume(&state)?;
+        if let Some(start) = index.segments.get(first).map(|s| s.offset) {
+            blob.seek(SeekFrom::Start(start))?;
+        }
+        let mut blob = io::BufReader::with_capacity(256 * 1024, blob);
+        for seg in &mut index.segments[first..] {
+            let mut member = (&mut blob).take(seg.len);
+            io::copy(&mut flate2::bufread::GzDecoder::new(&mut member), &mut tar)?;
+            if io::copy(&mut member, &mut io::sink())? != 0 {
+                return Err(io::Error::other("a segment's member holds more than one gzip stream"));
+            }
+            seg.tar_state = tar.state();
+        }
+        tar.write_all(&[0; TRAILER])?;
+        Ok((tar.digest(), index))
+    }
+}
+
 /// A file this big gets a segment of its own: an edit next to it does not re-compress it.
 const BIG_FILE: u64 = 1 << 20;
 
@@ -314,15 +354,27 @@ fn copy_member<R: Read, B: Write>(
     Ok(())
 }
 
+/// A layer packed in segments: the blob (whose `diff_id` is empty while `pending`), its
+/// index (for the next layer of the step to reuse), and the diff_id still to hash.
+pub struct Packed {
+    /// The blob.
+    pub layer: PackedLayer,
+    /// Where each segment lies in it.
+    pub index: SegmentIndex,
+    /// With `defer`, when some of the tar is still to hash.
+    pub pending: Option<PendingDiffId>,
+}
+
 /// Packs `entries` (sorted, parents first) into a gzip layer blob at `dest`, reading each
-/// file through `open`, taking the members of unchanged segments from `reuse`. Returns the
-/// layer and its index (for the next layer of the step to reuse).
+/// file through `open`, taking the members of unchanged segments from `reuse`. With
+/// `defer`, the tar after the reused front is not hashed here but left `pending`.
 pub fn pack_segmented<R: Read>(
     entries: &[SegmentEntry],
     open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
     mut reuse: Option<Reuse<'_, R>>,
     dest: &Path,
-) -> io::Result<(PackedLayer, SegmentIndex)> {
+    defer: bool,
+) -> io::Result<Packed> {
     let file = std::fs::File::create(dest)?;
     let mut blob = Sha256Stream::new(io::BufWriter::new(file));
     let mut tar = TarHash::default();
@@ -343,6 +395,8 @@ pub fn pack_segmented<R: Read>(
     let mut in_front = reuse.is_some();
     let mut front: Option<&[u8]> = None;
     let mut index = SegmentIndex::default();
+    // The first segment not hashed here, and the state in front of it.
+    let mut deferred: Option<(usize, Vec<u8>)> = None;
     for (i, range) in split(entries).into_iter().enumerate() {
         let seg = &entries[range];
         let fp = fingerprint(seg);
@@ -370,19 +424,26 @@ pub fn pack_segmented<R: Read>(
             if let Some(state) = front {
                 tar = TarHash::resume(state)?;
             }
+            if defer {
+                deferred = Some((i, tar.state()));
+            }
         }
+        let hashing = deferred.is_none().then_some(&mut tar);
         match (r, j) {
             (Some(r), Some(j)) => {
-                copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, Some(&mut tar))?;
+                copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, hashing)?;
                 next_reusable = j + 1;
             }
-            _ => write_member(seg, open, &mut blob, &mut tar)?,
+            _ => match hashing {
+                Some(tar) => write_member(seg, open, &mut blob, tar)?,
+                None => write_member(seg, open, &mut blob, io::sink())?,
+            },
         }
         index.segments.push(Segment {
             fingerprint: fp,
             offset,
             len: blob.len() - offset,
-            tar_state: tar.state(),
+            tar_state: if deferred.is_some() { Vec::new() } else { tar.state() },
         });
     }
     if in_front {
@@ -397,20 +458,35 @@ pub fn pack_segmented<R: Read>(
     let mut end = gzip(&mut blob);
     end.write_all(&[0; TRAILER])?;
     end.finish()?;
-    tar.write_all(&[0; TRAILER])?;
     blob.flush()?;
-    let (digest, size, diff_id) = (blob.digest(), blob.len(), tar.digest());
+    let (digest, size) = (blob.digest(), blob.len());
     let file = blob.into_inner().into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok((
-        PackedLayer {
+    let (diff_id, pending) = match deferred {
+        Some((first, state)) => (
+            String::new(),
+            Some(PendingDiffId {
+                blob: std::fs::File::open(dest)?,
+                state,
+                first,
+                index: index.clone(),
+            }),
+        ),
+        None => {
+            tar.write_all(&[0; TRAILER])?;
+            (tar.digest(), None)
+        }
+    };
+    Ok(Packed {
+        layer: PackedLayer {
             path: dest.to_path_buf(),
             digest,
             diff_id,
             size,
         },
         index,
-    ))
+        pending,
+    })
 }
 
 #[cfg(test)]
@@ -474,17 +550,36 @@ mod tests {
         out: &Path,
         opened: &std::cell::Cell<usize>,
     ) -> (PackedLayer, SegmentIndex) {
+        pack_deferring(root, list, reuse, out, opened, false)
+    }
+
+    /// [`pack`], with the diff_id hashed as a job of its own (at once) when `defer`.
+    fn pack_deferring(
+        root: &Path,
+        list: &[(String, Vec<u8>, bool)],
+        reuse: Option<(&SegmentIndex, &[u8])>,
+        out: &Path,
+        opened: &std::cell::Cell<usize>,
+        defer: bool,
+    ) -> (PackedLayer, SegmentIndex) {
         let open = |e: &SegmentEntry| {
             opened.set(opened.get() + 1);
             std::fs::File::open(root.join(e.path))
         };
-        pack_segmented(
-            &as_entries(list),
-            &open,
-            reuse.map(|(index, blob)| Reuse { index, blob }),
-            out,
-        )
-        .unwrap()
+        let reuse = reuse.map(|(index, blob)| Reuse { index, blob });
+        let Packed {
+            mut layer,
+            index,
+            pending,
+        } = pack_segmented(&as_entries(list), &open, reuse, out, defer).unwrap();
+        match pending {
+            Some(p) => {
+                let (diff_id, index) = p.finish().unwrap();
+                layer.diff_id = diff_id;
+                (layer, index)
+            }
+            None => (layer, index),
+        }
     }
 
     #[test]
@@ -570,6 +665,19 @@ mod tests {
                 "{edit:?}"
             );
             assert_eq!(resumed_index, scratch_index, "the kept states are the same too");
+            let (deferred, deferred_index) = pack_deferring(
+                t.dir.path(),
+                &changed,
+                Some((&index, &first_blob)),
+                &out.path().join(format!("d{n}")),
+                &opened,
+                true,
+            );
+            assert_eq!(
+                (&deferred.digest, &deferred.diff_id, &deferred_index),
+                (&scratch.digest, &scratch.diff_id, &scratch_index),
+                "hashed later, the same: {edit:?}"
+            );
             if let Some(path) = &edit {
                 let original = &list.iter().find(|(p, _, _)| p == path).unwrap().1;
                 std::fs::write(t.dir.path().join(path), original).unwrap();
@@ -593,6 +701,7 @@ mod tests {
                 blob: &garbage[..],
             }),
             &out.path().join("2"),
+            false,
         );
         assert!(r.is_err());
     }

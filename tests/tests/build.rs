@@ -657,6 +657,10 @@ fn a_rebuilt_copy_reads_only_what_lcached_lists_as_changed_and_makes_the_layer_a
     let trees = delta_trees(&env);
     assert_eq!(trees.len(), 1, "the rebuilt COPY's snapshot is a delta");
     let first = leaves(&trees[0]);
+    assert!(
+        trees[0].with_file_name("segments.bin").is_file(),
+        "the segment index is kept once the diff_id hashed behind the RUN is known"
+    );
     let has = |l: &[(String, &str)], p: &str, what: &str| l.contains(&(p.to_string(), what));
     assert!(
         !first.iter().any(|(p, _)| p == "app/touched.txt"),
