@@ -25,6 +25,8 @@ use lcache_image::layer_extract::{extract_into, Whiteouts};
 struct Placement<'a> {
     src: &'a Root,
     layer: &'a Root,
+    /// The image the layer goes on, if it can be looked at.
+    image: Option<&'a Root>,
     attrs: CopyAttrs,
     add: bool,
     seed: Option<SeedRoots<'a>>,
@@ -111,6 +113,13 @@ pub enum CopyError {
     /// A COPY option that is not supported.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// A directory would go where the image or an earlier source has something else.
+    #[error(
+        "cannot copy to non-directory: {0} — the image or an earlier source of this COPY has a \
+         file or symlink there, and BuildKit refuses to copy a directory onto it too; remove it \
+         first (in the RUN that made it) or copy to another path"
+    )]
+    NotADirectory(String),
     /// `--chmod` is not an octal mode.
     #[error("--chmod={0} is not an octal mode: write e.g. --chmod=755")]
     BadChmod(String),
@@ -175,6 +184,7 @@ impl Placement<'_> {
         };
         match e.kind {
             EntryKind::Dir => {
+                self.refuse_non_directory(dest)?;
                 let (uid, gid) = attrs.owner.unwrap_or((0, 0));
                 let placed = Placed::Dir {
                     mode: attrs.mode.unwrap_or(e.mode),
@@ -277,6 +287,24 @@ impl Placement<'_> {
                 self.content.insert(i, content);
                 self.entries.insert(rel, Placed::File(CopiedFrom { content, ..from }));
             }
+        }
+        Ok(())
+    }
+
+    /// BuildKit copies a directory only onto a directory or nothing: a file or symlink an
+    /// earlier source placed at `dest`, or the image has there, fails the COPY.
+    fn refuse_non_directory(&self, dest: &Path) -> Result<(), CopyError> {
+        let in_image = || {
+            self.image
+                .and_then(|img| img.stat(dest).ok().flatten())
+                .is_some_and(|st| st.kind != EntryType::Dir)
+        };
+        let other = match self.entries.get(&key(dest)) {
+            Some(placed) => !matches!(placed, Placed::Dir { .. }),
+            None => in_image(),
+        };
+        if other {
+            return Err(CopyError::NotADirectory(format!("/{}", dest.display())));
         }
         Ok(())
     }
@@ -569,9 +597,11 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
     };
     // Whiteouts are device nodes: only root makes them.
     let delta = complete && seed.as_ref().is_some_and(|s| builds_on(s.seed));
+    let image = job.image.map(Root::open).transpose()?;
     let mut p = Placement {
         src: &src,
         layer: &layer,
+        image: image.as_ref(),
         attrs: job.attrs,
         add: def.add,
         seed,
@@ -588,7 +618,6 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         || roots
             .iter()
             .any(|r| r.entry.is_none_or(|i| entries[i].kind == EntryKind::Dir));
-    let image = job.image.map(Root::open).transpose()?;
     let dest = resolve_dest(image.as_ref(), &rel_dest(&def.dest), into_dir)?;
     let new_owner = job.attrs.owner.unwrap_or((0, 0));
     let dir = if into_dir { Some(dest.as_path()) } else { dest.parent() };
@@ -699,6 +728,7 @@ pub fn build_copy_changes(layer: &Path, job: &ChangeJob, seed: &Seed) -> Result<
     let mut p = Placement {
         src: &src,
         layer: &layer,
+        image: image.as_ref(),
         attrs: job.attrs,
         add: false,
         seed: Some(SeedRoots {
@@ -975,6 +1005,51 @@ mod tests {
             e.contains("src/a.txt changed while the build ran") && e.contains("run the build again"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_directory_onto_a_file_or_symlink_fails_as_in_buildkit() {
+        // An earlier source placed a symlink where the next one has a directory.
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(ctx.path().join("a")).unwrap();
+        std::os::unix::fs::symlink("/etc", ctx.path().join("a/x")).unwrap();
+        std::fs::create_dir_all(ctx.path().join("b/x")).unwrap();
+        std::fs::write(ctx.path().join("b/x/f"), "f").unwrap();
+        let (_, r) = copy(
+            ctx.path(),
+            &CopyDef::from_context(&["a", "b"], "/dst/"),
+            CopyAttrs::default(),
+            None,
+            None,
+        );
+        let e = r.unwrap_err().to_string();
+        assert!(e.starts_with("cannot copy to non-directory: /dst/x"), "{e}");
+
+        // The image has a symlink where the source has a directory (a node_modules entry
+        // an earlier RUN linked).
+        let image = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(image.path().join("dst")).unwrap();
+        std::os::unix::fs::symlink("../elsewhere", image.path().join("dst/x")).unwrap();
+        let def = CopyDef::from_context(&["b"], "/dst/");
+        let mut local = LocalContext::walk(ctx.path()).unwrap();
+        let digest = local.digest_sources(&def).unwrap().digest;
+        let roots = select(local.entries(), &def.sources, &IgnoreMatcher::default()).unwrap();
+        let layer = tempfile::tempdir().unwrap();
+        let job = CopyJob {
+            def: &def,
+            src_root: ctx.path(),
+            entries: local.entries(),
+            roots: &roots,
+            attrs: CopyAttrs::default(),
+            keyed_digest: &digest,
+            image: Some(image.path()),
+        };
+        let e = build_copy_layer(layer.path(), &job, None).unwrap_err().to_string();
+        assert!(e.starts_with("cannot copy to non-directory: /dst/x"), "{e}");
+        // A directory there is merged into, as before.
+        std::fs::remove_file(image.path().join("dst/x")).unwrap();
+        std::fs::create_dir(image.path().join("dst/x")).unwrap();
+        build_copy_layer(tempfile::tempdir().unwrap().path(), &job, None).unwrap();
     }
 
     #[test]
