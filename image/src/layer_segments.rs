@@ -460,8 +460,9 @@ pub fn pack_segmented<R: Read>(
     end.finish()?;
     blob.flush()?;
     let (digest, size) = (blob.digest(), blob.len());
-    let file = blob.into_inner().into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
+    // Not synced: the blob is a work file, streamed to the cache (which makes its own copy
+    // durable) and removed; syncing it only wrote it to disk once more.
+    blob.into_inner().into_inner().map_err(|e| e.into_error())?;
     let (diff_id, pending) = match deferred {
         Some((first, state)) => (
             String::new(),
