@@ -717,9 +717,17 @@ pub fn changes_from<'s>(def: &CopyDef, seed: &'s Seed) -> Option<&'s str> {
 /// `None`, having written nothing, when the copied directory is not a directory here.
 pub fn build_copy_changes(layer: &Path, job: &ChangeJob, seed: &Seed) -> Result<Option<CopyLayer>, CopyError> {
     let changes = job.changes;
-    if changes.root != "." && entry_at(job.context, &changes.root)?.is_none_or(|e| e.kind != EntryKind::Dir) {
-        // A symlink to a directory: its entries' paths are not the context's.
-        return Ok(None);
+    // Through a symlink (the source itself or a directory above it), the listed entries'
+    // paths are not where they lie in the context: the whole way below handles that.
+    let mut at = String::new();
+    for part in changes.root.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if !at.is_empty() {
+            at.push('/');
+        }
+        at.push_str(part);
+        if entry_at(job.context, &at)?.is_none_or(|e| e.kind != EntryKind::Dir) {
+            return Ok(None);
+        }
     }
     let layer = Root::open(layer)?;
     let src = Root::open(job.context)?;

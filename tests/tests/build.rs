@@ -712,6 +712,28 @@ fn a_rebuilt_copy_reads_only_what_lcached_lists_as_changed_and_makes_the_layer_a
     assert_eq!(image, again, "same layers, byte for byte, as a cold build");
 }
 
+#[test]
+fn a_copy_of_a_linked_directory_rebuilds_from_what_the_link_points_at() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY lnk /app/\nRUN cat /app/a.txt > /seen\n",
+    )
+    .write("src/a.txt", "one\n")
+    .write("src/b.txt", "b\n");
+    std::os::unix::fs::symlink("src", p.path().join("lnk")).unwrap();
+    env.build(&p, &[]);
+    p.write("src/a.txt", "two\n");
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false]);
+    let out = tempfile::tempdir().unwrap();
+    export_local(&env, &p, out.path());
+    assert_eq!(std::fs::read_to_string(out.path().join("seen")).unwrap(), "two\n");
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+}
+
 /// The whole COPY snapshots in `env`'s cache (those that keep their entries), by digest hex.
 fn whole_copy_snapshots(env: &BuildEnv) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(env.cache_dir().join("snapshots"))
