@@ -9,7 +9,7 @@ use lcache_proto::build_plan::CopyDef;
 use lcache_proto::dockerignore::IgnoreMatcher;
 use lcache_proto::errors::{Location, SelectError};
 use lcache_proto::source_select::{select, ContextEntry, EntryKind};
-use lcache_proto::sources_digest::{sources_digest_listing, SourcesDigest};
+use lcache_proto::sources_digest::{sources_digest_reusing, SourcesDigest};
 use lcache_proto::step_keys::{StepRef, StepSources};
 
 use crate::content_hash::hash_files;
@@ -106,6 +106,17 @@ impl LocalContext {
 
     /// Selects what a COPY/ADD names, hashing the selected files not hashed yet.
     pub fn digest_sources(&mut self, def: &CopyDef) -> Result<SourcesDigest, SelectError> {
+        self.digest_sources_reusing(def, &|_| None)
+    }
+
+    /// [`Self::digest_sources`], taking a selected directory's node digest from `known(its
+    /// path)` where the caller knows its subtree is unchanged since the same selection's
+    /// last digest (see `sources_digest_reusing`).
+    pub fn digest_sources_reusing(
+        &mut self,
+        def: &CopyDef,
+        known: &dyn Fn(&str) -> Option<[u8; 32]>,
+    ) -> Result<SourcesDigest, SelectError> {
         let excludes = IgnoreMatcher::from_patterns(def.excludes.iter().map(String::as_str))?;
         let roots = select(&self.entries, &def.sources, &excludes)?;
         let mut missing: Vec<usize> = roots
@@ -136,11 +147,12 @@ impl LocalContext {
             self.hashed.extend(missing);
         }
         let content = &self.content;
-        Ok(sources_digest_listing(
+        Ok(sources_digest_reusing(
             &self.entries,
             &roots,
             &|i| content[i].unwrap_or_default(),
             self.listed,
+            known,
         ))
     }
 }

@@ -97,6 +97,15 @@ pub struct IndexedContext {
     mode: WatchMode,
     _watcher: Option<ContextWatcher>,
     memo: HashMap<MemoKey, SourcesDigest>,
+    /// Per selection, each selected directory's node digest and the generation of the
+    /// directory it was taken at: reused while the generation holds.
+    subtrees: HashMap<MemoKey, HashMap<String, (u64, [u8; 32])>>,
+    /// Each directory's generation (0 until it moves): moved on by a refresh that read it,
+    /// read beneath it, or read its parent (its own mode), so a digest taken before no
+    /// longer matches. A whole walk forgets them all, with `subtrees`.
+    generations: HashMap<String, u64>,
+    /// The last generation given.
+    clock: u64,
     /// When the current plan started (ns since the epoch).
     plan_started_ns: i64,
     /// The walked entry changed last (by ctime): if it is racy (see [`racy`]), so may
@@ -160,6 +169,9 @@ impl ContextIndex {
             mode,
             _watcher: watcher,
             memo: HashMap::new(),
+            subtrees: HashMap::new(),
+            generations: HashMap::new(),
+            clock: 0,
             plan_started_ns: 0,
             newest_stamp: None,
         }));
@@ -268,6 +280,9 @@ impl IndexedContext {
         if self.entries.as_ref() != Some(&entries) {
             self.memo.clear();
         }
+        // A whole walk does not say where things changed.
+        self.subtrees.clear();
+        self.generations.clear();
         let (known, mut removed) = self.carry_digests(&entries);
         let is_file = |path: &str| {
             entries
@@ -353,6 +368,29 @@ impl IndexedContext {
                 let mut walked = Vec::new();
                 for c in &walk_again {
                     walked.extend(walk_beneath(&self.root, c, &ignore)?);
+                }
+                // What a digest taken before may no longer match: `d` and every directory
+                // above it, its subdirectories (their own entries were read again), and
+                // everything walked again.
+                let mut moved: Vec<&str> = vec![d.as_str()];
+                let mut up = d.as_str();
+                while let Some((parent, _)) = up.rsplit_once('/') {
+                    moved.push(parent);
+                    up = parent;
+                }
+                if !d.is_empty() {
+                    moved.push("");
+                }
+                moved.extend(descended.iter().copied());
+                moved.extend(
+                    walked
+                        .iter()
+                        .filter(|e| e.kind == EntryKind::Dir)
+                        .map(|e| e.path.as_str()),
+                );
+                for m in moved {
+                    self.clock += 1;
+                    self.generations.insert(m.to_string(), self.clock);
                 }
                 for e in fresh.into_iter().chain(walked) {
                     let carried = before.get(e.path.as_str()).and_then(|&i| {
@@ -593,7 +631,25 @@ impl StepSources for IndexSources<'_> {
             }
             local
         });
-        let mut d = local.digest_sources(def)?;
+        let (generations, subtrees) = (&ctx.generations, ctx.subtrees.get(&key));
+        let generation = |path: &str| generations.get(path).copied().unwrap_or(0);
+        let known = |path: &str| {
+            let (taken, digest) = subtrees?.get(path)?;
+            (*taken == generation(path)).then_some(*digest)
+        };
+        let mut d = local.digest_sources_reusing(def, &known)?;
+        let taken: HashMap<String, (u64, [u8; 32])> = std::mem::take(&mut d.subtrees)
+            .into_iter()
+            .map(|(path, digest)| {
+                let g = generation(&path);
+                (path, (g, digest))
+            })
+            .collect();
+        // Merged: a directory not visited this time (beneath a reused one) keeps its digest
+        // for when only a sibling of it changes. Racy files need no care here (unlike the
+        // whole digest's memo): any write to one moves its directory's generation, even when
+        // its stamp stays the same.
+        ctx.subtrees.entry(key.clone()).or_default().extend(taken);
         self.summaries.push((d.digest.clone(), std::mem::take(&mut d.summary)));
         self.dir_nodes.append(&mut d.nodes);
         if !self.all_files && !ctx.has_racy_files() {

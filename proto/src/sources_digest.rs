@@ -60,8 +60,13 @@ pub struct SourcesDigest {
     pub total: usize,
     /// The selected roots as Merkle nodes.
     pub summary: Vec<SummaryEntry>,
-    /// Every directory node beneath them, by node digest (hex), each once.
+    /// Every directory node beneath them, by node digest (hex), each once (not those of
+    /// subtrees whose digest was known).
     pub nodes: Vec<(String, DirNode)>,
+    /// Each selected directory's node digest, by its path in the context: what a later
+    /// digest of the same selection may reuse while nothing beneath it changes.
+    #[serde(skip)]
+    pub subtrees: Vec<(String, [u8; 32])>,
 }
 
 enum Node {
@@ -76,12 +81,28 @@ enum Node {
         mode: u32,
         children: BTreeMap<String, Node>,
     },
+    /// A directory whose node digest is known (its subtree unchanged since it was taken).
+    Known {
+        mode: u32,
+        digest: [u8; 32],
+    },
 }
 
 impl Node {
-    /// The node's digest and its entry under `name`; every directory's listing goes to
-    /// `nodes` (each distinct one once).
-    fn digest(&self, name: &str, nodes: &mut BTreeMap<String, DirNode>) -> ([u8; 32], SummaryEntry) {
+    /// The node's digest and its entry under `name` (`path` in the context); every
+    /// directory's listing goes to `nodes` (each distinct one once), its digest to `subtrees`.
+    fn digest(&self, name: &str, path: &str, out: &mut Collected) -> ([u8; 32], SummaryEntry) {
+        if let Node::Known { mode, digest } = self {
+            out.subtrees.push((path.to_string(), *digest));
+            let entry = SummaryEntry {
+                path: name.to_string(),
+                kind: EntryKind::Dir,
+                mode: *mode,
+                digest: hex(digest),
+                expanded: false,
+            };
+            return (*digest, entry);
+        }
         let mut e = Encoder::new();
         let mut listing = Vec::new();
         let (kind, mode) = match self {
@@ -96,12 +117,18 @@ impl Node {
             Node::Dir { mode, children } => {
                 e.str("dir").u32(*mode).u32(children.len() as u32);
                 for (child_name, child) in children {
-                    let (d, entry) = child.digest(child_name, nodes);
+                    let child_path = if path.is_empty() {
+                        child_name.clone()
+                    } else {
+                        format!("{path}/{child_name}")
+                    };
+                    let (d, entry) = child.digest(child_name, &child_path, out);
                     e.str(child_name).digest(&d);
                     listing.push(entry);
                 }
                 (EntryKind::Dir, *mode)
             }
+            Node::Known { .. } => unreachable!("answered above"),
         };
         let d = e.finish();
         let digest = match self {
@@ -109,7 +136,8 @@ impl Node {
             _ => hex(&d),
         };
         if kind == EntryKind::Dir {
-            nodes.entry(digest.clone()).or_insert(DirNode { entries: listing });
+            out.subtrees.push((path.to_string(), d));
+            out.nodes.entry(digest.clone()).or_insert(DirNode { entries: listing });
         }
         let entry = SummaryEntry {
             path: name.to_string(),
@@ -132,6 +160,13 @@ pub fn file_node_digest(mode: u32, content: &[u8; 32]) -> String {
     let mut e = Encoder::new();
     file_node(&mut e, mode, content);
     hex(&e.finish())
+}
+
+/// What digesting a tree collects besides the digest.
+#[derive(Default)]
+struct Collected {
+    nodes: BTreeMap<String, DirNode>,
+    subtrees: Vec<(String, [u8; 32])>,
 }
 
 /// Node for one entry; `content` gives a file's BLAKE3 by entry index.
@@ -189,16 +224,32 @@ pub fn sources_digest_listing(
     content: &dyn Fn(usize) -> [u8; 32],
     listed: usize,
 ) -> SourcesDigest {
+    sources_digest_reusing(entries, roots, content, listed, &|_| None)
+}
+
+/// [`sources_digest_listing`], taking the node digest of a selected directory from
+/// `known(its path in the context)` when it has one (a directory whose subtree is unchanged
+/// since an earlier digest of the same selection gave it, see `SourcesDigest::subtrees`)
+/// instead of building its subtree, once `listed` files are described.
+pub fn sources_digest_reusing(
+    entries: &[ContextEntry],
+    roots: &[SelectedRoot],
+    content: &dyn Fn(usize) -> [u8; 32],
+    listed: usize,
+    known: &dyn Fn(&str) -> Option<[u8; 32]>,
+) -> SourcesDigest {
     let mut e = Encoder::new();
     let mut total = 0;
     e.str("lcache-sources").u32(1).u32(roots.len() as u32);
     let mut files = Vec::new();
     let mut summary = Vec::new();
-    let mut nodes = BTreeMap::new();
+    let mut out = Collected::default();
+    // Entries beneath a reused directory: counted, not visited.
+    let mut skipped = 0;
     let mut describe = |i: usize| {
         total += 1;
         if files.len() >= listed {
-            return;
+            return false;
         }
         let en = &entries[i];
         files.push(FileInput {
@@ -211,12 +262,28 @@ pub fn sources_digest_listing(
                 EntryKind::Dir => String::new(),
             },
         });
+        true
+    };
+    // A directory whose digest is known stands for its whole subtree.
+    let reused = |i: usize| {
+        let en = &entries[i];
+        (en.kind == EntryKind::Dir)
+            .then(|| known(&en.path))
+            .flatten()
+            .map(|digest| Node::Known { mode: en.mode, digest })
     };
     for root in roots {
+        let root_path = root.entry.map_or("", |i| entries[i].path.as_str());
         let mut node = match root.entry {
             Some(i) => {
-                describe(i);
-                leaf(&entries[i], i, content)
+                let described = describe(i);
+                match reused(i).filter(|_| !described && !root.members.is_empty()) {
+                    Some(k) => {
+                        skipped += root.members.len();
+                        k
+                    }
+                    None => leaf(&entries[i], i, content),
+                }
             }
             None => Node::Dir {
                 mode: 0,
@@ -224,21 +291,38 @@ pub fn sources_digest_listing(
             },
         };
         if let Node::Dir { children, .. } = &mut node {
-            for (i, rel) in &root.members {
-                describe(*i);
-                insert(children, rel, leaf(&entries[*i], *i, content));
+            let mut members = root.members.iter().peekable();
+            while let Some((i, rel)) = members.next() {
+                let described = describe(*i);
+                match reused(*i).filter(|_| !described) {
+                    Some(k) => {
+                        // Most of what lies beneath follows at once; a straggler sorted
+                        // after a sibling (`d/x` after `d-x`) is counted, and inserting it
+                        // beneath the known node does nothing.
+                        let beneath = format!("{}/", entries[*i].path);
+                        while members
+                            .next_if(|(j, _)| entries[*j].path.starts_with(&beneath))
+                            .is_some()
+                        {
+                            skipped += 1;
+                        }
+                        insert(children, rel, k);
+                    }
+                    None => insert(children, rel, leaf(&entries[*i], *i, content)),
+                }
             }
         }
-        let (d, entry) = node.digest(&root.path, &mut nodes);
+        let (d, entry) = node.digest(&root.path, root_path, &mut out);
         e.str(&root.path).digest(&d);
         summary.push(entry);
     }
     SourcesDigest {
         digest: hex(&e.finish()),
-        total,
+        total: total + skipped,
         files,
         summary,
-        nodes: nodes.into_iter().collect(),
+        nodes: out.nodes.into_iter().collect(),
+        subtrees: out.subtrees,
     }
 }
 
@@ -378,5 +462,39 @@ mod tests {
         let x = &d.nodes.iter().find(|(k, _)| *k == top.entries[0].digest).unwrap().1;
         assert_eq!(x.entries.len(), 3000);
         assert_eq!(x.entries[0].path, "f0000");
+    }
+
+    #[test]
+    fn a_known_subtree_digest_stands_for_the_subtree_and_changes_nothing() {
+        let entries = vec![
+            dir("src"),
+            file("src/a", 0o644),
+            dir("src/d"),
+            file("src/d-x", 0o644),
+            file("src/d/b", 0o644),
+            dir("src/d/e"),
+            file("src/d/e/c", 0o600),
+            file("src/z", 0o644),
+        ];
+        let roots = select(&entries, &["src".to_string()], &IgnoreMatcher::default()).unwrap();
+        let content = |i: usize| [i as u8; 32];
+        let whole = sources_digest_listing(&entries, &roots, &content, 1);
+        let by_path: std::collections::HashMap<String, [u8; 32]> = whole.subtrees.iter().cloned().collect();
+        assert_eq!(by_path.len(), 3, "src, src/d, src/d/e: {:?}", whole.subtrees);
+        for reuse in ["src/d", "src/d/e", "src"] {
+            let known = |p: &str| (p == reuse).then(|| by_path[p]);
+            let again = sources_digest_reusing(&entries, &roots, &content, 1, &known);
+            assert_eq!((&again.digest, again.total), (&whole.digest, whole.total), "{reuse}");
+            assert_eq!(again.summary, whole.summary, "{reuse}");
+        }
+        let wrong = sources_digest_reusing(&entries, &roots, &content, 1, &|p| (p == "src/d").then_some([9; 32]));
+        assert_ne!(wrong.digest, whole.digest, "the known digest is what is used");
+        let listing_all = sources_digest_reusing(&entries, &roots, &content, usize::MAX, &|p| {
+            (p == "src/d").then_some([9; 32])
+        });
+        assert_eq!(
+            listing_all.digest, whole.digest,
+            "nothing is reused while files are still described"
+        );
     }
 }

@@ -257,6 +257,7 @@ mod tests {
                 total: 0,
                 summary: vec![],
                 nodes: vec![],
+                subtrees: vec![],
             })
         }
 

@@ -24,6 +24,7 @@ impl StepSources for Stubbed {
             files: Vec::new(),
             summary: Vec::new(),
             nodes: Vec::new(),
+            subtrees: Vec::new(),
         })
     }
     fn stage_sources(&mut self, _: StepRef, _: usize, _: &CopyDef) -> Option<SourcesDigest> {
