@@ -49,6 +49,9 @@ pub enum IndexError {
 /// What a COPY selects, for memoising its digest while the context does not change.
 type MemoKey = (Vec<String>, Vec<String>);
 
+/// How many directories a refresh lists again one by one before it walks the whole tree.
+const LISTINGS_AT_MOST: usize = 256;
+
 /// How close to the moment it was read a file's ctime may be before its digest is not
 /// trusted later (git's "racily clean" rule): a write in the same timestamp tick as an
 /// earlier one leaves the stamp unchanged. ctime, not mtime: every write sets it from the
@@ -266,7 +269,9 @@ impl IndexedContext {
         }
         let dirty = self.signals.take_dirty();
         let mut dropped = Vec::new();
-        if !must_walk && !dirty.everything {
+        // Past a few hundred directories (a checkout, a touch of everything) the whole walk,
+        // which reads directories on every core, is the quicker way.
+        if !must_walk && !dirty.everything && dirty.listings.len() + dirty.trees.len() <= LISTINGS_AT_MOST {
             // Only the directories the watcher named are read again: an edit in a tree of
             // 200,000 files costs a listing, not 200,000 stats.
             match self.refresh_dirs(&dirty) {
