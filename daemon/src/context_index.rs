@@ -532,6 +532,7 @@ impl IndexedContext {
             images,
             summaries: Vec::new(),
             dir_nodes: Vec::new(),
+            taken: Vec::new(),
         }
     }
 }
@@ -547,11 +548,19 @@ pub struct IndexSources<'a> {
     pub summaries: Vec<(String, Vec<lcache_proto::sources_digest::SummaryEntry>)>,
     /// Directory listings beneath them, by node digest.
     pub dir_nodes: Vec<(String, lcache_proto::sources_digest::DirNode)>,
+    /// Subtree digests taken in this plan, kept by `finish` only: a failed plan may not
+    /// have stored the listings they stand for, which explain and a COPY's changes read.
+    taken: Vec<(MemoKey, HashMap<String, (u64, [u8; 32])>)>,
 }
 
 impl IndexSources<'_> {
     /// Files read by this plan, with the digests to cache, and how many were read.
     pub fn finish(mut self) -> (Learnt, usize) {
+        for (key, taken) in std::mem::take(&mut self.taken) {
+            // Merged: a directory not visited this time (beneath a reused one) keeps its
+            // digest for when only a sibling of it changes.
+            self.ctx.subtrees.entry(key).or_default().extend(taken);
+        }
         let Some(local) = self.local.take() else {
             return (Learnt::default(), 0);
         };
@@ -650,11 +659,9 @@ impl StepSources for IndexSources<'_> {
                 (path, (g, digest))
             })
             .collect();
-        // Merged: a directory not visited this time (beneath a reused one) keeps its digest
-        // for when only a sibling of it changes. Racy files need no care here (unlike the
-        // whole digest's memo): any write to one moves its directory's generation, even when
-        // its stamp stays the same.
-        ctx.subtrees.entry(key.clone()).or_default().extend(taken);
+        // Racy files need no care here (unlike the whole digest's memo): any write to one
+        // moves its directory's generation, even when its stamp stays the same.
+        self.taken.push((key.clone(), taken));
         self.summaries.push((d.digest.clone(), std::mem::take(&mut d.summary)));
         self.dir_nodes.append(&mut d.nodes);
         if !self.all_files && !ctx.has_racy_files() {
