@@ -49,6 +49,9 @@ pub enum IndexError {
 /// What a COPY selects, for memoising its digest while the context does not change.
 type MemoKey = (Vec<String>, Vec<String>);
 
+/// A selection's directory node digests, by directory, with the generation each was taken at.
+type Subtrees = HashMap<String, (u64, [u8; 32])>;
+
 /// How many directories a refresh lists again one by one before it walks the whole tree.
 const LISTINGS_AT_MOST: usize = 256;
 
@@ -102,7 +105,7 @@ pub struct IndexedContext {
     memo: HashMap<MemoKey, SourcesDigest>,
     /// Per selection, each selected directory's node digest and the generation of the
     /// directory it was taken at: reused while the generation holds.
-    subtrees: HashMap<MemoKey, HashMap<String, (u64, [u8; 32])>>,
+    subtrees: HashMap<MemoKey, Subtrees>,
     /// Each directory's generation (0 until it moves): moved on by a refresh that read it,
     /// read beneath it, or read its parent (its own mode), so a digest taken before no
     /// longer matches. A whole walk forgets them all, with `subtrees`.
@@ -550,7 +553,7 @@ pub struct IndexSources<'a> {
     pub dir_nodes: Vec<(String, lcache_proto::sources_digest::DirNode)>,
     /// Subtree digests taken in this plan, kept by `finish` only: a failed plan may not
     /// have stored the listings they stand for, which explain and a COPY's changes read.
-    taken: Vec<(MemoKey, HashMap<String, (u64, [u8; 32])>)>,
+    taken: Vec<(MemoKey, Subtrees)>,
 }
 
 impl IndexSources<'_> {
@@ -652,7 +655,7 @@ impl StepSources for IndexSources<'_> {
             (*taken == generation(path)).then_some(*digest)
         };
         let mut d = local.digest_sources_reusing(def, &known)?;
-        let taken: HashMap<String, (u64, [u8; 32])> = std::mem::take(&mut d.subtrees)
+        let taken: Subtrees = std::mem::take(&mut d.subtrees)
             .into_iter()
             .map(|(path, digest)| {
                 let g = generation(&path);
