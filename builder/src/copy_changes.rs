@@ -74,6 +74,12 @@ struct Diff<'a> {
     limit: usize,
 }
 
+/// Whether a listed name is one path component (what lcached lists is trusted, but a name
+/// that climbs or nests would make the paths read and placed other than listed).
+fn plain(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
 fn beneath(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
         name.to_string()
@@ -84,7 +90,10 @@ fn beneath(prefix: &str, name: &str) -> String {
 
 impl Diff<'_> {
     fn node(&self, digest: &str) -> Option<DirNode> {
-        self.control.dir_node(digest).ok()?
+        self.control
+            .dir_node(digest)
+            .ok()?
+            .filter(|n| n.entries.iter().all(|e| plain(&e.path)))
     }
 
     fn push(&mut self, change: SourceChange) -> Option<()> {
@@ -318,5 +327,16 @@ mod tests {
         assert!(source_changes(&l, &old, &old, 100).unwrap().changes.is_empty());
         assert!(source_changes(&l, &old, &new, 3).is_none(), "past the limit");
         assert!(source_changes(&l, &old, "unknown", 100).is_none());
+
+        // A listing whose names climb or nest is not followed: the COPY is built the whole way.
+        for bad in ["..", "a/../../x", ""] {
+            let hostile = l.digest(&[("src", None), ("src/a", Some("a")), ("src/z", Some("new"))]);
+            let mut nodes = l.nodes.lock().unwrap();
+            let root = l.summaries.lock().unwrap()[&hostile][0].digest.clone();
+            let node = nodes.get_mut(&root).unwrap();
+            node.entries.last_mut().unwrap().path = bad.to_string();
+            drop(nodes);
+            assert!(source_changes(&l, &old, &hostile, 100).is_none(), "{bad:?}");
+        }
     }
 }

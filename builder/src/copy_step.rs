@@ -13,9 +13,10 @@ use nix::sys::stat::SFlag;
 
 use crate::copy_changes::{SourceChange, SourceChanges};
 use crate::copy_seed::{CopiedFrom, Holder, LayerDelta, LayerEntries, Placed, Seed};
-use lcache_context::context_walk::entry_at;
+use lcache_context::context_walk::{entry_at, walk_reads};
 use lcache_context::errors::ContextError;
 use lcache_proto::build_plan::CopyDef;
+use lcache_proto::dockerignore::IgnoreMatcher;
 use lcache_proto::source_select::{ContextEntry, EntryKind, SelectedRoot};
 use lcache_proto::sources_digest::{file_node_digest, sources_digest_listing};
 
@@ -719,15 +720,9 @@ pub fn build_copy_changes(layer: &Path, job: &ChangeJob, seed: &Seed) -> Result<
     let changes = job.changes;
     // Through a symlink (the source itself or a directory above it), the listed entries'
     // paths are not where they lie in the context: the whole way below handles that.
-    let mut at = String::new();
-    for part in changes.root.split('/').filter(|p| !p.is_empty() && *p != ".") {
-        if !at.is_empty() {
-            at.push('/');
-        }
-        at.push_str(part);
-        if entry_at(job.context, &at)?.is_none_or(|e| e.kind != EntryKind::Dir) {
-            return Ok(None);
-        }
+    let root = if changes.root == "." { "" } else { changes.root.as_str() };
+    if !walk_reads(job.context, root, &IgnoreMatcher::default()) {
+        return Ok(None);
     }
     let layer = Root::open(layer)?;
     let src = Root::open(job.context)?;

@@ -52,6 +52,13 @@ type MemoKey = (Vec<String>, Vec<String>);
 /// A selection's directory node digests, by directory, with the generation each was taken at.
 type Subtrees = HashMap<String, (u64, [u8; 32])>;
 
+/// Whether the sorted `entries` hold a file at `path`.
+fn is_file(entries: &[ContextEntry], path: &str) -> bool {
+    entries
+        .binary_search_by(|e| e.path.as_str().cmp(path))
+        .is_ok_and(|i| entries[i].kind == EntryKind::File)
+}
+
 /// How many directories a refresh lists again one by one before it walks the whole tree.
 const LISTINGS_AT_MOST: usize = 256;
 
@@ -292,12 +299,7 @@ impl IndexedContext {
         self.subtrees.clear();
         self.generations.clear();
         let (known, mut removed) = self.carry_digests(&entries);
-        let is_file = |path: &str| {
-            entries
-                .binary_search_by(|e| e.path.as_str().cmp(path))
-                .is_ok_and(|i| entries[i].kind == EntryKind::File)
-        };
-        removed.extend(dropped.into_iter().filter(|p| !is_file(p)));
+        removed.extend(dropped.into_iter().filter(|p| !is_file(&entries, p)));
         self.newest_stamp = entries.iter().map(|e| e.stamp).max_by_key(|s| s.ctime_ns);
         let mut entries = entries;
         entries.shrink_to_fit();
@@ -421,12 +423,7 @@ impl IndexedContext {
             }
             Ok(())
         })();
-        let is_file = |path: &str| {
-            entries
-                .binary_search_by(|e| e.path.as_str().cmp(path))
-                .is_ok_and(|i| entries[i].kind == EntryKind::File)
-        };
-        let removed: Vec<String> = dropped.into_iter().filter(|p| !is_file(p)).collect();
+        let removed: Vec<String> = dropped.into_iter().filter(|p| !is_file(&entries, p)).collect();
         if let Err(e) = result {
             // The whole walk that follows carries digests from the list as it stands.
             self.entries = Some(entries);
@@ -448,10 +445,6 @@ impl IndexedContext {
         let old = self.entries.take().unwrap_or_default();
         let old_known = std::mem::take(&mut self.known);
         let stored = self.stored.take().unwrap_or_default();
-        let is_file = |list: &[ContextEntry], path: &str| {
-            list.binary_search_by(|e| e.path.as_str().cmp(path))
-                .is_ok_and(|i| list[i].kind == EntryKind::File)
-        };
         let known = entries
             .iter()
             .map(|e| {
