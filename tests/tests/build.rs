@@ -734,6 +734,27 @@ fn a_copy_of_a_linked_directory_rebuilds_from_what_the_link_points_at() {
     assert_eq!(image, again);
 }
 
+#[test]
+fn a_rebuilt_copy_stays_cached_when_the_run_after_it_fails() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\nRUN cat /app/f0000.txt\n");
+    // Enough entries for several segments: the re-run's diff_id is hashed behind the RUN.
+    for i in 0..1500 {
+        p.write(&format!("src/f{i:04}.txt"), &format!("{i}\n"));
+    }
+    env.build(&p, &[]);
+    p.write("src/f0001.txt", "edited\n")
+        .write("Dockerfile", "FROM busybox\nCOPY src /app/\nRUN cat /app/f0000.txt && false\n");
+    let failed = env.lcache(&p, &["build", "--progress", "plain", "."]);
+    assert!(!failed.status.success());
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\nRUN cat /app/f0000.txt && true\n");
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [true, false], "the COPY's record was stored after the RUN failed");
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again, "with the diff_id a cold build gives");
+}
+
 /// The whole COPY snapshots in `env`'s cache (those that keep their entries), by digest hex.
 fn whole_copy_snapshots(env: &BuildEnv) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(env.cache_dir().join("snapshots"))
