@@ -744,13 +744,22 @@ fn a_rebuilt_copy_stays_cached_when_the_run_after_it_fails() {
         p.write(&format!("src/f{i:04}.txt"), &format!("{i}\n"));
     }
     env.build(&p, &[]);
-    p.write("src/f0001.txt", "edited\n")
-        .write("Dockerfile", "FROM busybox\nCOPY src /app/\nRUN cat /app/f0000.txt && false\n");
+    p.write("src/f0001.txt", "edited\n").write(
+        "Dockerfile",
+        "FROM busybox\nCOPY src /app/\nRUN cat /app/f0000.txt && false\n",
+    );
     let failed = env.lcache(&p, &["build", "--progress", "plain", "."]);
     assert!(!failed.status.success());
-    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\nRUN cat /app/f0000.txt && true\n");
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY src /app/\nRUN cat /app/f0000.txt && true\n",
+    );
     let (steps, image) = env.build(&p, &[]);
-    assert_eq!(cached(&steps), [true, false], "the COPY's record was stored after the RUN failed");
+    assert_eq!(
+        cached(&steps),
+        [true, false],
+        "the COPY's record was stored after the RUN failed"
+    );
     let (_, again) = env.build(&p, &["--no-cache"]);
     assert_eq!(image, again, "with the diff_id a cold build gives");
 }
