@@ -297,19 +297,47 @@ impl Bucket {
     /// Uploads the blob `digest` from `file` unless the bucket has it: one conditional PUT
     /// when small, a multipart upload (visible only once complete) when large.
     pub async fn put_blob_file(&self, digest: &str, file: &FsPath) -> Result<(), BucketError> {
+        let local = |source| BucketError::Local {
+            path: file.display().to_string(),
+            source,
+        };
+        let f = tokio::fs::File::open(file).await.map_err(local)?;
+        let len = f.metadata().await.map_err(local)?.len();
+        let chunks = futures_util::stream::unfold(Some(f), |f| async move {
+            let mut f = f?;
+            let mut buf = vec![0u8; 1024 * 1024];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(Bytes::from(buf)), Some(f)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        self.put_blob_stream(digest, &file.display().to_string(), len, chunks).await
+    }
+
+    /// Uploads the blob `digest`, `len` bytes read from `chunks` (named `what` in errors),
+    /// unless the bucket has it, as [`Bucket::put_blob_file`] does.
+    pub async fn put_blob_stream<S>(&self, digest: &str, what: &str, len: u64, chunks: S) -> Result<(), BucketError>
+    where
+        S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send,
+    {
         let path = self.blob_path(digest)?;
         if self.blob_info(digest).await?.is_some() {
             return Ok(());
         }
         let local = |source| BucketError::Local {
-            path: file.display().to_string(),
+            path: what.to_string(),
             source,
         };
-        let mut f = tokio::fs::File::open(file).await.map_err(local)?;
-        let len = f.metadata().await.map_err(local)?.len();
+        let mut chunks = std::pin::pin!(chunks);
         if len <= SINGLE_PUT_MAX {
             let mut buf = Vec::with_capacity(len as usize);
-            f.read_to_end(&mut buf).await.map_err(local)?;
+            while let Some(c) = chunks.next().await {
+                buf.extend_from_slice(&c.map_err(local)?);
+            }
             return match self
                 .store
                 .put_opts(&path, PutPayload::from(buf), PutOptions::from(PutMode::Create))
@@ -328,20 +356,16 @@ impl Bucket {
             .await
             .map_err(Self::err("start upload", &path))?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        let mut buf = vec![0u8; 1024 * 1024];
-        loop {
-            let n = match f.read(&mut buf).await {
-                Ok(n) => n,
+        while let Some(c) = chunks.next().await {
+            let c = match c {
+                Ok(c) => c,
                 Err(e) => {
                     let _ = w.abort().await;
                     return Err(local(e));
                 }
             };
-            if n == 0 {
-                break;
-            }
             w.wait_for_capacity(4).await.map_err(Self::err("upload part", &path))?;
-            w.write(&buf[..n]);
+            w.write(&c);
         }
         w.finish().await.map_err(Self::err("finish upload", &path))?;
         Ok(())

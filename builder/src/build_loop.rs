@@ -959,18 +959,32 @@ impl<'a> Builder<'a> {
         // The diff_id after a reused front is hashed on its own thread while the build
         // goes on, when a later step of the stage can use the time.
         let defer = defer_hashing;
-        let (packed, segments, pending) = match &copied {
+        let (packed, segments, pending, parts) = match &copied {
             Some(
                 c @ CopyLayer {
                     entries: Some(entries), ..
                 },
-            ) => pack_copy(self.steps, c, entries, &tree, &dest, defer).map(|p| (p.layer, Some(p.index), p.pending)),
-            _ => pack_layer(&tree, &dest).map(|p| (p, None, None)),
+            ) => pack_copy(self.steps, c, entries, &tree, &dest, defer).map(|p| {
+                // The seed's blob the unchanged members were taken from: the cache need
+                // only be sent the others.
+                let base = c.reuse.as_ref().map(|(digest, _)| digest.as_str()).filter(|_| !p.parts.is_empty());
+                (p.layer, Some(p.index), p.pending, base.map(|b| (b, p.parts)))
+            }),
+            _ => pack_layer(&tree, &dest).map(|p| (p, None, None, None)),
         }
         .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
-        self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
+        let source = match &parts {
+            Some((base, parts)) => BlobSource::Parts {
+                path: &packed.path,
+                len: packed.size,
+                base,
+                parts,
+            },
+            None => BlobSource::file(&packed.path)?,
+        };
+        self.steps.put_blob(&packed.digest, source)?;
         let layer = LayerRef {
             digest: packed.digest.clone(),
             blake3: String::new(),

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use lcache_proto::wire::StepRecord;
+use lcache_proto::wire::{BlobPart, StepRecord};
 
 use crate::errors::CacheError;
 
@@ -24,6 +24,19 @@ pub enum BlobSource<'a> {
         offset: u64,
         /// How long it is.
         len: u64,
+    },
+    /// A whole file (a re-run COPY's blob), most of whose bytes are runs of the stored blob
+    /// `base`, as `parts` say: a cache that can take only the `Sent` runs does; any other
+    /// stores the file as it is.
+    Parts {
+        /// The file, the whole blob.
+        path: &'a Path,
+        /// How long it is.
+        len: u64,
+        /// The blob the `Base` parts are runs of.
+        base: &'a str,
+        /// The blob's runs, front to back.
+        parts: &'a [BlobPart],
     },
 }
 
@@ -108,7 +121,7 @@ impl<C: StepCache> StepCache for Metered<C> {
         self.inner.put_blob(digest, source)?;
         let n = match source {
             BlobSource::Bytes(b) => b.len() as u64,
-            BlobSource::File { len, .. } => len,
+            BlobSource::File { len, .. } | BlobSource::Parts { len, .. } => len,
         };
         self.stored.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         Ok(())

@@ -7,7 +7,10 @@ use hyper::body::Frame;
 use hyper::{Method, StatusCode};
 use lcache_image::sha256_stream::Sha256Stream;
 use lcache_proto::endpoint::Endpoint;
-use lcache_proto::wire::{BuildRecord, ErrorBody, ImageRecord, PlanInputs, PlanResponse, StatusResponse, StepRecord};
+use lcache_proto::wire::{
+    BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, PlanInputs, PlanResponse, StatusResponse, StepRecord,
+    BLOB_PARTS_TYPE,
+};
 use lcache_remote::{Remote, RemoteError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -206,6 +209,100 @@ impl DaemonClient {
                 self.remote
                     .request(Method::PUT, &format!("/v1/blobs/{digest}"), body, len),
             )
+            .map_err(transport)?;
+        if !status.is_success() {
+            return Err(daemon_error(status, &resp));
+        }
+        Ok(())
+    }
+
+    /// Uploads blob `digest`, the whole of which is `file` (`len` bytes), as `parts`: only
+    /// the `Sent` runs travel, the daemon takes the rest from its blob `base` and checks the
+    /// whole against the digest. Refused (an older daemon, the base gone), it is uploaded
+    /// whole.
+    pub fn put_blob_parts(
+        &self,
+        digest: &str,
+        file: &std::path::Path,
+        len: u64,
+        base: &str,
+        parts: &[BlobPart],
+    ) -> Result<(), CacheError> {
+        let (status, _) = self.call(Method::HEAD, &format!("/v1/blobs/{digest}"), Bytes::new())?;
+        if status == StatusCode::OK {
+            return Ok(());
+        }
+        match self.send_parts(digest, file, base, parts) {
+            Err(CacheError::Refused { .. }) => self.put_blob_file(digest, file, 0, len),
+            other => other,
+        }
+    }
+
+    fn send_parts(&self, digest: &str, file: &std::path::Path, base: &str, parts: &[BlobPart]) -> Result<(), CacheError> {
+        use std::os::unix::fs::FileExt;
+        let header = serde_json::to_vec(&BlobParts {
+            base: base.to_string(),
+            parts: parts.to_vec(),
+        })
+        .map_err(|e| CacheError::Encode(e.to_string()))?;
+        // Where each sent run lies in the file: the file is the whole blob.
+        let mut sent = Vec::new();
+        let mut at = 0u64;
+        for p in parts {
+            if let BlobPart::Sent { len } = *p {
+                sent.push((at, len));
+            }
+            at += p.len();
+        }
+        let sent_len: u64 = sent.iter().map(|(_, l)| l).sum();
+        let f = std::fs::File::open(file).map_err(|source| CacheError::Io {
+            action: "read",
+            path: file.to_path_buf(),
+            source,
+        })?;
+        let mut head = (header.len() as u64).to_be_bytes().to_vec();
+        head.extend_from_slice(&header);
+        let mut head = Some(Bytes::from(head));
+        let mut runs = sent.into_iter();
+        let mut run: Option<(u64, u64)> = None;
+        let chunks = futures_util::stream::poll_fn(move |_| {
+            if let Some(h) = head.take() {
+                return std::task::Poll::Ready(Some(Ok(Frame::data(h))));
+            }
+            loop {
+                match run {
+                    Some((_, 0)) | None => match runs.next() {
+                        Some(r) => run = Some(r),
+                        None => return std::task::Poll::Ready(None),
+                    },
+                    Some((offset, left)) => {
+                        let mut buf = vec![0u8; left.min(256 * 1024) as usize];
+                        return std::task::Poll::Ready(Some(match f.read_at(&mut buf, offset) {
+                            Ok(0) => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                            Ok(n) => {
+                                buf.truncate(n);
+                                run = Some((offset + n as u64, left - n as u64));
+                                Ok(Frame::data(Bytes::from(buf)))
+                            }
+                            Err(e) => Err(e),
+                        }));
+                    }
+                }
+            }
+        });
+        let body = StreamBody::new(chunks).boxed();
+        let total = 8 + header.len() as u64 + sent_len;
+        let (status, resp) = self
+            .rt
+            .block_on(async {
+                let resp = self
+                    .remote
+                    .send_typed(Method::PUT, &format!("/v1/blobs/{digest}"), BLOB_PARTS_TYPE, body, total)
+                    .await?;
+                let status = resp.status();
+                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                Ok::<_, RemoteError>((status, body))
+            })
             .map_err(transport)?;
         if !status.is_success() {
             return Err(daemon_error(status, &resp));

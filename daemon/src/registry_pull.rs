@@ -220,13 +220,14 @@ pub async fn pull(state: &AppState, req: &PullRequest) -> Result<PullResponse, R
         fetched += 1;
         fetched_bytes += meta.size;
     }
-    let config_path = state
+    let config_text = state
         .blobs
-        .path_of(&config.digest)
-        .ok_or_else(|| invalid(format!("config digest {} is not sha256", config.digest)))?;
-    let config_text = tokio::fs::read_to_string(&config_path)
+        .read_small(&config.digest)
         .await
-        .map_err(|e| invalid(format!("the config blob is unreadable: {e}")))?;
+        .map_err(|e| invalid(format!("the config blob is unreadable: {e}")))?
+        .ok_or_else(|| invalid(format!("the config blob {} is not in the store", config.digest)))?;
+    let config_text =
+        String::from_utf8(config_text).map_err(|_| invalid("the config blob is not UTF-8 JSON".to_string()))?;
     let diff_ids = serde_json::from_str::<ConfigRootfs>(&config_text)
         .map_err(|e| invalid(format!("the image config has no rootfs.diff_ids: {e}")))?
         .rootfs
@@ -288,7 +289,7 @@ pub async fn pull(state: &AppState, req: &PullRequest) -> Result<PullResponse, R
 
 /// Whether the store has `digest`, recorded and on disk.
 fn have(state: &AppState, digest: &str) -> bool {
-    matches!(state.records.get_blob(digest), Ok(Some(_))) && state.blobs.path_of(digest).is_some_and(|p| p.exists())
+    matches!(state.records.get_blob(digest), Ok(Some(_))) && state.blobs.exists(digest)
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use serde::Deserialize;
 use crate::api::images::{resolve, Resolved};
 use crate::registry_client::{auth_of, client_for, explain, parse_reference, RegistryError};
 use crate::state::AppState;
-use crate::upstream::file_chunks;
 
 #[derive(Deserialize)]
 struct MediaTyped {
@@ -98,32 +97,27 @@ pub async fn push(state: &AppState, req: &PushRequest) -> Result<PushResponse, R
         if done {
             continue;
         }
-        let path = state.blobs.path_of(&digest).filter(|p| p.exists()).ok_or_else(|| {
-            RegistryError::Store(format!("blob {digest} of {} is missing from the store", image.name))
-        })?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| RegistryError::Store(format!("cannot read blob {digest}: {e}")))?;
-        let size = file
-            .metadata()
-            .await
+        let blob = state
+            .blobs
+            .open_blob(&digest)
             .map_err(|e| RegistryError::Store(format!("cannot read blob {digest}: {e}")))?
-            .len();
-        let chunks = file_chunks(file).map(|r| r.map_err(OciDistributionError::IoError));
+            .ok_or_else(|| {
+                RegistryError::Store(format!("blob {digest} of {} is missing from the store", image.name))
+            })?;
+        let size = blob.len();
+        let chunks = blob.chunks().map(|r| r.map_err(OciDistributionError::IoError));
         client
             .push_blob_stream(&reference, chunks, &digest, Some(size))
             .await
             .map_err(|e| explain(&reference, e))?;
         uploaded += 1;
     }
-    let manifest_path = state
+    let manifest = state
         .blobs
-        .path_of(&image.manifest_digest)
-        .filter(|p| p.exists())
-        .ok_or_else(|| RegistryError::Store(format!("the manifest of {} is missing from the store", image.name)))?;
-    let manifest = tokio::fs::read(&manifest_path)
+        .read_small(&image.manifest_digest)
         .await
-        .map_err(|e| RegistryError::Store(format!("cannot read the manifest: {e}")))?;
+        .map_err(|e| RegistryError::Store(format!("cannot read the manifest: {e}")))?
+        .ok_or_else(|| RegistryError::Store(format!("the manifest of {} is missing from the store", image.name)))?;
     let media_type = serde_json::from_slice::<MediaTyped>(&manifest)
         .map(|m| m.media_type)
         .ok()

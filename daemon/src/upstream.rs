@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use crate::metrics::Metrics;
 use crate::scopes::Scopes;
 use crate::state::AppState;
+use crate::store::blob_file::BlobFile;
 
 /// How many step records may wait to be pushed before new ones are refused (and reported
 /// by the next sync).
@@ -287,19 +288,9 @@ impl Upstream {
             let path = format!("/v1/blobs/{}", layer.digest);
             let (status, _) = Self::call(remote, Method::HEAD, &path, lcache_remote::empty(), 0).await?;
             if status != StatusCode::OK {
-                let file = local
-                    .blobs
-                    .path_of(&layer.digest)
-                    .ok_or_else(|| UpstreamError::Local(format!("blob {} has no file name", layer.digest)))?;
-                let f = tokio::fs::File::open(&file)
-                    .await
-                    .map_err(|e| UpstreamError::Local(format!("{}: {e}", file.display())))?;
-                let len = f
-                    .metadata()
-                    .await
-                    .map_err(|e| UpstreamError::Local(e.to_string()))?
-                    .len();
-                let chunks = file_chunks(f).map(|r| r.map(Frame::data));
+                let blob = open_local(local, &layer.digest)?;
+                let len = blob.len();
+                let chunks = blob.chunks().map(|r| r.map(Frame::data));
                 let body = BodyExt::boxed(StreamBody::new(chunks));
                 let (status, body) = Self::call(remote, Method::PUT, &path, body, len).await?;
                 if !status.is_success() {
@@ -339,11 +330,8 @@ impl Upstream {
         tokio::spawn(async move {
             let shared = async {
                 for digest in image.blobs() {
-                    let file = local
-                        .blobs
-                        .path_of(digest)
-                        .ok_or_else(|| BucketError::Invalid(format!("blob {digest} has no file name")))?;
-                    b.put_blob_file(digest, &file).await?;
+                    let blob = open_local(&local, digest).map_err(|e| BucketError::Invalid(e.to_string()))?;
+                    b.put_blob_stream(digest, digest, blob.len(), blob.chunks()).await?;
                 }
                 b.put_image(&image).await
             };
@@ -574,11 +562,9 @@ async fn fetch_from_bucket(
 /// key names a blob that has expired, which this one replaces.
 async fn push_to_bucket(b: &Bucket, scope: &str, rec: &StepRecord, local: &AppState) -> Result<(), UpstreamError> {
     if let Some(layer) = &rec.layer {
-        let file = local
-            .blobs
-            .path_of(&layer.digest)
-            .ok_or_else(|| UpstreamError::Local(format!("blob {} has no file name", layer.digest)))?;
-        b.put_blob_file(&layer.digest, &file).await?;
+        let blob = open_local(local, &layer.digest)?;
+        b.put_blob_stream(&layer.digest, &layer.digest, blob.len(), blob.chunks())
+            .await?;
     }
     if b.put_record(scope, rec, false).await? {
         return Ok(());
@@ -594,21 +580,11 @@ async fn push_to_bucket(b: &Bucket, scope: &str, rec: &StepRecord, local: &AppSt
     Ok(())
 }
 
-/// A file as a stream of chunks.
-pub(crate) fn file_chunks(
-    f: tokio::fs::File,
-) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    use tokio::io::AsyncReadExt;
-    futures_util::stream::unfold(Some(f), |f| async move {
-        let mut f = f?;
-        let mut buf = vec![0u8; 256 * 1024];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Bytes::from(buf)), Some(f)))
-            }
-            Err(e) => Some((Err(e), None)),
-        }
-    })
+/// A blob of this daemon's store, opened to be sent up.
+fn open_local(local: &AppState, digest: &str) -> Result<BlobFile, UpstreamError> {
+    local
+        .blobs
+        .open_blob(digest)
+        .map_err(|e| UpstreamError::Local(format!("blob {digest}: {e}")))?
+        .ok_or_else(|| UpstreamError::Local(format!("blob {digest} is no longer stored here")))
 }

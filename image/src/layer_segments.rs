@@ -13,6 +13,8 @@ use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::path::Path;
 
+use lcache_proto::wire::BlobPart;
+
 use crate::layer_diff::PackedLayer;
 use crate::read_tee::ReadTee;
 use crate::sha256_stream::Sha256Stream;
@@ -363,6 +365,31 @@ pub struct Packed {
     pub index: SegmentIndex,
     /// With `defer`, when some of the tar is still to hash.
     pub pending: Option<PendingDiffId>,
+    /// The blob as runs of the earlier blob's bytes and of its own (empty when nothing was
+    /// taken from an earlier blob): what a cache needs to store only the new members.
+    pub parts: Vec<BlobPart>,
+}
+
+/// The blob's runs: `taken` (where in the blob, where in the earlier one, how long) as
+/// `Base` parts, merged where they follow each other in both, and the bytes between as
+/// `Sent` parts.
+fn blob_parts(taken: &[(u64, u64, u64)], size: u64) -> Vec<BlobPart> {
+    let mut parts: Vec<BlobPart> = Vec::new();
+    let mut at = 0;
+    for &(pos, offset, len) in taken {
+        if pos > at {
+            parts.push(BlobPart::Sent { len: pos - at });
+        }
+        match parts.last_mut() {
+            Some(BlobPart::Base { offset: o, len: l }) if *o + *l == offset => *l += len,
+            _ => parts.push(BlobPart::Base { offset, len }),
+        }
+        at = pos + len;
+    }
+    if !taken.is_empty() && size > at {
+        parts.push(BlobPart::Sent { len: size - at });
+    }
+    parts
 }
 
 /// Packs `entries` (sorted, parents first) into a gzip layer blob at `dest`, reading each
@@ -397,6 +424,8 @@ pub fn pack_segmented<R: Read>(
     let mut index = SegmentIndex::default();
     // The first segment not hashed here, and the state in front of it.
     let mut deferred: Option<(usize, Vec<u8>)> = None;
+    // Members copied from the earlier blob: (offset here, offset there, length).
+    let mut taken: Vec<(u64, u64, u64)> = Vec::new();
     for (i, range) in split(entries).into_iter().enumerate() {
         let seg = &entries[range];
         let fp = fingerprint(seg);
@@ -408,6 +437,7 @@ pub fn pack_segmented<R: Read>(
         let (r, j) = match (reuse.as_mut(), reusable) {
             (Some(r), Some(j)) if in_front && j == i => {
                 copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, None)?;
+                taken.push((offset, r.index.segments[j].offset, r.index.segments[j].len));
                 next_reusable = j + 1;
                 front = Some(&r.index.segments[j].tar_state);
                 index.segments.push(Segment {
@@ -432,6 +462,7 @@ pub fn pack_segmented<R: Read>(
         match (r, j) {
             (Some(r), Some(j)) => {
                 copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, hashing)?;
+                taken.push((offset, r.index.segments[j].offset, r.index.segments[j].len));
                 next_reusable = j + 1;
             }
             _ => match hashing {
@@ -487,6 +518,7 @@ pub fn pack_segmented<R: Read>(
         },
         index,
         pending,
+        parts: blob_parts(&taken, size),
     })
 }
 
@@ -567,12 +599,33 @@ mod tests {
             opened.set(opened.get() + 1);
             std::fs::File::open(root.join(e.path))
         };
+        let earlier = reuse.map(|(_, blob)| blob);
         let reuse = reuse.map(|(index, blob)| Reuse { index, blob });
         let Packed {
             mut layer,
             index,
             pending,
+            parts,
         } = pack_segmented(&as_entries(list), &open, reuse, out, defer).unwrap();
+        if let Some(earlier) = earlier {
+            // The parts say what the blob is: the earlier blob's runs and its own.
+            let made = std::fs::read(&layer.path).unwrap();
+            let (mut assembled, mut sent) = (Vec::new(), 0);
+            for p in &parts {
+                let at = assembled.len();
+                match *p {
+                    BlobPart::Base { offset, len } => {
+                        assembled.extend_from_slice(&earlier[offset as usize..(offset + len) as usize])
+                    }
+                    BlobPart::Sent { len } => {
+                        sent += len;
+                        assembled.extend_from_slice(&made[at..at + len as usize])
+                    }
+                }
+            }
+            assert!(assembled == made, "the parts assemble the blob");
+            assert!(sent * 2 < layer.size, "{sent} of {} bytes sent", layer.size);
+        }
         match pending {
             Some(p) => {
                 let (diff_id, index) = p.finish().unwrap();

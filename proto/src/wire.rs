@@ -143,6 +143,53 @@ pub struct LayerRef {
     pub media_type: String,
 }
 
+/// The content type of a blob uploaded as parts (`PUT /v1/blobs/{digest}`): a big-endian
+/// `u64` length, that many bytes of JSON [`BlobParts`], then the bytes of its `Sent` parts in
+/// order. A re-run COPY's blob is mostly its predecessor's gzip members: only the new ones
+/// travel, and the daemon keeps the rest as references to the stored blob.
+pub const BLOB_PARTS_TYPE: &str = "application/vnd.lcache.blob-parts.v1";
+
+/// How a blob uploaded as parts is made, front to back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobParts {
+    /// The stored blob whose bytes the `Base` parts are (`sha256:…`).
+    pub base: String,
+    /// The runs of bytes, in blob order.
+    pub parts: Vec<BlobPart>,
+}
+
+/// One run of bytes of a blob uploaded as parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlobPart {
+    /// `len` bytes of the base blob from `offset`.
+    Base {
+        /// Where the run starts in the base blob.
+        offset: u64,
+        /// How long it is.
+        len: u64,
+    },
+    /// The next `len` bytes of the request body.
+    Sent {
+        /// How long it is.
+        len: u64,
+    },
+}
+
+impl BlobPart {
+    /// How many bytes of the blob the part is.
+    pub fn len(&self) -> u64 {
+        match *self {
+            Self::Base { len, .. } | Self::Sent { len } => len,
+        }
+    }
+
+    /// Whether the part holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What a step produced: the cache's value for a key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepRecord {

@@ -141,6 +141,18 @@ impl Remote {
         body: ReqBody,
         len: u64,
     ) -> Result<Response<Incoming>, RemoteError> {
+        self.send_typed(method, path, "application/json", body, len).await
+    }
+
+    /// [`Remote::send`] with a body of `content_type`.
+    pub async fn send_typed(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: ReqBody,
+        len: u64,
+    ) -> Result<Response<Incoming>, RemoteError> {
         let unreachable = |e: std::io::Error| RemoteError::Unreachable {
             endpoint: self.endpoint.to_string(),
             reason: e.to_string(),
@@ -183,7 +195,7 @@ impl Remote {
             .method(method)
             .uri(path)
             .header("host", host)
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .header("content-length", len);
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));

@@ -2,19 +2,17 @@
 
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-use futures_util::stream;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use tokio::io::AsyncReadExt;
+use futures_util::StreamExt;
+use lcache_proto::wire::BLOB_PARTS_TYPE;
 
 use super::{error, json, Body};
 use crate::state::AppState;
+use crate::store::blob_file::BlobFile;
 use crate::store::blob_store::{sha256_hex, IngestError};
 use crate::store::BlobMeta;
-
-const CHUNK: usize = 256 * 1024;
 
 fn bad_digest(d: &str) -> Response<Body> {
     error(
@@ -45,38 +43,30 @@ fn not_found(d: &str) -> Response<Body> {
     )
 }
 
-/// Whether the blob's file is there with the recorded size: a record alone is not a blob.
-fn file_intact(state: &AppState, m: &BlobMeta) -> bool {
-    state
-        .blobs
-        .path_of(&m.digest)
-        .and_then(|p| std::fs::metadata(p).ok())
-        .is_some_and(|f| f.is_file() && f.len() == m.size)
+/// The blob opened, if it is there with the recorded size: a record alone is not a blob.
+fn opened(state: &AppState, m: &BlobMeta) -> Option<BlobFile> {
+    // Opening is a few metadata calls (a file, or a recipe and the files it names).
+    state.blobs.open_blob(&m.digest).ok().flatten().filter(|b| b.len() == m.size)
 }
 
-/// Whether the blob's file hashes to its digest. A damaged file is removed, so that GET
-/// answers 404 too and the next upload of the blob repairs it.
+/// Whether the blob hashes to its digest. A damaged blob is removed, so that GET answers
+/// 404 too and the next upload of the blob repairs it.
 async fn file_verified(state: &AppState, m: &BlobMeta) -> bool {
-    if !file_intact(state, m) {
-        return false;
-    }
-    let Some(path) = state.blobs.path_of(&m.digest) else {
+    let Some(blob) = opened(state, m) else {
         return false;
     };
     let digest = m.digest.clone();
-    let ok = tokio::task::spawn_blocking(move || {
+    let good = tokio::task::spawn_blocking(move || {
         use sha2::Digest;
-        let mut f = std::fs::File::open(&path)?;
         let mut sha = sha2::Sha256::new();
-        std::io::copy(&mut f, &mut sha)?;
-        let good = format!("sha256:{:x}", sha.finalize()) == digest;
-        if !good {
-            std::fs::remove_file(&path)?;
-        }
-        Ok::<_, std::io::Error>(good)
+        blob.copy_to(&mut sha).is_ok() && format!("sha256:{:x}", sha.finalize()) == digest
     })
-    .await;
-    matches!(ok, Ok(Ok(true)))
+    .await
+    .unwrap_or(false);
+    if !good {
+        let _ = state.blobs.remove(&m.digest);
+    }
+    good
 }
 
 /// `HEAD /v1/blobs/{digest}`: 200 only if the file is there and hashes to the digest.
@@ -107,44 +97,29 @@ pub async fn get(state: &AppState, d: &str) -> Response<Body> {
         Ok(None) => return not_found(d),
         Err(r) => return r,
     };
-    let Some(path) = state.blobs.path_of(d) else {
-        return bad_digest(d);
-    };
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) if f.metadata().await.is_ok_and(|m| m.len() == meta.size) => f,
+    let Some(blob) = opened(state, &meta) else {
         // Lost or cut short behind the daemon's back: a miss, so the client rebuilds and
         // uploads it again.
-        _ => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("blob {d} is recorded but its file is missing or damaged"),
-                "upload it again with PUT /v1/blobs/{digest}",
-            )
-        }
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("blob {d} is recorded but its file is missing or damaged"),
+            "upload it again with PUT /v1/blobs/{digest}",
+        );
     };
     state.metrics.bytes_out.fetch_add(meta.size, Ordering::Relaxed);
-    let chunks = stream::unfold(file, |mut f| async move {
-        let mut buf = vec![0u8; CHUNK];
-        match f.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(Frame::data(Bytes::from(buf))), f))
-            }
-            Err(e) => Some((Err(e), f)),
-        }
-    });
+    let chunks = blob.chunks().map(|c| c.map(Frame::data));
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/octet-stream")
         .header("content-length", meta.size)
-        .body(StreamBody::new(chunks).boxed())
+        .body(BodyExt::boxed(StreamBody::new(chunks)))
         .unwrap_or_else(|_| Response::new(super::full("")))
 }
 
 /// `PUT /v1/blobs/{digest}`: stored only if the bytes hash to the digest and all arrived.
 /// A blob already recorded is taken again too (verified, then renamed over the old file), so
-/// a file damaged behind the daemon's back is repaired by the next upload.
+/// a file damaged behind the daemon's back is repaired by the next upload. A body of type
+/// `BLOB_PARTS_TYPE` sends only the runs that a stored base blob lacks.
 pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<Body> {
     let known = match stored(state, d) {
         Ok(m) => m.is_some(),
@@ -155,11 +130,22 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    match state
-        .blobs
-        .ingest(d, req.into_body(), expected_len, &state.limits)
-        .await
-    {
+    let as_parts = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes() == BLOB_PARTS_TYPE.as_bytes());
+    let ingested = if as_parts {
+        state
+            .blobs
+            .ingest_parts(d, req.into_body(), expected_len, &state.limits)
+            .await
+    } else {
+        state
+            .blobs
+            .ingest(d, req.into_body(), expected_len, &state.limits)
+            .await
+    };
+    match ingested {
         Ok(meta) => {
             state.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
             // The file is durable; only now may the store (and records) know the blob.
@@ -185,6 +171,16 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
             StatusCode::REQUEST_TIMEOUT,
             e.to_string(),
             "nothing was stored; send the body without pausing",
+        ),
+        Err(e @ IngestError::BaseMissing) => error(
+            StatusCode::NOT_FOUND,
+            e.to_string(),
+            "nothing was stored; upload the whole blob",
+        ),
+        Err(e @ IngestError::BadParts(_)) => error(
+            StatusCode::BAD_REQUEST,
+            e.to_string(),
+            "nothing was stored; list parts that lie within the base blob, or upload the whole blob",
         ),
         Err(e @ (IngestError::DigestMismatch { .. } | IngestError::Truncated { .. } | IngestError::Body(_))) => error(
             StatusCode::BAD_REQUEST,

@@ -1,4 +1,5 @@
-//! Content-addressed layer blobs as files under `blobs/sha256/<hex>`. An upload streams to
+//! Content-addressed layer blobs under `blobs/sha256/<hex>`: a file, or for a blob uploaded
+//! as parts a directory of runs (`blob_file`, `blob_parts`). An upload streams to
 //! `blobs/tmp/`, is hashed as it arrives, fsynced, checked against its claimed digest and
 //! only then renamed into place: a reader never sees a partial blob, and leftovers of a
 //! daemon killed mid-upload are removed at the next start.
@@ -45,6 +46,12 @@ pub enum IngestError {
     /// The client stopped sending mid-body.
     #[error("no byte of the upload arrived for {0:?}")]
     Stalled(std::time::Duration),
+    /// A blob uploaded as parts whose list of parts is malformed or does not fit its base.
+    #[error("the blob's parts are refused: {0}")]
+    BadParts(String),
+    /// A blob uploaded as parts whose base blob is not stored here.
+    #[error("the base blob of the parts is not in the store")]
+    BaseMissing,
     /// Writing to disk failed.
     #[error("cannot write the blob: {0}")]
     Io(#[from] std::io::Error),
@@ -56,6 +63,8 @@ pub struct BlobStore {
     tmp: PathBuf,
     seq: AtomicU64,
 }
+
+use super::blob_file::BlobFile;
 
 pub use lcache_proto::digest::sha256_hex;
 
@@ -78,7 +87,7 @@ impl BlobStore {
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&tmp)?;
         for e in std::fs::read_dir(&tmp)? {
-            std::fs::remove_file(e?.path())?;
+            remove_any(&e?.path())?;
         }
         Ok(Self {
             root,
@@ -87,20 +96,74 @@ impl BlobStore {
         })
     }
 
-    /// Where a blob with a valid digest lives.
-    pub fn path_of(&self, digest: &str) -> Option<PathBuf> {
+    /// Where a blob with a valid digest lives (a file, or a composed blob's directory).
+    pub(crate) fn path_of(&self, digest: &str) -> Option<PathBuf> {
         sha256_hex(digest).map(|h| self.root.join(h))
     }
 
-    /// Deletes a blob's file (after its metadata is gone, so nothing serves it meanwhile).
+    /// Whether blob `digest` is on disk (its bytes are not checked).
+    pub fn exists(&self, digest: &str) -> bool {
+        self.path_of(digest).is_some_and(|p| p.symlink_metadata().is_ok())
+    }
+
+    /// Blob `digest` opened for reading; `None` when it is not on disk.
+    pub fn open_blob(&self, digest: &str) -> std::io::Result<Option<BlobFile>> {
+        match self.path_of(digest) {
+            Some(p) => BlobFile::open(&p),
+            None => Ok(None),
+        }
+    }
+
+    /// The whole of a small blob (a config, a manifest); `None` when it is not on disk.
+    pub async fn read_small(&self, digest: &str) -> std::io::Result<Option<Vec<u8>>> {
+        let Some(path) = self.path_of(digest) else { return Ok(None) };
+        tokio::task::spawn_blocking(move || {
+            let Some(blob) = BlobFile::open(&path)? else { return Ok(None) };
+            let mut out = Vec::with_capacity(blob.len().min(16 << 20) as usize);
+            blob.copy_to(&mut out)?;
+            Ok(Some(out))
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Deletes a blob (after its metadata is gone, so nothing serves it meanwhile). Bytes
+    /// another composed blob still links stay on disk for it.
     pub fn remove(&self, digest: &str) -> std::io::Result<()> {
         match self.path_of(digest) {
-            Some(p) => match std::fs::remove_file(p) {
+            Some(p) => match remove_any(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
             },
             None => Ok(()),
         }
+    }
+
+    /// A fresh name in the temp directory.
+    pub(crate) fn temp_path(&self, tag: &str) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.tmp.join(format!("{}-{n}{tag}", std::process::id()))
+    }
+
+    /// Renames a verified, synced blob (file or directory) from the temp directory into
+    /// place, replacing what was there (a repair), and makes the rename durable.
+    pub(crate) async fn commit(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        if let Err(e) = tokio::fs::rename(from, to).await {
+            // A file cannot be renamed over a directory nor a directory over anything
+            // but an empty one: the old copy goes first (readers holding it keep it).
+            if to.symlink_metadata().is_err() {
+                return Err(e);
+            }
+            let old = to.to_path_buf();
+            tokio::task::spawn_blocking(move || remove_any(&old))
+                .await
+                .map_err(std::io::Error::other)??;
+            tokio::fs::rename(from, to).await?;
+        }
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || std::fs::File::open(root)?.sync_all())
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     /// Temp files currently present (uploads in flight).
@@ -125,8 +188,7 @@ impl BlobStore {
         let final_path = self
             .path_of(digest)
             .ok_or_else(|| IngestError::Body(format!("'{digest}' is not a sha256 digest")))?;
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp_path = self.tmp.join(format!("{}-{n}", std::process::id()));
+        let tmp_path = self.temp_path("");
         if expected_len.is_some_and(|n| n > limits.max_blob_size) {
             return Err(IngestError::TooLarge {
                 limit: limits.max_blob_size,
@@ -169,18 +231,22 @@ impl BlobStore {
         }
         file.sync_all().await?;
         drop(file);
-        tokio::fs::rename(&tmp_path, &final_path).await?;
+        self.commit(&tmp_path, &final_path).await?;
         guard.0 = None;
-        // The rename is durable only once the directory is.
-        let root = self.root.clone();
-        tokio::task::spawn_blocking(move || std::fs::File::open(root)?.sync_all())
-            .await
-            .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
         Ok(BlobMeta {
             digest: digest.to_string(),
             blake3: b3.finalize().to_hex().to_string(),
             size: received,
         })
+    }
+}
+
+/// Removes a file, or a directory with what it holds.
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    if path.symlink_metadata()?.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
     }
 }
 

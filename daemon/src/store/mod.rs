@@ -1,6 +1,8 @@
 //! The daemon's storage: small records behind the [`RecordStore`] trait (sled today) and
 //! layer blobs as content-addressed files ([`blob_store`]).
 
+pub mod blob_file;
+pub mod blob_parts;
 pub mod blob_store;
 pub mod sled_records;
 

@@ -1,0 +1,533 @@
+//! Blobs uploaded as parts (`lcache_proto::wire::BLOB_PARTS_TYPE`): runs of a stored base
+//! blob and runs the body sends. Only the sent bytes are written; the base's runs become
+//! hard links to the files they lie in (flattened, so a recipe never points at another
+//! recipe), and the whole is hashed from those links before it is renamed into place, so a
+//! composed blob is verified exactly as a whole upload is. A blob whose runs would spread
+//! over more than [`MAX_FILES`] files is written whole instead (once in that many edits).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use lcache_proto::wire::{BlobPart, BlobParts};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::blob_file::{BlobFile, Recipe, RecipeRun, RECIPE};
+use super::blob_store::{sha256_hex, BlobStore, IngestError};
+use super::BlobMeta;
+use crate::server::Limits;
+
+/// More files than this behind one blob, and it is stored whole.
+pub const MAX_FILES: usize = 64;
+
+/// The largest header (the JSON list of parts) taken.
+const MAX_HEADER: u64 = 4 << 20;
+
+/// The file holding the bytes an upload sent, in its blob's directory.
+const SENT: &str = "s";
+
+/// A request body read in pieces, with the daemon's limits.
+struct BodyReader<'a, B> {
+    body: B,
+    held: BytesMut,
+    received: u64,
+    limits: &'a Limits,
+}
+
+impl<B> BodyReader<'_, B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    /// The next bytes of the body; `None` at its end.
+    async fn next(&mut self) -> Result<Option<Bytes>, IngestError> {
+        if !self.held.is_empty() {
+            return Ok(Some(self.held.split().freeze()));
+        }
+        loop {
+            let frame = tokio::time::timeout(self.limits.body_timeout, self.body.frame())
+                .await
+                .map_err(|_| IngestError::Stalled(self.limits.body_timeout))?;
+            let Some(frame) = frame else { return Ok(None) };
+            let frame = frame.map_err(|e| IngestError::Body(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                self.received += data.len() as u64;
+                if self.received > self.limits.max_blob_size.saturating_add(MAX_HEADER + 8) {
+                    return Err(IngestError::TooLarge {
+                        limit: self.limits.max_blob_size,
+                    });
+                }
+                if !data.is_empty() {
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+
+    /// Exactly `n` bytes (`n` is bounded by the caller).
+    async fn exact(&mut self, n: usize) -> Result<Bytes, IngestError> {
+        while self.held.len() < n {
+            let Some(more) = self.next().await? else {
+                return Err(IngestError::Truncated {
+                    expected: n as u64,
+                    received: self.held.len() as u64,
+                });
+            };
+            self.held.extend_from_slice(&more);
+        }
+        Ok(self.held.split_to(n).freeze())
+    }
+}
+
+fn bad(what: impl Into<String>) -> IngestError {
+    IngestError::BadParts(what.into())
+}
+
+/// Removes a directory unless the upload committed it.
+struct TempDir(Option<PathBuf>);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// The runs of `parts` over the base's runs (`base`) and the sent file, with the base's
+/// files each linked once into `dir` under a name of their own.
+fn runs_of(parts: &[BlobPart], base: &BlobFile, dir: &Path) -> Result<Recipe, IngestError> {
+    let mut names: HashMap<PathBuf, String> = HashMap::new();
+    let mut recipe = Recipe::default();
+    let mut push = |file: &str, offset: u64, len: u64| match recipe.runs.last_mut() {
+        Some(last) if last.file == file && last.offset + last.len == offset => last.len += len,
+        _ => recipe.runs.push(RecipeRun {
+            file: file.to_string(),
+            offset,
+            len,
+        }),
+    };
+    let mut sent_at = 0u64;
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        let (offset, len) = match *part {
+            BlobPart::Sent { len } => {
+                push(SENT, sent_at, len);
+                sent_at += len;
+                continue;
+            }
+            BlobPart::Base { offset, len } => (offset, len),
+        };
+        let end = offset
+            .checked_add(len)
+            .filter(|end| *end <= base.len())
+            .ok_or_else(|| bad(format!("a part runs past the base blob's {} bytes", base.len())))?;
+        // The base's runs that [offset, end) overlaps.
+        let mut run_start = 0u64;
+        for run in &base.runs {
+            let run_end = run_start + run.len;
+            let (from, to) = (offset.max(run_start), end.min(run_end));
+            if from < to {
+                let name = match names.get(&run.path) {
+                    Some(n) => n.clone(),
+                    None => {
+                        let name = format!("b{}", names.len());
+                        std::fs::hard_link(&run.path, dir.join(&name)).map_err(|e| {
+                            if e.kind() == std::io::ErrorKind::NotFound {
+                                IngestError::BaseMissing
+                            } else {
+                                IngestError::Io(e)
+                            }
+                        })?;
+                        names.insert(run.path.clone(), name.clone());
+                        name
+                    }
+                };
+                push(&name, run.offset + (from - run_start), to - from);
+            }
+            if run_end >= end {
+                break;
+            }
+            run_start = run_end;
+        }
+    }
+    Ok(recipe)
+}
+
+/// Hashes the blob `recipe` makes in `dir` (read back through the links just made, so what
+/// is checked is what will be served) and, when `whole` is given, writes it there.
+fn hash_runs(dir: &Path, recipe: &Recipe, whole: Option<&Path>) -> std::io::Result<(String, String, u64)> {
+    struct Hashes<W> {
+        sha: Sha256,
+        b3: blake3::Hasher,
+        out: Option<W>,
+    }
+    impl<W: Write> Write for Hashes<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.sha.update(buf);
+            self.b3.update(buf);
+            if let Some(o) = self.out.as_mut() {
+                o.write_all(buf)?;
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let blob = BlobFile::from_recipe(dir, recipe)?;
+    let out = match whole {
+        Some(p) => Some(std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(p)?)),
+        None => None,
+    };
+    let mut h = Hashes {
+        sha: Sha256::new(),
+        b3: blake3::Hasher::new(),
+        out,
+    };
+    let len = blob.copy_to(&mut h)?;
+    if let Some(out) = h.out.take() {
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    }
+    Ok((
+        format!("sha256:{:x}", h.sha.finalize()),
+        h.b3.finalize().to_hex().to_string(),
+        len,
+    ))
+}
+
+impl BlobStore {
+    /// Stores blob `digest` from a body of parts (`BLOB_PARTS_TYPE`): the header, then the
+    /// sent bytes, which are all that is written (unless the blob is to be stored whole).
+    /// Nothing is kept unless every byte arrived and the whole hashes to `digest`.
+    pub async fn ingest_parts<B>(
+        &self,
+        digest: &str,
+        body: B,
+        expected_len: Option<u64>,
+        limits: &Limits,
+    ) -> Result<BlobMeta, IngestError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let final_path = self
+            .path_of(digest)
+            .ok_or_else(|| IngestError::Body(format!("'{digest}' is not a sha256 digest")))?;
+        let mut body = BodyReader {
+            body,
+            held: BytesMut::new(),
+            received: 0,
+            limits,
+        };
+        let header_len = body.exact(8).await?.get_u64();
+        if header_len > MAX_HEADER {
+            return Err(bad(format!("the list of parts is {header_len} bytes; at most {MAX_HEADER}")));
+        }
+        let header: BlobParts = serde_json::from_slice(&body.exact(header_len as usize).await?)
+            .map_err(|e| bad(format!("the list of parts is not valid: {e}")))?;
+        if sha256_hex(&header.base).is_none() || header.base == digest {
+            return Err(bad(format!("'{}' cannot be the base of {digest}", header.base)));
+        }
+        let total = header
+            .parts
+            .iter()
+            .try_fold(0u64, |t, p| t.checked_add(p.len()))
+            .ok_or_else(|| bad("the parts' lengths overflow"))?;
+        if total > limits.max_blob_size {
+            return Err(IngestError::TooLarge {
+                limit: limits.max_blob_size,
+            });
+        }
+        let sent: u64 = header
+            .parts
+            .iter()
+            .map(|p| match p {
+                BlobPart::Sent { len } => *len,
+                BlobPart::Base { .. } => 0,
+            })
+            .sum();
+        if let Some(expected) = expected_len {
+            if expected != 8 + header_len + sent {
+                return Err(IngestError::Truncated {
+                    expected,
+                    received: 8 + header_len + sent,
+                });
+            }
+        }
+        let base_path = self.path_of(&header.base).ok_or(IngestError::BaseMissing)?;
+        let base = tokio::task::spawn_blocking(move || BlobFile::open(&base_path))
+            .await
+            .map_err(|e| IngestError::Io(std::io::Error::other(e)))??
+            .ok_or(IngestError::BaseMissing)?;
+
+        let dir = self.temp_path("d");
+        tokio::fs::create_dir(&dir).await?;
+        let mut guard = TempDir(Some(dir.clone()));
+        let mut file = tokio::fs::File::create(dir.join(SENT)).await?;
+        let mut written = 0u64;
+        while let Some(data) = body.next().await? {
+            written += data.len() as u64;
+            if written > sent {
+                return Err(IngestError::Truncated {
+                    expected: sent,
+                    received: written,
+                });
+            }
+            file.write_all(&data).await?;
+        }
+        if written != sent {
+            return Err(IngestError::Truncated {
+                expected: sent,
+                received: written,
+            });
+        }
+        file.sync_all().await?;
+        drop(file);
+
+        let (d, parts) = (dir.clone(), header.parts);
+        let (actual, blake3, size, whole) = tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
+            let recipe = runs_of(&parts, &base, &d)?;
+            let files: std::collections::HashSet<&String> = recipe.runs.iter().map(|r| &r.file).collect();
+            let whole = (files.len() > MAX_FILES).then(|| d.join("whole"));
+            let (actual, b3, size) = hash_runs(&d, &recipe, whole.as_deref())?;
+            if whole.is_none() {
+                let mut f = std::fs::File::create(d.join(RECIPE))?;
+                f.write_all(&serde_json::to_vec(&recipe).map_err(std::io::Error::other)?)?;
+                f.sync_all()?;
+                std::fs::File::open(&d)?.sync_all()?;
+            }
+            Ok((actual, b3, size, whole))
+        })
+        .await
+        .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
+        if actual != digest {
+            return Err(IngestError::DigestMismatch {
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        match whole {
+            // The directory is left to the guard: its whole file was moved out of it.
+            Some(file) => self.commit(&file, &final_path).await?,
+            None => {
+                self.commit(&dir, &final_path).await?;
+                guard.0 = None;
+            }
+        }
+        let meta = BlobMeta {
+            digest: digest.to_string(),
+            blake3,
+            size,
+        };
+        Ok(meta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    fn digest_of(b: &[u8]) -> String {
+        format!("sha256:{:x}", Sha256::digest(b))
+    }
+
+    fn body(base: &str, parts: &[BlobPart], sent: &[u8]) -> Full<Bytes> {
+        let header = serde_json::to_vec(&BlobParts {
+            base: base.into(),
+            parts: parts.to_vec(),
+        })
+        .unwrap();
+        let mut b = (header.len() as u64).to_be_bytes().to_vec();
+        b.extend(header);
+        b.extend_from_slice(sent);
+        Full::new(Bytes::from(b))
+    }
+
+    fn read(s: &BlobStore, digest: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        s.open_blob(digest).unwrap().unwrap().copy_to(&mut out).unwrap();
+        out
+    }
+
+    /// Bytes held by files under `dir` that have no other link: what a blob added.
+    fn own_bytes(dir: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap())
+            .filter(|m| m.nlink() == 1)
+            .map(|m| m.len())
+            .sum()
+    }
+
+    async fn store_whole(s: &BlobStore, data: &[u8]) -> String {
+        let d = digest_of(data);
+        s.ingest(&d, Full::new(Bytes::copy_from_slice(data)), None, &Limits::default())
+            .await
+            .unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn a_blob_of_parts_stores_only_what_was_sent_and_reads_back_whole_after_its_base_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let base_bytes: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let base = store_whole(&s, &base_bytes).await;
+
+        // The middle replaced: the front and the back are the base's.
+        let mut edited = base_bytes[..300_000].to_vec();
+        edited.extend_from_slice(b"new bytes");
+        edited.extend_from_slice(&base_bytes[400_000..]);
+        let parts = [
+            BlobPart::Base { offset: 0, len: 300_000 },
+            BlobPart::Sent { len: 9 },
+            BlobPart::Base {
+                offset: 400_000,
+                len: 400_000,
+            },
+        ];
+        let d = digest_of(&edited);
+        let meta = s
+            .ingest_parts(&d, body(&base, &parts, b"new bytes"), None, &Limits::default())
+            .await
+            .unwrap();
+        assert_eq!(meta.size, edited.len() as u64);
+        assert_eq!(meta.blake3, blake3::hash(&edited).to_hex().to_string());
+        assert_eq!(read(&s, &d), edited);
+        let path = s.path_of(&d).unwrap();
+        assert!(path.is_dir());
+        assert!(own_bytes(&path) < 1024, "only the sent bytes and the recipe are new");
+
+        // A second edit on top of the first: its runs are flattened to files, never to the
+        // first's recipe, and still only the new bytes are written.
+        let mut again = edited.clone();
+        again.truncate(10);
+        again.extend_from_slice(b"second");
+        again.extend_from_slice(&edited[10..]);
+        let parts2 = [
+            BlobPart::Base { offset: 0, len: 10 },
+            BlobPart::Sent { len: 6 },
+            BlobPart::Base {
+                offset: 10,
+                len: edited.len() as u64 - 10,
+            },
+        ];
+        let d2 = digest_of(&again);
+        s.ingest_parts(&d2, body(&d, &parts2, b"second"), None, &Limits::default())
+            .await
+            .unwrap();
+        let recipe: Recipe =
+            serde_json::from_slice(&std::fs::read(s.path_of(&d2).unwrap().join(RECIPE)).unwrap()).unwrap();
+        assert!(recipe.runs.iter().all(|r| s.path_of(&d2).unwrap().join(&r.file).is_file()));
+        assert!(own_bytes(&s.path_of(&d2).unwrap()) < 1024);
+
+        // Removing the base and the first edit leaves the second readable: the links hold
+        // the bytes.
+        s.remove(&base).unwrap();
+        s.remove(&d).unwrap();
+        assert!(!s.exists(&base) && !s.exists(&d));
+        assert_eq!(read(&s, &d2), again);
+    }
+
+    #[tokio::test]
+    async fn bad_parts_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let base = store_whole(&s, b"0123456789").await;
+        let l = Limits::default();
+        let target = digest_of(b"0123xy");
+        let ok_parts = [BlobPart::Base { offset: 0, len: 4 }, BlobPart::Sent { len: 2 }];
+        // The wrong bytes sent.
+        let e = s.ingest_parts(&target, body(&base, &ok_parts, b"zz"), None, &l).await;
+        assert!(matches!(e, Err(IngestError::DigestMismatch { .. })), "{e:?}");
+        // Fewer or more bytes than the parts say.
+        let e = s.ingest_parts(&target, body(&base, &ok_parts, b"x"), None, &l).await;
+        assert!(matches!(e, Err(IngestError::Truncated { .. })), "{e:?}");
+        let e = s.ingest_parts(&target, body(&base, &ok_parts, b"xyz"), None, &l).await;
+        assert!(matches!(e, Err(IngestError::Truncated { .. })), "{e:?}");
+        // A run past the base's end, a base that is not stored, the blob as its own base.
+        let past = [BlobPart::Base { offset: 8, len: 4 }, BlobPart::Sent { len: 2 }];
+        let e = s.ingest_parts(&target, body(&base, &past, b"xy"), None, &l).await;
+        assert!(matches!(e, Err(IngestError::BadParts(_))), "{e:?}");
+        let e = s
+            .ingest_parts(&target, body(&digest_of(b"absent"), &ok_parts, b"xy"), None, &l)
+            .await;
+        assert!(matches!(e, Err(IngestError::BaseMissing)), "{e:?}");
+        let e = s.ingest_parts(&target, body(&target, &ok_parts, b"xy"), None, &l).await;
+        assert!(matches!(e, Err(IngestError::BadParts(_))), "{e:?}");
+        // A header that is not one.
+        let mut junk = 5u64.to_be_bytes().to_vec();
+        junk.extend_from_slice(b"{nope");
+        let e = s.ingest_parts(&target, Full::new(Bytes::from(junk)), None, &l).await;
+        assert!(matches!(e, Err(IngestError::BadParts(_))), "{e:?}");
+        assert!(!s.exists(&target));
+        assert_eq!(s.temp_files(), 0);
+
+        s.ingest_parts(&target, body(&base, &ok_parts, b"xy"), None, &l)
+            .await
+            .unwrap();
+        assert_eq!(read(&s, &target), b"0123xy");
+    }
+
+    #[tokio::test]
+    async fn a_blob_spread_over_too_many_files_is_stored_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let l = Limits::default();
+        let mut bytes = vec![b'a'; 100];
+        let mut digest = store_whole(&s, &bytes).await;
+        let mut whole = 0;
+        // Each edit sends one byte of its own: one more file behind the blob each time.
+        for i in 0..MAX_FILES + 1 {
+            let at = i as u64 + 1;
+            bytes[i + 1] = b'b';
+            let parts = [
+                BlobPart::Base { offset: 0, len: at },
+                BlobPart::Sent { len: 1 },
+                BlobPart::Base {
+                    offset: at + 1,
+                    len: 100 - at - 1,
+                },
+            ];
+            let next = digest_of(&bytes);
+            s.ingest_parts(&next, body(&digest, &parts, b"b"), None, &l)
+                .await
+                .unwrap();
+            assert_eq!(read(&s, &next), bytes);
+            let path = s.path_of(&next).unwrap();
+            if path.is_file() {
+                whole += 1;
+            } else {
+                assert!(std::fs::read_dir(&path).unwrap().count() <= MAX_FILES + 1);
+            }
+            digest = next;
+        }
+        assert_eq!(whole, 1, "written whole once, when too spread");
+        assert_eq!(s.temp_files(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_whole_upload_repairs_a_blob_of_parts_and_the_other_way_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let l = Limits::default();
+        let base = store_whole(&s, b"0123456789").await;
+        let target = digest_of(b"0123xy");
+        let parts = [BlobPart::Base { offset: 0, len: 4 }, BlobPart::Sent { len: 2 }];
+        s.ingest_parts(&target, body(&base, &parts, b"xy"), None, &l)
+            .await
+            .unwrap();
+        store_whole(&s, b"0123xy").await;
+        assert!(s.path_of(&target).unwrap().is_file());
+        s.ingest_parts(&target, body(&base, &parts, b"xy"), None, &l)
+            .await
+            .unwrap();
+        assert!(s.path_of(&target).unwrap().is_dir());
+        assert_eq!(read(&s, &target), b"0123xy");
+    }
+}
