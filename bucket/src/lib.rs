@@ -315,7 +315,8 @@ impl Bucket {
                 Err(e) => Some((Err(e), None)),
             }
         });
-        self.put_blob_stream(digest, &file.display().to_string(), len, chunks).await
+        self.put_blob_stream(digest, &file.display().to_string(), len, chunks)
+            .await
     }
 
     /// Uploads the blob `digest`, `len` bytes read from `chunks` (named `what` in errors),

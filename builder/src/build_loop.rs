@@ -967,7 +967,11 @@ impl<'a> Builder<'a> {
             ) => pack_copy(self.steps, c, entries, &tree, &dest, defer).map(|p| {
                 // The seed's blob the unchanged members were taken from: the cache need
                 // only be sent the others.
-                let base = c.reuse.as_ref().map(|(digest, _)| digest.as_str()).filter(|_| !p.parts.is_empty());
+                let base = c
+                    .reuse
+                    .as_ref()
+                    .map(|(digest, _)| digest.as_str())
+                    .filter(|_| !p.parts.is_empty());
                 (p.layer, Some(p.index), p.pending, base.map(|b| (b, p.parts)))
             }),
             _ => pack_layer(&tree, &dest).map(|p| (p, None, None, None)),

@@ -33,12 +33,7 @@ impl StepCache for DaemonClient {
         match source {
             BlobSource::Bytes(b) => DaemonClient::put_blob(self, digest, Bytes::copy_from_slice(b)),
             BlobSource::File { path, offset, len } => self.put_blob_file(digest, path, offset, len),
-            BlobSource::Parts {
-                path,
-                len,
-                base,
-                parts,
-            } => self.put_blob_parts(digest, path, len, base, parts),
+            BlobSource::Parts { path, len, base, parts } => self.put_blob_parts(digest, path, len, base, parts),
         }
     }
 }

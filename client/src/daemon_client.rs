@@ -238,7 +238,13 @@ impl DaemonClient {
         }
     }
 
-    fn send_parts(&self, digest: &str, file: &std::path::Path, base: &str, parts: &[BlobPart]) -> Result<(), CacheError> {
+    fn send_parts(
+        &self,
+        digest: &str,
+        file: &std::path::Path,
+        base: &str,
+        parts: &[BlobPart],
+    ) -> Result<(), CacheError> {
         use std::os::unix::fs::FileExt;
         let header = serde_json::to_vec(&BlobParts {
             base: base.to_string(),
@@ -297,10 +303,21 @@ impl DaemonClient {
             .block_on(async {
                 let resp = self
                     .remote
-                    .send_typed(Method::PUT, &format!("/v1/blobs/{digest}"), BLOB_PARTS_TYPE, body, total)
+                    .send_typed(
+                        Method::PUT,
+                        &format!("/v1/blobs/{digest}"),
+                        BLOB_PARTS_TYPE,
+                        body,
+                        total,
+                    )
                     .await?;
                 let status = resp.status();
-                let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
                 Ok::<_, RemoteError>((status, body))
             })
             .map_err(transport)?;

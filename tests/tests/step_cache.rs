@@ -10,7 +10,7 @@ use lcache_builder::step_cache::{BlobSource, ReadOnly, StepCache};
 use lcache_client::daemon_client::DaemonClient;
 use lcache_e2e::{sha256_digest, Daemon};
 use lcache_proto::endpoint::Endpoint;
-use lcache_proto::wire::{LayerRef, StepRecord};
+use lcache_proto::wire::{BlobPart, LayerRef, StepRecord};
 
 /// What an implementation promises about writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +86,64 @@ fn conformance(name: &str, d: &Daemon, cache: &dyn StepCache, writes: Writes) {
         }
     }
 
+    // A blob given as runs of a stored one and of its own: it reads back whole, and the
+    // daemon wrote only its own runs. Over a base the cache lacks, it is stored whole.
+    let on_disk = |digest: &str| {
+        d.store()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    for (base, edit_at) in [(&big_digest, 1_000_000usize), (&missing, 2_000_000)] {
+        let mut edited = big.clone();
+        edited[edit_at..edit_at + 10].copy_from_slice(b"0123456789");
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&edited).unwrap();
+        let edited_digest = sha256_digest(&edited);
+        let parts = [
+            BlobPart::Base {
+                offset: 0,
+                len: edit_at as u64,
+            },
+            BlobPart::Sent { len: 10 },
+            BlobPart::Base {
+                offset: edit_at as u64 + 10,
+                len: (big.len() - edit_at - 10) as u64,
+            },
+        ];
+        let source = BlobSource::Parts {
+            path: file.path(),
+            len: edited.len() as u64,
+            base,
+            parts: &parts,
+        };
+        cache.put_blob(&edited_digest, source).unwrap();
+        assert_eq!(cache.has_blob(&edited_digest).unwrap(), stored, "{name}: has parts");
+        match read(cache, &edited_digest) {
+            Ok(b) => assert!(stored && b == edited, "{name}: read back parts"),
+            Err(e) => assert!(!stored && e.is_unusable_blob(), "{name}: {e}"),
+        }
+        if stored {
+            assert_eq!(
+                on_disk(&edited_digest).is_dir(),
+                base == &big_digest,
+                "{name}: kept as runs"
+            );
+        }
+        // Parts whose bytes are not the digest's are refused (then whole: refused too).
+        let wrong = sha256_digest(&edited[1..]);
+        let put = cache.put_blob(
+            &wrong,
+            BlobSource::Parts {
+                path: file.path(),
+                len: edited.len() as u64,
+                base,
+                parts: &parts,
+            },
+        );
+        assert_eq!(put.is_err(), stored, "{name}: parts under a wrong digest");
+        assert!(!cache.has_blob(&wrong).unwrap(), "{name}: wrong digest kept");
+    }
+
     // A blob whose bytes do not hash to its name is refused and never kept.
     let wrong = sha256_digest(b"something else");
     let put = cache.put_blob(&wrong, BlobSource::Bytes(b"these bytes"));
@@ -108,10 +166,7 @@ fn conformance(name: &str, d: &Daemon, cache: &dyn StepCache, writes: Writes) {
     assert_eq!(read(cache, &shared_digest).unwrap(), shared, "{name}: backing blob");
 
     // A blob damaged on disk is unusable, never served as good.
-    let on_disk = d
-        .store()
-        .join("blobs/sha256")
-        .join(shared_digest.trim_start_matches("sha256:"));
+    let on_disk = on_disk(&shared_digest);
     let mut damaged = std::fs::read(&on_disk).unwrap();
     damaged[0] ^= 0xff;
     std::fs::write(&on_disk, damaged).unwrap();

@@ -2,10 +2,10 @@
 
 use std::sync::atomic::Ordering;
 
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use futures_util::StreamExt;
 use lcache_proto::wire::BLOB_PARTS_TYPE;
 
 use super::{error, json, Body};
@@ -46,7 +46,12 @@ fn not_found(d: &str) -> Response<Body> {
 /// The blob opened, if it is there with the recorded size: a record alone is not a blob.
 fn opened(state: &AppState, m: &BlobMeta) -> Option<BlobFile> {
     // Opening is a few metadata calls (a file, or a recipe and the files it names).
-    state.blobs.open_blob(&m.digest).ok().flatten().filter(|b| b.len() == m.size)
+    state
+        .blobs
+        .open_blob(&m.digest)
+        .ok()
+        .flatten()
+        .filter(|b| b.len() == m.size)
 }
 
 /// Whether the blob hashes to its digest. A damaged blob is removed, so that GET answers

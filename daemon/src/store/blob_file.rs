@@ -226,11 +226,7 @@ mod tests {
         expected.extend(vec![b'x'; 600_000]);
         expected.push(b'9');
         assert_eq!(copied, expected);
-        let streamed: Vec<u8> = blob
-            .chunks()
-            .map(|c| c.unwrap().to_vec())
-            .concat()
-            .await;
+        let streamed: Vec<u8> = blob.chunks().map(|c| c.unwrap().to_vec()).concat().await;
         assert_eq!(streamed, expected);
     }
 
@@ -238,7 +234,11 @@ mod tests {
     async fn a_recipe_that_leads_out_or_past_its_files_is_refused() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("a"), b"0123").unwrap();
-        for bad in [recipe(&[("../a", 0, 1)]), recipe(&[("a", 3, 2)]), recipe(&[("a", u64::MAX, 2)])] {
+        for bad in [
+            recipe(&[("../a", 0, 1)]),
+            recipe(&[("a", 3, 2)]),
+            recipe(&[("a", u64::MAX, 2)]),
+        ] {
             assert!(BlobFile::from_recipe(d.path(), &bad).is_err(), "{bad:?}");
         }
         // A file cut short behind the store's back ends the stream with an error.

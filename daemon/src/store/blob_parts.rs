@@ -224,7 +224,9 @@ impl BlobStore {
         };
         let header_len = body.exact(8).await?.get_u64();
         if header_len > MAX_HEADER {
-            return Err(bad(format!("the list of parts is {header_len} bytes; at most {MAX_HEADER}")));
+            return Err(bad(format!(
+                "the list of parts is {header_len} bytes; at most {MAX_HEADER}"
+            )));
         }
         let header: BlobParts = serde_json::from_slice(&body.exact(header_len as usize).await?)
             .map_err(|e| bad(format!("the list of parts is not valid: {e}")))?;
@@ -384,7 +386,10 @@ mod tests {
         edited.extend_from_slice(b"new bytes");
         edited.extend_from_slice(&base_bytes[400_000..]);
         let parts = [
-            BlobPart::Base { offset: 0, len: 300_000 },
+            BlobPart::Base {
+                offset: 0,
+                len: 300_000,
+            },
             BlobPart::Sent { len: 9 },
             BlobPart::Base {
                 offset: 400_000,
@@ -423,7 +428,10 @@ mod tests {
             .unwrap();
         let recipe: Recipe =
             serde_json::from_slice(&std::fs::read(s.path_of(&d2).unwrap().join(RECIPE)).unwrap()).unwrap();
-        assert!(recipe.runs.iter().all(|r| s.path_of(&d2).unwrap().join(&r.file).is_file()));
+        assert!(recipe
+            .runs
+            .iter()
+            .all(|r| s.path_of(&d2).unwrap().join(&r.file).is_file()));
         assert!(own_bytes(&s.path_of(&d2).unwrap()) < 1024);
 
         // Removing the base and the first edit leaves the second readable: the links hold

@@ -116,9 +116,13 @@ impl BlobStore {
 
     /// The whole of a small blob (a config, a manifest); `None` when it is not on disk.
     pub async fn read_small(&self, digest: &str) -> std::io::Result<Option<Vec<u8>>> {
-        let Some(path) = self.path_of(digest) else { return Ok(None) };
+        let Some(path) = self.path_of(digest) else {
+            return Ok(None);
+        };
         tokio::task::spawn_blocking(move || {
-            let Some(blob) = BlobFile::open(&path)? else { return Ok(None) };
+            let Some(blob) = BlobFile::open(&path)? else {
+                return Ok(None);
+            };
             let mut out = Vec::with_capacity(blob.len().min(16 << 20) as usize);
             blob.copy_to(&mut out)?;
             Ok(Some(out))
