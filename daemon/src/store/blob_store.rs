@@ -295,6 +295,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("tmp")).unwrap();
         std::fs::write(d.path().join("tmp/123-0"), "partial").unwrap();
+        // A blob of parts cut off mid-upload leaves a directory.
+        std::fs::create_dir_all(d.path().join("tmp/123-1d")).unwrap();
+        std::fs::write(d.path().join("tmp/123-1d/s"), "partial").unwrap();
         let s = BlobStore::open(d.path()).unwrap();
         assert_eq!(s.temp_files(), 0);
     }
