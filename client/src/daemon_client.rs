@@ -246,28 +246,20 @@ impl DaemonClient {
         parts: &[BlobPart],
     ) -> Result<(), CacheError> {
         use std::os::unix::fs::FileExt;
-        let header = serde_json::to_vec(&BlobParts {
+        let parts = BlobParts {
             base: base.to_string(),
             parts: parts.to_vec(),
-        })
-        .map_err(|e| CacheError::Encode(e.to_string()))?;
-        // Where each sent run lies in the file: the file is the whole blob.
-        let mut sent = Vec::new();
-        let mut at = 0u64;
-        for p in parts {
-            if let BlobPart::Sent { len } = *p {
-                sent.push((at, len));
-            }
-            at += p.len();
-        }
+        };
+        let head = parts.head().map_err(|e| CacheError::Encode(e.to_string()))?;
+        // The file is the whole blob: the sent runs lie where the parts say.
+        let sent = parts.sent_ranges();
         let sent_len: u64 = sent.iter().map(|(_, l)| l).sum();
         let f = std::fs::File::open(file).map_err(|source| CacheError::Io {
             action: "read",
             path: file.to_path_buf(),
             source,
         })?;
-        let mut head = (header.len() as u64).to_be_bytes().to_vec();
-        head.extend_from_slice(&header);
+        let total = head.len() as u64 + sent_len;
         let mut head = Some(Bytes::from(head));
         let mut runs = sent.into_iter();
         let mut run: Option<(u64, u64)> = None;
@@ -297,7 +289,6 @@ impl DaemonClient {
             }
         });
         let body = StreamBody::new(chunks).boxed();
-        let total = 8 + header.len() as u64 + sent_len;
         let (status, resp) = self
             .rt
             .block_on(async {

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, StatusCode};
 use lcache_bucket::{Bucket, BucketError};
-use lcache_proto::wire::{ImageRecord, StepRecord, SyncReport};
+use lcache_proto::wire::{ImageRecord, StepRecord, SyncReport, BLOB_PARTS_TYPE};
 use lcache_remote::{Remote, RemoteError};
 use tokio::sync::mpsc;
 
@@ -273,7 +273,42 @@ impl Upstream {
         }
     }
 
-    /// Pushes one record: its layer blob first (unless the upstream has it), then the record.
+    /// Sends blob `digest` as the parts it was uploaded here as, if it was and the upstream
+    /// holds their base: only what the base lacks travels. `false` when it cannot be sent
+    /// so (the caller sends it whole).
+    async fn push_parts(remote: &Remote, local: &AppState, digest: &str) -> Result<bool, UpstreamError> {
+        let blob = open_local(local, digest)?;
+        let Some(parts) = blob.origin.clone() else {
+            return Ok(false);
+        };
+        let base = format!("/v1/blobs/{}", parts.base);
+        let (status, _) = Self::call(remote, Method::HEAD, &base, lcache_remote::empty(), 0).await?;
+        if status != StatusCode::OK {
+            return Ok(false);
+        }
+        let head = parts.head().map_err(|e| UpstreamError::Local(e.to_string()))?;
+        let sent = blob
+            .select(&parts.sent_ranges())
+            .map_err(|e| UpstreamError::Local(format!("blob {digest}: {e}")))?;
+        let len = head.len() as u64 + sent.len();
+        let chunks = futures_util::stream::once(async move { Ok(Bytes::from(head)) })
+            .chain(sent.chunks())
+            .map(|r| r.map(Frame::data));
+        let resp = remote
+            .send_typed(
+                Method::PUT,
+                &format!("/v1/blobs/{digest}"),
+                BLOB_PARTS_TYPE,
+                BodyExt::boxed(StreamBody::new(chunks)),
+                len,
+            )
+            .await?;
+        // Refused (an lcached that predates parts, the base evicted meanwhile): whole.
+        Ok(resp.status().is_success())
+    }
+
+    /// Pushes one record: its layer blob first (unless the upstream has it, and as parts
+    /// when it was uploaded so and the upstream has their base), then the record.
     async fn push_one(&self, scope: &str, key: &str, local: &AppState) -> Result<(), UpstreamError> {
         let rec = local
             .records
@@ -287,7 +322,7 @@ impl Upstream {
         if let Some(layer) = &rec.layer {
             let path = format!("/v1/blobs/{}", layer.digest);
             let (status, _) = Self::call(remote, Method::HEAD, &path, lcache_remote::empty(), 0).await?;
-            if status != StatusCode::OK {
+            if status != StatusCode::OK && !Self::push_parts(remote, local, &layer.digest).await? {
                 let blob = open_local(local, &layer.digest)?;
                 let len = blob.len();
                 let chunks = blob.chunks().map(|r| r.map(Frame::data));

@@ -176,6 +176,30 @@ pub enum BlobPart {
     },
 }
 
+impl BlobParts {
+    /// What a body of parts starts with: the list's length (big-endian `u64`), then the
+    /// list as JSON.
+    pub fn head(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let json = serde_json::to_vec(self)?;
+        let mut head = (json.len() as u64).to_be_bytes().to_vec();
+        head.extend_from_slice(&json);
+        Ok(head)
+    }
+
+    /// Where the `Sent` runs lie in the blob: (offset, length), front to back.
+    pub fn sent_ranges(&self) -> Vec<(u64, u64)> {
+        let mut at = 0u64;
+        let mut out = Vec::new();
+        for p in &self.parts {
+            if let BlobPart::Sent { len } = *p {
+                out.push((at, len));
+            }
+            at = at.saturating_add(p.len());
+        }
+        out
+    }
+}
+
 impl BlobPart {
     /// How many bytes of the blob the part is.
     pub fn len(&self) -> u64 {

@@ -60,6 +60,16 @@ impl Project {
         self
     }
 
+    /// Writes `n` files `DIR/fNNNN.txt` of 1 KiB that gzip cannot shrink to nothing: enough
+    /// of them for a COPY layer of several segments.
+    pub fn write_many(&self, dir: &str, n: u32) -> &Self {
+        for i in 0..n {
+            let body: String = (0..64u32).map(|j| format!("{:016x}", mixed(i * 64 + j))).collect();
+            self.write(&format!("{dir}/f{i:04}.txt"), &body);
+        }
+        self
+    }
+
     /// Runs `lcache ARGS` in the context directory.
     pub fn lcache(&self, args: &[&str]) -> Output {
         Command::new(bin("lcache"))
@@ -326,6 +336,35 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 }
 
 /// `sha256:<hex>` of bytes, as blob names are.
+/// A well-mixed number.
+fn mixed(n: u32) -> u64 {
+    let mut x = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 29;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^ (x >> 32)
+}
+
+/// Bytes under `dir` held by files with no other link: what a blob lcached keeps as runs
+/// (a directory of links and sent bytes) added to its store.
+pub fn own_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .expect("read a blob's directory")
+        .map(|e| e.expect("entry").metadata().expect("metadata"))
+        .filter(|m| m.nlink() == 1)
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The blobs of `store` kept as runs (directories), not whole.
+pub fn blobs_kept_as_runs(store: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(store.join("blobs/sha256"))
+        .expect("blob directory")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
 pub fn sha256_digest(data: &[u8]) -> String {
     use sha2::Digest;
     format!("sha256:{:x}", sha2::Sha256::digest(data))

@@ -3,7 +3,7 @@
 
 use std::io::Read;
 
-use lcache_e2e::{cached, sha256_digest, BuildEnv, Project};
+use lcache_e2e::{blobs_kept_as_runs, cached, own_bytes, sha256_digest, BuildEnv, Project};
 
 const APP: &str = "FROM busybox\nWORKDIR /app\nCOPY src ./src\nRUN cat src/* > /app/all && echo built >> /app/all\nENV MODE=prod\nCMD [\"cat\", \"/app/all\"]\n";
 
@@ -856,29 +856,12 @@ fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
     );
 }
 
-/// Bytes under `dir` held by files with no other link: what a blob stored as runs added.
-fn own_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap())
-        .filter(|m| m.nlink() == 1)
-        .map(|m| m.len())
-        .sum()
-}
-
 #[test]
 fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_whole() {
     let env = BuildEnv::new();
     let p = Project::new();
-    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n");
-    // Enough entries for several segments, each file a few KiB of incompressible bytes.
-    for i in 0..3000u32 {
-        let body: String = (0..64u32)
-            .map(|j| format!("{:016x}", blake3_like(i * 64 + j)))
-            .collect();
-        p.write(&format!("src/f{i:04}.txt"), &body);
-    }
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
+        .write_many("src", 3000);
     env.build(&p, &[]);
     let seed = whole_copy_snapshots(&env);
     assert_eq!(seed.len(), 1);
@@ -887,11 +870,7 @@ fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_wh
     assert_eq!(cached(&steps), [false]);
 
     let blobs = env.daemon.store().join("blobs/sha256");
-    let composed: Vec<std::path::PathBuf> = std::fs::read_dir(&blobs)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
+    let composed = blobs_kept_as_runs(&env.daemon.store());
     assert_eq!(composed.len(), 1, "the rebuilt COPY's blob is kept as runs");
     let whole = std::fs::metadata(blobs.join(&seed[0])).unwrap().len();
     let added = own_bytes(&composed[0]);
@@ -911,14 +890,6 @@ fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_wh
     assert_eq!(sha256_digest(&exported), format!("sha256:{hex}"));
     let (_, again) = env.build(&p, &["--no-cache"]);
     assert_eq!(image, again);
-}
-
-/// A well-mixed number, so the files do not compress to nothing.
-fn blake3_like(n: u32) -> u64 {
-    let mut x = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x ^= x >> 29;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^ (x >> 32)
 }
 
 #[test]

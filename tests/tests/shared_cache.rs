@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use lcache_e2e::{cached, make_token, BuildEnv, Daemon, Project};
+use lcache_e2e::{blobs_kept_as_runs, cached, make_token, own_bytes, BuildEnv, Daemon, Project};
 
 const DOCKERFILE: &str =
     "FROM busybox\nCOPY src /src\nRUN cat /src/a.txt /src/b.txt > /joined\nWORKDIR /app\nRUN echo built > /app/out\n";
@@ -267,4 +267,40 @@ fn a_layer_the_upstream_serves_corrupt_is_refused_and_nothing_is_kept() {
     );
     let (_, metrics) = runner.http("GET", "/metrics", b"");
     assert!(String::from_utf8_lossy(&metrics).contains("lcache_upstream_errors_total 1"));
+}
+
+#[test]
+fn a_runner_sends_the_shared_cache_only_the_members_an_edit_changed() {
+    let shared = Daemon::start(&[]);
+    let tokens = tempfile::tempdir().unwrap();
+    let write = make_token(&shared, "runners", "write");
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
+        .write_many("src", 3000);
+    let a = runner(&shared, &write, tokens.path(), "a");
+    a.build(&p, &[]);
+    assert!(sync(&a, &p).status.success());
+    let whole: Vec<u64> = std::fs::read_dir(shared.store().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    let layer = whole.iter().max().copied().unwrap();
+
+    // The edit's blob reaches the shared cache as parts of the one it has: the shared
+    // lcached keeps it as runs, having been sent only the changed members.
+    p.write("src/f1700.txt", "edited\n");
+    let (steps, image) = a.build(&p, &[]);
+    assert_eq!(cached(&steps), [false]);
+    let out = sync(&a, &p);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let runs = blobs_kept_as_runs(&shared.store());
+    assert_eq!(runs.len(), 1, "the edited layer is kept as runs upstream too");
+    let added = own_bytes(&runs[0]);
+    assert!(added * 4 < layer, "{added} bytes stored for a layer of {layer}");
+
+    // A fresh runner reads it through, whole and verified: the same image.
+    let b = runner(&shared, &write, tokens.path(), "b");
+    let (steps, again) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true]);
+    assert_eq!(image, again);
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use lcache_proto::wire::BlobParts;
 use serde::{Deserialize, Serialize};
 
 /// The file a composed blob's runs are listed in.
@@ -22,6 +23,10 @@ const CHUNK: u64 = 256 * 1024;
 pub(crate) struct Recipe {
     /// The runs, in blob order.
     pub runs: Vec<RecipeRun>,
+    /// The parts the blob was uploaded as: a tier that holds the same base can be sent
+    /// the same parts.
+    #[serde(default)]
+    pub origin: Option<BlobParts>,
 }
 
 /// `len` bytes of the file `file` (beside the recipe) from `offset`.
@@ -57,6 +62,8 @@ pub(crate) struct Run {
 pub struct BlobFile {
     pub(crate) runs: Vec<Run>,
     len: u64,
+    /// How it was uploaded, when as parts.
+    pub origin: Option<BlobParts>,
 }
 
 fn damaged(what: String) -> io::Error {
@@ -81,7 +88,11 @@ impl BlobFile {
                 offset: 0,
                 len,
             };
-            return Ok(Some(Self { runs: vec![run], len }));
+            return Ok(Some(Self {
+                runs: vec![run],
+                len,
+                origin: None,
+            }));
         }
         if !meta.is_dir() {
             return Ok(None);
@@ -126,7 +137,43 @@ impl BlobFile {
                 len: r.len,
             });
         }
-        Ok(Self { runs, len })
+        Ok(Self {
+            runs,
+            len,
+            origin: recipe.origin.clone(),
+        })
+    }
+
+    /// Only the bytes at `ranges` (offset, length; in order, within the blob) of the blob.
+    pub fn select(self, ranges: &[(u64, u64)]) -> io::Result<Self> {
+        let mut runs = Vec::new();
+        let mut len = 0u64;
+        for &(offset, n) in ranges {
+            let end = offset
+                .checked_add(n)
+                .filter(|e| *e <= self.len)
+                .ok_or_else(|| damaged(format!("a range ends past the blob's {} bytes", self.len)))?;
+            let mut run_start = 0u64;
+            for run in &self.runs {
+                let run_end = run_start + run.len;
+                let (from, to) = (offset.max(run_start), end.min(run_end));
+                if from < to {
+                    runs.push(Run {
+                        path: run.path.clone(),
+                        file: run.file.try_clone()?,
+                        offset: run.offset + (from - run_start),
+                        len: to - from,
+                    });
+                }
+                run_start = run_end;
+            }
+            len += n;
+        }
+        Ok(Self {
+            runs,
+            len,
+            origin: None,
+        })
     }
 
     /// The blob's size.
@@ -208,6 +255,7 @@ mod tests {
                     len: *l,
                 })
                 .collect(),
+            origin: None,
         }
     }
 
@@ -228,6 +276,14 @@ mod tests {
         assert_eq!(copied, expected);
         let streamed: Vec<u8> = blob.chunks().map(|c| c.unwrap().to_vec()).concat().await;
         assert_eq!(streamed, expected);
+
+        let blob = BlobFile::open(d.path()).unwrap().unwrap();
+        let picked = blob.select(&[(1, 4), (600_002, 2)]).unwrap();
+        let mut out = Vec::new();
+        picked.copy_to(&mut out).unwrap();
+        assert_eq!(out, b"34xxx9");
+        let blob = BlobFile::open(d.path()).unwrap().unwrap();
+        assert!(blob.select(&[(600_000, 5)]).is_err());
     }
 
     #[tokio::test]

@@ -289,9 +289,10 @@ impl BlobStore {
         file.sync_all().await?;
         drop(file);
 
-        let (d, parts) = (dir.clone(), header.parts);
+        let d = dir.clone();
         let (actual, blake3, size, whole) = tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
-            let recipe = runs_of(&parts, &base, &d)?;
+            let mut recipe = runs_of(&header.parts, &base, &d)?;
+            recipe.origin = Some(header);
             let files: std::collections::HashSet<&String> = recipe.runs.iter().map(|r| &r.file).collect();
             let whole = (files.len() > MAX_FILES).then(|| d.join("whole"));
             let (actual, b3, size) = hash_runs(&d, &recipe, whole.as_deref())?;
