@@ -72,6 +72,8 @@ pub struct Segment {
     /// The uncompressed tar's SHA-256 state after this segment (segments end on 512-byte
     /// tar blocks, so nothing is buffered).
     pub tar_state: Vec<u8>,
+    /// The path of its last entry: which segment an edited path falls in.
+    pub last: String,
 }
 
 /// The uncompressed tar's SHA-256 (the diff_id), whose state can be kept and resumed.
@@ -398,6 +400,45 @@ fn blob_parts(taken: &[(u64, u64, u64)], size: u64) -> Vec<BlobPart> {
 pub fn pack_segmented<R: Read>(
     entries: &[SegmentEntry],
     open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
+    reuse: Option<Reuse<'_, R>>,
+    dest: &Path,
+    defer: bool,
+) -> io::Result<Packed> {
+    let plan: Vec<Planned> = split(entries)
+        .into_iter()
+        .map(|r| Planned::Entries(&entries[r]))
+        .collect();
+    pack_planned(&plan, open, reuse, dest, defer)
+}
+
+/// One segment of a layer to pack, in blob order.
+#[derive(Debug, Clone, Copy)]
+pub enum Planned<'a, 'e> {
+    /// Its entries (an earlier member with the same fingerprint is taken instead of them).
+    Entries(&'a [SegmentEntry<'e>]),
+    /// The earlier blob's segment of this index, known to hold the same entries.
+    Earlier(usize),
+}
+
+/// The segments `entries` are cut into, as [`pack_segmented`] cuts them: ranges of
+/// `entries`, and whether the last one ends at a cut (rather than where the entries do).
+/// Cuts depend only on the entries near them, so a run of entries that starts where a
+/// segment starts is cut the same way whatever comes before it.
+pub fn segment_ranges(entries: &[SegmentEntry]) -> (Vec<Range<usize>>, bool) {
+    let ranges = split(entries);
+    let cut = entries.last().is_some_and(|e| {
+        matches!(e.kind, SegmentEntryKind::File { size, .. } if size >= BIG_FILE)
+            || blake3::hash(e.path.as_bytes()).as_bytes()[0] == CUT_ONE_IN
+    });
+    (ranges, cut)
+}
+
+/// Packs the segments `plan` lists (as [`pack_segmented`] packs the ones it cuts):
+/// `Earlier` ones are taken from `reuse` unread, so a caller that knows which segments an
+/// edit left alone need not hold their entries.
+pub fn pack_planned<R: Read>(
+    plan: &[Planned],
+    open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
     mut reuse: Option<Reuse<'_, R>>,
     dest: &Path,
     defer: bool,
@@ -426,12 +467,26 @@ pub fn pack_segmented<R: Read>(
     let mut deferred: Option<(usize, Vec<u8>)> = None;
     // Members copied from the earlier blob: (offset here, offset there, length).
     let mut taken: Vec<(u64, u64, u64)> = Vec::new();
-    for (i, range) in split(entries).into_iter().enumerate() {
-        let seg = &entries[range];
-        let fp = fingerprint(seg);
+    for (i, planned) in plan.iter().enumerate() {
+        let (fp, seg, last) = match *planned {
+            Planned::Entries(seg) => (
+                fingerprint(seg),
+                Some(seg),
+                seg.last().map(|e| e.path.to_string()).unwrap_or_default(),
+            ),
+            Planned::Earlier(j) => {
+                let s = reuse
+                    .as_ref()
+                    .and_then(|r| r.index.segments.get(j))
+                    .filter(|_| j >= next_reusable)
+                    .ok_or_else(|| io::Error::other("a planned segment is not the earlier blob's next"))?;
+                (s.fingerprint, None, s.last.clone())
+            }
+        };
         let offset = blob.len();
-        let reusable = match (reuse.as_ref(), earlier.get(&fp)) {
-            (Some(_), Some(&j)) if j >= next_reusable => Some(j),
+        let reusable = match (reuse.as_ref(), planned, earlier.get(&fp)) {
+            (Some(_), Planned::Earlier(j), _) => Some(*j),
+            (Some(_), _, Some(&j)) if j >= next_reusable => Some(j),
             _ => None,
         };
         let (r, j) = match (reuse.as_mut(), reusable) {
@@ -445,6 +500,7 @@ pub fn pack_segmented<R: Read>(
                     offset,
                     len: blob.len() - offset,
                     tar_state: r.index.segments[j].tar_state.clone(),
+                    last,
                 });
                 continue;
             }
@@ -465,16 +521,20 @@ pub fn pack_segmented<R: Read>(
                 taken.push((offset, r.index.segments[j].offset, r.index.segments[j].len));
                 next_reusable = j + 1;
             }
-            _ => match hashing {
-                Some(tar) => write_member(seg, open, &mut blob, tar)?,
-                None => write_member(seg, open, &mut blob, io::sink())?,
-            },
+            _ => {
+                let seg = seg.ok_or_else(|| io::Error::other("an earlier segment to take has no blob to take it from"))?;
+                match hashing {
+                    Some(tar) => write_member(seg, open, &mut blob, tar)?,
+                    None => write_member(seg, open, &mut blob, io::sink())?,
+                }
+            }
         }
         index.segments.push(Segment {
             fingerprint: fp,
             offset,
             len: blob.len() - offset,
             tar_state: if deferred.is_some() { Vec::new() } else { tar.state() },
+            last,
         });
     }
     if in_front {
