@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use lcache_image::layer_segments::SegmentIndex;
 
 use crate::cache_dir::CacheDir;
+use crate::entry_chunks::EntryChunks;
 
 /// What a copied file was made from. A later build of the same COPY keeps the file from
 /// the earlier layer instead of copying it again when all of this is unchanged: the
@@ -86,7 +87,7 @@ pub struct Seed {
     /// The whole snapshot the seed is, or is a delta over.
     pub(crate) base_digest: String,
     pub(crate) base_dir: PathBuf,
-    pub(crate) base: LayerEntries,
+    pub(crate) base: EntryChunks,
     /// The seed's own delta over `base`: its tree and what it changed.
     pub(crate) delta: Option<(PathBuf, LayerDelta)>,
     /// The seed layer's own blob digest and where its segment index is kept: the next
@@ -134,7 +135,7 @@ impl Seed {
         let whole = cache.snapshot(digest);
         if whole.is_dir() {
             return Some(Seed {
-                base: read_bincode(&entries_path(&whole))?,
+                base: EntryChunks::load(&entries_path(&whole))?,
                 base_digest: digest.to_string(),
                 blob: (digest.to_string(), segments_path(&whole)),
                 base_dir: whole,
@@ -150,7 +151,7 @@ impl Seed {
         }
         let delta: LayerDelta = read_bincode(&unit.manifest())?;
         Some(Seed {
-            base: read_bincode(&entries_path(&base_dir))?,
+            base: EntryChunks::load(&entries_path(&base_dir))?,
             base_digest,
             base_dir,
             delta: Some((unit.tree(), delta)),
@@ -176,16 +177,17 @@ fn write_bincode<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result
     std::fs::rename(&aside, path)
 }
 
-/// Bincode, not JSON: at 50,000 files JSON took 275 bytes a file (a BLAKE3 as 32 numbers).
-/// Manifests of older formats (`.copied`, `.copied.bin`) are simply not found: the next
-/// build of the step copies instead of keeping, once.
+/// Bincode, not JSON: at 50,000 files JSON took 275 bytes a file (a BLAKE3 as 32 numbers);
+/// in sorted chunks (`entry_chunks`). Manifests of older formats (`.copied`, `.copied.bin`,
+/// a bare map) are simply not read: the next build of the step copies instead of keeping,
+/// once.
 fn entries_path(snapshot: &Path) -> PathBuf {
     snapshot.with_extension("entries.bin")
 }
 
 /// Keeps a whole COPY snapshot's entries beside it.
 pub fn save_entries(snapshot: &Path, entries: &LayerEntries) -> std::io::Result<()> {
-    write_bincode(&entries_path(snapshot), entries)
+    EntryChunks::save(&entries_path(snapshot), entries)
 }
 
 fn segments_path(snapshot: &Path) -> PathBuf {
@@ -301,7 +303,7 @@ mod tests {
             base_digest: "sha256:00".into(),
             blob: ("sha256:00".into(), PathBuf::from("/nonexistent.segments.bin")),
             base_dir: PathBuf::from("/nonexistent"),
-            base,
+            base: EntryChunks::from_entries(&base),
             sources_before: None,
             delta: Some((
                 PathBuf::from("/nonexistent-tree"),

@@ -130,6 +130,12 @@ pub enum CopyError {
     /// The image's files could not be mounted (to resolve the destination and owners).
     #[error("cannot mount the image the step builds on: {0}")]
     ImageView(std::io::Error),
+    /// The entries kept beside an earlier snapshot of the step could not all be read.
+    #[error(
+        "the entries kept beside snapshot {0} in the client cache are damaged: build once with \
+         --no-cache, or remove that snapshot from the client cache"
+    )]
+    DamagedSeed(String),
 }
 
 fn rel_dest(dest: &str) -> PathBuf {
@@ -675,6 +681,9 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         }),
         _ => None,
     };
+    if let Some(s) = p.seed.as_ref().filter(|s| s.seed.base.damaged()) {
+        return Err(CopyError::DamagedSeed(s.seed.base_digest.clone()));
+    }
     let reuse = p.seed.as_ref().map(|s| s.seed.blob.clone());
     Ok(CopyLayer {
         entries: (!p.unpacked && def.inline.is_empty()).then_some(p.entries),
@@ -797,7 +806,7 @@ pub fn build_copy_changes(layer: &Path, job: &ChangeJob, seed: &Seed) -> Result<
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     // The whole layer: the seed's, less what is gone, with what was placed now.
-    let mut all = seed.base.clone();
+    let mut all = seed.base.to_map();
     if let Some((_, d)) = &seed.delta {
         for r in &d.removed {
             all.remove(r);
@@ -814,6 +823,9 @@ pub fn build_copy_changes(layer: &Path, job: &ChangeJob, seed: &Seed) -> Result<
         .chain(seed.delta.iter().flat_map(|(_, d)| &d.removed))
         .collect();
     let removed = p.white_out_removed(candidates.into_iter())?;
+    if seed.base.damaged() {
+        return Err(CopyError::DamagedSeed(seed.base_digest.clone()));
+    }
     Ok(Some(CopyLayer {
         entries: Some(p.entries),
         seed_base: Some((seed.base_digest.clone(), seed.base_dir.clone())),

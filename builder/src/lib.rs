@@ -12,6 +12,7 @@ pub mod copy_changes;
 pub mod copy_pack;
 pub mod copy_seed;
 pub mod copy_step;
+pub mod entry_chunks;
 pub mod errors;
 pub mod image_export;
 pub mod miss_causes;
