@@ -24,7 +24,7 @@ use crate::build_control::BuildControl;
 use crate::build_events::{BuildObserver, StepEvent, StepPhases, SummaryEvent};
 use crate::cache_dir::CacheDir;
 use crate::copy_changes::source_changes;
-use crate::copy_pack::pack_copy;
+use crate::copy_pack::{pack_copy, pack_copy_over};
 use crate::copy_seed::{keep_segments, save_entries, save_segments, DeltaUnit, Seed};
 use crate::copy_step::{
     build_copy_changes, build_copy_layer, build_workdir_layer, changes_from, parse_chmod, ChangeJob, CopyAttrs,
@@ -959,12 +959,27 @@ impl<'a> Builder<'a> {
         // The diff_id after a reused front is hashed on its own thread while the build
         // goes on, when a later step of the stage can use the time.
         let defer = defer_hashing;
-        let (packed, segments, pending, parts) = match &copied {
-            Some(
-                c @ CopyLayer {
-                    entries: Some(entries), ..
+        let copy_packed = match (&copied, seed.as_ref()) {
+            (
+                Some(
+                    c @ CopyLayer {
+                        entries: Some(entries), ..
+                    },
+                ),
+                _,
+            ) => Some((c, pack_copy(self.steps, c, entries, &tree, &dest, defer))),
+            (Some(c @ CopyLayer { over_seed: true, .. }), s) => Some((
+                c,
+                match s {
+                    Some(s) => pack_copy_over(self.steps, c, s, &tree, &dest, defer),
+                    // Its directory holds only the delta: never packed as a whole layer.
+                    None => Err(std::io::Error::other("a layer made over a seed lost its seed")),
                 },
-            ) => pack_copy(self.steps, c, entries, &tree, &dest, defer).map(|p| {
+            )),
+            _ => None,
+        };
+        let (packed, segments, pending, parts) = match copy_packed {
+            Some((c, packed)) => packed.map(|p| {
                 // The seed's blob the unchanged members were taken from: the cache need
                 // only be sent the others.
                 let base = c
@@ -974,7 +989,7 @@ impl<'a> Builder<'a> {
                     .filter(|_| !p.parts.is_empty());
                 (p.layer, Some(p.index), p.pending, base.map(|b| (b, p.parts)))
             }),
-            _ => pack_layer(&tree, &dest).map(|p| (p, None, None, None)),
+            None => pack_layer(&tree, &dest).map(|p| (p, None, None, None)),
         }
         .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
         phases.pack_ms = packing.elapsed().as_millis() as u64;

@@ -385,11 +385,21 @@ impl Placement<'_> {
     /// (`entries`, whole) does not; returns those paths, sorted. A path beneath one that is
     /// whited out or replaced needs none.
     fn white_out_removed<'k>(&self, candidates: impl Iterator<Item = &'k String>) -> Result<Vec<String>, ConfineError> {
+        self.white_out_removed_in(candidates, &|k| self.entries.get(k))
+    }
+
+    /// [`Placement::white_out_removed`], where the layer's entry at a path is what
+    /// `layer` says (the placed entries are not all of them when the rest is the seed's).
+    fn white_out_removed_in<'k, 'l>(
+        &self,
+        candidates: impl Iterator<Item = &'k String>,
+        layer: &dyn Fn(&str) -> Option<&'l Placed>,
+    ) -> Result<Vec<String>, ConfineError> {
         let Some(seed) = self.seed.as_ref().filter(|_| self.delta) else {
             return Ok(Vec::new());
         };
         let mut removed: Vec<String> = candidates
-            .filter(|k| seed.seed.base.contains_key(*k) && !self.entries.contains_key(*k))
+            .filter(|k| seed.seed.base.contains_key(k) && layer(k).is_none())
             .cloned()
             .collect();
         removed.sort();
@@ -400,7 +410,7 @@ impl Placement<'_> {
                 .ancestors()
                 .skip(1)
                 .filter(|a| !a.as_os_str().is_empty())
-                .all(|a| matches!(self.entries.get(&key(a)), Some(Placed::Dir { .. })));
+                .all(|a| matches!(layer(&key(a)), Some(Placed::Dir { .. })));
             if under_dirs {
                 self.delta_parents(path)?;
                 self.layer.mknod(path, SFlag::S_IFCHR, 0, 0)?;
@@ -558,9 +568,27 @@ pub struct CopyLayer {
     /// The seed layer's blob digest and its segment index's path: the pack takes the
     /// unchanged segments from that blob.
     pub reuse: Option<(String, PathBuf)>,
+    /// Set when the layer is its seed's base with `delta` applied, and `entries` is not
+    /// kept (built from lcached's list of changes): see [`CopyLayer::entries_over`].
+    pub over_seed: bool,
 }
 
 impl CopyLayer {
+    /// Every entry of the layer: `entries`, or for a layer kept only as its delta over
+    /// `seed`'s base, that base with the delta applied.
+    pub fn entries_over(&self, seed: &Seed) -> Option<LayerEntries> {
+        if let Some(e) = &self.entries {
+            return Some(e.clone());
+        }
+        let d = self.delta.as_ref().filter(|_| self.over_seed)?;
+        let mut all = seed.base.to_map();
+        for r in &d.removed {
+            all.remove(r);
+        }
+        all.extend(d.changed.iter().map(|(k, v)| (k.clone(), v.clone())));
+        (!seed.base.damaged()).then_some(all)
+    }
+
     /// Whether the layer's file at `path` is in the seed's whole snapshot, not in the
     /// layer's own directory (which, as a delta, holds only what changed).
     pub fn from_base(&self, path: &str) -> bool {
@@ -674,7 +702,7 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
             changed: p
                 .entries
                 .iter()
-                .filter(|(k, v)| s.seed.base.get(*k) != Some(*v))
+                .filter(|(k, v)| s.seed.base.get(k) != Some(*v))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             removed,
@@ -690,6 +718,7 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
         seed_base,
         delta,
         reuse,
+        over_seed: false,
     })
 }
 
@@ -802,36 +831,49 @@ pub fn build_copy_changes(layer: &Path, job: &ChangeJob, seed: &Seed) -> Result<
     let changed: LayerEntries = p
         .entries
         .iter()
-        .filter(|(k, v)| seed.base.get(*k) != Some(*v))
+        .filter(|(k, v)| seed.base.get(k) != Some(*v))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    // The whole layer: the seed's, less what is gone, with what was placed now.
-    let mut all = seed.base.to_map();
-    if let Some((_, d)) = &seed.delta {
-        for r in &d.removed {
-            all.remove(r);
-        }
-        all.extend(d.changed.iter().map(|(k, v)| (k.clone(), v.clone())));
-    }
-    for g in &gone {
-        all.remove(g);
-    }
-    all.extend(p.entries.drain());
-    p.entries = all;
+    // The layer is the seed's, less what is gone, with what was placed now: never made
+    // whole here (at 200,000 files that alone took longer than the rest of the step).
+    let seed_removed: HashSet<&str> = seed
+        .delta
+        .iter()
+        .flat_map(|(_, d)| d.removed.iter().map(String::as_str))
+        .collect();
+    let placed = &p.entries;
+    let in_layer = |k: &str| layer_entry(placed, &gone, &seed_removed, seed, k);
     let candidates: Vec<&String> = gone
         .iter()
         .chain(seed.delta.iter().flat_map(|(_, d)| &d.removed))
         .collect();
-    let removed = p.white_out_removed(candidates.into_iter())?;
+    let removed = p.white_out_removed_in(candidates.into_iter(), &in_layer)?;
     if seed.base.damaged() {
         return Err(CopyError::DamagedSeed(seed.base_digest.clone()));
     }
     Ok(Some(CopyLayer {
-        entries: Some(p.entries),
+        entries: None,
         seed_base: Some((seed.base_digest.clone(), seed.base_dir.clone())),
         delta: Some(LayerDelta { changed, removed }),
         reuse: Some(seed.blob.clone()),
+        over_seed: true,
     }))
+}
+
+/// The entry at `k` of a layer that is `seed`'s base with `placed` put over it and `gone`
+/// and what the seed's own delta removed (`seed_removed`) taken away.
+fn layer_entry<'l>(
+    placed: &'l LayerEntries,
+    gone: &HashSet<String>,
+    seed_removed: &HashSet<&str>,
+    seed: &'l Seed,
+    k: &str,
+) -> Option<&'l Placed> {
+    match placed.get(k) {
+        Some(e) => Some(e),
+        None if gone.contains(k) || seed_removed.contains(k) => None,
+        None => seed.base.get(k),
+    }
 }
 
 /// Builds the layer of a WORKDIR on `image`: the directory (resolved through the image's
@@ -998,6 +1040,8 @@ mod tests {
 
         let (layer, r) = build(&listed("edited"));
         let built = r.unwrap().expect("src is a directory");
+        let all = built.entries_over(&seed).expect("the layer over its seed");
+        assert!(built.entries.is_none(), "the whole layer is not made, only its delta");
         let delta = built.delta.expect("a delta over the seed");
         assert_eq!(delta.changed.keys().collect::<Vec<_>>(), ["app/a.txt"]);
         assert_eq!(
@@ -1008,11 +1052,7 @@ mod tests {
             !layer.path().join("app/sub/run.sh").exists(),
             "unchanged files are not read"
         );
-        assert_eq!(
-            built.entries.map(|e| e.len()),
-            Some(entries.len()),
-            "the whole layer's entries"
-        );
+        assert_eq!(all.len(), entries.len(), "the whole layer's entries");
 
         let (_, r) = build(&listed("what lcached saw before the edit"));
         let e = r.unwrap_err().to_string();

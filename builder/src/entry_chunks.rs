@@ -201,7 +201,11 @@ impl EntryChunks {
 
     /// The entries after `after` (all, given `None`) up to and including `upto` (to the
     /// end, given `None`), in path order.
-    pub fn range<'a>(&'a self, after: Option<&'a str>, upto: Option<&'a str>) -> impl Iterator<Item = (&'a String, &'a Placed)> {
+    pub fn range<'a>(
+        &'a self,
+        after: Option<&'a str>,
+        upto: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a String, &'a Placed)> {
         let first = match after {
             Some(a) => self.heads.partition_point(|h| h.last.as_str() <= a),
             None => 0,
@@ -267,7 +271,8 @@ mod tests {
         assert!(keys.windows(2).all(|w| w[0] < w[1]));
 
         // Ranges, across chunk ends and at both ends.
-        let range = |a: Option<&str>, u: Option<&str>| -> Vec<String> { e.range(a, u).map(|(p, _)| p.clone()).collect() };
+        let range =
+            |a: Option<&str>, u: Option<&str>| -> Vec<String> { e.range(a, u).map(|(p, _)| p.clone()).collect() };
         let expect = |a: Option<&str>, u: Option<&str>| -> Vec<String> {
             keys.iter()
                 .filter(|p| a.is_none_or(|a| p.as_str() > a) && u.is_none_or(|u| p.as_str() <= u))

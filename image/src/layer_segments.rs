@@ -425,12 +425,14 @@ pub enum Planned<'a, 'e> {
 /// Cuts depend only on the entries near them, so a run of entries that starts where a
 /// segment starts is cut the same way whatever comes before it.
 pub fn segment_ranges(entries: &[SegmentEntry]) -> (Vec<Range<usize>>, bool) {
-    let ranges = split(entries);
-    let cut = entries.last().is_some_and(|e| {
-        matches!(e.kind, SegmentEntryKind::File { size, .. } if size >= BIG_FILE)
-            || blake3::hash(e.path.as_bytes()).as_bytes()[0] == CUT_ONE_IN
-    });
-    (ranges, cut)
+    (split(entries), entries.last().is_some_and(cuts_after))
+}
+
+/// Whether a segment ends after `e` whatever follows it (a big file, or a path whose hash
+/// says so).
+pub fn cuts_after(e: &SegmentEntry) -> bool {
+    matches!(e.kind, SegmentEntryKind::File { size, .. } if size >= BIG_FILE)
+        || blake3::hash(e.path.as_bytes()).as_bytes()[0] == CUT_ONE_IN
 }
 
 /// Packs the segments `plan` lists (as [`pack_segmented`] packs the ones it cuts):
@@ -522,7 +524,8 @@ pub fn pack_planned<R: Read>(
                 next_reusable = j + 1;
             }
             _ => {
-                let seg = seg.ok_or_else(|| io::Error::other("an earlier segment to take has no blob to take it from"))?;
+                let seg =
+                    seg.ok_or_else(|| io::Error::other("an earlier segment to take has no blob to take it from"))?;
                 match hashing {
                     Some(tar) => write_member(seg, open, &mut blob, tar)?,
                     None => write_member(seg, open, &mut blob, io::sink())?,
