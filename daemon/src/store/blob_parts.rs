@@ -243,6 +243,18 @@ impl BlobStore {
                 limit: limits.max_blob_size,
             });
         }
+        // Each byte of the base used at most once, front to back (as a re-run's members
+        // are): checking the blob then reads no more than the base holds, whatever a
+        // small request asks for.
+        let mut base_at = 0u64;
+        for p in &header.parts {
+            if let BlobPart::Base { offset, len } = *p {
+                if offset < base_at {
+                    return Err(bad("the base's runs overlap or go backwards"));
+                }
+                base_at = offset.saturating_add(len);
+            }
+        }
         let sent: u64 = header
             .parts
             .iter()
@@ -459,6 +471,15 @@ mod tests {
         assert!(matches!(e, Err(IngestError::Truncated { .. })), "{e:?}");
         let e = s.ingest_parts(&target, body(&base, &ok_parts, b"xyz"), None, &l).await;
         assert!(matches!(e, Err(IngestError::Truncated { .. })), "{e:?}");
+        // Base runs that go back over the base (reading it more than once).
+        let twice = [
+            BlobPart::Base { offset: 0, len: 4 },
+            BlobPart::Base { offset: 0, len: 4 },
+        ];
+        let e = s
+            .ingest_parts(&digest_of(b"01230123"), body(&base, &twice, b""), None, &l)
+            .await;
+        assert!(matches!(e, Err(IngestError::BadParts(_))), "{e:?}");
         // A run past the base's end, a base that is not stored, the blob as its own base.
         let past = [BlobPart::Base { offset: 8, len: 4 }, BlobPart::Sent { len: 2 }];
         let e = s.ingest_parts(&target, body(&base, &past, b"xy"), None, &l).await;
