@@ -130,6 +130,12 @@ pub enum CopyError {
     /// The image's files could not be mounted (to resolve the destination and owners).
     #[error("cannot mount the image the step builds on: {0}")]
     ImageView(std::io::Error),
+    /// A directory the step needs is a file (or a link to one) in the image.
+    #[error(
+        "mkdir {0}: not a directory — the image has a file there (or a link to one), and BuildKit \
+         fails here too; remove it first (in the RUN that made it) or use another path"
+    )]
+    FileInTheWay(String),
     /// The entries kept beside an earlier snapshot of the step could not all be read.
     #[error(
         "the entries kept beside snapshot {0} in the client cache are damaged: build once with \
@@ -518,7 +524,7 @@ fn make_dirs(
     image: Option<&Root>,
     dir: &Path,
     owner: (u32, u32),
-) -> Result<Vec<(String, Placed)>, ConfineError> {
+) -> Result<Vec<(String, Placed)>, CopyError> {
     let mut made = Vec::new();
     let mut at = PathBuf::new();
     for c in dir.components() {
@@ -526,9 +532,13 @@ fn make_dirs(
         if layer.stat(&at)?.is_some() {
             continue;
         }
-        let existing = image
-            .and_then(|img| img.stat(&at).ok().flatten())
-            .filter(|st| st.kind == EntryType::Dir);
+        let existing = image.and_then(|img| img.stat(&at).ok().flatten());
+        // BuildKit's mkdir fails on anything but a directory (`dir` is resolved through
+        // the image's links already): no directory is made over an image's file.
+        if existing.as_ref().is_some_and(|st| st.kind != EntryType::Dir) {
+            return Err(CopyError::FileInTheWay(format!("/{}", key(&at))));
+        }
+        let existing = existing.filter(|st| st.kind == EntryType::Dir);
         let (mode, uid, gid) = existing.map_or((0o755, owner.0, owner.1), |st| (st.mode, st.uid, st.gid));
         layer.create_dir(&at, mode)?;
         if lcache_image::layer_extract::is_root() {

@@ -1,0 +1,4 @@
+FROM busybox:latest
+RUN echo x > /w
+WORKDIR /w
+RUN pwd > /pwd

@@ -1,0 +1,3 @@
+FROM busybox:latest
+RUN mkdir -p /real /app && ln -s /real /app/d
+COPY dir /app/d/
