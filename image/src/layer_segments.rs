@@ -16,6 +16,7 @@ use std::path::Path;
 use lcache_proto::wire::BlobPart;
 
 use crate::layer_diff::PackedLayer;
+use crate::member_compress::{self, compressed_ahead, Compressed};
 use crate::read_tee::ReadTee;
 use crate::sha256_stream::Sha256Stream;
 
@@ -158,6 +159,20 @@ impl PendingDiffId {
         tar.write_all(&[0; TRAILER])?;
         Ok((tar.digest(), index))
     }
+}
+
+/// A fresh segment whose files are more than this is compressed on the writer's thread,
+/// streamed, not ahead in memory.
+const WAIT_IN_MEMORY: u64 = 8 << 20;
+
+/// The bytes of a segment's files.
+fn bytes_of(seg: &[SegmentEntry]) -> u64 {
+    seg.iter()
+        .map(|e| match e.kind {
+            SegmentEntryKind::File { size, .. } => size,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// A file this big gets a segment of its own: an edit next to it does not re-compress it.
@@ -399,7 +414,7 @@ fn blob_parts(taken: &[(u64, u64, u64)], size: u64) -> Vec<BlobPart> {
 /// `defer`, the tar after the reused front is not hashed here but left `pending`.
 pub fn pack_segmented<R: Read>(
     entries: &[SegmentEntry],
-    open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
+    open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
     reuse: Option<Reuse<'_, R>>,
     dest: &Path,
     defer: bool,
@@ -440,10 +455,23 @@ pub fn cuts_after(e: &SegmentEntry) -> bool {
 /// edit left alone need not hold their entries.
 pub fn pack_planned<R: Read>(
     plan: &[Planned],
-    open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
+    open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
+    reuse: Option<Reuse<'_, R>>,
+    dest: &Path,
+    defer: bool,
+) -> io::Result<Packed> {
+    pack_on(plan, open, reuse, dest, defer, member_compress::workers())
+}
+
+/// [`pack_planned`], fresh members compressed on `workers` threads (1: all on this one).
+/// The blob is the same whatever their number: each member is compressed alone.
+fn pack_on<R: Read>(
+    plan: &[Planned],
+    open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
     mut reuse: Option<Reuse<'_, R>>,
     dest: &Path,
     defer: bool,
+    workers: usize,
 ) -> io::Result<Packed> {
     let file = std::fs::File::create(dest)?;
     let mut blob = Sha256Stream::new(io::BufWriter::new(file));
@@ -469,6 +497,11 @@ pub fn pack_planned<R: Read>(
     let mut deferred: Option<(usize, Vec<u8>)> = None;
     // Members copied from the earlier blob: (offset here, offset there, length).
     let mut taken: Vec<(u64, u64, u64)> = Vec::new();
+    // Each segment's fingerprint, entries and last path; which are taken from the earlier
+    // blob (as the loop below decides it) and which are compressed afresh, on the workers
+    // when small enough to wait in memory.
+    let mut items = Vec::with_capacity(plan.len());
+    let (mut next, mut queued, mut fresh) = (0usize, vec![false; plan.len()], Vec::new());
     for (i, planned) in plan.iter().enumerate() {
         let (fp, seg, last) = match *planned {
             Planned::Entries(seg) => (
@@ -480,66 +513,106 @@ pub fn pack_planned<R: Read>(
                 let s = reuse
                     .as_ref()
                     .and_then(|r| r.index.segments.get(j))
-                    .filter(|_| j >= next_reusable)
+                    .filter(|_| j >= next)
                     .ok_or_else(|| io::Error::other("a planned segment is not the earlier blob's next"))?;
                 (s.fingerprint, None, s.last.clone())
             }
         };
-        let offset = blob.len();
         let reusable = match (reuse.as_ref(), planned, earlier.get(&fp)) {
             (Some(_), Planned::Earlier(j), _) => Some(*j),
-            (Some(_), _, Some(&j)) if j >= next_reusable => Some(j),
+            (Some(_), _, Some(&j)) if j >= next => Some(j),
             _ => None,
         };
-        let (r, j) = match (reuse.as_mut(), reusable) {
-            (Some(r), Some(j)) if in_front && j == i => {
-                copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, None)?;
-                taken.push((offset, r.index.segments[j].offset, r.index.segments[j].len));
-                next_reusable = j + 1;
-                front = Some(&r.index.segments[j].tar_state);
-                index.segments.push(Segment {
-                    fingerprint: fp,
-                    offset,
-                    len: blob.len() - offset,
-                    tar_state: r.index.segments[j].tar_state.clone(),
-                    last,
-                });
-                continue;
+        match (reusable, seg) {
+            (Some(j), _) => next = j + 1,
+            (None, Some(seg)) if workers > 1 && bytes_of(seg) <= WAIT_IN_MEMORY => {
+                queued[i] = true;
+                fresh.push(seg);
             }
-            (r, j) => (r, j),
-        };
-        if std::mem::take(&mut in_front) {
-            if let Some(state) = front {
-                tar = TarHash::resume(state)?;
-            }
-            if defer {
-                deferred = Some((i, tar.state()));
-            }
+            _ => {}
         }
-        let hashing = deferred.is_none().then_some(&mut tar);
-        match (r, j) {
-            (Some(r), Some(j)) => {
-                copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, hashing)?;
-                taken.push((offset, r.index.segments[j].offset, r.index.segments[j].len));
-                next_reusable = j + 1;
-            }
-            _ => {
-                let seg =
-                    seg.ok_or_else(|| io::Error::other("an earlier segment to take has no blob to take it from"))?;
-                match hashing {
-                    Some(tar) => write_member(seg, open, &mut blob, tar)?,
-                    None => write_member(seg, open, &mut blob, io::sink())?,
+        items.push((fp, seg, last));
+    }
+    // The fresh members' tar is hashed here unless the diff_id is left to a job of its own
+    // (then from the first segment not in front, which no fresh one is).
+    let keep_tar = !(defer && reuse.is_some());
+    let compress = |seg: &&[SegmentEntry]| -> io::Result<Compressed> {
+        let (mut member, mut tar) = (Vec::new(), Vec::new());
+        if keep_tar {
+            write_member(seg, open, &mut member, &mut tar)?;
+        } else {
+            write_member(seg, open, &mut member, io::sink())?;
+        }
+        Ok(Compressed { member, tar })
+    };
+    compressed_ahead(&fresh, workers, &compress, |fetched| {
+        for (i, (planned, (fp, seg, last))) in plan.iter().zip(items).enumerate() {
+            let offset = blob.len();
+            let reusable = match (reuse.as_ref(), planned, earlier.get(&fp)) {
+                (Some(_), Planned::Earlier(j), _) => Some(*j),
+                (Some(_), _, Some(&j)) if j >= next_reusable => Some(j),
+                _ => None,
+            };
+            let (r, j) = match (reuse.as_mut(), reusable) {
+                (Some(r), Some(j)) if in_front && j == i => {
+                    copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, None)?;
+                    taken.push((offset, r.index.segments[j].offset, r.index.segments[j].len));
+                    next_reusable = j + 1;
+                    front = Some(&r.index.segments[j].tar_state);
+                    index.segments.push(Segment {
+                        fingerprint: fp,
+                        offset,
+                        len: blob.len() - offset,
+                        tar_state: r.index.segments[j].tar_state.clone(),
+                        last,
+                    });
+                    continue;
+                }
+                (r, j) => (r, j),
+            };
+            if std::mem::take(&mut in_front) {
+                if let Some(state) = front {
+                    tar = TarHash::resume(state)?;
+                }
+                if defer {
+                    deferred = Some((i, tar.state()));
                 }
             }
+            let hashing = deferred.is_none().then_some(&mut tar);
+            match (r, j) {
+                (Some(r), Some(j)) => {
+                    copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, hashing)?;
+                    taken.push((offset, r.index.segments[j].offset, r.index.segments[j].len));
+                    next_reusable = j + 1;
+                }
+                _ if queued[i] => {
+                    let c = fetched.take()?;
+                    blob.write_all(&c.member)?;
+                    match hashing {
+                        Some(tar) if keep_tar => tar.write_all(&c.tar)?,
+                        Some(_) => return Err(io::Error::other("a fresh member's tar was not kept to hash")),
+                        None => {}
+                    }
+                }
+                _ => {
+                    let seg =
+                        seg.ok_or_else(|| io::Error::other("an earlier segment to take has no blob to take it from"))?;
+                    match hashing {
+                        Some(tar) => write_member(seg, open, &mut blob, tar)?,
+                        None => write_member(seg, open, &mut blob, io::sink())?,
+                    }
+                }
+            }
+            index.segments.push(Segment {
+                fingerprint: fp,
+                offset,
+                len: blob.len() - offset,
+                tar_state: if deferred.is_some() { Vec::new() } else { tar.state() },
+                last,
+            });
         }
-        index.segments.push(Segment {
-            fingerprint: fp,
-            offset,
-            len: blob.len() - offset,
-            tar_state: if deferred.is_some() { Vec::new() } else { tar.state() },
-            last,
-        });
-    }
+        Ok(())
+    })?;
     if in_front {
         if let Some(state) = front {
             tar = TarHash::resume(state)?;
@@ -644,7 +717,7 @@ mod tests {
         list: &[(String, Vec<u8>, bool)],
         reuse: Option<(&SegmentIndex, &[u8])>,
         out: &Path,
-        opened: &std::cell::Cell<usize>,
+        opened: &std::sync::atomic::AtomicUsize,
     ) -> (PackedLayer, SegmentIndex) {
         pack_deferring(root, list, reuse, out, opened, false)
     }
@@ -655,11 +728,11 @@ mod tests {
         list: &[(String, Vec<u8>, bool)],
         reuse: Option<(&SegmentIndex, &[u8])>,
         out: &Path,
-        opened: &std::cell::Cell<usize>,
+        opened: &std::sync::atomic::AtomicUsize,
         defer: bool,
     ) -> (PackedLayer, SegmentIndex) {
         let open = |e: &SegmentEntry| {
-            opened.set(opened.get() + 1);
+            opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             std::fs::File::open(root.join(e.path))
         };
         let earlier = reuse.map(|(_, blob)| blob);
@@ -703,11 +776,11 @@ mod tests {
     fn reusing_unchanged_members_gives_the_blob_packing_from_scratch_gives_and_reads_only_the_changed() {
         let t = tree(6000);
         let out = tempfile::tempdir().unwrap();
-        let opened = std::cell::Cell::new(0);
+        let opened = std::sync::atomic::AtomicUsize::new(0);
         let list = entries(&t);
         let (first, index) = pack(t.dir.path(), &list, None, &out.path().join("1"), &opened);
         assert!(index.segments.len() > 12, "{} segments", index.segments.len());
-        assert_eq!(opened.get(), 6000);
+        assert_eq!(opened.load(std::sync::atomic::Ordering::Relaxed), 6000);
         let first_blob = std::fs::read(&first.path).unwrap();
 
         // Edit one file, add one, remove one.
@@ -720,9 +793,9 @@ mod tests {
         list2.push(("app/d5/new".into(), b"new".to_vec(), false));
         list2.sort();
 
-        opened.set(0);
+        opened.store(0, std::sync::atomic::Ordering::Relaxed);
         let (scratch, _) = pack(t.dir.path(), &list2, None, &out.path().join("2"), &opened);
-        opened.set(0);
+        opened.store(0, std::sync::atomic::Ordering::Relaxed);
         let (reused, _) = pack(
             t.dir.path(),
             &list2,
@@ -733,7 +806,11 @@ mod tests {
         assert_eq!(reused.digest, scratch.digest);
         assert_eq!(reused.diff_id, scratch.diff_id);
         // Three changes touch at most three segments of about 256 entries.
-        assert!(opened.get() < 6000 / 4, "read {} files", opened.get());
+        assert!(
+            opened.load(std::sync::atomic::Ordering::Relaxed) < 6000 / 4,
+            "read {} files",
+            opened.load(std::sync::atomic::Ordering::Relaxed)
+        );
 
         // The blob is one layer: every entry is there, in order, edits included.
         let gz = flate2::read::MultiGzDecoder::new(std::fs::File::open(&reused.path).unwrap());
@@ -754,7 +831,7 @@ mod tests {
     fn the_diff_id_resumed_after_an_unchanged_front_is_the_one_hashing_everything_gives() {
         let t = tree(2000);
         let out = tempfile::tempdir().unwrap();
-        let opened = std::cell::Cell::new(0);
+        let opened = std::sync::atomic::AtomicUsize::new(0);
         let list = entries(&t);
         let (first, index) = pack(t.dir.path(), &list, None, &out.path().join("0"), &opened);
         let first_blob = std::fs::read(&first.path).unwrap();
@@ -803,10 +880,30 @@ mod tests {
     }
 
     #[test]
+    fn the_blob_is_the_same_however_many_threads_compress_it() {
+        let t = tree(3000);
+        let out = tempfile::tempdir().unwrap();
+        let list = entries(&t);
+        let e = as_entries(&list);
+        let plan: Vec<Planned> = split(&e).into_iter().map(|r| Planned::Entries(&e[r])).collect();
+        let open = |e: &SegmentEntry| std::fs::File::open(t.dir.path().join(e.path));
+        let digests: Vec<(String, String)> = [1, 2, 4]
+            .into_iter()
+            .map(|w| {
+                let p =
+                    pack_on::<std::io::Empty>(&plan, &open, None, &out.path().join(format!("{w}")), false, w).unwrap();
+                (p.layer.digest, p.layer.diff_id)
+            })
+            .collect();
+        assert!(plan.len() > 8);
+        assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
+    }
+
+    #[test]
     fn a_wrong_earlier_blob_fails_rather_than_packing_it() {
         let t = tree(600);
         let out = tempfile::tempdir().unwrap();
-        let opened = std::cell::Cell::new(0);
+        let opened = std::sync::atomic::AtomicUsize::new(0);
         let list = entries(&t);
         let (_, index) = pack(t.dir.path(), &list, None, &out.path().join("1"), &opened);
         let garbage = vec![7u8; 4096];
