@@ -213,9 +213,7 @@ impl BlobStore {
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let final_path = self
-            .path_of(digest)
-            .ok_or_else(|| IngestError::Body(format!("'{digest}' is not a sha256 digest")))?;
+        let final_path = self.destination(digest)?;
         let mut body = BodyReader {
             body,
             held: BytesMut::new(),

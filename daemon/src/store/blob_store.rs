@@ -101,6 +101,12 @@ impl BlobStore {
         sha256_hex(digest).map(|h| self.root.join(h))
     }
 
+    /// Where an upload of `digest` goes once verified.
+    pub(crate) fn destination(&self, digest: &str) -> Result<PathBuf, IngestError> {
+        self.path_of(digest)
+            .ok_or_else(|| IngestError::Body(format!("'{digest}' is not a sha256 digest")))
+    }
+
     /// Whether blob `digest` is on disk (its bytes are not checked).
     pub fn exists(&self, digest: &str) -> bool {
         self.path_of(digest).is_some_and(|p| p.symlink_metadata().is_ok())
@@ -189,9 +195,7 @@ impl BlobStore {
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let final_path = self
-            .path_of(digest)
-            .ok_or_else(|| IngestError::Body(format!("'{digest}' is not a sha256 digest")))?;
+        let final_path = self.destination(digest)?;
         let tmp_path = self.temp_path("");
         if expected_len.is_some_and(|n| n > limits.max_blob_size) {
             return Err(IngestError::TooLarge {
