@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, StatusCode};
 use lcache_bucket::{Bucket, BucketError};
-use lcache_proto::wire::{ImageRecord, StepRecord, SyncReport, BLOB_PARTS_TYPE};
+use lcache_proto::wire::{BlobParts, ImageRecord, StepRecord, SyncReport, BLOB_PARTS_TYPE};
 use lcache_remote::{Remote, RemoteError};
 use tokio::sync::mpsc;
 
@@ -307,6 +307,55 @@ impl Upstream {
         Ok(resp.status().is_success())
     }
 
+    /// Stores blob `digest` from the upstream's parts of it, if it keeps it as parts over a
+    /// base this daemon has: only the sent runs travel, and the blob is verified whole as
+    /// any upload. `false` when it cannot be fetched so (the caller fetches it whole).
+    async fn fetch_parts(remote: &Remote, local: &AppState, digest: &str) -> Result<bool, UpstreamError> {
+        let (status, body) = Self::call(
+            remote,
+            Method::GET,
+            &format!("/v1/blobs/{digest}/parts"),
+            lcache_remote::empty(),
+            0,
+        )
+        .await?;
+        let Some(parts) = (status == StatusCode::OK)
+            .then(|| serde_json::from_slice::<BlobParts>(&body).ok())
+            .flatten()
+        else {
+            return Ok(false);
+        };
+        if !has_blob(local, &parts.base)? {
+            return Ok(false);
+        }
+        let head = parts.head().map_err(|e| UpstreamError::Local(e.to_string()))?;
+        let resp = remote
+            .send(
+                Method::GET,
+                &format!("/v1/blobs/{digest}/sent"),
+                lcache_remote::empty(),
+                0,
+            )
+            .await?;
+        if !resp.status().is_success() {
+            return Ok(false);
+        }
+        let len = head.len() as u64 + parts.sent_ranges().iter().map(|(_, l)| l).sum::<u64>();
+        let head = futures_util::stream::once(async move { Ok(Frame::data(Bytes::from(head))) });
+        let body = StreamBody::new(Box::pin(head.chain(http_body_util::BodyStream::new(resp.into_body()))));
+        match local.blobs.ingest_parts(digest, body, Some(len), &local.limits).await {
+            Ok(meta) => {
+                note_ingested(local, &meta)?;
+                Ok(true)
+            }
+            // The base here not what it should be, the answer cut off: whole, then.
+            Err(e) => {
+                eprintln!("lcached: warning: layer {digest} could not be made from its parts ({e}); fetching it whole");
+                Ok(false)
+            }
+        }
+    }
+
     /// Pushes one record: its layer blob first (unless the upstream has it, and as parts
     /// when it was uploaded so and the upstream has their base), then the record.
     async fn push_one(&self, scope: &str, key: &str, local: &AppState) -> Result<(), UpstreamError> {
@@ -491,7 +540,7 @@ impl Upstream {
             return Err(UpstreamError::Invalid(format!("asked for step {key}, got {}", rec.key)));
         }
         if let Some(layer) = &rec.layer {
-            if !has_blob(local, &layer.digest)? {
+            if !has_blob(local, &layer.digest)? && !Self::fetch_parts(remote, local, &layer.digest).await? {
                 let resp = remote
                     .send(
                         Method::GET,

@@ -304,3 +304,41 @@ fn a_runner_sends_the_shared_cache_only_the_members_an_edit_changed() {
     assert_eq!(cached(&steps), [true]);
     assert_eq!(image, again);
 }
+
+#[test]
+fn a_runner_with_the_last_layer_fetches_only_the_members_an_edit_changed() {
+    let shared = Daemon::start(&[]);
+    let tokens = tempfile::tempdir().unwrap();
+    let write = make_token(&shared, "runners", "write");
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
+        .write_many("src", 3000);
+    let a = runner(&shared, &write, tokens.path(), "a");
+    let b = runner(&shared, &write, tokens.path(), "b");
+    a.build(&p, &[]);
+    assert!(sync(&a, &p).status.success());
+    // B reads the first layer through, whole.
+    let (steps, _) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true]);
+    assert!(blobs_kept_as_runs(&b.daemon.store()).is_empty());
+
+    // A edits and pushes (as parts); B, holding the layer the edit's is made over, is sent
+    // only the changed members and keeps the new layer as runs, verified whole.
+    p.write("src/f1700.txt", "edited\n");
+    let (_, image) = a.build(&p, &[]);
+    assert!(sync(&a, &p).status.success());
+    let (steps, again) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true]);
+    assert_eq!(image, again);
+    let runs = blobs_kept_as_runs(&b.daemon.store());
+    assert_eq!(runs.len(), 1, "the edited layer came as parts");
+    let whole: u64 = std::fs::read_dir(b.daemon.store().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .max()
+        .unwrap();
+    let added = own_bytes(&runs[0]);
+    assert!(added * 4 < whole, "{added} bytes fetched for a layer of {whole}");
+}

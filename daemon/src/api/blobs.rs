@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use lcache_proto::wire::BLOB_PARTS_TYPE;
+use lcache_proto::wire::{BlobParts, BLOB_PARTS_TYPE};
 
 use super::{error, json, Body};
 use crate::state::AppState;
@@ -117,6 +117,63 @@ pub async fn get(state: &AppState, d: &str) -> Response<Body> {
         .status(StatusCode::OK)
         .header("content-type", "application/octet-stream")
         .header("content-length", meta.size)
+        .body(BodyExt::boxed(StreamBody::new(chunks)))
+        .unwrap_or_else(|_| Response::new(super::full("")))
+}
+
+/// The blob `d` and how it was uploaded as parts, or the answer to give instead (404 for a
+/// blob stored whole: it has no parts to give).
+fn with_parts(state: &AppState, d: &str) -> Result<(BlobFile, BlobParts), Response<Body>> {
+    let meta = match stored(state, d) {
+        Ok(Some(m)) => m,
+        Ok(None) => return Err(not_found(d)),
+        Err(r) => return Err(r),
+    };
+    match opened(state, &meta).map(|b| {
+        let parts = b.origin.clone();
+        (b, parts)
+    }) {
+        Some((b, Some(parts))) => Ok((b, parts)),
+        _ => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("blob {d} is not kept as parts here"),
+            "fetch it whole with GET /v1/blobs/{digest}",
+        )),
+    }
+}
+
+/// `GET /v1/blobs/{digest}/parts`: the parts a blob was uploaded as (JSON), so a daemon that
+/// holds their base can fetch only the sent runs (`/sent`) and store the blob from them.
+pub async fn parts(state: &AppState, d: &str) -> Response<Body> {
+    match with_parts(state, d) {
+        Ok((_, parts)) => json(StatusCode::OK, &parts),
+        Err(r) => r,
+    }
+}
+
+/// `GET /v1/blobs/{digest}/sent`: the bytes of the blob's sent runs, front to back.
+pub async fn sent(state: &AppState, d: &str) -> Response<Body> {
+    let (blob, parts) = match with_parts(state, d) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let blob = match blob.select(&parts.sent_ranges()) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("blob {d} is damaged: {e}"),
+                "fetch it whole with GET /v1/blobs/{digest}",
+            )
+        }
+    };
+    state.metrics.bytes_out.fetch_add(blob.len(), Ordering::Relaxed);
+    let len = blob.len();
+    let chunks = blob.chunks().map(|c| c.map(Frame::data));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len)
         .body(BodyExt::boxed(StreamBody::new(chunks)))
         .unwrap_or_else(|_| Response::new(super::full("")))
 }
