@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use lcache_e2e::{make_token, raw_http, sha256_digest, tcp_http, Daemon};
+use lcache_proto::wire::{BlobPart, BlobParts, BLOB_PARTS_TYPE};
 
 fn key(n: u32) -> String {
     format!("{:064x}", 0xabc000 + n)
@@ -21,11 +22,19 @@ fn json(body: &[u8]) -> serde_json::Value {
 }
 
 /// Every file under blobs/sha256 hashes to its name, and no temp file is left.
-fn assert_blobs_whole(store: &Path) {
-    for e in std::fs::read_dir(store.join("blobs/sha256")).unwrap() {
+/// Every blob the store holds reads back whole: a file, or (kept as parts) what the daemon
+/// serves from its runs.
+fn assert_blobs_whole(d: &Daemon) {
+    for e in std::fs::read_dir(d.store().join("blobs/sha256")).unwrap() {
         let p = e.unwrap().path();
-        let data = std::fs::read(&p).unwrap();
         let name = p.file_name().unwrap().to_string_lossy().to_string();
+        let data = if p.is_dir() {
+            let (status, body) = d.http("GET", &format!("/v1/blobs/sha256:{name}"), b"");
+            assert_eq!(status, 200, "blob kept as parts {name}");
+            body
+        } else {
+            std::fs::read(&p).unwrap()
+        };
         assert_eq!(
             sha256_digest(&data),
             format!("sha256:{name}"),
@@ -114,6 +123,52 @@ fn a_truncated_upload_is_refused_and_nothing_is_kept() {
     assert_eq!(d.http("GET", "/v1/status", b"").0, 200, "the daemon is still up");
 }
 
+/// A body of parts over `base`: `runs` of the blob `whole` (offset, length), the first and
+/// every other one taken from the base, the rest sent.
+fn parts_body(base: &str, runs: &[(usize, usize)], whole: &[u8]) -> Vec<u8> {
+    let parts: Vec<BlobPart> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, &(offset, len))| match i % 2 {
+            0 => BlobPart::Base {
+                offset: offset as u64,
+                len: len as u64,
+            },
+            _ => BlobPart::Sent { len: len as u64 },
+        })
+        .collect();
+    let mut body = BlobParts {
+        base: base.to_string(),
+        parts,
+    }
+    .head()
+    .unwrap();
+    for (i, &(offset, len)) in runs.iter().enumerate() {
+        if i % 2 == 1 {
+            body.extend_from_slice(&whole[offset..offset + len]);
+        }
+    }
+    body
+}
+
+/// PUTs a body of parts, declaring `declared` bytes; the status (0 if the answer broke off).
+fn put_parts(socket: &Path, digest: &str, body: &[u8], declared: usize) -> u16 {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nContent-Type: {BLOB_PARTS_TYPE}\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
 #[test]
 fn kill_9_during_uploads_leaves_only_whole_blobs_and_every_acknowledged_record() {
     let d = Daemon::start(&[]);
@@ -124,6 +179,18 @@ fn kill_9_during_uploads_leaves_only_whole_blobs_and_every_acknowledged_record()
         let digest = sha256_digest(&layer);
         assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}"), &layer).0, 201);
         let k = key(100 + n);
+        assert_eq!(d.http("PUT", &format!("/v1/steps/{k}"), &record(&k, &digest)).0, 201);
+        acked.push((k, digest));
+    }
+    // Acknowledged blobs uploaded as parts of the first: kept as runs, they must survive too.
+    let base = "layer number 0".repeat(1000).into_bytes();
+    for n in 0..4u32 {
+        let mut layer = base.clone();
+        layer[100..104].copy_from_slice(&n.to_le_bytes());
+        let digest = sha256_digest(&layer);
+        let body = parts_body(&acked[0].1, &[(0, 100), (100, 4), (104, base.len() - 104)], &layer);
+        assert_eq!(put_parts(&d.socket, &digest, &body, body.len()), 201);
+        let k = key(200 + n);
         assert_eq!(d.http("PUT", &format!("/v1/steps/{k}"), &record(&k, &digest)).0, 201);
         acked.push((k, digest));
     }
@@ -140,6 +207,22 @@ fn kill_9_during_uploads_leaves_only_whole_blobs_and_every_acknowledged_record()
         )
         .unwrap();
         s.write_all(&data[..data.len() / 2]).unwrap();
+        in_flight.push((s, digest));
+    }
+    // And as parts: the list and half the sent bytes.
+    for n in 0..4u32 {
+        let mut layer = base.clone();
+        layer.extend(vec![n as u8; 1 << 20]);
+        let digest = sha256_digest(&layer);
+        let body = parts_body(&acked[0].1, &[(0, base.len()), (base.len(), 1 << 20)], &layer);
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        write!(
+            s,
+            "PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nContent-Type: {BLOB_PARTS_TYPE}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        s.write_all(&body[..body.len() / 2]).unwrap();
         in_flight.push((s, digest));
     }
     let store = d.store();
@@ -160,7 +243,7 @@ fn kill_9_during_uploads_leaves_only_whole_blobs_and_every_acknowledged_record()
         0,
         "temp files cleared"
     );
-    assert_blobs_whole(&d.store());
+    assert_blobs_whole(&d);
     for (k, digest) in &acked {
         let (status, body) = d.http("GET", &format!("/v1/steps/{k}"), b"");
         assert_eq!(status, 200, "acknowledged record {k} lost");
