@@ -269,8 +269,9 @@ fn a_layer_the_upstream_serves_corrupt_is_refused_and_nothing_is_kept() {
     assert!(String::from_utf8_lossy(&metrics).contains("lcache_upstream_errors_total 1"));
 }
 
-#[test]
-fn a_runner_sends_the_shared_cache_only_the_members_an_edit_changed() {
+/// A shared cache, where runner tokens are kept, a write token, a project whose one COPY
+/// layer is several segments, and runner `a`, which has built and pushed it.
+fn segmented_layer_pushed() -> (Daemon, tempfile::TempDir, String, Project, BuildEnv) {
     let shared = Daemon::start(&[]);
     let tokens = tempfile::tempdir().unwrap();
     let write = make_token(&shared, "runners", "write");
@@ -280,11 +281,24 @@ fn a_runner_sends_the_shared_cache_only_the_members_an_edit_changed() {
     let a = runner(&shared, &write, tokens.path(), "a");
     a.build(&p, &[]);
     assert!(sync(&a, &p).status.success());
-    let whole: Vec<u64> = std::fs::read_dir(shared.store().join("blobs/sha256"))
+    (shared, tokens, write, p, a)
+}
+
+/// The size of the largest blob `store` keeps whole: the layer before an edit.
+fn largest_whole_blob(store: &Path) -> u64 {
+    std::fs::read_dir(store.join("blobs/sha256"))
         .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .collect();
-    let layer = whole.iter().max().copied().unwrap();
+        .map(|e| e.unwrap().metadata().unwrap())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn a_runner_sends_the_shared_cache_only_the_members_an_edit_changed() {
+    let (shared, tokens, write, p, a) = segmented_layer_pushed();
+    let layer = largest_whole_blob(&shared.store());
 
     // The edit's blob reaches the shared cache as parts of the one it has: the shared
     // lcached keeps it as runs, having been sent only the changed members.
@@ -307,16 +321,8 @@ fn a_runner_sends_the_shared_cache_only_the_members_an_edit_changed() {
 
 #[test]
 fn a_runner_with_the_last_layer_fetches_only_the_members_an_edit_changed() {
-    let shared = Daemon::start(&[]);
-    let tokens = tempfile::tempdir().unwrap();
-    let write = make_token(&shared, "runners", "write");
-    let p = Project::new();
-    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
-        .write_many("src", 3000);
-    let a = runner(&shared, &write, tokens.path(), "a");
+    let (shared, tokens, write, p, a) = segmented_layer_pushed();
     let b = runner(&shared, &write, tokens.path(), "b");
-    a.build(&p, &[]);
-    assert!(sync(&a, &p).status.success());
     // B reads the first layer through, whole.
     let (steps, _) = b.build(&p, &[]);
     assert_eq!(cached(&steps), [true]);
@@ -332,13 +338,7 @@ fn a_runner_with_the_last_layer_fetches_only_the_members_an_edit_changed() {
     assert_eq!(image, again);
     let runs = blobs_kept_as_runs(&b.daemon.store());
     assert_eq!(runs.len(), 1, "the edited layer came as parts");
-    let whole: u64 = std::fs::read_dir(b.daemon.store().join("blobs/sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap())
-        .filter(|m| m.is_file())
-        .map(|m| m.len())
-        .max()
-        .unwrap();
+    let whole = largest_whole_blob(&b.daemon.store());
     let added = own_bytes(&runs[0]);
     assert!(added * 4 < whole, "{added} bytes fetched for a layer of {whole}");
 }
