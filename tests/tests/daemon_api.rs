@@ -523,3 +523,34 @@ fn runners_racing_to_store_one_key_leave_one_record() {
     let stored: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(layers.contains(&stored["layer"]["digest"].as_str().unwrap().to_string()));
 }
+
+#[test]
+fn the_parts_of_a_blob_are_given_only_for_one_kept_as_parts() {
+    let d = Daemon::start(&[]);
+    let base = "base bytes ".repeat(1000).into_bytes();
+    let base_digest = sha256_digest(&base);
+    assert_eq!(d.http("PUT", &format!("/v1/blobs/{base_digest}"), &base).0, 201);
+    let mut edited = base.clone();
+    edited[500..504].copy_from_slice(b"EDIT");
+    let digest = sha256_digest(&edited);
+    let body = parts_body(&base_digest, &[(0, 500), (500, 4), (504, base.len() - 504)], &edited);
+    assert_eq!(put_parts(&d.socket, &digest, &body, body.len()), 201);
+
+    let (status, parts) = d.http("GET", &format!("/v1/blobs/{digest}/parts"), b"");
+    assert_eq!(status, 200);
+    assert_eq!(json(&parts)["base"], base_digest.as_str());
+    assert_eq!(
+        d.http("GET", &format!("/v1/blobs/{digest}/sent"), b""),
+        (200, b"EDIT".to_vec())
+    );
+    // A blob stored whole, one not stored, a name that is not a digest: no parts.
+    for path in [
+        format!("/v1/blobs/{base_digest}/parts"),
+        format!("/v1/blobs/{base_digest}/sent"),
+        format!("/v1/blobs/{}/sent", sha256_digest(b"absent")),
+    ] {
+        assert_eq!(d.http("GET", &path, b"").0, 404, "{path}");
+    }
+    assert_eq!(d.http("GET", "/v1/blobs/sha256:..%2F..%2Fetc/parts", b"").0, 400);
+    assert_eq!(d.http("GET", "/v1/status", b"").0, 200, "the daemon is still up");
+}
