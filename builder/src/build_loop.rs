@@ -987,7 +987,12 @@ impl<'a> Builder<'a> {
                     .as_ref()
                     .map(|(digest, _)| digest.as_str())
                     .filter(|_| !p.parts.is_empty());
-                (p.layer, Some(p.index), p.pending, base.map(|b| (b, p.parts)))
+                (
+                    p.layer,
+                    Some(p.index),
+                    p.pending,
+                    base.map(|b| (b, p.parts, p.unwritten)),
+                )
             }),
             None => pack_layer(&tree, &dest).map(|p| (p, None, None, None)),
         }
@@ -995,11 +1000,12 @@ impl<'a> Builder<'a> {
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
         let source = match &parts {
-            Some((base, parts)) => BlobSource::Parts {
+            Some((base, parts, unwritten)) => BlobSource::Parts {
                 path: &packed.path,
                 len: packed.size,
                 base,
                 parts,
+                unwritten: *unwritten,
             },
             None => BlobSource::file(&packed.path)?,
         };

@@ -10,7 +10,8 @@ use lcache_confine::Root;
 use std::collections::HashSet;
 
 use lcache_image::layer_segments::{
-    cuts_after, pack_planned, segment_ranges, Packed, Planned, Reuse, SegmentEntry, SegmentEntryKind, SegmentIndex,
+    cuts_after, pack_planned, segment_ranges, skippable_front, Packed, Planned, Reuse, SegmentEntry, SegmentEntryKind,
+    SegmentIndex,
 };
 
 use crate::copy_seed::{load_segments, LayerDelta, LayerEntries, Placed, Seed};
@@ -250,15 +251,22 @@ fn pack_with(
     };
     let reuse = layer.reuse.as_ref().map(|(digest, _)| digest).zip(index);
     if let Some((digest, index)) = reuse {
+        // The members in front of the first change are neither fetched nor written: the
+        // blob's digest resumes from its state after them, and the cache is told they are
+        // the seed's (the first of the parts), so its own copy of them is the new blob's.
+        let skipped = skippable_front(plan, index);
+        let first = index.front_end(skipped);
         let reused = std::thread::scope(|s| {
             let (reader, mut writer) = std::io::pipe()?;
             // When the pack stops reading (failed) the pipe closes and the download stops
-            // with it; a pack that succeeded read the blob to its end, so the download
-            // checked its digest: reused bytes from a corrupt copy are never kept.
-            let download = s.spawn(move || steps.get_blob(digest, &mut writer));
+            // with it. The bytes after the front are not checked against the seed's digest
+            // (a part of a blob cannot be): each member's CRC is checked when the diff_id
+            // inflates it, and the cache checks the new blob whole against its digest.
+            let download = s.spawn(move || steps.get_blob_from(digest, first, &mut writer));
             let reuse = Reuse {
                 index,
                 blob: BufReader::with_capacity(256 * 1024, reader),
+                skipped,
             };
             let packed = pack_planned(plan, &open, Some(reuse), dest, defer)?;
             match download.join() {
@@ -432,6 +440,7 @@ mod tests {
         // one's changes too, as a re-run carries them.
         let mut mix = Mix(7);
         let mut delta = LayerDelta::default();
+        let mut unread_fronts = 0;
         for n in 0..6 {
             let dir = out.path().join(format!("layer{n}"));
             std::fs::create_dir_all(&dir).unwrap();
@@ -496,15 +505,20 @@ mod tests {
                 over_seed: true,
             };
             let packed = both_ways(&steps, &seed, &layer, &dir, out.path(), n);
-            steps
-                .0
-                .lock()
-                .unwrap()
-                .insert(packed.layer.digest.clone(), std::fs::read(&packed.layer.path).unwrap());
+            // Stored as a cache stores parts: the front the file leaves unwritten is the
+            // seed blob's.
+            let mut stored = std::fs::read(&packed.layer.path).unwrap();
+            let mut blobs = steps.0.lock().unwrap();
+            let front = packed.unwritten as usize;
+            unread_fronts += usize::from(front > 0);
+            stored[..front].copy_from_slice(&blobs[&seed.blob.0][..front]);
+            blobs.insert(packed.layer.digest.clone(), stored);
+            drop(blobs);
             let snap = out.path().join(format!("snap{n}"));
             save_segments(&snap, &packed.index).unwrap();
             seed.delta = Some((dir, delta.clone()));
             seed.blob = (packed.layer.digest.clone(), snap.with_extension("segments.bin"));
         }
+        assert!(unread_fronts > 0, "some rounds took their front unread");
     }
 }

@@ -25,11 +25,11 @@ pub enum BlobSource<'a> {
         /// How long it is.
         len: u64,
     },
-    /// A whole file (a re-run COPY's blob), most of whose bytes are runs of the stored blob
-    /// `base`, as `parts` say: a cache that can take only the `Sent` runs does; any other
-    /// stores the file as it is.
+    /// A re-run COPY's blob, most of whose bytes are runs of the stored blob `base`, as
+    /// `parts` say: a cache that can take only the `Sent` runs does; any other stores the
+    /// file as it is, after filling its first `unwritten` bytes from `base`.
     Parts {
-        /// The file, the whole blob.
+        /// The file: the blob, but for its first `unwritten` bytes (a hole).
         path: &'a Path,
         /// How long it is.
         len: u64,
@@ -37,6 +37,9 @@ pub enum BlobSource<'a> {
         base: &'a str,
         /// The blob's runs, front to back.
         parts: &'a [BlobPart],
+        /// How many bytes at the file's front are not written: `base`'s first bytes, which
+        /// the first part names.
+        unwritten: u64,
     },
 }
 
@@ -65,8 +68,35 @@ pub trait StepCache: Send + Sync {
     /// Streams blob `digest` into `out`, verified against the digest; returns its size. A
     /// missing or corrupt blob is [`CacheError::UnusableBlob`], and `out` must be discarded.
     fn get_blob(&self, digest: &str, out: &mut dyn Write) -> Result<u64, CacheError>;
+    /// Streams blob `digest`'s bytes from `first` on into `out`; returns how many. A cache
+    /// that can serve a range serves it unchecked (for a blob whose use checks it again);
+    /// this default reads the whole blob, checked, and drops the front.
+    fn get_blob_from(&self, digest: &str, first: u64, out: &mut dyn Write) -> Result<u64, CacheError> {
+        let mut rest = DropFront { out, left: first };
+        let n = self.get_blob(digest, &mut rest)?;
+        Ok(n.saturating_sub(first))
+    }
     /// Stores blob `digest` (unless it is there already); the bytes must hash to it.
     fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError>;
+}
+
+/// Passes on what is written to it but for the first `left` bytes.
+struct DropFront<'a> {
+    out: &'a mut dyn Write,
+    left: u64,
+}
+
+impl Write for DropFront<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let dropped = self.left.min(buf.len() as u64) as usize;
+        self.left -= dropped as u64;
+        self.out.write_all(&buf[dropped..])?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// Counts the blob bytes that pass through `inner`, both ways: what a build fetched and
@@ -117,6 +147,12 @@ impl<C: StepCache> StepCache for Metered<C> {
         Ok(n)
     }
 
+    fn get_blob_from(&self, digest: &str, first: u64, out: &mut dyn Write) -> Result<u64, CacheError> {
+        let n = self.inner.get_blob_from(digest, first, out)?;
+        self.fetched.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+
     fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError> {
         self.inner.put_blob(digest, source)?;
         let n = match source {
@@ -149,6 +185,10 @@ impl<C: StepCache> StepCache for ReadOnly<C> {
         self.0.get_blob(digest, out)
     }
 
+    fn get_blob_from(&self, digest: &str, first: u64, out: &mut dyn Write) -> Result<u64, CacheError> {
+        self.0.get_blob_from(digest, first, out)
+    }
+
     fn put_blob(&self, _digest: &str, _source: BlobSource<'_>) -> Result<(), CacheError> {
         Ok(())
     }
@@ -169,6 +209,10 @@ impl<C: StepCache + ?Sized> StepCache for &C {
 
     fn get_blob(&self, digest: &str, out: &mut dyn Write) -> Result<u64, CacheError> {
         (**self).get_blob(digest, out)
+    }
+
+    fn get_blob_from(&self, digest: &str, first: u64, out: &mut dyn Write) -> Result<u64, CacheError> {
+        (**self).get_blob_from(digest, first, out)
     }
 
     fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError> {

@@ -29,11 +29,21 @@ impl StepCache for DaemonClient {
         self.blob_into(digest, out)
     }
 
+    fn get_blob_from(&self, digest: &str, first: u64, out: &mut dyn Write) -> Result<u64, CacheError> {
+        self.blob_from(digest, first, out)
+    }
+
     fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError> {
         match source {
             BlobSource::Bytes(b) => DaemonClient::put_blob(self, digest, Bytes::copy_from_slice(b)),
             BlobSource::File { path, offset, len } => self.put_blob_file(digest, path, offset, len),
-            BlobSource::Parts { path, len, base, parts } => self.put_blob_parts(digest, path, len, base, parts),
+            BlobSource::Parts {
+                path,
+                len,
+                base,
+                parts,
+                unwritten,
+            } => self.put_blob_parts(digest, path, len, (base, unwritten), parts),
         }
     }
 }

@@ -216,16 +216,16 @@ impl DaemonClient {
         Ok(())
     }
 
-    /// Uploads blob `digest`, the whole of which is `file` (`len` bytes), as `parts`: only
-    /// the `Sent` runs travel, the daemon takes the rest from its blob `base` and checks the
-    /// whole against the digest. Refused (an older daemon, the base gone), it is uploaded
-    /// whole.
+    /// Uploads blob `digest`, which is `file` (`len` bytes) but for its first `unwritten`
+    /// bytes (`base`'s), as `parts`: only the `Sent` runs travel, the daemon takes the rest
+    /// from its blob `base` and checks the whole against the digest. Refused (an older
+    /// daemon), it is uploaded whole, its front filled from `base` first.
     pub fn put_blob_parts(
         &self,
         digest: &str,
         file: &std::path::Path,
         len: u64,
-        base: &str,
+        (base, unwritten): (&str, u64),
         parts: &[BlobPart],
     ) -> Result<(), CacheError> {
         let (status, _) = self.call(Method::HEAD, &format!("/v1/blobs/{digest}"), Bytes::new())?;
@@ -233,9 +233,45 @@ impl DaemonClient {
             return Ok(());
         }
         match self.send_parts(digest, file, base, parts) {
-            Err(CacheError::Refused { .. }) => self.put_blob_file(digest, file, 0, len),
+            Err(CacheError::Refused { .. }) => {
+                self.fill_front(file, base, unwritten)?;
+                self.put_blob_file(digest, file, 0, len)
+            }
             other => other,
         }
+    }
+
+    /// Writes blob `base`'s first `n` bytes over the front of `file`.
+    fn fill_front(&self, file: &std::path::Path, base: &str, n: u64) -> Result<(), CacheError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let io = |source| CacheError::Io {
+            action: "fill in the front of the layer blob",
+            path: file.to_path_buf(),
+            source,
+        };
+        let f = std::fs::OpenOptions::new().write(true).open(file).map_err(io)?;
+        let mut front = FrontOnly {
+            out: std::io::BufWriter::new(f),
+            left: n,
+        };
+        let got = self.blob_into(base, &mut front).map_err(|e| match e {
+            CacheError::UnusableBlob { reason, .. } => CacheError::UnusableBlob {
+                digest: base.to_string(),
+                reason: format!(
+                    "{reason}; it holds the front of the layer being stored, so run the build again \
+                     (it will pack the layer whole)"
+                ),
+            },
+            e => e,
+        })?;
+        if got < n {
+            return Err(CacheError::Protocol(format!(
+                "blob {base} has {got} bytes, fewer than the {n} the layer takes from it"
+            )));
+        }
+        std::io::Write::flush(&mut front.out).map_err(io)
     }
 
     fn send_parts(
@@ -323,9 +359,9 @@ impl DaemonClient {
     /// discarded). Returns the blob's size.
     pub fn blob_into(&self, digest: &str, out: &mut dyn std::io::Write) -> Result<u64, CacheError> {
         let mut w = Sha256Stream::new(out);
-        let (status, n, body) = self
-            .rt
-            .block_on(request_into(&self.remote, &format!("/v1/blobs/{digest}"), &mut w))?;
+        let (status, n, body) =
+            self.rt
+                .block_on(request_into(&self.remote, &format!("/v1/blobs/{digest}"), 0, &mut w))?;
         if status == StatusCode::NOT_FOUND {
             return Err(CacheError::UnusableBlob {
                 digest: digest.to_string(),
@@ -341,6 +377,27 @@ impl DaemonClient {
                 digest: digest.to_string(),
                 reason: format!("arrived with digest {actual}: the stored copy is corrupt"),
             });
+        }
+        Ok(n)
+    }
+
+    /// Streams blob `digest`'s bytes from `first` on into `out` (`Range`), unchecked: a part
+    /// of a blob cannot be checked against its digest, so this is for a blob the daemon
+    /// checked when it took it and whose use checks it again (a layer's gzip members
+    /// carry their CRC, and the blob made from them is checked whole by the daemon).
+    /// Returns how many bytes were written.
+    pub fn blob_from(&self, digest: &str, first: u64, out: &mut dyn std::io::Write) -> Result<u64, CacheError> {
+        let (status, n, body) =
+            self.rt
+                .block_on(request_into(&self.remote, &format!("/v1/blobs/{digest}"), first, out))?;
+        if status == StatusCode::NOT_FOUND {
+            return Err(CacheError::UnusableBlob {
+                digest: digest.to_string(),
+                reason: "is not in lcached's store".into(),
+            });
+        }
+        if !status.is_success() {
+            return Err(daemon_error(status, &body));
         }
         Ok(n)
     }
@@ -471,16 +528,41 @@ fn daemon_error(status: StatusCode, body: &[u8]) -> CacheError {
 
 /// `GET path`, streaming a successful answer's body into `out`; an error answer's body is
 /// returned whole instead. Returns the status, the bytes streamed and the error body.
+/// Passes on the first `left` bytes written to it and drops the rest.
+struct FrontOnly<W> {
+    out: W,
+    left: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for FrontOnly<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let pass = self.left.min(buf.len() as u64) as usize;
+        self.out.write_all(&buf[..pass])?;
+        self.left -= pass as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// GETs `path` into `out`, from byte `first` on (a daemon that ignores the range sends
+/// every byte; those in front are dropped here).
 async fn request_into(
     remote: &Remote,
     path: &str,
+    first: u64,
     out: &mut dyn std::io::Write,
 ) -> Result<(StatusCode, u64, Bytes), CacheError> {
-    let resp = remote
-        .send(Method::GET, path, lcache_remote::empty(), 0)
-        .await
-        .map_err(transport)?;
+    let resp = if first == 0 {
+        remote.send(Method::GET, path, lcache_remote::empty(), 0).await
+    } else {
+        remote.get_from(path, first).await
+    }
+    .map_err(transport)?;
     let status = resp.status();
+    let mut drop_front = if status == StatusCode::OK { first } else { 0 };
     let mut body = resp.into_body();
     if !status.is_success() {
         let b = body
@@ -493,7 +575,10 @@ async fn request_into(
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| CacheError::Protocol(e.to_string()))?;
-        if let Ok(data) = frame.into_data() {
+        if let Ok(mut data) = frame.into_data() {
+            let dropped = drop_front.min(data.len() as u64);
+            drop_front -= dropped;
+            let data = data.split_off(dropped as usize);
             out.write_all(&data).map_err(|source| CacheError::Io {
                 action: "write to disk the blob at",
                 path: path.into(),

@@ -16,9 +16,8 @@ use std::path::Path;
 use lcache_proto::wire::BlobPart;
 
 use crate::layer_diff::PackedLayer;
-use crate::member_compress::{self, compressed_ahead, Compressed};
+use crate::ordered_workers::{self, in_order};
 use crate::read_tee::ReadTee;
-use crate::sha256_stream::Sha256Stream;
 
 /// What an entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,11 +74,44 @@ pub struct Segment {
     pub tar_state: Vec<u8>,
     /// The path of its last entry: which segment an edited path falls in.
     pub last: String,
+    /// The blob's SHA-256 state after this segment's member: the next blob of the step
+    /// resumes its digest here instead of reading the members in front again.
+    pub blob_state: Vec<u8>,
 }
 
-/// The uncompressed tar's SHA-256 (the diff_id), whose state can be kept and resumed.
+impl SegmentIndex {
+    /// Where the member after the first `n` segments starts (the members lie end to end).
+    pub fn front_end(&self, n: usize) -> u64 {
+        n.checked_sub(1)
+            .and_then(|i| self.segments.get(i))
+            .map_or(0, |s| s.offset + s.len)
+    }
+}
+
+/// A SHA-256 (the tar's, which is the diff_id, or the blob's) whose state can be kept and
+/// resumed.
 #[derive(Default)]
 struct TarHash(sha2_resumable::Sha256);
+
+/// The blob as it is written: its length and resumable SHA-256 (its digest).
+struct BlobHash<W> {
+    inner: W,
+    sha: TarHash,
+    len: u64,
+}
+
+impl<W: Write> Write for BlobHash<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha.write_all(&buf[..n])?;
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 impl Write for TarHash {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -117,8 +149,22 @@ impl TarHash {
 pub struct Reuse<'a, R> {
     /// The earlier blob's index.
     pub index: &'a SegmentIndex,
-    /// The earlier blob's bytes.
+    /// The earlier blob's bytes, from the end of its first `skipped` members.
     pub blob: R,
+    /// How many members in front the plan takes unchanged and `blob` does not hold (see
+    /// [`skippable_front`]): the new blob's digest resumes after them, and its file is not
+    /// written there (`Packed::unwritten`).
+    pub skipped: usize,
+}
+
+/// How many segments at the front of `plan` are the earlier blob's, one for one, with the
+/// blob's SHA-256 state kept after them: none of their bytes need be read again.
+pub fn skippable_front(plan: &[Planned], index: &SegmentIndex) -> usize {
+    plan.iter()
+        .zip(&index.segments)
+        .enumerate()
+        .take_while(|(i, (p, s))| matches!(p, Planned::Earlier(j) if j == i) && !s.blob_state.is_empty())
+        .count()
 }
 
 /// A packed layer's diff_id, still to be hashed: over the blob's members from `first` on,
@@ -134,31 +180,73 @@ pub struct PendingDiffId {
 impl PendingDiffId {
     /// Inflates the members from the first one not hashed yet to the end (the blob as
     /// written, read through its own descriptor), hashing the tar: the diff_id, and the
-    /// index with every segment's state.
+    /// index with every segment's state. Members are inflated on every core ahead of the
+    /// hashing (each is its own gzip stream); the SHA-256 itself is sequential.
     pub fn finish(self) -> io::Result<(String, SegmentIndex)> {
-        use std::io::{Seek, SeekFrom};
         let Self {
-            mut blob,
+            blob,
             state,
             first,
             mut index,
         } = self;
         let mut tar = TarHash::resume(&state)?;
-        if let Some(start) = index.segments.get(first).map(|s| s.offset) {
-            blob.seek(SeekFrom::Start(start))?;
-        }
-        let mut blob = io::BufReader::with_capacity(256 * 1024, blob);
-        for seg in &mut index.segments[first..] {
-            let mut member = (&mut blob).take(seg.len);
-            io::copy(&mut flate2::bufread::GzDecoder::new(&mut member), &mut tar)?;
-            if io::copy(&mut member, &mut io::sink())? != 0 {
-                return Err(io::Error::other("a segment's member holds more than one gzip stream"));
+        let first = first.min(index.segments.len());
+        let members: Vec<(u64, u64)> = index.segments[first..].iter().map(|s| (s.offset, s.len)).collect();
+        let inflate = |&(offset, len): &(u64, u64)| inflated_in_memory(&blob, offset, len);
+        in_order(&members, ordered_workers::workers(), &inflate, |fetched| {
+            for (seg, &(offset, len)) in index.segments[first..].iter_mut().zip(&members) {
+                match fetched.take()? {
+                    Some(bytes) => tar.write_all(&bytes)?,
+                    None => inflate_member(&blob, offset, len, &mut tar)?,
+                }
+                seg.tar_state = tar.state();
             }
-            seg.tar_state = tar.state();
-        }
+            Ok(())
+        })?;
         tar.write_all(&[0; TRAILER])?;
         Ok((tar.digest(), index))
     }
+}
+
+/// The tar bytes of the member at `offset` in `blob`, or `None` when the member or its tar
+/// is too big to wait in memory (then it is streamed by the hashing itself).
+fn inflated_in_memory(blob: &std::fs::File, offset: u64, len: u64) -> io::Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::FileExt;
+    if len > WAIT_IN_MEMORY {
+        return Ok(None);
+    }
+    let mut member = vec![0; len as usize];
+    blob.read_exact_at(&mut member, offset)?;
+    let mut rest = &member[..];
+    let mut tar = Vec::new();
+    let mut gz = flate2::bufread::GzDecoder::new(&mut rest).take(WAIT_IN_MEMORY + 1);
+    if gz.read_to_end(&mut tar)? as u64 > WAIT_IN_MEMORY {
+        return Ok(None);
+    }
+    drop(gz);
+    if !rest.is_empty() {
+        return Err(io::Error::other("a segment's member holds more than one gzip stream"));
+    }
+    Ok(Some(tar))
+}
+
+/// Inflates the member at `offset` in `blob` into `tar`, streamed.
+fn inflate_member(blob: &std::fs::File, offset: u64, len: u64, tar: &mut impl Write) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = blob.try_clone()?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut member = io::BufReader::with_capacity(256 * 1024, file.take(len));
+    io::copy(&mut flate2::bufread::GzDecoder::new(&mut member), tar)?;
+    if io::copy(&mut member, &mut io::sink())? != 0 {
+        return Err(io::Error::other("a segment's member holds more than one gzip stream"));
+    }
+    Ok(())
+}
+
+/// A segment compressed: its gzip member, and its tar bytes when they are to be hashed.
+struct Compressed {
+    member: Vec<u8>,
+    tar: Vec<u8>,
 }
 
 /// A fresh segment whose files are more than this is compressed on the writer's thread,
@@ -385,6 +473,9 @@ pub struct Packed {
     /// The blob as runs of the earlier blob's bytes and of its own (empty when nothing was
     /// taken from an earlier blob): what a cache needs to store only the new members.
     pub parts: Vec<BlobPart>,
+    /// How many bytes at the front of the file were not written (a hole): the earlier
+    /// blob's members the first of `parts` names.
+    pub unwritten: u64,
 }
 
 /// The blob's runs: `taken` (where in the blob, where in the earlier one, how long) as
@@ -460,7 +551,7 @@ pub fn pack_planned<R: Read>(
     dest: &Path,
     defer: bool,
 ) -> io::Result<Packed> {
-    pack_on(plan, open, reuse, dest, defer, member_compress::workers())
+    pack_on(plan, open, reuse, dest, defer, ordered_workers::workers())
 }
 
 /// [`pack_planned`], fresh members compressed on `workers` threads (1: all on this one).
@@ -473,8 +564,31 @@ fn pack_on<R: Read>(
     defer: bool,
     workers: usize,
 ) -> io::Result<Packed> {
-    let file = std::fs::File::create(dest)?;
-    let mut blob = Sha256Stream::new(io::BufWriter::new(file));
+    let mut file = std::fs::File::create(dest)?;
+    // The members in front that are taken unread: the file starts after them (a hole) and
+    // the blob's digest from its state there.
+    let skipped = reuse.as_ref().map_or(0, |r| r.skipped);
+    let (unwritten, blob_sha) = match reuse.as_ref() {
+        Some(r) if skipped > 0 => {
+            let kept = r
+                .index
+                .segments
+                .get(skipped - 1)
+                .filter(|_| (0..skipped).all(|i| matches!(plan.get(i), Some(Planned::Earlier(j)) if *j == i)))
+                .ok_or_else(|| io::Error::other("the members skipped are not the plan's front"))?;
+            (r.index.front_end(skipped), TarHash::resume(&kept.blob_state)?)
+        }
+        _ => (0, TarHash::default()),
+    };
+    {
+        use std::io::{Seek, SeekFrom};
+        file.seek(SeekFrom::Start(unwritten))?;
+    }
+    let mut blob = BlobHash {
+        inner: io::BufWriter::new(file),
+        sha: blob_sha,
+        len: unwritten,
+    };
     let mut tar = TarHash::default();
     let earlier: HashMap<[u8; 32], usize> = reuse
         .as_ref()
@@ -487,7 +601,7 @@ fn pack_on<R: Read>(
                 .collect()
         })
         .unwrap_or_default();
-    let (mut pos, mut next_reusable) = (0u64, 0usize);
+    let (mut pos, mut next_reusable) = (unwritten, 0usize);
     // While the segments are the earlier blob's, one for one from the start, the tar is
     // not hashed: its state after them is the earlier one's (`front`, once they end).
     let mut in_front = reuse.is_some();
@@ -545,9 +659,9 @@ fn pack_on<R: Read>(
         }
         Ok(Compressed { member, tar })
     };
-    compressed_ahead(&fresh, workers, &compress, |fetched| {
+    in_order(&fresh, workers, &compress, |fetched| {
         for (i, (planned, (fp, seg, last))) in plan.iter().zip(items).enumerate() {
-            let offset = blob.len();
+            let offset = blob.len;
             let reusable = match (reuse.as_ref(), planned, earlier.get(&fp)) {
                 (Some(_), Planned::Earlier(j), _) => Some(*j),
                 (Some(_), _, Some(&j)) if j >= next_reusable => Some(j),
@@ -555,16 +669,23 @@ fn pack_on<R: Read>(
             };
             let (r, j) = match (reuse.as_mut(), reusable) {
                 (Some(r), Some(j)) if in_front && j == i => {
-                    copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, None)?;
-                    taken.push((offset, r.index.segments[j].offset, r.index.segments[j].len));
+                    let s = &r.index.segments[j];
+                    let (offset, blob_state) = if i < skipped {
+                        (s.offset, s.blob_state.clone())
+                    } else {
+                        copy_member(&mut r.blob, &mut pos, s, &mut blob, None)?;
+                        (offset, blob.sha.state())
+                    };
+                    taken.push((offset, s.offset, s.len));
                     next_reusable = j + 1;
-                    front = Some(&r.index.segments[j].tar_state);
+                    front = Some(&s.tar_state);
                     index.segments.push(Segment {
                         fingerprint: fp,
                         offset,
-                        len: blob.len() - offset,
-                        tar_state: r.index.segments[j].tar_state.clone(),
+                        len: s.len,
+                        tar_state: s.tar_state.clone(),
                         last,
+                        blob_state,
                     });
                     continue;
                 }
@@ -606,9 +727,10 @@ fn pack_on<R: Read>(
             index.segments.push(Segment {
                 fingerprint: fp,
                 offset,
-                len: blob.len() - offset,
+                len: blob.len - offset,
                 tar_state: if deferred.is_some() { Vec::new() } else { tar.state() },
                 last,
+                blob_state: blob.sha.state(),
             });
         }
         Ok(())
@@ -626,10 +748,10 @@ fn pack_on<R: Read>(
     end.write_all(&[0; TRAILER])?;
     end.finish()?;
     blob.flush()?;
-    let (digest, size) = (blob.digest(), blob.len());
+    let (digest, size) = (blob.sha.digest(), blob.len);
     // Not synced: the blob is a work file, streamed to the cache (which makes its own copy
     // durable) and removed; syncing it only wrote it to disk once more.
-    blob.into_inner().into_inner().map_err(|e| e.into_error())?;
+    blob.inner.into_inner().map_err(|e| e.into_error())?;
     let (diff_id, pending) = match deferred {
         Some((first, state)) => (
             String::new(),
@@ -655,6 +777,7 @@ fn pack_on<R: Read>(
         index,
         pending,
         parts: blob_parts(&taken, size),
+        unwritten,
     })
 }
 
@@ -736,12 +859,17 @@ mod tests {
             std::fs::File::open(root.join(e.path))
         };
         let earlier = reuse.map(|(_, blob)| blob);
-        let reuse = reuse.map(|(index, blob)| Reuse { index, blob });
+        let reuse = reuse.map(|(index, blob)| Reuse {
+            index,
+            blob,
+            skipped: 0,
+        });
         let Packed {
             mut layer,
             index,
             pending,
             parts,
+            ..
         } = pack_segmented(&as_entries(list), &open, reuse, out, defer).unwrap();
         if let Some(earlier) = earlier {
             // The parts say what the blob is: the earlier blob's runs and its own.
@@ -880,6 +1008,45 @@ mod tests {
     }
 
     #[test]
+    fn a_member_too_big_to_wait_in_memory_is_streamed_into_the_deferred_diff_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        let big = b"0123456789abcdef".repeat(((WAIT_IN_MEMORY + (1 << 20)) / 16) as usize);
+        let mut list: Vec<(String, Vec<u8>, bool)> = vec![("app".into(), vec![], true)];
+        list.extend((0..600).map(|i| (format!("app/a{i:03}"), format!("{i}").into_bytes(), false)));
+        list.push(("app/big".into(), big, false));
+        list.extend((0..600).map(|i| (format!("app/z{i:03}"), format!("{i}").into_bytes(), false)));
+        std::fs::create_dir(dir.path().join("app")).unwrap();
+        for (p, b, d) in &list {
+            if !d {
+                std::fs::write(dir.path().join(p), b).unwrap();
+            }
+        }
+        let (first, index) = pack(dir.path(), &list, None, &out.path().join("0"), &opened);
+        let first_blob = std::fs::read(&first.path).unwrap();
+        // The big file's member inflates past what may wait in memory, though it is small.
+        let member = index.segments.iter().find(|s| s.last == "app/big").unwrap();
+        assert!(member.len < WAIT_IN_MEMORY);
+        let edited = list.iter_mut().find(|(p, _, _)| p == "app/a000").unwrap();
+        edited.1 = b"edited".to_vec();
+        std::fs::write(dir.path().join("app/a000"), b"edited").unwrap();
+        let (scratch, scratch_index) = pack(dir.path(), &list, None, &out.path().join("s"), &opened);
+        let (deferred, deferred_index) = pack_deferring(
+            dir.path(),
+            &list,
+            Some((&index, &first_blob)),
+            &out.path().join("d"),
+            &opened,
+            true,
+        );
+        assert_eq!(
+            (&deferred.digest, &deferred.diff_id, &deferred_index),
+            (&scratch.digest, &scratch.diff_id, &scratch_index)
+        );
+    }
+
+    #[test]
     fn the_blob_is_the_same_however_many_threads_compress_it() {
         let t = tree(3000);
         let out = tempfile::tempdir().unwrap();
@@ -900,6 +1067,68 @@ mod tests {
     }
 
     #[test]
+    fn a_front_taken_unread_is_neither_fetched_nor_written_and_the_blob_is_the_same() {
+        let t = tree(3000);
+        let out = tempfile::tempdir().unwrap();
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        let list = entries(&t);
+        let (first, index) = pack(t.dir.path(), &list, None, &out.path().join("0"), &opened);
+        let first_blob = std::fs::read(&first.path).unwrap();
+        let mut changed = list.clone();
+        let at = changed.len() * 2 / 3;
+        changed[at].1 = b"edited".to_vec();
+        std::fs::write(t.dir.path().join(&changed[at].0), b"edited").unwrap();
+        let (scratch, scratch_index) = pack(t.dir.path(), &changed, None, &out.path().join("s"), &opened);
+        let scratch_blob = std::fs::read(&scratch.path).unwrap();
+        // The segments in front of the edit are named, the rest listed.
+        let e = as_entries(&changed);
+        let mut plan = Vec::new();
+        for (i, r) in split(&e).into_iter().enumerate() {
+            let same = index.segments.get(i).map(|s| s.fingerprint) == Some(fingerprint(&e[r.clone()]));
+            plan.push(
+                if same && plan.len() == i && plan.iter().all(|p| matches!(p, Planned::Earlier(_))) {
+                    Planned::Earlier(i)
+                } else {
+                    Planned::Entries(&e[r])
+                },
+            );
+        }
+        let skipped = skippable_front(&plan, &index);
+        assert!(skipped > 2 && skipped < plan.len(), "{skipped} of {}", plan.len());
+        let from = index.front_end(skipped);
+        let open = |e: &SegmentEntry| std::fs::File::open(t.dir.path().join(e.path));
+        for defer in [false, true] {
+            let reuse = Reuse {
+                index: &index,
+                blob: &first_blob[from as usize..],
+                skipped,
+            };
+            let dest = out.path().join(format!("r{defer}"));
+            let mut packed = pack_planned(&plan, &open, Some(reuse), &dest, defer).unwrap();
+            if let Some(p) = packed.pending.take() {
+                (packed.layer.diff_id, packed.index) = p.finish().unwrap();
+            }
+            assert_eq!(
+                (&packed.layer.digest, &packed.layer.diff_id, &packed.index),
+                (&scratch.digest, &scratch.diff_id, &scratch_index)
+            );
+            assert_eq!(packed.unwritten, from);
+            assert_eq!(packed.parts[0], BlobPart::Base { offset: 0, len: from });
+            let made = std::fs::read(&dest).unwrap();
+            assert_eq!(made.len(), scratch_blob.len());
+            assert!(made[..from as usize].iter().all(|b| *b == 0), "the front is a hole");
+            assert!(made[from as usize..] == scratch_blob[from as usize..]);
+        }
+        // Skipping members the plan does not take from the front is refused.
+        let reuse = Reuse {
+            index: &index,
+            blob: &first_blob[..],
+            skipped: skipped + 1,
+        };
+        assert!(pack_planned(&plan, &open, Some(reuse), &out.path().join("bad"), false).is_err());
+    }
+
+    #[test]
     fn a_wrong_earlier_blob_fails_rather_than_packing_it() {
         let t = tree(600);
         let out = tempfile::tempdir().unwrap();
@@ -913,6 +1142,7 @@ mod tests {
             Some(Reuse {
                 index: &index,
                 blob: &garbage[..],
+                skipped: 0,
             }),
             &out.path().join("2"),
             false,

@@ -8,7 +8,7 @@ pub mod image_history;
 pub mod layer_diff;
 pub mod layer_extract;
 pub mod layer_segments;
-pub mod member_compress;
 pub mod oci_image;
+pub mod ordered_workers;
 mod read_tee;
 pub mod sha256_stream;

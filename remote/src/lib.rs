@@ -153,6 +153,27 @@ impl Remote {
         body: ReqBody,
         len: u64,
     ) -> Result<Response<Incoming>, RemoteError> {
+        self.send_with(method, path, &[("content-type", content_type)], body, len)
+            .await
+    }
+
+    /// A `GET` of the bytes of `path` from `first` on (`Range: bytes=FIRST-`): a server
+    /// that serves ranges answers 206, one that does not 200 with every byte.
+    pub async fn get_from(&self, path: &str, first: u64) -> Result<Response<Incoming>, RemoteError> {
+        let range = format!("bytes={first}-");
+        let headers = [("content-type", "application/json"), ("range", range.as_str())];
+        self.send_with(Method::GET, path, &headers, empty(), 0).await
+    }
+
+    /// Sends one request with `headers` (a content type among them).
+    async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: ReqBody,
+        len: u64,
+    ) -> Result<Response<Incoming>, RemoteError> {
         let unreachable = |e: std::io::Error| RemoteError::Unreachable {
             endpoint: self.endpoint.to_string(),
             reason: e.to_string(),
@@ -195,8 +216,10 @@ impl Remote {
             .method(method)
             .uri(path)
             .header("host", host)
-            .header("content-type", content_type)
             .header("content-length", len);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }

@@ -115,6 +115,7 @@ fn conformance(name: &str, d: &Daemon, cache: &dyn StepCache, writes: Writes) {
             len: edited.len() as u64,
             base,
             parts: &parts,
+            unwritten: 0,
         };
         cache.put_blob(&edited_digest, source).unwrap();
         assert_eq!(cache.has_blob(&edited_digest).unwrap(), stored, "{name}: has parts");
@@ -138,10 +139,62 @@ fn conformance(name: &str, d: &Daemon, cache: &dyn StepCache, writes: Writes) {
                 len: edited.len() as u64,
                 base,
                 parts: &parts,
+                unwritten: 0,
             },
         );
         assert_eq!(put.is_err(), stored, "{name}: parts under a wrong digest");
         assert!(!cache.has_blob(&wrong).unwrap(), "{name}: wrong digest kept");
+    }
+
+    // A range of a blob: its bytes from a first one on.
+    let mut tail = Vec::new();
+    match cache.get_blob_from(&big_digest, 2_999_000, &mut tail) {
+        Ok(n) => assert!(stored && n == 1_000 && tail == big[2_999_000..], "{name}: range"),
+        Err(e) => assert!(!stored && e.is_unusable_blob(), "{name}: {e}"),
+    }
+
+    // A file whose front was never written (the base's first bytes, which the first part
+    // names): taken as parts; refused as parts, uploaded whole with its front filled from
+    // the base; over a base the cache lacks, refused, and nothing kept.
+    let (front, gap) = (1_500_000usize, 2_000_000usize);
+    for (n, base, backwards) in [(0, &big_digest, false), (1, &big_digest, true), (2, &missing, false)] {
+        // Backwards base runs are refused as parts: the whole upload has to be the blob.
+        let again = if backwards { 0 } else { gap };
+        let mut blob = big[..front].to_vec();
+        blob.extend_from_slice(format!("edit {n}").as_bytes());
+        blob.extend_from_slice(&big[again..]);
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&vec![0; front]).unwrap();
+        file.write_all(&blob[front..]).unwrap();
+        let parts = [
+            BlobPart::Base {
+                offset: 0,
+                len: front as u64,
+            },
+            BlobPart::Sent { len: 6 },
+            BlobPart::Base {
+                offset: again as u64,
+                len: (big.len() - again) as u64,
+            },
+        ];
+        let digest = sha256_digest(&blob);
+        let put = cache.put_blob(
+            &digest,
+            BlobSource::Parts {
+                path: file.path(),
+                len: blob.len() as u64,
+                base,
+                parts: &parts,
+                unwritten: front as u64,
+            },
+        );
+        let kept = stored && base == &big_digest;
+        assert_eq!(put.is_ok(), kept || !stored, "{name}: holed parts over {base}: {put:?}");
+        assert_eq!(cache.has_blob(&digest).unwrap(), kept, "{name}: holed parts kept");
+        if kept {
+            assert!(read(cache, &digest).unwrap() == blob, "{name}: holed parts read back");
+            assert_eq!(on_disk(&digest).is_dir(), !backwards, "{name}: kept as runs");
+        }
     }
 
     // A blob whose bytes do not hash to its name is refused and never kept.

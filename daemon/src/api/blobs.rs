@@ -1,4 +1,5 @@
-//! `HEAD/GET/PUT /v1/blobs/{digest}`: raw byte streams, verified against their digest.
+//! `HEAD/GET/PUT /v1/blobs/{digest}`: raw byte streams, verified against their digest (a
+//! GET of a byte range excepted).
 
 use std::sync::atomic::Ordering;
 
@@ -95,8 +96,24 @@ pub async fn head(state: &AppState, d: &str) -> Response<Body> {
     }
 }
 
-/// `GET /v1/blobs/{digest}`: streamed from the file.
-pub async fn get(state: &AppState, d: &str) -> Response<Body> {
+/// The bytes a `Range: bytes=FIRST-[LAST]` header asks for of a blob of `len` bytes, as
+/// (offset, length); `None` for a range this does not serve (several, from the end, past
+/// the end).
+fn byte_range(header: &hyper::header::HeaderValue, len: u64) -> Option<(u64, u64)> {
+    let spec = header.to_str().ok()?.strip_prefix("bytes=")?;
+    let (first, last) = spec.split_once('-')?;
+    let first: u64 = first.parse().ok()?;
+    let end = match last {
+        "" => len,
+        last => last.parse::<u64>().ok()?.checked_add(1)?.min(len),
+    };
+    (first < end || (first == len && last.is_empty())).then(|| (first, end - first))
+}
+
+/// `GET /v1/blobs/{digest}`: streamed from the file; with `Range: bytes=FIRST-[LAST]`,
+/// only those bytes (206), which a client takes from a blob it trusts this daemon for (a
+/// range cannot be checked against the digest).
+pub async fn get(state: &AppState, d: &str, range: Option<&hyper::header::HeaderValue>) -> Response<Body> {
     let meta = match stored(state, d) {
         Ok(Some(m)) => m,
         Ok(None) => return not_found(d),
@@ -111,13 +128,45 @@ pub async fn get(state: &AppState, d: &str) -> Response<Body> {
             "upload it again with PUT /v1/blobs/{digest}",
         );
     };
-    state.metrics.bytes_out.fetch_add(meta.size, Ordering::Relaxed);
+    let (status, blob, content_range) = match range.map(|r| byte_range(r, meta.size)) {
+        None => (StatusCode::OK, blob, None),
+        Some(Some((offset, n))) => match blob.select(&[(offset, n)]) {
+            Ok(b) => (
+                StatusCode::PARTIAL_CONTENT,
+                b,
+                Some(format!("bytes {offset}-{}/{}", (offset + n).max(1) - 1, meta.size)),
+            ),
+            Err(e) => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("blob {d} is damaged: {e}"),
+                    "upload it again with PUT /v1/blobs/{digest}",
+                )
+            }
+        },
+        Some(None) => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("blob {d} has {} bytes: the range asked for is not in it", meta.size),
+                "ask for one range, Range: bytes=FIRST-[LAST], that starts within the blob",
+            );
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("bytes */{}", meta.size)) {
+                r.headers_mut().insert("content-range", v);
+            }
+            return r;
+        }
+    };
+    let len = blob.len();
+    state.metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
     let chunks = blob.chunks().map(|c| c.map(Frame::data));
-    Response::builder()
-        .status(StatusCode::OK)
+    let mut r = Response::builder()
+        .status(status)
         .header("content-type", "application/octet-stream")
-        .header("content-length", meta.size)
-        .body(BodyExt::boxed(StreamBody::new(chunks)))
+        .header("content-length", len);
+    if let Some(cr) = content_range {
+        r = r.header("content-range", cr);
+    }
+    r.body(BodyExt::boxed(StreamBody::new(chunks)))
         .unwrap_or_else(|_| Response::new(super::full("")))
 }
 
@@ -259,5 +308,34 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
             e.to_string(),
             "nothing was stored; check the store's disk",
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_range;
+
+    fn range(h: &str, len: u64) -> Option<(u64, u64)> {
+        byte_range(&hyper::header::HeaderValue::from_str(h).unwrap(), len)
+    }
+
+    #[test]
+    fn one_range_from_a_first_byte_is_served_and_nothing_else() {
+        assert_eq!(range("bytes=10-", 100), Some((10, 90)));
+        assert_eq!(range("bytes=10-19", 100), Some((10, 10)));
+        assert_eq!(range("bytes=90-200", 100), Some((90, 10)));
+        assert_eq!(range("bytes=100-", 100), Some((100, 0)), "the empty rest of a blob");
+        assert_eq!(range("bytes=0-", 0), Some((0, 0)));
+        for bad in [
+            "bytes=101-",
+            "bytes=-10",
+            "bytes=5-4",
+            "bytes=0-1,5-6",
+            "items=0-1",
+            "bytes=x-",
+            "bytes=100-100",
+        ] {
+            assert_eq!(range(bad, 100), None, "{bad}");
+        }
     }
 }

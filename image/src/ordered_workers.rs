@@ -1,46 +1,38 @@
-//! The fresh gzip members of a segmented layer, compressed on worker threads ahead of the
-//! writer and handed back in blob order. Compression is what a cold COPY's pack spends its
-//! time on, and each segment's member is independent of the others; the blob's digest and
-//! the tar's SHA-256 stay sequential on the writer, which is many times faster than gzip.
-//! At most a few members wait compressed at a time, so memory stays bounded.
+//! Independent jobs run on worker threads ahead of one consumer that takes their results in
+//! job order: a segmented layer's gzip members compressed (what a cold COPY's pack spends
+//! its time on) or inflated (what the diff_id after an edit spends it on). The blob's digest
+//! and the tar's SHA-256 stay sequential on the consumer, which is many times faster than
+//! gzip. At most a few results wait at a time, so memory stays bounded.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Condvar, Mutex};
 
-/// A segment compressed: its gzip member, and its tar bytes when they are to be hashed.
-pub struct Compressed {
-    /// The gzip member.
-    pub member: Vec<u8>,
-    /// The uncompressed tar bytes (empty unless asked for).
-    pub tar: Vec<u8>,
-}
-
-/// How many members may wait compressed per worker.
+/// How many results may wait per worker.
 const AHEAD: usize = 2;
 
-struct State {
+struct State<O> {
     /// The next job a worker takes.
     next: usize,
     /// How many results the writer has taken.
     taken: usize,
-    done: HashMap<usize, io::Result<Compressed>>,
+    done: HashMap<usize, io::Result<O>>,
     stop: bool,
 }
 
-/// The writer's end: each job's result, in job order.
-pub struct Fetcher<'a> {
-    state: &'a Mutex<State>,
+/// The consumer's end: each job's result, in job order.
+pub struct Fetcher<'a, O> {
+    state: &'a Mutex<State<O>>,
     changed: &'a Condvar,
 }
 
-impl Fetcher<'_> {
+impl<O> Fetcher<'_, O> {
     /// The next job's result, waiting for it if a worker is still on it.
-    pub fn take(&mut self) -> io::Result<Compressed> {
+    pub fn take(&mut self) -> io::Result<O> {
         let mut s = self
             .state
             .lock()
-            .map_err(|_| io::Error::other("a compression worker failed"))?;
+            .map_err(|_| io::Error::other("a worker thread failed"))?;
         loop {
             let k = s.taken;
             if let Some(r) = s.done.remove(&k) {
@@ -51,24 +43,24 @@ impl Fetcher<'_> {
             s = self
                 .changed
                 .wait(s)
-                .map_err(|_| io::Error::other("a compression worker failed"))?;
+                .map_err(|_| io::Error::other("a worker thread failed"))?;
         }
     }
 }
 
-/// How many workers to compress on: every core, up to four.
+/// How many workers to run on: every core, up to four.
 pub fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
 }
 
-/// Runs `write` with a [`Fetcher`] of `jobs` compressed by `compress` on `workers` threads
-/// (taken in order, at most `AHEAD` per worker past the writer). The workers stop when
-/// `write` returns.
-pub fn compressed_ahead<J: Sync, T>(
+/// Runs `consume` with a [`Fetcher`] of `jobs` done by `work` on `workers` threads (taken
+/// in order, at most `AHEAD` per worker past the consumer). The workers stop when
+/// `consume` returns.
+pub fn in_order<J: Sync, O: Send, T>(
     jobs: &[J],
     workers: usize,
-    compress: &(dyn Fn(&J) -> io::Result<Compressed> + Sync),
-    write: impl FnOnce(&mut Fetcher) -> io::Result<T>,
+    work: &(dyn Fn(&J) -> io::Result<O> + Sync),
+    consume: impl FnOnce(&mut Fetcher<O>) -> io::Result<T>,
 ) -> io::Result<T> {
     let state = Mutex::new(State {
         next: 0,
@@ -95,13 +87,13 @@ pub fn compressed_ahead<J: Sync, T>(
                     st.next += 1;
                     st.next - 1
                 };
-                let r = compress(&jobs[k]);
+                let r = work(&jobs[k]);
                 let Ok(mut st) = state.lock() else { return };
                 st.done.insert(k, r);
                 changed.notify_all();
             });
         }
-        let out = write(&mut Fetcher {
+        let out = consume(&mut Fetcher {
             state: &state,
             changed: &changed,
         });
@@ -120,37 +112,29 @@ mod tests {
     #[test]
     fn results_come_back_in_job_order_whatever_finishes_first() {
         let jobs: Vec<u64> = (0..50).collect();
-        let compress = |j: &u64| {
+        let work = |j: &u64| {
             // Later jobs finish first.
             std::thread::sleep(std::time::Duration::from_micros(1000 - j * 20));
-            Ok(Compressed {
-                member: j.to_le_bytes().to_vec(),
-                tar: Vec::new(),
-            })
+            Ok(*j as u8)
         };
-        let got = compressed_ahead(&jobs, 4, &compress, |f| {
-            (0..jobs.len())
-                .map(|_| f.take().map(|c| c.member[0]))
-                .collect::<io::Result<Vec<u8>>>()
+        let got = in_order(&jobs, 4, &work, |f| {
+            (0..jobs.len()).map(|_| f.take()).collect::<io::Result<Vec<u8>>>()
         })
         .unwrap();
         assert_eq!(got, (0..50u8).collect::<Vec<_>>());
     }
 
     #[test]
-    fn a_failed_job_is_its_result_and_the_writer_may_stop_early() {
+    fn a_failed_job_is_its_result_and_the_consumer_may_stop_early() {
         let jobs: Vec<u64> = (0..20).collect();
-        let compress = |j: &u64| {
+        let work = |j: &u64| {
             if *j == 3 {
                 Err(io::Error::other("unreadable"))
             } else {
-                Ok(Compressed {
-                    member: vec![],
-                    tar: vec![],
-                })
+                Ok(())
             }
         };
-        let r = compressed_ahead(&jobs, 2, &compress, |f| {
+        let r = in_order(&jobs, 2, &work, |f| {
             for _ in 0..jobs.len() {
                 f.take()?;
             }
