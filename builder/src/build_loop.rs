@@ -138,6 +138,38 @@ struct PendingRecord {
     hashing: std::thread::JoinHandle<std::io::Result<(String, SegmentIndex, u64)>>,
 }
 
+/// A step cache whose blobs cannot be read: packs a layer without its seed's blob.
+struct WithoutBlobs<'a>(&'a dyn StepCache);
+
+impl StepCache for WithoutBlobs<'_> {
+    fn get_step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
+        self.0.get_step(key)
+    }
+
+    fn put_step(&self, record: &StepRecord) -> Result<(), CacheError> {
+        self.0.put_step(record)
+    }
+
+    fn has_blob(&self, _: &str) -> Result<bool, CacheError> {
+        Ok(false)
+    }
+
+    fn get_blob(&self, digest: &str, _: &mut dyn std::io::Write) -> Result<u64, CacheError> {
+        Err(CacheError::UnusableBlob {
+            digest: digest.to_string(),
+            reason: "is not to be reused".into(),
+        })
+    }
+
+    fn get_blob_from(&self, digest: &str, _: u64, out: &mut dyn std::io::Write) -> Result<u64, CacheError> {
+        self.get_blob(digest, out)
+    }
+
+    fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError> {
+        self.0.put_blob(digest, source)
+    }
+}
+
 /// The image a COPY or WORKDIR goes on, mounted read-only in its work directory.
 fn image_view(lowers: &[PathBuf], work: &Path) -> Result<OverlayMount, CopyError> {
     OverlayMount::mount(lowers, None, &work.join("view"), &work.join("empty-view")).map_err(CopyError::ImageView)
@@ -959,7 +991,7 @@ impl<'a> Builder<'a> {
         // The diff_id after a reused front is hashed on its own thread while the build
         // goes on, when a later step of the stage can use the time.
         let defer = defer_hashing;
-        let copy_packed = match (&copied, seed.as_ref()) {
+        let pack_with = |steps: &dyn StepCache| match (&copied, seed.as_ref()) {
             (
                 Some(
                     c @ CopyLayer {
@@ -967,18 +999,18 @@ impl<'a> Builder<'a> {
                     },
                 ),
                 _,
-            ) => Some((c, pack_copy(self.steps, c, entries, &tree, &dest, defer))),
+            ) => Some((c, pack_copy(steps, c, entries, &tree, &dest, defer))),
             (Some(c @ CopyLayer { over_seed: true, .. }), s) => Some((
                 c,
                 match s {
-                    Some(s) => pack_copy_over(self.steps, c, s, &tree, &dest, defer),
+                    Some(s) => pack_copy_over(steps, c, s, &tree, &dest, defer),
                     // Its directory holds only the delta: never packed as a whole layer.
                     None => Err(std::io::Error::other("a layer made over a seed lost its seed")),
                 },
             )),
             _ => None,
         };
-        let (packed, segments, pending, parts) = match copy_packed {
+        let packed_with = |steps: &dyn StepCache| match pack_with(steps) {
             Some((c, packed)) => packed.map(|p| {
                 // The seed's blob the unchanged members were taken from: the cache need
                 // only be sent the others.
@@ -995,21 +1027,39 @@ impl<'a> Builder<'a> {
                 )
             }),
             None => pack_layer(&tree, &dest).map(|p| (p, None, None, None)),
-        }
-        .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+        };
+        let (mut packed, mut segments, mut pending, parts) =
+            packed_with(self.steps).map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
-        let source = match &parts {
-            Some((base, parts, unwritten)) => BlobSource::Parts {
-                path: &packed.path,
-                len: packed.size,
-                base,
-                parts,
-                unwritten: *unwritten,
-            },
-            None => BlobSource::file(&packed.path)?,
+        let stored = match &parts {
+            Some((base, parts, unwritten)) => self.steps.put_blob(
+                &packed.digest,
+                BlobSource::Parts {
+                    path: &packed.path,
+                    len: packed.size,
+                    base,
+                    parts,
+                    unwritten: *unwritten,
+                },
+            ),
+            None => self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?),
         };
-        self.steps.put_blob(&packed.digest, source)?;
+        if let (Err(e), Some(_)) = (&stored, &parts) {
+            // The members taken unread from the seed's blob are not what the cache holds
+            // (its copy is damaged, or went away): pack the layer again without the seed's
+            // blob, and store it whole.
+            self.progress().note(&format!(
+                "warning: {}: the cache could not take the layer as changes over its last one ({e}); packing it whole",
+                self.at(line)
+            ));
+            (packed, segments, pending, _) = packed_with(&WithoutBlobs(self.steps))
+                .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+            self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
+        } else {
+            stored?;
+        }
+
         let layer = LayerRef {
             digest: packed.digest.clone(),
             blake3: String::new(),

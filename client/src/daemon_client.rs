@@ -359,18 +359,7 @@ impl DaemonClient {
     /// discarded). Returns the blob's size.
     pub fn blob_into(&self, digest: &str, out: &mut dyn std::io::Write) -> Result<u64, CacheError> {
         let mut w = Sha256Stream::new(out);
-        let (status, n, body) =
-            self.rt
-                .block_on(request_into(&self.remote, &format!("/v1/blobs/{digest}"), 0, &mut w))?;
-        if status == StatusCode::NOT_FOUND {
-            return Err(CacheError::UnusableBlob {
-                digest: digest.to_string(),
-                reason: "is not in lcached's store".into(),
-            });
-        }
-        if !status.is_success() {
-            return Err(daemon_error(status, &body));
-        }
+        let n = self.blob_from(digest, 0, &mut w)?;
         let actual = w.digest();
         if actual != digest {
             return Err(CacheError::UnusableBlob {
