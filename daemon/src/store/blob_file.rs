@@ -188,9 +188,16 @@ impl BlobFile {
 
     /// Copies every byte to `out` (blocking reads).
     pub fn copy_to(&self, out: &mut dyn Write) -> io::Result<u64> {
+        self.copy_from_to(0, out)
+    }
+
+    /// Copies the bytes from `first` on to `out` (blocking reads); returns the blob's length.
+    pub fn copy_from_to(&self, first: u64, out: &mut dyn Write) -> io::Result<u64> {
         let mut buf = vec![0u8; CHUNK as usize];
+        let mut run_start = 0u64;
         for run in &self.runs {
-            let mut at = 0;
+            let mut at = first.saturating_sub(run_start).min(run.len);
+            run_start += run.len;
             while at < run.len {
                 let want = (run.len - at).min(CHUNK) as usize;
                 let n = run.file.read_at(&mut buf[..want], run.offset + at)?;

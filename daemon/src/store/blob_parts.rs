@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use lcache_proto::wire::{BlobPart, BlobParts};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::blob_file::{BlobFile, Recipe, RecipeRun, RECIPE};
+use super::blob_states::{self, GridSha};
 use super::blob_store::{sha256_hex, BlobStore, IngestError};
 use super::BlobMeta;
 use crate::server::Limits;
@@ -157,16 +157,22 @@ fn runs_of(parts: &[BlobPart], base: &BlobFile, dir: &Path) -> Result<Recipe, In
 }
 
 /// Hashes the blob `recipe` makes in `dir` (read back through the links just made, so what
-/// is checked is what will be served) and, when `whole` is given, writes it there.
-fn hash_runs(dir: &Path, recipe: &Recipe, whole: Option<&Path>) -> std::io::Result<(String, String, u64)> {
-    struct Hashes<W> {
-        sha: Sha256,
+/// is checked is what will be served) and, when `whole` is given, writes it there. The
+/// SHA-256 resumes from the first `resume.1` of the base's kept states `resume.0` (the
+/// blob's first part being the base's front) and runs beside the BLAKE3, on its own
+/// thread. Returns the SHA-256 digest and its states, the BLAKE3 and the length.
+fn hash_runs(
+    dir: &Path,
+    recipe: &Recipe,
+    whole: Option<&Path>,
+    resume: (&[u8], usize),
+) -> std::io::Result<(String, Vec<u8>, String, u64)> {
+    struct Blake3<W> {
         b3: blake3::Hasher,
         out: Option<W>,
     }
-    impl<W: Write> Write for Hashes<W> {
+    impl<W: Write> Write for Blake3<W> {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.sha.update(buf);
             self.b3.update(buf);
             if let Some(o) = self.out.as_mut() {
                 o.write_all(buf)?;
@@ -182,20 +188,28 @@ fn hash_runs(dir: &Path, recipe: &Recipe, whole: Option<&Path>) -> std::io::Resu
         Some(p) => Some(std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(p)?)),
         None => None,
     };
-    let mut h = Hashes {
-        sha: Sha256::new(),
+    let mut b = Blake3 {
         b3: blake3::Hasher::new(),
         out,
     };
-    let len = blob.copy_to(&mut h)?;
-    if let Some(out) = h.out.take() {
+    let (sha, len) = std::thread::scope(|s| {
+        let sha = s.spawn(|| -> std::io::Result<_> {
+            // A kept state that does not even parse: from the first byte.
+            let mut sha = GridSha::resume(resume.0, resume.1).unwrap_or_default();
+            blob.copy_from_to(sha.at(), &mut sha)?;
+            Ok(sha.finish())
+        });
+        let len = blob.copy_to(&mut b);
+        let sha = sha
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread failed")));
+        (sha, len)
+    });
+    let ((digest, states), len) = (sha?, len?);
+    if let Some(out) = b.out.take() {
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     }
-    Ok((
-        format!("sha256:{:x}", h.sha.finalize()),
-        h.b3.finalize().to_hex().to_string(),
-        len,
-    ))
+    Ok((digest, states, b.b3.finalize().to_hex().to_string(), len))
 }
 
 impl BlobStore {
@@ -300,19 +314,37 @@ impl BlobStore {
         drop(file);
 
         let d = dir.clone();
-        let (actual, blake3, size, whole) = tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
+        let digest_owned = digest.to_string();
+        // The blob's first bytes are the base's (a re-run COPY's unchanged front): its
+        // SHA-256 resumes from the base's state kept nearest before they part.
+        let front = match header.parts.first() {
+            Some(BlobPart::Base { offset: 0, len }) => *len,
+            _ => 0,
+        };
+        let base_states = self.load_states(&header.base);
+        let resume_at = blob_states::usable(&base_states, front);
+        let (actual, states, blake3, size, whole) = tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
             let mut recipe = runs_of(&header.parts, &base, &d)?;
             recipe.origin = Some(header);
             let files: std::collections::HashSet<&String> = recipe.runs.iter().map(|r| &r.file).collect();
             let whole = (files.len() > MAX_FILES).then(|| d.join("whole"));
-            let (actual, b3, size) = hash_runs(&d, &recipe, whole.as_deref())?;
+            let (mut actual, mut states, b3, size) =
+                hash_runs(&d, &recipe, whole.as_deref(), (&base_states, resume_at))?;
+            if actual != digest_owned && resume_at > 0 {
+                // A kept state that was damaged must not refuse a good blob: check again
+                // from the first byte.
+                let blob = BlobFile::from_recipe(&d, &recipe)?;
+                let mut sha = GridSha::default();
+                blob.copy_to(&mut sha)?;
+                (actual, states) = sha.finish();
+            }
             if whole.is_none() {
                 let mut f = std::fs::File::create(d.join(RECIPE))?;
                 f.write_all(&serde_json::to_vec(&recipe).map_err(std::io::Error::other)?)?;
                 f.sync_all()?;
                 std::fs::File::open(&d)?.sync_all()?;
             }
-            Ok((actual, b3, size, whole))
+            Ok((actual, states, b3, size, whole))
         })
         .await
         .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
@@ -330,6 +362,7 @@ impl BlobStore {
                 guard.0 = None;
             }
         }
+        self.save_states(digest, &states);
         let meta = BlobMeta {
             digest: digest.to_string(),
             blake3,
@@ -345,7 +378,8 @@ mod tests {
     use http_body_util::Full;
 
     fn digest_of(b: &[u8]) -> String {
-        format!("sha256:{:x}", Sha256::digest(b))
+        use sha2::Digest as _;
+        format!("sha256:{:x}", sha2::Sha256::digest(b))
     }
 
     fn body(base: &str, parts: &[BlobPart], sent: &[u8]) -> Full<Bytes> {
@@ -383,6 +417,58 @@ mod tests {
             .await
             .unwrap();
         d
+    }
+
+    #[tokio::test]
+    async fn a_blob_of_parts_is_checked_from_its_bases_kept_state_and_a_damaged_state_costs_only_time() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let every = blob_states::EVERY as usize;
+        let base_bytes: Vec<u8> = (0..(3 * every + 1000) as u32).map(|i| (i % 253) as u8).collect();
+        let base = store_whole(&s, &base_bytes).await;
+        let kept = s.load_states(&base);
+        assert_eq!(
+            kept.len(),
+            3 * blob_states::state_len(),
+            "a whole upload keeps its states"
+        );
+
+        let front = 2 * every + 500;
+        // Kept as hashed; not a state at all; the states of other bytes.
+        let mut other = GridSha::default();
+        other.write_all(&vec![1u8; base_bytes.len()]).unwrap();
+        let damages = [kept.clone(), vec![7u8; kept.len()], other.finish().1];
+        for (n, damage) in damages.into_iter().enumerate() {
+            let (n, damaged) = (n as u8, n > 0);
+            let hex = sha256_hex(&base).unwrap();
+            std::fs::write(dir.path().join("states").join(hex), damage).unwrap();
+            let mut edited = base_bytes[..front].to_vec();
+            edited.extend_from_slice(&[b'x', n]);
+            edited.extend_from_slice(&base_bytes[front..]);
+            let parts = [
+                BlobPart::Base {
+                    offset: 0,
+                    len: front as u64,
+                },
+                BlobPart::Sent { len: 2 },
+                BlobPart::Base {
+                    offset: front as u64,
+                    len: (base_bytes.len() - front) as u64,
+                },
+            ];
+            let digest = digest_of(&edited);
+            s.ingest_parts(&digest, body(&base, &parts, &[b'x', n]), None, &Limits::default())
+                .await
+                .unwrap_or_else(|e| panic!("damaged state {damaged}: {e}"));
+            assert!(read(&s, &digest) == edited);
+            // Its own states are the ones hashing it from the start gives.
+            let mut scratch = GridSha::default();
+            scratch.write_all(&edited).unwrap();
+            assert_eq!(s.load_states(&digest), scratch.finish().1, "damaged state {damaged}");
+        }
+        s.remove(&base).unwrap();
+        assert!(s.load_states(&base).is_empty(), "states go with their blob");
     }
 
     #[tokio::test]

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::BlobMeta;
@@ -61,10 +60,13 @@ pub enum IngestError {
 pub struct BlobStore {
     root: PathBuf,
     tmp: PathBuf,
+    /// Each blob's SHA-256 states (`blob_states`), by hex digest.
+    states: PathBuf,
     seq: AtomicU64,
 }
 
 use super::blob_file::BlobFile;
+use super::blob_states::GridSha;
 
 pub use lcache_proto::digest::sha256_hex;
 
@@ -84,16 +86,39 @@ impl BlobStore {
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         let root = dir.join("sha256");
         let tmp = dir.join("tmp");
+        let states = dir.join("states");
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&tmp)?;
+        std::fs::create_dir_all(&states)?;
         for e in std::fs::read_dir(&tmp)? {
             remove_any(&e?.path())?;
         }
         Ok(Self {
             root,
             tmp,
+            states,
             seq: AtomicU64::new(0),
         })
+    }
+
+    /// Keeps blob `digest`'s SHA-256 states. Not synced: a state lost or damaged only
+    /// costs a later check from the blob's start.
+    pub(crate) fn save_states(&self, digest: &str, states: &[u8]) {
+        let Some(hex) = sha256_hex(digest) else { return };
+        if states.is_empty() {
+            return;
+        }
+        let tmp = self.temp_path("s");
+        if std::fs::write(&tmp, states).is_ok() && std::fs::rename(&tmp, self.states.join(hex)).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    /// Blob `digest`'s kept SHA-256 states (empty when none are).
+    pub(crate) fn load_states(&self, digest: &str) -> Vec<u8> {
+        sha256_hex(digest)
+            .and_then(|hex| std::fs::read(self.states.join(hex)).ok())
+            .unwrap_or_default()
     }
 
     /// Where a blob with a valid digest lives (a file, or a composed blob's directory).
@@ -140,6 +165,9 @@ impl BlobStore {
     /// Deletes a blob (after its metadata is gone, so nothing serves it meanwhile). Bytes
     /// another composed blob still links stay on disk for it.
     pub fn remove(&self, digest: &str) -> std::io::Result<()> {
+        if let Some(hex) = sha256_hex(digest) {
+            let _ = std::fs::remove_file(self.states.join(hex));
+        }
         match self.path_of(digest) {
             Some(p) => match remove_any(&p) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -204,7 +232,7 @@ impl BlobStore {
         }
         let mut guard = TempGuard(Some(tmp_path.clone()));
         let mut file = tokio::fs::File::create(&tmp_path).await?;
-        let mut sha = Sha256::new();
+        let mut sha = GridSha::default();
         let mut b3 = blake3::Hasher::new();
         let mut received = 0u64;
         loop {
@@ -220,7 +248,7 @@ impl BlobStore {
                         limit: limits.max_blob_size,
                     });
                 }
-                sha.update(&data);
+                std::io::Write::write_all(&mut sha, &data)?;
                 b3.update(&data);
                 file.write_all(&data).await?;
             }
@@ -230,7 +258,7 @@ impl BlobStore {
                 return Err(IngestError::Truncated { expected, received });
             }
         }
-        let actual = format!("sha256:{:x}", sha.finalize());
+        let (actual, states) = sha.finish();
         if actual != digest {
             return Err(IngestError::DigestMismatch {
                 expected: digest.to_string(),
@@ -241,6 +269,7 @@ impl BlobStore {
         drop(file);
         self.commit(&tmp_path, &final_path).await?;
         guard.0 = None;
+        self.save_states(digest, &states);
         Ok(BlobMeta {
             digest: digest.to_string(),
             blake3: b3.finalize().to_hex().to_string(),
@@ -264,7 +293,8 @@ mod tests {
     use http_body_util::Full;
 
     fn digest_of(b: &[u8]) -> String {
-        format!("sha256:{:x}", Sha256::digest(b))
+        use sha2::Digest as _;
+        format!("sha256:{:x}", sha2::Sha256::digest(b))
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 
 pub mod blob_file;
 pub mod blob_parts;
+pub mod blob_states;
 pub mod blob_store;
 pub mod sled_records;
 

@@ -386,6 +386,20 @@ mod tests {
         }
     }
 
+    /// Opens the store again once the dropped one's background thread has let go of the
+    /// database's lock (it does so shortly after the drop, later on a busy machine).
+    fn reopen(path: &Path) -> SledRecords {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match SledRecords::open(path) {
+                Err(StoreError::Db(e)) if e.contains("lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
     #[test]
     fn what_was_flushed_is_there_after_a_reopen() {
         let d = tempfile::tempdir().unwrap();
@@ -403,7 +417,7 @@ mod tests {
             s.update_context_digests("/ctx", &[], &["g".into()]).unwrap();
             s.flush().unwrap();
         }
-        let s = SledRecords::open(d.path()).unwrap();
+        let s = reopen(d.path());
         assert_eq!(s.get_step("", "k1").unwrap().unwrap().duration_ms, 5);
         assert!(s.get_step("", "k2").unwrap().is_none(), "a miss is None");
         assert!(s.get_step("pr-1", "k1").unwrap().is_none(), "scopes are apart");
@@ -439,7 +453,7 @@ mod tests {
             .unwrap();
         s.flush().unwrap();
         drop(s);
-        let s = SledRecords::open(d.path()).unwrap();
+        let s = reopen(d.path());
         let mut got = s.context_digests("/ctx").unwrap();
         got.sort_by(|a, b| a.0.cmp(&b.0));
         let got: Vec<(&str, u64)> = got.iter().map(|(p, d)| (p.as_str(), d.size)).collect();
