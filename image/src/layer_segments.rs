@@ -217,17 +217,38 @@ fn inflated_in_memory(blob: &std::fs::File, offset: u64, len: u64) -> io::Result
     }
     let mut member = vec![0; len as usize];
     blob.read_exact_at(&mut member, offset)?;
-    let mut rest = &member[..];
-    let mut tar = Vec::new();
-    let mut gz = flate2::bufread::GzDecoder::new(&mut rest).take(WAIT_IN_MEMORY + 1);
-    if gz.read_to_end(&mut tar)? as u64 > WAIT_IN_MEMORY {
+    inflate_member_bytes(&member)
+}
+
+/// The tar bytes of one whole gzip member, sized from its trailer; `None` when they would
+/// be more than may wait in memory (the trailer holds the size modulo 2^32). The CRC and
+/// size in the trailer are checked.
+fn inflate_member_bytes(member: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    let size = member
+        .last_chunk::<4>()
+        .map(|t| u64::from(u32::from_le_bytes(*t)))
+        .ok_or_else(|| io::Error::other("a segment's member is not a gzip stream"))?;
+    if size > WAIT_IN_MEMORY {
         return Ok(None);
     }
-    drop(gz);
-    if !rest.is_empty() {
-        return Err(io::Error::other("a segment's member holds more than one gzip stream"));
+    // One byte more than the trailer says: a member whose tar runs past it is streamed.
+    let mut tar = vec![0; size as usize + 1];
+    // 16 + 15: a gzip header, a 32 KiB window.
+    let mut inflate = zlib_rs::Inflate::new(true, 16 + 15);
+    match inflate.decompress(member, &mut tar, zlib_rs::InflateFlush::Finish) {
+        Ok(zlib_rs::Status::StreamEnd) if inflate.total_out() == size => {
+            if inflate.total_in() != member.len() as u64 {
+                return Err(io::Error::other("a segment's member holds more than one gzip stream"));
+            }
+            tar.truncate(size as usize);
+            Ok(Some(tar))
+        }
+        Ok(_) => Ok(None),
+        Err(e) => Err(io::Error::other(format!(
+            "a segment's member does not inflate: {}",
+            inflate.error_message().unwrap_or(e.as_str())
+        ))),
     }
-    Ok(Some(tar))
 }
 
 /// Inflates the member at `offset` in `blob` into `tar`, streamed.
@@ -1005,6 +1026,30 @@ mod tests {
                 std::fs::write(t.dir.path().join(path), original).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn a_member_inflated_in_memory_is_checked_whole() {
+        let tar: Vec<u8> = (0..300_000u32).flat_map(|i| (i % 1000).to_le_bytes()).collect();
+        let mut member = Vec::new();
+        let mut gz = gzip(&mut member);
+        gz.write_all(&tar).unwrap();
+        gz.finish().unwrap();
+        assert_eq!(inflate_member_bytes(&member).unwrap().unwrap(), tar);
+        // A wrong CRC, two streams in one member: errors.
+        let mut bad_crc = member.clone();
+        let at = bad_crc.len() - 8;
+        bad_crc[at] ^= 1;
+        assert!(inflate_member_bytes(&bad_crc).is_err());
+        let mut two = member.clone();
+        two.extend_from_slice(&member);
+        assert!(inflate_member_bytes(&two).is_err(), "two streams");
+        // Cut short, or saying more than may wait in memory: left to the streamed path.
+        assert!(inflate_member_bytes(&member[..member.len() / 2]).unwrap().is_none());
+        let mut big = member.clone();
+        let at = big.len() - 4;
+        big[at..].copy_from_slice(&(WAIT_IN_MEMORY as u32 + 1).to_le_bytes());
+        assert!(inflate_member_bytes(&big).unwrap().is_none());
     }
 
     #[test]
