@@ -515,8 +515,6 @@ fn daemon_error(status: StatusCode, body: &[u8]) -> CacheError {
     }
 }
 
-/// `GET path`, streaming a successful answer's body into `out`; an error answer's body is
-/// returned whole instead. Returns the status, the bytes streamed and the error body.
 /// Passes on the first `left` bytes written to it and drops the rest.
 struct FrontOnly<W> {
     out: W,
@@ -536,8 +534,10 @@ impl<W: std::io::Write> std::io::Write for FrontOnly<W> {
     }
 }
 
-/// GETs `path` into `out`, from byte `first` on (a daemon that ignores the range sends
-/// every byte; those in front are dropped here).
+/// `GET path` from byte `first` on, streaming a successful answer's body into `out` (a
+/// daemon that ignores the range sends every byte; those in front are dropped here); an
+/// error answer's body is returned whole instead. Returns the status, the bytes streamed
+/// and the error body.
 async fn request_into(
     remote: &Remote,
     path: &str,
