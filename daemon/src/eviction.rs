@@ -1,6 +1,7 @@
-//! Staying under `--max-size`: when the blobs' total (accounted from their metadata, never
-//! by reading them) exceeds the limit, the least recently used blobs are evicted with the
-//! step records that need them, down to 90 % of the limit. Blobs that named images use are
+//! Staying under `--max-size`: when the blobs' files take more than the limit on disk (each
+//! file once, however many blobs link it: a blob kept as runs links its base's files; never
+//! by reading them), the least recently used blobs are evicted with the step records that
+//! need them, down to 90 % of the limit, each counted for the bytes its removal frees. Blobs that named images use are
 //! never evicted (a base image must stay buildable from). An evicted record leaves a
 //! tombstone, so `lcache explain` says "evicted", not "never built".
 
@@ -21,7 +22,7 @@ const INTERVAL: Duration = Duration::from_secs(30);
 pub struct Evicted {
     /// Blobs removed.
     pub blobs: u64,
-    /// Their bytes.
+    /// The bytes their removal freed.
     pub bytes: u64,
     /// Step records removed with them.
     pub records: u64,
@@ -30,8 +31,18 @@ pub struct Evicted {
 /// One pass: evicts least recently used blobs until the total is at most 90 % of `max`.
 pub fn evict_to(state: &AppState, max: u64) -> Result<Evicted, StoreError> {
     let blobs = state.records.blobs()?;
-    let mut total: u64 = blobs.iter().map(|b| b.size).sum();
     let mut out = Evicted::default();
+    // The blobs' full sizes bound what their files take: under it, nothing to count.
+    if blobs.iter().map(|b| b.size).sum::<u64>() <= max {
+        return Ok(out);
+    }
+    let mut total = match state.blobs.disk_usage() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("lcached: cannot measure the blob store ({e}); counting each blob's full size");
+            blobs.iter().map(|b| b.size).sum()
+        }
+    };
     if total <= max {
         return Ok(out);
     }
@@ -64,14 +75,15 @@ pub fn evict_to(state: &AppState, max: u64) -> Result<Evicted, StoreError> {
             break;
         }
         let keys = keys_of.remove(&b.digest).unwrap_or_default();
+        let freed = state.blobs.freed_by_removing(&b.digest);
         state.records.evict_blob(&b.digest, &keys, now)?;
         // The metadata is gone, so nothing serves the file while it is deleted.
         if let Err(e) = state.blobs.remove(&b.digest) {
             eprintln!("lcached: evicted blob {} but cannot delete its file: {e}", b.digest);
         }
-        total = total.saturating_sub(b.size);
+        total = total.saturating_sub(freed);
         out.blobs += 1;
-        out.bytes += b.size;
+        out.bytes += freed;
         out.records += keys.len() as u64;
     }
     state.metrics.evicted_blobs.fetch_add(out.blobs, Ordering::Relaxed);

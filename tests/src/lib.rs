@@ -287,6 +287,54 @@ pub fn spawn_daemon_env(
     }
 }
 
+/// A body of parts over `base`: `runs` of the blob `whole` (offset, length), the first and
+/// every other one taken from the base, the rest sent.
+pub fn parts_body(base: &str, runs: &[(usize, usize)], whole: &[u8]) -> Vec<u8> {
+    let parts: Vec<lcache_proto::wire::BlobPart> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, &(offset, len))| match i % 2 {
+            0 => lcache_proto::wire::BlobPart::Base {
+                offset: offset as u64,
+                len: len as u64,
+            },
+            _ => lcache_proto::wire::BlobPart::Sent { len: len as u64 },
+        })
+        .collect();
+    let mut body = lcache_proto::wire::BlobParts {
+        base: base.to_string(),
+        parts,
+    }
+    .head()
+    .unwrap();
+    for (i, &(offset, len)) in runs.iter().enumerate() {
+        if i % 2 == 1 {
+            body.extend_from_slice(&whole[offset..offset + len]);
+        }
+    }
+    body
+}
+
+/// PUTs a body of parts, declaring `declared` bytes; the status (0 if the answer broke off).
+pub fn put_parts(socket: &Path, digest: &str, body: &[u8], declared: usize) -> u16 {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    use std::io::Write;
+    write!(
+        s,
+        "PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nContent-Type: {}\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n",
+        lcache_proto::wire::BLOB_PARTS_TYPE
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
 /// One HTTP/1.1 request on a fresh Unix-socket connection (`Connection: close`); when
 /// `declared_len` is given, that Content-Length is sent whatever the body's real length.
 pub fn raw_http(socket: &Path, method: &str, path: &str, body: &[u8], declared_len: Option<usize>) -> (u16, Vec<u8>) {

@@ -2,10 +2,9 @@
 //! round trip, refused uploads that store nothing, crash safety, concurrency, bad requests.
 
 use std::io::Write;
-use std::path::Path;
 
-use lcache_e2e::{make_token, raw_http, sha256_digest, tcp_http, Daemon};
-use lcache_proto::wire::{BlobPart, BlobParts, BLOB_PARTS_TYPE};
+use lcache_e2e::{make_token, parts_body, put_parts, raw_http, sha256_digest, tcp_http, Daemon};
+use lcache_proto::wire::BLOB_PARTS_TYPE;
 
 fn key(n: u32) -> String {
     format!("{:064x}", 0xabc000 + n)
@@ -121,52 +120,6 @@ fn a_truncated_upload_is_refused_and_nothing_is_kept() {
     assert_eq!(d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0, 404);
     assert_eq!(std::fs::read_dir(d.store().join("blobs/tmp")).unwrap().count(), 0);
     assert_eq!(d.http("GET", "/v1/status", b"").0, 200, "the daemon is still up");
-}
-
-/// A body of parts over `base`: `runs` of the blob `whole` (offset, length), the first and
-/// every other one taken from the base, the rest sent.
-fn parts_body(base: &str, runs: &[(usize, usize)], whole: &[u8]) -> Vec<u8> {
-    let parts: Vec<BlobPart> = runs
-        .iter()
-        .enumerate()
-        .map(|(i, &(offset, len))| match i % 2 {
-            0 => BlobPart::Base {
-                offset: offset as u64,
-                len: len as u64,
-            },
-            _ => BlobPart::Sent { len: len as u64 },
-        })
-        .collect();
-    let mut body = BlobParts {
-        base: base.to_string(),
-        parts,
-    }
-    .head()
-    .unwrap();
-    for (i, &(offset, len)) in runs.iter().enumerate() {
-        if i % 2 == 1 {
-            body.extend_from_slice(&whole[offset..offset + len]);
-        }
-    }
-    body
-}
-
-/// PUTs a body of parts, declaring `declared` bytes; the status (0 if the answer broke off).
-fn put_parts(socket: &Path, digest: &str, body: &[u8], declared: usize) -> u16 {
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    write!(
-        s,
-        "PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nContent-Type: {BLOB_PARTS_TYPE}\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut answer = String::new();
-    let _ = std::io::Read::read_to_string(&mut s, &mut answer);
-    answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `lcached --max-size`: least recently used blobs go, with the records that need them,
 //! never the blobs a named image uses; an evicted step says so.
 
-use lcache_e2e::{sha256_digest, Daemon};
+use lcache_e2e::{parts_body, put_parts, sha256_digest, Daemon};
 
 fn put_blob(d: &Daemon, content: &[u8]) -> String {
     let digest = sha256_digest(content);
@@ -103,4 +103,75 @@ fn a_build_after_eviction_explains_its_misses_as_evicted() {
         serde_json::json!("evicted"),
         "said as such, not 'never built'"
     );
+}
+
+#[test]
+fn blobs_kept_as_runs_count_once_what_they_share_with_their_base() {
+    // 1 MB allowed. A 600 KB layer and five edits of it, kept as runs of its file: six
+    // times 600 KB by their sizes, about 600 KB on disk.
+    let d = Daemon::start(&["--max-size", "1000000"]);
+    let base: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    let base_digest = put_blob(&d, &base);
+    let mut edits = Vec::new();
+    for n in 0..5u8 {
+        let mut edited = base.clone();
+        edited[300_000] = n;
+        let digest = sha256_digest(&edited);
+        let body = parts_body(&base_digest, &[(0, 300_000), (300_000, 1), (300_001, 299_999)], &edited);
+        assert_eq!(put_parts(&d.socket, &digest, &body, body.len()), 201);
+        edits.push(digest);
+    }
+    // Eviction runs after every upload: one more wakes it once all are in.
+    put_blob(&d, b"a last small blob");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (_, metrics) = d.http("GET", "/metrics", b"");
+    assert!(
+        String::from_utf8_lossy(&metrics).contains("lcache_evicted_blobs_total 0"),
+        "nothing evicted"
+    );
+    for blob in edits.iter().chain([&base_digest]) {
+        assert_eq!(d.http("HEAD", &format!("/v1/blobs/{blob}"), b"").0, 200, "{blob} kept");
+    }
+
+    // Over the limit on disk: blobs go until it is under 90 %, each counted for what its
+    // removal freed (the base's bytes only once the last edit linking them goes).
+    let other: Vec<u8> = (0..500_000u32).map(|i| (i % 241) as u8).collect();
+    put_blob(&d, &other);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let freed = loop {
+        let (_, metrics) = d.http("GET", "/metrics", b"");
+        let m = String::from_utf8_lossy(&metrics).to_string();
+        let freed: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix("lcache_evicted_bytes_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if freed > 0 || std::time::Instant::now() > deadline {
+            break freed;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(freed >= 200_000, "{freed} bytes freed");
+    let on_disk: u64 = walk_files(&d.store().join("blobs/sha256"));
+    assert!(on_disk <= 900_000, "{on_disk} bytes left on disk");
+}
+
+/// The bytes of the distinct files under `dir` (a hard-linked file once).
+fn walk_files(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in std::fs::read_dir(&p).unwrap() {
+            let e = e.unwrap();
+            let m = e.path().symlink_metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if seen.insert(m.ino()) {
+                total += m.len();
+            }
+        }
+    }
+    total
 }

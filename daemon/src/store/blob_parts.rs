@@ -472,6 +472,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn disk_usage_counts_a_linked_file_once_and_a_removal_frees_what_nothing_else_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let base_bytes: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let base = store_whole(&s, &base_bytes).await;
+        let mut edited = base_bytes[..300_000].to_vec();
+        edited.extend_from_slice(b"new bytes");
+        edited.extend_from_slice(&base_bytes[400_000..]);
+        let parts = [
+            BlobPart::Base {
+                offset: 0,
+                len: 300_000,
+            },
+            BlobPart::Sent { len: 9 },
+            BlobPart::Base {
+                offset: 400_000,
+                len: 400_000,
+            },
+        ];
+        let d = digest_of(&edited);
+        s.ingest_parts(&d, body(&base, &parts, b"new bytes"), None, &Limits::default())
+            .await
+            .unwrap();
+        let own = own_bytes(&s.path_of(&d).unwrap());
+        assert!(own < 10_000, "the edit's own files: {own} bytes");
+        assert_eq!(s.disk_usage().unwrap(), 800_000 + own, "the base's file counted once");
+        assert_eq!(s.freed_by_removing(&base), 0, "the edited blob still links it");
+        assert_eq!(s.freed_by_removing(&d), own);
+        s.remove(&base).unwrap();
+        assert_eq!(s.freed_by_removing(&d), 800_000 + own, "now the last to hold it");
+        assert_eq!(s.disk_usage().unwrap(), 800_000 + own);
+    }
+
+    #[tokio::test]
     async fn a_blob_of_parts_stores_only_what_was_sent_and_reads_back_whole_after_its_base_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let s = BlobStore::open(dir.path()).unwrap();

@@ -4,6 +4,7 @@
 //! only then renamed into place: a reader never sees a partial blob, and leftovers of a
 //! daemon killed mid-upload are removed at the next start.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -160,6 +161,50 @@ impl BlobStore {
         })
         .await
         .map_err(std::io::Error::other)?
+    }
+
+    /// The bytes the blobs' files take, each file once however many blobs link it (a blob
+    /// kept as runs links its base's files).
+    pub fn disk_usage(&self) -> std::io::Result<u64> {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for e in std::fs::read_dir(&self.root)? {
+            let path = e?.path();
+            let files = match path.symlink_metadata() {
+                Ok(m) if m.is_dir() => std::fs::read_dir(&path)?
+                    .filter_map(|e| e.ok().and_then(|e| e.path().symlink_metadata().ok()))
+                    .collect(),
+                Ok(m) => vec![m],
+                // Removed meanwhile (evicted, repaired).
+                Err(_) => Vec::new(),
+            };
+            for m in files.iter().filter(|m| m.is_file()) {
+                if seen.insert((m.dev(), m.ino())) {
+                    total += m.len();
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// The bytes removing blob `digest` would free: its files that no other blob links.
+    pub fn freed_by_removing(&self, digest: &str) -> u64 {
+        let Some(path) = self.path_of(digest) else { return 0 };
+        let files: Vec<std::fs::Metadata> = match path.symlink_metadata() {
+            Ok(m) if m.is_dir() => std::fs::read_dir(&path)
+                .map(|d| {
+                    d.filter_map(|e| e.ok().and_then(|e| e.path().symlink_metadata().ok()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Ok(m) => vec![m],
+            Err(_) => Vec::new(),
+        };
+        files
+            .iter()
+            .filter(|m| m.is_file() && m.nlink() == 1)
+            .map(|m| m.len())
+            .sum()
     }
 
     /// Deletes a blob (after its metadata is gone, so nothing serves it meanwhile). Bytes
