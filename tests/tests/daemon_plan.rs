@@ -89,6 +89,35 @@ fn file_digests_survive_a_restart() {
 }
 
 #[test]
+fn files_changed_and_removed_while_the_daemon_was_down_are_seen_after_a_restart() {
+    let d = Daemon::start(&[]);
+    let p = app();
+    p.write("src/gone.c", "soon gone\n")
+        .write("src/lib/becomes_dir.c", "a file\n");
+    settle();
+    p.plan_with(&d);
+    let dir = d.kill9();
+    p.write("src/main.c", "int main(){return 1;}\n");
+    std::fs::remove_file(p.path().join("src/gone.c")).unwrap();
+    std::fs::remove_file(p.path().join("src/lib/becomes_dir.c")).unwrap();
+    p.write("src/lib/becomes_dir.c/inside.c", "now a directory\n");
+    settle();
+    let expected = plan_keys(&p.plan_with(&Daemon::start(&[])));
+    let d = Daemon::start_in(dir, &[]);
+    assert_eq!(
+        plan_keys(&p.plan_with(&d)),
+        expected,
+        "what the store remembered is checked"
+    );
+    // Restarted again: the digests of what is gone were dropped, not kept for later.
+    let dir = d.kill9();
+    let d = Daemon::start_in(dir, &[]);
+    let again = p.plan_with(&d);
+    assert_eq!(plan_keys(&again), expected);
+    assert_eq!(hashed(&again), 0, "and what is there came from the store");
+}
+
+#[test]
 fn plan_marks_steps_the_cache_holds() {
     let d = Daemon::start(&[]);
     let p = app();
