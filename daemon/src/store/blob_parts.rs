@@ -471,48 +471,12 @@ mod tests {
         assert!(s.load_states(&base).is_empty(), "states go with their blob");
     }
 
-    #[tokio::test]
-    async fn disk_usage_counts_a_linked_file_once_and_a_removal_frees_what_nothing_else_links() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = BlobStore::open(dir.path()).unwrap();
+    /// An 800,000-byte base stored whole, and an edit of it (its middle replaced: the front
+    /// and the back are the base's) stored as parts: the base's digest, the edit, its digest
+    /// and what the store said of it.
+    async fn middle_replaced(s: &BlobStore) -> (String, Vec<u8>, String, BlobMeta) {
         let base_bytes: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
-        let base = store_whole(&s, &base_bytes).await;
-        let mut edited = base_bytes[..300_000].to_vec();
-        edited.extend_from_slice(b"new bytes");
-        edited.extend_from_slice(&base_bytes[400_000..]);
-        let parts = [
-            BlobPart::Base {
-                offset: 0,
-                len: 300_000,
-            },
-            BlobPart::Sent { len: 9 },
-            BlobPart::Base {
-                offset: 400_000,
-                len: 400_000,
-            },
-        ];
-        let d = digest_of(&edited);
-        s.ingest_parts(&d, body(&base, &parts, b"new bytes"), None, &Limits::default())
-            .await
-            .unwrap();
-        let own = own_bytes(&s.path_of(&d).unwrap());
-        assert!(own < 10_000, "the edit's own files: {own} bytes");
-        assert_eq!(s.disk_usage().unwrap(), 800_000 + own, "the base's file counted once");
-        assert_eq!(s.freed_by_removing(&base), 0, "the edited blob still links it");
-        assert_eq!(s.freed_by_removing(&d), own);
-        s.remove(&base).unwrap();
-        assert_eq!(s.freed_by_removing(&d), 800_000 + own, "now the last to hold it");
-        assert_eq!(s.disk_usage().unwrap(), 800_000 + own);
-    }
-
-    #[tokio::test]
-    async fn a_blob_of_parts_stores_only_what_was_sent_and_reads_back_whole_after_its_base_is_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = BlobStore::open(dir.path()).unwrap();
-        let base_bytes: Vec<u8> = (0..200_000u32).flat_map(|i| i.to_le_bytes()).collect();
-        let base = store_whole(&s, &base_bytes).await;
-
-        // The middle replaced: the front and the back are the base's.
+        let base = store_whole(s, &base_bytes).await;
         let mut edited = base_bytes[..300_000].to_vec();
         edited.extend_from_slice(b"new bytes");
         edited.extend_from_slice(&base_bytes[400_000..]);
@@ -532,6 +496,29 @@ mod tests {
             .ingest_parts(&d, body(&base, &parts, b"new bytes"), None, &Limits::default())
             .await
             .unwrap();
+        (base, edited, d, meta)
+    }
+
+    #[tokio::test]
+    async fn disk_usage_counts_a_linked_file_once_and_a_removal_frees_what_nothing_else_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let (base, _, d, _) = middle_replaced(&s).await;
+        let own = own_bytes(&s.path_of(&d).unwrap());
+        assert!(own < 10_000, "the edit's own files: {own} bytes");
+        assert_eq!(s.disk_usage().unwrap(), 800_000 + own, "the base's file counted once");
+        assert_eq!(s.freed_by_removing(&base), 0, "the edited blob still links it");
+        assert_eq!(s.freed_by_removing(&d), own);
+        s.remove(&base).unwrap();
+        assert_eq!(s.freed_by_removing(&d), 800_000 + own, "now the last to hold it");
+        assert_eq!(s.disk_usage().unwrap(), 800_000 + own);
+    }
+
+    #[tokio::test]
+    async fn a_blob_of_parts_stores_only_what_was_sent_and_reads_back_whole_after_its_base_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let (base, edited, d, meta) = middle_replaced(&s).await;
         assert_eq!(meta.size, edited.len() as u64);
         assert_eq!(meta.blake3, blake3::hash(&edited).to_hex().to_string());
         assert_eq!(read(&s, &d), edited);
