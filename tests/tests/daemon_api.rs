@@ -507,3 +507,66 @@ fn the_parts_of_a_blob_are_given_only_for_one_kept_as_parts() {
     assert_eq!(d.http("GET", "/v1/blobs/sha256:..%2F..%2Fetc/parts", b"").0, 400);
     assert_eq!(d.http("GET", "/v1/status", b"").0, 200, "the daemon is still up");
 }
+
+/// A GET with a `Range` header over the Unix socket: status, `Content-Range`, and body.
+fn get_range(socket: &std::path::Path, path: &str, range: &str) -> (u16, String, Vec<u8>) {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nRange: {range}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut answer).unwrap();
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&answer[..split]).to_string();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let content_range = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-range: ")
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    (status, content_range, answer[split + 4..].to_vec())
+}
+
+#[test]
+fn a_blob_range_is_served_exactly_and_a_hostile_range_is_refused() {
+    let d = Daemon::start(&[]);
+    let blob: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = sha256_digest(&blob);
+    assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}"), &blob).0, 201);
+    let path = format!("/v1/blobs/{digest}");
+
+    let (status, range, body) = get_range(&d.socket, &path, "bytes=99000-");
+    assert_eq!((status, range.as_str()), (206, "bytes 99000-99999/100000"));
+    assert!(body == blob[99_000..]);
+    let (status, _, body) = get_range(&d.socket, &path, "bytes=10-19");
+    assert_eq!(status, 206);
+    assert!(body == blob[10..20]);
+    // A last byte past the end is cut to the end, as HTTP says.
+    let (status, range, _) = get_range(&d.socket, &path, "bytes=99990-200000");
+    assert_eq!((status, range.as_str()), (206, "bytes 99990-99999/100000"));
+    let (status, _, body) = get_range(&d.socket, &path, "bytes=100000-");
+    assert_eq!((status, body.len()), (206, 0), "the empty rest of the blob");
+
+    for hostile in [
+        "bytes=100001-",
+        "bytes=-10",
+        "bytes=5-4",
+        "bytes=0-1,5-6",
+        "bytes=99999999999999999999-",
+        "bytes=0-18446744073709551615",
+        "items=0-1",
+        "bytes=",
+    ] {
+        let (status, range, _) = get_range(&d.socket, &path, hostile);
+        assert_eq!((status, range.as_str()), (416, "bytes */100000"), "{hostile}");
+    }
+    // A range of a blob the store does not hold is a miss, as a whole GET is.
+    let missing = sha256_digest(b"not stored");
+    assert_eq!(get_range(&d.socket, &format!("/v1/blobs/{missing}"), "bytes=0-").0, 404);
+    assert_eq!(d.http("GET", "/v1/status", b"").0, 200, "the daemon is still up");
+}
