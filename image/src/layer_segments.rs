@@ -222,7 +222,8 @@ fn inflated_in_memory(blob: &std::fs::File, offset: u64, len: u64) -> io::Result
 
 /// The tar bytes of one whole gzip member, sized from its trailer; `None` when they would
 /// be more than may wait in memory (the trailer holds the size modulo 2^32). The CRC and
-/// size in the trailer are checked.
+/// size in the trailer are checked. zlib-rs, not libdeflate, inflates: it says where the
+/// stream ended, so a member holding a second stream is refused.
 fn inflate_member_bytes(member: &[u8]) -> io::Result<Option<Vec<u8>>> {
     let size = member
         .last_chunk::<4>()
@@ -249,6 +250,14 @@ fn inflate_member_bytes(member: &[u8]) -> io::Result<Option<Vec<u8>>> {
             inflate.error_message().unwrap_or(e.as_str())
         ))),
     }
+}
+
+thread_local! {
+    /// Each thread's libdeflate compressor: allocated once, not per member.
+    static COMPRESSOR: std::cell::RefCell<libdeflater::Compressor> =
+        std::cell::RefCell::new(libdeflater::Compressor::new(
+            libdeflater::CompressionLvl::new(1).unwrap_or_else(|_| libdeflater::CompressionLvl::fastest()),
+        ));
 }
 
 /// Inflates the member at `offset` in `blob` into `tar`, streamed.
@@ -412,15 +421,42 @@ fn gzip<W: Write>(out: W) -> flate2::write::GzEncoder<W> {
         .write(out, flate2::Compression::fast())
 }
 
-/// Compresses `entries` as one member onto `blob`, their tar bytes also into `tar`.
+/// Compresses `entries` as one member onto `blob`, their tar bytes also into `tar`: in
+/// memory by libdeflate when their files are at most `WAIT_IN_MEMORY`, else streamed. Which
+/// one depends only on the entries, so equal segments always give equal members.
 fn write_member<B: Write, T: Write>(
     entries: &[SegmentEntry],
     open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
-    blob: B,
-    tar: T,
+    mut blob: B,
+    mut tar: T,
 ) -> io::Result<()> {
+    if bytes_of(entries) > WAIT_IN_MEMORY {
+        let Tee(_, gz) = write_tar(entries, open, Tee(tar, gzip(blob)))?;
+        gz.finish()?;
+        return Ok(());
+    }
+    let bytes = write_tar(entries, open, Vec::new())?;
+    let member = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let mut member = vec![0; c.gzip_compress_bound(bytes.len())];
+        let n = c
+            .gzip_compress(&bytes, &mut member)
+            .map_err(|_| io::Error::other("a segment did not fit its compression bound"))?;
+        member.truncate(n);
+        Ok::<_, io::Error>(member)
+    })?;
+    blob.write_all(&member)?;
+    tar.write_all(&bytes)
+}
+
+/// Writes `entries` as tar entries (no end-of-archive marker) into `out`.
+fn write_tar<W: Write>(
+    entries: &[SegmentEntry],
+    open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
+    out: W,
+) -> io::Result<W> {
     let mut b = tar::Builder::new(WithoutTrailer {
-        inner: Tee(tar, gzip(blob)),
+        inner: out,
         held: Vec::new(),
     });
     for e in entries {
@@ -446,9 +482,7 @@ fn write_member<B: Write, T: Write>(
             }
         }
     }
-    let Tee(_, gz) = b.into_inner()?.finish()?;
-    gz.finish()?;
-    Ok(())
+    b.into_inner()?.finish()
 }
 
 /// Copies the earlier blob's member `seg` onto `blob` and, given `tar`, its inflated
