@@ -134,9 +134,12 @@ struct PendingRecord {
     digest: String,
     line: usize,
     instruction: String,
-    /// The diff_id, the complete segment index, and how long the hashing took (ms).
-    hashing: std::thread::JoinHandle<std::io::Result<(String, SegmentIndex, u64)>>,
+    hashing: DiffIdHashing,
 }
+
+/// A layer's diff_id being hashed: the diff_id, the complete segment index, and how long
+/// the hashing took (ms).
+type DiffIdHashing = std::thread::JoinHandle<std::io::Result<(String, SegmentIndex, u64)>>;
 
 /// A step cache whose blobs cannot be read: packs a layer without its seed's blob.
 struct WithoutBlobs<'a>(&'a dyn StepCache);
@@ -1028,8 +1031,10 @@ impl<'a> Builder<'a> {
             }),
             None => pack_layer(&tree, &dest).map(|p| (p, None, None, None)),
         };
-        let (mut packed, mut segments, mut pending, parts) =
+        let (mut packed, mut segments, pending, parts) =
             packed_with(self.steps).map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+        // Hashed from now on, beside the upload and the steps after this one.
+        let mut hashing = pending.map(|job| self.start_hashing(job)).transpose()?;
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
         let stored = match &parts {
@@ -1053,8 +1058,14 @@ impl<'a> Builder<'a> {
                 "warning: {}: the cache could not take the layer as changes over its last one ({e}); packing it whole",
                 self.at(line)
             ));
+            if let Some(h) = hashing.take() {
+                // It reads the file the layer is packed into again.
+                let _ = h.join();
+            }
+            let pending;
             (packed, segments, pending, _) = packed_with(&WithoutBlobs(self.steps))
                 .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+            hashing = pending.map(|job| self.start_hashing(job)).transpose()?;
             self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
         } else {
             stored?;
@@ -1074,24 +1085,13 @@ impl<'a> Builder<'a> {
             inputs: Some(inputs),
             created_at_ms: 0,
         };
-        let (pending, segments) = match pending {
+        let (pending, segments) = match hashing {
             // The blob is durable in the daemon; only now may a record point to it.
             None => {
                 self.put_record(&record, line)?;
                 (None, segments)
             }
-            Some(job) => {
-                let hashing = std::thread::Builder::new()
-                    .name("diff-id".into())
-                    .spawn(move || {
-                        let t = Instant::now();
-                        job.finish().map(|(d, i)| (d, i, t.elapsed().as_millis() as u64))
-                    })
-                    .map_err(|source| BuildError::Io {
-                        action: "start hashing the layer of",
-                        path: PathBuf::from(&self.dockerfile),
-                        source,
-                    })?;
+            Some(hashing) => {
                 let pending = PendingRecord {
                     record,
                     digest: packed.digest.clone(),
@@ -1105,6 +1105,21 @@ impl<'a> Builder<'a> {
         phases.store_ms = storing.elapsed().as_millis() as u64;
         let snap = self.keep_snapshot(&packed.digest, &tree, copied, segments, work.path())?;
         Ok((layer, snap, Some(phases), pending))
+    }
+
+    /// Starts hashing a packed layer's diff_id on a thread of its own.
+    fn start_hashing(&self, job: lcache_image::layer_segments::PendingDiffId) -> Result<DiffIdHashing, BuildError> {
+        std::thread::Builder::new()
+            .name("diff-id".into())
+            .spawn(move || {
+                let t = Instant::now();
+                job.finish().map(|(d, i)| (d, i, t.elapsed().as_millis() as u64))
+            })
+            .map_err(|source| BuildError::Io {
+                action: "start hashing the layer of",
+                path: PathBuf::from(&self.dockerfile),
+                source,
+            })
     }
 
     /// Stores a rebuilt step's record.
