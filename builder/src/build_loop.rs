@@ -134,12 +134,9 @@ struct PendingRecord {
     digest: String,
     line: usize,
     instruction: String,
-    hashing: DiffIdHashing,
+    /// The diff_id and the complete segment index, being hashed.
+    hashing: lcache_image::layer_segments::PendingDiffId,
 }
-
-/// A layer's diff_id being hashed: the diff_id, the complete segment index, and how long
-/// the hashing took (ms).
-type DiffIdHashing = std::thread::JoinHandle<std::io::Result<(String, SegmentIndex, u64)>>;
 
 /// A step cache whose blobs cannot be read: packs a layer without its seed's blob.
 struct WithoutBlobs<'a>(&'a dyn StepCache);
@@ -1033,8 +1030,9 @@ impl<'a> Builder<'a> {
         };
         let (mut packed, mut segments, pending, parts) =
             packed_with(self.steps).map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
-        // Hashed from now on, beside the upload and the steps after this one.
-        let mut hashing = pending.map(|job| self.start_hashing(job)).transpose()?;
+        // Hashed on its own thread since the pack reached the first change, beside the
+        // upload and the steps after this one.
+        let mut hashing = pending;
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
         let stored = match &parts {
@@ -1060,12 +1058,10 @@ impl<'a> Builder<'a> {
             ));
             if let Some(h) = hashing.take() {
                 // It reads the file the layer is packed into again.
-                let _ = h.join();
+                let _ = h.finish();
             }
-            let pending;
-            (packed, segments, pending, _) = packed_with(&WithoutBlobs(self.steps))
+            (packed, segments, hashing, _) = packed_with(&WithoutBlobs(self.steps))
                 .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
-            hashing = pending.map(|job| self.start_hashing(job)).transpose()?;
             self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
         } else {
             stored?;
@@ -1107,21 +1103,6 @@ impl<'a> Builder<'a> {
         Ok((layer, snap, Some(phases), pending))
     }
 
-    /// Starts hashing a packed layer's diff_id on a thread of its own.
-    fn start_hashing(&self, job: lcache_image::layer_segments::PendingDiffId) -> Result<DiffIdHashing, BuildError> {
-        std::thread::Builder::new()
-            .name("diff-id".into())
-            .spawn(move || {
-                let t = Instant::now();
-                job.finish().map(|(d, i)| (d, i, t.elapsed().as_millis() as u64))
-            })
-            .map_err(|source| BuildError::Io {
-                action: "start hashing the layer of",
-                path: PathBuf::from(&self.dockerfile),
-                source,
-            })
-    }
-
     /// Stores a rebuilt step's record.
     fn put_record(&self, record: &StepRecord, line: usize) -> Result<(), BuildError> {
         match self.steps.put_step(record) {
@@ -1140,12 +1121,11 @@ impl<'a> Builder<'a> {
     fn settle(&self, layers: &mut [LayerRef], pending: Vec<(usize, PendingRecord)>) -> Result<(), BuildError> {
         let mut result = Ok(());
         for (at, p) in pending {
-            let hashed = p
-                .hashing
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread panicked")));
+            let waited = Instant::now();
+            let hashed = p.hashing.finish();
+            let ms = waited.elapsed().as_millis() as u64;
             let stored = match hashed {
-                Ok((diff_id, index, ms)) => {
+                Ok((diff_id, index)) => {
                     let mut record = p.record;
                     if let Some(l) = record.layer.as_mut() {
                         l.diff_id.clone_from(&diff_id);

@@ -167,45 +167,128 @@ pub fn skippable_front(plan: &[Planned], index: &SegmentIndex) -> usize {
         .count()
 }
 
-/// A packed layer's diff_id, still to be hashed: over the blob's members from `first` on,
-/// from the tar's SHA-256 state in front of them. Its own job, so that it can run on
-/// another core while the build goes on (the blob and its digest are final already).
+/// A packed layer's diff_id being hashed on a thread of its own: over the blob's members
+/// from `first` on, from the tar's SHA-256 state in front of them. The thread starts with
+/// the first of those members and follows the pack as it writes them, so that it runs on
+/// another core while the pack and then the build go on.
 pub struct PendingDiffId {
-    blob: std::fs::File,
-    state: Vec<u8>,
+    hashing: TailHashing,
     first: usize,
     index: SegmentIndex,
 }
 
 impl PendingDiffId {
-    /// Inflates the members from the first one not hashed yet to the end (the blob as
-    /// written, read through its own descriptor), hashing the tar: the diff_id, and the
-    /// index with every segment's state. Members are inflated on every core ahead of the
-    /// hashing (each is its own gzip stream); the SHA-256 itself is sequential.
+    /// Waits for the hashing: the diff_id, and the index with every segment's state.
     pub fn finish(self) -> io::Result<(String, SegmentIndex)> {
-        let Self {
-            blob,
-            state,
-            first,
-            mut index,
-        } = self;
+        let (diff_id, states) = self
+            .hashing
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the diff_id's thread failed")))?;
+        let mut index = self.index;
+        let tail = index.segments.get_mut(self.first..).unwrap_or_default();
+        if tail.len() != states.len() {
+            return Err(io::Error::other(
+                "the diff_id was hashed over other segments than were packed",
+            ));
+        }
+        for (seg, state) in tail.iter_mut().zip(states) {
+            seg.tar_state = state;
+        }
+        Ok((diff_id, index))
+    }
+}
+
+/// The diff_id's thread: the diff_id, and the tar's state after each member it hashed.
+type TailHashing = std::thread::JoinHandle<io::Result<(String, Vec<Vec<u8>>)>>;
+
+/// A member's offset and length, and its tar bytes when inflated ahead in memory.
+type Inflated = ((u64, u64), Option<Vec<u8>>);
+
+/// The members the pack has written after its reused front, as the diff_id's thread
+/// waits for them.
+#[derive(Default)]
+struct Written {
+    state: std::sync::Mutex<WrittenState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct WrittenState {
+    /// Each member's offset and length, in blob order.
+    members: Vec<(u64, u64)>,
+    /// Whether the pack ended: every member written (`Some(true)`) or failed.
+    ended: Option<bool>,
+}
+
+impl Written {
+    /// The `k`th member, once it is on the file.
+    fn member(&self, k: usize) -> io::Result<(u64, u64)> {
+        let lost = || io::Error::other("the pack the diff_id follows failed");
+        let mut st = self.state.lock().map_err(|_| lost())?;
+        loop {
+            if let Some(&m) = st.members.get(k) {
+                return Ok(m);
+            }
+            if st.ended.is_some() {
+                return Err(lost());
+            }
+            st = self.changed.wait(st).map_err(|_| lost())?;
+        }
+    }
+
+    fn push(&self, member: (u64, u64)) {
+        if let Ok(mut st) = self.state.lock() {
+            st.members.push(member);
+        }
+        self.changed.notify_all();
+    }
+
+    fn end(&self, complete: bool) {
+        if let Ok(mut st) = self.state.lock() {
+            st.ended.get_or_insert(complete);
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// The pack's end of a [`Written`]: a pack that returns early (an error) ends it failed,
+/// so the thread does not wait for members that will not come.
+struct Publisher(std::sync::Arc<Written>);
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.0.end(false);
+    }
+}
+
+/// Starts hashing the tar from `state` over `count` members of `blob` as the pack writes
+/// them (see [`PendingDiffId`]). Members are inflated on every core ahead of the SHA-256,
+/// which is sequential.
+fn start_tail_hash(blob: std::fs::File, state: Vec<u8>, count: usize) -> io::Result<(TailHashing, Publisher)> {
+    let written = std::sync::Arc::new(Written::default());
+    let follow = written.clone();
+    let hashing = std::thread::Builder::new().name("diff-id".into()).spawn(move || {
         let mut tar = TarHash::resume(&state)?;
-        let first = first.min(index.segments.len());
-        let members: Vec<(u64, u64)> = index.segments[first..].iter().map(|s| (s.offset, s.len)).collect();
-        let inflate = |&(offset, len): &(u64, u64)| inflated_in_memory(&blob, offset, len);
-        in_order(&members, ordered_workers::workers(), &inflate, |fetched| {
-            for (seg, &(offset, len)) in index.segments[first..].iter_mut().zip(&members) {
+        let jobs: Vec<usize> = (0..count).collect();
+        let inflate = |&k: &usize| -> io::Result<Inflated> {
+            let (offset, len) = follow.member(k)?;
+            Ok(((offset, len), inflated_in_memory(&blob, offset, len)?))
+        };
+        let mut states = Vec::with_capacity(count);
+        in_order(&jobs, ordered_workers::workers(), &inflate, |fetched| {
+            for _ in 0..count {
                 match fetched.take()? {
-                    Some(bytes) => tar.write_all(&bytes)?,
-                    None => inflate_member(&blob, offset, len, &mut tar)?,
+                    (_, Some(bytes)) => tar.write_all(&bytes)?,
+                    ((offset, len), None) => inflate_member(&blob, offset, len, &mut tar)?,
                 }
-                seg.tar_state = tar.state();
+                states.push(tar.state());
             }
             Ok(())
         })?;
         tar.write_all(&[0; TRAILER])?;
-        Ok((tar.digest(), index))
-    }
+        Ok((tar.digest(), states))
+    })?;
+    Ok((hashing, Publisher(written)))
 }
 
 /// The tar bytes of the member at `offset` in `blob`, or `None` when the member or its tar
@@ -662,8 +745,9 @@ fn pack_on<R: Read>(
     let mut in_front = reuse.is_some();
     let mut front: Option<&[u8]> = None;
     let mut index = SegmentIndex::default();
-    // The first segment not hashed here, and the state in front of it.
-    let mut deferred: Option<(usize, Vec<u8>)> = None;
+    // The first segment not hashed here, and the thread that hashes from it.
+    let mut deferred: Option<usize> = None;
+    let mut tail_hash = None;
     // Members copied from the earlier blob: (offset here, offset there, length).
     let mut taken: Vec<(u64, u64, u64)> = Vec::new();
     // Each segment's fingerprint, entries and last path; which are taken from the earlier
@@ -751,7 +835,12 @@ fn pack_on<R: Read>(
                     tar = TarHash::resume(state)?;
                 }
                 if defer {
-                    deferred = Some((i, tar.state()));
+                    deferred = Some(i);
+                    tail_hash = Some(start_tail_hash(
+                        std::fs::File::open(dest)?,
+                        tar.state(),
+                        plan.len() - i,
+                    )?);
                 }
             }
             let hashing = deferred.is_none().then_some(&mut tar);
@@ -787,6 +876,11 @@ fn pack_on<R: Read>(
                 last,
                 blob_state: blob.sha.state(),
             });
+            if let Some((_, follow)) = tail_hash.as_ref() {
+                // On the file before the diff_id's thread reads it.
+                blob.flush()?;
+                follow.0.push((offset, blob.len - offset));
+            }
         }
         Ok(())
     })?;
@@ -807,17 +901,19 @@ fn pack_on<R: Read>(
     // Not synced: the blob is a work file, streamed to the cache (which makes its own copy
     // durable) and removed; syncing it only wrote it to disk once more.
     blob.inner.into_inner().map_err(|e| e.into_error())?;
-    let (diff_id, pending) = match deferred {
-        Some((first, state)) => (
-            String::new(),
-            Some(PendingDiffId {
-                blob: std::fs::File::open(dest)?,
-                state,
-                first,
-                index: index.clone(),
-            }),
-        ),
-        None => {
+    let (diff_id, pending) = match (deferred, tail_hash) {
+        (Some(first), Some((hashing, follow))) => {
+            follow.0.end(true);
+            (
+                String::new(),
+                Some(PendingDiffId {
+                    hashing,
+                    first,
+                    index: index.clone(),
+                }),
+            )
+        }
+        _ => {
             tar.write_all(&[0; TRAILER])?;
             (tar.digest(), None)
         }
@@ -1060,6 +1156,27 @@ mod tests {
                 std::fs::write(t.dir.path().join(path), original).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn the_diff_id_thread_follows_the_pack_and_stops_when_it_fails() {
+        let w = Written::default();
+        w.push((10, 5));
+        assert_eq!(w.member(0).unwrap(), (10, 5));
+        let w = std::sync::Arc::new(w);
+        let waiting = {
+            let w = w.clone();
+            std::thread::spawn(move || w.member(1))
+        };
+        // A pack that returns early drops its end: the waiting member is an error, not a hang.
+        drop(Publisher(w.clone()));
+        assert!(waiting.join().unwrap().is_err());
+        // Once ended complete, a member never written is an error too.
+        let w = Written::default();
+        w.end(true);
+        w.end(false);
+        assert!(w.member(0).is_err());
+        assert_eq!(w.state.lock().unwrap().ended, Some(true), "the first end stands");
     }
 
     #[test]
