@@ -3,7 +3,6 @@
 //! snapshot under a delta), and the segments unchanged since the seed layer's blob are taken from
 //! that blob as it streams from the step cache, not read and compressed again.
 
-use std::io::BufReader;
 use std::path::Path;
 
 use lcache_confine::Root;
@@ -14,6 +13,7 @@ use lcache_image::layer_segments::{
     SegmentIndex,
 };
 
+use crate::byte_channel::byte_channel;
 use crate::copy_seed::{load_segments, LayerDelta, LayerEntries, Placed, Seed};
 use crate::copy_step::CopyLayer;
 use crate::step_cache::StepCache;
@@ -257,15 +257,15 @@ fn pack_with(
         let skipped = skippable_front(plan, index);
         let first = index.front_end(skipped);
         let reused = std::thread::scope(|s| {
-            let (reader, mut writer) = std::io::pipe()?;
-            // When the pack stops reading (failed) the pipe closes and the download stops
+            let (mut writer, reader) = byte_channel();
+            // When the pack stops reading (failed) the channel closes and the download stops
             // with it. The bytes after the front are not checked against the seed's digest
             // (a part of a blob cannot be): each member's CRC is checked when the diff_id
             // inflates it, and the cache checks the new blob whole against its digest.
             let download = s.spawn(move || steps.get_blob_from(digest, first, &mut writer));
             let reuse = Reuse {
                 index,
-                blob: BufReader::with_capacity(256 * 1024, reader),
+                blob: reader,
                 skipped,
             };
             let packed = pack_planned(plan, &open, Some(reuse), dest, defer)?;

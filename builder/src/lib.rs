@@ -7,6 +7,7 @@
 pub mod build_control;
 pub mod build_events;
 pub mod build_loop;
+pub mod byte_channel;
 pub mod cache_dir;
 pub mod copy_changes;
 pub mod copy_pack;
