@@ -1347,6 +1347,44 @@ mod tests {
     }
 
     #[test]
+    fn a_diff_id_following_the_pack_fails_with_it_or_on_a_damaged_member() {
+        let t = tree(2000);
+        let out = tempfile::tempdir().unwrap();
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        let list = entries(&t);
+        let (first, index) = pack(t.dir.path(), &list, None, &out.path().join("0"), &opened);
+        let blob = std::fs::read(&first.path).unwrap();
+        // The first file edited: every member after it is taken from the earlier blob.
+        let path = list.iter().find(|(_, _, dir)| !dir).unwrap().0.clone();
+        std::fs::write(t.dir.path().join(&path), b"edited").unwrap();
+        let open = |e: &SegmentEntry| std::fs::File::open(t.dir.path().join(e.path));
+        let changed: Vec<_> = list
+            .iter()
+            .map(|(p, c, d)| (p.clone(), if *p == path { b"edited".to_vec() } else { c.clone() }, *d))
+            .collect();
+        let repack = |earlier: &[u8], name: &str| {
+            let reuse = Reuse {
+                index: &index,
+                blob: earlier,
+                skipped: 0,
+            };
+            pack_segmented(&as_entries(&changed), &open, Some(reuse), &out.path().join(name), true)
+        };
+        // The earlier blob cut short in its tail: the pack fails (and tells its thread,
+        // as `the_diff_id_thread_follows_the_pack_and_stops_when_it_fails` checks).
+        let half = index.segments[index.segments.len() / 2].offset as usize;
+        assert!(repack(&blob[..half], "cut").is_err());
+        // A member after the change damaged in the earlier blob (its CRC): the pack takes it
+        // as it is, and the diff_id's thread refuses it.
+        let mut damaged = blob.clone();
+        let s = &index.segments[index.segments.len() / 2];
+        damaged[(s.offset + s.len - 8) as usize] ^= 1;
+        let packed = repack(&damaged, "damaged").unwrap();
+        let e = packed.pending.unwrap().finish().unwrap_err();
+        assert!(e.to_string().contains("inflate"), "{e}");
+    }
+
+    #[test]
     fn cuts_depend_only_on_the_entries_near_them() {
         let t = tree(2000);
         let list = entries(&t);
