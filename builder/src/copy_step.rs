@@ -171,12 +171,25 @@ impl<R: Read> Read for Blake3Reader<R> {
     }
 }
 
+thread_local! {
+    /// The buffer files are copied through: one per thread, not one allocated (and zeroed)
+    /// for each of a COPY's files.
+    static COPY_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 256 * 1024]);
+}
+
 /// Copies `from` into `to`, returning the BLAKE3 of the bytes that went through.
-fn copy_hashing(mut from: impl Read, to: &mut impl Write) -> std::io::Result<[u8; 32]> {
+fn copy_hashing(from: impl Read, to: &mut impl Write) -> std::io::Result<[u8; 32]> {
+    COPY_BUF.with(|buf| match buf.try_borrow_mut() {
+        Ok(mut buf) => copy_hashing_through(from, to, &mut buf),
+        // Not re-entered in practice; a buffer of its own then.
+        Err(_) => copy_hashing_through(from, to, &mut vec![0u8; 256 * 1024]),
+    })
+}
+
+fn copy_hashing_through(mut from: impl Read, to: &mut impl Write, buf: &mut [u8]) -> std::io::Result<[u8; 32]> {
     let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = match from.read(&mut buf) {
+        let n = match from.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

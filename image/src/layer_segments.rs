@@ -336,11 +336,13 @@ fn inflate_member_bytes(member: &[u8]) -> io::Result<Option<Vec<u8>>> {
 }
 
 thread_local! {
-    /// Each thread's libdeflate compressor: allocated once, not per member.
-    static COMPRESSOR: std::cell::RefCell<libdeflater::Compressor> =
+    /// Each thread's libdeflate compressor and output buffer: allocated once, not per member.
+    static COMPRESSOR: (std::cell::RefCell<libdeflater::Compressor>, std::cell::RefCell<Vec<u8>>) = (
         std::cell::RefCell::new(libdeflater::Compressor::new(
             libdeflater::CompressionLvl::new(1).unwrap_or_else(|_| libdeflater::CompressionLvl::fastest()),
-        ));
+        )),
+        std::cell::RefCell::new(Vec::new()),
+    );
 }
 
 /// Inflates the member at `offset` in `blob` into `tar`, streamed.
@@ -519,16 +521,18 @@ fn write_member<B: Write, T: Write>(
         return Ok(());
     }
     let bytes = write_tar(entries, open, Vec::new())?;
-    let member = COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        let mut member = vec![0; c.gzip_compress_bound(bytes.len())];
+    COMPRESSOR.with(|c| {
+        let (mut c, mut out) = (c.0.borrow_mut(), c.1.borrow_mut());
+        // Grown, never shrunk or zeroed again: each member only writes what it fills.
+        let bound = c.gzip_compress_bound(bytes.len());
+        if out.len() < bound {
+            out.resize(bound, 0);
+        }
         let n = c
-            .gzip_compress(&bytes, &mut member)
+            .gzip_compress(&bytes, &mut out[..bound])
             .map_err(|_| io::Error::other("a segment did not fit its compression bound"))?;
-        member.truncate(n);
-        Ok::<_, io::Error>(member)
+        blob.write_all(&out[..n])
     })?;
-    blob.write_all(&member)?;
     tar.write_all(&bytes)
 }
 
