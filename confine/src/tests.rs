@@ -177,6 +177,33 @@ fn reading_follows_a_final_symlink_only_when_asked_and_only_inside() {
     assert!(f.root.open_file(Path::new("s"), true).unwrap_err().is_not_found());
 }
 
+#[test]
+fn reading_a_file_leaves_its_access_time_alone() {
+    use std::io::Read;
+    use std::time::{Duration, SystemTime};
+    let f = Fixture::new();
+    std::fs::write(f.inside("a"), "alpha").unwrap();
+    // Read before it was last changed: relatime would update it on the next read.
+    let accessed = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    let times = std::fs::FileTimes::new()
+        .set_accessed(accessed)
+        .set_modified(SystemTime::now());
+    std::fs::File::options()
+        .write(true)
+        .open(f.inside("a"))
+        .unwrap()
+        .set_times(times)
+        .unwrap();
+    let mut read = String::new();
+    f.root
+        .open_file(Path::new("a"), false)
+        .unwrap()
+        .read_to_string(&mut read)
+        .unwrap();
+    assert_eq!(read, "alpha");
+    assert_eq!(std::fs::metadata(f.inside("a")).unwrap().accessed().unwrap(), accessed);
+}
+
 mod props {
     use proptest::prelude::*;
 

@@ -67,7 +67,7 @@ fn hash_one(path: &Path, size: u64, buf: &mut [u8]) -> Result<[u8; 32], ContextE
     } else {
         buf
     };
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut f = open_for_hashing(path).map_err(io)?;
     loop {
         let n = match f.read(buf) {
             Ok(0) => break,
@@ -78,6 +78,22 @@ fn hash_one(path: &Path, size: u64, buf: &mut [u8]) -> Result<[u8; 32], ContextE
         hasher.update(&buf[..n]);
     }
     Ok(*hasher.finalize().as_bytes())
+}
+
+/// Opens a context file to hash it without updating its access time: after an edit or a
+/// touch, relatime updates a file's atime on its first read, so hashing every file of a
+/// context dirtied every inode, and ext4 journalled each. Only the file's owner or root may
+/// ask for that; anyone else opens it plainly.
+fn open_for_hashing(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOATIME.bits())
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => std::fs::File::open(path),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +109,27 @@ mod tests {
         let h = hash_files(d.path(), &[("b", big.len() as u64), ("a", 5)]).unwrap();
         assert_eq!(h[0], *blake3::hash(&big).as_bytes());
         assert_eq!(h[1], *blake3::hash(b"alpha").as_bytes());
+    }
+
+    #[test]
+    fn hashing_leaves_the_access_time_alone() {
+        use std::time::{Duration, SystemTime};
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a");
+        std::fs::write(&p, "alpha").unwrap();
+        // Read before it was last changed: relatime would update it on the next read.
+        let accessed = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        let times = std::fs::FileTimes::new()
+            .set_accessed(accessed)
+            .set_modified(SystemTime::now());
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_times(times)
+            .unwrap();
+        hash_files(d.path(), &[("a", 5)]).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().accessed().unwrap(), accessed);
     }
 
     #[test]
