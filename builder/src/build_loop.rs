@@ -1028,11 +1028,10 @@ impl<'a> Builder<'a> {
             }),
             None => pack_layer(&tree, &dest).map(|p| (p, None, None, None)),
         };
-        let (mut packed, mut segments, pending, parts) =
+        // `hashing`: the diff_id, hashed on its own thread since the pack reached the first
+        // change, beside the upload and the steps after this one.
+        let (mut packed, mut segments, mut hashing, parts) =
             packed_with(self.steps).map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
-        // Hashed on its own thread since the pack reached the first change, beside the
-        // upload and the steps after this one.
-        let mut hashing = pending;
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
         let stored = match &parts {

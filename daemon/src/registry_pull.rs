@@ -213,9 +213,12 @@ pub async fn pull(state: &AppState, req: &PullRequest) -> Result<PullResponse, R
             .await
             .map_err(|e| invalid(format!("blob {}: {e}", d.digest)))?;
         state.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
+        // Touched first: an eviction pass never sees a pulled blob as never used before
+        // the image that keeps it is recorded.
         state
             .records
-            .put_blob(&meta)
+            .touch(&meta.digest, crate::api::now_ms())
+            .and_then(|_| state.records.put_blob(&meta))
             .map_err(|e| RegistryError::Store(e.to_string()))?;
         fetched += 1;
         fetched_bytes += meta.size;
@@ -252,7 +255,8 @@ pub async fn pull(state: &AppState, req: &PullRequest) -> Result<PullResponse, R
             .map_err(|e| invalid(format!("manifest: {e}")))?;
         state
             .records
-            .put_blob(&meta)
+            .touch(&meta.digest, crate::api::now_ms())
+            .and_then(|_| state.records.put_blob(&meta))
             .map_err(|e| RegistryError::Store(e.to_string()))?;
     }
     let image = ImageRecord {

@@ -594,10 +594,11 @@ fn has_blob(local: &AppState, digest: &str) -> Result<bool, UpstreamError> {
 /// Records a blob that just streamed in (verified) as stored here.
 fn note_ingested(local: &AppState, meta: &crate::store::BlobMeta) -> Result<(), UpstreamError> {
     local.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
+    // Touched first: an eviction pass never sees the blob without its use.
     local
         .records
-        .put_blob(meta)
-        .and_then(|_| local.records.touch(&meta.digest, crate::api::now_ms()))
+        .touch(&meta.digest, crate::api::now_ms())
+        .and_then(|_| local.records.put_blob(meta))
         .and_then(|_| local.records.flush())
         .map_err(|e| UpstreamError::Local(e.to_string()))?;
     local.evict_wake.notify_one();

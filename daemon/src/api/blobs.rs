@@ -259,6 +259,10 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
     match ingested {
         Ok(meta) => {
             state.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
+            // Just stored counts as just used: eviction must not take a blob whose record
+            // is about to be written. Touched before the blob is known, so that a pass
+            // running meanwhile never sees it without its use (as never used: first to go).
+            let _ = state.records.touch(&meta.digest, super::now_ms());
             // The file is durable; only now may the store (and records) know the blob.
             if let Err(e) = state.records.put_blob(&meta).and_then(|_| state.records.flush()) {
                 return error(
@@ -267,9 +271,6 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
                     "free space on the store's disk",
                 );
             }
-            // Just stored counts as just used: eviction must not take a blob whose record
-            // is about to be written.
-            let _ = state.records.touch(&meta.digest, super::now_ms());
             state.evict_wake.notify_one();
             json(if known { StatusCode::OK } else { StatusCode::CREATED }, &meta)
         }
