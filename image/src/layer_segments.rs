@@ -216,8 +216,8 @@ struct Written {
 struct WrittenState {
     /// Each member's offset and length, in blob order.
     members: Vec<(u64, u64)>,
-    /// Whether the pack ended: every member written (`Some(true)`) or failed.
-    ended: Option<bool>,
+    /// Whether the pack ended (done or failed): no more members will come.
+    ended: bool,
 }
 
 impl Written {
@@ -229,7 +229,7 @@ impl Written {
             if let Some(&m) = st.members.get(k) {
                 return Ok(m);
             }
-            if st.ended.is_some() {
+            if st.ended {
                 return Err(lost());
             }
             st = self.changed.wait(st).map_err(|_| lost())?;
@@ -243,21 +243,21 @@ impl Written {
         self.changed.notify_all();
     }
 
-    fn end(&self, complete: bool) {
+    fn end(&self) {
         if let Ok(mut st) = self.state.lock() {
-            st.ended.get_or_insert(complete);
+            st.ended = true;
         }
         self.changed.notify_all();
     }
 }
 
-/// The pack's end of a [`Written`]: a pack that returns early (an error) ends it failed,
-/// so the thread does not wait for members that will not come.
+/// The pack's end of a [`Written`]: dropped when the pack returns, done or failed early,
+/// so the thread never waits for members that will not come.
 struct Publisher(std::sync::Arc<Written>);
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        self.0.end(false);
+        self.0.end();
     }
 }
 
@@ -749,9 +749,9 @@ fn pack_on<R: Read>(
     let mut in_front = reuse.is_some();
     let mut front: Option<&[u8]> = None;
     let mut index = SegmentIndex::default();
-    // The first segment not hashed here, and the thread that hashes from it.
-    let mut deferred: Option<usize> = None;
-    let mut tail_hash = None;
+    // The first segment not hashed here, and the thread that hashes from it (told of each
+    // member written, through its publisher).
+    let mut deferred: Option<(usize, TailHashing, Publisher)> = None;
     // Members copied from the earlier blob: (offset here, offset there, length).
     let mut taken: Vec<(u64, u64, u64)> = Vec::new();
     // Each segment's fingerprint, entries and last path; which are taken from the earlier
@@ -839,12 +839,8 @@ fn pack_on<R: Read>(
                     tar = TarHash::resume(state)?;
                 }
                 if defer {
-                    deferred = Some(i);
-                    tail_hash = Some(start_tail_hash(
-                        std::fs::File::open(dest)?,
-                        tar.state(),
-                        plan.len() - i,
-                    )?);
+                    let (hashing, follow) = start_tail_hash(std::fs::File::open(dest)?, tar.state(), plan.len() - i)?;
+                    deferred = Some((i, hashing, follow));
                 }
             }
             let hashing = deferred.is_none().then_some(&mut tar);
@@ -880,7 +876,7 @@ fn pack_on<R: Read>(
                 last,
                 blob_state: blob.sha.state(),
             });
-            if let Some((_, follow)) = tail_hash.as_ref() {
+            if let Some((_, _, follow)) = deferred.as_ref() {
                 // On the file before the diff_id's thread reads it.
                 blob.flush()?;
                 follow.0.push((offset, blob.len - offset));
@@ -905,19 +901,17 @@ fn pack_on<R: Read>(
     // Not synced: the blob is a work file, streamed to the cache (which makes its own copy
     // durable) and removed; syncing it only wrote it to disk once more.
     blob.inner.into_inner().map_err(|e| e.into_error())?;
-    let (diff_id, pending) = match (deferred, tail_hash) {
-        (Some(first), Some((hashing, follow))) => {
-            follow.0.end(true);
-            (
-                String::new(),
-                Some(PendingDiffId {
-                    hashing,
-                    first,
-                    index: index.clone(),
-                }),
-            )
-        }
-        _ => {
+    let (diff_id, pending) = match deferred {
+        // Every member is written: the publisher is done.
+        Some((first, hashing, _)) => (
+            String::new(),
+            Some(PendingDiffId {
+                hashing,
+                first,
+                index: index.clone(),
+            }),
+        ),
+        None => {
             tar.write_all(&[0; TRAILER])?;
             (tar.digest(), None)
         }
@@ -1175,12 +1169,12 @@ mod tests {
         // A pack that returns early drops its end: the waiting member is an error, not a hang.
         drop(Publisher(w.clone()));
         assert!(waiting.join().unwrap().is_err());
-        // Once ended complete, a member never written is an error too.
+        // Members written before the end are still served; none after it.
         let w = Written::default();
-        w.end(true);
-        w.end(false);
-        assert!(w.member(0).is_err());
-        assert_eq!(w.state.lock().unwrap().ended, Some(true), "the first end stands");
+        w.push((0, 1));
+        w.end();
+        assert_eq!(w.member(0).unwrap(), (0, 1));
+        assert!(w.member(1).is_err());
     }
 
     #[test]

@@ -170,14 +170,12 @@ fn hash_runs(
 ) -> std::io::Result<(String, Vec<u8>, String, u64)> {
     struct Blake3<W> {
         b3: blake3::Hasher,
-        out: Option<W>,
+        out: W,
     }
     impl<W: Write> Write for Blake3<W> {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
             self.b3.update(buf);
-            if let Some(o) = self.out.as_mut() {
-                o.write_all(buf)?;
-            }
+            self.out.write_all(buf)?;
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -185,26 +183,22 @@ fn hash_runs(
         }
     }
     let blob = BlobFile::from_recipe(dir, recipe)?;
-    let out = match whole {
-        Some(p) => Some(std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(p)?)),
-        None => None,
-    };
-    let mut b = Blake3 {
-        b3: blake3::Hasher::new(),
-        out,
-    };
     let hash_sha = || -> std::io::Result<_> {
         // A kept state that does not even parse: from the first byte.
         let mut sha = GridSha::resume(resume.0, resume.1).unwrap_or_default();
         blob.copy_from_to(sha.at(), &mut sha)?;
         Ok(sha.finish())
     };
-    if b.out.is_none() {
+    let Some(whole) = whole else {
         // Kept as runs: nothing is written, and only what follows the base's front is
         // read. Its BLAKE3 would read the whole blob and nothing reads it: left empty.
         let (digest, states) = hash_sha()?;
         return Ok((digest, states, String::new(), blob.len()));
-    }
+    };
+    let mut b = Blake3 {
+        b3: blake3::Hasher::new(),
+        out: std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(whole)?),
+    };
     let (sha, len) = std::thread::scope(|s| {
         let sha = s.spawn(hash_sha);
         let len = blob.copy_to(&mut b);
@@ -214,10 +208,9 @@ fn hash_runs(
         (sha, len)
     });
     let ((digest, states), len) = (sha?, len?);
-    if let Some(out) = b.out.take() {
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    }
-    Ok((digest, states, b.b3.finalize().to_hex().to_string(), len))
+    let Blake3 { b3, out } = b;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok((digest, states, b3.finalize().to_hex().to_string(), len))
 }
 
 impl BlobStore {
