@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use lcache_context::context_walk::walk;
 use lcache_context::local_context::LocalContext;
+use lcache_image::layer_segments::{SegmentIndex, TailDigests};
 use lcache_proto::build_plan::{Base, BindDef, BuildPlan, CopyDef, CopyFrom, PlannedStage, StepDef};
 use lcache_proto::cache_key::{key_inputs, KeyInputs};
 use lcache_proto::dockerignore::IgnoreMatcher;
@@ -18,7 +19,9 @@ use lcache_proto::key_encoding::{hex, Encoder};
 use lcache_proto::source_select::{select, ContextEntry, EntryKind, SelectedRoot};
 use lcache_proto::sources_digest::binds_digest;
 use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
-use lcache_proto::wire::{BuildRecord, BuildStep, ImageRecord, LayerRef, PlanInputs, StepRecord};
+use lcache_proto::wire::{
+    BlobPart, BlobParts, BuildRecord, BuildStep, ImageRecord, LayerParts, LayerRef, LayerTail, PlanInputs, StepRecord,
+};
 
 use crate::build_control::BuildControl;
 use crate::build_events::{BuildObserver, StepEvent, StepPhases, SummaryEvent};
@@ -42,7 +45,6 @@ use crate::url_download::{download, place};
 use crate::user_lookup::resolve_user;
 use lcache_image::image_history::{base_history, extend, Contribution, HistoryEntry};
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, LAYER_MEDIA_TYPE};
-use lcache_image::layer_segments::SegmentIndex;
 use lcache_image::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
 
 /// What to build.
@@ -120,6 +122,9 @@ struct Builder<'a> {
     finder: CauseFinder<'a>,
     /// Build step number of each stage's first step (stages run concurrently).
     first_step: HashMap<usize, usize>,
+    /// Whether the cache names a re-run COPY's layer from its own copy of the last one
+    /// (`StepCache::put_layer`); false once it said it does not.
+    cache_names_layers: std::sync::atomic::AtomicBool,
 }
 
 /// One finished step: what progress showed, and what the history keeps.
@@ -238,6 +243,7 @@ pub fn build(
         progress: Mutex::new(progress),
         finder: CauseFinder::new(client, &req.inputs, req.no_cache).with_evicted(&evicted),
         first_step,
+        cache_names_layers: std::sync::atomic::AtomicBool::new(true),
     };
     let (mut states, mut finished) = b.build_stages()?;
     finished.sort_by_key(|(e, _)| e.n);
@@ -988,10 +994,20 @@ impl<'a> Builder<'a> {
         };
         let packing = Instant::now();
         let dest = work.path().join("layer.tgz");
-        // The diff_id after a reused front is hashed on its own thread while the build
-        // goes on, when a later step of the stage can use the time.
-        let defer = defer_hashing;
-        let pack_with = |steps: &dyn StepCache| match (&copied, seed.as_ref()) {
+        // The digests after a reused front are taken by the cache, from its own copy of the
+        // seed's blob, when it can; else the diff_id is hashed on its own thread while the
+        // build goes on, when a later step of the stage can use the time.
+        let own = if defer_hashing {
+            TailDigests::Thread
+        } else {
+            TailDigests::Here
+        };
+        let first_try = if self.cache_names_layers.load(std::sync::atomic::Ordering::Relaxed) {
+            TailDigests::Cache
+        } else {
+            own
+        };
+        let pack_with = |steps: &dyn StepCache, defer: TailDigests| match (&copied, seed.as_ref()) {
             (
                 Some(
                     c @ CopyLayer {
@@ -1010,7 +1026,7 @@ impl<'a> Builder<'a> {
             )),
             _ => None,
         };
-        let packed_with = |steps: &dyn StepCache| match pack_with(steps) {
+        let packed_with = |steps: &dyn StepCache, tail: TailDigests| match pack_with(steps, tail) {
             Some((c, packed)) => packed.map(|p| {
                 // The seed's blob the unchanged members were taken from: the cache need
                 // only be sent the others.
@@ -1024,17 +1040,35 @@ impl<'a> Builder<'a> {
                     Some(p.index),
                     p.pending,
                     base.map(|b| (b, p.parts, p.unwritten)),
+                    p.tail,
                 )
             }),
-            None => pack_layer(&tree, &dest).map(|p| (p, None, None, None)),
+            None => pack_layer(&tree, &dest).map(|p| (p, None, None, None, None)),
         };
         // `hashing`: the diff_id, hashed on its own thread since the pack reached the first
         // change, beside the upload and the steps after this one.
-        let (mut packed, mut segments, mut hashing, parts) =
-            packed_with(self.steps).map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+        let (mut packed, mut segments, mut hashing, mut parts, tail) =
+            packed_with(self.steps, first_try).map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
-        let stored = match &parts {
+        let mut stored = None;
+        if let Some(tail) = tail {
+            match self.layer_named_by_cache(&packed, segments.as_mut(), parts.as_ref(), tail) {
+                Ok(Some((digest, diff_id))) => {
+                    (packed.digest, packed.diff_id) = (digest, diff_id);
+                    stored = Some(Ok(()));
+                }
+                Ok(None) => {
+                    // It does not: pack the layer again, naming it here (and from now on).
+                    self.cache_names_layers
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    (packed, segments, hashing, parts, _) = packed_with(self.steps, own)
+                        .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+                }
+                Err(e) => stored = Some(Err(e)),
+            }
+        }
+        let stored = stored.unwrap_or_else(|| match &parts {
             Some((base, parts, unwritten)) => self.steps.put_blob(
                 &packed.digest,
                 BlobSource::Parts {
@@ -1045,8 +1079,8 @@ impl<'a> Builder<'a> {
                     unwritten: *unwritten,
                 },
             ),
-            None => self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?),
-        };
+            None => BlobSource::file(&packed.path).and_then(|b| self.steps.put_blob(&packed.digest, b)),
+        });
         if let (Err(e), Some(_)) = (&stored, &parts) {
             // The members taken unread from the seed's blob are not what the cache holds
             // (its copy is damaged, or went away): pack the layer again without the seed's
@@ -1059,7 +1093,7 @@ impl<'a> Builder<'a> {
                 // It reads the file the layer is packed into again.
                 let _ = h.finish();
             }
-            (packed, segments, hashing, _) = packed_with(&WithoutBlobs(self.steps))
+            (packed, segments, hashing, _, _) = packed_with(&WithoutBlobs(self.steps), own)
                 .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
             self.steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
         } else {
@@ -1100,6 +1134,55 @@ impl<'a> Builder<'a> {
         phases.store_ms = storing.elapsed().as_millis() as u64;
         let snap = self.keep_snapshot(&packed.digest, &tree, copied, segments, work.path())?;
         Ok((layer, snap, Some(phases), pending))
+    }
+
+    /// Stores a re-run COPY's layer packed for the cache to name (`tail`), and fills in the
+    /// states `index` lacks after the change from what the cache says. Returns its digest
+    /// and diff_id; `None` when the cache does not name layers.
+    fn layer_named_by_cache(
+        &self,
+        packed: &lcache_image::layer_diff::PackedLayer,
+        index: Option<&mut SegmentIndex>,
+        parts: Option<&(&str, Vec<BlobPart>, u64)>,
+        tail: LayerTail,
+    ) -> Result<Option<(String, String)>, CacheError> {
+        let (Some(index), Some((base, parts, _))) = (index, parts) else {
+            return Err(CacheError::Protocol(
+                "a layer left to the cache to name has no base".into(),
+            ));
+        };
+        let members = tail.members.len();
+        let layer = LayerParts {
+            blob: BlobParts {
+                base: base.to_string(),
+                parts: parts.clone(),
+            },
+            tail,
+        };
+        let Some(named) = self.steps.put_layer(&packed.path, &layer)? else {
+            return Ok(None);
+        };
+        let n = index.segments.len();
+        if named.size != packed.size
+            || named.tar_states.len() != members
+            || named.blob_states.len() != members
+            || members > n
+        {
+            return Err(CacheError::Protocol(format!(
+                "the cache named a layer of {} bytes with {} states for a layer of {} bytes with {members} members after its change",
+                named.size,
+                named.tar_states.len(),
+                packed.size
+            )));
+        }
+        for ((seg, tar), blob) in index.segments[n - members..]
+            .iter_mut()
+            .zip(named.tar_states)
+            .zip(named.blob_states)
+        {
+            (seg.tar_state, seg.blob_state) = (tar, blob);
+        }
+        Ok(Some((named.digest, named.diff_id)))
     }
 
     /// Stores a rebuilt step's record.

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 
 use lcache_image::layer_segments::{
     cuts_after, pack_planned, segment_ranges, skippable_front, Packed, Planned, Reuse, SegmentEntry, SegmentEntryKind,
-    SegmentIndex,
+    SegmentIndex, TailDigests,
 };
 
 use crate::byte_channel::byte_channel;
@@ -62,15 +62,16 @@ fn segment_entry<'a>(path: &'a str, placed: &'a Placed) -> SegmentEntry<'a> {
 
 /// Packs the COPY layer `layer`, built in `dir`, into `dest`; unchanged segments come
 /// from the seed layer's own blob (so after a run of edits, the diff_id is hashed again
-/// only from the newest change on, and with `defer` not here: see `Packed::pending`). A
-/// seed blob that cannot be used (gone, or not what its index says) only costs the reuse.
+/// only from the newest change on, by whom `tail` says: see `Packed::pending` and
+/// `Packed::tail`). A seed blob that cannot be used (gone, or not what its index says)
+/// only costs the reuse.
 pub fn pack_copy(
     steps: &dyn StepCache,
     layer: &CopyLayer,
     entries: &LayerEntries,
     dir: &Path,
     dest: &Path,
-    defer: bool,
+    tail: TailDigests,
 ) -> std::io::Result<Packed> {
     let list = sorted(entries);
     let plan: Vec<Planned> = segment_ranges(&list)
@@ -79,7 +80,7 @@ pub fn pack_copy(
         .map(|r| Planned::Entries(&list[r]))
         .collect();
     let index = layer.reuse.as_ref().and_then(|(_, path)| load_segments(path));
-    pack_with(steps, layer, &plan, index.as_ref(), dir, dest, defer)
+    pack_with(steps, layer, &plan, index.as_ref(), dir, dest, tail)
 }
 
 /// Packs a layer kept as its delta over `seed`'s base (`CopyLayer::over_seed`): only the
@@ -93,7 +94,7 @@ pub fn pack_copy_over(
     seed: &Seed,
     dir: &Path,
     dest: &Path,
-    defer: bool,
+    tail: TailDigests,
 ) -> std::io::Result<Packed> {
     let index = layer.reuse.as_ref().and_then(|(_, path)| load_segments(path));
     let planned = match (&layer.delta, &index) {
@@ -117,14 +118,14 @@ pub fn pack_copy_over(
                 }
             }
         }
-        if let Ok(packed) = pack_with(steps, layer, &plan, index.as_ref(), dir, dest, defer) {
+        if let Ok(packed) = pack_with(steps, layer, &plan, index.as_ref(), dir, dest, tail) {
             return Ok(packed);
         }
     }
     let entries = layer
         .entries_over(seed)
         .ok_or_else(|| std::io::Error::other("the seed's entries are unreadable"))?;
-    pack_copy(steps, layer, &entries, dir, dest, defer)
+    pack_copy(steps, layer, &entries, dir, dest, tail)
 }
 
 /// A stretch of the layer to pack: an earlier segment as it is, or entries to cut.
@@ -233,7 +234,7 @@ fn pack_with(
     index: Option<&SegmentIndex>,
     dir: &Path,
     dest: &Path,
-    defer: bool,
+    tail: TailDigests,
 ) -> std::io::Result<Packed> {
     // Read through the confined roots: a path that met a symlink on the way (sources
     // overlapping at the destination) must not read a file of the host into the layer.
@@ -255,6 +256,19 @@ fn pack_with(
         // blob's digest resumes from its state after them, and the cache is told they are
         // the seed's (the first of the parts), so its own copy of them is the new blob's.
         let skipped = skippable_front(plan, index);
+        if tail == TailDigests::Cache {
+            // The cache names the blob from its own copy of the seed's: nothing of it is
+            // fetched here.
+            let reuse = Reuse {
+                index,
+                blob: std::io::empty(),
+                skipped,
+            };
+            if let Ok(packed) = pack_planned(plan, &open, Some(reuse), dest, tail) {
+                return Ok(packed);
+            }
+            return pack_planned::<std::io::Empty>(plan, &open, None, dest, TailDigests::Here);
+        }
         let first = index.front_end(skipped);
         let reused = std::thread::scope(|s| {
             let (mut writer, reader) = byte_channel();
@@ -268,7 +282,7 @@ fn pack_with(
                 blob: reader,
                 skipped,
             };
-            let packed = pack_planned(plan, &open, Some(reuse), dest, defer)?;
+            let packed = pack_planned(plan, &open, Some(reuse), dest, tail)?;
             match download.join() {
                 Ok(Ok(_)) => Ok(packed),
                 _ => Err(std::io::Error::other("the seed layer's blob did not arrive whole")),
@@ -280,7 +294,7 @@ fn pack_with(
     }
     // Without the earlier blob a plan that names its segments cannot be packed: the
     // caller packs every entry instead.
-    pack_planned::<std::io::Empty>(plan, &open, None, dest, defer)
+    pack_planned::<std::io::Empty>(plan, &open, None, dest, tail)
 }
 
 #[cfg(test)]
@@ -365,9 +379,9 @@ mod tests {
             "round {n}: {earlier} of {} segments unread",
             index.segments.len()
         );
-        let planned = pack_copy_over(steps, layer, seed, dir, &out.join(format!("p{n}")), false).unwrap();
+        let planned = pack_copy_over(steps, layer, seed, dir, &out.join(format!("p{n}")), TailDigests::Here).unwrap();
         let all = layer.entries_over(seed).unwrap();
-        let whole = pack_copy(steps, layer, &all, dir, &out.join(format!("w{n}")), false).unwrap();
+        let whole = pack_copy(steps, layer, &all, dir, &out.join(format!("w{n}")), TailDigests::Here).unwrap();
         assert_eq!(
             (&planned.layer.digest, &planned.layer.diff_id),
             (&whole.layer.digest, &whole.layer.diff_id),
@@ -418,7 +432,15 @@ mod tests {
             reuse: None,
             over_seed: false,
         };
-        let first = pack_copy(&steps, &whole, &base, base_dir.path(), &out.path().join("seed"), false).unwrap();
+        let first = pack_copy(
+            &steps,
+            &whole,
+            &base,
+            base_dir.path(),
+            &out.path().join("seed"),
+            TailDigests::Here,
+        )
+        .unwrap();
         steps
             .0
             .lock()

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use lcache_proto::wire::{BlobPart, StepRecord};
+use lcache_proto::wire::{BlobPart, LayerParts, NamedLayer, StepRecord};
 
 use crate::errors::CacheError;
 
@@ -78,6 +78,15 @@ pub trait StepCache: Send + Sync {
     }
     /// Stores blob `digest` (unless it is there already); the bytes must hash to it.
     fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError>;
+    /// Stores a re-run COPY's layer sent as `layer` says (its `Sent` runs read from `file`,
+    /// where they lie in the blob) and names it: the cache takes the blob's digest and its
+    /// diff_id from its own copy of the earlier blob's members, which the client then never
+    /// reads. `None` when this cache does not name layers: the caller packs the layer
+    /// whole and names it itself.
+    fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
+        let _ = (file, layer);
+        Ok(None)
+    }
 }
 
 /// Passes on what is written to it but for the first `left` bytes.
@@ -162,6 +171,15 @@ impl<C: StepCache> StepCache for Metered<C> {
         self.stored.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
+
+    fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
+        let named = self.inner.put_layer(file, layer)?;
+        if named.is_some() {
+            let sent: u64 = layer.blob.sent_ranges().iter().map(|(_, n)| n).sum();
+            self.stored.fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(named)
+    }
 }
 
 /// Reads through `inner` and never writes to it: a build with read-only access still runs
@@ -217,5 +235,9 @@ impl<C: StepCache + ?Sized> StepCache for &C {
 
     fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError> {
         (**self).put_blob(digest, source)
+    }
+
+    fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
+        (**self).put_layer(file, layer)
     }
 }

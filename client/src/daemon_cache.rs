@@ -8,7 +8,7 @@ use lcache_builder::build_control::BuildControl;
 use lcache_builder::errors::CacheError;
 use lcache_builder::step_cache::{BlobSource, StepCache};
 use lcache_proto::sources_digest::{DirNode, SummaryEntry};
-use lcache_proto::wire::{BuildRecord, ImageRecord, PlanInputs, PlanResponse, StepRecord};
+use lcache_proto::wire::{BuildRecord, ImageRecord, LayerParts, NamedLayer, PlanInputs, PlanResponse, StepRecord};
 
 use crate::daemon_client::DaemonClient;
 
@@ -45,6 +45,10 @@ impl StepCache for DaemonClient {
                 unwritten,
             } => self.put_blob_parts(digest, path, len, (base, unwritten), parts),
         }
+    }
+
+    fn put_layer(&self, file: &std::path::Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
+        DaemonClient::put_layer(self, file, layer)
     }
 }
 

@@ -8,8 +8,8 @@ use hyper::{Method, StatusCode};
 use lcache_image::sha256_stream::Sha256Stream;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{
-    BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, PlanInputs, PlanResponse, StatusResponse, StepRecord,
-    BLOB_PARTS_TYPE,
+    BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, LayerParts, NamedLayer, PlanInputs, PlanResponse,
+    StatusResponse, StepRecord, BLOB_PARTS_TYPE,
 };
 use lcache_remote::{Remote, RemoteError};
 use serde::de::DeserializeOwned;
@@ -281,14 +281,53 @@ impl DaemonClient {
         base: &str,
         parts: &[BlobPart],
     ) -> Result<(), CacheError> {
-        use std::os::unix::fs::FileExt;
         let parts = BlobParts {
             base: base.to_string(),
             parts: parts.to_vec(),
         };
         let head = parts.head().map_err(|e| CacheError::Encode(e.to_string()))?;
-        // The file is the whole blob: the sent runs lie where the parts say.
-        let sent = parts.sent_ranges();
+        let (status, resp) = self.send_framed(
+            Method::PUT,
+            &format!("/v1/blobs/{digest}"),
+            head,
+            file,
+            parts.sent_ranges(),
+        )?;
+        if !status.is_success() {
+            return Err(daemon_error(status, &resp));
+        }
+        Ok(())
+    }
+
+    /// `POST /v1/layers`: a re-run COPY's layer sent as `layer` says (the sent runs read from
+    /// `file`, where they lie in the blob), named by the daemon. `None` when the daemon
+    /// does not name layers (an older one, or over TCP): the caller names it.
+    pub fn put_layer(&self, file: &std::path::Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
+        let head = layer.head().map_err(|e| CacheError::Encode(e.to_string()))?;
+        let (status, resp) = self.send_framed(Method::POST, "/v1/layers", head, file, layer.blob.sent_ranges())?;
+        match (status, daemon_error(status, &resp)) {
+            // Served only on the socket; or a daemon older than the endpoint (a 404 for a
+            // missing base blob is a refusal like any other).
+            (StatusCode::FORBIDDEN, _) => Ok(None),
+            (StatusCode::NOT_FOUND, CacheError::Refused { error, .. }) if error.starts_with("no endpoint") => Ok(None),
+            (s, _) if s.is_success() => serde_json::from_slice(&resp)
+                .map(Some)
+                .map_err(|e| CacheError::Protocol(format!("POST /v1/layers answered what is not a layer: {e}"))),
+            (_, refused) => Err(refused),
+        }
+    }
+
+    /// Sends `head` then the bytes of `file` at `sent` (offset, length), streamed, as a
+    /// `BLOB_PARTS_TYPE` body; returns the answer's status and body.
+    fn send_framed(
+        &self,
+        method: Method,
+        path: &str,
+        head: Vec<u8>,
+        file: &std::path::Path,
+        sent: Vec<(u64, u64)>,
+    ) -> Result<(StatusCode, Bytes), CacheError> {
+        use std::os::unix::fs::FileExt;
         let sent_len: u64 = sent.iter().map(|(_, l)| l).sum();
         let f = std::fs::File::open(file).map_err(|source| CacheError::Io {
             action: "read",
@@ -325,18 +364,11 @@ impl DaemonClient {
             }
         });
         let body = StreamBody::new(chunks).boxed();
-        let (status, resp) = self
-            .rt
+        self.rt
             .block_on(async {
                 let resp = self
                     .remote
-                    .send_typed(
-                        Method::PUT,
-                        &format!("/v1/blobs/{digest}"),
-                        BLOB_PARTS_TYPE,
-                        body,
-                        total,
-                    )
+                    .send_typed(method, path, BLOB_PARTS_TYPE, body, total)
                     .await?;
                 let status = resp.status();
                 let body = resp
@@ -347,11 +379,7 @@ impl DaemonClient {
                     .unwrap_or_default();
                 Ok::<_, RemoteError>((status, body))
             })
-            .map_err(transport)?;
-        if !status.is_success() {
-            return Err(daemon_error(status, &resp));
-        }
-        Ok(())
+            .map_err(transport)
     }
 
     /// Streams blob `digest` into `out`, checking it against its digest as it arrives; a

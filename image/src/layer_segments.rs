@@ -113,6 +113,18 @@ impl<W: Write> Write for BlobHash<W> {
     }
 }
 
+impl BlobHash<io::BufWriter<std::fs::File>> {
+    /// Leaves `n` bytes of the file unwritten (a hole), and out of the digest, which is then
+    /// not this blob's.
+    fn skip(&mut self, n: u64) -> io::Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let n_signed = i64::try_from(n).map_err(|_| io::Error::other("a member is too long"))?;
+        self.inner.seek(SeekFrom::Current(n_signed))?;
+        self.len += n;
+        Ok(())
+    }
+}
+
 impl Write for TarHash {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         sha2_resumable::Digest::update(&mut self.0, buf);
@@ -261,30 +273,80 @@ impl Drop for Publisher {
     }
 }
 
+/// Reads exactly `buf.len()` bytes of a blob at an offset.
+pub type ReadAt<'a> = dyn Fn(&mut [u8], u64) -> io::Result<()> + Sync + 'a;
+
+/// Hashes the tar from `tar` on over `count` members, the `k`th at `member(k)` in the blob
+/// `read` reads: inflated on every core ahead of the SHA-256, which is sequential. Returns
+/// the tar's state after each.
+fn hash_members(
+    read: &ReadAt<'_>,
+    tar: &mut TarHash,
+    count: usize,
+    member: &(dyn Fn(usize) -> io::Result<(u64, u64)> + Sync),
+) -> io::Result<Vec<Vec<u8>>> {
+    let jobs: Vec<usize> = (0..count).collect();
+    let inflate = |&k: &usize| -> io::Result<Inflated> {
+        let (offset, len) = member(k)?;
+        Ok(((offset, len), inflated_in_memory(read, offset, len)?))
+    };
+    let mut states = Vec::with_capacity(count);
+    in_order(&jobs, ordered_workers::workers(), &inflate, |fetched| {
+        for _ in 0..count {
+            match fetched.take()? {
+                (_, Some(bytes)) => tar.write_all(&bytes)?,
+                ((offset, len), None) => inflate_member(read, offset, len, &mut *tar)?,
+            }
+            states.push(tar.state());
+        }
+        Ok(())
+    })?;
+    Ok(states)
+}
+
+/// The diff_id of a layer blob (`len` bytes, read by `read`) whose tar in front of the
+/// member at `first` hashed to `state`: each member from `first` on (`members`, their
+/// lengths, end to end) inflated and hashed, then what follows them to the blob's end, which
+/// must be one member too (the tar's end). Returns the diff_id and the tar's state after
+/// each of `members`: what a cache that holds the blob needs to name it after an edit
+/// without the client reading the unchanged members again.
+pub fn diff_id_after(
+    read: &ReadAt<'_>,
+    len: u64,
+    state: &[u8],
+    first: u64,
+    members: &[u64],
+) -> io::Result<(String, Vec<Vec<u8>>)> {
+    let mut at = first;
+    let mut spans = Vec::with_capacity(members.len() + 1);
+    for &m in members {
+        spans.push((at, m));
+        at = at
+            .checked_add(m)
+            .filter(|end| *end <= len)
+            .ok_or_else(|| io::Error::other("the members listed run past the blob's end"))?;
+    }
+    if at < len {
+        spans.push((at, len - at));
+    }
+    let mut tar = TarHash::resume(state)?;
+    let mut states = hash_members(read, &mut tar, spans.len(), &|k| {
+        spans.get(k).copied().ok_or_else(|| io::Error::other("no such member"))
+    })?;
+    states.truncate(members.len());
+    Ok((tar.digest(), states))
+}
+
 /// Starts hashing the tar from `state` over `count` members of `blob` as the pack writes
-/// them (see [`PendingDiffId`]). Members are inflated on every core ahead of the SHA-256,
-/// which is sequential.
+/// them (see [`PendingDiffId`]).
 fn start_tail_hash(blob: std::fs::File, state: Vec<u8>, count: usize) -> io::Result<(TailHashing, Publisher)> {
     let written = std::sync::Arc::new(Written::default());
     let follow = written.clone();
     let hashing = std::thread::Builder::new().name("diff-id".into()).spawn(move || {
+        use std::os::unix::fs::FileExt;
         let mut tar = TarHash::resume(&state)?;
-        let jobs: Vec<usize> = (0..count).collect();
-        let inflate = |&k: &usize| -> io::Result<Inflated> {
-            let (offset, len) = follow.member(k)?;
-            Ok(((offset, len), inflated_in_memory(&blob, offset, len)?))
-        };
-        let mut states = Vec::with_capacity(count);
-        in_order(&jobs, ordered_workers::workers(), &inflate, |fetched| {
-            for _ in 0..count {
-                match fetched.take()? {
-                    (_, Some(bytes)) => tar.write_all(&bytes)?,
-                    ((offset, len), None) => inflate_member(&blob, offset, len, &mut tar)?,
-                }
-                states.push(tar.state());
-            }
-            Ok(())
-        })?;
+        let read = |buf: &mut [u8], offset: u64| blob.read_exact_at(buf, offset);
+        let states = hash_members(&read, &mut tar, count, &|k| follow.member(k))?;
         tar.write_all(&[0; TRAILER])?;
         Ok((tar.digest(), states))
     })?;
@@ -293,13 +355,12 @@ fn start_tail_hash(blob: std::fs::File, state: Vec<u8>, count: usize) -> io::Res
 
 /// The tar bytes of the member at `offset` in `blob`, or `None` when the member or its tar
 /// is too big to wait in memory (then it is streamed by the hashing itself).
-fn inflated_in_memory(blob: &std::fs::File, offset: u64, len: u64) -> io::Result<Option<Vec<u8>>> {
-    use std::os::unix::fs::FileExt;
+fn inflated_in_memory(blob: &ReadAt<'_>, offset: u64, len: u64) -> io::Result<Option<Vec<u8>>> {
     if len > WAIT_IN_MEMORY {
         return Ok(None);
     }
     let mut member = vec![0; len as usize];
-    blob.read_exact_at(&mut member, offset)?;
+    blob(&mut member, offset)?;
     inflate_member_bytes(&member)
 }
 
@@ -345,12 +406,31 @@ thread_local! {
     );
 }
 
+/// `len` bytes of a blob from `at`, as a reader.
+struct ReadFrom<'a> {
+    read: &'a ReadAt<'a>,
+    at: u64,
+    left: u64,
+}
+
+impl Read for ReadFrom<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.left.min(256 * 1024) as usize);
+        (self.read)(&mut buf[..n], self.at)?;
+        self.at += n as u64;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 /// Inflates the member at `offset` in `blob` into `tar`, streamed.
-fn inflate_member(blob: &std::fs::File, offset: u64, len: u64, tar: &mut impl Write) -> io::Result<()> {
-    use std::io::{Seek, SeekFrom};
-    let mut file = blob.try_clone()?;
-    file.seek(SeekFrom::Start(offset))?;
-    let mut member = io::BufReader::with_capacity(256 * 1024, file.take(len));
+fn inflate_member(blob: &ReadAt<'_>, offset: u64, len: u64, tar: &mut impl Write) -> io::Result<()> {
+    let from = ReadFrom {
+        read: blob,
+        at: offset,
+        left: len,
+    };
+    let mut member = io::BufReader::with_capacity(256 * 1024, from);
     io::copy(&mut flate2::bufread::GzDecoder::new(&mut member), tar)?;
     if io::copy(&mut member, &mut io::sink())? != 0 {
         return Err(io::Error::other("a segment's member holds more than one gzip stream"));
@@ -603,6 +683,19 @@ fn copy_member<R: Read, B: Write>(
     Ok(())
 }
 
+/// Who takes a re-packed layer's digests after the front it shares with the earlier blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailDigests {
+    /// The pack, as it writes.
+    Here,
+    /// A thread of its own that follows the pack (`Packed::pending`).
+    Thread,
+    /// The cache the layer goes to, which holds the earlier blob (`Packed::tail`): the
+    /// earlier blob's members are neither read nor written (the file is sparse there), and
+    /// neither the blob's digest nor the tar's after the front is taken here.
+    Cache,
+}
+
 /// A layer packed in segments: the blob (whose `diff_id` is empty while `pending`), its
 /// index (for the next layer of the step to reuse), and the diff_id still to hash.
 pub struct Packed {
@@ -610,8 +703,12 @@ pub struct Packed {
     pub layer: PackedLayer,
     /// Where each segment lies in it.
     pub index: SegmentIndex,
-    /// With `defer`, when some of the tar is still to hash.
+    /// With [`TailDigests::Thread`], when some of the tar is still to hash.
     pub pending: Option<PendingDiffId>,
+    /// With [`TailDigests::Cache`] and an earlier blob: the tar the cache is to hash (the
+    /// layer's `digest` and `diff_id` are then empty, and the file holds only the members
+    /// that are not the earlier blob's).
+    pub tail: Option<lcache_proto::wire::LayerTail>,
     /// The blob as runs of the earlier blob's bytes and of its own (empty when nothing was
     /// taken from an earlier blob): what a cache needs to store only the new members.
     pub parts: Vec<BlobPart>,
@@ -643,20 +740,20 @@ fn blob_parts(taken: &[(u64, u64, u64)], size: u64) -> Vec<BlobPart> {
 }
 
 /// Packs `entries` (sorted, parents first) into a gzip layer blob at `dest`, reading each
-/// file through `open`, taking the members of unchanged segments from `reuse`. With
-/// `defer`, the tar after the reused front is not hashed here but left `pending`.
+/// file through `open`, taking the members of unchanged segments from `reuse`; `tail` says
+/// who takes the digests after the reused front.
 pub fn pack_segmented<R: Read>(
     entries: &[SegmentEntry],
     open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
     reuse: Option<Reuse<'_, R>>,
     dest: &Path,
-    defer: bool,
+    tail: TailDigests,
 ) -> io::Result<Packed> {
     let plan: Vec<Planned> = split(entries)
         .into_iter()
         .map(|r| Planned::Entries(&entries[r]))
         .collect();
-    pack_planned(&plan, open, reuse, dest, defer)
+    pack_planned(&plan, open, reuse, dest, tail)
 }
 
 /// One segment of a layer to pack, in blob order.
@@ -691,9 +788,9 @@ pub fn pack_planned<R: Read>(
     open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
     reuse: Option<Reuse<'_, R>>,
     dest: &Path,
-    defer: bool,
+    tail: TailDigests,
 ) -> io::Result<Packed> {
-    pack_on(plan, open, reuse, dest, defer, ordered_workers::workers())
+    pack_on(plan, open, reuse, dest, tail, ordered_workers::workers())
 }
 
 /// [`pack_planned`], fresh members compressed on `workers` threads (1: all on this one).
@@ -703,9 +800,10 @@ fn pack_on<R: Read>(
     open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
     mut reuse: Option<Reuse<'_, R>>,
     dest: &Path,
-    defer: bool,
+    tail: TailDigests,
     workers: usize,
 ) -> io::Result<Packed> {
+    let defer = tail == TailDigests::Thread;
     let mut file = std::fs::File::create(dest)?;
     // The members in front that are taken unread: the file starts after them (a hole) and
     // the blob's digest from its state there.
@@ -752,6 +850,8 @@ fn pack_on<R: Read>(
     // The first segment not hashed here, and the thread that hashes from it (told of each
     // member written, through its publisher).
     let mut deferred: Option<(usize, TailHashing, Publisher)> = None;
+    // With `by_cache`: where the tar still to hash starts (segment, offset) and its state.
+    let mut to_cache: Option<(usize, u64, Vec<u8>)> = None;
     // Members copied from the earlier blob: (offset here, offset there, length).
     let mut taken: Vec<(u64, u64, u64)> = Vec::new();
     // Each segment's fingerprint, entries and last path; which are taken from the earlier
@@ -759,6 +859,7 @@ fn pack_on<R: Read>(
     // when small enough to wait in memory.
     let mut items = Vec::with_capacity(plan.len());
     let (mut next, mut queued, mut fresh) = (0usize, vec![false; plan.len()], Vec::new());
+    let mut any_taken = false;
     for (i, planned) in plan.iter().enumerate() {
         let (fp, seg, last) = match *planned {
             Planned::Entries(seg) => (
@@ -781,7 +882,10 @@ fn pack_on<R: Read>(
             _ => None,
         };
         match (reusable, seg) {
-            (Some(j), _) => next = j + 1,
+            (Some(j), _) => {
+                next = j + 1;
+                any_taken = true;
+            }
             (None, Some(seg)) if workers > 1 && bytes_of(seg) <= WAIT_IN_MEMORY => {
                 queued[i] = true;
                 fresh.push(seg);
@@ -790,9 +894,12 @@ fn pack_on<R: Read>(
         }
         items.push((fp, seg, last));
     }
+    // The earlier blob's members are left where they lie, unread: the cache names the blob
+    // (unless none is taken: then it is named here, as it is all written here anyway).
+    let by_cache = tail == TailDigests::Cache && any_taken;
     // The fresh members' tar is hashed here unless the diff_id is left to a job of its own
     // (then from the first segment not in front, which no fresh one is).
-    let keep_tar = !(defer && reuse.is_some());
+    let keep_tar = !((defer || by_cache) && reuse.is_some());
     let compress = |seg: &&[SegmentEntry]| -> io::Result<Compressed> {
         let (mut member, mut tar) = (Vec::new(), Vec::new());
         if keep_tar {
@@ -815,6 +922,10 @@ fn pack_on<R: Read>(
                     let s = &r.index.segments[j];
                     let (offset, blob_state) = if i < skipped {
                         (s.offset, s.blob_state.clone())
+                    } else if by_cache {
+                        // The same bytes as the earlier blob's, in the same place.
+                        blob.skip(s.len)?;
+                        (offset, s.blob_state.clone())
                     } else {
                         copy_member(&mut r.blob, &mut pos, s, &mut blob, None)?;
                         (offset, blob.sha.state())
@@ -842,9 +953,18 @@ fn pack_on<R: Read>(
                     let (hashing, follow) = start_tail_hash(std::fs::File::open(dest)?, tar.state(), plan.len() - i)?;
                     deferred = Some((i, hashing, follow));
                 }
+                if by_cache {
+                    to_cache = Some((i, offset, tar.state()));
+                }
             }
-            let hashing = deferred.is_none().then_some(&mut tar);
+            let hashing = (deferred.is_none() && to_cache.is_none()).then_some(&mut tar);
             match (r, j) {
+                (Some(r), Some(j)) if by_cache => {
+                    let s = &r.index.segments[j];
+                    blob.skip(s.len)?;
+                    taken.push((offset, s.offset, s.len));
+                    next_reusable = j + 1;
+                }
                 (Some(r), Some(j)) => {
                     copy_member(&mut r.blob, &mut pos, &r.index.segments[j], &mut blob, hashing)?;
                     taken.push((offset, r.index.segments[j].offset, r.index.segments[j].len));
@@ -872,9 +992,13 @@ fn pack_on<R: Read>(
                 fingerprint: fp,
                 offset,
                 len: blob.len - offset,
-                tar_state: if deferred.is_some() { Vec::new() } else { tar.state() },
+                tar_state: if deferred.is_some() || to_cache.is_some() {
+                    Vec::new()
+                } else {
+                    tar.state()
+                },
                 last,
-                blob_state: blob.sha.state(),
+                blob_state: if by_cache { Vec::new() } else { blob.sha.state() },
             });
             if let Some((_, _, follow)) = deferred.as_ref() {
                 // On the file before the diff_id's thread reads it.
@@ -889,15 +1013,26 @@ fn pack_on<R: Read>(
             tar = TarHash::resume(state)?;
         }
     }
-    if let Some(r) = reuse.as_mut() {
+    if by_cache && to_cache.is_none() {
+        // Every segment is the earlier blob's: only the tar's end is left to hash.
+        to_cache = Some((index.segments.len(), blob.len, tar.state()));
+    }
+    match reuse.as_mut() {
+        Some(_) if by_cache => {}
         // Read to the end, so that whoever streams it can check the whole blob's digest.
-        io::copy(&mut r.blob, &mut io::sink())?;
+        Some(r) => {
+            io::copy(&mut r.blob, &mut io::sink())?;
+        }
+        None => {}
     }
     let mut end = gzip(&mut blob);
     end.write_all(&[0; TRAILER])?;
     end.finish()?;
     blob.flush()?;
-    let (digest, size) = (blob.sha.digest(), blob.len);
+    let (digest, size) = match by_cache {
+        false => (blob.sha.digest(), blob.len),
+        true => (String::new(), blob.len),
+    };
     // Not synced: the blob is a work file, streamed to the cache (which makes its own copy
     // durable) and removed; syncing it only wrote it to disk once more.
     blob.inner.into_inner().map_err(|e| e.into_error())?;
@@ -911,11 +1046,29 @@ fn pack_on<R: Read>(
                 index: index.clone(),
             }),
         ),
+        None if by_cache => (String::new(), None),
         None => {
             tar.write_all(&[0; TRAILER])?;
             (tar.digest(), None)
         }
     };
+    let tail = to_cache.map(|(first, offset, state)| lcache_proto::wire::LayerTail {
+        tar_state: state,
+        first: offset,
+        // The earlier blob's, which the front is (checked by the cache against its copy).
+        blob_state: first
+            .checked_sub(1)
+            .and_then(|i| index.segments.get(i))
+            .map(|s| s.blob_state.clone())
+            .unwrap_or_default(),
+        members: index
+            .segments
+            .get(first..)
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.len)
+            .collect(),
+    });
     Ok(Packed {
         layer: PackedLayer {
             path: dest.to_path_buf(),
@@ -925,6 +1078,7 @@ fn pack_on<R: Read>(
         },
         index,
         pending,
+        tail,
         parts: blob_parts(&taken, size),
         unwritten,
     })
@@ -991,17 +1145,65 @@ mod tests {
         out: &Path,
         opened: &std::sync::atomic::AtomicUsize,
     ) -> (PackedLayer, SegmentIndex) {
-        pack_deferring(root, list, reuse, out, opened, false)
+        pack_deferring(root, list, reuse, out, opened, TailDigests::Here)
     }
 
-    /// [`pack`], with the diff_id hashed as a job of its own (at once) when `defer`.
+    /// The digests a cache holding `earlier` takes of a layer packed `by_cache` (as
+    /// lcached does): the blob assembled from the parts, hashed, and the tar after the
+    /// change inflated and hashed from the state the pack gave. Fills in `layer` and the
+    /// tail's states in `index`.
+    fn named_as_a_cache_does(
+        layer: &mut PackedLayer,
+        index: &mut SegmentIndex,
+        tail: &lcache_proto::wire::LayerTail,
+        blob: &[u8],
+    ) {
+        std::fs::write(&layer.path, blob).unwrap();
+        let mut sha = TarHash::default();
+        sha.write_all(blob).unwrap();
+        layer.digest = sha.digest();
+        assert_eq!(layer.size, blob.len() as u64);
+        let read = |buf: &mut [u8], offset: u64| {
+            let from = blob
+                .get(offset as usize..offset as usize + buf.len())
+                .ok_or(io::ErrorKind::UnexpectedEof)?;
+            buf.copy_from_slice(from);
+            Ok(())
+        };
+        let (diff_id, states) = diff_id_after(&read, layer.size, &tail.tar_state, tail.first, &tail.members).unwrap();
+        layer.diff_id = diff_id;
+        // The blob's state where its front ends is the earlier blob's there.
+        let state_at = |n: u64| {
+            let mut h = TarHash::default();
+            h.write_all(&blob[..n as usize]).unwrap();
+            h.state()
+        };
+        if tail.first > 0 {
+            assert_eq!(tail.blob_state, state_at(tail.first));
+        }
+        let n = index.segments.len();
+        assert_eq!(states.len(), tail.members.len());
+        let mut at = tail.first;
+        for ((seg, state), len) in index.segments[n - states.len()..]
+            .iter_mut()
+            .zip(states)
+            .zip(&tail.members)
+        {
+            at += len;
+            seg.tar_state = state;
+            seg.blob_state = state_at(at);
+        }
+    }
+
+    /// [`pack`], with the digests after the reused front taken as `tail` says (a cache's:
+    /// as [`named_as_a_cache_does`]).
     fn pack_deferring(
         root: &Path,
         list: &[(String, Vec<u8>, bool)],
         reuse: Option<(&SegmentIndex, &[u8])>,
         out: &Path,
         opened: &std::sync::atomic::AtomicUsize,
-        defer: bool,
+        tail_digests: TailDigests,
     ) -> (PackedLayer, SegmentIndex) {
         let open = |e: &SegmentEntry| {
             opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1015,11 +1217,13 @@ mod tests {
         });
         let Packed {
             mut layer,
-            index,
+            mut index,
             pending,
             parts,
+            tail,
             ..
-        } = pack_segmented(&as_entries(list), &open, reuse, out, defer).unwrap();
+        } = pack_segmented(&as_entries(list), &open, reuse, out, tail_digests).unwrap();
+        assert_eq!(tail.is_some(), tail_digests == TailDigests::Cache && earlier.is_some());
         if let Some(earlier) = earlier {
             // The parts say what the blob is: the earlier blob's runs and its own.
             let made = std::fs::read(&layer.path).unwrap();
@@ -1036,7 +1240,13 @@ mod tests {
                     }
                 }
             }
-            assert!(assembled == made, "the parts assemble the blob");
+            match &tail {
+                Some(tail) => {
+                    assert_eq!(made.len() as u64, layer.size, "the file is as long as the blob");
+                    named_as_a_cache_does(&mut layer, &mut index, tail, &assembled);
+                }
+                None => assert!(assembled == made, "the parts assemble the blob"),
+            }
             assert!(sent * 2 < layer.size, "{sent} of {} bytes sent", layer.size);
         }
         match pending {
@@ -1142,12 +1352,25 @@ mod tests {
                 Some((&index, &first_blob)),
                 &out.path().join(format!("d{n}")),
                 &opened,
-                true,
+                TailDigests::Thread,
             );
             assert_eq!(
                 (&deferred.digest, &deferred.diff_id, &deferred_index),
                 (&scratch.digest, &scratch.diff_id, &scratch_index),
                 "hashed later, the same: {edit:?}"
+            );
+            let (named, named_index) = pack_deferring(
+                t.dir.path(),
+                &changed,
+                Some((&index, &first_blob)),
+                &out.path().join(format!("c{n}")),
+                &opened,
+                TailDigests::Cache,
+            );
+            assert_eq!(
+                (&named.digest, &named.diff_id, &named_index),
+                (&scratch.digest, &scratch.diff_id, &scratch_index),
+                "named by the cache, the same: {edit:?}"
             );
             if let Some(path) = &edit {
                 let original = &list.iter().find(|(p, _, _)| p == path).unwrap().1;
@@ -1232,10 +1455,22 @@ mod tests {
             Some((&index, &first_blob)),
             &out.path().join("d"),
             &opened,
-            true,
+            TailDigests::Thread,
         );
         assert_eq!(
             (&deferred.digest, &deferred.diff_id, &deferred_index),
+            (&scratch.digest, &scratch.diff_id, &scratch_index)
+        );
+        let (named, named_index) = pack_deferring(
+            dir.path(),
+            &list,
+            Some((&index, &first_blob)),
+            &out.path().join("c"),
+            &opened,
+            TailDigests::Cache,
+        );
+        assert_eq!(
+            (&named.digest, &named.diff_id, &named_index),
             (&scratch.digest, &scratch.diff_id, &scratch_index)
         );
     }
@@ -1251,8 +1486,15 @@ mod tests {
         let digests: Vec<(String, String)> = [1, 2, 4]
             .into_iter()
             .map(|w| {
-                let p =
-                    pack_on::<std::io::Empty>(&plan, &open, None, &out.path().join(format!("{w}")), false, w).unwrap();
+                let p = pack_on::<std::io::Empty>(
+                    &plan,
+                    &open,
+                    None,
+                    &out.path().join(format!("{w}")),
+                    TailDigests::Here,
+                    w,
+                )
+                .unwrap();
                 (p.layer.digest, p.layer.diff_id)
             })
             .collect();
@@ -1291,14 +1533,14 @@ mod tests {
         assert!(skipped > 2 && skipped < plan.len(), "{skipped} of {}", plan.len());
         let from = index.front_end(skipped);
         let open = |e: &SegmentEntry| std::fs::File::open(t.dir.path().join(e.path));
-        for defer in [false, true] {
+        for tail in [TailDigests::Here, TailDigests::Thread] {
             let reuse = Reuse {
                 index: &index,
                 blob: &first_blob[from as usize..],
                 skipped,
             };
-            let dest = out.path().join(format!("r{defer}"));
-            let mut packed = pack_planned(&plan, &open, Some(reuse), &dest, defer).unwrap();
+            let dest = out.path().join(format!("r{tail:?}"));
+            let mut packed = pack_planned(&plan, &open, Some(reuse), &dest, tail).unwrap();
             if let Some(p) = packed.pending.take() {
                 (packed.layer.diff_id, packed.index) = p.finish().unwrap();
             }
@@ -1319,7 +1561,7 @@ mod tests {
             blob: &first_blob[..],
             skipped: skipped + 1,
         };
-        assert!(pack_planned(&plan, &open, Some(reuse), &out.path().join("bad"), false).is_err());
+        assert!(pack_planned(&plan, &open, Some(reuse), &out.path().join("bad"), TailDigests::Here).is_err());
     }
 
     #[test]
@@ -1339,7 +1581,7 @@ mod tests {
                 skipped: 0,
             }),
             &out.path().join("2"),
-            false,
+            TailDigests::Here,
         );
         assert!(r.is_err());
     }
@@ -1366,7 +1608,13 @@ mod tests {
                 blob: earlier,
                 skipped: 0,
             };
-            pack_segmented(&as_entries(&changed), &open, Some(reuse), &out.path().join(name), true)
+            pack_segmented(
+                &as_entries(&changed),
+                &open,
+                Some(reuse),
+                &out.path().join(name),
+                TailDigests::Thread,
+            )
         };
         // The earlier blob cut short in its tail: the pack fails (and tells its thread,
         // as `the_diff_id_thread_follows_the_pack_and_stops_when_it_fails` checks).

@@ -176,14 +176,118 @@ pub enum BlobPart {
     },
 }
 
+/// What a body of parts starts with: the header's length (big-endian `u64`), then the
+/// header as JSON.
+fn framed_head(header: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
+    let json = serde_json::to_vec(header)?;
+    let mut head = (json.len() as u64).to_be_bytes().to_vec();
+    head.extend_from_slice(&json);
+    Ok(head)
+}
+
+/// The header of `POST /v1/layers`, whose body is framed as [`BLOB_PARTS_TYPE`]'s: a
+/// re-run COPY's gzip layer sent as parts and not named. The daemon names it (its digest)
+/// and takes its diff_id from its own copy of the members after the change, so the client
+/// never reads the unchanged rest of the layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerParts {
+    /// The blob's runs.
+    #[serde(flatten)]
+    pub blob: BlobParts,
+    /// Where the tar still to hash starts, and the tar's state in front of it.
+    pub tail: LayerTail,
+}
+
+/// The part of a layer's tar the daemon hashes for its diff_id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerTail {
+    /// The uncompressed tar's SHA-256 state (serialized, hex) in front of `first`.
+    #[serde(with = "hex_bytes")]
+    pub tar_state: Vec<u8>,
+    /// Where in the blob the first gzip member to hash starts.
+    pub first: u64,
+    /// The blob's SHA-256 state (serialized, hex) at `first`, as the client knows it from
+    /// the earlier blob: the daemon checks that its own copy of the front gives it (empty
+    /// when `first` is 0).
+    #[serde(with = "hex_bytes")]
+    pub blob_state: Vec<u8>,
+    /// The lengths of the members from `first` on whose states are wanted back, end to end;
+    /// what follows them, to the blob's end, is the tar's end, hashed too.
+    pub members: Vec<u64>,
+}
+
+/// The answer to `POST /v1/layers`: the layer as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedLayer {
+    /// The blob's digest (`sha256:…`).
+    pub digest: String,
+    /// Its length.
+    pub size: u64,
+    /// The uncompressed tar's digest.
+    pub diff_id: String,
+    /// The tar's SHA-256 state after each of `tail.members`, as `tar_state` is written.
+    #[serde(with = "hex_list")]
+    pub tar_states: Vec<Vec<u8>>,
+    /// The blob's SHA-256 state after each of `tail.members`, as `blob_state` is written.
+    #[serde(with = "hex_list")]
+    pub blob_states: Vec<Vec<u8>>,
+}
+
+/// Bytes as lower-case hex.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        decode(&String::deserialize(d)?).ok_or_else(|| serde::de::Error::custom("not hex"))
+    }
+
+    pub fn encode(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    pub fn decode(s: &str) -> Option<Vec<u8>> {
+        if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect()
+    }
+}
+
+/// A list of byte strings as hex.
+mod hex_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(list: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(list.iter().map(|b| super::hex_bytes::encode(b)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|h| super::hex_bytes::decode(h).ok_or_else(|| serde::de::Error::custom("not hex")))
+            .collect()
+    }
+}
+
+impl LayerParts {
+    /// What a body of layer parts starts with (as [`BlobParts::head`]).
+    pub fn head(&self) -> Result<Vec<u8>, serde_json::Error> {
+        framed_head(self)
+    }
+}
+
 impl BlobParts {
     /// What a body of parts starts with: the list's length (big-endian `u64`), then the
     /// list as JSON.
     pub fn head(&self) -> Result<Vec<u8>, serde_json::Error> {
-        let json = serde_json::to_vec(self)?;
-        let mut head = (json.len() as u64).to_be_bytes().to_vec();
-        head.extend_from_slice(&json);
-        Ok(head)
+        framed_head(self)
     }
 
     /// Where the `Sent` runs lie in the blob: (offset, length), front to back.
@@ -386,6 +490,45 @@ pub fn split_pinned(reference: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layer_header_and_its_answer_carry_their_states_as_hex_and_refuse_what_is_not() {
+        let header = LayerParts {
+            blob: BlobParts {
+                base: "sha256:ab".into(),
+                parts: vec![BlobPart::Base { offset: 0, len: 10 }, BlobPart::Sent { len: 3 }],
+            },
+            tail: LayerTail {
+                tar_state: vec![0, 1, 0xfe, 0xff],
+                first: 10,
+                blob_state: vec![],
+                members: vec![3],
+            },
+        };
+        let json = serde_json::to_string(&header).unwrap();
+        assert!(json.contains(r#""tar_state":"0001feff""#), "{json}");
+        assert!(
+            json.contains(r#""base":"sha256:ab""#),
+            "the parts' fields, flattened: {json}"
+        );
+        assert_eq!(serde_json::from_str::<LayerParts>(&json).unwrap(), header);
+        let head = header.head().unwrap();
+        assert_eq!(u64::from_be_bytes(head[..8].try_into().unwrap()) as usize, json.len());
+
+        let named = NamedLayer {
+            digest: "sha256:cd".into(),
+            size: 13,
+            diff_id: "sha256:ef".into(),
+            tar_states: vec![vec![7, 8]],
+            blob_states: vec![vec![9]],
+        };
+        let json = serde_json::to_string(&named).unwrap();
+        assert_eq!(serde_json::from_str::<NamedLayer>(&json).unwrap(), named);
+        for bad in ["0", "zz", "0g", "+f"] {
+            let json = json.replace("\"0708\"", &format!("\"{bad}\""));
+            assert!(serde_json::from_str::<NamedLayer>(&json).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn pinned_references_split_into_name_and_digest() {

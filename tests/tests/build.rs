@@ -811,7 +811,12 @@ fn a_delta_whose_base_is_gone_and_a_seed_blob_that_is_gone_cost_speed_not_correc
     // packed again, to the same bytes.
     let seed = whole_copy_snapshots(&env);
     assert_eq!(seed.len(), 1, "{seed:?}");
-    std::fs::remove_file(env.daemon.store().join("blobs/sha256").join(&seed[0])).unwrap();
+    // Kept whole, or as runs over the blob before it (a directory).
+    let blob = env.daemon.store().join("blobs/sha256").join(&seed[0]);
+    match blob.is_dir() {
+        true => std::fs::remove_dir_all(&blob).unwrap(),
+        false => std::fs::remove_file(&blob).unwrap(),
+    }
     p.write("src/a.txt", "four\n");
     let (steps, image) = env.build(&p, &[]);
     assert_eq!(cached(&steps), [false, false]);
@@ -866,8 +871,14 @@ fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_wh
     let seed = whole_copy_snapshots(&env);
     assert_eq!(seed.len(), 1);
     p.write("src/f1700.txt", "edited\n");
-    let (steps, image) = env.build(&p, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("summary.json");
+    let (steps, image) = env.build(&p, &["--summary-json", summary.to_str().unwrap()]);
     assert_eq!(cached(&steps), [false]);
+    // lcached named the layer from its own copy of the last one: the client fetched none of
+    // it (the members after the change included) and sent only the new members.
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert_eq!(s["bytes_fetched"].as_u64(), Some(0), "{s}");
 
     let blobs = env.daemon.store().join("blobs/sha256");
     let composed = blobs_kept_as_runs(&env.daemon.store());
@@ -877,6 +888,11 @@ fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_wh
     assert!(
         added * 4 < whole,
         "the edit stored {added} bytes for a layer of about {whole}"
+    );
+    let stored = s["bytes_stored"].as_u64().unwrap();
+    assert!(
+        stored * 4 < whole,
+        "the edit sent {stored} bytes for a layer of about {whole}"
     );
 
     // The base blob evicted behind it: the new blob still reads whole, and it is the

@@ -347,13 +347,21 @@ fn a_full_disk_refuses_the_upload_keeps_nothing_and_the_daemon_stays_up() {
 }
 
 #[test]
-fn plans_are_refused_over_tcp_where_the_rest_of_the_api_is_served() {
-    let d = Daemon::start(&[]);
+fn plans_and_layers_to_name_are_refused_over_tcp_where_the_rest_of_the_api_is_served() {
+    let mut d = Daemon::start(&[]);
     let token = make_token(&d, "ci", "write");
     let plan = serde_json::json!({"dockerfile_name": "Dockerfile", "dockerfile": "FROM a\n", "context": "/etc", "platform": "linux/amd64"}).to_string();
     let (status, body) = tcp_http(&d.tcp, "POST", "/v1/plan", Some(&token), plan.as_bytes());
     assert_eq!(status, 403);
     assert!(String::from_utf8_lossy(&body).contains("Unix socket"));
+    // A layer's tar state is the client's word: only the socket's users may have the
+    // daemon name a layer from it.
+    let (status, body) = tcp_http(&d.tcp, "POST", "/v1/layers", Some(&token), b"junk");
+    assert_eq!(status, 403);
+    assert!(String::from_utf8_lossy(&body).contains("Unix socket"));
+    let (status, body) = d.http("POST", "/v1/layers", b"junk");
+    assert_eq!(status, 415, "{}", String::from_utf8_lossy(&body));
+    assert!(d.alive());
     assert_eq!(tcp_http(&d.tcp, "GET", "/v1/status", Some(&token), b"").0, 200);
     let k = key(7);
     assert_eq!(

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use lcache_proto::wire::{BlobParts, BLOB_PARTS_TYPE};
+use lcache_proto::wire::{BlobParts, NamedLayer, BLOB_PARTS_TYPE};
 
 use super::{error, json, Body};
 use crate::state::AppState;
@@ -257,54 +257,110 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
             .await
     };
     match ingested {
-        Ok(meta) => {
-            state.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
-            // Just stored counts as just used: eviction must not take a blob whose record
-            // is about to be written. Touched before the blob is known, so that a pass
-            // running meanwhile never sees it without its use (as never used: first to go).
-            let _ = state.records.touch(&meta.digest, super::now_ms());
-            // The file is durable; only now may the store (and records) know the blob.
-            if let Err(e) = state.records.put_blob(&meta).and_then(|_| state.records.flush()) {
-                return error(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    e.to_string(),
-                    "free space on the store's disk",
-                );
-            }
-            state.evict_wake.notify_one();
-            json(if known { StatusCode::OK } else { StatusCode::CREATED }, &meta)
-        }
-        Err(e @ IngestError::TooLarge { .. }) => error(
+        Ok(meta) => match recorded(state, &meta) {
+            Ok(()) => json(if known { StatusCode::OK } else { StatusCode::CREATED }, &meta),
+            Err(r) => r,
+        },
+        Err(e) => refused(e),
+    }
+}
+
+/// `POST /v1/layers` (the daemon's socket only): a re-run COPY's layer sent as parts
+/// (`BLOB_PARTS_TYPE` framing, a `LayerParts` header), stored under the digest its bytes
+/// hash to, with its diff_id taken from its own members after the change; answers a
+/// `NamedLayer`. The client never reads the layer's unchanged members.
+pub async fn post_layer(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    let expected_len = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let as_parts = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes() == BLOB_PARTS_TYPE.as_bytes());
+    if !as_parts {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a layer is sent as parts",
+            format!("send it with content-type {BLOB_PARTS_TYPE}"),
+        );
+    }
+    match state
+        .blobs
+        .ingest_layer(req.into_body(), expected_len, &state.limits)
+        .await
+    {
+        Ok(named) => match recorded(state, &named.meta) {
+            Ok(()) => json(
+                StatusCode::CREATED,
+                &NamedLayer {
+                    digest: named.meta.digest,
+                    size: named.meta.size,
+                    diff_id: named.diff_id,
+                    tar_states: named.tar_states,
+                    blob_states: named.blob_states,
+                },
+            ),
+            Err(r) => r,
+        },
+        Err(e) => refused(e),
+    }
+}
+
+/// Makes a blob just stored known to the store (and eviction), or the answer to give.
+fn recorded(state: &AppState, meta: &BlobMeta) -> Result<(), Response<Body>> {
+    state.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
+    // Just stored counts as just used: eviction must not take a blob whose record is about
+    // to be written. Touched before the blob is known, so that a pass running meanwhile
+    // never sees it without its use (as never used: first to go).
+    let _ = state.records.touch(&meta.digest, super::now_ms());
+    // The file is durable; only now may the store (and records) know the blob.
+    if let Err(e) = state.records.put_blob(meta).and_then(|_| state.records.flush()) {
+        return Err(error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            e.to_string(),
+            "free space on the store's disk",
+        ));
+    }
+    state.evict_wake.notify_one();
+    Ok(())
+}
+
+/// The answer to an upload that stored nothing.
+fn refused(e: IngestError) -> Response<Body> {
+    match e {
+        e @ IngestError::TooLarge { .. } => error(
             StatusCode::PAYLOAD_TOO_LARGE,
             e.to_string(),
             "nothing was stored; the daemon's owner can raise --max-blob-size",
         ),
-        Err(e @ IngestError::Stalled(_)) => error(
+        e @ IngestError::Stalled(_) => error(
             StatusCode::REQUEST_TIMEOUT,
             e.to_string(),
             "nothing was stored; send the body without pausing",
         ),
-        Err(e @ IngestError::BaseMissing) => error(
+        e @ IngestError::BaseMissing => error(
             StatusCode::NOT_FOUND,
             e.to_string(),
             "nothing was stored; upload the whole blob",
         ),
-        Err(e @ IngestError::BadParts(_)) => error(
+        e @ IngestError::BadParts(_) => error(
             StatusCode::BAD_REQUEST,
             e.to_string(),
             "nothing was stored; list parts that lie within the base blob, or upload the whole blob",
         ),
-        Err(e @ (IngestError::DigestMismatch { .. } | IngestError::Truncated { .. } | IngestError::Body(_))) => error(
+        e @ (IngestError::DigestMismatch { .. } | IngestError::Truncated { .. } | IngestError::Body(_)) => error(
             StatusCode::BAD_REQUEST,
             e.to_string(),
             "nothing was stored; upload the exact bytes of the blob under their sha256 digest",
         ),
-        Err(IngestError::Io(e)) if e.raw_os_error() == Some(28) => error(
+        IngestError::Io(e) if e.raw_os_error() == Some(28) => error(
             StatusCode::INSUFFICIENT_STORAGE,
             format!("the store's disk is full: {e}"),
             "nothing was stored; free space or lower --max-size",
         ),
-        Err(e) => error(
+        e => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             e.to_string(),
             "nothing was stored; check the store's disk",

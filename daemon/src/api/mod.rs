@@ -189,6 +189,18 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
             ),
         ),
         (&Method::POST, ["v1", "plan"]) => ("plan", control::plan(&state, req).await),
+        // The layer's tar state in front of its change is the client's word, and the diff_id
+        // taken from it would be recorded as the layer's: only a client trusted as the
+        // socket's users are may send one. Others upload blobs by digest.
+        (&Method::POST, ["v1", "layers"]) if origin == Origin::Network => (
+            "other",
+            error(
+                StatusCode::FORBIDDEN,
+                "POST /v1/layers is served only on the daemon's Unix socket",
+                "upload the layer with PUT /v1/blobs/{digest} (whole or as parts)",
+            ),
+        ),
+        (&Method::POST, ["v1", "layers"]) => ("blobs_put", blobs::post_layer(&state, req).await),
         (&Method::GET, ["metrics"]) => ("other", control::metrics(&state)),
         (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key, req.uri().query()).await),
         (&Method::PUT, ["v1", "steps", key]) => ("steps_put", steps::put(&state, key, req).await),

@@ -186,6 +186,28 @@ impl BlobFile {
         self.len == 0
     }
 
+    /// Fills `buf` with the blob's bytes from `offset` (blocking reads).
+    pub fn read_exact_at(&self, mut buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut run_start = 0u64;
+        let mut at = offset;
+        for run in &self.runs {
+            let run_end = run_start + run.len;
+            if !buf.is_empty() && at < run_end {
+                let within = at - run_start;
+                let n = buf.len().min((run.len - within) as usize);
+                let (now, rest) = buf.split_at_mut(n);
+                run.file.read_exact_at(now, run.offset + within)?;
+                (buf, at) = (rest, at + n as u64);
+            }
+            run_start = run_end;
+        }
+        if buf.is_empty() {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::UnexpectedEof.into())
+        }
+    }
+
     /// Copies every byte to `out` (blocking reads).
     pub fn copy_to(&self, out: &mut dyn Write) -> io::Result<u64> {
         self.copy_from_to(0, out)
@@ -290,6 +312,20 @@ mod tests {
         picked.copy_to(&mut out).unwrap();
         assert_eq!(out, b"34xxx9");
         let blob = BlobFile::open(d.path()).unwrap().unwrap();
+        // Read at any offset, across runs.
+        for (offset, n) in [
+            (0usize, 600_004usize),
+            (1, 3),
+            (2, 5),
+            (599_999, 5),
+            (600_003, 1),
+            (600_004, 0),
+        ] {
+            let mut buf = vec![0u8; n];
+            blob.read_exact_at(&mut buf, offset as u64).unwrap();
+            assert_eq!(buf, expected[offset..offset + n], "{offset}+{n}");
+        }
+        assert!(blob.read_exact_at(&mut [0u8; 2], 600_003).is_err(), "past the end");
         assert!(blob.select(&[(600_000, 5)]).is_err());
     }
 

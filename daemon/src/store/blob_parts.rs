@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use lcache_proto::wire::{BlobPart, BlobParts};
+use lcache_image::layer_segments::diff_id_after;
+use lcache_proto::wire::{BlobPart, BlobParts, LayerParts, LayerTail};
 use tokio::io::AsyncWriteExt;
 
 use super::blob_file::{BlobFile, Recipe, RecipeRun, RECIPE};
@@ -156,18 +157,29 @@ fn runs_of(parts: &[BlobPart], base: &BlobFile, dir: &Path) -> Result<Recipe, In
     Ok(recipe)
 }
 
+/// The diff_id of the layer blob `recipe` makes in `dir` and the tar's states after the
+/// members `tail` lists (see `layer_segments::diff_id_after`).
+fn diff_id_of(dir: &Path, recipe: &Recipe, tail: &LayerTail) -> Result<(String, Vec<Vec<u8>>), IngestError> {
+    let blob = BlobFile::from_recipe(dir, recipe)?;
+    let read = |buf: &mut [u8], offset: u64| blob.read_exact_at(buf, offset);
+    diff_id_after(&read, blob.len(), &tail.tar_state, tail.first, &tail.members)
+        .map_err(|e| bad(format!("the layer's tar after its change cannot be hashed: {e}")))
+}
+
 /// Hashes the blob `recipe` makes in `dir` (read back through the links just made, so what
 /// is checked is what will be served) and, when `whole` is given, writes it there. The
 /// SHA-256 resumes from the first `resume.1` of the base's kept states `resume.0` (the
 /// blob's first part being the base's front) and, when the blob is written whole, runs
 /// beside its BLAKE3 on its own thread. Returns the SHA-256 digest and its states, the
-/// BLAKE3 (empty for a blob kept as runs) and the length.
+/// BLAKE3 (empty for a blob kept as runs) and the length; and the SHA-256's state at each
+/// of `marks` (ascending, none in front of where it resumes).
 fn hash_runs(
     dir: &Path,
     recipe: &Recipe,
     whole: Option<&Path>,
     resume: (&[u8], usize),
-) -> std::io::Result<(String, Vec<u8>, String, u64)> {
+    marks: &[u64],
+) -> std::io::Result<(Hashed, Vec<Vec<u8>>)> {
     struct Blake3<W> {
         b3: blake3::Hasher,
         out: W,
@@ -185,15 +197,16 @@ fn hash_runs(
     let blob = BlobFile::from_recipe(dir, recipe)?;
     let hash_sha = || -> std::io::Result<_> {
         // A kept state that does not even parse: from the first byte.
-        let mut sha = GridSha::resume(resume.0, resume.1).unwrap_or_default();
+        let mut sha = GridSha::resume(resume.0, resume.1).unwrap_or_default().marking(marks);
         blob.copy_from_to(sha.at(), &mut sha)?;
-        Ok(sha.finish())
+        let marked = sha.marked().to_vec();
+        Ok((sha.finish(), marked))
     };
     let Some(whole) = whole else {
         // Kept as runs: nothing is written, and only what follows the base's front is
         // read. Its BLAKE3 would read the whole blob and nothing reads it: left empty.
-        let (digest, states) = hash_sha()?;
-        return Ok((digest, states, String::new(), blob.len()));
+        let ((digest, states), marked) = hash_sha()?;
+        return Ok(((digest, states, String::new(), blob.len()), marked));
     };
     let mut b = Blake3 {
         b3: blake3::Hasher::new(),
@@ -207,11 +220,31 @@ fn hash_runs(
             .unwrap_or_else(|_| Err(std::io::Error::other("the hashing thread failed")));
         (sha, len)
     });
-    let ((digest, states), len) = (sha?, len?);
+    let (((digest, states), marked), len) = (sha?, len?);
     let Blake3 { b3, out } = b;
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok((digest, states, b3.finalize().to_hex().to_string(), len))
+    Ok(((digest, states, b3.finalize().to_hex().to_string(), len), marked))
 }
+
+/// A blob's SHA-256 digest, its kept states, its BLAKE3 and its length.
+type Hashed = (String, Vec<u8>, String, u64);
+
+/// A layer stored from `POST /v1/layers`: the blob, its diff_id, and the tar's state after
+/// each member the request listed.
+#[derive(Debug)]
+pub struct NamedBlob {
+    /// The blob as stored.
+    pub meta: BlobMeta,
+    /// The uncompressed tar's digest.
+    pub diff_id: String,
+    /// The tar's SHA-256 state after each listed member.
+    pub tar_states: Vec<Vec<u8>>,
+    /// The blob's SHA-256 state after each listed member.
+    pub blob_states: Vec<Vec<u8>>,
+}
+
+/// A layer's diff_id, and the tar's and the blob's states after each member listed.
+type TailHashes = (String, Vec<Vec<u8>>, Vec<Vec<u8>>);
 
 impl BlobStore {
     /// Stores blob `digest` from a body of parts (`BLOB_PARTS_TYPE`): the header, then the
@@ -228,7 +261,51 @@ impl BlobStore {
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let final_path = self.destination(digest)?;
+        let (meta, _) = self.ingest_composed(Some(digest), body, expected_len, limits).await?;
+        Ok(meta)
+    }
+
+    /// Stores a re-run COPY's layer from a body of parts whose header is a `LayerParts`,
+    /// under the digest its bytes hash to, and takes its diff_id: the tar from the state the
+    /// header gives, over the members from its `first` on, read back through the links the
+    /// blob is made of. Nothing is kept unless every byte arrived and every member after
+    /// `first` inflates whole.
+    pub async fn ingest_layer<B>(
+        &self,
+        body: B,
+        expected_len: Option<u64>,
+        limits: &Limits,
+    ) -> Result<NamedBlob, IngestError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let (meta, named) = self.ingest_composed(None, body, expected_len, limits).await?;
+        let (diff_id, tar_states, blob_states) = named.ok_or_else(|| bad("the layer's tail was not hashed"))?;
+        Ok(NamedBlob {
+            meta,
+            diff_id,
+            tar_states,
+            blob_states,
+        })
+    }
+
+    /// [`Self::ingest_parts`] when `claimed` is given, else [`Self::ingest_layer`] (whose
+    /// diff_id and states are returned beside the blob).
+    async fn ingest_composed<B>(
+        &self,
+        claimed: Option<&str>,
+        body: B,
+        expected_len: Option<u64>,
+        limits: &Limits,
+    ) -> Result<(BlobMeta, Option<TailHashes>), IngestError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        if let Some(d) = claimed {
+            self.destination(d)?;
+        }
         let mut body = BodyReader {
             body,
             held: BytesMut::new(),
@@ -241,10 +318,17 @@ impl BlobStore {
                 "the list of parts is {header_len} bytes; at most {MAX_HEADER}"
             )));
         }
-        let header: BlobParts = serde_json::from_slice(&body.exact(header_len as usize).await?)
-            .map_err(|e| bad(format!("the list of parts is not valid: {e}")))?;
-        if sha256_hex(&header.base).is_none() || header.base == digest {
-            return Err(bad(format!("'{}' cannot be the base of {digest}", header.base)));
+        let head = body.exact(header_len as usize).await?;
+        let invalid = |e: serde_json::Error| bad(format!("the list of parts is not valid: {e}"));
+        let (header, tail) = match claimed {
+            Some(_) => (serde_json::from_slice::<BlobParts>(&head).map_err(invalid)?, None),
+            None => {
+                let l: LayerParts = serde_json::from_slice(&head).map_err(invalid)?;
+                (l.blob, Some(l.tail))
+            }
+        };
+        if sha256_hex(&header.base).is_none() || claimed == Some(header.base.as_str()) {
+            return Err(bad(format!("'{}' cannot be the base of the blob", header.base)));
         }
         let total = header
             .parts
@@ -315,46 +399,86 @@ impl BlobStore {
         drop(file);
 
         let d = dir.clone();
-        let digest_owned = digest.to_string();
+        let claimed_owned = claimed.map(str::to_string);
         // The blob's first bytes are the base's (a re-run COPY's unchanged front): its
         // SHA-256 resumes from the base's state kept nearest before they part.
         let front = match header.parts.first() {
             Some(BlobPart::Base { offset: 0, len }) => *len,
             _ => 0,
         };
+        // A layer's tail starts after the front: the blob's state is taken there to check
+        // the front against the client's, then after each member, for the client's index.
+        let marks: Vec<u64> = match &tail {
+            Some(t) => std::iter::once(t.first)
+                .chain(t.members.iter().scan(t.first, |at, m| {
+                    *at = at.saturating_add(*m);
+                    Some(*at)
+                }))
+                .collect(),
+            None => Vec::new(),
+        };
+        let front = marks.first().map_or(front, |first| front.min(*first));
         let base_states = self.load_states(&header.base);
         let resume_at = blob_states::usable(&base_states, front);
-        let (actual, states, blake3, size, whole) = tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
-            let mut recipe = runs_of(&header.parts, &base, &d)?;
-            recipe.origin = Some(header);
-            let files: std::collections::HashSet<&String> = recipe.runs.iter().map(|r| &r.file).collect();
-            let whole = (files.len() > MAX_FILES).then(|| d.join("whole"));
-            let (mut actual, mut states, b3, size) =
-                hash_runs(&d, &recipe, whole.as_deref(), (&base_states, resume_at))?;
-            if actual != digest_owned && resume_at > 0 {
-                // A kept state that was damaged must not refuse a good blob: check again
-                // from the first byte.
-                let blob = BlobFile::from_recipe(&d, &recipe)?;
-                let mut sha = GridSha::default();
-                blob.copy_to(&mut sha)?;
-                (actual, states) = sha.finish();
+        let (actual, states, blake3, size, whole, named) =
+            tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
+                let mut recipe = runs_of(&header.parts, &base, &d)?;
+                recipe.origin = Some(header);
+                let files: std::collections::HashSet<&String> = recipe.runs.iter().map(|r| &r.file).collect();
+                let whole = (files.len() > MAX_FILES).then(|| d.join("whole"));
+                // The diff_id is taken beside the blob's digest, from the same links.
+                let (hashed, named) = std::thread::scope(|s| {
+                    let named = tail.as_ref().map(|t| s.spawn(|| diff_id_of(&d, &recipe, t)));
+                    let hashed = hash_runs(&d, &recipe, whole.as_deref(), (&base_states, resume_at), &marks);
+                    let named = named
+                        .map(|h| h.join().unwrap_or_else(|_| Err(bad("the diff_id's thread failed"))))
+                        .transpose();
+                    (hashed, named)
+                });
+                let named = named?;
+                let ((mut actual, mut states, b3, size), mut marked) = hashed?;
+                let front_differs = |marked: &[Vec<u8>]| {
+                    tail.as_ref()
+                        .is_some_and(|t| t.first > 0 && marked.first() != Some(&t.blob_state))
+                };
+                if resume_at > 0 && (claimed_owned.as_ref().is_some_and(|c| *c != actual) || front_differs(&marked)) {
+                    // A kept state that was damaged must not refuse a good blob: check again
+                    // from the first byte.
+                    let blob = BlobFile::from_recipe(&d, &recipe)?;
+                    let mut sha = GridSha::default().marking(&marks);
+                    blob.copy_to(&mut sha)?;
+                    marked = sha.marked().to_vec();
+                    (actual, states) = sha.finish();
+                }
+                if front_differs(&marked) {
+                    return Err(bad(
+                        "the base blob's front is not the one the layer was packed against (damaged in the store)",
+                    ));
+                }
+                if marked.len() != marks.len() {
+                    return Err(bad("the layer's members do not lie within the blob"));
+                }
+                let named =
+                    named.map(|(diff_id, tar_states)| (diff_id, tar_states, marked.split_off(1.min(marked.len()))));
+                if whole.is_none() {
+                    let mut f = std::fs::File::create(d.join(RECIPE))?;
+                    f.write_all(&serde_json::to_vec(&recipe).map_err(std::io::Error::other)?)?;
+                    f.sync_all()?;
+                    std::fs::File::open(&d)?.sync_all()?;
+                }
+                Ok((actual, states, b3, size, whole, named))
+            })
+            .await
+            .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
+        if let Some(digest) = claimed {
+            if actual != digest {
+                return Err(IngestError::DigestMismatch {
+                    expected: digest.to_string(),
+                    actual,
+                });
             }
-            if whole.is_none() {
-                let mut f = std::fs::File::create(d.join(RECIPE))?;
-                f.write_all(&serde_json::to_vec(&recipe).map_err(std::io::Error::other)?)?;
-                f.sync_all()?;
-                std::fs::File::open(&d)?.sync_all()?;
-            }
-            Ok((actual, states, b3, size, whole))
-        })
-        .await
-        .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
-        if actual != digest {
-            return Err(IngestError::DigestMismatch {
-                expected: digest.to_string(),
-                actual,
-            });
         }
+        let final_path = self.destination(&actual)?;
         match whole {
             // The directory is left to the guard: its whole file was moved out of it.
             Some(file) => self.commit(&file, &final_path).await?,
@@ -363,13 +487,13 @@ impl BlobStore {
                 guard.0 = None;
             }
         }
-        self.save_states(digest, &states);
+        self.save_states(&actual, &states);
         let meta = BlobMeta {
-            digest: digest.to_string(),
+            digest: actual,
             blake3,
             size,
         };
-        Ok(meta)
+        Ok((meta, named))
     }
 }
 
@@ -377,6 +501,7 @@ impl BlobStore {
 mod tests {
     use super::*;
     use http_body_util::Full;
+    use lcache_proto::wire::LayerParts;
 
     fn digest_of(b: &[u8]) -> String {
         use sha2::Digest as _;
@@ -442,8 +567,9 @@ mod tests {
         let damages = [kept.clone(), vec![7u8; kept.len()], other.finish().1];
         for (n, damage) in damages.into_iter().enumerate() {
             let (n, damaged) = (n as u8, n > 0);
-            let hex = sha256_hex(&base).unwrap();
-            std::fs::write(dir.path().join("states").join(hex), damage).unwrap();
+            // Kept with a good check: damaged before it was kept (a state that rots on
+            // disk fails its check and is not used at all, as below).
+            s.save_states(&base, &damage);
             let mut edited = base_bytes[..front].to_vec();
             edited.extend_from_slice(&[b'x', n]);
             edited.extend_from_slice(&base_bytes[front..]);
@@ -468,6 +594,14 @@ mod tests {
             scratch.write_all(&edited).unwrap();
             assert_eq!(s.load_states(&digest), scratch.finish().1, "damaged state {damaged}");
         }
+        let file = dir.path().join("states").join(sha256_hex(&base).unwrap());
+        let mut rotten = std::fs::read(&file).unwrap();
+        rotten[5] ^= 1;
+        std::fs::write(&file, rotten).unwrap();
+        assert!(
+            s.load_states(&base).is_empty(),
+            "a state that fails its check is not used"
+        );
         s.remove(&base).unwrap();
         assert!(s.load_states(&base).is_empty(), "states go with their blob");
     }
@@ -665,5 +799,129 @@ mod tests {
             .unwrap();
         assert!(s.path_of(&target).unwrap().is_dir());
         assert_eq!(read(&s, &target), b"0123xy");
+    }
+
+    /// A real layer of `n` files packed in segments at `dest` (as the client packs a COPY),
+    /// with the file `edited` (if any) given other bytes; over `earlier` when given, by the
+    /// cache's naming (`TailDigests::Cache`) or else whole.
+    fn layer(
+        root: &Path,
+        edited: Option<usize>,
+        earlier: Option<&lcache_image::layer_segments::SegmentIndex>,
+        dest: &Path,
+    ) -> lcache_image::layer_segments::Packed {
+        use lcache_image::layer_segments::{pack_segmented, Reuse, SegmentEntry, SegmentEntryKind, TailDigests};
+        let files: Vec<(String, Vec<u8>)> = (0..3000)
+            .map(|i| {
+                let body = match edited {
+                    Some(e) if e == i => b"edited".to_vec(),
+                    _ => format!("file {i} ").repeat(i % 40 + 1).into_bytes(),
+                };
+                (format!("f{i:04}"), body)
+            })
+            .collect();
+        for (p, b) in &files {
+            std::fs::write(root.join(p), b).unwrap();
+        }
+        let entries: Vec<SegmentEntry> = files
+            .iter()
+            .map(|(p, b)| SegmentEntry {
+                path: p,
+                kind: SegmentEntryKind::File {
+                    size: b.len() as u64,
+                    content: *blake3::hash(b).as_bytes(),
+                },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            })
+            .collect();
+        let open = |e: &SegmentEntry| std::fs::File::open(root.join(e.path));
+        let reuse = earlier.map(|index| Reuse {
+            index,
+            blob: std::io::empty(),
+            skipped: 0,
+        });
+        pack_segmented(&entries, &open, reuse, dest, TailDigests::Cache).unwrap()
+    }
+
+    fn layer_body(packed: &lcache_image::layer_segments::Packed, base: &str, tail: &LayerTail) -> Full<Bytes> {
+        let header = LayerParts {
+            blob: BlobParts {
+                base: base.into(),
+                parts: packed.parts.clone(),
+            },
+            tail: tail.clone(),
+        };
+        let mut b = header.head().unwrap();
+        let made = std::fs::read(&packed.layer.path).unwrap();
+        for (offset, len) in header.blob.sent_ranges() {
+            b.extend_from_slice(&made[offset as usize..(offset + len) as usize]);
+        }
+        Full::new(Bytes::from(b))
+    }
+
+    #[tokio::test]
+    async fn a_layer_sent_as_parts_is_named_with_the_digests_a_whole_pack_gives_and_a_bad_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let l = Limits::default();
+        let first = layer(src.path(), None, None, &dir.path().join("l0"));
+        let base_bytes = std::fs::read(&first.layer.path).unwrap();
+        let base = store_whole(&s, &base_bytes).await;
+        assert_eq!(base, first.layer.digest);
+        // The edit, packed for the store to name, and the same layer packed whole.
+        let edit = layer(src.path(), Some(1700), Some(&first.index), &dir.path().join("l1"));
+        let whole = layer(src.path(), Some(1700), None, &dir.path().join("l2"));
+        let tail = edit.tail.clone().expect("left to the store to name");
+        assert!(tail.first > 0 && !tail.members.is_empty());
+
+        // Members listed past the blob's end; a front that is not the one the client
+        // packed against (its state); a member after the change that does not inflate
+        // (damaged in the base, where the store takes it from).
+        let mut past = tail.clone();
+        past.members.push(1 << 30);
+        let mut other_front = tail.clone();
+        other_front.blob_state = tail.tar_state.clone();
+        for bad in [past, other_front] {
+            let e = s.ingest_layer(layer_body(&edit, &base, &bad), None, &l).await;
+            assert!(matches!(e, Err(IngestError::BadParts(_))), "{e:?}");
+        }
+        // (Its CRC: a flipped bit elsewhere may leave what the member inflates to as it
+        // was, and a blob named by what it holds is then as good.)
+        let mut rotten = base_bytes.clone();
+        let last = first.index.segments.last().map(|m| m.offset + m.len - 8).unwrap();
+        rotten[last as usize] ^= 0x40;
+        std::fs::write(s.path_of(&base).unwrap(), &rotten).unwrap();
+        let e = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await;
+        assert!(matches!(e, Err(IngestError::BadParts(_))), "{e:?}");
+        // The front rotten: refused too, though the store never inflates it.
+        let mut rotten = base_bytes.clone();
+        rotten[200] ^= 0x40;
+        std::fs::write(s.path_of(&base).unwrap(), &rotten).unwrap();
+        let e = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await;
+        assert!(matches!(e, Err(IngestError::BadParts(_))), "{e:?}");
+        assert!(!s.exists(&whole.layer.digest));
+        assert_eq!(s.temp_files(), 0);
+
+        std::fs::write(s.path_of(&base).unwrap(), &base_bytes).unwrap();
+        let named = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await.unwrap();
+        assert_eq!(
+            (&named.meta.digest, &named.diff_id, named.meta.size),
+            (&whole.layer.digest, &whole.layer.diff_id, whole.layer.size),
+            "the digests packing the layer whole gives"
+        );
+        assert!(s.path_of(&named.meta.digest).unwrap().is_dir(), "kept as runs");
+        assert_eq!(read(&s, &named.meta.digest), std::fs::read(&whole.layer.path).unwrap());
+        // The states the client keeps for the next edit: the whole pack's.
+        let k = tail.members.len();
+        let n = whole.index.segments.len();
+        let expected: Vec<_> = whole.index.segments[n - k..]
+            .iter()
+            .map(|seg| (seg.tar_state.clone(), seg.blob_state.clone()))
+            .collect();
+        let got: Vec<_> = named.tar_states.into_iter().zip(named.blob_states).collect();
+        assert_eq!(got, expected);
     }
 }

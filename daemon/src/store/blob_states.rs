@@ -24,6 +24,10 @@ pub struct GridSha {
     sha: Sha256,
     at: u64,
     states: Vec<u8>,
+    /// Offsets still to take the state at, ascending (see [`GridSha::marking`]).
+    marks: std::collections::VecDeque<u64>,
+    /// The states taken at them.
+    marked: Vec<Vec<u8>>,
 }
 
 impl Default for GridSha {
@@ -32,6 +36,8 @@ impl Default for GridSha {
             sha: Sha256::new(),
             at: 0,
             states: Vec::new(),
+            marks: Default::default(),
+            marked: Vec::new(),
         }
     }
 }
@@ -54,7 +60,29 @@ impl GridSha {
             sha,
             at: n as u64 * EVERY,
             states: kept.to_vec(),
+            ..Self::default()
         })
+    }
+
+    /// Also takes the state at each of `marks` (ascending, none before [`Self::at`]):
+    /// [`Self::marked`] has them once hashed past.
+    pub fn marking(mut self, marks: &[u64]) -> Self {
+        self.marks = marks.iter().copied().collect();
+        self.take_marks();
+        self
+    }
+
+    /// The states taken at the marks hashed past so far, in order.
+    pub fn marked(&self) -> &[Vec<u8>] {
+        &self.marked
+    }
+
+    fn take_marks(&mut self) {
+        while self.marks.front().is_some_and(|m| *m <= self.at) {
+            if self.marks.pop_front() == Some(self.at) {
+                self.marked.push(self.sha.serialize().to_vec());
+            }
+        }
     }
 
     /// How many bytes it has hashed, counting a resumed front.
@@ -77,12 +105,14 @@ impl Write for GridSha {
     fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
         let n = buf.len();
         while !buf.is_empty() {
-            let to_next = (EVERY - self.at % EVERY).min(buf.len() as u64) as usize;
+            let to_mark = self.marks.front().map_or(u64::MAX, |m| m - self.at);
+            let to_next = (EVERY - self.at % EVERY).min(to_mark).min(buf.len() as u64) as usize;
             self.sha.update(&buf[..to_next]);
             self.at += to_next as u64;
             if self.at.is_multiple_of(EVERY) {
                 self.states.extend_from_slice(&self.sha.serialize());
             }
+            self.take_marks();
             buf = &buf[to_next..];
         }
         Ok(n)
@@ -131,6 +161,29 @@ mod tests {
         let mut scratch = GridSha::default();
         scratch.write_all(&other).unwrap();
         assert_eq!(resumed.finish(), scratch.finish());
+    }
+
+    #[test]
+    fn the_states_at_marks_are_those_of_hashing_up_to_them() {
+        let data = bytes(2 * EVERY as usize + 999, 5);
+        let marks = [0, 1, 4096, EVERY, EVERY + 7, 2 * EVERY + 999];
+        let mut h = GridSha::default().marking(&marks);
+        for piece in data.chunks(777_777) {
+            h.write_all(piece).unwrap();
+        }
+        let expected: Vec<Vec<u8>> = marks
+            .iter()
+            .map(|&m| {
+                let mut s = Sha256::new();
+                s.update(&data[..m as usize]);
+                s.serialize().to_vec()
+            })
+            .collect();
+        assert_eq!(h.marked(), expected);
+        // Marks in front of a resumed hash are never taken.
+        let (_, states) = h.finish();
+        let resumed = GridSha::resume(&states, 1).unwrap().marking(&[5, EVERY + 1]);
+        assert!(resumed.marked().is_empty());
     }
 
     #[test]

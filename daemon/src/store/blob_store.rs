@@ -109,17 +109,25 @@ impl BlobStore {
         if states.is_empty() {
             return;
         }
+        let mut kept = states.to_vec();
+        kept.extend_from_slice(states_check(digest, states).as_bytes());
         let tmp = self.temp_path("s");
-        if std::fs::write(&tmp, states).is_ok() && std::fs::rename(&tmp, self.states.join(hex)).is_err() {
+        if std::fs::write(&tmp, kept).is_ok() && std::fs::rename(&tmp, self.states.join(hex)).is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }
 
-    /// Blob `digest`'s kept SHA-256 states (empty when none are).
+    /// Blob `digest`'s kept SHA-256 states (empty when none are, or when they do not match
+    /// the BLAKE3 kept after them: a blob named from its base's states, as `POST
+    /// /v1/layers` names one, has no digest to check a damaged state against).
     pub(crate) fn load_states(&self, digest: &str) -> Vec<u8> {
-        sha256_hex(digest)
-            .and_then(|hex| std::fs::read(self.states.join(hex)).ok())
-            .unwrap_or_default()
+        let Some(kept) = sha256_hex(digest).and_then(|hex| std::fs::read(self.states.join(hex)).ok()) else {
+            return Vec::new();
+        };
+        match kept.split_last_chunk::<32>() {
+            Some((states, check)) if states_check(digest, states).as_bytes() == check => states.to_vec(),
+            _ => Vec::new(),
+        }
     }
 
     /// Where a blob with a valid digest lives (a file, or a composed blob's directory).
@@ -330,6 +338,14 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
     } else {
         std::fs::remove_file(path)
     }
+}
+
+/// What a blob's kept states are checked by: BLAKE3 over its digest and the states.
+fn states_check(digest: &str, states: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(digest.as_bytes());
+    h.update(states);
+    h.finalize()
 }
 
 #[cfg(test)]
