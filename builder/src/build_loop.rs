@@ -139,8 +139,40 @@ struct PendingRecord {
     digest: String,
     line: usize,
     instruction: String,
-    /// The diff_id and the complete segment index, being hashed.
-    hashing: lcache_image::layer_segments::PendingDiffId,
+    /// The diff_id and the complete segment index, being taken.
+    hashing: DiffIdPending,
+}
+
+/// Where a rebuilt COPY's diff_id comes from while the build goes on.
+enum DiffIdPending {
+    /// A thread of this process, following the pack.
+    Here(lcache_image::layer_segments::PendingDiffId),
+    /// The cache that named the layer (`StepCache::layer_diff_id`), from `tail`; `index`
+    /// lacks the tar's states after the change until it answers.
+    Cache { tail: LayerTail, index: SegmentIndex },
+}
+
+impl DiffIdPending {
+    /// Waits for the diff_id of the layer `digest`: it and the complete segment index.
+    fn finish(self, steps: &dyn StepCache, digest: &str) -> Result<(String, SegmentIndex), String> {
+        match self {
+            Self::Here(p) => p.finish().map_err(|e| e.to_string()),
+            Self::Cache { tail, mut index } => {
+                let named = steps.layer_diff_id(digest, &tail).map_err(|e| e.to_string())?;
+                let (n, k) = (index.segments.len(), named.tar_states.len());
+                if k != tail.members.len() || k > n {
+                    return Err(format!(
+                        "the cache gave {k} states for the {} members after the change",
+                        tail.members.len()
+                    ));
+                }
+                for (seg, state) in index.segments[n - k..].iter_mut().zip(named.tar_states) {
+                    seg.tar_state = state;
+                }
+                Ok((named.diff_id, index))
+            }
+        }
+    }
 }
 
 /// A step cache whose blobs cannot be read: packs a layer without its seed's blob.
@@ -1038,7 +1070,7 @@ impl<'a> Builder<'a> {
                 (
                     p.layer,
                     Some(p.index),
-                    p.pending,
+                    p.pending.map(DiffIdPending::Here),
                     base.map(|b| (b, p.parts, p.unwritten)),
                     p.tail,
                 )
@@ -1053,9 +1085,11 @@ impl<'a> Builder<'a> {
         let storing = Instant::now();
         let mut stored = None;
         if let Some(tail) = tail {
-            match self.layer_named_by_cache(&packed, segments.as_mut(), parts.as_ref(), tail) {
-                Ok(Some((digest, diff_id))) => {
-                    (packed.digest, packed.diff_id) = (digest, diff_id);
+            match self.layer_named_by_cache(&packed, segments.as_mut(), parts.as_ref(), &tail) {
+                Ok(Some(digest)) => {
+                    // Its diff_id is the cache's to take, while the build goes on.
+                    packed.digest = digest;
+                    hashing = segments.take().map(|index| DiffIdPending::Cache { tail, index });
                     stored = Some(Ok(()));
                 }
                 Ok(None) => {
@@ -1089,7 +1123,7 @@ impl<'a> Builder<'a> {
                 "warning: {}: the cache could not take the layer as changes over its last one ({e}); packing it whole",
                 self.at(line)
             ));
-            if let Some(h) = hashing.take() {
+            if let Some(DiffIdPending::Here(h)) = hashing.take() {
                 // It reads the file the layer is packed into again.
                 let _ = h.finish();
             }
@@ -1137,15 +1171,15 @@ impl<'a> Builder<'a> {
     }
 
     /// Stores a re-run COPY's layer packed for the cache to name (`tail`), and fills in the
-    /// states `index` lacks after the change from what the cache says. Returns its digest
-    /// and diff_id; `None` when the cache does not name layers.
+    /// blob's states `index` lacks after the change from what the cache says. Returns its
+    /// digest; `None` when the cache does not name layers.
     fn layer_named_by_cache(
         &self,
         packed: &lcache_image::layer_diff::PackedLayer,
         index: Option<&mut SegmentIndex>,
         parts: Option<&(&str, Vec<BlobPart>, u64)>,
-        tail: LayerTail,
-    ) -> Result<Option<(String, String)>, CacheError> {
+        tail: &LayerTail,
+    ) -> Result<Option<String>, CacheError> {
         let (Some(index), Some((base, parts, _))) = (index, parts) else {
             return Err(CacheError::Protocol(
                 "a layer left to the cache to name has no base".into(),
@@ -1157,32 +1191,24 @@ impl<'a> Builder<'a> {
                 base: base.to_string(),
                 parts: parts.clone(),
             },
-            tail,
+            tail: tail.clone(),
         };
         let Some(named) = self.steps.put_layer(&packed.path, &layer)? else {
             return Ok(None);
         };
         let n = index.segments.len();
-        if named.size != packed.size
-            || named.tar_states.len() != members
-            || named.blob_states.len() != members
-            || members > n
-        {
+        if named.size != packed.size || named.blob_states.len() != members || members > n {
             return Err(CacheError::Protocol(format!(
                 "the cache named a layer of {} bytes with {} states for a layer of {} bytes with {members} members after its change",
                 named.size,
-                named.tar_states.len(),
+                named.blob_states.len(),
                 packed.size
             )));
         }
-        for ((seg, tar), blob) in index.segments[n - members..]
-            .iter_mut()
-            .zip(named.tar_states)
-            .zip(named.blob_states)
-        {
-            (seg.tar_state, seg.blob_state) = (tar, blob);
+        for (seg, state) in index.segments[n - members..].iter_mut().zip(named.blob_states) {
+            seg.blob_state = state;
         }
-        Ok(Some((named.digest, named.diff_id)))
+        Ok(Some(named.digest))
     }
 
     /// Stores a rebuilt step's record.
@@ -1204,7 +1230,7 @@ impl<'a> Builder<'a> {
         let mut result = Ok(());
         for (at, p) in pending {
             let waited = Instant::now();
-            let hashed = p.hashing.finish();
+            let hashed = p.hashing.finish(self.steps, &p.digest);
             let ms = waited.elapsed().as_millis() as u64;
             let stored = match hashed {
                 Ok((diff_id, index)) => {

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use lcache_proto::wire::{BlobPart, LayerParts, NamedLayer, StepRecord};
+use lcache_proto::wire::{BlobPart, LayerDiffId, LayerParts, LayerTail, NamedLayer, StepRecord};
 
 use crate::errors::CacheError;
 
@@ -79,13 +79,21 @@ pub trait StepCache: Send + Sync {
     /// Stores blob `digest` (unless it is there already); the bytes must hash to it.
     fn put_blob(&self, digest: &str, source: BlobSource<'_>) -> Result<(), CacheError>;
     /// Stores a re-run COPY's layer sent as `layer` says (its `Sent` runs read from `file`,
-    /// where they lie in the blob) and names it: the cache takes the blob's digest and its
-    /// diff_id from its own copy of the earlier blob's members, which the client then never
-    /// reads. `None` when this cache does not name layers: the caller packs the layer
-    /// whole and names it itself.
+    /// where they lie in the blob) and names it: the cache takes the blob's digest from its
+    /// own copy of the earlier blob's members, which the client then never reads, and
+    /// starts taking its diff_id ([`StepCache::layer_diff_id`]). `None` when this cache
+    /// does not name layers: the caller packs the layer whole and names it itself.
     fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
         let _ = (file, layer);
         Ok(None)
+    }
+    /// The diff_id of a layer [`StepCache::put_layer`] named `digest`, from `tail`: waits
+    /// for the cache to have taken it.
+    fn layer_diff_id(&self, digest: &str, tail: &LayerTail) -> Result<LayerDiffId, CacheError> {
+        let _ = tail;
+        Err(CacheError::Protocol(format!(
+            "layer {digest} was not named by this cache, which does not name layers"
+        )))
     }
 }
 
@@ -172,6 +180,10 @@ impl<C: StepCache> StepCache for Metered<C> {
         Ok(())
     }
 
+    fn layer_diff_id(&self, digest: &str, tail: &LayerTail) -> Result<LayerDiffId, CacheError> {
+        self.inner.layer_diff_id(digest, tail)
+    }
+
     fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
         let named = self.inner.put_layer(file, layer)?;
         if named.is_some() {
@@ -239,5 +251,9 @@ impl<C: StepCache + ?Sized> StepCache for &C {
 
     fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
         (**self).put_layer(file, layer)
+    }
+
+    fn layer_diff_id(&self, digest: &str, tail: &LayerTail) -> Result<LayerDiffId, CacheError> {
+        (**self).layer_diff_id(digest, tail)
     }
 }

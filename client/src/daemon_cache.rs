@@ -8,7 +8,9 @@ use lcache_builder::build_control::BuildControl;
 use lcache_builder::errors::CacheError;
 use lcache_builder::step_cache::{BlobSource, StepCache};
 use lcache_proto::sources_digest::{DirNode, SummaryEntry};
-use lcache_proto::wire::{BuildRecord, ImageRecord, LayerParts, NamedLayer, PlanInputs, PlanResponse, StepRecord};
+use lcache_proto::wire::{
+    BuildRecord, ImageRecord, LayerDiffId, LayerParts, LayerTail, NamedLayer, PlanInputs, PlanResponse, StepRecord,
+};
 
 use crate::daemon_client::DaemonClient;
 
@@ -49,6 +51,10 @@ impl StepCache for DaemonClient {
 
     fn put_layer(&self, file: &std::path::Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
         DaemonClient::put_layer(self, file, layer)
+    }
+
+    fn layer_diff_id(&self, digest: &str, tail: &LayerTail) -> Result<LayerDiffId, CacheError> {
+        DaemonClient::layer_diff_id(self, digest, tail)
     }
 }
 

@@ -8,8 +8,8 @@ use hyper::{Method, StatusCode};
 use lcache_image::sha256_stream::Sha256Stream;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{
-    BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, LayerParts, NamedLayer, PlanInputs, PlanResponse,
-    StatusResponse, StepRecord, BLOB_PARTS_TYPE,
+    BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, LayerDiffId, LayerParts, LayerTail, NamedLayer,
+    PlanInputs, PlanResponse, StatusResponse, StepRecord, BLOB_PARTS_TYPE,
 };
 use lcache_remote::{Remote, RemoteError};
 use serde::de::DeserializeOwned;
@@ -315,6 +315,12 @@ impl DaemonClient {
                 .map_err(|e| CacheError::Protocol(format!("POST /v1/layers answered what is not a layer: {e}"))),
             (_, refused) => Err(refused),
         }
+    }
+
+    /// `POST /v1/layers/{digest}/diff-id`: the diff_id of a layer [`Self::put_layer`] named,
+    /// once lcached has taken it.
+    pub fn layer_diff_id(&self, digest: &str, tail: &LayerTail) -> Result<LayerDiffId, CacheError> {
+        self.json(Method::POST, &format!("/v1/layers/{digest}/diff-id"), Some(tail))
     }
 
     /// Sends `head` then the bytes of `file` at `sent` (offset, length), streamed, as a

@@ -7,6 +7,7 @@ pub mod context_index;
 pub mod context_watcher;
 pub mod digest_persister;
 pub mod eviction;
+pub mod layer_naming;
 pub mod memory_release;
 pub mod metrics;
 pub mod planner;

@@ -253,6 +253,7 @@ impl Daemon {
             limits: cfg.limits,
             upstream: upstream.as_ref().map(|(u, _)| u.clone()),
             evict_wake: tokio::sync::Notify::new(),
+            layer_naming: Default::default(),
         });
         if let Some(max) = cfg.max_size {
             tokio::spawn(crate::eviction::run(state.clone(), max));

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::context_index::ContextIndex;
+use crate::layer_naming::LayerNaming;
 use crate::metrics::Metrics;
 use crate::server::Limits;
 use crate::store::blob_store::BlobStore;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub upstream: Option<Arc<Upstream>>,
     /// Wakes the eviction task (after an upload) when `--max-size` is set.
     pub evict_wake: tokio::sync::Notify,
+    /// Diff_ids of layers stored by `POST /v1/layers`, being taken.
+    pub layer_naming: LayerNaming,
 }
 
 impl AppState {

@@ -187,7 +187,8 @@ fn framed_head(header: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
 
 /// The header of `POST /v1/layers`, whose body is framed as [`BLOB_PARTS_TYPE`]'s: a
 /// re-run COPY's gzip layer sent as parts and not named. The daemon names it (its digest)
-/// and takes its diff_id from its own copy of the members after the change, so the client
+/// at once and takes its diff_id from its own copy of the members after the change while
+/// the build goes on (`POST /v1/layers/{digest}/diff-id` waits for it), so the client
 /// never reads the unchanged rest of the layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerParts {
@@ -216,21 +217,27 @@ pub struct LayerTail {
     pub members: Vec<u64>,
 }
 
-/// The answer to `POST /v1/layers`: the layer as stored.
+/// The answer to `POST /v1/layers`: the layer's blob as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamedLayer {
     /// The blob's digest (`sha256:…`).
     pub digest: String,
     /// Its length.
     pub size: u64,
+    /// The blob's SHA-256 state after each of `tail.members`, as `blob_state` is written.
+    #[serde(with = "hex_list")]
+    pub blob_states: Vec<Vec<u8>>,
+}
+
+/// The answer to `POST /v1/layers/{digest}/diff-id` (whose body is the layer's
+/// [`LayerTail`]): the layer's diff_id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerDiffId {
     /// The uncompressed tar's digest.
     pub diff_id: String,
     /// The tar's SHA-256 state after each of `tail.members`, as `tar_state` is written.
     #[serde(with = "hex_list")]
     pub tar_states: Vec<Vec<u8>>,
-    /// The blob's SHA-256 state after each of `tail.members`, as `blob_state` is written.
-    #[serde(with = "hex_list")]
-    pub blob_states: Vec<Vec<u8>>,
 }
 
 /// Bytes as lower-case hex.
@@ -515,18 +522,15 @@ mod tests {
         let head = header.head().unwrap();
         assert_eq!(u64::from_be_bytes(head[..8].try_into().unwrap()) as usize, json.len());
 
-        let named = NamedLayer {
-            digest: "sha256:cd".into(),
-            size: 13,
+        let named = LayerDiffId {
             diff_id: "sha256:ef".into(),
-            tar_states: vec![vec![7, 8]],
-            blob_states: vec![vec![9]],
+            tar_states: vec![vec![7, 8], vec![9]],
         };
         let json = serde_json::to_string(&named).unwrap();
-        assert_eq!(serde_json::from_str::<NamedLayer>(&json).unwrap(), named);
+        assert_eq!(serde_json::from_str::<LayerDiffId>(&json).unwrap(), named);
         for bad in ["0", "zz", "0g", "+f"] {
             let json = json.replace("\"0708\"", &format!("\"{bad}\""));
-            assert!(serde_json::from_str::<NamedLayer>(&json).is_err(), "{bad}");
+            assert!(serde_json::from_str::<LayerDiffId>(&json).is_err(), "{bad}");
         }
     }
 

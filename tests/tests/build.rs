@@ -862,6 +862,45 @@ fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
 }
 
 #[test]
+fn a_seed_blob_damaged_after_the_change_fails_the_build_once_and_the_next_packs_whole() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n");
+    for i in 0..1500 {
+        p.write(&format!("src/f{i:04}.txt"), &format!("{i}\n"));
+    }
+    env.build(&p, &[]);
+    let seed = whole_copy_snapshots(&env);
+    assert_eq!(seed.len(), 1);
+    // The CRC of the blob's last member (before the tar's end, ~30 bytes): lcached takes
+    // that member into the edited layer unread, and only inflating it for the diff_id
+    // finds it damaged.
+    let blob = env.daemon.store().join("blobs/sha256").join(&seed[0]);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let trailer = (0..bytes.len() - 1)
+        .rev()
+        .find(|&i| bytes[i..].starts_with(&[0x1f, 0x8b, 8]))
+        .unwrap();
+    bytes[trailer - 8] ^= 0x55;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    p.write("src/f0100.txt", "edited\n");
+    let out = env.try_build(&p, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot hash the layer") && err.contains("run the build again"),
+        "{err}"
+    );
+    // lcached removed the damaged blob: the next build packs the layer whole, and it is
+    // the layer a cold build makes.
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false]);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+}
+
+#[test]
 fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_whole() {
     let env = BuildEnv::new();
     let p = Project::new();

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use lcache_proto::wire::{BlobParts, NamedLayer, BLOB_PARTS_TYPE};
+use lcache_proto::wire::{BlobParts, LayerTail, NamedLayer, BLOB_PARTS_TYPE};
 
 use super::{error, json, Body};
 use crate::state::AppState;
@@ -267,8 +267,9 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
 
 /// `POST /v1/layers` (the daemon's socket only): a re-run COPY's layer sent as parts
 /// (`BLOB_PARTS_TYPE` framing, a `LayerParts` header), stored under the digest its bytes
-/// hash to, with its diff_id taken from its own members after the change; answers a
-/// `NamedLayer`. The client never reads the layer's unchanged members.
+/// hash to; answers a `NamedLayer` at once and takes the layer's diff_id from its own
+/// members after the change meanwhile (`POST /v1/layers/{digest}/diff-id`). The client
+/// never reads the layer's unchanged members.
 pub async fn post_layer(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     let expected_len = req
         .headers()
@@ -286,25 +287,57 @@ pub async fn post_layer(state: &AppState, req: Request<Incoming>) -> Response<Bo
             format!("send it with content-type {BLOB_PARTS_TYPE}"),
         );
     }
-    match state
+    let (named, tail) = match state
         .blobs
         .ingest_layer(req.into_body(), expected_len, &state.limits)
         .await
     {
-        Ok(named) => match recorded(state, &named.meta) {
-            Ok(()) => json(
-                StatusCode::CREATED,
-                &NamedLayer {
-                    digest: named.meta.digest,
-                    size: named.meta.size,
-                    diff_id: named.diff_id,
-                    tar_states: named.tar_states,
-                    blob_states: named.blob_states,
-                },
-            ),
-            Err(r) => r,
+        Ok(n) => n,
+        Err(e) => return refused(e),
+    };
+    if let Err(r) = recorded(state, &named.meta) {
+        return r;
+    }
+    if let Ok(Some(blob)) = state.blobs.open_blob(&named.meta.digest) {
+        state.layer_naming.start(&named.meta.digest, blob, tail);
+    }
+    json(
+        StatusCode::CREATED,
+        &NamedLayer {
+            digest: named.meta.digest,
+            size: named.meta.size,
+            blob_states: named.blob_states,
         },
-        Err(e) => refused(e),
+    )
+}
+
+/// `POST /v1/layers/{digest}/diff-id` (the daemon's socket only), with the layer's
+/// `LayerTail`: its diff_id, as `POST /v1/layers` started taking it (or taken now). A tar
+/// that cannot be hashed means the blob, or the one its unchanged members were taken from,
+/// is damaged: both are removed, so the next build packs the layer whole.
+pub async fn post_diff_id(state: &AppState, d: &str, req: Request<Incoming>) -> Response<Body> {
+    if sha256_hex(d).is_none() {
+        return bad_digest(d);
+    }
+    let tail: LayerTail = match super::read_json(state, req).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let open = || state.blobs.open_blob(d).ok().flatten();
+    match state.layer_naming.wait(d, tail, open).await {
+        None => not_found(d),
+        Some(Ok(diff_id)) => json(StatusCode::OK, &diff_id),
+        Some(Err(reason)) => {
+            let base = open().and_then(|b| b.origin).map(|o| o.base);
+            for damaged in std::iter::once(d).chain(base.as_deref()) {
+                let _ = state.blobs.remove(damaged);
+            }
+            error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("layer {d}: {reason}"),
+                "it or the blob it was made from is damaged, and both were removed: run the build again, which packs the layer whole",
+            )
+        }
     }
 }
 

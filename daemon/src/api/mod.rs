@@ -201,6 +201,15 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
             ),
         ),
         (&Method::POST, ["v1", "layers"]) => ("blobs_put", blobs::post_layer(&state, req).await),
+        (&Method::POST, ["v1", "layers", _, "diff-id"]) if origin == Origin::Network => (
+            "other",
+            error(
+                StatusCode::FORBIDDEN,
+                "POST /v1/layers/{digest}/diff-id is served only on the daemon's Unix socket",
+                "upload the layer with PUT /v1/blobs/{digest} (whole or as parts)",
+            ),
+        ),
+        (&Method::POST, ["v1", "layers", d, "diff-id"]) => ("other", blobs::post_diff_id(&state, d, req).await),
         (&Method::GET, ["metrics"]) => ("other", control::metrics(&state)),
         (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key, req.uri().query()).await),
         (&Method::PUT, ["v1", "steps", key]) => ("steps_put", steps::put(&state, key, req).await),

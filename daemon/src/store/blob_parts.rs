@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use lcache_image::layer_segments::diff_id_after;
 use lcache_proto::wire::{BlobPart, BlobParts, LayerParts, LayerTail};
 use tokio::io::AsyncWriteExt;
 
@@ -157,15 +156,6 @@ fn runs_of(parts: &[BlobPart], base: &BlobFile, dir: &Path) -> Result<Recipe, In
     Ok(recipe)
 }
 
-/// The diff_id of the layer blob `recipe` makes in `dir` and the tar's states after the
-/// members `tail` lists (see `layer_segments::diff_id_after`).
-fn diff_id_of(dir: &Path, recipe: &Recipe, tail: &LayerTail) -> Result<(String, Vec<Vec<u8>>), IngestError> {
-    let blob = BlobFile::from_recipe(dir, recipe)?;
-    let read = |buf: &mut [u8], offset: u64| blob.read_exact_at(buf, offset);
-    diff_id_after(&read, blob.len(), &tail.tar_state, tail.first, &tail.members)
-        .map_err(|e| bad(format!("the layer's tar after its change cannot be hashed: {e}")))
-}
-
 /// Hashes the blob `recipe` makes in `dir` (read back through the links just made, so what
 /// is checked is what will be served) and, when `whole` is given, writes it there. The
 /// SHA-256 resumes from the first `resume.1` of the base's kept states `resume.0` (the
@@ -229,22 +219,15 @@ fn hash_runs(
 /// A blob's SHA-256 digest, its kept states, its BLAKE3 and its length.
 type Hashed = (String, Vec<u8>, String, u64);
 
-/// A layer stored from `POST /v1/layers`: the blob, its diff_id, and the tar's state after
-/// each member the request listed.
+/// A layer's blob stored from `POST /v1/layers`: the blob, and its SHA-256 state after each
+/// member the request listed.
 #[derive(Debug)]
 pub struct NamedBlob {
     /// The blob as stored.
     pub meta: BlobMeta,
-    /// The uncompressed tar's digest.
-    pub diff_id: String,
-    /// The tar's SHA-256 state after each listed member.
-    pub tar_states: Vec<Vec<u8>>,
     /// The blob's SHA-256 state after each listed member.
     pub blob_states: Vec<Vec<u8>>,
 }
-
-/// A layer's diff_id, and the tar's and the blob's states after each member listed.
-type TailHashes = (String, Vec<Vec<u8>>, Vec<Vec<u8>>);
 
 impl BlobStore {
     /// Stores blob `digest` from a body of parts (`BLOB_PARTS_TYPE`): the header, then the
@@ -266,39 +249,35 @@ impl BlobStore {
     }
 
     /// Stores a re-run COPY's layer from a body of parts whose header is a `LayerParts`,
-    /// under the digest its bytes hash to, and takes its diff_id: the tar from the state the
-    /// header gives, over the members from its `first` on, read back through the links the
-    /// blob is made of. Nothing is kept unless every byte arrived and every member after
-    /// `first` inflates whole.
+    /// under the digest its bytes hash to, with its SHA-256 state after each member the
+    /// header lists. Nothing is kept unless every byte arrived and the blob's front (the
+    /// base's) gives the state the header says the client packed against. Returns the
+    /// blob and the header's tail, whose diff_id is the caller's to take
+    /// (`crate::layer_naming`).
     pub async fn ingest_layer<B>(
         &self,
         body: B,
         expected_len: Option<u64>,
         limits: &Limits,
-    ) -> Result<NamedBlob, IngestError>
+    ) -> Result<(NamedBlob, LayerTail), IngestError>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
         let (meta, named) = self.ingest_composed(None, body, expected_len, limits).await?;
-        let (diff_id, tar_states, blob_states) = named.ok_or_else(|| bad("the layer's tail was not hashed"))?;
-        Ok(NamedBlob {
-            meta,
-            diff_id,
-            tar_states,
-            blob_states,
-        })
+        let (tail, blob_states) = named.ok_or_else(|| bad("the layer's tail was not given"))?;
+        Ok((NamedBlob { meta, blob_states }, tail))
     }
 
     /// [`Self::ingest_parts`] when `claimed` is given, else [`Self::ingest_layer`] (whose
-    /// diff_id and states are returned beside the blob).
+    /// tail and states are returned beside the blob).
     async fn ingest_composed<B>(
         &self,
         claimed: Option<&str>,
         body: B,
         expected_len: Option<u64>,
         limits: &Limits,
-    ) -> Result<(BlobMeta, Option<TailHashes>), IngestError>
+    ) -> Result<(BlobMeta, Option<(LayerTail, Vec<Vec<u8>>)>), IngestError>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
@@ -426,17 +405,8 @@ impl BlobStore {
                 recipe.origin = Some(header);
                 let files: std::collections::HashSet<&String> = recipe.runs.iter().map(|r| &r.file).collect();
                 let whole = (files.len() > MAX_FILES).then(|| d.join("whole"));
-                // The diff_id is taken beside the blob's digest, from the same links.
-                let (hashed, named) = std::thread::scope(|s| {
-                    let named = tail.as_ref().map(|t| s.spawn(|| diff_id_of(&d, &recipe, t)));
-                    let hashed = hash_runs(&d, &recipe, whole.as_deref(), (&base_states, resume_at), &marks);
-                    let named = named
-                        .map(|h| h.join().unwrap_or_else(|_| Err(bad("the diff_id's thread failed"))))
-                        .transpose();
-                    (hashed, named)
-                });
-                let named = named?;
-                let ((mut actual, mut states, b3, size), mut marked) = hashed?;
+                let ((mut actual, mut states, b3, size), mut marked) =
+                    hash_runs(&d, &recipe, whole.as_deref(), (&base_states, resume_at), &marks)?;
                 let front_differs = |marked: &[Vec<u8>]| {
                     tail.as_ref()
                         .is_some_and(|t| t.first > 0 && marked.first() != Some(&t.blob_state))
@@ -458,8 +428,7 @@ impl BlobStore {
                 if marked.len() != marks.len() {
                     return Err(bad("the layer's members do not lie within the blob"));
                 }
-                let named =
-                    named.map(|(diff_id, tar_states)| (diff_id, tar_states, marked.split_off(1.min(marked.len()))));
+                let named = tail.map(|t| (t, marked.split_off(1.min(marked.len()))));
                 if whole.is_none() {
                     let mut f = std::fs::File::create(d.join(RECIPE))?;
                     f.write_all(&serde_json::to_vec(&recipe).map_err(std::io::Error::other)?)?;
@@ -862,7 +831,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_layer_sent_as_parts_is_named_with_the_digests_a_whole_pack_gives_and_a_bad_one_leaves_nothing() {
+    async fn a_layer_sent_as_parts_is_named_with_the_digests_a_whole_pack_gives_and_a_bad_front_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let src = tempfile::tempdir().unwrap();
         let s = BlobStore::open(dir.path()).unwrap();
@@ -878,8 +847,7 @@ mod tests {
         assert!(tail.first > 0 && !tail.members.is_empty());
 
         // Members listed past the blob's end; a front that is not the one the client
-        // packed against (its state); a member after the change that does not inflate
-        // (damaged in the base, where the store takes it from).
+        // packed against (its state), whether given wrong or rotten in the store.
         let mut past = tail.clone();
         past.members.push(1 << 30);
         let mut other_front = tail.clone();
@@ -888,15 +856,6 @@ mod tests {
             let e = s.ingest_layer(layer_body(&edit, &base, &bad), None, &l).await;
             assert!(matches!(e, Err(IngestError::BadParts(_))), "{e:?}");
         }
-        // (Its CRC: a flipped bit elsewhere may leave what the member inflates to as it
-        // was, and a blob named by what it holds is then as good.)
-        let mut rotten = base_bytes.clone();
-        let last = first.index.segments.last().map(|m| m.offset + m.len - 8).unwrap();
-        rotten[last as usize] ^= 0x40;
-        std::fs::write(s.path_of(&base).unwrap(), &rotten).unwrap();
-        let e = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await;
-        assert!(matches!(e, Err(IngestError::BadParts(_))), "{e:?}");
-        // The front rotten: refused too, though the store never inflates it.
         let mut rotten = base_bytes.clone();
         rotten[200] ^= 0x40;
         std::fs::write(s.path_of(&base).unwrap(), &rotten).unwrap();
@@ -905,10 +864,26 @@ mod tests {
         assert!(!s.exists(&whole.layer.digest));
         assert_eq!(s.temp_files(), 0);
 
+        // A member after the change damaged in the base, where the store takes it from: the
+        // blob is named by what it holds, and its diff_id cannot be taken. (Its CRC: a bit
+        // flipped elsewhere may leave what the member inflates to as it was.)
+        let mut rotten = base_bytes.clone();
+        let last = first.index.segments.last().map(|m| m.offset + m.len - 8).unwrap();
+        rotten[last as usize] ^= 0x40;
+        std::fs::write(s.path_of(&base).unwrap(), &rotten).unwrap();
+        let (named, _) = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await.unwrap();
+        assert_ne!(named.meta.digest, whole.layer.digest);
+        let blob = s.open_blob(&named.meta.digest).unwrap().unwrap();
+        let e = crate::layer_naming::diff_id_of(&blob, &tail).unwrap_err();
+        assert!(e.contains("cannot be hashed"), "{e}");
+
         std::fs::write(s.path_of(&base).unwrap(), &base_bytes).unwrap();
-        let named = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await.unwrap();
+        let (named, given) = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await.unwrap();
+        assert_eq!(given, tail);
+        let blob = s.open_blob(&named.meta.digest).unwrap().unwrap();
+        let diff_id = crate::layer_naming::diff_id_of(&blob, &tail).unwrap();
         assert_eq!(
-            (&named.meta.digest, &named.diff_id, named.meta.size),
+            (&named.meta.digest, &diff_id.diff_id, named.meta.size),
             (&whole.layer.digest, &whole.layer.diff_id, whole.layer.size),
             "the digests packing the layer whole gives"
         );
@@ -921,7 +896,7 @@ mod tests {
             .iter()
             .map(|seg| (seg.tar_state.clone(), seg.blob_state.clone()))
             .collect();
-        let got: Vec<_> = named.tar_states.into_iter().zip(named.blob_states).collect();
+        let got: Vec<_> = diff_id.tar_states.into_iter().zip(named.blob_states).collect();
         assert_eq!(got, expected);
     }
 }
