@@ -52,14 +52,27 @@ pub fn diff_id_of(blob: &BlobFile, tail: &LayerTail) -> Outcome {
         .map_err(|e| format!("the layer's tar after its change cannot be hashed: {e}"))
 }
 
+/// A diff_id being taken, not yet known by its layer's digest.
+#[derive(Debug)]
+pub struct Started(watch::Receiver<Option<Outcome>>);
+
+/// Starts taking the diff_id of `blob` after `tail` on the blocking pool (from the open
+/// files of a blob still being checked: it need not wait for the blob's digest).
+pub fn start(blob: BlobFile, tail: LayerTail) -> Started {
+    let (tx, rx) = watch::channel(None);
+    tokio::task::spawn_blocking(move || {
+        let _ = tx.send(Some(diff_id_of(&blob, &tail)));
+    });
+    Started(rx)
+}
+
 impl LayerNaming {
-    /// Starts taking the diff_id of `blob`, stored as `digest`, after `tail`, on the
-    /// blocking pool.
-    pub fn start(&self, digest: &str, blob: BlobFile, tail: LayerTail) {
-        let (tx, rx) = watch::channel(None);
-        let key = job_key(digest, &tail);
+    /// Keeps `started`, the diff_id of the layer stored as `digest` after `tail`, for
+    /// [`Self::wait`].
+    pub fn keep(&self, digest: &str, tail: &LayerTail, started: Started) {
+        let key = job_key(digest, tail);
         if let Ok(mut jobs) = self.jobs.lock() {
-            if jobs.by_key.insert(key.clone(), rx).is_none() {
+            if jobs.by_key.insert(key.clone(), started.0).is_none() {
                 jobs.order.push_back(key);
             }
             while jobs.order.len() > KEPT {
@@ -68,12 +81,9 @@ impl LayerNaming {
                 }
             }
         }
-        tokio::task::spawn_blocking(move || {
-            let _ = tx.send(Some(diff_id_of(&blob, &tail)));
-        });
     }
 
-    /// The diff_id of `digest` after `tail`: the one [`Self::start`] is taking, or else
+    /// The diff_id of `digest` after `tail`: the one kept by [`Self::keep`], or else
     /// taken now from the blob `open` gives (`None`: it is not stored).
     pub async fn wait(
         &self,

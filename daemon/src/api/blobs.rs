@@ -287,7 +287,7 @@ pub async fn post_layer(state: &AppState, req: Request<Incoming>) -> Response<Bo
             format!("send it with content-type {BLOB_PARTS_TYPE}"),
         );
     }
-    let (named, tail) = match state
+    let (named, tail, started) = match state
         .blobs
         .ingest_layer(req.into_body(), expected_len, &state.limits)
         .await
@@ -298,9 +298,7 @@ pub async fn post_layer(state: &AppState, req: Request<Incoming>) -> Response<Bo
     if let Err(r) = recorded(state, &named.meta) {
         return r;
     }
-    if let Ok(Some(blob)) = state.blobs.open_blob(&named.meta.digest) {
-        state.layer_naming.start(&named.meta.digest, blob, tail);
-    }
+    state.layer_naming.keep(&named.meta.digest, &tail, started);
     json(
         StatusCode::CREATED,
         &NamedLayer {

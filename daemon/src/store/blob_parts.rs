@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use lcache_proto::wire::{BlobPart, BlobParts, LayerParts, LayerTail};
+
+use crate::layer_naming::{start, Started};
 use tokio::io::AsyncWriteExt;
 
 use super::blob_file::{BlobFile, Recipe, RecipeRun, RECIPE};
@@ -259,14 +261,14 @@ impl BlobStore {
         body: B,
         expected_len: Option<u64>,
         limits: &Limits,
-    ) -> Result<(NamedBlob, LayerTail), IngestError>
+    ) -> Result<(NamedBlob, LayerTail, Started), IngestError>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
         let (meta, named) = self.ingest_composed(None, body, expected_len, limits).await?;
-        let (tail, blob_states) = named.ok_or_else(|| bad("the layer's tail was not given"))?;
-        Ok((NamedBlob { meta, blob_states }, tail))
+        let (tail, blob_states, started) = named.ok_or_else(|| bad("the layer's tail was not given"))?;
+        Ok((NamedBlob { meta, blob_states }, tail, started))
     }
 
     /// [`Self::ingest_parts`] when `claimed` is given, else [`Self::ingest_layer`] (whose
@@ -277,7 +279,7 @@ impl BlobStore {
         body: B,
         expected_len: Option<u64>,
         limits: &Limits,
-    ) -> Result<(BlobMeta, Option<(LayerTail, Vec<Vec<u8>>)>), IngestError>
+    ) -> Result<(BlobMeta, Option<(LayerTail, Vec<Vec<u8>>, Started)>), IngestError>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
@@ -405,6 +407,12 @@ impl BlobStore {
                 recipe.origin = Some(header);
                 let files: std::collections::HashSet<&String> = recipe.runs.iter().map(|r| &r.file).collect();
                 let whole = (files.len() > MAX_FILES).then(|| d.join("whole"));
+                // A layer's diff_id is taken beside its digest, from the same links (open
+                // files: the directory may be renamed meanwhile).
+                let started = match &tail {
+                    Some(t) => Some(start(BlobFile::from_recipe(&d, &recipe)?, t.clone())),
+                    None => None,
+                };
                 let ((mut actual, mut states, b3, size), mut marked) =
                     hash_runs(&d, &recipe, whole.as_deref(), (&base_states, resume_at), &marks)?;
                 let front_differs = |marked: &[Vec<u8>]| {
@@ -428,7 +436,9 @@ impl BlobStore {
                 if marked.len() != marks.len() {
                     return Err(bad("the layer's members do not lie within the blob"));
                 }
-                let named = tail.map(|t| (t, marked.split_off(1.min(marked.len()))));
+                let named = tail
+                    .zip(started)
+                    .map(|(t, started)| (t, marked.split_off(1.min(marked.len())), started));
                 if whole.is_none() {
                     let mut f = std::fs::File::create(d.join(RECIPE))?;
                     f.write_all(&serde_json::to_vec(&recipe).map_err(std::io::Error::other)?)?;
@@ -871,17 +881,32 @@ mod tests {
         let last = first.index.segments.last().map(|m| m.offset + m.len - 8).unwrap();
         rotten[last as usize] ^= 0x40;
         std::fs::write(s.path_of(&base).unwrap(), &rotten).unwrap();
-        let (named, _) = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await.unwrap();
+        let (named, _, started) = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await.unwrap();
+        let naming = crate::layer_naming::LayerNaming::default();
+        naming.keep(&named.meta.digest, &tail, started);
+        let e = naming
+            .wait(&named.meta.digest, tail.clone(), || None)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("cannot be hashed"), "{e}");
         assert_ne!(named.meta.digest, whole.layer.digest);
         let blob = s.open_blob(&named.meta.digest).unwrap().unwrap();
         let e = crate::layer_naming::diff_id_of(&blob, &tail).unwrap_err();
         assert!(e.contains("cannot be hashed"), "{e}");
 
         std::fs::write(s.path_of(&base).unwrap(), &base_bytes).unwrap();
-        let (named, given) = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await.unwrap();
+        let (named, given, started) = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await.unwrap();
         assert_eq!(given, tail);
+        // Taken beside the digest, and the same taken again from the stored blob.
+        naming.keep(&named.meta.digest, &tail, started);
+        let diff_id = naming
+            .wait(&named.meta.digest, tail.clone(), || None)
+            .await
+            .unwrap()
+            .unwrap();
         let blob = s.open_blob(&named.meta.digest).unwrap().unwrap();
-        let diff_id = crate::layer_naming::diff_id_of(&blob, &tail).unwrap();
+        assert_eq!(crate::layer_naming::diff_id_of(&blob, &tail).unwrap(), diff_id);
         assert_eq!(
             (&named.meta.digest, &diff_id.diff_id, named.meta.size),
             (&whole.layer.digest, &whole.layer.diff_id, whole.layer.size),
