@@ -827,19 +827,24 @@ fn a_delta_whose_base_is_gone_and_a_seed_blob_that_is_gone_cost_speed_not_correc
     assert_eq!(std::fs::read_to_string(out.path().join("seen")).unwrap(), "four\n");
 }
 
+/// A COPY of 1,500 files built once: enough entries for several segments, so an edit reuses
+/// members of the layer's blob, whose file in lcached's store is returned.
+fn copy_built_once(env: &BuildEnv, p: &Project) -> std::path::PathBuf {
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n");
+    for i in 0..1500 {
+        p.write(&format!("src/f{i:04}.txt"), &format!("{i}\n"));
+    }
+    env.build(p, &[]);
+    let seed = whole_copy_snapshots(env);
+    assert_eq!(seed.len(), 1);
+    env.daemon.store().join("blobs/sha256").join(&seed[0])
+}
+
 #[test]
 fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
     let env = BuildEnv::new();
     let p = Project::new();
-    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n");
-    // Enough entries for several segments, so the front of the layer is reused as is.
-    for i in 0..1500 {
-        p.write(&format!("src/f{i:04}.txt"), &format!("{i}\n"));
-    }
-    env.build(&p, &[]);
-    let seed = whole_copy_snapshots(&env);
-    assert_eq!(seed.len(), 1);
-    let blob = env.daemon.store().join("blobs/sha256").join(&seed[0]);
+    let blob = copy_built_once(&env, &p);
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes[40] ^= 0x55;
     std::fs::write(&blob, &bytes).unwrap();
@@ -865,17 +870,10 @@ fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
 fn a_seed_blob_damaged_after_the_change_fails_the_build_once_and_the_next_packs_whole() {
     let env = BuildEnv::new();
     let p = Project::new();
-    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n");
-    for i in 0..1500 {
-        p.write(&format!("src/f{i:04}.txt"), &format!("{i}\n"));
-    }
-    env.build(&p, &[]);
-    let seed = whole_copy_snapshots(&env);
-    assert_eq!(seed.len(), 1);
     // The CRC of the blob's last member (before the tar's end, ~30 bytes): lcached takes
     // that member into the edited layer unread, and only inflating it for the diff_id
     // finds it damaged.
-    let blob = env.daemon.store().join("blobs/sha256").join(&seed[0]);
+    let blob = copy_built_once(&env, &p);
     let mut bytes = std::fs::read(&blob).unwrap();
     let trailer = (0..bytes.len() - 1)
         .rev()

@@ -236,15 +236,7 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
         Ok(m) => m.is_some(),
         Err(r) => return r,
     };
-    let expected_len = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let as_parts = req
-        .headers()
-        .get("content-type")
-        .is_some_and(|v| v.as_bytes() == BLOB_PARTS_TYPE.as_bytes());
+    let (expected_len, as_parts) = upload_headers(&req);
     let ingested = if as_parts {
         state
             .blobs
@@ -271,15 +263,7 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
 /// members after the change meanwhile (`POST /v1/layers/{digest}/diff-id`). The client
 /// never reads the layer's unchanged members.
 pub async fn post_layer(state: &AppState, req: Request<Incoming>) -> Response<Body> {
-    let expected_len = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let as_parts = req
-        .headers()
-        .get("content-type")
-        .is_some_and(|v| v.as_bytes() == BLOB_PARTS_TYPE.as_bytes());
+    let (expected_len, as_parts) = upload_headers(&req);
     if !as_parts {
         return error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -337,6 +321,20 @@ pub async fn post_diff_id(state: &AppState, d: &str, req: Request<Incoming>) -> 
             )
         }
     }
+}
+
+/// An upload's declared length (Content-Length), and whether it is sent as parts.
+fn upload_headers(req: &Request<Incoming>) -> (Option<u64>, bool) {
+    let expected_len = req
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let as_parts = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes() == BLOB_PARTS_TYPE.as_bytes());
+    (expected_len, as_parts)
 }
 
 /// Makes a blob just stored known to the store (and eviction), or the answer to give.
