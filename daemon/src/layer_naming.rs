@@ -84,13 +84,16 @@ impl LayerNaming {
     }
 
     /// The diff_id of `digest` after `tail`: the one kept by [`Self::keep`], or else
-    /// taken now from the blob `open` gives (`None`: it is not stored).
+    /// taken now from the blob `open` gives (`None`: it is not stored). Says too whether it
+    /// was the kept one, started as the blob was named (a failure then means the blob, or
+    /// the one its unchanged members came from, is damaged; for any other request it may
+    /// as well be the request's).
     pub async fn wait(
         &self,
         digest: &str,
         tail: LayerTail,
         open: impl FnOnce() -> Option<BlobFile>,
-    ) -> Option<Outcome> {
+    ) -> Option<(Outcome, bool)> {
         let key = job_key(digest, &tail);
         let job = self.jobs.lock().ok().and_then(|mut jobs| {
             jobs.order.retain(|k| *k != key);
@@ -103,10 +106,13 @@ impl LayerNaming {
             };
             // A job that ended without an outcome (its thread failed) is taken again.
             if let Some(outcome) = outcome {
-                return Some(outcome);
+                return Some((outcome, true));
             }
         }
         let blob = open()?;
-        tokio::task::spawn_blocking(move || diff_id_of(&blob, &tail)).await.ok()
+        tokio::task::spawn_blocking(move || diff_id_of(&blob, &tail))
+            .await
+            .ok()
+            .map(|outcome| (outcome, false))
     }
 }

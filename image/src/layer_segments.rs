@@ -337,6 +337,11 @@ pub fn diff_id_after(
     Ok((tar.digest(), states))
 }
 
+/// Whether `state` is a SHA-256 state [`diff_id_after`] can resume from.
+pub fn tar_state_is_valid(state: &[u8]) -> bool {
+    TarHash::resume(state).is_ok()
+}
+
 /// Starts hashing the tar from `state` over `count` members of `blob` as the pack writes
 /// them (see [`PendingDiffId`]).
 fn start_tail_hash(blob: std::fs::File, state: Vec<u8>, count: usize) -> io::Result<(TailHashing, Publisher)> {

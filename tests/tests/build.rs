@@ -945,6 +945,94 @@ fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_wh
     assert_eq!(image, again);
 }
 
+/// A socket at `front` that passes every connection through to the lcached at `daemon`
+/// but answers `POST /v1/layers` as an lcached older than it does (404, no endpoint).
+/// Returns how many times it was asked.
+fn older_lcached(daemon: &std::path::Path, front: &std::path::Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::io::Write;
+    use std::net::Shutdown;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(front).unwrap();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (daemon, count) = (daemon.to_path_buf(), asked.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let (daemon, count) = (daemon.clone(), count.clone());
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                if head.starts_with(b"POST /v1/layers ") {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let text = String::from_utf8_lossy(&head).to_lowercase();
+                    let len: u64 = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let _ = std::io::copy(&mut (&conn).take(len), &mut std::io::sink());
+                    let body = r#"{"error":"no endpoint POST /v1/layers","hint":"endpoints live under /v1"}"#;
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    return;
+                }
+                let Ok(mut up) = UnixStream::connect(&daemon) else {
+                    return;
+                };
+                let _ = up.write_all(&head);
+                let (mut from, mut to) = (conn.try_clone().unwrap(), up.try_clone().unwrap());
+                let forward = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut up, &mut conn);
+                let _ = conn.shutdown(Shutdown::Write);
+                let _ = forward.join();
+            });
+        }
+    });
+    asked
+}
+
+#[test]
+fn with_an_lcached_that_does_not_name_layers_the_client_packs_and_names_the_edit_itself() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
+        .write_many("src", 3000);
+    let dir = tempfile::tempdir().unwrap();
+    let front = dir.path().join("older.sock");
+    let endpoint = env.daemon.endpoint();
+    let asked = older_lcached(std::path::Path::new(endpoint.trim_start_matches("unix://")), &front);
+    let older = format!("unix://{}", front.display());
+    env.build(&p, &["--daemon", &older]);
+    p.write("src/f1700.txt", "edited\n");
+    let summary = dir.path().join("summary.json");
+    let (steps, image) = env.build(&p, &["--daemon", &older, "--summary-json", summary.to_str().unwrap()]);
+    assert_eq!(cached(&steps), [false]);
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the client asked lcached to name the layer"
+    );
+    // The client read the seed's members after the change itself, and still sent the
+    // cache only the new ones.
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert!(s["bytes_fetched"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(blobs_kept_as_runs(&env.daemon.store()).len(), 1);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again, "the layer a cold build makes");
+}
+
 #[test]
 fn sources_that_overlap_at_the_destination_end_as_the_last_one_says_in_a_delta_too() {
     use std::os::unix::fs::PermissionsExt;

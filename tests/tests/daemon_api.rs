@@ -361,6 +361,23 @@ fn plans_and_layers_to_name_are_refused_over_tcp_where_the_rest_of_the_api_is_se
     assert!(String::from_utf8_lossy(&body).contains("Unix socket"));
     let (status, body) = d.http("POST", "/v1/layers", b"junk");
     assert_eq!(status, 415, "{}", String::from_utf8_lossy(&body));
+    // Asking a stored blob's diff_id from a state that is none is refused, and the blob
+    // stays; so does asking it over TCP.
+    let blob = b"not a layer".to_vec();
+    let digest = sha256_digest(&blob);
+    assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}"), &blob).0, 201);
+    let tail = br#"{"tar_state":"00","first":0,"blob_state":"","members":[]}"#;
+    let (status, body) = d.http("POST", &format!("/v1/layers/{digest}/diff-id"), tail);
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let over_tcp = tcp_http(
+        &d.tcp,
+        "POST",
+        &format!("/v1/layers/{digest}/diff-id"),
+        Some(&token),
+        tail,
+    );
+    assert_eq!(over_tcp.0, 403);
+    assert_eq!(d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0, 200);
     assert!(d.alive());
     assert_eq!(tcp_http(&d.tcp, "GET", "/v1/status", Some(&token), b"").0, 200);
     let k = key(7);

@@ -7,6 +7,7 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
+use lcache_image::layer_segments::tar_state_is_valid;
 use lcache_proto::wire::{BlobParts, LayerTail, NamedLayer, BLOB_PARTS_TYPE};
 
 use super::{error, json, Body};
@@ -306,10 +307,18 @@ pub async fn post_diff_id(state: &AppState, d: &str, req: Request<Incoming>) -> 
         Err(r) => return r,
     };
     let open = || state.blobs.open_blob(d).ok().flatten();
+    if !tar_state_is_valid(&tail.tar_state) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the tar's state in front of the change is not a SHA-256 state",
+            "send the tail the layer was named with",
+        );
+    }
     match state.layer_naming.wait(d, tail, open).await {
         None => not_found(d),
-        Some(Ok(diff_id)) => json(StatusCode::OK, &diff_id),
-        Some(Err(reason)) => {
+        Some((Ok(diff_id), _)) => json(StatusCode::OK, &diff_id),
+        // Taken as the layer was named: its members (or the base's it links) are damaged.
+        Some((Err(reason), true)) => {
             let base = open().and_then(|b| b.origin).map(|o| o.base);
             for damaged in std::iter::once(d).chain(base.as_deref()) {
                 let _ = state.blobs.remove(damaged);
@@ -320,6 +329,12 @@ pub async fn post_diff_id(state: &AppState, d: &str, req: Request<Incoming>) -> 
                 "it or the blob it was made from is damaged, and both were removed: run the build again, which packs the layer whole",
             )
         }
+        // Any other request may name a blob that is no such layer: nothing is removed.
+        Some((Err(reason), false)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("layer {d}: {reason}"),
+            "name the layer with POST /v1/layers first; if it was, run the build again",
+        ),
     }
 }
 
