@@ -1351,32 +1351,22 @@ mod tests {
                 "{edit:?}"
             );
             assert_eq!(resumed_index, scratch_index, "the kept states are the same too");
-            let (deferred, deferred_index) = pack_deferring(
-                t.dir.path(),
-                &changed,
-                Some((&index, &first_blob)),
-                &out.path().join(format!("d{n}")),
-                &opened,
-                TailDigests::Thread,
-            );
-            assert_eq!(
-                (&deferred.digest, &deferred.diff_id, &deferred_index),
-                (&scratch.digest, &scratch.diff_id, &scratch_index),
-                "hashed later, the same: {edit:?}"
-            );
-            let (named, named_index) = pack_deferring(
-                t.dir.path(),
-                &changed,
-                Some((&index, &first_blob)),
-                &out.path().join(format!("c{n}")),
-                &opened,
-                TailDigests::Cache,
-            );
-            assert_eq!(
-                (&named.digest, &named.diff_id, &named_index),
-                (&scratch.digest, &scratch.diff_id, &scratch_index),
-                "named by the cache, the same: {edit:?}"
-            );
+            // Hashed later on a thread, or named by a cache: the same.
+            for tail in [TailDigests::Thread, TailDigests::Cache] {
+                let (later, later_index) = pack_deferring(
+                    t.dir.path(),
+                    &changed,
+                    Some((&index, &first_blob)),
+                    &out.path().join(format!("{tail:?}{n}")),
+                    &opened,
+                    tail,
+                );
+                assert_eq!(
+                    (&later.digest, &later.diff_id, &later_index),
+                    (&scratch.digest, &scratch.diff_id, &scratch_index),
+                    "{tail:?}: {edit:?}"
+                );
+            }
             if let Some(path) = &edit {
                 let original = &list.iter().find(|(p, _, _)| p == path).unwrap().1;
                 std::fs::write(t.dir.path().join(path), original).unwrap();
@@ -1454,30 +1444,21 @@ mod tests {
         edited.1 = b"edited".to_vec();
         std::fs::write(dir.path().join("app/a000"), b"edited").unwrap();
         let (scratch, scratch_index) = pack(dir.path(), &list, None, &out.path().join("s"), &opened);
-        let (deferred, deferred_index) = pack_deferring(
-            dir.path(),
-            &list,
-            Some((&index, &first_blob)),
-            &out.path().join("d"),
-            &opened,
-            TailDigests::Thread,
-        );
-        assert_eq!(
-            (&deferred.digest, &deferred.diff_id, &deferred_index),
-            (&scratch.digest, &scratch.diff_id, &scratch_index)
-        );
-        let (named, named_index) = pack_deferring(
-            dir.path(),
-            &list,
-            Some((&index, &first_blob)),
-            &out.path().join("c"),
-            &opened,
-            TailDigests::Cache,
-        );
-        assert_eq!(
-            (&named.digest, &named.diff_id, &named_index),
-            (&scratch.digest, &scratch.diff_id, &scratch_index)
-        );
+        for tail in [TailDigests::Thread, TailDigests::Cache] {
+            let (later, later_index) = pack_deferring(
+                dir.path(),
+                &list,
+                Some((&index, &first_blob)),
+                &out.path().join(format!("{tail:?}")),
+                &opened,
+                tail,
+            );
+            assert_eq!(
+                (&later.digest, &later.diff_id, &later_index),
+                (&scratch.digest, &scratch.diff_id, &scratch_index),
+                "{tail:?}"
+            );
+        }
     }
 
     #[test]
