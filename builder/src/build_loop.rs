@@ -28,7 +28,7 @@ use crate::build_events::{BuildObserver, StepEvent, StepPhases, SummaryEvent};
 use crate::cache_dir::CacheDir;
 use crate::copy_changes::source_changes;
 use crate::copy_pack::{pack_copy, pack_copy_over};
-use crate::copy_seed::{keep_segments, save_entries, save_segments, DeltaUnit, Seed};
+use crate::copy_seed::{keep_pending_segments, keep_segments, save_entries, save_segments, DeltaUnit, Seed};
 use crate::copy_step::{
     build_copy_changes, build_copy_layer, build_workdir_layer, changes_from, parse_chmod, ChangeJob, CopyAttrs,
     CopyError, CopyJob, CopyLayer, DELTA_REBASE_AT,
@@ -43,9 +43,10 @@ use crate::squash::squash;
 use crate::step_cache::{BlobSource, Metered, StepCache};
 use crate::url_download::{download, place};
 use crate::user_lookup::resolve_user;
+use lcache_image::image_draft::{DeferredBuild, DeferredLayer, ImageDraft};
 use lcache_image::image_history::{base_history, extend, Contribution, HistoryEntry};
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, LAYER_MEDIA_TYPE};
-use lcache_image::oci_image::{config_document, manifest_document, sha256_of, RuntimeConfig};
+use lcache_image::oci_image::RuntimeConfig;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -66,6 +67,9 @@ pub struct BuildRequest {
     pub ssh: std::collections::BTreeMap<String, PathBuf>,
     /// Merge the target stage's own layers into one (`--squash`).
     pub squash: bool,
+    /// End the build once every step has run and is cached, leaving lcached to name the
+    /// image when it is still taking diff_ids (`lcache build --name-image later`).
+    pub name_later: bool,
     /// `SOURCE_DATE_EPOCH`: the time the image's history and config say it was made.
     /// Without it they give no time, so that a rebuild is the same image, byte for byte.
     pub source_date_epoch: Option<u64>,
@@ -125,6 +129,9 @@ struct Builder<'a> {
     /// Whether the cache names a re-run COPY's layer from its own copy of the last one
     /// (`StepCache::put_layer`); false once it said it does not.
     cache_names_layers: std::sync::atomic::AtomicBool,
+    /// The target stage's records whose diff_ids lcached is taking, left to it to store
+    /// (with `name_later`) instead of waited for.
+    deferred: Mutex<Vec<(usize, PendingRecord)>>,
 }
 
 /// One finished step: what progress showed, and what the history keeps.
@@ -276,6 +283,7 @@ pub fn build(
         finder: CauseFinder::new(client, &req.inputs, req.no_cache).with_evicted(&evicted),
         first_step,
         cache_names_layers: std::sync::atomic::AtomicBool::new(true),
+        deferred: Mutex::new(Vec::new()),
     };
     let (mut states, mut finished) = b.build_stages()?;
     finished.sort_by_key(|(e, _)| e.n);
@@ -304,26 +312,13 @@ pub fn build(
             empty_layer: false,
         });
     }
-    let platform = b.plan.stages[b.plan.target].platform.clone();
-    let config = config_document(&platform, &target.config, &target.layers, &target.history);
-    let manifest = manifest_document(&config, &target.layers)?;
-    let mut image = ImageRecord {
-        name: String::new(),
-        manifest_digest: sha256_of(&manifest),
-        config_digest: sha256_of(&config),
+    let draft = ImageDraft {
+        platform: b.plan.stages[b.plan.target].platform.clone(),
+        config: target.config.clone(),
         layers: target.layers.clone(),
-        config: String::from_utf8_lossy(&config).into_owned(),
-        created_at_ms: 0,
+        history: target.history.clone(),
     };
-    steps.put_blob(&image.config_digest, BlobSource::Bytes(&config))?;
-    steps.put_blob(&image.manifest_digest, BlobSource::Bytes(&manifest))?;
-    for t in &req.tags {
-        image.name = lcache_proto::wire::normalize_image_name(t);
-        client.put_image(&image)?;
-    }
-    if let Some(t) = req.tags.first() {
-        image.name = lcache_proto::wire::normalize_image_name(t);
-    }
+    let deferred = std::mem::take(&mut *b.deferred.lock().unwrap_or_else(|p| p.into_inner()));
     let elapsed = started.elapsed().as_millis() as u64;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -337,7 +332,7 @@ pub fn build(
                 .map(|c| (e.n, e.line, e.instruction.clone(), c, e.duration_ms))
         })
         .collect();
-    let record = BuildRecord {
+    let mut record = BuildRecord {
         id: String::new(),
         started_at_ms: now.saturating_sub(elapsed),
         finished_at_ms: now,
@@ -348,10 +343,48 @@ pub fn build(
         dockerfile_path: req.inputs.dockerfile_path.clone(),
         dockerignore: dockerignore_digest(Path::new(&req.inputs.context)),
         cascades: cascades(&misses),
-        image: image.manifest_digest.clone(),
+        image: String::new(),
     };
-    let record = client.post_build(&record)?;
+    let (image, record) = match b.name_later(draft, record.clone(), deferred)? {
+        Named::Later(record) => (
+            ImageRecord {
+                name: String::new(),
+                manifest_digest: String::new(),
+                config_digest: String::new(),
+                layers: target.layers.clone(),
+                config: String::new(),
+                created_at_ms: 0,
+            },
+            *record,
+        ),
+        Named::Now(draft) => {
+            let docs = draft.documents()?;
+            let mut image = docs.image;
+            steps.put_blob(&image.config_digest, BlobSource::Bytes(&docs.config))?;
+            steps.put_blob(&image.manifest_digest, BlobSource::Bytes(&docs.manifest))?;
+            for t in &req.tags {
+                image.name = lcache_proto::wire::normalize_image_name(t);
+                client.put_image(&image)?;
+            }
+            record.image = image.manifest_digest.clone();
+            (image, client.post_build(&record)?)
+        }
+    };
+    let mut image = image;
+    if let Some(t) = req.tags.first() {
+        image.name = lcache_proto::wire::normalize_image_name(t);
+    }
     let cached = events.iter().filter(|e| e.cached).count();
+    if image.manifest_digest.is_empty() {
+        b.progress().note(&format!(
+            "image: lcached names it once the diff_ids it is taking are known (`lcache history` shows its digest{})",
+            if req.tags.is_empty() {
+                String::new()
+            } else {
+                format!(", `{}` names it then", req.tags.join("`, `"))
+            }
+        ));
+    }
     b.progress().summary(&SummaryEvent {
         event: "summary",
         steps: events.len(),
@@ -371,6 +404,63 @@ pub fn build(
         bytes_fetched: metered.fetched(),
         bytes_stored: metered.stored(),
     })
+}
+
+/// Who names a build's image.
+enum Named {
+    /// This build, now: every diff_id is known.
+    Now(Box<ImageDraft>),
+    /// lcached, once the diff_ids it takes are known: the build as it recorded it.
+    Later(Box<BuildRecord>),
+}
+
+impl Builder<'_> {
+    /// Hands the image to lcached to name, if it is taking diff_ids of it (`deferred`);
+    /// otherwise (or if it cannot) waits for them, and the build names the image itself.
+    fn name_later(
+        &self,
+        mut draft: ImageDraft,
+        build: BuildRecord,
+        deferred: Vec<(usize, PendingRecord)>,
+    ) -> Result<Named, BuildError> {
+        if deferred.is_empty() {
+            return Ok(Named::Now(Box::new(draft)));
+        }
+        let mut layers = Vec::new();
+        for (at, p) in &deferred {
+            if let DiffIdPending::Cache { tail, .. } = &p.hashing {
+                layers.push(DeferredLayer {
+                    at: *at,
+                    tail: tail.clone(),
+                    record: p.record.clone(),
+                });
+            }
+        }
+        let handed = DeferredBuild {
+            build,
+            draft: draft.clone(),
+            tags: self
+                .req
+                .tags
+                .iter()
+                .map(|t| lcache_proto::wire::normalize_image_name(t))
+                .collect(),
+            layers,
+            scope: String::new(),
+        };
+        if let Some(record) = self.client.defer_build(&handed)? {
+            for (_, p) in deferred {
+                if let DiffIdPending::Cache { tail, index } = p.hashing {
+                    // Only a speed-up for the next build of this step.
+                    let _ = keep_pending_segments(&self.cache, &p.digest, &index, &tail);
+                }
+            }
+            return Ok(Named::Later(Box::new(record)));
+        }
+        // An lcached that does not name images: wait for the diff_ids here.
+        self.settle(&mut draft.layers, deferred)?;
+        Ok(Named::Now(Box::new(draft)))
+    }
 }
 
 impl<'a> Builder<'a> {
@@ -508,6 +598,15 @@ impl<'a> Builder<'a> {
             &mut finished,
             &mut pending,
         );
+        // The target's layers named by lcached may be left to it: nothing after this stage
+        // reads their diff_ids but the image's documents.
+        if self.req.name_later && i == self.plan.target && ran.is_ok() {
+            let (later, now): (Vec<_>, Vec<_>) = pending
+                .into_iter()
+                .partition(|(_, p)| matches!(p.hashing, DiffIdPending::Cache { .. }));
+            pending = now;
+            self.deferred.lock().unwrap_or_else(|p| p.into_inner()).extend(later);
+        }
         // Records still waiting for their diff_id are stored even when a later step failed,
         // as every step's record is stored once it is built.
         let settled = self.settle(&mut st.layers, pending);

@@ -14,7 +14,7 @@ use lcache_image::layer_segments::{
 };
 
 use crate::byte_channel::byte_channel;
-use crate::copy_seed::{load_segments, LayerDelta, LayerEntries, Placed, Seed};
+use crate::copy_seed::{segments_of, LayerDelta, LayerEntries, Placed, Seed};
 use crate::copy_step::CopyLayer;
 use crate::step_cache::StepCache;
 
@@ -79,7 +79,10 @@ pub fn pack_copy(
         .into_iter()
         .map(|r| Planned::Entries(&list[r]))
         .collect();
-    let index = layer.reuse.as_ref().and_then(|(_, path)| load_segments(path));
+    let index = layer
+        .reuse
+        .as_ref()
+        .and_then(|(digest, path)| segments_of(steps, digest, path));
     pack_with(steps, layer, &plan, index.as_ref(), dir, dest, tail)
 }
 
@@ -96,7 +99,10 @@ pub fn pack_copy_over(
     dest: &Path,
     tail: TailDigests,
 ) -> std::io::Result<Packed> {
-    let index = layer.reuse.as_ref().and_then(|(_, path)| load_segments(path));
+    let index = layer
+        .reuse
+        .as_ref()
+        .and_then(|(digest, path)| segments_of(steps, digest, path));
     let planned = match (&layer.delta, &index) {
         (Some(delta), Some(index)) => plan_over(seed, delta, index),
         _ => None,
@@ -300,6 +306,7 @@ fn pack_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::copy_seed::load_segments;
     use crate::copy_seed::{save_segments, CopiedFrom};
     use crate::entry_chunks::EntryChunks;
     use crate::errors::CacheError;

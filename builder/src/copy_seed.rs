@@ -9,9 +9,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use lcache_image::layer_segments::SegmentIndex;
+use lcache_proto::wire::LayerTail;
 
 use crate::cache_dir::CacheDir;
 use crate::entry_chunks::EntryChunks;
+use crate::step_cache::StepCache;
 
 /// What a copied file was made from. A later build of the same COPY keeps the file from
 /// the earlier layer instead of copying it again when all of this is unchanged: the
@@ -214,6 +216,51 @@ pub fn keep_segments(cache: &CacheDir, digest: &str, index: &SegmentIndex) -> st
 /// not: their next layer is compressed whole).
 pub fn load_segments(path: &Path) -> Option<SegmentIndex> {
     read_bincode(path)
+}
+
+/// Where the index of a layer whose build ended before lcached took its diff_id waits,
+/// with the tail it was named by, for the tar's states after the change.
+fn pending_path(segments: &Path) -> PathBuf {
+    segments.with_extension("pending")
+}
+
+/// Keeps the segment index of the layer `digest` that lcached is still naming: its tar's
+/// states after the change are asked for (`tail`) by the next build that packs over it.
+pub fn keep_pending_segments(
+    cache: &CacheDir,
+    digest: &str,
+    index: &SegmentIndex,
+    tail: &LayerTail,
+) -> std::io::Result<()> {
+    let whole = cache.snapshot(digest);
+    let path = if whole.is_dir() {
+        segments_path(&whole)
+    } else {
+        DeltaUnit::of(cache, digest).segments()
+    };
+    write_bincode(&pending_path(&path), &(index, tail))
+}
+
+/// The segment index of the blob `digest` kept at `path`; one kept while lcached was still
+/// naming the layer is completed with the tar's states it took, and kept whole from then on.
+/// `None` (the next layer is packed whole) when there is none, or lcached no longer has it.
+pub fn segments_of(steps: &dyn StepCache, digest: &str, path: &Path) -> Option<SegmentIndex> {
+    if let Some(index) = load_segments(path) {
+        return Some(index);
+    }
+    let pending = pending_path(path);
+    let (mut index, tail): (SegmentIndex, LayerTail) = read_bincode(&pending)?;
+    let named = steps.layer_diff_id(digest, &tail).ok()?;
+    let (n, k) = (index.segments.len(), named.tar_states.len());
+    if k != tail.members.len() || k > n {
+        return None;
+    }
+    for (seg, state) in index.segments[n - k..].iter_mut().zip(named.tar_states) {
+        seg.tar_state = state;
+    }
+    write_bincode(path, &index).ok()?;
+    let _ = std::fs::remove_file(&pending);
+    Some(index)
 }
 
 /// The on-disk unit of a delta snapshot: made in a work directory and renamed into place

@@ -208,6 +208,14 @@ pub struct BuildArgs {
     /// Push the image to each -t reference after it is built.
     #[arg(long, requires = "tags")]
     pub push: bool,
+    /// When the build ends: `now`, once its image is named (its manifest digest printed);
+    /// `later`, once every step has run and is cached, leaving lcached to name and tag the
+    /// image when it is still taking a re-run COPY's diff_id (the build id is printed;
+    /// `lcache history`, `images`, `push` wait for it). `auto`: `later` when stdout is a
+    /// terminal and nothing else asks for the image (--output, --push, --squash,
+    /// --summary-json), else `now`.
+    #[arg(long, value_enum, default_value_t = NameImage::Auto, value_name = "WHEN")]
+    pub name_image: NameImage,
     /// A registry (`host:port`) to reach over plain HTTP; may be given more than once.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     pub insecure_registries: Vec<String>,
@@ -347,4 +355,15 @@ pub struct KeysArgs {
     /// Do not use a daemon: read and hash the context in this process.
     #[arg(long)]
     pub offline: bool,
+}
+
+/// When `lcache build` ends (`--name-image`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NameImage {
+    /// `later` at a terminal when nothing else asks for the image, else `now`.
+    Auto,
+    /// Once the image is named.
+    Now,
+    /// Once every step has run and is cached.
+    Later,
 }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use lcache_builder::build_control::BuildControl;
 use lcache_builder::errors::CacheError;
 use lcache_builder::step_cache::{BlobSource, StepCache};
+use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::sources_digest::{DirNode, SummaryEntry};
 use lcache_proto::wire::{
     BuildRecord, ImageRecord, LayerDiffId, LayerParts, LayerTail, NamedLayer, PlanInputs, PlanResponse, StepRecord,
@@ -85,5 +86,9 @@ impl BuildControl for DaemonClient {
 
     fn post_build(&self, build: &BuildRecord) -> Result<BuildRecord, CacheError> {
         DaemonClient::post_build(self, build)
+    }
+
+    fn defer_build(&self, build: &DeferredBuild) -> Result<Option<BuildRecord>, CacheError> {
+        DaemonClient::defer_build(self, build)
     }
 }

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, StatusCode};
+use lcache_image::image_draft::DeferredBuild;
 use lcache_image::sha256_stream::Sha256Stream;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{
@@ -514,6 +515,24 @@ impl DaemonClient {
     /// `POST /v1/builds`.
     pub fn post_build(&self, b: &BuildRecord) -> Result<BuildRecord, CacheError> {
         self.json(Method::POST, "/v1/builds", Some(b))
+    }
+
+    /// `POST /v1/builds/deferred`: hands lcached a build whose image waits for the diff_ids
+    /// it is taking; the build as recorded. `None` from an lcached that does not take them
+    /// (older, or reached over TCP).
+    pub fn defer_build(&self, b: &DeferredBuild) -> Result<Option<BuildRecord>, CacheError> {
+        let mut b = b.clone();
+        b.scope = self.scopes.first().cloned().unwrap_or_default();
+        let bytes = Bytes::from(serde_json::to_vec(&b).map_err(|e| CacheError::Encode(e.to_string()))?);
+        let (status, resp) = self.call(Method::POST, "/v1/builds/deferred", bytes)?;
+        match (status, daemon_error(status, &resp)) {
+            (StatusCode::FORBIDDEN, _) => Ok(None),
+            (StatusCode::NOT_FOUND, CacheError::Refused { error, .. }) if error.starts_with("no endpoint") => Ok(None),
+            (s, _) if s.is_success() => serde_json::from_slice(&resp).map(Some).map_err(|e| {
+                CacheError::Protocol(format!("POST /v1/builds/deferred answered what is not a build: {e}"))
+            }),
+            (_, refused) => Err(refused),
+        }
     }
 
     fn json_bytes<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T, CacheError> {

@@ -116,7 +116,11 @@ impl BuildObserver for Progress {
             ProgressMode::Json => print_json(s),
             _ => eprintln!(
                 "built {} in {:.1}s: {} steps, {} cached, {} run{}",
-                short(&s.image),
+                if s.image.is_empty() {
+                    format!("build {} (lcached names its image)", s.build)
+                } else {
+                    short(&s.image).to_string()
+                },
                 s.duration_ms as f64 / 1000.0,
                 s.steps,
                 s.cached,

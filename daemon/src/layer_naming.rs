@@ -83,6 +83,14 @@ impl LayerNaming {
         }
     }
 
+    /// Keeps a diff_id already taken (by a build being named, for the next build of its
+    /// step, which asks for the tar's states).
+    pub fn keep_known(&self, digest: &str, tail: &LayerTail, known: LayerDiffId) {
+        let (tx, rx) = watch::channel(Some(Ok(known)));
+        drop(tx);
+        self.keep(digest, tail, Started(rx));
+    }
+
     /// The diff_id of `digest` after `tail`: the one kept by [`Self::keep`], or else
     /// taken now from the blob `open` gives (`None`: it is not stored). Says too whether it
     /// was the kept one, started as the blob was named (a failure then means the blob, or

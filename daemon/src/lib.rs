@@ -5,6 +5,7 @@ pub mod api;
 pub mod codec;
 pub mod context_index;
 pub mod context_watcher;
+pub mod deferred_naming;
 pub mod digest_persister;
 pub mod eviction;
 pub mod layer_naming;

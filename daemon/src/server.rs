@@ -254,6 +254,7 @@ impl Daemon {
             upstream: upstream.as_ref().map(|(u, _)| u.clone()),
             evict_wake: tokio::sync::Notify::new(),
             layer_naming: Default::default(),
+            deferred: Default::default(),
         });
         if let Some(max) = cfg.max_size {
             tokio::spawn(crate::eviction::run(state.clone(), max));
@@ -261,6 +262,7 @@ impl Daemon {
         if let Some((u, rx)) = upstream {
             tokio::spawn(u.run(rx, state.clone()));
         }
+        crate::deferred_naming::resume(&state);
         Ok(Self {
             state,
             listeners,

@@ -4,6 +4,7 @@
 //! files (`docker save`, OCI layouts, rootfs tars) checked before anything is imported.
 
 pub mod image_archive;
+pub mod image_draft;
 pub mod image_history;
 pub mod layer_diff;
 pub mod layer_extract;

@@ -67,6 +67,7 @@ fn main() {
         ssh: Default::default(),
         source_date_epoch: None,
         squash: false,
+        name_later: false,
     };
     // Progress is not printed: the figures stay readable.
     let mut quiet = Quiet;

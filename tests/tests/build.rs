@@ -1061,3 +1061,127 @@ fn sources_that_overlap_at_the_destination_end_as_the_last_one_says_in_a_delta_t
         "from b\n750\n"
     );
 }
+
+/// The `summary` event of a `--progress json` build that succeeded.
+fn summary_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "summary")
+        .expect("a summary event")
+}
+
+/// What lcached answers for `GET path`, as JSON (waiting, as every reader does, for the
+/// builds whose images it is naming).
+fn daemon_json(env: &BuildEnv, path: &str) -> (u16, serde_json::Value) {
+    let (status, body) = env.daemon.http("GET", path, b"");
+    (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn a_build_that_leaves_its_image_to_lcached_ends_cached_and_lcached_names_and_tags_it() {
+    // lcached names the image a second after the build ends: whoever asks first waits.
+    let env = BuildEnv::with_daemon_env(&[], &[("LCACHED_TEST_NAMING_DELAY_MS".into(), "1000".into())]);
+    let p = Project::new();
+    copy_built_once(&env, &p);
+    p.write("src/f0100.txt", "edited\n");
+    let s = summary_of(&env.try_build(&p, &["--name-image", "later", "-t", "app:later"]));
+    // The build ended before its image had a name: lcached was still taking the diff_id.
+    assert_eq!(s["image"], "", "{s}");
+    assert_eq!(s["built"], 1, "{s}");
+    let id = s["build"].as_str().unwrap().to_string();
+    assert!(!id.is_empty(), "{s}");
+
+    let (status, tagged) = daemon_json(&env, "/v1/images/app:later");
+    assert_eq!(status, 200, "{tagged}");
+    let named = tagged["manifest_digest"].as_str().unwrap().to_string();
+    let (_, build) = daemon_json(&env, &format!("/v1/builds/{id}"));
+    assert_eq!(build["image"], named.as_str());
+    // The step's record was stored by lcached: the next build is a hit, and the image is
+    // the one a build that waits for its name makes, and the one --no-cache makes.
+    let (steps, image) = env.build(&p, &["--name-image", "now"]);
+    assert_eq!(cached(&steps), [true]);
+    assert_eq!(image, named);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(again, named);
+
+    // The next edit packs over the layer lcached named: the tar's states its index lacked
+    // are asked for then, so only the changed members are sent.
+    p.write("src/f1200.txt", "edited too\n");
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("summary.json");
+    let (steps, image) = env.build(&p, &["--summary-json", summary.to_str().unwrap()]);
+    assert_eq!(cached(&steps), [false]);
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let whole = std::fs::metadata(
+        env.daemon
+            .store()
+            .join("blobs/sha256")
+            .join(&whole_copy_snapshots(&env)[0]),
+    )
+    .unwrap()
+    .len();
+    let stored = s["bytes_stored"].as_u64().unwrap();
+    assert!(
+        stored * 4 < whole,
+        "the second edit sent {stored} bytes for a layer of about {whole}"
+    );
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+}
+
+#[test]
+fn an_image_being_named_when_lcached_is_killed_is_named_when_it_starts_again() {
+    let mut env = BuildEnv::with_daemon_env(&[], &[("LCACHED_TEST_NAMING_DELAY_MS".into(), "60000".into())]);
+    let p = Project::new();
+    copy_built_once(&env, &p);
+    p.write("src/f0100.txt", "edited\n");
+    let s = summary_of(&env.try_build(&p, &["--name-image", "later", "-t", "app:later"]));
+    assert_eq!(s["image"], "", "{s}");
+    let id = s["build"].as_str().unwrap().to_string();
+    let stopped = std::mem::replace(&mut env.daemon, lcache_e2e::Daemon::start(&[]));
+    env.daemon = lcache_e2e::Daemon::start_in(stopped.kill9(), &[]);
+
+    let (status, tagged) = daemon_json(&env, "/v1/images/app:later");
+    assert_eq!(status, 200, "{tagged}");
+    let (_, build) = daemon_json(&env, &format!("/v1/builds/{id}"));
+    assert_eq!(build["image"], tagged["manifest_digest"]);
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [true]);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+    assert_eq!(tagged["manifest_digest"], again.as_str());
+}
+
+#[test]
+fn a_layer_found_damaged_while_lcached_names_the_image_leaves_it_unnamed_and_the_next_build_packs_whole() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    let blob = copy_built_once(&env, &p);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let trailer = (0..bytes.len() - 1)
+        .rev()
+        .find(|&i| bytes[i..].starts_with(&[0x1f, 0x8b, 8]))
+        .unwrap();
+    bytes[trailer - 8] ^= 0x55;
+    std::fs::write(&blob, &bytes).unwrap();
+
+    p.write("src/f0100.txt", "edited\n");
+    let s = summary_of(&env.try_build(&p, &["--name-image", "later", "-t", "app:later"]));
+    let id = s["build"].as_str().unwrap().to_string();
+    // Nothing was named after a layer that cannot be: no tag, no image in the history.
+    let (status, _) = daemon_json(&env, "/v1/images/app:later");
+    assert_eq!(status, 404);
+    let (_, build) = daemon_json(&env, &format!("/v1/builds/{id}"));
+    assert_eq!(build["image"], "", "{build}");
+    // lcached removed the damaged blobs: the next build rebuilds and packs the layer whole.
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false]);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+}

@@ -595,3 +595,89 @@ fn a_blob_range_is_served_exactly_and_a_hostile_range_is_refused() {
     assert_eq!(get_range(&d.socket, &format!("/v1/blobs/{missing}"), "bytes=0-").0, 404);
     assert_eq!(d.http("GET", "/v1/status", b"").0, 200, "the daemon is still up");
 }
+
+#[test]
+fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_taken() {
+    use lcache_image::image_draft::{DeferredBuild, DeferredLayer, ImageDraft};
+    use lcache_proto::wire::{BuildRecord, LayerRef, LayerTail, StepRecord};
+    let mut d = Daemon::start(&[]);
+    let token = make_token(&d, "ci", "write");
+    let layer = LayerRef {
+        digest: format!("sha256:{}", "ab".repeat(32)),
+        blake3: String::new(),
+        size: 10,
+        diff_id: String::new(),
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+    };
+    let tail = LayerTail {
+        tar_state: vec![0; 40],
+        first: 0,
+        blob_state: vec![],
+        members: vec![],
+    };
+    let record = StepRecord {
+        key: key(3),
+        layer: Some(layer.clone()),
+        duration_ms: 1,
+        inputs: None,
+        created_at_ms: 0,
+    };
+    let build = |layers: Vec<DeferredLayer>| {
+        serde_json::to_vec(&DeferredBuild {
+            build: BuildRecord {
+                id: String::new(),
+                started_at_ms: 1,
+                finished_at_ms: 2,
+                dockerfile: "Dockerfile".into(),
+                context: "/nonexistent".into(),
+                target: None,
+                steps: vec![],
+                dockerfile_path: String::new(),
+                dockerignore: String::new(),
+                cascades: vec![],
+                image: String::new(),
+            },
+            draft: ImageDraft {
+                platform: "linux/amd64".into(),
+                config: Default::default(),
+                layers: vec![layer.clone()],
+                history: vec![],
+            },
+            tags: vec!["app:latest".into()],
+            layers,
+            scope: String::new(),
+        })
+        .unwrap()
+    };
+    let at = |at: usize, tar_state: Vec<u8>| DeferredLayer {
+        at,
+        tail: LayerTail {
+            tar_state,
+            ..tail.clone()
+        },
+        record: record.clone(),
+    };
+    // The diff_ids a build hands over become its records': only the socket's users may.
+    let (status, body) = tcp_http(&d.tcp, "POST", "/v1/builds/deferred", Some(&token), &build(vec![]));
+    assert_eq!(status, 403);
+    assert!(String::from_utf8_lossy(&body).contains("Unix socket"));
+    for (body, says) in [
+        (b"junk".to_vec(), ""),
+        (build(vec![]), "no layer whose diff_id"),
+        (build(vec![at(1, vec![0; 40])]), "past the image's 1 layers"),
+        (build(vec![at(0, vec![0; 3])]), "not a SHA-256 state"),
+    ] {
+        let (status, answer) = d.http("POST", "/v1/builds/deferred", &body);
+        assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
+        assert!(
+            String::from_utf8_lossy(&answer).contains(says),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    // Nothing was recorded, and the daemon serves on.
+    let (status, builds) = d.http("GET", "/v1/builds", b"");
+    assert_eq!((status, builds.as_slice()), (200, b"[]".as_slice()));
+    assert_eq!(d.http("GET", "/v1/images/app:latest", b"").0, 404);
+    assert!(d.alive());
+}

@@ -7,8 +7,8 @@ use lcache_builder::build_loop::BuildOutcome;
 use serde::Serialize;
 
 use crate::build_inputs::plan_inputs;
-use crate::cli::BuildArgs;
 use crate::cli::DaemonArgs;
+use crate::cli::{BuildArgs, NameImage};
 use crate::daemon_choice::daemon;
 use crate::progress::{Progress, ProgressMode};
 use lcache_builder::build_events::BuildObserver;
@@ -38,6 +38,14 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
         secrets,
         ssh,
         squash: args.squash,
+        name_later: match args.name_image {
+            NameImage::Now => false,
+            NameImage::Later => true,
+            NameImage::Auto => std::io::stdout().is_terminal(),
+        } && output.is_none()
+            && !args.push
+            && !args.squash
+            && args.summary_json.is_none(),
         source_date_epoch: match std::env::var("SOURCE_DATE_EPOCH") {
             Ok(v) if !v.is_empty() => Some(
                 v.trim()
@@ -78,6 +86,9 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
     }
     Ok(if mode == ProgressMode::Json {
         String::new()
+    } else if outcome.image.manifest_digest.is_empty() {
+        // lcached names the image: what names it until then is the build.
+        format!("build {}\n", outcome.record.id)
     } else {
         format!("{}\n", outcome.image.manifest_digest)
     })

@@ -319,10 +319,7 @@ pub async fn post_diff_id(state: &AppState, d: &str, req: Request<Incoming>) -> 
         Some((Ok(diff_id), _)) => json(StatusCode::OK, &diff_id),
         // Taken as the layer was named: its members (or the base's it links) are damaged.
         Some((Err(reason), true)) => {
-            let base = open().and_then(|b| b.origin).map(|o| o.base);
-            for damaged in std::iter::once(d).chain(base.as_deref()) {
-                let _ = state.blobs.remove(damaged);
-            }
+            remove_damaged_layer(state, d);
             error(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!("layer {d}: {reason}"),
@@ -335,6 +332,22 @@ pub async fn post_diff_id(state: &AppState, d: &str, req: Request<Incoming>) -> 
             format!("layer {d}: {reason}"),
             "name the layer with POST /v1/layers first; if it was, run the build again",
         ),
+    }
+}
+
+/// Removes a layer named by `POST /v1/layers` whose tar could not be hashed, and the blob its
+/// unchanged members were taken from: one of them is damaged, and the next build of the
+/// step packs the layer whole.
+pub fn remove_damaged_layer(state: &AppState, digest: &str) {
+    let base = state
+        .blobs
+        .open_blob(digest)
+        .ok()
+        .flatten()
+        .and_then(|b| b.origin)
+        .map(|o| o.base);
+    for damaged in std::iter::once(digest).chain(base.as_deref()) {
+        let _ = state.blobs.remove(damaged);
     }
 }
 

@@ -4,10 +4,23 @@ use std::sync::atomic::Ordering;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
+use std::sync::Arc;
+
+use lcache_image::image_draft::DeferredBuild;
+use lcache_image::layer_segments::tar_state_is_valid;
 use lcache_proto::wire::BuildRecord;
 
 use super::{error, json, now_ms, read_json, stored, Body};
 use crate::state::AppState;
+
+/// A new build's id: fixed-width hex of the time first, so ids sort by time in the store.
+fn new_id(state: &AppState) -> String {
+    format!(
+        "{:012x}{:04x}",
+        now_ms(),
+        state.build_seq.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
+}
 
 /// `POST /v1/builds`: stores a finished build, assigning its id.
 pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
@@ -15,14 +28,46 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         Ok(b) => b,
         Err(r) => return r,
     };
-    // Fixed-width hex of the time first: ids sort by time in the store.
-    b.id = format!(
-        "{:012x}{:04x}",
-        now_ms(),
-        state.build_seq.fetch_add(1, Ordering::Relaxed) & 0xffff
-    );
+    b.id = new_id(state);
     match state.records.put_build(&b).and_then(|_| state.records.flush()) {
         Ok(()) => json(StatusCode::CREATED, &b),
+        Err(e) => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            e.to_string(),
+            "free space on the store's disk",
+        ),
+    }
+}
+
+/// `POST /v1/builds/deferred` (the daemon's socket only): a build whose image waits for the
+/// diff_ids `POST /v1/layers` started taking; stored like a finished build, its image left
+/// empty until lcached has named it (`deferred_naming`). Answers the build as recorded.
+pub async fn post_deferred(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let mut d: DeferredBuild = match read_json(state, req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if let Some(why) = d.malformed() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the build cannot be named here: {why}"),
+            "send the image's layers and each layer POST /v1/layers named, with the tail it was named by",
+        );
+    }
+    if let Some(l) = d.layers.iter().find(|l| !tar_state_is_valid(&l.tail.tar_state)) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "layer {}: the tar's state in front of the change is not a SHA-256 state",
+                l.at
+            ),
+            "send the tail the layer was named with",
+        );
+    }
+    d.build.id = new_id(state);
+    d.build.image = String::new();
+    match crate::deferred_naming::start(state, d.clone()) {
+        Ok(()) => json(StatusCode::CREATED, &d.build),
         Err(e) => error(
             StatusCode::INSUFFICIENT_STORAGE,
             e.to_string(),

@@ -5,12 +5,12 @@
 // so boxing it to shrink `Result` would cost more than it saves.
 #![allow(clippy::result_large_err)]
 
-mod blobs;
+pub(crate) mod blobs;
 mod builds;
 mod control;
 pub mod images;
 mod registry;
-mod steps;
+pub(crate) mod steps;
 mod tokens;
 
 use std::sync::Arc;
@@ -137,6 +137,17 @@ pub enum Origin {
 }
 
 /// Answers one request.
+/// Whether a request reads step records, builds or images, which a build being named
+/// (`deferred_naming`) is about to store: it is answered once they are.
+fn reads_what_builds_being_named_store(method: &Method, segs: &[&str]) -> bool {
+    match segs {
+        ["v1", "plan"] | ["v1", "upstream", "sync"] => true,
+        ["v1", "steps", _] | ["v1", "builds"] | ["v1", "builds", _] => method == Method::GET,
+        ["v1", "images", ..] => true,
+        _ => false,
+    }
+}
+
 pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -159,20 +170,27 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
             return refused;
         }
     }
+    if reads_what_builds_being_named_store(&method, &segs) {
+        state.deferred.settled().await;
+    }
     let (label, response) = match (&method, segs.as_slice()) {
-        // Tokens are made and the upstream synced by the daemon's owner, on its socket.
-        (_, ["v1", "tokens", ..] | ["v1", "upstream", ..] | ["v1", "images", "pull" | "push"])
-            if origin == Origin::Network =>
-        {
-            (
-                "other",
-                error(
-                    StatusCode::FORBIDDEN,
-                    format!("{path} is served only on the daemon's Unix socket"),
-                    "run this on the daemon's machine, as its owner",
-                ),
-            )
-        }
+        // Tokens are made and the upstream synced by the daemon's owner, on its socket; a
+        // build is handed over to be named only by a client trusted with the diff_ids it
+        // would record (see `POST /v1/layers`).
+        (
+            _,
+            ["v1", "tokens", ..]
+            | ["v1", "upstream", ..]
+            | ["v1", "images", "pull" | "push"]
+            | ["v1", "builds", "deferred"],
+        ) if origin == Origin::Network => (
+            "other",
+            error(
+                StatusCode::FORBIDDEN,
+                format!("{path} is served only on the daemon's Unix socket"),
+                "run this on the daemon's machine, as its owner",
+            ),
+        ),
         (&Method::POST, ["v1", "tokens"]) => ("other", tokens::create(&state, req).await),
         (&Method::GET, ["v1", "tokens"]) => ("other", tokens::list(&state)),
         (&Method::DELETE, ["v1", "tokens", name]) => ("other", tokens::revoke(&state, name)),
@@ -219,6 +237,7 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         (&Method::GET, ["v1", "blobs", d, "sent"]) => ("blobs_get", blobs::sent(&state, d).await),
         (&Method::PUT, ["v1", "blobs", d]) => ("blobs_put", blobs::put(&state, d, req).await),
         (&Method::POST, ["v1", "builds"]) => ("builds", builds::post(&state, req).await),
+        (&Method::POST, ["v1", "builds", "deferred"]) => ("builds", builds::post_deferred(&state, req).await),
         (&Method::GET, ["v1", "builds"]) => ("builds", builds::list(&state, req.uri().query())),
         (&Method::GET, ["v1", "builds", id]) => ("builds", builds::get(&state, id)),
         (&Method::GET, ["v1", "summaries", d]) => ("other", control::summary(&state, d)),

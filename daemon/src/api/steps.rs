@@ -89,7 +89,7 @@ pub async fn get(state: &AppState, key: &str, query: Option<&str>) -> Response<B
 }
 
 /// What a `PUT` of a step record came to.
-enum Stored {
+pub enum Stored {
     /// Stored.
     New(StepRecord),
     /// The same layer was stored for the key already.
@@ -145,9 +145,36 @@ pub async fn put(state: &AppState, key: &str, req: Request<Incoming>) -> Respons
             }
         }
     }
+    match keep_first(state, &scope, rec).await {
+        Ok(Ok(Stored::New(rec))) => json(StatusCode::CREATED, &rec),
+        Ok(Ok(Stored::Same(old))) => json(StatusCode::OK, &old),
+        Ok(Ok(Stored::Conflict(old))) => error(
+            StatusCode::CONFLICT,
+            format!(
+                "step {key} already has a record pointing at layer {}; the first writer wins, so it is kept",
+                old.layer.as_ref().map_or("(none)", |l| l.digest.as_str())
+            ),
+            "nothing to do: a step that does not rebuild byte for byte keeps the first layer stored for its key",
+        ),
+        Ok(Err(e)) => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            e.to_string(),
+            "free space on the store's disk",
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "report this bug"),
+    }
+}
+
+/// Stores `rec` (its layer's blob stored) in `scope` unless its key has a record there
+/// already, durably; a new one is queued for the upstream, a conflict counted.
+pub async fn keep_first(
+    state: &AppState,
+    scope: &str,
+    mut rec: StepRecord,
+) -> Result<Result<Stored, crate::store::StoreError>, tokio::task::JoinError> {
     rec.created_at_ms = now_ms();
     let records = state.records.clone();
-    let in_scope = scope.clone();
+    let in_scope = scope.to_string();
     let stored = tokio::task::spawn_blocking(move || {
         let scope = in_scope;
         // First writer wins: a key never comes to point at another layer, so nobody can
@@ -172,28 +199,12 @@ pub async fn put(state: &AppState, key: &str, req: Request<Incoming>) -> Respons
         Ok::<_, crate::store::StoreError>(outcome)
     })
     .await;
-    match stored {
-        Ok(Ok(Stored::New(rec))) => {
-            state.upstream_push(&scope, &rec);
-            json(StatusCode::CREATED, &rec)
-        }
-        Ok(Ok(Stored::Same(old))) => json(StatusCode::OK, &old),
-        Ok(Ok(Stored::Conflict(old))) => {
+    match &stored {
+        Ok(Ok(Stored::New(rec))) => state.upstream_push(scope, rec),
+        Ok(Ok(Stored::Conflict(_))) => {
             state.metrics.step_conflicts.fetch_add(1, Ordering::Relaxed);
-            error(
-                StatusCode::CONFLICT,
-                format!(
-                    "step {key} already has a record pointing at layer {}; the first writer wins, so it is kept",
-                    old.layer.as_ref().map_or("(none)", |l| l.digest.as_str())
-                ),
-                "nothing to do: a step that does not rebuild byte for byte keeps the first layer stored for its key",
-            )
         }
-        Ok(Err(e)) => error(
-            StatusCode::INSUFFICIENT_STORAGE,
-            e.to_string(),
-            "free space on the store's disk",
-        ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), "report this bug"),
+        _ => {}
     }
+    stored
 }

@@ -7,6 +7,7 @@ pub mod blob_states;
 pub mod blob_store;
 pub mod sled_records;
 
+use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::source_select::FileStamp;
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 use serde::{Deserialize, Serialize};
@@ -109,6 +110,12 @@ pub trait RecordStore: Send + Sync {
     fn get_build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError>;
     /// The newest `limit` builds, newest first.
     fn recent_builds(&self, limit: usize) -> Result<Vec<BuildRecord>, StoreError>;
+    /// Keeps a build lcached is naming the image of, by the build's id, until it is named.
+    fn put_deferred(&self, build: &DeferredBuild) -> Result<(), StoreError>;
+    /// The builds whose images were being named when the daemon stopped.
+    fn deferred(&self) -> Result<Vec<DeferredBuild>, StoreError>;
+    /// Forgets a deferred build, once its image is named (or cannot be).
+    fn remove_deferred(&self, id: &str) -> Result<(), StoreError>;
     /// Counts: (steps, blobs, blob bytes, builds).
     fn counts(&self) -> Result<(u64, u64, u64, u64), StoreError>;
     /// The cached digests of a context's files, by path.

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 
 use super::{step_id, BlobMeta, CachedDigest, RecordStore, StoreError, TokenRecord};
@@ -21,6 +22,7 @@ pub struct SledRecords {
     dir_nodes: sled::Tree,
     tokens: sled::Tree,
     evicted: sled::Tree,
+    deferred: sled::Tree,
 }
 
 /// The most memory sled's page cache may hold.
@@ -56,6 +58,7 @@ impl SledRecords {
             dir_nodes: tree("dir_nodes")?,
             tokens: tree("tokens")?,
             evicted: tree("evicted")?,
+            deferred: tree("deferred_builds")?,
             db,
         })
     }
@@ -181,6 +184,30 @@ impl RecordStore for SledRecords {
             .take(limit)
             .map(|v| Ok(decode(&v.map_err(db_err)?)?))
             .collect()
+    }
+
+    // JSON, not the codec: an image config skips empty fields, which bincode cannot read
+    // back. These live only until the image is named.
+    fn put_deferred(&self, build: &DeferredBuild) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(build).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.deferred.insert(build.build.id.as_bytes(), value).map_err(db_err)?;
+        Ok(())
+    }
+
+    fn deferred(&self) -> Result<Vec<DeferredBuild>, StoreError> {
+        let mut builds = Vec::new();
+        for v in self.deferred.iter().values() {
+            // One that cannot be read is dropped: its build's image is simply not named.
+            if let Ok(b) = serde_json::from_slice(&v.map_err(db_err)?) {
+                builds.push(b);
+            }
+        }
+        Ok(builds)
+    }
+
+    fn remove_deferred(&self, id: &str) -> Result<(), StoreError> {
+        self.deferred.remove(id.as_bytes()).map_err(db_err)?;
+        Ok(())
     }
 
     fn counts(&self) -> Result<(u64, u64, u64, u64), StoreError> {
@@ -398,6 +425,64 @@ mod tests {
                 other => return other.unwrap(),
             }
         }
+    }
+
+    #[test]
+    fn builds_being_named_are_there_after_a_reopen_until_forgotten() {
+        use lcache_image::image_draft::{DeferredLayer, ImageDraft};
+        use lcache_image::image_history::HistoryEntry;
+        let d = tempfile::tempdir().unwrap();
+        let mut config = lcache_image::oci_image::RuntimeConfig::default();
+        config.apply(&[lcache_proto::build_plan::ConfigChange::Env {
+            name: "A".into(),
+            value: "b".into(),
+        }]);
+        let build = DeferredBuild {
+            build: BuildRecord {
+                id: "000000000001beef".into(),
+                started_at_ms: 1,
+                finished_at_ms: 2,
+                dockerfile: "Dockerfile".into(),
+                context: "/ctx".into(),
+                target: None,
+                steps: vec![],
+                dockerfile_path: String::new(),
+                dockerignore: String::new(),
+                cascades: vec![],
+                image: String::new(),
+            },
+            draft: ImageDraft {
+                platform: "linux/amd64".into(),
+                config,
+                layers: vec![],
+                // Fields left out of the JSON when empty, which bincode could not read back.
+                history: vec![HistoryEntry {
+                    created_by: Some("COPY src /app # buildkit".into()),
+                    ..Default::default()
+                }],
+            },
+            tags: vec!["app:latest".into()],
+            layers: vec![DeferredLayer {
+                at: 0,
+                tail: lcache_proto::wire::LayerTail {
+                    tar_state: vec![1; 40],
+                    first: 3,
+                    blob_state: vec![2; 40],
+                    members: vec![10, 20],
+                },
+                record: step("k", 1),
+            }],
+            scope: "main".into(),
+        };
+        {
+            let s = SledRecords::open(d.path()).unwrap();
+            s.put_deferred(&build).unwrap();
+            s.flush().unwrap();
+        }
+        let s = reopen(d.path());
+        assert_eq!(s.deferred().unwrap(), vec![build.clone()]);
+        s.remove_deferred(&build.build.id).unwrap();
+        assert!(s.deferred().unwrap().is_empty());
     }
 
     #[test]
