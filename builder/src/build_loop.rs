@@ -68,7 +68,8 @@ pub struct BuildRequest {
     /// Merge the target stage's own layers into one (`--squash`).
     pub squash: bool,
     /// End the build once every step has run and is cached, leaving lcached to name the
-    /// image when it is still taking diff_ids (`lcache build --name-image later`).
+    /// image when it is still taking diff_ids (`lcache build --name-image later`; not with
+    /// `squash`).
     pub name_later: bool,
     /// `SOURCE_DATE_EPOCH`: the time the image's history and config say it was made.
     /// Without it they give no time, so that a rebuild is the same image, byte for byte.
@@ -599,8 +600,8 @@ impl<'a> Builder<'a> {
             &mut pending,
         );
         // The target's layers named by lcached may be left to it: nothing after this stage
-        // reads their diff_ids but the image's documents.
-        if self.req.name_later && i == self.plan.target && ran.is_ok() {
+        // reads their diff_ids but the image's documents (a squash reads the layers).
+        if self.req.name_later && !self.req.squash && i == self.plan.target && ran.is_ok() {
             let (later, now): (Vec<_>, Vec<_>) = pending
                 .into_iter()
                 .partition(|(_, p)| matches!(p.hashing, DiffIdPending::Cache { .. }));

@@ -160,6 +160,12 @@ async fn name(state: &Arc<AppState>, build: &mut DeferredBuild) -> Result<String
             Err(e) => return Err(format!("cannot store step {}: {e}", layer.record.key)),
         }
     }
+    // As `PUT /v1/images` asks: an image is named only with every layer stored.
+    for l in &build.draft.layers {
+        if !matches!(state.records.get_blob(&l.digest), Ok(Some(_))) {
+            return Err(format!("layer {} of the image is not stored", l.digest));
+        }
+    }
     let docs = build
         .draft
         .documents()

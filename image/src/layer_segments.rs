@@ -337,6 +337,11 @@ pub fn diff_id_after(
     Ok((tar.digest(), states))
 }
 
+/// The tar's SHA-256 state before its first byte, kept as a `LayerTail::tar_state` is.
+pub fn empty_tar_state() -> Vec<u8> {
+    TarHash(Default::default()).state()
+}
+
 /// Whether `state` is a SHA-256 state [`diff_id_after`] can resume from.
 pub fn tar_state_is_valid(state: &[u8]) -> bool {
     TarHash::resume(state).is_ok()

@@ -609,8 +609,9 @@ fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_ta
         diff_id: String::new(),
         media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
     };
+    let state = lcache_image::layer_segments::empty_tar_state();
     let tail = LayerTail {
-        tar_state: vec![0; 40],
+        tar_state: state.clone(),
         first: 0,
         blob_state: vec![],
         members: vec![],
@@ -664,7 +665,7 @@ fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_ta
     for (body, says) in [
         (b"junk".to_vec(), ""),
         (build(vec![]), "no layer whose diff_id"),
-        (build(vec![at(1, vec![0; 40])]), "past the image's 1 layers"),
+        (build(vec![at(1, state.clone())]), "past the image's 1 layers"),
         (build(vec![at(0, vec![0; 3])]), "not a SHA-256 state"),
     ] {
         let (status, answer) = d.http("POST", "/v1/builds/deferred", &body);
@@ -675,6 +676,10 @@ fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_ta
             String::from_utf8_lossy(&answer)
         );
     }
+    // Well formed, but naming a layer lcached does not hold.
+    let (status, answer) = d.http("POST", "/v1/builds/deferred", &build(vec![at(0, state.clone())]));
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&answer));
+    assert!(String::from_utf8_lossy(&answer).contains("POST /v1/layers"));
     // Nothing was recorded, and the daemon serves on.
     let (status, builds) = d.http("GET", "/v1/builds", b"");
     assert_eq!((status, builds.as_slice()), (200, b"[]".as_slice()));

@@ -64,6 +64,16 @@ pub async fn post_deferred(state: &Arc<AppState>, req: Request<Incoming>) -> Res
             "send the tail the layer was named with",
         );
     }
+    for l in &d.layers {
+        let digest = l.record.layer.as_ref().map_or("", |r| r.digest.as_str());
+        if !matches!(state.records.get_blob(digest), Ok(Some(_))) {
+            return error(
+                StatusCode::CONFLICT,
+                format!("layer {digest} is not stored"),
+                "name the layer with POST /v1/layers first",
+            );
+        }
+    }
     d.build.id = new_id(state);
     d.build.image = String::new();
     match crate::deferred_naming::start(state, d.clone()) {
