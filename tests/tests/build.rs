@@ -946,9 +946,13 @@ fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_wh
 }
 
 /// A socket at `front` that passes every connection through to the lcached at `daemon`
-/// but answers `POST /v1/layers` as an lcached older than it does (404, no endpoint).
+/// but answers `POST {endpoint}` as an lcached older than it does (404, no endpoint).
 /// Returns how many times it was asked.
-fn older_lcached(daemon: &std::path::Path, front: &std::path::Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+fn older_lcached(
+    daemon: &std::path::Path,
+    front: &std::path::Path,
+    endpoint: &'static str,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
     use std::io::Write;
     use std::net::Shutdown;
     use std::os::unix::net::{UnixListener, UnixStream};
@@ -968,7 +972,7 @@ fn older_lcached(daemon: &std::path::Path, front: &std::path::Path) -> std::sync
                     }
                     head.push(byte[0]);
                 }
-                if head.starts_with(b"POST /v1/layers ") {
+                if head.starts_with(format!("POST {endpoint} ").as_bytes()) {
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let text = String::from_utf8_lossy(&head).to_lowercase();
                     let len: u64 = text
@@ -977,7 +981,8 @@ fn older_lcached(daemon: &std::path::Path, front: &std::path::Path) -> std::sync
                         .and_then(|v| v.trim().parse().ok())
                         .unwrap_or(0);
                     let _ = std::io::copy(&mut (&conn).take(len), &mut std::io::sink());
-                    let body = r#"{"error":"no endpoint POST /v1/layers","hint":"endpoints live under /v1"}"#;
+                    let body =
+                        format!(r#"{{"error":"no endpoint POST {endpoint}","hint":"endpoints live under /v1"}}"#);
                     let _ = write!(
                         conn,
                         "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -1012,7 +1017,11 @@ fn with_an_lcached_that_does_not_name_layers_the_client_packs_and_names_the_edit
     let dir = tempfile::tempdir().unwrap();
     let front = dir.path().join("older.sock");
     let endpoint = env.daemon.endpoint();
-    let asked = older_lcached(std::path::Path::new(endpoint.trim_start_matches("unix://")), &front);
+    let asked = older_lcached(
+        std::path::Path::new(endpoint.trim_start_matches("unix://")),
+        &front,
+        "/v1/layers",
+    );
     let older = format!("unix://{}", front.display());
     env.build(&p, &["--daemon", &older]);
     p.write("src/f1700.txt", "edited\n");
@@ -1182,6 +1191,36 @@ fn a_layer_found_damaged_while_lcached_names_the_image_leaves_it_unnamed_and_the
     // lcached removed the damaged blobs: the next build rebuilds and packs the layer whole.
     let (steps, image) = env.build(&p, &[]);
     assert_eq!(cached(&steps), [false]);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+}
+
+#[test]
+fn with_an_lcached_that_does_not_name_images_a_build_asked_to_end_first_names_its_own() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    copy_built_once(&env, &p);
+    let dir = tempfile::tempdir().unwrap();
+    let front = dir.path().join("older.sock");
+    let endpoint = env.daemon.endpoint();
+    let asked = older_lcached(
+        std::path::Path::new(endpoint.trim_start_matches("unix://")),
+        &front,
+        "/v1/builds/deferred",
+    );
+    let older = format!("unix://{}", front.display());
+    p.write("src/f0100.txt", "edited\n");
+    let s = summary_of(&env.try_build(&p, &["--daemon", &older, "--name-image", "later", "-t", "app:own"]));
+    assert_eq!(
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the build was offered"
+    );
+    // It waited for lcached's diff_id instead, and named and tagged the image itself.
+    let image = s["image"].as_str().unwrap().to_string();
+    assert!(image.starts_with("sha256:"), "{s}");
+    let (_, tagged) = daemon_json(&env, "/v1/images/app:own");
+    assert_eq!(tagged["manifest_digest"], image.as_str());
     let (_, again) = env.build(&p, &["--no-cache"]);
     assert_eq!(image, again);
 }
