@@ -143,17 +143,9 @@ mod tests {
     fn deferred(layers: Vec<LayerRef>, at: usize, record_of: u8) -> DeferredBuild {
         DeferredBuild {
             build: BuildRecord {
-                id: String::new(),
-                started_at_ms: 0,
-                finished_at_ms: 0,
                 dockerfile: "Dockerfile".into(),
                 context: "/c".into(),
-                target: None,
-                steps: vec![],
-                dockerfile_path: String::new(),
-                dockerignore: String::new(),
-                cascades: vec![],
-                image: String::new(),
+                ..Default::default()
             },
             draft: ImageDraft {
                 platform: "linux/amd64".into(),

@@ -371,7 +371,7 @@ pub struct BuildStep {
 }
 
 /// A build in the history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildRecord {
     /// Assigned by the daemon.
     #[serde(default)]

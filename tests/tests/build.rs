@@ -866,21 +866,24 @@ fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
     );
 }
 
-#[test]
-fn a_seed_blob_damaged_after_the_change_fails_the_build_once_and_the_next_packs_whole() {
-    let env = BuildEnv::new();
-    let p = Project::new();
-    // The CRC of the blob's last member (before the tar's end, ~30 bytes): lcached takes
-    // that member into the edited layer unread, and only inflating it for the diff_id
-    // finds it damaged.
-    let blob = copy_built_once(&env, &p);
-    let mut bytes = std::fs::read(&blob).unwrap();
+/// Damages the CRC of the blob's last member (before the tar's end, ~30 bytes): lcached
+/// takes that member into an edited layer unread, and only inflating it for the diff_id
+/// finds it damaged.
+fn damage_last_member(blob: &std::path::Path) {
+    let mut bytes = std::fs::read(blob).unwrap();
     let trailer = (0..bytes.len() - 1)
         .rev()
         .find(|&i| bytes[i..].starts_with(&[0x1f, 0x8b, 8]))
         .unwrap();
     bytes[trailer - 8] ^= 0x55;
-    std::fs::write(&blob, &bytes).unwrap();
+    std::fs::write(blob, &bytes).unwrap();
+}
+
+#[test]
+fn a_seed_blob_damaged_after_the_change_fails_the_build_once_and_the_next_packs_whole() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    damage_last_member(&copy_built_once(&env, &p));
 
     p.write("src/f0100.txt", "edited\n");
     let out = env.try_build(&p, &[]);
@@ -1171,14 +1174,7 @@ fn an_image_being_named_when_lcached_is_killed_is_named_when_it_starts_again() {
 fn a_layer_found_damaged_while_lcached_names_the_image_leaves_it_unnamed_and_the_next_build_packs_whole() {
     let env = BuildEnv::new();
     let p = Project::new();
-    let blob = copy_built_once(&env, &p);
-    let mut bytes = std::fs::read(&blob).unwrap();
-    let trailer = (0..bytes.len() - 1)
-        .rev()
-        .find(|&i| bytes[i..].starts_with(&[0x1f, 0x8b, 8]))
-        .unwrap();
-    bytes[trailer - 8] ^= 0x55;
-    std::fs::write(&blob, &bytes).unwrap();
+    damage_last_member(&copy_built_once(&env, &p));
 
     p.write("src/f0100.txt", "edited\n");
     let s = summary_of(&env.try_build(&p, &["--name-image", "later", "-t", "app:later"]));

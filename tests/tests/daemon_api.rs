@@ -626,17 +626,11 @@ fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_ta
     let build = |layers: Vec<DeferredLayer>| {
         serde_json::to_vec(&DeferredBuild {
             build: BuildRecord {
-                id: String::new(),
                 started_at_ms: 1,
                 finished_at_ms: 2,
                 dockerfile: "Dockerfile".into(),
                 context: "/nonexistent".into(),
-                target: None,
-                steps: vec![],
-                dockerfile_path: String::new(),
-                dockerignore: String::new(),
-                cascades: vec![],
-                image: String::new(),
+                ..Default::default()
             },
             draft: ImageDraft {
                 platform: "linux/amd64".into(),

@@ -440,16 +440,8 @@ mod tests {
         let build = DeferredBuild {
             build: BuildRecord {
                 id: "000000000001beef".into(),
-                started_at_ms: 1,
-                finished_at_ms: 2,
-                dockerfile: "Dockerfile".into(),
                 context: "/ctx".into(),
-                target: None,
-                steps: vec![],
-                dockerfile_path: String::new(),
-                dockerignore: String::new(),
-                cascades: vec![],
-                image: String::new(),
+                ..Default::default()
             },
             draft: ImageDraft {
                 platform: "linux/amd64".into(),
