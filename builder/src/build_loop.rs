@@ -378,7 +378,8 @@ pub fn build(
     let cached = events.iter().filter(|e| e.cached).count();
     if image.manifest_digest.is_empty() {
         b.progress().note(&format!(
-            "image: lcached names it once the diff_ids it is taking are known (`lcache history` shows its digest{})",
+            "image: lcached names it once the diff_ids it is taking are known (`lcache history show {}` shows its digest{})",
+            record.id,
             if req.tags.is_empty() {
                 String::new()
             } else {

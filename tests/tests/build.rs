@@ -1114,6 +1114,12 @@ fn a_build_that_leaves_its_image_to_lcached_ends_cached_and_lcached_names_and_ta
     let named = tagged["manifest_digest"].as_str().unwrap().to_string();
     let (_, build) = daemon_json(&env, &format!("/v1/builds/{id}"));
     assert_eq!(build["image"], named.as_str());
+    let shown = env.lcache(&p, &["history", "show", &id]);
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains(&format!("image {named}")),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
     // The step's record was stored by lcached: the next build is a hit, and the image is
     // the one a build that waits for its name makes, and the one --no-cache makes.
     let (steps, image) = env.build(&p, &["--name-image", "now"]);
@@ -1184,6 +1190,8 @@ fn a_layer_found_damaged_while_lcached_names_the_image_leaves_it_unnamed_and_the
     assert_eq!(status, 404);
     let (_, build) = daemon_json(&env, &format!("/v1/builds/{id}"));
     assert_eq!(build["image"], "", "{build}");
+    let shown = env.lcache(&p, &["history", "show", &id]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("image not named"));
     // lcached removed the damaged blobs: the next build rebuilds and packs the layer whole.
     let (steps, image) = env.build(&p, &[]);
     assert_eq!(cached(&steps), [false]);

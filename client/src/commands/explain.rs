@@ -41,6 +41,17 @@ pub fn render_build(b: &BuildRecord) -> String {
         b.steps.len() - cached,
         secs(b.finished_at_ms.saturating_sub(b.started_at_ms))
     );
+    let _ = writeln!(
+        out,
+        "  image {}",
+        if b.image.is_empty() {
+            // A build that ended before its image was named, whose layer lcached then
+            // found damaged (or one recorded before builds kept their image).
+            "not named"
+        } else {
+            &b.image
+        }
+    );
     for (n, s) in b.steps.iter().enumerate() {
         let what = if s.cached {
             format!("CACHED (saved {})", secs(s.saved_ms))
