@@ -342,3 +342,25 @@ fn a_runner_with_the_last_layer_fetches_only_the_members_an_edit_changed() {
     let added = own_bytes(&runs[0]);
     assert!(added * 4 < whole, "{added} bytes fetched for a layer of {whole}");
 }
+
+#[test]
+fn a_step_whose_image_lcached_names_after_the_build_reaches_the_shared_cache() {
+    let (shared, tokens, write, p, a) = segmented_layer_pushed();
+    // A's build ends before its image is named: A's lcached stores the step's record once
+    // the diff_id is known, and pushes it up as any other (`cache sync` waits for it).
+    p.write("src/f1700.txt", "edited\n");
+    let out = a.try_build(&p, &["--name-image", "later", "-t", "app:edit"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(r#""image":"""#));
+    let out = sync(&a, &p);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(steps_in(&shared), 2, "the edit's record reached the shared cache");
+    let (_, named) = a.daemon.http("GET", "/v1/images/app:edit", b"");
+    let named: serde_json::Value = serde_json::from_slice(&named).unwrap();
+
+    // A fresh runner gets the step from there, and makes the image A's lcached named.
+    let b = runner(&shared, &write, tokens.path(), "b");
+    let (steps, image) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true]);
+    assert_eq!(named["manifest_digest"], image.as_str());
+}
