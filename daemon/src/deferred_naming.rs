@@ -59,7 +59,7 @@ pub fn start(state: &Arc<AppState>, build: DeferredBuild) -> Result<(), crate::s
     state.records.put_deferred(&build)?;
     state.records.put_build(&build.build)?;
     state.records.flush()?;
-    spawn(state, build);
+    spawn(state, vec![build]);
     Ok(())
 }
 
@@ -67,26 +67,31 @@ pub fn start(state: &Arc<AppState>, build: DeferredBuild) -> Result<(), crate::s
 pub fn resume(state: &Arc<AppState>) {
     match state.records.deferred() {
         Ok(builds) => {
-            for b in builds {
+            for b in &builds {
                 eprintln!(
                     "lcached: naming the image of build {}, which the daemon stopped naming",
                     b.build.id
                 );
-                spawn(state, b);
             }
+            // One after the other, oldest first (ids sort by time): a tag two of them move
+            // ends on the later build's image.
+            spawn(state, builds);
         }
         Err(e) => eprintln!("lcached: cannot read the builds whose images were being named: {e}"),
     }
 }
 
-fn spawn(state: &Arc<AppState>, build: DeferredBuild) {
+/// Names the images of `builds`, in order, on a task of their own.
+fn spawn(state: &Arc<AppState>, builds: Vec<DeferredBuild>) {
     // Counted before the task runs: a reader that comes right after the answer waits.
-    state.deferred.naming.send_modify(|n| *n += 1);
+    state.deferred.naming.send_modify(|n| *n += builds.len());
     let state = Arc::clone(state);
     tokio::spawn(async move {
-        let counted = Naming(&state.deferred.naming);
-        finish(&state, build).await;
-        drop(counted);
+        for build in builds {
+            let counted = Naming(&state.deferred.naming);
+            finish(&state, build).await;
+            drop(counted);
+        }
     });
 }
 

@@ -112,7 +112,7 @@ pub trait RecordStore: Send + Sync {
     fn recent_builds(&self, limit: usize) -> Result<Vec<BuildRecord>, StoreError>;
     /// Keeps a build lcached is naming the image of, by the build's id, until it is named.
     fn put_deferred(&self, build: &DeferredBuild) -> Result<(), StoreError>;
-    /// The builds whose images were being named when the daemon stopped.
+    /// The builds whose images were being named when the daemon stopped, oldest first.
     fn deferred(&self) -> Result<Vec<DeferredBuild>, StoreError>;
     /// Forgets a deferred build, once its image is named (or cannot be).
     fn remove_deferred(&self, id: &str) -> Result<(), StoreError>;

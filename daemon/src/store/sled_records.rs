@@ -196,10 +196,14 @@ impl RecordStore for SledRecords {
 
     fn deferred(&self) -> Result<Vec<DeferredBuild>, StoreError> {
         let mut builds = Vec::new();
-        for v in self.deferred.iter().values() {
-            // One that cannot be read is dropped: its build's image is simply not named.
-            if let Ok(b) = serde_json::from_slice(&v.map_err(db_err)?) {
-                builds.push(b);
+        for kv in self.deferred.iter() {
+            let (k, v) = kv.map_err(db_err)?;
+            match serde_json::from_slice(&v) {
+                Ok(b) => builds.push(b),
+                // One that cannot be read is forgotten: its build's image is not named.
+                Err(_) => {
+                    self.deferred.remove(k).map_err(db_err)?;
+                }
             }
         }
         Ok(builds)
@@ -472,7 +476,10 @@ mod tests {
             s.flush().unwrap();
         }
         let s = reopen(d.path());
+        // One that does not read back is forgotten, not retried at every start.
+        s.deferred.insert("000000000002beef", b"not json".as_slice()).unwrap();
         assert_eq!(s.deferred().unwrap(), vec![build.clone()]);
+        assert_eq!(s.deferred.len(), 1);
         s.remove_deferred(&build.build.id).unwrap();
         assert!(s.deferred().unwrap().is_empty());
     }
