@@ -866,6 +866,14 @@ fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
     );
 }
 
+/// Builds `p`'s one COPY again, a miss, and checks it gives the image `--no-cache` does.
+fn rebuilds_as_cold(env: &BuildEnv, p: &Project) {
+    let (steps, image) = env.build(p, &[]);
+    assert_eq!(cached(&steps), [false]);
+    let (_, again) = env.build(p, &["--no-cache"]);
+    assert_eq!(image, again);
+}
+
 /// Damages the CRC of the blob's last member (before the tar's end, ~30 bytes): lcached
 /// takes that member into an edited layer unread, and only inflating it for the diff_id
 /// finds it damaged.
@@ -895,10 +903,7 @@ fn a_seed_blob_damaged_after_the_change_fails_the_build_once_and_the_next_packs_
     );
     // lcached removed the damaged blob: the next build packs the layer whole, and it is
     // the layer a cold build makes.
-    let (steps, image) = env.build(&p, &[]);
-    assert_eq!(cached(&steps), [false]);
-    let (_, again) = env.build(&p, &["--no-cache"]);
-    assert_eq!(image, again);
+    rebuilds_as_cold(&env, &p);
 }
 
 #[test]
@@ -948,10 +953,26 @@ fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_wh
     assert_eq!(image, again);
 }
 
-/// A socket at `front` that passes every connection through to the lcached at `daemon`
-/// but answers `POST {endpoint}` as an lcached older than it does (404, no endpoint).
-/// Returns how many times it was asked.
+/// A socket in `dir` that passes every connection through to `env`'s lcached but answers
+/// `POST {endpoint}` as an lcached older than it does (404, no endpoint). Returns how many
+/// times it was asked, and the socket's endpoint (for `--daemon`).
 fn older_lcached(
+    env: &BuildEnv,
+    dir: &std::path::Path,
+    endpoint: &'static str,
+) -> (std::sync::Arc<std::sync::atomic::AtomicUsize>, String) {
+    let front = dir.join("older.sock");
+    let daemon = env.daemon.endpoint();
+    let asked = pass_through_but(
+        std::path::Path::new(daemon.trim_start_matches("unix://")),
+        &front,
+        endpoint,
+    );
+    (asked, format!("unix://{}", front.display()))
+}
+
+/// The proxy of [`older_lcached`], from `front` to the socket `daemon`.
+fn pass_through_but(
     daemon: &std::path::Path,
     front: &std::path::Path,
     endpoint: &'static str,
@@ -1018,14 +1039,7 @@ fn with_an_lcached_that_does_not_name_layers_the_client_packs_and_names_the_edit
     p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
         .write_many("src", 3000);
     let dir = tempfile::tempdir().unwrap();
-    let front = dir.path().join("older.sock");
-    let endpoint = env.daemon.endpoint();
-    let asked = older_lcached(
-        std::path::Path::new(endpoint.trim_start_matches("unix://")),
-        &front,
-        "/v1/layers",
-    );
-    let older = format!("unix://{}", front.display());
+    let (asked, older) = older_lcached(&env, dir.path(), "/v1/layers");
     env.build(&p, &["--daemon", &older]);
     p.write("src/f1700.txt", "edited\n");
     let summary = dir.path().join("summary.json");
@@ -1193,10 +1207,7 @@ fn a_layer_found_damaged_while_lcached_names_the_image_leaves_it_unnamed_and_the
     let shown = env.lcache(&p, &["history", "show", &id]);
     assert!(String::from_utf8_lossy(&shown.stdout).contains("image not named"));
     // lcached removed the damaged blobs: the next build rebuilds and packs the layer whole.
-    let (steps, image) = env.build(&p, &[]);
-    assert_eq!(cached(&steps), [false]);
-    let (_, again) = env.build(&p, &["--no-cache"]);
-    assert_eq!(image, again);
+    rebuilds_as_cold(&env, &p);
 }
 
 #[test]
@@ -1205,14 +1216,7 @@ fn with_an_lcached_that_does_not_name_images_a_build_asked_to_end_first_names_it
     let p = Project::new();
     copy_built_once(&env, &p);
     let dir = tempfile::tempdir().unwrap();
-    let front = dir.path().join("older.sock");
-    let endpoint = env.daemon.endpoint();
-    let asked = older_lcached(
-        std::path::Path::new(endpoint.trim_start_matches("unix://")),
-        &front,
-        "/v1/builds/deferred",
-    );
-    let older = format!("unix://{}", front.display());
+    let (asked, older) = older_lcached(&env, dir.path(), "/v1/builds/deferred");
     p.write("src/f0100.txt", "edited\n");
     let s = summary_of(&env.try_build(&p, &["--daemon", &older, "--name-image", "later", "-t", "app:own"]));
     assert_eq!(
