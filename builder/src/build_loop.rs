@@ -376,17 +376,6 @@ pub fn build(
         image.name = lcache_proto::wire::normalize_image_name(t);
     }
     let cached = events.iter().filter(|e| e.cached).count();
-    if image.manifest_digest.is_empty() {
-        b.progress().note(&format!(
-            "image: lcached names it once the diff_ids it is taking are known (`lcache history show {}` shows its digest{})",
-            record.id,
-            if req.tags.is_empty() {
-                String::new()
-            } else {
-                format!(", `{}` names it then", req.tags.join("`, `"))
-            }
-        ));
-    }
     b.progress().summary(&SummaryEvent {
         event: "summary",
         steps: events.len(),

@@ -114,13 +114,24 @@ impl BuildObserver for Progress {
         }
         match self.mode {
             ProgressMode::Json => print_json(s),
+            // An empty image: lcached names it, and moves the tags, once the diff_ids it is
+            // taking are known (`--name-image later`).
+            _ if s.image.is_empty() => eprintln!(
+                "built in {:.1}s: {} steps, {} cached, {} run; lcached is naming the image{} (`lcache history show {}` shows it)",
+                s.duration_ms as f64 / 1000.0,
+                s.steps,
+                s.cached,
+                s.built,
+                if s.tags.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and tags it {}", s.tags.join(", "))
+                },
+                s.build
+            ),
             _ => eprintln!(
                 "built {} in {:.1}s: {} steps, {} cached, {} run{}",
-                if s.image.is_empty() {
-                    format!("build {} (lcached names its image)", s.build)
-                } else {
-                    short(&s.image).to_string()
-                },
+                short(&s.image),
                 s.duration_ms as f64 / 1000.0,
                 s.steps,
                 s.cached,
