@@ -107,41 +107,39 @@ impl BuildObserver for Progress {
 
     /// The build's summary.
     fn summary(&mut self, s: &SummaryEvent) {
-        if self.mode != ProgressMode::Json {
-            for c in &s.cascades {
-                eprintln!("cascade: {}", c.describe());
-            }
+        if self.mode == ProgressMode::Json {
+            return print_json(s);
         }
-        match self.mode {
-            ProgressMode::Json => print_json(s),
-            // An empty image: lcached names it, and moves the tags, once the diff_ids it is
-            // taking are known (`--name-image later`).
-            _ if s.image.is_empty() => eprintln!(
-                "built in {:.1}s: {} steps, {} cached, {} run; lcached is naming the image{} (`lcache history show {}` shows it)",
-                s.duration_ms as f64 / 1000.0,
-                s.steps,
-                s.cached,
-                s.built,
-                if s.tags.is_empty() {
-                    String::new()
-                } else {
-                    format!(" and tags it {}", s.tags.join(", "))
-                },
+        for c in &s.cascades {
+            eprintln!("cascade: {}", c.describe());
+        }
+        let took = format!(
+            "in {:.1}s: {} steps, {} cached, {} run",
+            s.duration_ms as f64 / 1000.0,
+            s.steps,
+            s.cached,
+            s.built
+        );
+        let tags = s.tags.join(", ");
+        if s.image.is_empty() {
+            // lcached names the image, and moves the tags, once the diff_ids it is taking
+            // are known (`--name-image later`).
+            let tagging = if tags.is_empty() {
+                tags
+            } else {
+                format!(" and tags it {tags}")
+            };
+            eprintln!(
+                "built {took}; lcached is naming the image{tagging} (`lcache history show {}` shows it)",
                 s.build
-            ),
-            _ => eprintln!(
-                "built {} in {:.1}s: {} steps, {} cached, {} run{}",
-                short(&s.image),
-                s.duration_ms as f64 / 1000.0,
-                s.steps,
-                s.cached,
-                s.built,
-                if s.tags.is_empty() {
-                    String::new()
-                } else {
-                    format!(", tagged {}", s.tags.join(", "))
-                }
-            ),
+            );
+        } else {
+            let tagged = if tags.is_empty() {
+                tags
+            } else {
+                format!(", tagged {tags}")
+            };
+            eprintln!("built {} {took}{tagged}", short(&s.image));
         }
     }
 }
