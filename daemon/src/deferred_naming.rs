@@ -182,6 +182,18 @@ async fn name(state: &Arc<AppState>, build: &mut DeferredBuild) -> Result<String
     ] {
         store_document(state, digest, bytes).await?;
     }
+    // As `PUT /v1/images` asks: a name that pins a digest pins this image's, or nothing is
+    // tagged.
+    for tag in &build.tags {
+        if let Some((_, pinned)) = lcache_proto::wire::split_pinned(tag) {
+            if pinned != image.manifest_digest {
+                return Err(format!(
+                    "{tag} pins {pinned}, but the image's manifest is {}",
+                    image.manifest_digest
+                ));
+            }
+        }
+    }
     for tag in &build.tags {
         image.name.clone_from(tag);
         image.created_at_ms = crate::api::now_ms();

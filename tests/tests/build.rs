@@ -1257,3 +1257,20 @@ fn with_an_lcached_that_does_not_name_images_a_build_asked_to_end_first_names_it
     let (_, again) = env.build(&p, &["--no-cache"]);
     assert_eq!(image, again);
 }
+
+#[test]
+fn a_name_that_pins_another_digest_is_not_given_to_an_image_lcached_names() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    copy_built_once(&env, &p);
+    p.write("src/f0100.txt", "edited\n");
+    let pinned = format!("app@sha256:{}", "0".repeat(64));
+    let s = summary_of(&env.try_build(&p, &["--name-image", "later", "-t", &pinned]));
+    assert_eq!(s["image"], "", "{s}");
+    let id = s["build"].as_str().unwrap().to_string();
+    // As `PUT /v1/images` refuses it: nothing is tagged, and the image is left unnamed.
+    let (_, build) = daemon_json(&env, &format!("/v1/builds/{id}"));
+    assert_eq!(build["image"], "", "{build}");
+    let (_, images) = daemon_json(&env, "/v1/images");
+    assert!(!images.to_string().contains("app@"), "{images}");
+}

@@ -670,6 +670,11 @@ fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_ta
             String::from_utf8_lossy(&answer)
         );
     }
+    // A tag that is no name.
+    let mut untagged: serde_json::Value = serde_json::from_slice(&build(vec![at(0, state.clone())])).unwrap();
+    untagged["tags"] = serde_json::json!([""]);
+    let (status, answer) = d.http("POST", "/v1/builds/deferred", untagged.to_string().as_bytes());
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
     // Well formed, but naming a layer lcached does not hold.
     let (status, answer) = d.http("POST", "/v1/builds/deferred", &build(vec![at(0, state.clone())]));
     assert_eq!(status, 409, "{}", String::from_utf8_lossy(&answer));

@@ -64,6 +64,16 @@ pub async fn post_deferred(state: &Arc<AppState>, req: Request<Incoming>) -> Res
             "send the tail the layer was named with",
         );
     }
+    if d.tags.iter().any(|t| t.is_empty()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "'' is not an image name",
+            "tag the image with names such as app:latest",
+        );
+    }
+    for t in &mut d.tags {
+        *t = lcache_proto::wire::normalize_image_name(t);
+    }
     for l in &d.layers {
         let digest = l.record.layer.as_ref().map_or("", |r| r.digest.as_str());
         if !matches!(state.records.get_blob(digest), Ok(Some(_))) {
