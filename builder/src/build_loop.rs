@@ -20,7 +20,8 @@ use lcache_proto::source_select::{select, ContextEntry, EntryKind, SelectedRoot}
 use lcache_proto::sources_digest::binds_digest;
 use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
 use lcache_proto::wire::{
-    BlobPart, BlobParts, BuildRecord, BuildStep, ImageRecord, LayerParts, LayerRef, LayerTail, PlanInputs, StepRecord,
+    BlobPart, BlobParts, BuildFailure, BuildRecord, BuildStep, ImageRecord, LayerParts, LayerRef, LayerTail,
+    PlanInputs, StepRecord,
 };
 
 use crate::build_control::BuildControl;
@@ -137,6 +138,30 @@ struct Builder<'a> {
 
 /// One finished step: what progress showed, and what the history keeps.
 type Finished = (StepEvent, BuildStep);
+
+/// The stages built, by index, and their steps; or why they stopped.
+type Built = Result<(HashMap<usize, StageState>, Vec<Finished>), Box<Stopped>>;
+
+/// One stage built, and its steps; or why it stopped.
+type StageBuilt = Result<(StageState, Vec<Finished>), Box<Stopped>>;
+
+/// Why stages stopped: the error, the steps that finished before it, and the step it
+/// failed at (when a step's own run failed). The history keeps the failed build with them.
+struct Stopped {
+    error: BuildError,
+    finished: Vec<Finished>,
+    step: Option<Box<BuildStep>>,
+}
+
+impl From<BuildError> for Box<Stopped> {
+    fn from(error: BuildError) -> Self {
+        Box::new(Stopped {
+            error,
+            finished: Vec::new(),
+            step: None,
+        })
+    }
+}
 
 /// A rebuilt COPY whose diff_id is being hashed on a thread of its own: its record is
 /// stored, and its segment index kept, once the diff_id is known.
@@ -286,9 +311,11 @@ pub fn build(
         cache_names_layers: std::sync::atomic::AtomicBool::new(true),
         deferred: Mutex::new(Vec::new()),
     };
-    let (mut states, mut finished) = b.build_stages()?;
-    finished.sort_by_key(|(e, _)| e.n);
-    let (events, history): (Vec<StepEvent>, Vec<BuildStep>) = finished.into_iter().unzip();
+    let (mut states, finished) = match b.build_stages() {
+        Ok(built) => built,
+        Err(stopped) => return Err(b.record_failure(*stopped, started)),
+    };
+    let (events, history) = in_order(finished);
     let mut target = states
         .remove(&b.plan.target)
         .ok_or_else(|| internal("the target stage was not built"))?;
@@ -321,31 +348,7 @@ pub fn build(
     };
     let deferred = std::mem::take(&mut *b.deferred.lock().unwrap_or_else(|p| p.into_inner()));
     let elapsed = started.elapsed().as_millis() as u64;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let misses: Vec<(usize, usize, String, MissCause, u64)> = events
-        .iter()
-        .zip(&history)
-        .filter_map(|(e, h)| {
-            h.cause
-                .clone()
-                .map(|c| (e.n, e.line, e.instruction.clone(), c, e.duration_ms))
-        })
-        .collect();
-    let mut record = BuildRecord {
-        id: String::new(),
-        started_at_ms: now.saturating_sub(elapsed),
-        finished_at_ms: now,
-        dockerfile: req.inputs.dockerfile_name.clone(),
-        context: req.inputs.context.clone(),
-        target: req.inputs.target.clone(),
-        steps: history,
-        dockerfile_path: req.inputs.dockerfile_path.clone(),
-        dockerignore: dockerignore_digest(Path::new(&req.inputs.context)),
-        cascades: cascades(&misses),
-        image: String::new(),
-    };
+    let mut record = b.record(&events, history, elapsed);
     let (image, record) = match b.name_later(draft, record.clone(), deferred)? {
         Named::Later(record) => (
             ImageRecord {
@@ -395,6 +398,68 @@ pub fn build(
         bytes_fetched: metered.fetched(),
         bytes_stored: metered.stored(),
     })
+}
+
+/// The steps that finished, in build order: what progress showed, and what the history keeps.
+fn in_order(mut finished: Vec<Finished>) -> (Vec<StepEvent>, Vec<BuildStep>) {
+    finished.sort_by_key(|(e, _)| e.n);
+    finished.into_iter().unzip()
+}
+
+impl Builder<'_> {
+    /// The build as the history keeps it, from the steps that finished (`events` and
+    /// `steps`, in order), without its image or failure.
+    fn record(&self, events: &[StepEvent], steps: Vec<BuildStep>, elapsed_ms: u64) -> BuildRecord {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let misses: Vec<(usize, usize, String, MissCause, u64)> = events
+            .iter()
+            .zip(&steps)
+            .filter_map(|(e, h)| {
+                h.cause
+                    .clone()
+                    .map(|c| (e.n, e.line, e.instruction.clone(), c, e.duration_ms))
+            })
+            .collect();
+        let inputs = &self.req.inputs;
+        BuildRecord {
+            id: String::new(),
+            started_at_ms: now.saturating_sub(elapsed_ms),
+            finished_at_ms: now,
+            dockerfile: inputs.dockerfile_name.clone(),
+            context: inputs.context.clone(),
+            target: inputs.target.clone(),
+            steps,
+            dockerfile_path: inputs.dockerfile_path.clone(),
+            dockerignore: dockerignore_digest(Path::new(&inputs.context)),
+            cascades: cascades(&misses),
+            image: String::new(),
+            failure: None,
+        }
+    }
+
+    /// Keeps a build that failed in the history, with the steps that finished and the one it
+    /// failed at: the next build compares its steps with them (and re-runs a COPY from the
+    /// snapshot this one made), and `lcache explain` shows it. Returns the build's error.
+    fn record_failure(&self, stopped: Stopped, started: Instant) -> BuildError {
+        // Records lcached would have stored once it named the image (none unless the
+        // target stage finished): stored here, as every finished step's record is.
+        let deferred = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|p| p.into_inner()));
+        let _ = self.settle(&mut [], deferred);
+        let (events, steps) = in_order(stopped.finished);
+        let mut record = self.record(&events, steps, started.elapsed().as_millis() as u64);
+        record.failure = Some(BuildFailure {
+            step: stopped.step.map(|s| *s),
+            message: stopped.error.to_string(),
+        });
+        if let Err(e) = self.client.post_build(&record) {
+            self.progress().note(&format!(
+                "warning: the failed build could not be kept in the history: {e}"
+            ));
+        }
+        stopped.error
+    }
 }
 
 /// Who names a build's image.
@@ -465,7 +530,7 @@ impl<'a> Builder<'a> {
 
     /// Builds every needed stage, each once the stages it uses are built; stages whose
     /// dependencies are all built run at the same time.
-    fn build_stages(&self) -> Result<(HashMap<usize, StageState>, Vec<Finished>), BuildError> {
+    fn build_stages(&self) -> Built {
         let deps = |s: &PlannedStage| -> Vec<usize> {
             let mut d: Vec<usize> = s
                 .steps
@@ -499,23 +564,41 @@ impl<'a> Builder<'a> {
                 .into_iter()
                 .partition(|s| deps(s).iter().all(|d| states.contains_key(d)));
             if ready.is_empty() {
-                return Err(internal("stages depend on each other in a cycle"));
+                let mut stopped: Box<Stopped> = internal("stages depend on each other in a cycle").into();
+                stopped.finished = finished;
+                return Err(stopped);
             }
             let done = &states;
-            let results: Vec<Result<(StageState, Vec<Finished>), BuildError>> = std::thread::scope(|scope| {
+            let results: Vec<StageBuilt> = std::thread::scope(|scope| {
                 let handles: Vec<_> = ready
                     .iter()
                     .map(|s| scope.spawn(move || self.build_stage(s.index, done)))
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(internal("a build thread panicked"))))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(internal("a build thread panicked").into()))
+                    })
                     .collect()
             });
+            // The first stage that failed stops the build; what the others finished is kept.
+            let mut stopped: Option<Box<Stopped>> = None;
             for (s, r) in ready.iter().zip(results) {
-                let (st, steps) = r?;
-                states.insert(s.index, st);
-                finished.extend(steps);
+                match r {
+                    Ok((st, steps)) => {
+                        states.insert(s.index, st);
+                        finished.extend(steps);
+                    }
+                    Err(mut e) => match stopped.as_mut() {
+                        Some(first) => first.finished.append(&mut e.finished),
+                        None => stopped = Some(e),
+                    },
+                }
+            }
+            if let Some(mut stopped) = stopped {
+                stopped.finished.append(&mut finished);
+                return Err(stopped);
             }
             remaining = later;
         }
@@ -569,11 +652,7 @@ impl<'a> Builder<'a> {
         }
     }
 
-    fn build_stage(
-        &self,
-        i: usize,
-        states: &HashMap<usize, StageState>,
-    ) -> Result<(StageState, Vec<Finished>), BuildError> {
+    fn build_stage(&self, i: usize, states: &HashMap<usize, StageState>) -> StageBuilt {
         let stage = self.plan.stages[i].clone();
         let mut st = self.base_state(&stage, states)?;
         st.base_layers = st.layers.len();
@@ -581,12 +660,13 @@ impl<'a> Builder<'a> {
         let label_name = stage.name.clone().unwrap_or_else(|| format!("stage-{i}"));
         let mut finished = Vec::new();
         let mut pending = Vec::new();
+        let mut failed_step = None;
         let ran = self.build_steps(
             (i, &stage, &label_name),
             states,
             &base_env,
             &mut st,
-            &mut finished,
+            (&mut finished, &mut failed_step),
             &mut pending,
         );
         // The target's layers named by lcached may be left to it: nothing after this stage
@@ -601,22 +681,28 @@ impl<'a> Builder<'a> {
         // Records still waiting for their diff_id are stored even when a later step failed,
         // as every step's record is stored once it is built.
         let settled = self.settle(&mut st.layers, pending);
-        ran?;
-        settled?;
+        if let Err(error) = ran.and(settled) {
+            return Err(Box::new(Stopped {
+                error,
+                finished,
+                step: failed_step,
+            }));
+        }
         st.config.apply(&stage.config);
         let contributions = self.history_of(&stage);
         extend(&mut st.history, &contributions, self.req.source_date_epoch);
         Ok((st, finished))
     }
 
-    /// Builds the steps of stage `i` onto `st`.
+    /// Builds the steps of stage `i` onto `st`, adding each to `finished`, or a step whose
+    /// run failed to `failed`.
     fn build_steps(
         &self,
         (i, stage, label_name): (usize, &PlannedStage, &str),
         states: &HashMap<usize, StageState>,
         base_env: &[String],
         st: &mut StageState,
-        finished: &mut Vec<Finished>,
+        (finished, failed): (&mut Vec<Finished>, &mut Option<Box<BuildStep>>),
         pending: &mut Vec<(usize, PendingRecord)>,
     ) -> Result<(), BuildError> {
         for (n, step) in stage.steps.iter().enumerate() {
@@ -676,7 +762,7 @@ impl<'a> Builder<'a> {
             st.rebuilt = root_after(cause.as_ref(), this);
             let layer = match hit {
                 Some(_) => restored.map(|(l, s)| (l, s, None, None)),
-                None => Some(self.execute(
+                None => match self.execute(
                     number,
                     step.line,
                     &step.instruction,
@@ -690,7 +776,24 @@ impl<'a> Builder<'a> {
                     compared_with.as_deref().and_then(|k| self.seed_from(k, &inputs)),
                     // Worth it only while a later step can use the time.
                     n + 1 < stage.steps.len(),
-                )?),
+                ) {
+                    Ok(layer) => Some(layer),
+                    Err(e) => {
+                        *failed = Some(Box::new(BuildStep {
+                            stage: i,
+                            line: step.line,
+                            instruction: step.instruction.clone(),
+                            key,
+                            cached: false,
+                            duration_ms: t.elapsed().as_millis() as u64,
+                            saved_ms: 0,
+                            cause,
+                            inputs: Some(inputs),
+                            compared_with,
+                        }));
+                        return Err(e);
+                    }
+                },
             };
             let phases = layer.as_ref().and_then(|(_, _, p, _)| *p);
             if let Some((l, snap, _, waiting)) = layer {

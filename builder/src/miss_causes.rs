@@ -1,8 +1,8 @@
 //! Finds each missed step's root cause for `lcache build` and `lcache plan`: the nearest
 //! earlier record of the same step is the same stage and position in the newest earlier
-//! build of this context and Dockerfile, else the same instruction text anywhere in it;
-//! file changes come from the daemon's Merkle summaries of the two sources digests and the
-//! directory listings beneath them.
+//! build of this context and Dockerfile that got that far (a failed build stops early), else
+//! the same instruction text anywhere in it; file changes come from the daemon's Merkle
+//! summaries of the two sources digests and the directory listings beneath them.
 
 use std::path::Path;
 
@@ -30,7 +30,8 @@ pub fn dockerignore_digest(context: &Path) -> String {
 /// Compares steps with the previous build.
 pub struct CauseFinder<'a> {
     client: &'a dyn BuildControl,
-    previous: Option<BuildRecord>,
+    /// The earlier builds of the same context, Dockerfile and target, newest first.
+    previous: Vec<BuildRecord>,
     no_cache: bool,
     dockerignore_changed: bool,
     /// Keys whose records lcached evicted: their misses are "evicted", whatever history says.
@@ -60,12 +61,16 @@ impl<'a> CauseFinder<'a> {
             "" => b.dockerfile == inputs.dockerfile_name,
             path => b.dockerfile_path == path,
         };
-        let previous = client.builds(HISTORY_SEARCHED).ok().and_then(|bs| {
-            bs.into_iter()
-                .find(|b| b.context == inputs.context && b.target == inputs.target && same_dockerfile(b))
-        });
+        let previous: Vec<BuildRecord> = client
+            .builds(HISTORY_SEARCHED)
+            .map(|bs| {
+                bs.into_iter()
+                    .filter(|b| b.context == inputs.context && b.target == inputs.target && same_dockerfile(b))
+                    .collect()
+            })
+            .unwrap_or_default();
         let dockerignore_changed = previous
-            .as_ref()
+            .first()
             .is_some_and(|p| p.dockerignore != dockerignore_digest(Path::new(&inputs.context)));
         Self {
             client,
@@ -82,26 +87,29 @@ impl<'a> CauseFinder<'a> {
         self
     }
 
-    /// The step of the previous build this one is compared with.
-    fn previous_step(&self, at: &StepAt<'_>) -> Option<&BuildStep> {
-        let prev = self.previous.as_ref()?;
-        let same_position = prev.steps.iter().filter(|s| s.stage == at.stage).nth(at.position);
-        same_position
-            .filter(|s| s.inputs.as_ref().is_some_and(|i| i.kind == at.inputs.kind))
-            .or_else(|| prev.steps.iter().find(|s| s.instruction == at.instruction))
+    /// The step of an earlier build this one is compared with, and whether it failed there:
+    /// from the newest build that started it (one that failed before it did not).
+    fn previous_step(&self, at: &StepAt<'_>) -> Option<(&BuildStep, bool)> {
+        self.previous.iter().find_map(|prev| {
+            let same_position = prev.steps_tried().filter(|(s, _)| s.stage == at.stage).nth(at.position);
+            same_position
+                .filter(|(s, _)| s.inputs.as_ref().is_some_and(|i| i.kind == at.inputs.kind))
+                .or_else(|| prev.steps_tried().find(|(s, _)| s.instruction == at.instruction))
+        })
     }
 
     /// The root cause of a miss, and the key it was compared with.
     pub fn cause(&self, at: &StepAt<'_>) -> (MissCause, Option<String>) {
         let prev_step = self.previous_step(at);
         if !self.no_cache && self.evicted.contains(at.key) {
-            return (MissCause::Evicted, prev_step.map(|s| s.key.clone()));
+            return (MissCause::Evicted, prev_step.map(|(s, _)| s.key.clone()));
         }
-        let prev = prev_step.and_then(|s| {
+        let prev = prev_step.and_then(|(s, failed)| {
             s.inputs.as_ref().map(|i| Previous {
                 instruction: &s.instruction,
                 inputs: i,
                 key: &s.key,
+                failed,
             })
         });
         let digest = |i: &KeyInputs| {
@@ -122,7 +130,7 @@ impl<'a> CauseFinder<'a> {
         };
         (
             miss_cause(at.instruction, at.inputs, at.key, prev.as_ref(), &cx),
-            prev_step.map(|s| s.key.clone()),
+            prev_step.map(|(s, _)| s.key.clone()),
         )
     }
 }
@@ -290,6 +298,7 @@ mod tests {
             dockerignore: String::new(),
             cascades: vec![],
             image: String::new(),
+            failure: None,
         }
     }
 
@@ -393,5 +402,72 @@ mod tests {
         assert_eq!((cause, compared), (MissCause::NeverBuilt, None));
         let (cause, _) = cause_of_copy(&CauseFinder::new(&history, &inputs_for("/c"), true));
         assert_eq!(cause, MissCause::NoCache);
+    }
+
+    #[test]
+    fn a_failed_build_is_compared_with_as_far_as_it_got_and_older_builds_beyond() {
+        let run = |parent: &str, cmd: &str| KeyInputs {
+            platform: "linux/amd64".into(),
+            parent: parent.into(),
+            kind: "RUN".into(),
+            fields: vec![KeyField {
+                name: "cmd".into(),
+                values: vec![cmd.into()],
+            }],
+        };
+        let step = |position_line: usize, instruction: &str, inputs: KeyInputs| BuildStep {
+            stage: 0,
+            line: position_line,
+            instruction: instruction.into(),
+            key: inputs.key(),
+            cached: false,
+            duration_ms: 0,
+            saved_ms: 0,
+            cause: None,
+            inputs: Some(inputs),
+            compared_with: None,
+        };
+        let copy_old = copy_inputs("old").key();
+        let copy_new = copy_inputs("new").key();
+        let mut finished = record("/c", "COPY src /app", copy_inputs("old"));
+        finished.steps.push(step(3, "RUN make", run(&copy_old, "make")));
+        finished.steps.push(step(4, "RUN install", run("m1", "install")));
+        let mut failed = record("/c", "COPY src /app", copy_inputs("new"));
+        failed.failure = Some(lcache_proto::wire::BuildFailure {
+            step: Some(step(3, "RUN make", run(&copy_new, "make"))),
+            message: "Dockerfile:3: RUN make: the command exited with code 2".into(),
+        });
+        let history = History {
+            builds: vec![failed, finished],
+            summaries: Default::default(),
+            nodes: Default::default(),
+        };
+        let finder = CauseFinder::new(&history, &inputs_for("/c"), false);
+        let ask = |position: usize, instruction: &str, inputs: &KeyInputs| {
+            let key = inputs.key();
+            finder.cause(&StepAt {
+                stage: 0,
+                position,
+                instruction,
+                inputs,
+                key: &key,
+                rebuilt_parent: None,
+            })
+        };
+        // The COPY is compared with the failed build's, which finished it: its snapshot
+        // seeds the next edit.
+        assert_eq!(cause_of_copy(&finder).1, Some(copy_new.clone()));
+        // The step it failed at, tried again with the same inputs.
+        let same = run(&copy_new, "make");
+        assert_eq!(ask(1, "RUN make", &same), (MissCause::FailedBefore, Some(same.key())));
+        // Fixed: compared with the failed attempt.
+        let fixed = run(&copy_new, "make all");
+        assert!(matches!(
+            ask(1, "RUN make all", &fixed).0,
+            MissCause::InstructionChanged { .. }
+        ));
+        // A step the failed build never reached is compared with the build before it.
+        let install = run("m2", "install");
+        assert_eq!(ask(2, "RUN install", &install).1, Some(run("m1", "install").key()));
     }
 }

@@ -150,8 +150,11 @@ pub enum MissCause {
     /// The step was never built before.
     NeverBuilt,
     /// An earlier record of the step exists and none of its inputs explains the new key: said
-    /// honestly rather than guessed. (Last, so stored causes keep their encoding.)
+    /// honestly rather than guessed. (After the others, so stored causes keep their encoding.)
     Unexplained,
+    /// The step ran with these same inputs in an earlier build, and failed there. (Last, so
+    /// stored causes keep their encoding.)
+    FailedBefore,
 }
 
 /// The step at the root of a cascade: what a rebuilt step hands to the steps after it.
@@ -218,6 +221,7 @@ impl MissCause {
             Self::NoCache => "--no-cache".into(),
             Self::Evicted => "its cached result was evicted".into(),
             Self::NeverBuilt => "never built before".into(),
+            Self::FailedBefore => "it failed in an earlier build, with these same inputs".into(),
             Self::Unexplained => {
                 "changed, cause unknown: no input of the step differs from its earlier record's".into()
             }
@@ -440,6 +444,8 @@ pub struct Previous<'a> {
     pub inputs: &'a KeyInputs,
     /// Its key.
     pub key: &'a str,
+    /// It failed there: it has no record, so the same key again is no eviction.
+    pub failed: bool,
 }
 
 /// What else the comparison needs.
@@ -481,7 +487,10 @@ pub fn miss_cause(
         };
     };
     if prev.key == key {
-        return MissCause::Evicted;
+        return match prev.failed {
+            true => MissCause::FailedBefore,
+            false => MissCause::Evicted,
+        };
     }
     // A step whose parent rebuilt in this build belongs to that cascade, whatever else
     // changed in it: every miss has one root, and the earliest change is it.
@@ -681,6 +690,7 @@ mod tests {
             instruction: "RUN make",
             inputs: &old,
             key: "k1",
+            failed: false,
         };
         let cx = CauseContext::default();
         let c = miss_cause("RUN make all", &old, "k2", Some(&prev), &cx);
@@ -711,6 +721,17 @@ mod tests {
         assert_eq!(
             miss_cause("RUN make", &old, "k1", None, &CauseContext::default()),
             MissCause::NeverBuilt
+        );
+        let failed = Previous { failed: true, ..prev };
+        assert_eq!(
+            miss_cause("RUN make", &old, "k1", Some(&failed), &CauseContext::default()),
+            MissCause::FailedBefore,
+            "a step that failed has no record to have been evicted"
+        );
+        assert_eq!(
+            miss_cause("RUN make all", &old, "k2", Some(&failed), &CauseContext::default()).describe(),
+            "instruction changed: RUN make {+all+}",
+            "a failed step is compared like any other"
         );
     }
 

@@ -400,6 +400,29 @@ pub struct BuildRecord {
     /// The image's manifest digest.
     #[serde(default)]
     pub image: String,
+    /// Where the build stopped, if it failed (its `steps` are then the ones that finished).
+    /// Always serialized: the store's bincode has no field names to skip one by.
+    #[serde(default)]
+    pub failure: Option<BuildFailure>,
+}
+
+/// Where a failed build stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildFailure {
+    /// The step that failed, with the key, inputs and cause it had by then; `None` when the
+    /// build failed outside a step (a base image it could not use).
+    pub step: Option<BuildStep>,
+    /// The error, as the build printed it.
+    pub message: String,
+}
+
+impl BuildRecord {
+    /// Every step the build started, with whether it failed: the finished ones, then the one
+    /// it stopped at (so a step's position in its stage is the same as in a finished build).
+    pub fn steps_tried(&self) -> impl Iterator<Item = (&BuildStep, bool)> {
+        let failed = self.failure.as_ref().and_then(|f| f.step.as_ref());
+        self.steps.iter().map(|s| (s, false)).chain(failed.map(|s| (s, true)))
+    }
 }
 
 /// `GET /v1/status` answer.

@@ -764,6 +764,63 @@ fn a_rebuilt_copy_stays_cached_when_the_run_after_it_fails() {
     assert_eq!(image, again, "with the diff_id a cold build gives");
 }
 
+fn stdout(out: &std::process::Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_failed_build_is_kept_in_the_history_and_the_next_one_goes_on_from_where_it_got() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\nRUN test -e /app/ok\n")
+        .write("src/a.txt", "a\n")
+        .write("src/b.txt", "b\n");
+    // The first build of the context fails at its RUN.
+    assert!(!env.try_build(&p, &[]).status.success());
+    let history = stdout(&env.lcache(&p, &["history"]));
+    assert!(history.contains("FAILED at line 3 (RUN test -e /app/ok)"), "{history}");
+    let explain = stdout(&env.lcache(&p, &["explain"]));
+    assert!(
+        explain.contains("Dockerfile:3: RUN test -e /app/ok: the command exited with code 1"),
+        "{explain}"
+    );
+    assert!(
+        explain.contains("2 steps: 0 cached (saved 0.0 s), 1 rebuilt, 1 failed"),
+        "{explain}"
+    );
+    assert!(explain.contains("#2   line 3    RUN test -e /app/ok"), "{explain}");
+    assert!(explain.contains("FAILED after"), "{explain}");
+    let step = stdout(&env.lcache(&p, &["explain", "--step", "2"]));
+    assert!(
+        step.contains("FAILED: ./Dockerfile:3") && step.contains("key inputs"),
+        "{step}"
+    );
+
+    // Tried again as it is: the COPY is a hit, and the RUN says it failed before.
+    assert!(!env.try_build(&p, &[]).status.success());
+    let explain = stdout(&env.lcache(&p, &["explain"]));
+    assert!(explain.contains("CACHED"), "{explain}");
+    assert!(
+        explain.contains("it failed in an earlier build, with these same inputs"),
+        "{explain}"
+    );
+
+    // Mended: the COPY is compared with the failed builds' and re-run from the snapshot they
+    // made (a delta over it, not a second whole copy); the image is a cold build's.
+    p.write("src/ok", "ok\n");
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false]);
+    let explain = stdout(&env.lcache(&p, &["explain"]));
+    assert!(explain.contains("files changed: src/ok added"), "{explain}");
+    assert_eq!(whole_copy_snapshots(&env).len(), 1, "one whole snapshot of the COPY");
+    assert_eq!(delta_trees(&env).len(), 1, "the mended COPY is a delta over it");
+    let history = stdout(&env.lcache(&p, &["history"]));
+    assert_eq!(history.matches("FAILED").count(), 2, "{history}");
+    let (_, cold) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, cold);
+}
+
 /// The whole COPY snapshots in `env`'s cache (those that keep their entries), by digest hex.
 fn whole_copy_snapshots(env: &BuildEnv) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(env.cache_dir().join("snapshots"))

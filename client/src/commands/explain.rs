@@ -30,30 +30,45 @@ pub fn render_build(b: &BuildRecord) -> String {
     let mut out = String::new();
     let cached = b.steps.iter().filter(|s| s.cached).count();
     let saved: u64 = b.steps.iter().map(|s| s.saved_ms).sum();
+    let failed = b.failure.as_ref().is_some_and(|f| f.step.is_some());
     let _ = writeln!(
         out,
-        "build {} — {} ({}), {} steps: {cached} cached (saved {}), {} rebuilt in {}",
+        "build {} — {} ({}), {} steps: {cached} cached (saved {}), {} rebuilt{} in {}",
         b.id,
         b.context,
         b.dockerfile,
-        b.steps.len(),
+        b.steps.len() + usize::from(failed),
         secs(saved),
         b.steps.len() - cached,
+        if failed { ", 1 failed" } else { "" },
         secs(b.finished_at_ms.saturating_sub(b.started_at_ms))
     );
-    let _ = writeln!(
-        out,
-        "  image {}",
-        if b.image.is_empty() {
-            // A build that ended before its image was named, whose layer lcached then
-            // found damaged (or one recorded before builds kept their image).
-            "not named"
-        } else {
-            &b.image
+    match &b.failure {
+        Some(f) => {
+            let _ = writeln!(out, "  FAILED: {}", f.message);
         }
-    );
-    for (n, s) in b.steps.iter().enumerate() {
-        let what = if s.cached {
+        None => {
+            let _ = writeln!(
+                out,
+                "  image {}",
+                if b.image.is_empty() {
+                    // A build that ended before its image was named, whose layer lcached
+                    // then found damaged (or one recorded before builds kept their image).
+                    "not named"
+                } else {
+                    &b.image
+                }
+            );
+        }
+    }
+    for (n, (s, failed)) in b.steps_tried().enumerate() {
+        let what = if failed {
+            format!(
+                "FAILED after {}: {}",
+                secs(s.duration_ms),
+                s.cause.as_ref().map_or("unknown".to_string(), |c| c.describe())
+            )
+        } else if s.cached {
             format!("CACHED (saved {})", secs(s.saved_ms))
         } else {
             format!(
@@ -110,13 +125,21 @@ fn field_diff(out: &mut String, old: Option<&KeyInputs>, new: &KeyInputs) {
     }
 }
 
+/// Step `n` (1-based) of the steps `b` started, and whether it failed.
+fn step_tried(b: &BuildRecord, n: usize) -> Result<(&lcache_proto::wire::BuildStep, bool)> {
+    let tried = b.steps_tried().count();
+    b.steps_tried()
+        .nth(n.wrapping_sub(1))
+        .ok_or_else(|| anyhow!("build {} has steps 1 to {tried}; there is no step {n}", b.id))
+}
+
 fn render_step(client: &DaemonClient, b: &BuildRecord, n: usize) -> Result<String> {
-    let s = b
-        .steps
-        .get(n.wrapping_sub(1))
-        .ok_or_else(|| anyhow!("build {} has steps 1 to {}; there is no step {n}", b.id, b.steps.len()))?;
+    let (s, failed) = step_tried(b, n)?;
     let mut out = String::new();
     let _ = writeln!(out, "#{n} line {}: {}\nkey {}", s.line, s.instruction, s.key);
+    if let (true, Some(f)) = (failed, &b.failure) {
+        let _ = writeln!(out, "FAILED: {}", f.message);
+    }
     if s.cached {
         let _ = writeln!(
             out,
@@ -171,13 +194,7 @@ pub fn explain(args: &ExplainArgs, explicit: &DaemonArgs) -> Result<String> {
         None => latest(&client)?,
     };
     match (args.step, args.json) {
-        (Some(n), true) => {
-            let s = b
-                .steps
-                .get(n.wrapping_sub(1))
-                .ok_or_else(|| anyhow!("no step {n} in build {}", b.id))?;
-            Ok(serde_json::to_string_pretty(s)? + "\n")
-        }
+        (Some(n), true) => Ok(serde_json::to_string_pretty(step_tried(&b, n)?.0)? + "\n"),
         (Some(n), false) => render_step(&client, &b, n),
         (None, true) => Ok(serde_json::to_string_pretty(&b)? + "\n"),
         (None, false) => Ok(render_build(&b)),
@@ -213,11 +230,17 @@ pub fn history(args: &HistoryArgs, explicit: &DaemonArgs) -> Result<String> {
             100.0 * cached as f64 / b.steps.len() as f64
         };
         let saved: u64 = b.steps.iter().map(|s| s.saved_ms).sum();
-        let causes = match b.cascades.len() {
+        let mut causes = match b.cascades.len() {
             0 => "-".to_string(),
             1 => b.cascades[0].cause.describe(),
             n => format!("{} (+{} more)", b.cascades[0].cause.describe(), n - 1),
         };
+        if let Some(f) = &b.failure {
+            causes = match &f.step {
+                Some(s) => format!("FAILED at line {} ({}); {causes}", s.line, truncate(&s.instruction, 30)),
+                None => format!("FAILED; {causes}"),
+            };
+        }
         let _ = writeln!(
             out,
             "{:<17} {:>6} {:>5.0}% {:>9} {:>9}  {}",

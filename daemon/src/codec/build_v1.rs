@@ -212,6 +212,7 @@ impl From<BuildRecord> for wire::BuildRecord {
                 })
                 .collect(),
             image: b.image,
+            failure: None,
         }
     }
 }
