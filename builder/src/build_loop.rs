@@ -39,6 +39,7 @@ use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::overlay_mount::OverlayMount;
 use crate::run_mounts::{prepare as prepare_mounts, MountInputs};
 use crate::run_step::{argv_with_heredocs, run_step, PreparedMount, RunError, RunSpec};
+use crate::snapshot_prune::{hold_for_build, mark_used};
 use crate::snapshots::{delta_snapshot, ensure_snapshot, lowers, Snapshot};
 use crate::squash::squash;
 use crate::step_cache::{BlobSource, Metered, StepCache};
@@ -287,6 +288,12 @@ pub fn build(
     let daemon_keys = resp.report.steps.into_iter().map(|k| (k.at(), k)).collect();
     let cache = CacheDir::open(&req.cache_dir).map_err(|source| BuildError::Io {
         action: "use the cache directory",
+        path: req.cache_dir.clone(),
+        source,
+    })?;
+    // Held until the build returns: no prune removes a snapshot it uses meanwhile.
+    let _lock = hold_for_build(&cache).map_err(|source| BuildError::Io {
+        action: "lock the cache directory",
         path: req.cache_dir.clone(),
         source,
     })?;
@@ -1360,6 +1367,7 @@ impl<'a> Builder<'a> {
         };
         phases.store_ms = storing.elapsed().as_millis() as u64;
         let snap = self.keep_snapshot(&packed.digest, &tree, copied, segments, work.path())?;
+        mark_used(&self.cache, &packed.digest);
         Ok((layer, snap, Some(phases), pending))
     }
 

@@ -13,6 +13,7 @@ use lcache_proto::wire::LayerTail;
 
 use crate::cache_dir::CacheDir;
 use crate::entry_chunks::EntryChunks;
+use crate::snapshot_prune::mark_used;
 use crate::step_cache::StepCache;
 
 /// What a copied file was made from. A later build of the same COPY keeps the file from
@@ -136,6 +137,7 @@ impl Seed {
     pub fn load(cache: &CacheDir, digest: &str) -> Option<Seed> {
         let whole = cache.snapshot(digest);
         if whole.is_dir() {
+            mark_used(cache, digest);
             return Some(Seed {
                 base: EntryChunks::load(&entries_path(&whole))?,
                 base_digest: digest.to_string(),
@@ -152,6 +154,8 @@ impl Seed {
             return None;
         }
         let delta: LayerDelta = read_bincode(&unit.manifest())?;
+        mark_used(cache, digest);
+        mark_used(cache, &base_digest);
         Some(Seed {
             base: EntryChunks::load(&entries_path(&base_dir))?,
             base_digest,

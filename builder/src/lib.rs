@@ -20,6 +20,7 @@ pub mod miss_causes;
 pub mod overlay_mount;
 pub mod run_mounts;
 pub mod run_step;
+pub mod snapshot_prune;
 pub mod snapshots;
 pub mod squash;
 pub mod ssh_forward;

@@ -10,6 +10,7 @@ use lcache_proto::wire::LayerRef;
 use crate::cache_dir::CacheDir;
 use crate::copy_seed::DeltaUnit;
 use crate::errors::BuildError;
+use crate::snapshot_prune::mark_used;
 use crate::step_cache::StepCache;
 use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
 
@@ -62,8 +63,14 @@ pub fn lowers(snapshots: &[Snapshot]) -> Vec<PathBuf> {
 pub fn delta_snapshot(cache: &CacheDir, digest: &str) -> Option<Snapshot> {
     let unit = DeltaUnit::of(cache, digest);
     let tree = unit.tree();
-    let base = cache.snapshot(&unit.base_digest()?);
-    (tree.is_dir() && base.is_dir()).then(|| Snapshot::delta(base, tree))
+    let base_digest = unit.base_digest()?;
+    let base = cache.snapshot(&base_digest);
+    if !(tree.is_dir() && base.is_dir()) {
+        return None;
+    }
+    mark_used(cache, digest);
+    mark_used(cache, &base_digest);
+    Some(Snapshot::delta(base, tree))
 }
 
 /// The snapshot of `layer`, extracting it first if needed: the blob is streamed to a work
@@ -72,6 +79,7 @@ pub fn delta_snapshot(cache: &CacheDir, digest: &str) -> Option<Snapshot> {
 pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef) -> Result<Snapshot, BuildError> {
     let dest = cache.snapshot(&layer.digest);
     if dest.is_dir() {
+        mark_used(cache, &layer.digest);
         return Ok(Snapshot::whole(dest));
     }
     if let Some(s) = delta_snapshot(cache, &layer.digest) {
@@ -105,5 +113,6 @@ pub fn ensure_snapshot(cache: &CacheDir, steps: &dyn StepCache, layer: &LayerRef
             });
         }
     }
+    mark_used(cache, &layer.digest);
     Ok(Snapshot::whole(dest))
 }

@@ -261,11 +261,16 @@ pub enum CacheCommand {
     /// naming them, if some could not be.
     Sync,
     /// Empty the `RUN --mount=type=cache` directories in the client cache that no RUN is
-    /// using; with --upstream, prune a bucket instead.
+    /// using and remove its layer snapshots, least recently used first (lcached makes them
+    /// again when a build needs one); with --upstream, prune a bucket instead.
     Prune {
         /// The client cache [default: as `lcache build` uses it].
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// Keep the most recently used snapshots up to this size (bytes, or 500M, 20G)
+        /// [default: 0, remove them all].
+        #[arg(long, value_name = "SIZE", conflicts_with = "upstream")]
+        keep_storage: Option<String>,
         /// A bucket tier to prune (`s3://BUCKET/PREFIX`, with the AWS_* environment
         /// variables): records unused for --older-than go, then blobs as old that no kept
         /// record needs.

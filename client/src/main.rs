@@ -34,8 +34,13 @@ fn main() -> ExitCode {
                 },
         } => commands::bucket::prune(url, older_than.as_deref().unwrap_or_default(), *dry_run),
         Command::Cache {
-            command: CacheCommand::Prune { cache_dir, .. },
-        } => commands::build::prune(cache_dir.as_deref()),
+            command:
+                CacheCommand::Prune {
+                    cache_dir,
+                    keep_storage,
+                    ..
+                },
+        } => commands::build::prune(cache_dir.as_deref(), keep_storage.as_deref()),
     };
     match result {
         Ok(out) => {

@@ -821,6 +821,69 @@ fn a_failed_build_is_kept_in_the_history_and_the_next_one_goes_on_from_where_it_
     assert_eq!(image, cold);
 }
 
+/// The layer snapshots in `env`'s cache: whole directories and delta units.
+fn snapshot_dirs(env: &BuildEnv) -> usize {
+    std::fs::read_dir(env.cache_dir().join("snapshots"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+        .count()
+}
+
+#[test]
+fn the_client_cache_keeps_to_its_budget_and_a_pruned_snapshot_is_made_again() {
+    let env = BuildEnv::new();
+    let p = app();
+    let (_, image) = env.build(&p, &[]);
+    assert!(snapshot_dirs(&env) >= 3, "busybox, the COPY, the RUN");
+
+    // With a budget of nothing every snapshot goes once the build is over, and it says so.
+    let out = env
+        .command(&p, &["build", "--progress", "plain", "."])
+        .env("LCACHE_CACHE_MAX", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("least recently used snapshots") && err.contains("LCACHE_CACHE_MAX"),
+        "{err}"
+    );
+    assert_eq!(snapshot_dirs(&env), 0);
+    let bad = env
+        .command(&p, &["build", "--progress", "plain", "."])
+        .env("LCACHE_CACHE_MAX", "lots")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        bad.status.success() && err.contains("LCACHE_CACHE_MAX=lots is not a size"),
+        "{err}"
+    );
+
+    // The next builds make them again from lcached's blobs: all cached, the same image; an
+    // edit copies its COPY whole and makes the image a cold build makes.
+    let (steps, again) = env.build(&p, &[]);
+    assert!(cached(&steps).iter().all(|c| *c), "{steps:?}");
+    assert_eq!(again, image);
+    assert!(snapshot_dirs(&env) >= 3);
+    p.write("src/a.txt", "alpha, edited\n");
+    let (_, edited) = env.build(&p, &[]);
+    let (_, cold) = env.build(&p, &["--no-cache"]);
+    assert_eq!(edited, cold);
+
+    // `lcache cache prune` removes them too, or keeps what fits.
+    let kept = stdout(&env.lcache(&p, &["cache", "prune", "--keep-storage", "1T"]));
+    assert!(kept.contains("removed 0 snapshots"), "{kept}");
+    let out = stdout(&env.lcache(&p, &["cache", "prune"]));
+    assert!(
+        out.contains("snapshots (") && !out.contains("removed 0 snapshots"),
+        "{out}"
+    );
+    assert_eq!(snapshot_dirs(&env), 0);
+    let bad = env.lcache(&p, &["cache", "prune", "--keep-storage", "lots"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--keep-storage lots is not a size"));
+}
+
 /// The whole COPY snapshots in `env`'s cache (those that keep their entries), by digest hex.
 fn whole_copy_snapshots(env: &BuildEnv) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(env.cache_dir().join("snapshots"))

@@ -13,8 +13,9 @@ use crate::daemon_choice::daemon;
 use crate::progress::{Progress, ProgressMode};
 use lcache_builder::build_events::BuildObserver;
 use lcache_builder::build_loop::{build, BuildRequest};
-use lcache_builder::cache_dir::default_cache_dir;
+use lcache_builder::cache_dir::{default_cache_dir, CacheDir};
 use lcache_builder::image_export::{export, OutputSpec};
+use lcache_builder::snapshot_prune;
 
 /// Runs `lcache build`.
 pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
@@ -63,7 +64,10 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
     for note in crate::registry_ops::ensure_bases(&client, &req.inputs, args.pull, &args.insecure_registries)? {
         progress.note(&note);
     }
-    let outcome = build(&client, &client, &req, &mut progress)?;
+    let outcome = build(&client, &client, &req, &mut progress);
+    // A failed build made snapshots too.
+    keep_within_budget(&req.cache_dir, &mut progress);
+    let outcome = outcome?;
     if let Some(path) = &args.summary_json {
         let summary = build_summary(&outcome);
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
@@ -202,14 +206,50 @@ fn read_ssh(
     Ok(out)
 }
 
-/// Runs `lcache cache prune`: empties the cache mounts no RUN is using.
-pub fn prune(cache_dir: Option<&std::path::Path>) -> Result<String> {
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
+/// Prunes the client cache's snapshots to their budget after a build (`snapshot_prune`);
+/// a failure only warns: the build's result stands either way.
+fn keep_within_budget(cache_dir: &std::path::Path, progress: &mut Progress) {
+    let pruned = CacheDir::open(cache_dir).map_err(|e| e.to_string()).and_then(|cache| {
+        let budget = snapshot_prune::budget(&cache)?;
+        snapshot_prune::after_build(&cache, budget)
+            .map(|p| p.map(|p| (p, budget)))
+            .map_err(|e| e.to_string())
+    });
+    match pruned {
+        Ok(Some((p, budget))) if p.removed > 0 => progress.note(&format!(
+            "removed {} least recently used snapshot{} ({}) from the client cache, which keeps {} of its {} (LCACHE_CACHE_MAX)",
+            p.removed,
+            if p.removed == 1 { "" } else { "s" },
+            mib(p.freed),
+            mib(p.kept),
+            mib(budget)
+        )),
+        Ok(_) => {}
+        Err(e) => progress.note(&format!(
+            "warning: the client cache {} was not pruned: {e}",
+            cache_dir.display()
+        )),
+    }
+}
+
+/// Runs `lcache cache prune`: empties the cache mounts no RUN is using, and removes the
+/// least recently used snapshots until those left hold at most `keep` bytes.
+pub fn prune(cache_dir: Option<&std::path::Path>, keep: Option<&str>) -> Result<String> {
     let root = cache_dir
         .map(std::path::Path::to_path_buf)
         .unwrap_or_else(default_cache_dir);
+    let keep = match keep {
+        Some(k) => snapshot_prune::parse_size(k)
+            .ok_or_else(|| anyhow::anyhow!("--keep-storage {k} is not a size: write bytes, or 500M, 20G"))?,
+        None => 0,
+    };
     let (removed, busy) = lcache_builder::run_mounts::prune(&root.join("run-cache"))
         .with_context(|| format!("cannot prune the cache mounts in {}", root.display()))?;
-    Ok(format!(
+    let mut out = format!(
         "removed {removed} cache mount{}{}\n",
         if removed == 1 { "" } else { "s" },
         if busy > 0 {
@@ -217,5 +257,19 @@ pub fn prune(cache_dir: Option<&std::path::Path>) -> Result<String> {
         } else {
             String::new()
         }
-    ))
+    );
+    let cache = CacheDir::open(&root).with_context(|| format!("cannot use the client cache {}", root.display()))?;
+    match snapshot_prune::prune(&cache, keep)
+        .with_context(|| format!("cannot prune the snapshots in {}", root.display()))?
+    {
+        Some(p) => out.push_str(&format!(
+            "removed {} snapshot{} ({}), kept {}\n",
+            p.removed,
+            if p.removed == 1 { "" } else { "s" },
+            mib(p.freed),
+            mib(p.kept)
+        )),
+        None => out.push_str("kept every snapshot: a build is using the cache — run this again once it ends\n"),
+    }
+    Ok(out)
 }

@@ -1,0 +1,483 @@
+//! Keeps the client cache's snapshots within a budget. Each snapshot (a whole layer
+//! directory with the files beside it, or a delta unit) has a marker, `<hex>.used`, whose
+//! mtime is when a build last used it and whose text caches the disk it holds. Past the
+//! budget the least recently used go; a whole snapshot goes with the deltas over it, which
+//! are no use without it. Any snapshot can be made again from lcached's blob, so pruning
+//! costs a later build time, never correctness.
+//!
+//! Builds hold the cache's lock shared while they run; pruning takes it exclusively and
+//! does nothing while a build runs, so it never removes what a build is using. A snapshot
+//! is renamed out of `snapshots/` before it is deleted: a prune killed half-way leaves
+//! whole snapshots or none, never a tree with files missing that a build would trust.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::cache_dir::CacheDir;
+
+/// The lock builds hold shared and pruning exclusively.
+const LOCK: &str = "snapshots.lock";
+/// The suffix of a snapshot's marker.
+const USED: &str = "used";
+/// Where pruning records how `snapshots/` looked when it last had nothing to do.
+const CHECKED: &str = "snapshots.checked";
+/// What renamed-out snapshots are called in `work/` until deleted.
+const TRASH: &str = "pruned-";
+
+/// The cache's lock, held shared by a build for as long as it runs.
+#[derive(Debug)]
+pub struct BuildLock {
+    _held: Flock<File>,
+}
+
+/// Takes the cache's lock shared for a build, waiting for a prune that holds it.
+pub fn hold_for_build(cache: &CacheDir) -> std::io::Result<BuildLock> {
+    let file = lock_file(cache)?;
+    Flock::lock(file, FlockArg::LockShared)
+        .map(|held| BuildLock { _held: held })
+        .map_err(|(_, e)| std::io::Error::from(e))
+}
+
+fn lock_file(cache: &CacheDir) -> std::io::Result<File> {
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(cache.root().join(LOCK))
+}
+
+fn marker(cache: &CacheDir, digest: &str) -> PathBuf {
+    cache.snapshot(digest).with_extension(USED)
+}
+
+/// Records that a build used the snapshot of the layer `digest` now. Only pruning's order
+/// reads it, so a failure costs nothing but that.
+pub fn mark_used(cache: &CacheDir, digest: &str) {
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(marker(cache, digest));
+    if let Ok(f) = file {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+/// The budget: `LCACHE_CACHE_MAX` (bytes, or with a K, M, G or T suffix, powers of 1024),
+/// else a tenth of the filesystem the cache is on, as buildkitd's default gc keeps.
+pub fn budget(cache: &CacheDir) -> Result<u64, String> {
+    match std::env::var("LCACHE_CACHE_MAX") {
+        Ok(v) if !v.trim().is_empty() => {
+            parse_size(&v).ok_or_else(|| format!("LCACHE_CACHE_MAX={v} is not a size: write bytes, or 500M, 20G"))
+        }
+        _ => {
+            let st = nix::sys::statvfs::statvfs(cache.root())
+                .map_err(|e| format!("cannot read the size of {}'s filesystem: {e}", cache.root().display()))?;
+            Ok((st.blocks() as u64).saturating_mul(st.fragment_size() as u64) / 10)
+        }
+    }
+}
+
+/// `123`, `500M`, `20G`, `1.5T` (powers of 1024).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&s[..i], s[i..].trim_end_matches(['B', 'b', 'i'])),
+        None => (s, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    let n: f64 = num.trim().parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    Some((n * (1u64 << shift) as f64) as u64)
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pruned {
+    /// Snapshots removed.
+    pub removed: usize,
+    /// Bytes they held.
+    pub freed: u64,
+    /// Bytes the snapshots left hold.
+    pub kept: u64,
+}
+
+/// One snapshot: every name in `snapshots/` that starts with its layer's hex.
+#[derive(Debug)]
+struct Unit {
+    hex: String,
+    names: Vec<OsString>,
+    used: SystemTime,
+    bytes: u64,
+    /// For a delta: the hex of the whole snapshot it goes over.
+    base: Option<String>,
+    /// Whether the unit holds a whole snapshot's directory.
+    whole: bool,
+}
+
+/// Prunes after a build: only when `snapshots/` changed since the last prune that had
+/// nothing to remove (a build that made no snapshot costs two `stat`s here). `None` when a
+/// build holds the cache.
+pub fn after_build(cache: &CacheDir, budget: u64) -> std::io::Result<Option<Pruned>> {
+    let stamp = cache.root().join(CHECKED);
+    let now = std::fs::metadata(cache.root().join("snapshots"))?;
+    let seen = std::fs::read_to_string(&stamp).ok();
+    let state = format!("{} {} {budget}", now.mtime(), now.mtime_nsec());
+    if seen.as_deref() == Some(state.as_str()) {
+        return Ok(Some(Pruned::default()));
+    }
+    let pruned = prune(cache, budget)?;
+    if pruned.is_some() {
+        // Read again: removing snapshots (and measuring markers) moved it.
+        if let Ok(m) = std::fs::metadata(cache.root().join("snapshots")) {
+            let _ = std::fs::write(&stamp, format!("{} {} {budget}", m.mtime(), m.mtime_nsec()));
+        }
+    }
+    Ok(pruned)
+}
+
+/// Removes the least recently used snapshots until those left hold at most `budget`
+/// bytes. `None` when a build holds the cache (nothing is removed then).
+pub fn prune(cache: &CacheDir, budget: u64) -> std::io::Result<Option<Pruned>> {
+    let _held = match Flock::lock(lock_file(cache)?, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => held,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+        Err((_, e)) => return Err(e.into()),
+    };
+    let work = cache.root().join("work");
+    // What an earlier prune renamed out and was stopped before deleting.
+    for e in std::fs::read_dir(&work)? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with(TRASH) {
+            remove_tree(&e.path())?;
+        }
+    }
+    let dir = cache.root().join("snapshots");
+    let mut units = scan(&dir)?;
+    let mut total: u64 = units.values().map(|u| u.bytes).sum();
+    let mut pruned = Pruned::default();
+    if total > budget {
+        // A whole snapshot is used whenever a delta over it is.
+        let newest_delta: HashMap<String, SystemTime> = units
+            .values()
+            .filter_map(|u| u.base.clone().map(|b| (b, u.used)))
+            .fold(HashMap::new(), |mut m, (b, t)| {
+                let e = m.entry(b).or_insert(t);
+                *e = (*e).max(t);
+                m
+            });
+        let mut order: Vec<(SystemTime, bool, String)> = units
+            .values()
+            .map(|u| {
+                let used = newest_delta.get(&u.hex).map_or(u.used, |t| u.used.max(*t));
+                (used, u.whole, u.hex.clone())
+            })
+            .collect();
+        // Oldest first; at the same time, deltas before the whole snapshots under them.
+        order.sort();
+        let mut gone = HashSet::new();
+        for (_, _, hex) in order {
+            if total <= budget {
+                break;
+            }
+            if gone.contains(&hex) {
+                continue;
+            }
+            let mut take = vec![hex.clone()];
+            take.extend(
+                units
+                    .values()
+                    .filter(|u| u.base.as_deref() == Some(hex.as_str()) && !gone.contains(&u.hex))
+                    .map(|u| u.hex.clone()),
+            );
+            for h in take {
+                if let Some(u) = units.remove(&h) {
+                    remove_unit(&dir, &work, &u)?;
+                    total = total.saturating_sub(u.bytes);
+                    pruned.removed += 1;
+                    pruned.freed += u.bytes;
+                    gone.insert(h);
+                }
+            }
+        }
+    }
+    pruned.kept = total;
+    Ok(Some(pruned))
+}
+
+/// Every snapshot in `dir`, by hex, measured (once: the marker keeps the size and how many
+/// names it was measured over).
+fn scan(dir: &Path) -> std::io::Result<HashMap<String, Unit>> {
+    let mut units: HashMap<String, Unit> = HashMap::new();
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name();
+        let Some(hex) = name.to_str().and_then(|n| n.split('.').next()) else {
+            continue;
+        };
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let hex = hex.to_string();
+        let unit = units.entry(hex.clone()).or_insert_with(|| Unit {
+            hex,
+            names: Vec::new(),
+            used: SystemTime::UNIX_EPOCH,
+            bytes: 0,
+            base: None,
+            whole: false,
+        });
+        unit.names.push(name);
+    }
+    for u in units.values_mut() {
+        let marker = dir.join(format!("{}.{USED}", u.hex));
+        let measured = u.names.len();
+        let kept = std::fs::read_to_string(&marker).ok().and_then(|t| {
+            let (bytes, names) = t.trim().split_once(' ')?;
+            (names.parse::<usize>().ok()? == measured).then(|| bytes.parse::<u64>().ok())?
+        });
+        let mut newest = SystemTime::UNIX_EPOCH;
+        for n in &u.names {
+            let path = dir.join(n);
+            let m = std::fs::symlink_metadata(&path)?;
+            newest = newest.max(m.modified()?);
+            if m.is_dir() {
+                if n.to_string_lossy().ends_with(".delta") {
+                    u.base = std::fs::read_to_string(path.join("base"))
+                        .ok()
+                        .and_then(|b| b.trim().strip_prefix("sha256:").map(str::to_string));
+                } else {
+                    u.whole = true;
+                }
+            }
+        }
+        u.used = std::fs::metadata(&marker).and_then(|m| m.modified()).unwrap_or(newest);
+        u.bytes = match kept {
+            Some(b) => b,
+            None => {
+                let mut bytes = 0;
+                for n in &u.names {
+                    bytes += disk_bytes(&dir.join(n))?;
+                }
+                // Measuring writes the marker: its time is set back to when it was used.
+                if std::fs::write(&marker, format!("{bytes} {}\n", measured + usize::from(!has(u, USED)))).is_ok() {
+                    if let Ok(f) = File::options().write(true).open(&marker) {
+                        let _ = f.set_modified(u.used);
+                    }
+                }
+                bytes
+            }
+        };
+    }
+    Ok(units)
+}
+
+fn has(u: &Unit, suffix: &str) -> bool {
+    let name = format!("{}.{suffix}", u.hex);
+    u.names.iter().any(|n| *n == *name)
+}
+
+/// The disk `path` takes: its blocks, a file's shared among its hard links (snapshots of
+/// the same COPY link the files they have in common).
+fn disk_bytes(path: &Path) -> std::io::Result<u64> {
+    let mut bytes = 0;
+    let mut todo = vec![path.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let m = std::fs::symlink_metadata(&p)?;
+        bytes += m.blocks() * 512 / m.nlink().max(1);
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                todo.push(e?.path());
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// Removes a snapshot: the files beside it, then its directories (renamed out of
+/// `snapshots/` first), then its marker.
+fn remove_unit(dir: &Path, work: &Path, u: &Unit) -> std::io::Result<()> {
+    let marker = OsString::from(format!("{}.{USED}", u.hex));
+    let (dirs, files): (Vec<&OsString>, Vec<&OsString>) = u
+        .names
+        .iter()
+        .filter(|n| **n != marker)
+        .partition(|n| dir.join(n).symlink_metadata().is_ok_and(|m| m.is_dir()));
+    for n in files {
+        remove_if_there(std::fs::remove_file(dir.join(n)))?;
+    }
+    for n in dirs {
+        let trash = work.join(format!("{TRASH}{}", n.to_string_lossy()));
+        std::fs::rename(dir.join(n), &trash)?;
+        remove_tree(&trash)?;
+    }
+    remove_if_there(std::fs::remove_file(dir.join(&marker)))
+}
+
+fn remove_if_there(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Removes a tree, opening up directories a layer made read-only (a non-root build keeps
+/// image directories' modes, which may forbid removing what is in them).
+fn remove_tree(path: &Path) -> std::io::Result<()> {
+    if std::fs::remove_dir_all(path).is_ok() {
+        return Ok(());
+    }
+    let mut todo = vec![path.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let m = std::fs::symlink_metadata(&p)?;
+        if m.is_dir() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))?;
+            for e in std::fs::read_dir(&p)? {
+                todo.push(e?.path());
+            }
+        }
+    }
+    remove_if_there(std::fs::remove_dir_all(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn hex(c: char) -> String {
+        c.to_string().repeat(64)
+    }
+
+    /// A whole snapshot of `bytes` bytes of file, last used `age` seconds ago.
+    fn whole(cache: &CacheDir, c: char, bytes: usize, age: u64) {
+        let d = cache.snapshot(&format!("sha256:{}", hex(c)));
+        std::fs::create_dir_all(d.join("usr")).unwrap();
+        std::fs::write(d.join("usr/f"), vec![b'x'; bytes]).unwrap();
+        std::fs::write(d.with_extension("entries.bin"), b"e").unwrap();
+        used(cache, c, age);
+    }
+
+    /// A delta over `base`'s whole snapshot.
+    fn delta(cache: &CacheDir, c: char, base: char, age: u64) {
+        let d = cache.snapshot(&format!("sha256:{}", hex(c))).with_extension("delta");
+        std::fs::create_dir_all(d.join("tree")).unwrap();
+        std::fs::write(d.join("tree/g"), vec![b'y'; 4096]).unwrap();
+        std::fs::write(d.join("base"), format!("sha256:{}", hex(base))).unwrap();
+        used(cache, c, age);
+    }
+
+    fn used(cache: &CacheDir, c: char, age: u64) {
+        let digest = format!("sha256:{}", hex(c));
+        mark_used(cache, &digest);
+        let f = File::options().write(true).open(marker(cache, &digest)).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(age)).unwrap();
+    }
+
+    fn left(cache: &CacheDir) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(cache.root().join("snapshots"))
+            .unwrap()
+            .map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .chars()
+                    .take(1)
+                    .collect::<String>()
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn the_least_recently_used_go_first_and_a_base_goes_with_its_deltas_but_stays_while_they_are_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(dir.path()).unwrap();
+        whole(&cache, 'a', 1 << 20, 500);
+        whole(&cache, 'b', 1 << 20, 400);
+        delta(&cache, 'c', 'b', 10);
+        whole(&cache, 'd', 1 << 20, 300);
+        let all = prune(&cache, u64::MAX).unwrap().unwrap();
+        assert_eq!((all.removed, all.freed), (0, 0));
+        assert!(all.kept > 3 << 20, "{all:?}");
+
+        // 'a' is the oldest; 'b' is older than 'd' but a delta over it was used since.
+        let pruned = prune(&cache, all.kept - (1 << 20)).unwrap().unwrap();
+        assert_eq!(pruned.removed, 1);
+        assert_eq!(left(&cache), ["b", "c", "d"]);
+        let pruned = prune(&cache, pruned.kept - (1 << 20)).unwrap().unwrap();
+        assert_eq!(left(&cache), ["b", "c"], "{pruned:?}");
+        // The delta was used when its base last was: it goes first, then the base.
+        let pruned = prune(&cache, 1).unwrap().unwrap();
+        assert_eq!((pruned.removed, pruned.kept), (2, 0));
+        assert!(left(&cache).is_empty());
+        assert_eq!(std::fs::read_dir(dir.path().join("work")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn nothing_goes_while_a_build_holds_the_cache_and_a_measured_size_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(dir.path()).unwrap();
+        whole(&cache, 'a', 8192, 100);
+        let build = hold_for_build(&cache).unwrap();
+        assert_eq!(prune(&cache, 0).unwrap(), None);
+        assert_eq!(left(&cache), ["a"]);
+        drop(build);
+        // Measured once; the marker's time stays when the build last used it.
+        let before = std::fs::metadata(marker(&cache, &format!("sha256:{}", hex('a')))).unwrap();
+        let first = prune(&cache, u64::MAX).unwrap().unwrap();
+        let m = std::fs::metadata(marker(&cache, &format!("sha256:{}", hex('a')))).unwrap();
+        assert_eq!(m.modified().unwrap(), before.modified().unwrap());
+        std::fs::write(
+            dir.path().join("snapshots").join(hex('a')).join("usr/f"),
+            vec![b'x'; 1 << 20],
+        )
+        .unwrap();
+        assert_eq!(
+            prune(&cache, u64::MAX).unwrap().unwrap().kept,
+            first.kept,
+            "the size kept"
+        );
+    }
+
+    #[test]
+    fn a_prune_stopped_half_way_is_finished_by_the_next_and_after_a_build_only_a_change_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(dir.path()).unwrap();
+        let stale = dir.path().join("work").join(format!("{TRASH}{}", hex('z')));
+        std::fs::create_dir_all(stale.join("ro/x")).unwrap();
+        std::fs::set_permissions(stale.join("ro"), std::fs::Permissions::from_mode(0o500)).unwrap();
+        whole(&cache, 'a', 8192, 100);
+        assert_eq!(after_build(&cache, u64::MAX).unwrap().unwrap().removed, 0);
+        assert!(!stale.exists());
+        // Unchanged since: not even scanned, so a smaller budget waits for the next change
+        // unless it is another budget.
+        assert_eq!(after_build(&cache, u64::MAX).unwrap(), Some(Pruned::default()));
+        assert_eq!(after_build(&cache, 0).unwrap().unwrap().removed, 1);
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(parse_size("123"), Some(123));
+        assert_eq!(parse_size("500M"), Some(500 << 20));
+        assert_eq!(parse_size("20G"), Some(20 << 30));
+        assert_eq!(parse_size("1.5GiB"), Some(3 << 29));
+        assert_eq!(parse_size("2t"), Some(2 << 40));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("-1G"), None);
+        assert_eq!(parse_size("5X"), None);
+    }
+}
