@@ -20,6 +20,7 @@ use std::time::SystemTime;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::cache_dir::CacheDir;
+use lcache_proto::byte_size::parse_size;
 
 /// The lock builds hold shared and pruning exclusively.
 const LOCK: &str = "snapshots.lock";
@@ -82,25 +83,6 @@ pub fn budget(cache: &CacheDir) -> Result<u64, String> {
             Ok((st.blocks() as u64).saturating_mul(st.fragment_size() as u64) / 10)
         }
     }
-}
-
-/// `123`, `500M`, `20G`, `1.5T` (powers of 1024).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => (&s[..i], s[i..].trim_end_matches(['B', 'b', 'i'])),
-        None => (s, ""),
-    };
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return None,
-    };
-    let n: f64 = num.trim().parse().ok().filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
-    Some((n * (1u64 << shift) as f64) as u64)
 }
 
 /// What a prune did.
@@ -467,17 +449,5 @@ mod tests {
         // unless it is another budget.
         assert_eq!(after_build(&cache, u64::MAX).unwrap(), Some(Pruned::default()));
         assert_eq!(after_build(&cache, 0).unwrap().unwrap().removed, 1);
-    }
-
-    #[test]
-    fn sizes_read_as_people_write_them() {
-        assert_eq!(parse_size("123"), Some(123));
-        assert_eq!(parse_size("500M"), Some(500 << 20));
-        assert_eq!(parse_size("20G"), Some(20 << 30));
-        assert_eq!(parse_size("1.5GiB"), Some(3 << 29));
-        assert_eq!(parse_size("2t"), Some(2 << 40));
-        assert_eq!(parse_size("lots"), None);
-        assert_eq!(parse_size("-1G"), None);
-        assert_eq!(parse_size("5X"), None);
     }
 }

@@ -66,27 +66,7 @@ struct Args {
 
 /// `1024`, `512K`, `64M`, `2G`, `1T` (binary units; `KiB`, `GB`… are read the same).
 fn parse_size(v: &str) -> anyhow::Result<u64> {
-    let t = v.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("'{v}' is not a size: write e.g. 512M or 64G"))?;
-    let shift = match unit
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => anyhow::bail!("'{v}': unknown unit; use K, M, G or T"),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| anyhow::anyhow!("'{v}' is too large"))
+    lcache_proto::byte_size::parse_size(v).ok_or_else(|| anyhow::anyhow!("'{v}' is not a size: write e.g. 512M or 64G"))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -2,6 +2,7 @@
 //! context selection rules, cache-key derivation and the wire types.
 
 pub mod build_plan;
+pub mod byte_size;
 pub mod cache_key;
 pub mod digest;
 pub mod dockerfile;

@@ -243,7 +243,7 @@ pub fn prune(cache_dir: Option<&std::path::Path>, keep: Option<&str>) -> Result<
         .map(std::path::Path::to_path_buf)
         .unwrap_or_else(default_cache_dir);
     let keep = match keep {
-        Some(k) => snapshot_prune::parse_size(k)
+        Some(k) => lcache_proto::byte_size::parse_size(k)
             .ok_or_else(|| anyhow::anyhow!("--keep-storage {k} is not a size: write bytes, or 500M, 20G"))?,
         None => 0,
     };
