@@ -57,7 +57,7 @@ impl DeferredNaming {
 /// build's client is answered with once the store holds it.
 pub fn start(state: &Arc<AppState>, build: DeferredBuild) -> Result<(), crate::store::StoreError> {
     state.records.put_deferred(&build)?;
-    state.records.put_build(&build.build)?;
+    state.records.put_build(&build.build, state.limits.max_builds)?;
     state.records.flush()?;
     spawn(state, vec![build]);
     Ok(())
@@ -109,7 +109,7 @@ async fn finish(state: &Arc<AppState>, mut build: DeferredBuild) {
     match name(state, &mut build).await {
         Ok(manifest) => {
             build.build.image = manifest;
-            if let Err(e) = state.records.put_build(&build.build) {
+            if let Err(e) = state.records.put_build(&build.build, state.limits.max_builds) {
                 eprintln!("lcached: cannot record the image of build {id}: {e}");
             }
         }

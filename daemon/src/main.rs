@@ -38,6 +38,10 @@ struct Args {
     /// Seconds a request body may pause before the request is dropped.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     body_timeout: u64,
+    /// Builds the history keeps (`lcache history`, and what `explain` compares with): past
+    /// it, the oldest go.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_builds)]
+    max_builds: usize,
     /// The cache behind this one — another lcached (`tcp://…`, `https://…`) or an
     /// S3-compatible bucket (`s3://BUCKET/PREFIX`, configured by the AWS_* environment
     /// variables): local misses are looked up there and what builds store here is pushed
@@ -141,6 +145,8 @@ fn main() -> ExitCode {
             max_blob_size: args.max_blob_size,
             header_timeout: Duration::from_secs(args.header_timeout.max(1)),
             body_timeout: Duration::from_secs(args.body_timeout.max(1)),
+            // At least the last: the build just posted is answered with itself.
+            max_builds: args.max_builds.max(1),
         },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -59,6 +59,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// How long a request body may go without a byte arriving.
     pub body_timeout: Duration,
+    /// How many builds the history keeps: past it, the oldest go.
+    pub max_builds: usize,
 }
 
 impl Default for Limits {
@@ -68,6 +70,7 @@ impl Default for Limits {
             max_blob_size: 64 << 30,
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
+            max_builds: 10_000,
         }
     }
 }

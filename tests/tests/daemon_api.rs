@@ -294,6 +294,38 @@ fn builds_are_recorded_and_listed_newest_first() {
 }
 
 #[test]
+fn the_history_keeps_the_newest_builds_up_to_its_bound_across_restarts() {
+    let post = |d: &Daemon, n: u64| {
+        let b = serde_json::json!({"started_at_ms": n, "finished_at_ms": n + 1, "dockerfile": "Dockerfile", "context": "/c", "target": null, "steps": []});
+        let (status, body) = d.http("POST", "/v1/builds", b.to_string().as_bytes());
+        assert_eq!(status, 201);
+        json(&body)["id"].as_str().unwrap().to_string()
+    };
+    let started = |d: &Daemon| -> Vec<u64> {
+        let (_, body) = d.http("GET", "/v1/builds?limit=100", b"");
+        json(&body)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["started_at_ms"].as_u64().unwrap())
+            .collect()
+    };
+    let d = Daemon::start(&["--max-builds", "2"]);
+    let first = post(&d, 0);
+    for n in 1..3 {
+        post(&d, n);
+    }
+    assert_eq!(started(&d), [2, 1]);
+    assert_eq!(d.http("GET", &format!("/v1/builds/{first}"), b"").0, 404);
+    // Counted again when the store is opened again.
+    let d = Daemon::start_in(d.kill9(), &["--max-builds", "2"]);
+    post(&d, 3);
+    assert_eq!(started(&d), [3, 2]);
+    let (_, status) = d.http("GET", "/v1/status", b"");
+    assert_eq!(json(&status)["stats"]["builds"], 2);
+}
+
+#[test]
 fn sigterm_stops_the_daemon_cleanly_and_removes_its_socket() {
     let d = Daemon::start(&[]);
     let socket = d.socket.clone();

@@ -29,7 +29,11 @@ pub async fn post(state: &AppState, req: Request<Incoming>) -> Response<Body> {
         Err(r) => return r,
     };
     b.id = new_id(state);
-    match state.records.put_build(&b).and_then(|_| state.records.flush()) {
+    match state
+        .records
+        .put_build(&b, state.limits.max_builds)
+        .and_then(|_| state.records.flush())
+    {
         Ok(()) => json(StatusCode::CREATED, &b),
         Err(e) => error(
             StatusCode::INSUFFICIENT_STORAGE,

@@ -104,8 +104,9 @@ pub trait RecordStore: Send + Sync {
     fn step_entries(&self) -> Result<Vec<(Vec<u8>, StepRecord)>, StoreError>;
     /// Marks a blob as used now (for least-recently-used eviction).
     fn touch(&self, digest: &str, now_ms: u64) -> Result<(), StoreError>;
-    /// Appends a build to the history.
-    fn put_build(&self, build: &BuildRecord) -> Result<(), StoreError>;
+    /// Appends a build to the history (or replaces it, by id), then removes the oldest
+    /// builds past the newest `keep`.
+    fn put_build(&self, build: &BuildRecord, keep: usize) -> Result<(), StoreError>;
     /// A build by id.
     fn get_build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError>;
     /// The newest `limit` builds, newest first.

@@ -16,6 +16,8 @@ pub struct SledRecords {
     blobs: sled::Tree,
     access: sled::Tree,
     builds: sled::Tree,
+    /// How many builds `builds` holds: counted once at open, as sled counts by walking.
+    build_count: std::sync::atomic::AtomicUsize,
     contexts: sled::Tree,
     images: sled::Tree,
     summaries: sled::Tree,
@@ -51,6 +53,7 @@ impl SledRecords {
             steps: tree("steps")?,
             blobs: tree("blobs")?,
             access: tree("access")?,
+            build_count: std::sync::atomic::AtomicUsize::new(tree("builds")?.len()),
             builds: tree("builds")?,
             contexts: tree("context_dirs")?,
             images: tree("images")?,
@@ -167,8 +170,25 @@ impl RecordStore for SledRecords {
         Ok(())
     }
 
-    fn put_build(&self, build: &BuildRecord) -> Result<(), StoreError> {
-        put(&self.builds, build.id.as_bytes(), build)
+    fn put_build(&self, build: &BuildRecord, keep: usize) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .builds
+            .insert(build.id.as_bytes(), encode(build))
+            .map_err(db_err)?
+            .is_none()
+        {
+            self.build_count.fetch_add(1, SeqCst);
+        }
+        // Ids sort by time: the oldest build is the tree's first.
+        while self.build_count.load(SeqCst) > keep {
+            if self.builds.pop_min().map_err(db_err)?.is_none() {
+                self.build_count.store(0, SeqCst);
+                break;
+            }
+            self.build_count.fetch_sub(1, SeqCst);
+        }
+        Ok(())
     }
 
     fn get_build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError> {
