@@ -9,6 +9,8 @@
 //! does nothing while a build runs, so it never removes what a build is using. A snapshot
 //! is renamed out of `snapshots/` before it is deleted: a prune killed half-way leaves
 //! whole snapshots or none, never a tree with files missing that a build would trust.
+//! With no build running, whatever is in `work/` was left by one that was killed (Ctrl-C
+//! in a COPY leaves its tree, in a RUN an overlay mounted on it): pruning removes it too.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -94,6 +96,8 @@ pub struct Pruned {
     pub freed: u64,
     /// Bytes the snapshots left hold.
     pub kept: u64,
+    /// What killed builds had left in `work/`, removed.
+    pub leftovers: usize,
 }
 
 /// One snapshot: every name in `snapshots/` that starts with its layer's hex.
@@ -109,15 +113,16 @@ struct Unit {
     whole: bool,
 }
 
-/// Prunes after a build: only when `snapshots/` changed since the last prune that had
-/// nothing to remove (a build that made no snapshot costs two `stat`s here). `None` when a
-/// build holds the cache.
+/// Prunes after a build: only when `snapshots/` changed since the last prune, or `work/`
+/// holds what a killed build left (a build that made no snapshot costs two `stat`s and a
+/// directory read here). `None` when a build holds the cache.
 pub fn after_build(cache: &CacheDir, budget: u64) -> std::io::Result<Option<Pruned>> {
     let stamp = cache.root().join(CHECKED);
     let now = std::fs::metadata(cache.root().join("snapshots"))?;
     let seen = std::fs::read_to_string(&stamp).ok();
     let state = format!("{} {} {budget}", now.mtime(), now.mtime_nsec());
-    if seen.as_deref() == Some(state.as_str()) {
+    let left = std::fs::read_dir(cache.root().join("work"))?.next().is_some();
+    if seen.as_deref() == Some(state.as_str()) && !left {
         return Ok(Some(Pruned::default()));
     }
     let pruned = prune(cache, budget)?;
@@ -139,17 +144,13 @@ pub fn prune(cache: &CacheDir, budget: u64) -> std::io::Result<Option<Pruned>> {
         Err((_, e)) => return Err(e.into()),
     };
     let work = cache.root().join("work");
-    // What an earlier prune renamed out and was stopped before deleting.
-    for e in std::fs::read_dir(&work)? {
-        let e = e?;
-        if e.file_name().to_string_lossy().starts_with(TRASH) {
-            remove_tree(&e.path())?;
-        }
-    }
+    let mut pruned = Pruned {
+        leftovers: clear_work(&work)?,
+        ..Pruned::default()
+    };
     let dir = cache.root().join("snapshots");
     let mut units = scan(&dir)?;
     let mut total: u64 = units.values().map(|u| u.bytes).sum();
-    let mut pruned = Pruned::default();
     if total > budget {
         // A whole snapshot is used whenever a delta over it is.
         let newest_delta: HashMap<String, SystemTime> = units
@@ -263,6 +264,66 @@ fn scan(dir: &Path) -> std::io::Result<HashMap<String, Unit>> {
         };
     }
     Ok(units)
+}
+
+/// Empties `work/`, which only a killed build (or prune) leaves anything in once no build
+/// holds the lock: mounts left on it are detached first, so removing never reaches
+/// through an overlay. Returns how many entries it removed (a prune's own renamed-out
+/// snapshots are not counted).
+fn clear_work(work: &Path) -> std::io::Result<usize> {
+    let entries: Vec<std::fs::DirEntry> = std::fs::read_dir(work)?.collect::<Result<_, _>>()?;
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    detach_mounts_under(work);
+    let mut left = 0;
+    for e in entries {
+        remove_tree(&e.path())?;
+        left += usize::from(!e.file_name().to_string_lossy().starts_with(TRASH));
+    }
+    Ok(left)
+}
+
+/// Lazily unmounts every mount at or beneath `dir`, deepest first (best effort: one that
+/// stays makes removing it fail, which is reported).
+fn detach_mounts_under(dir: &Path) {
+    let (Ok(info), Ok(dir)) = (std::fs::read_to_string("/proc/self/mountinfo"), dir.canonicalize()) else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mount_path(p)))
+        .filter(|p| p.starts_with(&dir) && *p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it: space, tab, newline and backslash
+/// as three octal digits after a backslash.
+fn unescape_mount_path(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn has(u: &Unit, suffix: &str) -> bool {
@@ -443,11 +504,40 @@ mod tests {
         std::fs::create_dir_all(stale.join("ro/x")).unwrap();
         std::fs::set_permissions(stale.join("ro"), std::fs::Permissions::from_mode(0o500)).unwrap();
         whole(&cache, 'a', 8192, 100);
-        assert_eq!(after_build(&cache, u64::MAX).unwrap().unwrap().removed, 0);
+        let after = after_build(&cache, u64::MAX).unwrap().unwrap();
+        assert_eq!(
+            (after.removed, after.leftovers),
+            (0, 0),
+            "a prune's own leftovers are not a build's"
+        );
         assert!(!stale.exists());
         // Unchanged since: not even scanned, so a smaller budget waits for the next change
         // unless it is another budget.
         assert_eq!(after_build(&cache, u64::MAX).unwrap(), Some(Pruned::default()));
         assert_eq!(after_build(&cache, 0).unwrap().unwrap().removed, 1);
+    }
+
+    #[test]
+    fn what_a_killed_build_left_in_work_goes_once_no_build_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(dir.path()).unwrap();
+        let step = cache.work_dir().unwrap().keep();
+        std::fs::create_dir_all(step.join("tree/src")).unwrap();
+        std::fs::write(step.join("tree/src/a"), b"a").unwrap();
+        // Nothing changed in snapshots/ since the last prune, but work/ is not empty.
+        assert_eq!(after_build(&cache, u64::MAX).unwrap().unwrap().leftovers, 1);
+        assert!(!step.exists());
+        // While a build runs, its work/ is its own.
+        let running = cache.work_dir().unwrap();
+        let build = hold_for_build(&cache).unwrap();
+        assert_eq!(after_build(&cache, u64::MAX).unwrap(), None);
+        assert!(running.path().exists());
+        drop(build);
+    }
+
+    #[test]
+    fn mount_points_read_as_the_kernel_escapes_them() {
+        assert_eq!(unescape_mount_path("/a\\040b/c\\011d\\134e"), "/a b/c\td\\e");
+        assert_eq!(unescape_mount_path("/plain\\09x"), "/plain\\09x");
     }
 }

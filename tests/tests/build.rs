@@ -884,6 +884,51 @@ fn the_client_cache_keeps_to_its_budget_and_a_pruned_snapshot_is_made_again() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--keep-storage lots is not a size"));
 }
 
+/// Whether anything is mounted beneath `dir`.
+fn mounted_under(dir: &std::path::Path) -> bool {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&dir)))
+}
+
+#[test]
+fn what_a_killed_build_left_mounted_in_the_cache_is_cleared_by_the_next_build() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /src\nRUN sleep 2\n")
+        .write("src/a.txt", "a\n");
+    let mut killed = env
+        .command(&p, &["build", "--progress", "plain", "."])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let cache = env.cache_dir();
+    let started = std::time::Instant::now();
+    while !(cache.exists() && mounted_under(&cache.canonicalize().unwrap())) {
+        assert!(started.elapsed().as_secs() < 60, "the RUN never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let cache = cache.canonicalize().unwrap();
+    assert!(mounted_under(&cache), "a killed build leaves its overlay mounted");
+    let work = cache.join("work");
+    assert!(std::fs::read_dir(&work).unwrap().count() > 0);
+    // The container's sleep ends on its own.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+
+    p.write("Dockerfile", "FROM busybox\nCOPY src /src\nRUN true\n");
+    let out = env.lcache(&p, &["build", "--progress", "plain", "."]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("that killed builds left in"), "{err}");
+    assert!(!mounted_under(&cache));
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0);
+}
+
 /// The whole COPY snapshots in `env`'s cache (those that keep their entries), by digest hex.
 fn whole_copy_snapshots(env: &BuildEnv) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(env.cache_dir().join("snapshots"))

@@ -219,6 +219,16 @@ fn keep_within_budget(cache_dir: &std::path::Path, progress: &mut Progress) {
             .map(|p| p.map(|p| (p, budget)))
             .map_err(|e| e.to_string())
     });
+    if let Ok(Some((p, _))) = &pruned {
+        if p.leftovers > 0 {
+            progress.note(&format!(
+                "removed {} director{} that killed builds left in {}",
+                p.leftovers,
+                if p.leftovers == 1 { "y" } else { "ies" },
+                cache_dir.join("work").display()
+            ));
+        }
+    }
     match pruned {
         Ok(Some((p, budget))) if p.removed > 0 => progress.note(&format!(
             "removed {} least recently used snapshot{} ({}) from the client cache, which keeps {} of its {} (LCACHE_CACHE_MAX)",
@@ -262,13 +272,18 @@ pub fn prune(cache_dir: Option<&std::path::Path>, keep: Option<&str>) -> Result<
     match snapshot_prune::prune(&cache, keep)
         .with_context(|| format!("cannot prune the snapshots in {}", root.display()))?
     {
-        Some(p) => out.push_str(&format!(
-            "removed {} snapshot{} ({}), kept {}\n",
-            p.removed,
-            if p.removed == 1 { "" } else { "s" },
-            mib(p.freed),
-            mib(p.kept)
-        )),
+        Some(p) => {
+            out.push_str(&format!(
+                "removed {} snapshot{} ({}), kept {}\n",
+                p.removed,
+                if p.removed == 1 { "" } else { "s" },
+                mib(p.freed),
+                mib(p.kept)
+            ));
+            if p.leftovers > 0 {
+                out.push_str(&format!("removed {} directories killed builds left\n", p.leftovers));
+            }
+        }
         None => out.push_str("kept every snapshot: a build is using the cache — run this again once it ends\n"),
     }
     Ok(out)
