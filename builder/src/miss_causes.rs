@@ -274,6 +274,22 @@ mod tests {
         }
     }
 
+    /// A step of stage 0 that ran, at `line`.
+    fn step(line: usize, instruction: &str, inputs: KeyInputs) -> BuildStep {
+        BuildStep {
+            stage: 0,
+            line,
+            instruction: instruction.into(),
+            key: inputs.key(),
+            cached: false,
+            duration_ms: 0,
+            saved_ms: 0,
+            cause: None,
+            inputs: Some(inputs),
+            compared_with: None,
+        }
+    }
+
     fn record(context: &str, instruction: &str, inputs: KeyInputs) -> BuildRecord {
         BuildRecord {
             id: "b".into(),
@@ -282,18 +298,7 @@ mod tests {
             dockerfile: "Dockerfile".into(),
             context: context.into(),
             target: None,
-            steps: vec![BuildStep {
-                stage: 0,
-                line: 2,
-                instruction: instruction.into(),
-                key: inputs.key(),
-                cached: false,
-                duration_ms: 0,
-                saved_ms: 0,
-                cause: None,
-                inputs: Some(inputs),
-                compared_with: None,
-            }],
+            steps: vec![step(2, instruction, inputs)],
             dockerfile_path: String::new(),
             dockerignore: String::new(),
             cascades: vec![],
@@ -414,18 +419,6 @@ mod tests {
                 name: "cmd".into(),
                 values: vec![cmd.into()],
             }],
-        };
-        let step = |position_line: usize, instruction: &str, inputs: KeyInputs| BuildStep {
-            stage: 0,
-            line: position_line,
-            instruction: instruction.into(),
-            key: inputs.key(),
-            cached: false,
-            duration_ms: 0,
-            saved_ms: 0,
-            cause: None,
-            inputs: Some(inputs),
-            compared_with: None,
         };
         let copy_old = copy_inputs("old").key();
         let copy_new = copy_inputs("new").key();
