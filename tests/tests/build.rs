@@ -836,12 +836,14 @@ fn the_client_cache_keeps_to_its_budget_and_a_pruned_snapshot_is_made_again() {
     let (_, image) = env.build(&p, &[]);
     assert!(snapshot_dirs(&env) >= 3, "busybox, the COPY, the RUN");
 
+    let build_within = |max: &str| {
+        env.command(&p, &["build", "--progress", "plain", "."])
+            .env("LCACHE_CACHE_MAX", max)
+            .output()
+            .unwrap()
+    };
     // With a budget of nothing every snapshot goes once the build is over, and it says so.
-    let out = env
-        .command(&p, &["build", "--progress", "plain", "."])
-        .env("LCACHE_CACHE_MAX", "0")
-        .output()
-        .unwrap();
+    let out = build_within("0");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -849,11 +851,7 @@ fn the_client_cache_keeps_to_its_budget_and_a_pruned_snapshot_is_made_again() {
         "{err}"
     );
     assert_eq!(snapshot_dirs(&env), 0);
-    let bad = env
-        .command(&p, &["build", "--progress", "plain", "."])
-        .env("LCACHE_CACHE_MAX", "lots")
-        .output()
-        .unwrap();
+    let bad = build_within("lots");
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
         bad.status.success() && err.contains("LCACHE_CACHE_MAX=lots is not a size"),
