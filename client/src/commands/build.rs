@@ -66,7 +66,7 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
     }
     let outcome = build(&client, &client, &req, &mut progress);
     // A failed build made snapshots too.
-    keep_within_budget(&req.cache_dir, &mut progress);
+    keep_within_budget(&req.cache_dir, &mut progress, outcome.is_ok());
     let outcome = outcome?;
     if let Some(path) = &args.summary_json {
         let summary = build_summary(&outcome);
@@ -211,8 +211,9 @@ fn mib(bytes: u64) -> String {
 }
 
 /// Prunes the client cache's snapshots to their budget after a build (`snapshot_prune`);
-/// a failure only warns: the build's result stands either way.
-fn keep_within_budget(cache_dir: &std::path::Path, progress: &mut Progress) {
+/// a failure only warns (after a build that succeeded: a failed one has said what is wrong),
+/// as the build's result stands either way.
+fn keep_within_budget(cache_dir: &std::path::Path, progress: &mut Progress, warn: bool) {
     let pruned = CacheDir::open(cache_dir).map_err(|e| e.to_string()).and_then(|cache| {
         let budget = snapshot_prune::budget(&cache)?;
         snapshot_prune::after_build(&cache, budget)
@@ -239,10 +240,11 @@ fn keep_within_budget(cache_dir: &std::path::Path, progress: &mut Progress) {
             mib(budget)
         )),
         Ok(_) => {}
-        Err(e) => progress.note(&format!(
+        Err(e) if warn => progress.note(&format!(
             "warning: the client cache {} was not pruned: {e}",
             cache_dir.display()
         )),
+        Err(_) => {}
     }
 }
 
