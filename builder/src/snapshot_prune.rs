@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -375,28 +375,25 @@ fn remove_if_there(r: std::io::Result<()>) -> std::io::Result<()> {
     }
 }
 
-/// Removes a tree, opening up directories a layer made read-only (a non-root build keeps
-/// image directories' modes, which may forbid removing what is in them).
+/// Removes a tree (a layer's files) through the confining module: beneath its parent's fd,
+/// never following a symlink, so nothing a layer holds, or a container a killed build left
+/// running changes meanwhile, leads the removal outside it.
 fn remove_tree(path: &Path) -> std::io::Result<()> {
-    if std::fs::remove_dir_all(path).is_ok() {
-        return Ok(());
-    }
-    let mut todo = vec![path.to_path_buf()];
-    while let Some(p) = todo.pop() {
-        let m = std::fs::symlink_metadata(&p)?;
-        if m.is_dir() {
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))?;
-            for e in std::fs::read_dir(&p)? {
-                todo.push(e?.path());
-            }
-        }
-    }
-    remove_if_there(std::fs::remove_dir_all(path))
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::other(format!(
+            "{} is not beneath a directory",
+            path.display()
+        )));
+    };
+    lcache_confine::Root::open(parent)
+        .and_then(|root| root.remove_all(Path::new(name)))
+        .map_err(std::io::Error::other)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
     fn hex(c: char) -> String {

@@ -10,6 +10,7 @@ use crate::build_inputs::plan_inputs;
 use crate::cli::DaemonArgs;
 use crate::cli::{BuildArgs, NameImage};
 use crate::daemon_choice::daemon;
+use crate::image_views::human_size;
 use crate::progress::{Progress, ProgressMode};
 use lcache_builder::build_events::BuildObserver;
 use lcache_builder::build_loop::{build, BuildRequest};
@@ -206,10 +207,6 @@ fn read_ssh(
     Ok(out)
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / 1048576.0)
-}
-
 /// Prunes the client cache's snapshots to their budget after a build (`snapshot_prune`);
 /// a failure only warns (after a build that succeeded: a failed one has said what is wrong),
 /// as the build's result stands either way.
@@ -235,9 +232,9 @@ fn keep_within_budget(cache_dir: &std::path::Path, progress: &mut Progress, warn
             "removed {} least recently used snapshot{} ({}) from the client cache, which keeps {} of its {} (LCACHE_CACHE_MAX)",
             p.removed,
             if p.removed == 1 { "" } else { "s" },
-            mib(p.freed),
-            mib(p.kept),
-            mib(budget)
+            human_size(p.freed),
+            human_size(p.kept),
+            human_size(budget)
         )),
         Ok(_) => {}
         Err(e) if warn => progress.note(&format!(
@@ -279,8 +276,8 @@ pub fn prune(cache_dir: Option<&std::path::Path>, keep: Option<&str>) -> Result<
                 "removed {} snapshot{} ({}), kept {}\n",
                 p.removed,
                 if p.removed == 1 { "" } else { "s" },
-                mib(p.freed),
-                mib(p.kept)
+                human_size(p.freed),
+                human_size(p.kept)
             ));
             if p.leftovers > 0 {
                 out.push_str(&format!("removed {} directories killed builds left\n", p.leftovers));
