@@ -20,6 +20,15 @@ pub trait BuildControl: Send + Sync {
     fn put_image(&self, image: &ImageRecord) -> Result<ImageRecord, CacheError>;
     /// The newest `limit` build records, newest first.
     fn builds(&self, limit: usize) -> Result<Vec<BuildRecord>, CacheError>;
+    /// The newest `limit` build records of the context `context`, newest first: lcached
+    /// picks them from the whole history (here, by default, from the newest `limit`).
+    fn builds_of(&self, context: &str, limit: usize) -> Result<Vec<BuildRecord>, CacheError> {
+        Ok(self
+            .builds(limit)?
+            .into_iter()
+            .filter(|b| b.context == context)
+            .collect())
+    }
     /// The Merkle summary of a sources digest, if lcached still has it.
     fn summary(&self, digest: &str) -> Result<Option<Vec<SummaryEntry>>, CacheError>;
     /// A directory's listing by its node digest, if lcached still has it.

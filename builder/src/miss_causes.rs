@@ -17,7 +17,7 @@ use lcache_proto::wire::{BuildRecord, BuildStep, PlanInputs, PlanResponse};
 use crate::build_control::BuildControl;
 use crate::errors::BuildError;
 
-/// How many past builds are searched for the previous build of the same context.
+/// How many past builds of the same context are searched for each step's earlier record.
 const HISTORY_SEARCHED: usize = 50;
 
 /// BLAKE3 of the context's .dockerignore, or empty.
@@ -62,7 +62,7 @@ impl<'a> CauseFinder<'a> {
             path => b.dockerfile_path == path,
         };
         let previous: Vec<BuildRecord> = client
-            .builds(HISTORY_SEARCHED)
+            .builds_of(&inputs.context, HISTORY_SEARCHED)
             .map(|bs| {
                 bs.into_iter()
                     .filter(|b| b.context == inputs.context && b.target == inputs.target && same_dockerfile(b))

@@ -76,6 +76,10 @@ impl BuildControl for DaemonClient {
         DaemonClient::builds(self, limit)
     }
 
+    fn builds_of(&self, context: &str, limit: usize) -> Result<Vec<BuildRecord>, CacheError> {
+        DaemonClient::builds_of(self, context, limit)
+    }
+
     fn summary(&self, digest: &str) -> Result<Option<Vec<SummaryEntry>>, CacheError> {
         DaemonClient::summary(self, digest)
     }

@@ -489,6 +489,17 @@ impl DaemonClient {
         self.json(Method::GET, &format!("/v1/builds?limit={limit}"), None::<&()>)
     }
 
+    /// `GET /v1/builds?limit=N&context=C`: the newest builds of one context. An lcached
+    /// that does not filter answers the newest of any, which the caller filters again.
+    pub fn builds_of(&self, context: &str, limit: usize) -> Result<Vec<BuildRecord>, CacheError> {
+        let context = percent_encoding::utf8_percent_encode(context, percent_encoding::NON_ALPHANUMERIC);
+        self.json(
+            Method::GET,
+            &format!("/v1/builds?limit={limit}&context={context}"),
+            None::<&()>,
+        )
+    }
+
     /// `GET /v1/builds/{id}`.
     pub fn build_record(&self, id: &str) -> Result<BuildRecord, CacheError> {
         self.json(Method::GET, &format!("/v1/builds/{id}"), None::<&()>)

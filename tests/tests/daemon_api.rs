@@ -326,6 +326,34 @@ fn the_history_keeps_the_newest_builds_up_to_its_bound_across_restarts() {
 }
 
 #[test]
+fn builds_are_listed_for_one_context_whatever_its_path_holds() {
+    let d = Daemon::start(&[]);
+    let odd = "/work/a b&c=d/%zz/é";
+    for (n, context) in ["/a", odd, "/a", "/b", odd].iter().enumerate() {
+        let b = serde_json::json!({"started_at_ms": n, "finished_at_ms": n + 1, "dockerfile": "Dockerfile", "context": context, "target": null, "steps": []});
+        assert_eq!(d.http("POST", "/v1/builds", b.to_string().as_bytes()).0, 201);
+    }
+    let started = |query: &str| -> Vec<u64> {
+        let (status, body) = d.http("GET", &format!("/v1/builds?{query}"), b"");
+        assert_eq!(status, 200, "{query}");
+        json(&body)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["started_at_ms"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(started("context=%2Fa&limit=10"), [2, 0]);
+    assert_eq!(started("limit=1&context=%2Fa"), [2]);
+    assert_eq!(started("context=%2Fwork%2Fa%20b%26c%3Dd%2F%25zz%2F%C3%A9"), [4, 1]);
+    assert_eq!(started("context=%2Fnowhere"), Vec::<u64>::new());
+    assert_eq!(started("limit=10").len(), 5);
+    let (status, body) = d.http("GET", "/v1/builds?context=%FF", b"");
+    assert_eq!(status, 400);
+    assert!(json(&body)["hint"].as_str().unwrap().contains("UTF-8"));
+}
+
+#[test]
 fn sigterm_stops_the_daemon_cleanly_and_removes_its_socket() {
     let d = Daemon::start(&[]);
     let socket = d.socket.clone();

@@ -98,6 +98,24 @@ fn an_edited_file_is_named_as_modified() {
 }
 
 #[test]
+fn the_previous_build_of_a_context_is_found_behind_many_builds_of_others() {
+    let env = BuildEnv::new();
+    let p = project(BASE);
+    env.build(&p, &[]);
+    // A daemon busy with other contexts: more builds of theirs since than the client
+    // reads of the history.
+    for n in 0..60 {
+        let b = serde_json::json!({"started_at_ms": n, "finished_at_ms": n + 1, "dockerfile": "Dockerfile", "context": format!("/elsewhere/{n}"), "target": null, "steps": []});
+        assert_eq!(env.daemon.http("POST", "/v1/builds", b.to_string().as_bytes()).0, 201);
+    }
+    p.write("src/a.txt", "ALPHA\n");
+    let plan = json(&env.lcache(&p, &["plan", "--json", "."]));
+    env.build(&p, &[]);
+    let b = json(&env.lcache(&p, &["explain", "--json"]));
+    check(&plan, &b, "files_changed", "src/a.txt");
+}
+
+#[test]
 fn a_chmod_is_named_with_both_modes() {
     let (plan, b) = run_case(
         BASE,

@@ -100,19 +100,33 @@ pub async fn post_deferred(state: &Arc<AppState>, req: Request<Incoming>) -> Res
     }
 }
 
-/// `GET /v1/builds?limit=N`: newest first.
+/// `GET /v1/builds?limit=N[&context=C]`: newest first, of one context if asked (C
+/// percent-encoded).
 pub fn list(state: &AppState, query: Option<&str>) -> Response<Body> {
-    let limit = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|kv| kv.strip_prefix("limit="))
-        .map(|v| v.parse::<usize>());
+    let param = |name: &str| {
+        query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+    };
+    let context = match param("context").map(|c| percent_encoding::percent_decode_str(c).decode_utf8()) {
+        None => None,
+        Some(Ok(c)) => Some(c.into_owned()),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the context is not UTF-8 once decoded",
+                "percent-encode the context directory's path as UTF-8",
+            )
+        }
+    };
+    let limit = param("limit").map(|v| v.parse::<usize>());
     let limit = match limit {
         None => 20,
         Some(Ok(n)) => n.min(1000),
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit is not a number", "write ?limit=20"),
     };
-    match state.records.recent_builds(limit) {
+    match state.records.recent_builds(limit, context.as_deref()) {
         Ok(v) => json(StatusCode::OK, &v),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -109,8 +109,8 @@ pub trait RecordStore: Send + Sync {
     fn put_build(&self, build: &BuildRecord, keep: usize) -> Result<(), StoreError>;
     /// A build by id.
     fn get_build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError>;
-    /// The newest `limit` builds, newest first.
-    fn recent_builds(&self, limit: usize) -> Result<Vec<BuildRecord>, StoreError>;
+    /// The newest `limit` builds (of the context `context` only, if given), newest first.
+    fn recent_builds(&self, limit: usize, context: Option<&str>) -> Result<Vec<BuildRecord>, StoreError>;
     /// Keeps a build lcached is naming the image of, by the build's id, until it is named.
     fn put_deferred(&self, build: &DeferredBuild) -> Result<(), StoreError>;
     /// The builds whose images were being named when the daemon stopped, oldest first.

@@ -195,15 +195,19 @@ impl RecordStore for SledRecords {
         get(&self.builds, id)
     }
 
-    fn recent_builds(&self, limit: usize) -> Result<Vec<BuildRecord>, StoreError> {
+    fn recent_builds(&self, limit: usize, context: Option<&str>) -> Result<Vec<BuildRecord>, StoreError> {
         // Build ids sort by time, so the newest are at the end of the tree.
-        self.builds
-            .iter()
-            .values()
-            .rev()
-            .take(limit)
-            .map(|v| Ok(decode(&v.map_err(db_err)?)?))
-            .collect()
+        let mut out = Vec::new();
+        for v in self.builds.iter().values().rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let b: BuildRecord = decode(&v.map_err(db_err)?)?;
+            if context.is_none_or(|c| b.context == c) {
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 
     // JSON, not the codec: an image config skips empty fields, which bincode cannot read
