@@ -30,12 +30,21 @@ pub fn dockerignore_digest(context: &Path) -> String {
 /// Compares steps with the previous build.
 pub struct CauseFinder<'a> {
     client: &'a dyn BuildControl,
-    /// The earlier builds of the same context, Dockerfile and target, newest first.
-    previous: Vec<BuildRecord>,
+    /// What the build is of: its context, Dockerfile and target pick the earlier builds.
+    inputs: PlanInputs,
+    /// Read at the first miss: a build that misses nothing never fetches the history.
+    earlier: std::sync::OnceLock<Earlier>,
     no_cache: bool,
-    dockerignore_changed: bool,
     /// Keys whose records lcached evicted: their misses are "evicted", whatever history says.
     evicted: std::collections::HashSet<String>,
+}
+
+/// The earlier builds a build is compared with.
+struct Earlier {
+    /// Those of the same context, Dockerfile and target, newest first.
+    builds: Vec<BuildRecord>,
+    /// The context's `.dockerignore` is not the newest one's.
+    dockerignore_changed: bool,
 }
 
 /// A step being explained.
@@ -55,30 +64,42 @@ pub struct StepAt<'a> {
 }
 
 impl<'a> CauseFinder<'a> {
-    /// Looks up the newest earlier build of the same context, Dockerfile and target.
+    /// Compares with the earlier builds of the same context, Dockerfile and target.
     pub fn new(client: &'a dyn BuildControl, inputs: &PlanInputs, no_cache: bool) -> Self {
-        let same_dockerfile = |b: &BuildRecord| match inputs.dockerfile_path.as_str() {
-            "" => b.dockerfile == inputs.dockerfile_name,
-            path => b.dockerfile_path == path,
-        };
-        let previous: Vec<BuildRecord> = client
-            .builds_of(&inputs.context, HISTORY_SEARCHED)
-            .map(|bs| {
-                bs.into_iter()
-                    .filter(|b| b.context == inputs.context && b.target == inputs.target && same_dockerfile(b))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let dockerignore_changed = previous
-            .first()
-            .is_some_and(|p| p.dockerignore != dockerignore_digest(Path::new(&inputs.context)));
         Self {
             client,
-            previous,
+            inputs: inputs.clone(),
+            earlier: std::sync::OnceLock::new(),
             no_cache,
-            dockerignore_changed,
             evicted: Default::default(),
         }
+    }
+
+    /// The earlier builds, fetched the first time a miss asks.
+    fn earlier(&self) -> &Earlier {
+        self.earlier.get_or_init(|| {
+            let inputs = &self.inputs;
+            let same_dockerfile = |b: &BuildRecord| match inputs.dockerfile_path.as_str() {
+                "" => b.dockerfile == inputs.dockerfile_name,
+                path => b.dockerfile_path == path,
+            };
+            let builds: Vec<BuildRecord> = self
+                .client
+                .builds_of(&inputs.context, HISTORY_SEARCHED)
+                .map(|bs| {
+                    bs.into_iter()
+                        .filter(|b| b.context == inputs.context && b.target == inputs.target && same_dockerfile(b))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let dockerignore_changed = builds
+                .first()
+                .is_some_and(|p| p.dockerignore != dockerignore_digest(Path::new(&inputs.context)));
+            Earlier {
+                builds,
+                dockerignore_changed,
+            }
+        })
     }
 
     /// Names the keys lcached evicted (from the plan's answer).
@@ -90,7 +111,7 @@ impl<'a> CauseFinder<'a> {
     /// The step of an earlier build this one is compared with, and whether it failed there:
     /// from the newest build that started it (one that failed before it did not).
     fn previous_step(&self, at: &StepAt<'_>) -> Option<(&BuildStep, bool)> {
-        self.previous.iter().find_map(|prev| {
+        self.earlier().builds.iter().find_map(|prev| {
             let same_position = prev.steps_tried().filter(|(s, _)| s.stage == at.stage).nth(at.position);
             same_position
                 .filter(|(s, _)| s.inputs.as_ref().is_some_and(|i| i.kind == at.inputs.kind))
@@ -126,7 +147,7 @@ impl<'a> CauseFinder<'a> {
             rebuilt_parent: at.rebuilt_parent.clone(),
             first_in_stage: at.position == 0,
             file_changes,
-            dockerignore_changed: self.dockerignore_changed,
+            dockerignore_changed: self.earlier().dockerignore_changed,
         };
         (
             miss_cause(at.instruction, at.inputs, at.key, prev.as_ref(), &cx),

@@ -115,6 +115,39 @@ fn the_previous_build_of_a_context_is_found_behind_many_builds_of_others() {
     check(&plan, &b, "files_changed", "src/a.txt");
 }
 
+/// How many requests lcached answered on its `builds` route (the history).
+fn history_requests(env: &BuildEnv) -> u64 {
+    let (_, metrics) = env.daemon.http("GET", "/metrics", b"");
+    let key = "lcache_request_duration_seconds_count{route=\"builds\"} ";
+    String::from_utf8_lossy(&metrics)
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[test]
+fn a_build_that_misses_nothing_reads_no_history_and_one_that_misses_reads_it_once() {
+    let env = BuildEnv::new();
+    let p = project(BASE);
+    env.build(&p, &[]);
+    let before = history_requests(&env);
+    let (steps, _) = env.build(&p, &[]);
+    assert!(steps.iter().all(|(_, cached)| *cached));
+    assert_eq!(
+        history_requests(&env) - before,
+        1,
+        "only the build's own record is posted"
+    );
+    p.write("src/a.txt", "ALPHA\n");
+    let before = history_requests(&env);
+    env.build(&p, &[]);
+    assert_eq!(
+        history_requests(&env) - before,
+        2,
+        "the history is read once, for every miss"
+    );
+}
+
 #[test]
 fn a_chmod_is_named_with_both_modes() {
     let (plan, b) = run_case(
