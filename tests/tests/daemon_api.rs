@@ -293,6 +293,18 @@ fn builds_are_recorded_and_listed_newest_first() {
     assert_eq!(d.http("GET", &format!("/v1/builds/{id}"), b"").0, 200);
 }
 
+/// `GET /v1/builds?QUERY`, which must succeed: each build's `started_at_ms`, as listed.
+fn started_of(d: &Daemon, query: &str) -> Vec<u64> {
+    let (status, body) = d.http("GET", &format!("/v1/builds?{query}"), b"");
+    assert_eq!(status, 200, "{query}");
+    json(&body)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["started_at_ms"].as_u64().unwrap())
+        .collect()
+}
+
 #[test]
 fn the_history_keeps_the_newest_builds_up_to_its_bound_across_restarts() {
     let post = |d: &Daemon, n: u64| {
@@ -301,15 +313,7 @@ fn the_history_keeps_the_newest_builds_up_to_its_bound_across_restarts() {
         assert_eq!(status, 201);
         json(&body)["id"].as_str().unwrap().to_string()
     };
-    let started = |d: &Daemon| -> Vec<u64> {
-        let (_, body) = d.http("GET", "/v1/builds?limit=100", b"");
-        json(&body)
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["started_at_ms"].as_u64().unwrap())
-            .collect()
-    };
+    let started = |d: &Daemon| started_of(d, "limit=100");
     let d = Daemon::start(&["--max-builds", "2"]);
     let first = post(&d, 0);
     for n in 1..3 {
@@ -333,16 +337,7 @@ fn builds_are_listed_for_one_context_whatever_its_path_holds() {
         let b = serde_json::json!({"started_at_ms": n, "finished_at_ms": n + 1, "dockerfile": "Dockerfile", "context": context, "target": null, "steps": []});
         assert_eq!(d.http("POST", "/v1/builds", b.to_string().as_bytes()).0, 201);
     }
-    let started = |query: &str| -> Vec<u64> {
-        let (status, body) = d.http("GET", &format!("/v1/builds?{query}"), b"");
-        assert_eq!(status, 200, "{query}");
-        json(&body)
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["started_at_ms"].as_u64().unwrap())
-            .collect()
-    };
+    let started = |query: &str| started_of(&d, query);
     assert_eq!(started("context=%2Fa&limit=10"), [2, 0]);
     assert_eq!(started("limit=1&context=%2Fa"), [2]);
     assert_eq!(started("context=%2Fwork%2Fa%20b%26c%3Dd%2F%25zz%2F%C3%A9"), [4, 1]);
