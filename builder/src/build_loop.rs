@@ -1393,6 +1393,7 @@ impl<'a> Builder<'a> {
                 parts: parts.clone(),
             },
             tail: tail.clone(),
+            name_later: false,
         };
         let Some(named) = self.steps.put_layer(&packed.path, &layer)? else {
             return Ok(None);

@@ -12,6 +12,7 @@ pub mod layer_naming;
 pub mod memory_release;
 pub mod metrics;
 pub mod planner;
+pub mod provisional_names;
 pub mod registry_client;
 pub mod registry_pull;
 pub mod registry_push;

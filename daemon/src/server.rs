@@ -257,6 +257,7 @@ impl Daemon {
             upstream: upstream.as_ref().map(|(u, _)| u.clone()),
             evict_wake: tokio::sync::Notify::new(),
             layer_naming: Default::default(),
+            provisional: Default::default(),
             deferred: Default::default(),
         });
         if let Some(max) = cfg.max_size {

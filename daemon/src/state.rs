@@ -40,6 +40,8 @@ pub struct AppState {
     pub evict_wake: tokio::sync::Notify,
     /// Diff_ids of layers stored by `POST /v1/layers`, being taken.
     pub layer_naming: LayerNaming,
+    /// Layers answered with a provisional name and being named (`name_later`).
+    pub provisional: crate::provisional_names::ProvisionalNames,
     /// Builds whose images are being named (`POST /v1/builds/deferred`).
     pub deferred: crate::deferred_naming::DeferredNaming,
 }

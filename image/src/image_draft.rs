@@ -113,6 +113,17 @@ impl DeferredBuild {
             .map(|(i, l)| format!("layer {i} ({}) has no diff_id and none is being taken", l.digest))
     }
 
+    /// Gives the layers bearing the provisional name `provisional` (in the image and in the
+    /// records) the digest it came to.
+    pub fn resolve_layer(&mut self, provisional: &str, digest: &str) {
+        let records = self.layers.iter_mut().filter_map(|d| d.record.layer.as_mut());
+        for l in self.draft.layers.iter_mut().chain(records) {
+            if l.digest == provisional {
+                l.digest = digest.to_string();
+            }
+        }
+    }
+
     /// Fills in the diff_id of the layer at `at` (in the image and in its record).
     pub fn name_layer(&mut self, at: usize, diff_id: &str) {
         if let Some(l) = self.draft.layers.get_mut(at) {

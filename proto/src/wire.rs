@@ -197,6 +197,37 @@ pub struct LayerParts {
     pub blob: BlobParts,
     /// Where the tar still to hash starts, and the tar's state in front of it.
     pub tail: LayerTail,
+    /// Answer with a provisional name ([`PROVISIONAL_PREFIX`]) as soon as the bytes are
+    /// stored, before the blob's SHA-256 (over everything after the change) is taken; the
+    /// name is resolved later (`POST /v1/layers/provisional`), and a deferred build whose
+    /// layers bear it is named with the digest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub name_later: bool,
+}
+
+/// What a provisional layer name starts with; 64 lowercase hex digits follow.
+pub const PROVISIONAL_PREFIX: &str = "provisional:";
+
+/// Whether `name` is a provisional layer name (see [`LayerParts::name_later`]).
+pub fn is_provisional(name: &str) -> bool {
+    name.strip_prefix(PROVISIONAL_PREFIX)
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+/// `POST /v1/layers/provisional`: provisional layer names to resolve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionalNames {
+    /// The names, as `POST /v1/layers` answered them.
+    pub names: Vec<String>,
+}
+
+/// The answer to `POST /v1/layers/provisional`, in the order asked: each layer as
+/// stored once named, or `None` when the name is unknown (the daemon restarted before
+/// naming it, or forgot it) or the layer could not be stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedNames {
+    /// One per name asked.
+    pub layers: Vec<Option<NamedLayer>>,
 }
 
 /// The part of a layer's tar the daemon hashes for its diff_id.
@@ -220,7 +251,8 @@ pub struct LayerTail {
 /// The answer to `POST /v1/layers`: the layer's blob as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamedLayer {
-    /// The blob's digest (`sha256:…`).
+    /// The blob's digest (`sha256:…`); with `name_later`, a provisional name, and
+    /// `blob_states` empty until it is resolved.
     pub digest: String,
     /// Its length.
     pub size: u64,
@@ -534,8 +566,10 @@ mod tests {
                 blob_state: vec![],
                 members: vec![3],
             },
+            name_later: false,
         };
         let json = serde_json::to_string(&header).unwrap();
+        assert!(!json.contains("name_later"), "left out when false: {json}");
         assert!(json.contains(r#""tar_state":"0001feff""#), "{json}");
         assert!(
             json.contains(r#""base":"sha256:ab""#),
@@ -555,6 +589,27 @@ mod tests {
             let json = json.replace("\"0708\"", &format!("\"{bad}\""));
             assert!(serde_json::from_str::<LayerDiffId>(&json).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn provisional_names_are_the_prefix_and_64_lowercase_hex_digits() {
+        let hex = "0123456789abcdef".repeat(4);
+        assert!(is_provisional(&format!("{PROVISIONAL_PREFIX}{hex}")));
+        for bad in [
+            hex.clone(),
+            format!("sha256:{hex}"),
+            format!("{PROVISIONAL_PREFIX}{}", hex.to_uppercase()),
+            format!("{PROVISIONAL_PREFIX}{}", &hex[1..]),
+            format!("{PROVISIONAL_PREFIX}{hex}0"),
+            format!("{PROVISIONAL_PREFIX}../{}", &hex[3..]),
+        ] {
+            assert!(!is_provisional(&bad), "{bad}");
+        }
+        let later: LayerParts = serde_json::from_str(
+            r#"{"base":"sha256:ab","parts":[],"tail":{"tar_state":"","first":0,"blob_state":"","members":[]},"name_later":true}"#,
+        )
+        .unwrap();
+        assert!(later.name_later);
     }
 
     #[test]

@@ -335,6 +335,24 @@ pub fn put_parts(socket: &Path, digest: &str, body: &[u8], declared: usize) -> u
         .unwrap_or(0)
 }
 
+/// POSTs a body of parts (`BLOB_PARTS_TYPE`) to `path`: the status and the answer's body.
+pub fn post_parts(socket: &Path, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect to lcached");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: lcached\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        lcache_proto::wire::BLOB_PARTS_TYPE,
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write head");
+    let _ = s.write_all(body);
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    parse_response(&resp)
+}
+
 /// One HTTP/1.1 request on a fresh Unix-socket connection (`Connection: close`); when
 /// `declared_len` is given, that Content-Length is sent whatever the body's real length.
 pub fn raw_http(socket: &Path, method: &str, path: &str, body: &[u8], declared_len: Option<usize>) -> (u16, Vec<u8>) {

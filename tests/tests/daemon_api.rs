@@ -740,3 +740,187 @@ fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_ta
     assert_eq!(d.http("GET", "/v1/images/app:latest", b"").0, 404);
     assert!(d.alive());
 }
+
+/// A COPY layer of 3,000 files (`edited`: that one's contents changed) packed in segments
+/// from `root`; over `earlier`'s blob, its unchanged members are left to the daemon.
+fn segmented_layer(
+    root: &std::path::Path,
+    edited: Option<usize>,
+    earlier: Option<&lcache_image::layer_segments::SegmentIndex>,
+    dest: &std::path::Path,
+) -> lcache_image::layer_segments::Packed {
+    use lcache_image::layer_segments::{pack_segmented, Reuse, SegmentEntry, SegmentEntryKind, TailDigests};
+    let files: Vec<(String, Vec<u8>)> = (0..3000)
+        .map(|i| {
+            let body = match edited {
+                Some(e) if e == i => b"edited".to_vec(),
+                _ => format!("file {i} ").repeat(i % 40 + 1).into_bytes(),
+            };
+            (format!("f{i:04}"), body)
+        })
+        .collect();
+    for (p, b) in &files {
+        std::fs::write(root.join(p), b).unwrap();
+    }
+    let entries: Vec<SegmentEntry> = files
+        .iter()
+        .map(|(p, b)| SegmentEntry {
+            path: p,
+            kind: SegmentEntryKind::File {
+                size: b.len() as u64,
+                content: *blake3::hash(b).as_bytes(),
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        })
+        .collect();
+    let open = |e: &SegmentEntry| std::fs::File::open(root.join(e.path));
+    let reuse = earlier.map(|index| Reuse {
+        index,
+        blob: std::io::empty(),
+        skipped: 0,
+    });
+    pack_segmented(&entries, &open, reuse, dest, TailDigests::Cache).unwrap()
+}
+
+/// `POST /v1/layers`'s body for `packed` over `base`, its tail `tail`.
+fn layer_body(
+    packed: &lcache_image::layer_segments::Packed,
+    base: &str,
+    tail: &lcache_proto::wire::LayerTail,
+    name_later: bool,
+) -> Vec<u8> {
+    let header = lcache_proto::wire::LayerParts {
+        blob: lcache_proto::wire::BlobParts {
+            base: base.into(),
+            parts: packed.parts.clone(),
+        },
+        tail: tail.clone(),
+        name_later,
+    };
+    let mut b = header.head().unwrap();
+    let made = std::fs::read(&packed.layer.path).unwrap();
+    for (offset, len) in header.blob.sent_ranges() {
+        b.extend_from_slice(&made[offset as usize..(offset + len) as usize]);
+    }
+    b
+}
+
+/// What `POST /v1/layers/provisional` says `names` came to.
+fn resolve(d: &Daemon, names: &[&str]) -> Vec<Option<lcache_proto::wire::NamedLayer>> {
+    let asked = serde_json::json!({ "names": names }).to_string();
+    let (status, body) = d.http("POST", "/v1/layers/provisional", asked.as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice::<lcache_proto::wire::ResolvedNames>(&body)
+        .unwrap()
+        .layers
+}
+
+#[test]
+fn a_layer_named_later_is_answered_at_once_and_comes_to_the_digest_naming_it_now_gives() {
+    use lcache_image::image_draft::{DeferredBuild, DeferredLayer, ImageDraft};
+    use lcache_proto::wire::{is_provisional, BuildRecord, LayerRef, NamedLayer, StepRecord};
+    let mut d = Daemon::start(&[]);
+    let token = make_token(&d, "ci", "write");
+    let work = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let first = segmented_layer(src.path(), None, None, &work.path().join("l0"));
+    let base = first.layer.digest.clone();
+    let bytes = std::fs::read(&first.layer.path).unwrap();
+    assert_eq!(d.http("PUT", &format!("/v1/blobs/{base}"), &bytes).0, 201);
+    let edit = segmented_layer(src.path(), Some(1700), Some(&first.index), &work.path().join("l1"));
+    let whole = segmented_layer(src.path(), Some(1700), None, &work.path().join("l2"));
+    let tail = edit.tail.clone().expect("left to the daemon to name");
+
+    // Answered with a provisional name (202), then resolved to what naming it now gives.
+    let (status, answer) = lcache_e2e::post_parts(&d.socket, "/v1/layers", &layer_body(&edit, &base, &tail, true));
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&answer));
+    let later: NamedLayer = serde_json::from_slice(&answer).unwrap();
+    assert!(is_provisional(&later.digest), "{}", later.digest);
+    assert!(later.blob_states.is_empty());
+    assert_eq!(later.size, whole.layer.size);
+    let unknown = format!("provisional:{}", "0".repeat(64));
+    let resolved = resolve(&d, &[&later.digest, &unknown]);
+    let named = resolved[0].clone().expect("the layer was named");
+    assert_eq!(named.digest, whole.layer.digest);
+    assert_eq!(named.size, whole.layer.size);
+    assert_eq!(resolved[1], None, "a name never given");
+    let (status, answer) = lcache_e2e::post_parts(&d.socket, "/v1/layers", &layer_body(&edit, &base, &tail, false));
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
+    let now: NamedLayer = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(now, named, "named at once: the same digest and the same states");
+
+    // A build handed over with a layer still bearing its provisional name: the image and
+    // the step's record get the digest, and the diff_id the whole pack gives.
+    let (status, answer) = lcache_e2e::post_parts(&d.socket, "/v1/layers", &layer_body(&edit, &base, &tail, true));
+    assert_eq!(status, 202);
+    let pending: NamedLayer = serde_json::from_slice(&answer).unwrap();
+    assert_ne!(pending.digest, later.digest, "each answer its own name");
+    let layer = LayerRef {
+        digest: pending.digest.clone(),
+        blake3: String::new(),
+        size: pending.size,
+        diff_id: String::new(),
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+    };
+    let record = StepRecord {
+        key: key(11),
+        layer: Some(layer.clone()),
+        duration_ms: 1,
+        inputs: None,
+        created_at_ms: 0,
+    };
+    let build = DeferredBuild {
+        build: BuildRecord {
+            started_at_ms: 1,
+            finished_at_ms: 2,
+            dockerfile: "Dockerfile".into(),
+            context: "/nonexistent".into(),
+            ..Default::default()
+        },
+        draft: ImageDraft {
+            platform: "linux/amd64".into(),
+            config: Default::default(),
+            layers: vec![layer],
+            history: vec![],
+        },
+        tags: vec!["later:1".into()],
+        layers: vec![DeferredLayer {
+            at: 0,
+            tail: tail.clone(),
+            record,
+        }],
+        scope: String::new(),
+    };
+    let (status, answer) = d.http("POST", "/v1/builds/deferred", &serde_json::to_vec(&build).unwrap());
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
+    let (status, image) = d.http("GET", "/v1/images/later:1", b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&image));
+    let image = json(&image);
+    assert_eq!(image["layers"][0]["digest"], whole.layer.digest.as_str(), "{image}");
+    assert_eq!(image["layers"][0]["diff_id"], whole.layer.diff_id.as_str(), "{image}");
+    let (status, rec) = d.http("GET", &format!("/v1/steps/{}", key(11)), b"");
+    assert_eq!(status, 200);
+    assert_eq!(json(&rec)["layer"]["digest"], whole.layer.digest.as_str());
+
+    // A front that is not the base's: answered, then resolved to nothing, and nothing kept.
+    let mut bad = tail.clone();
+    bad.blob_state = tail.tar_state.clone();
+    let (status, answer) = lcache_e2e::post_parts(&d.socket, "/v1/layers", &layer_body(&edit, &base, &bad, true));
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&answer));
+    let refused: NamedLayer = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(resolve(&d, &[&refused.digest]), vec![None]);
+    // Only names are resolved, and only on the socket.
+    let (status, _) = d.http("POST", "/v1/layers/provisional", br#"{"names":["sha256:00"]}"#);
+    assert_eq!(status, 400);
+    let asked = serde_json::json!({ "names": [later.digest] }).to_string();
+    let over_tcp = tcp_http(&d.tcp, "POST", "/v1/layers/provisional", Some(&token), asked.as_bytes());
+    assert_eq!(over_tcp.0, 403);
+    assert!(d.alive());
+
+    // What the names came to outlives the daemon.
+    let store = d.kill9();
+    let d = Daemon::start_in(store, &[]);
+    assert_eq!(resolve(&d, &[&later.digest, &refused.digest]), vec![Some(named), None]);
+}

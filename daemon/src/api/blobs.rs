@@ -8,13 +8,17 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use lcache_image::layer_segments::tar_state_is_valid;
-use lcache_proto::wire::{BlobParts, LayerTail, NamedLayer, BLOB_PARTS_TYPE};
+use lcache_proto::wire::{
+    is_provisional, BlobParts, LayerTail, NamedLayer, ProvisionalNames, ResolvedNames, BLOB_PARTS_TYPE,
+};
+use std::sync::Arc;
 
 use super::{error, json, Body};
 use crate::state::AppState;
 use crate::store::blob_file::BlobFile;
+use crate::store::blob_parts::ReceivedParts;
 use crate::store::blob_store::{sha256_hex, IngestError};
-use crate::store::BlobMeta;
+use crate::store::{BlobMeta, ProvisionalOutcome};
 
 fn bad_digest(d: &str) -> Response<Body> {
     error(
@@ -262,8 +266,10 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
 /// (`BLOB_PARTS_TYPE` framing, a `LayerParts` header), stored under the digest its bytes
 /// hash to; answers a `NamedLayer` at once and takes the layer's diff_id from its own
 /// members after the change meanwhile (`POST /v1/layers/{digest}/diff-id`). The client
-/// never reads the layer's unchanged members.
-pub async fn post_layer(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+/// never reads the layer's unchanged members. With `name_later`, the answer (202) comes
+/// as soon as the sent bytes are durable, with a provisional name: the blob is checked
+/// and named behind (`crate::provisional_names`).
+pub async fn post_layer(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     let (expected_len, as_parts) = upload_headers(&req);
     if !as_parts {
         return error(
@@ -272,26 +278,82 @@ pub async fn post_layer(state: &AppState, req: Request<Incoming>) -> Response<Bo
             format!("send it with content-type {BLOB_PARTS_TYPE}"),
         );
     }
-    let (named, tail, started) = match state
+    let received = match state
         .blobs
-        .ingest_layer(req.into_body(), expected_len, &state.limits)
+        .receive_layer(req.into_body(), expected_len, &state.limits)
         .await
     {
-        Ok(n) => n,
+        Ok(r) => r,
         Err(e) => return refused(e),
     };
-    if let Err(r) = recorded(state, &named.meta) {
-        return r;
+    if received.name_later {
+        let naming = state.provisional.begin();
+        let answer = NamedLayer {
+            digest: naming.name().to_string(),
+            size: received.size,
+            blob_states: Vec::new(),
+        };
+        let state = Arc::clone(state);
+        tokio::spawn(async move {
+            let outcome = match name_layer(&state, received).await {
+                Ok(layer) => ProvisionalOutcome::Named(layer),
+                Err(e) => {
+                    let reason = e.to_string();
+                    eprintln!("lcached: layer {} cannot be stored: {reason}", naming.name());
+                    ProvisionalOutcome::Failed(reason)
+                }
+            };
+            state.provisional.finish(&*state.records, naming, outcome);
+        });
+        return json(StatusCode::ACCEPTED, &answer);
     }
+    match name_layer(state, received).await {
+        Ok(layer) => json(StatusCode::CREATED, &layer),
+        Err(LayerNotStored::Ingest(e)) => refused(e),
+        Err(LayerNotStored::Record(e)) => record_refused(e),
+    }
+}
+
+/// Why a layer received was not stored.
+#[derive(Debug, thiserror::Error)]
+enum LayerNotStored {
+    #[error(transparent)]
+    Ingest(IngestError),
+    #[error(transparent)]
+    Record(crate::store::StoreError),
+}
+
+/// Checks and names a layer received, records its blob and starts taking its diff_id.
+async fn name_layer(state: &AppState, received: ReceivedParts) -> Result<NamedLayer, LayerNotStored> {
+    let (named, tail, started) = state.blobs.name_layer(received).await.map_err(LayerNotStored::Ingest)?;
+    record_blob(state, &named.meta).map_err(LayerNotStored::Record)?;
     state.layer_naming.keep(&named.meta.digest, &tail, started);
-    json(
-        StatusCode::CREATED,
-        &NamedLayer {
-            digest: named.meta.digest,
-            size: named.meta.size,
-            blob_states: named.blob_states,
-        },
-    )
+    Ok(NamedLayer {
+        digest: named.meta.digest,
+        size: named.meta.size,
+        blob_states: named.blob_states,
+    })
+}
+
+/// `POST /v1/layers/provisional` (the daemon's socket only), with `ProvisionalNames`: what
+/// each provisional name came to, waiting for those still being named.
+pub async fn post_provisional(state: &AppState, req: Request<Incoming>) -> Response<Body> {
+    let asked: ProvisionalNames = match super::read_json(state, req).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    if let Some(bad) = asked.names.iter().find(|n| !is_provisional(n)) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("'{bad}' is not a provisional layer name"),
+            "send the names POST /v1/layers answered with name_later",
+        );
+    }
+    let mut layers = Vec::with_capacity(asked.names.len());
+    for name in &asked.names {
+        layers.push(state.provisional.layer(&*state.records, name).await.ok());
+    }
+    json(StatusCode::OK, &ResolvedNames { layers })
 }
 
 /// `POST /v1/layers/{digest}/diff-id` (the daemon's socket only), with the layer's
@@ -367,21 +429,29 @@ fn upload_headers(req: &Request<Incoming>) -> (Option<u64>, bool) {
 
 /// Makes a blob just stored known to the store (and eviction), or the answer to give.
 fn recorded(state: &AppState, meta: &BlobMeta) -> Result<(), Response<Body>> {
+    record_blob(state, meta).map_err(record_refused)
+}
+
+/// Makes a blob just stored known to the records.
+fn record_blob(state: &AppState, meta: &BlobMeta) -> Result<(), crate::store::StoreError> {
     state.metrics.bytes_in.fetch_add(meta.size, Ordering::Relaxed);
     // Just stored counts as just used: eviction must not take a blob whose record is about
     // to be written. Touched before the blob is known, so that a pass running meanwhile
     // never sees it without its use (as never used: first to go).
     let _ = state.records.touch(&meta.digest, super::now_ms());
     // The file is durable; only now may the store (and records) know the blob.
-    if let Err(e) = state.records.put_blob(meta).and_then(|_| state.records.flush()) {
-        return Err(error(
-            StatusCode::INSUFFICIENT_STORAGE,
-            e.to_string(),
-            "free space on the store's disk",
-        ));
-    }
+    state.records.put_blob(meta).and_then(|_| state.records.flush())?;
     state.evict_wake.notify_one();
     Ok(())
+}
+
+/// The answer when a blob stored cannot be recorded.
+fn record_refused(e: crate::store::StoreError) -> Response<Body> {
+    error(
+        StatusCode::INSUFFICIENT_STORAGE,
+        e.to_string(),
+        "free space on the store's disk",
+    )
 }
 
 /// The answer to an upload that stored nothing.

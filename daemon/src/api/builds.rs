@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use lcache_image::image_draft::DeferredBuild;
 use lcache_image::layer_segments::tar_state_is_valid;
-use lcache_proto::wire::BuildRecord;
+use lcache_proto::wire::{is_provisional, BuildRecord};
 
 use super::{error, json, now_ms, read_json, stored, Body};
 use crate::state::AppState;
@@ -80,7 +80,13 @@ pub async fn post_deferred(state: &Arc<AppState>, req: Request<Incoming>) -> Res
     }
     for l in &d.layers {
         let digest = l.record.layer.as_ref().map_or("", |r| r.digest.as_str());
-        if !matches!(state.records.get_blob(digest), Ok(Some(_))) {
+        // A provisional name is resolved as the build is named.
+        let known = if is_provisional(digest) {
+            state.provisional.known(&*state.records, digest)
+        } else {
+            matches!(state.records.get_blob(digest), Ok(Some(_)))
+        };
+        if !known {
             return error(
                 StatusCode::CONFLICT,
                 format!("layer {digest} is not stored"),

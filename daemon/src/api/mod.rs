@@ -219,6 +219,15 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
             ),
         ),
         (&Method::POST, ["v1", "layers"]) => ("blobs_put", blobs::post_layer(&state, req).await),
+        (&Method::POST, ["v1", "layers", "provisional"]) if origin == Origin::Network => (
+            "other",
+            error(
+                StatusCode::FORBIDDEN,
+                "POST /v1/layers/provisional is served only on the daemon's Unix socket",
+                "resolve provisional names on the daemon that gave them",
+            ),
+        ),
+        (&Method::POST, ["v1", "layers", "provisional"]) => ("other", blobs::post_provisional(&state, req).await),
         (&Method::POST, ["v1", "layers", _, "diff-id"]) if origin == Origin::Network => (
             "other",
             error(

@@ -219,6 +219,20 @@ fn hash_runs(
     Ok(((digest, states, b3.finalize().to_hex().to_string(), len), marked))
 }
 
+/// A body of parts read whole, its sent bytes durable: what is left to check and name.
+pub struct ReceivedParts {
+    claimed: Option<String>,
+    header: BlobParts,
+    tail: Option<LayerTail>,
+    base: BlobFile,
+    dir: PathBuf,
+    guard: TempDir,
+    /// The blob's length.
+    pub size: u64,
+    /// Whether the client asked to be answered before the blob is named.
+    pub name_later: bool,
+}
+
 /// A blob's SHA-256 digest, its kept states, its BLAKE3 and its length.
 type Hashed = (String, Vec<u8>, String, u64);
 
@@ -267,7 +281,29 @@ impl BlobStore {
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let (meta, named) = self.ingest_composed(None, body, expected_len, limits).await?;
+        let received = self.receive_layer(body, expected_len, limits).await?;
+        self.name_layer(received).await
+    }
+
+    /// The first half of [`Self::ingest_layer`]: the body read whole, its sent bytes
+    /// durable, nothing checked against the base or named yet (`name_later`: the client is
+    /// answered now, and [`Self::name_layer`] runs behind).
+    pub async fn receive_layer<B>(
+        &self,
+        body: B,
+        expected_len: Option<u64>,
+        limits: &Limits,
+    ) -> Result<ReceivedParts, IngestError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        self.receive_composed(None, body, expected_len, limits).await
+    }
+
+    /// The second half of [`Self::ingest_layer`]: checks and names the layer received.
+    pub async fn name_layer(&self, received: ReceivedParts) -> Result<(NamedBlob, LayerTail, Started), IngestError> {
+        let (meta, named) = self.name_received(received).await?;
         let (tail, blob_states, started) = named.ok_or_else(|| bad("the layer's tail was not given"))?;
         Ok((NamedBlob { meta, blob_states }, tail, started))
     }
@@ -281,6 +317,23 @@ impl BlobStore {
         expected_len: Option<u64>,
         limits: &Limits,
     ) -> Result<(BlobMeta, Option<(LayerTail, Vec<Vec<u8>>, Started)>), IngestError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let received = self.receive_composed(claimed, body, expected_len, limits).await?;
+        self.name_received(received).await
+    }
+
+    /// Reads a body of parts: its header checked, its sent bytes written and synced into a
+    /// directory of their own (removed unless the blob is named).
+    async fn receive_composed<B>(
+        &self,
+        claimed: Option<&str>,
+        body: B,
+        expected_len: Option<u64>,
+        limits: &Limits,
+    ) -> Result<ReceivedParts, IngestError>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
@@ -302,11 +355,15 @@ impl BlobStore {
         }
         let head = body.exact(header_len as usize).await?;
         let invalid = |e: serde_json::Error| bad(format!("the list of parts is not valid: {e}"));
-        let (header, tail) = match claimed {
-            Some(_) => (serde_json::from_slice::<BlobParts>(&head).map_err(invalid)?, None),
+        let (header, tail, name_later) = match claimed {
+            Some(_) => (
+                serde_json::from_slice::<BlobParts>(&head).map_err(invalid)?,
+                None,
+                false,
+            ),
             None => {
                 let l: LayerParts = serde_json::from_slice(&head).map_err(invalid)?;
-                (l.blob, Some(l.tail))
+                (l.blob, Some(l.tail), l.name_later)
             }
         };
         if tail.as_ref().is_some_and(|t| !tar_state_is_valid(&t.tar_state)) {
@@ -361,7 +418,7 @@ impl BlobStore {
 
         let dir = self.temp_path("d");
         tokio::fs::create_dir(&dir).await?;
-        let mut guard = TempDir(Some(dir.clone()));
+        let guard = TempDir(Some(dir.clone()));
         let mut file = tokio::fs::File::create(dir.join(SENT)).await?;
         let mut written = 0u64;
         while let Some(data) = body.next().await? {
@@ -382,7 +439,34 @@ impl BlobStore {
         }
         file.sync_all().await?;
         drop(file);
+        Ok(ReceivedParts {
+            claimed: claimed.map(str::to_string),
+            header,
+            tail,
+            base,
+            dir,
+            guard,
+            size: total,
+            name_later,
+        })
+    }
 
+    /// Checks the blob `received` makes against the base's front and names it (its
+    /// digest, checked against the one claimed), then moves it into place.
+    async fn name_received(
+        &self,
+        received: ReceivedParts,
+    ) -> Result<(BlobMeta, Option<(LayerTail, Vec<Vec<u8>>, Started)>), IngestError> {
+        let ReceivedParts {
+            claimed,
+            header,
+            tail,
+            base,
+            dir,
+            mut guard,
+            ..
+        } = received;
+        let claimed = claimed.as_deref();
         let d = dir.clone();
         let claimed_owned = claimed.map(str::to_string);
         // The blob's first bytes are the base's (a re-run COPY's unchanged front): its
@@ -838,6 +922,7 @@ mod tests {
                 parts: packed.parts.clone(),
             },
             tail: tail.clone(),
+            name_later: false,
         };
         let mut b = header.head().unwrap();
         let made = std::fs::read(&packed.layer.path).unwrap();

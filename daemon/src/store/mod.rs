@@ -25,6 +25,15 @@ pub enum StoreError {
     Codec(#[from] CodecError),
 }
 
+/// What a provisional layer name (`POST /v1/layers` with `name_later`) came to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProvisionalOutcome {
+    /// The layer as stored, under its digest.
+    Named(lcache_proto::wire::NamedLayer),
+    /// Why nothing was stored.
+    Failed(String),
+}
+
 /// What the blob store knows about a stored blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlobMeta {
@@ -117,6 +126,11 @@ pub trait RecordStore: Send + Sync {
     fn deferred(&self) -> Result<Vec<DeferredBuild>, StoreError>;
     /// Forgets a deferred build, once its image is named (or cannot be).
     fn remove_deferred(&self, id: &str) -> Result<(), StoreError>;
+    /// Keeps what a provisional layer name came to; past the newest `keep` names, the
+    /// oldest are forgotten (names sort by the time they were given).
+    fn put_provisional(&self, name: &str, outcome: &ProvisionalOutcome, keep: usize) -> Result<(), StoreError>;
+    /// What a provisional layer name came to, if it is kept.
+    fn get_provisional(&self, name: &str) -> Result<Option<ProvisionalOutcome>, StoreError>;
     /// Counts: (steps, blobs, blob bytes, builds).
     fn counts(&self) -> Result<(u64, u64, u64, u64), StoreError>;
     /// The cached digests of a context's files, by path.

@@ -6,7 +6,7 @@ use std::path::Path;
 use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 
-use super::{step_id, BlobMeta, CachedDigest, RecordStore, StoreError, TokenRecord};
+use super::{step_id, BlobMeta, CachedDigest, ProvisionalOutcome, RecordStore, StoreError, TokenRecord};
 use crate::codec::{decode, encode, Stored};
 
 /// sled-backed records.
@@ -25,6 +25,9 @@ pub struct SledRecords {
     tokens: sled::Tree,
     evicted: sled::Tree,
     deferred: sled::Tree,
+    provisional: sled::Tree,
+    /// How many names `provisional` holds, counted once at open.
+    provisional_count: std::sync::atomic::AtomicUsize,
 }
 
 /// The most memory sled's page cache may hold.
@@ -62,6 +65,8 @@ impl SledRecords {
             tokens: tree("tokens")?,
             evicted: tree("evicted")?,
             deferred: tree("deferred_builds")?,
+            provisional_count: std::sync::atomic::AtomicUsize::new(tree("provisional_names")?.len()),
+            provisional: tree("provisional_names")?,
             db,
         })
     }
@@ -236,6 +241,36 @@ impl RecordStore for SledRecords {
     fn remove_deferred(&self, id: &str) -> Result<(), StoreError> {
         self.deferred.remove(id.as_bytes()).map_err(db_err)?;
         Ok(())
+    }
+
+    fn put_provisional(&self, name: &str, outcome: &ProvisionalOutcome, keep: usize) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        // JSON, as deferred builds are: read back only by this daemon, soon.
+        let value = serde_json::to_vec(outcome).map_err(|e| StoreError::Db(e.to_string()))?;
+        if self
+            .provisional
+            .insert(name.as_bytes(), value)
+            .map_err(db_err)?
+            .is_none()
+        {
+            self.provisional_count.fetch_add(1, SeqCst);
+        }
+        while self.provisional_count.load(SeqCst) > keep {
+            if self.provisional.pop_min().map_err(db_err)?.is_none() {
+                self.provisional_count.store(0, SeqCst);
+                break;
+            }
+            self.provisional_count.fetch_sub(1, SeqCst);
+        }
+        Ok(())
+    }
+
+    fn get_provisional(&self, name: &str) -> Result<Option<ProvisionalOutcome>, StoreError> {
+        match self.provisional.get(name.as_bytes()).map_err(db_err)? {
+            // One that cannot be read is as good as forgotten.
+            Some(v) => Ok(serde_json::from_slice(&v).ok()),
+            None => Ok(None),
+        }
     }
 
     fn counts(&self) -> Result<(u64, u64, u64, u64), StoreError> {
