@@ -20,8 +20,8 @@ use lcache_proto::source_select::{select, ContextEntry, EntryKind, SelectedRoot}
 use lcache_proto::sources_digest::binds_digest;
 use lcache_proto::step_keys::{is_remote, StepKey, StepRef};
 use lcache_proto::wire::{
-    BlobPart, BlobParts, BuildFailure, BuildRecord, BuildStep, ImageRecord, LayerParts, LayerRef, LayerTail,
-    PlanInputs, StepRecord,
+    is_provisional, BlobPart, BlobParts, BuildFailure, BuildRecord, BuildStep, ImageRecord, LayerParts, LayerRef,
+    LayerTail, NamedLayer, PlanInputs, StepRecord,
 };
 
 use crate::build_control::BuildControl;
@@ -29,7 +29,9 @@ use crate::build_events::{BuildObserver, StepEvent, StepPhases, SummaryEvent};
 use crate::cache_dir::CacheDir;
 use crate::copy_changes::source_changes;
 use crate::copy_pack::{pack_copy, pack_copy_over};
-use crate::copy_seed::{keep_pending_segments, keep_segments, save_entries, save_segments, DeltaUnit, Seed};
+use crate::copy_seed::{
+    fill_blob_states, keep_pending_segments, keep_segments, save_entries, save_segments, DeltaUnit, Seed,
+};
 use crate::copy_step::{
     build_copy_changes, build_copy_layer, build_workdir_layer, changes_from, parse_chmod, ChangeJob, CopyAttrs,
     CopyError, CopyJob, CopyLayer, DELTA_REBASE_AT,
@@ -37,6 +39,7 @@ use crate::copy_step::{
 use crate::errors::{BuildError, CacheError};
 use crate::miss_causes::{dockerignore_digest, CauseFinder, StepAt};
 use crate::overlay_mount::OverlayMount;
+use crate::provisional_snapshots;
 use crate::run_mounts::{prepare as prepare_mounts, MountInputs};
 use crate::run_step::{argv_with_heredocs, run_step, PreparedMount, RunError, RunSpec};
 use crate::snapshot_prune::{hold_for_build, mark_used};
@@ -135,6 +138,28 @@ struct Builder<'a> {
     /// The target stage's records whose diff_ids lcached is taking, left to it to store
     /// (with `name_later`) instead of waited for.
     deferred: Mutex<Vec<(usize, PendingRecord)>>,
+    /// The provisional names lcached gave this build's layers.
+    given: GivenNames,
+}
+
+/// The provisional layer names a build's snapshots bear: listed for the next build to
+/// resolve (`provisional_snapshots`) once this one is over, however it ends.
+struct GivenNames {
+    cache: CacheDir,
+    names: Mutex<Vec<String>>,
+}
+
+impl GivenNames {
+    fn push(&self, name: String) {
+        self.names.lock().unwrap_or_else(|p| p.into_inner()).push(name);
+    }
+}
+
+impl Drop for GivenNames {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut *self.names.lock().unwrap_or_else(|p| p.into_inner()));
+        provisional_snapshots::list(&self.cache, &names);
+    }
 }
 
 /// One finished step: what progress showed, and what the history keeps.
@@ -297,12 +322,19 @@ pub fn build(
         path: req.cache_dir.clone(),
         source,
     })?;
+    // Snapshots earlier builds left under provisional names take their digests' now, before
+    // a step looks one up.
+    provisional_snapshots::resolve(&cache, steps);
     let mut first_step = HashMap::new();
     let mut n = 1;
     for st in plan.needed_stages() {
         first_step.insert(st.index, n);
         n += st.steps.len();
     }
+    let given = GivenNames {
+        cache: cache.clone(),
+        names: Mutex::new(Vec::new()),
+    };
     let b = Builder {
         client,
         steps,
@@ -317,6 +349,7 @@ pub fn build(
         first_step,
         cache_names_layers: std::sync::atomic::AtomicBool::new(true),
         deferred: Mutex::new(Vec::new()),
+        given,
     };
     let (mut states, finished) = match b.build_stages() {
         Ok(built) => built,
@@ -783,6 +816,9 @@ impl<'a> Builder<'a> {
                     compared_with.as_deref().and_then(|k| self.seed_from(k, &inputs)),
                     // Worth it only while a later step can use the time.
                     n + 1 < stage.steps.len(),
+                    // Its record is handed to lcached with the image, which names the layer
+                    // (its digest) too: nobody waits for the digest then.
+                    self.req.name_later && !self.req.squash && i == self.plan.target,
                 ) {
                     Ok(layer) => Some(layer),
                     Err(e) => {
@@ -1050,6 +1086,7 @@ impl<'a> Builder<'a> {
         started: Instant,
         seed: Option<Seed>,
         defer_hashing: bool,
+        name_later: bool,
     ) -> Result<(LayerRef, Snapshot, Option<StepPhases>, Option<PendingRecord>), BuildError> {
         let location = format!("{}:{line}", self.dockerfile);
         let fail = |message: String, last_output: Vec<String>| BuildError::StepFailed {
@@ -1285,7 +1322,7 @@ impl<'a> Builder<'a> {
         let storing = Instant::now();
         let mut stored = None;
         if let Some(tail) = tail {
-            match self.layer_named_by_cache(&packed, segments.as_mut(), parts.as_ref(), &tail) {
+            match self.layer_named_by_cache(&packed, segments.as_mut(), parts.as_ref(), &tail, name_later) {
                 Ok(Some(digest)) => {
                     // Its diff_id is the cache's to take, while the build goes on.
                     packed.digest = digest;
@@ -1373,13 +1410,15 @@ impl<'a> Builder<'a> {
 
     /// Stores a re-run COPY's layer packed for the cache to name (`tail`), and fills in the
     /// blob's states `index` lacks after the change from what the cache says. Returns its
-    /// digest; `None` when the cache does not name layers.
+    /// digest (with `later`, perhaps a provisional name: the states come when it is
+    /// resolved); `None` when the cache does not name layers.
     fn layer_named_by_cache(
         &self,
         packed: &lcache_image::layer_diff::PackedLayer,
         index: Option<&mut SegmentIndex>,
         parts: Option<&(&str, Vec<BlobPart>, u64)>,
         tail: &LayerTail,
+        later: bool,
     ) -> Result<Option<String>, CacheError> {
         let (Some(index), Some((base, parts, _))) = (index, parts) else {
             return Err(CacheError::Protocol(
@@ -1393,13 +1432,14 @@ impl<'a> Builder<'a> {
                 parts: parts.clone(),
             },
             tail: tail.clone(),
-            name_later: false,
+            name_later: later,
         };
         let Some(named) = self.steps.put_layer(&packed.path, &layer)? else {
             return Ok(None);
         };
-        let n = index.segments.len();
-        if named.size != packed.size || named.blob_states.len() != members || members > n {
+        let provisional = is_provisional(&named.digest);
+        let states = if provisional { 0 } else { members };
+        if named.size != packed.size || named.blob_states.len() != states || members > index.segments.len() {
             return Err(CacheError::Protocol(format!(
                 "the cache named a layer of {} bytes with {} states for a layer of {} bytes with {members} members after its change",
                 named.size,
@@ -1407,8 +1447,10 @@ impl<'a> Builder<'a> {
                 packed.size
             )));
         }
-        for (seg, state) in index.segments[n - members..].iter_mut().zip(named.blob_states) {
-            seg.blob_state = state;
+        if provisional {
+            self.given.push(named.digest.clone());
+        } else {
+            fill_blob_states(index, named.blob_states);
         }
         Ok(Some(named.digest))
     }
@@ -1432,17 +1474,34 @@ impl<'a> Builder<'a> {
         let mut result = Ok(());
         for (at, p) in pending {
             let waited = Instant::now();
-            let hashed = p.hashing.finish(self.steps, &p.digest);
+            // A layer lcached named provisionally: its digest (and the blob's states) first.
+            let named = match is_provisional(&p.digest) {
+                true => self.resolved(&p.digest).map(Some),
+                false => Ok(None),
+            };
+            let digest = match &named {
+                Ok(Some(n)) => n.digest.clone(),
+                _ => p.digest.clone(),
+            };
+            let hashed = named.and_then(|named| {
+                let (diff_id, mut index) = p.hashing.finish(self.steps, &digest)?;
+                if let Some(named) = named {
+                    fill_blob_states(&mut index, named.blob_states);
+                }
+                Ok((diff_id, index))
+            });
             let ms = waited.elapsed().as_millis() as u64;
             let stored = match hashed {
                 Ok((diff_id, index)) => {
                     let mut record = p.record;
                     if let Some(l) = record.layer.as_mut() {
                         l.diff_id.clone_from(&diff_id);
+                        l.digest.clone_from(&digest);
                     }
                     record.duration_ms += ms;
                     if let Some(l) = layers.get_mut(at) {
                         l.diff_id = diff_id;
+                        l.digest.clone_from(&digest);
                     }
                     // Only a speed-up for the next build of this step.
                     let _ = keep_segments(&self.cache, &p.digest, &index);
@@ -1460,6 +1519,17 @@ impl<'a> Builder<'a> {
             }
         }
         result
+    }
+
+    /// What the provisional name `name` came to, once lcached has named the layer.
+    fn resolved(&self, name: &str) -> Result<NamedLayer, String> {
+        match self.steps.resolve_layers(std::slice::from_ref(&name.to_string())) {
+            Ok(mut layers) => layers
+                .pop()
+                .flatten()
+                .ok_or_else(|| format!("lcached did not store layer {name}")),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Keeps a rebuilt step's layer directory as the snapshot of the layer `digest`: whole,

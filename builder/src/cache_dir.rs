@@ -55,9 +55,14 @@ impl CacheDir {
         &self.root
     }
 
-    /// Where the extracted layer with blob digest `sha256:<hex>` lives.
+    /// Where the extracted layer with blob digest `sha256:<hex>` lives; a layer still
+    /// bearing its provisional name `provisional:<hex>` lives under that hex until its next
+    /// build renames it (`provisional_snapshots`).
     pub fn snapshot(&self, digest: &str) -> PathBuf {
-        self.root.join("snapshots").join(digest.trim_start_matches("sha256:"))
+        let hex = digest
+            .strip_prefix(lcache_proto::wire::PROVISIONAL_PREFIX)
+            .unwrap_or_else(|| digest.trim_start_matches("sha256:"));
+        self.root.join("snapshots").join(hex)
     }
 
     /// A fresh, empty work directory for one step.

@@ -245,6 +245,44 @@ pub fn keep_pending_segments(
     write_bincode(&pending_path(&path), &(index, tail))
 }
 
+/// Gives the last `states.len()` segments of `index` the blob's SHA-256 states after them
+/// (as the cache that named the layer gives them); false, and `index` untouched, when the
+/// index has fewer segments.
+pub fn fill_blob_states(index: &mut SegmentIndex, states: Vec<Vec<u8>>) -> bool {
+    let (n, k) = (index.segments.len(), states.len());
+    if k > n {
+        return false;
+    }
+    for (seg, state) in index.segments[n - k..].iter_mut().zip(states) {
+        seg.blob_state = state;
+    }
+    true
+}
+
+/// Completes the index kept pending beside the snapshot at `segments` (the index's path,
+/// see [`keep_pending_segments`]) with the blob's states after the change, which a layer
+/// named provisionally learns only once lcached has named it. An index they do not fit is
+/// dropped: the next layer is then packed whole.
+pub fn complete_pending_blob_states(segments: &Path, states: &[Vec<u8>]) -> std::io::Result<()> {
+    let pending = pending_path(segments);
+    let Some((mut index, tail)) = read_bincode::<(SegmentIndex, LayerTail)>(&pending) else {
+        return Ok(());
+    };
+    if states.len() != tail.members.len() || !fill_blob_states(&mut index, states.to_vec()) {
+        return std::fs::remove_file(&pending);
+    }
+    write_bincode(&pending, &(index, tail))
+}
+
+/// Where the segment index of the snapshot `snapshot` (whole) or `unit` (a delta) is kept.
+pub fn segments_beside(snapshot: &Path, unit: &DeltaUnit) -> PathBuf {
+    if snapshot.is_dir() {
+        segments_path(snapshot)
+    } else {
+        unit.segments()
+    }
+}
+
 /// The segment index of the blob `digest` kept at `path`; one kept while lcached was still
 /// naming the layer is completed with the tar's states it took, and kept whole from then on.
 /// `None` (the next layer is packed whole) when there is none, or lcached no longer has it.

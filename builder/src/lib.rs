@@ -18,6 +18,7 @@ pub mod errors;
 pub mod image_export;
 pub mod miss_causes;
 pub mod overlay_mount;
+pub mod provisional_snapshots;
 pub mod run_mounts;
 pub mod run_step;
 pub mod snapshot_prune;

@@ -348,6 +348,25 @@ fn disk_bytes(path: &Path) -> std::io::Result<u64> {
     Ok(bytes)
 }
 
+/// Removes the snapshot named by `hex` (whole or a delta, and what is kept beside it),
+/// as pruning removes one: for a snapshot that stands for no stored layer.
+pub fn remove_snapshot(cache: &CacheDir, hex: &str) -> std::io::Result<()> {
+    let dir = cache.root().join("snapshots");
+    let names = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .filter(|n| n.to_str().and_then(|n| n.split('.').next()) == Some(hex))
+        .collect();
+    let unit = Unit {
+        hex: hex.to_string(),
+        names,
+        used: SystemTime::UNIX_EPOCH,
+        bytes: 0,
+        base: None,
+        whole: false,
+    };
+    remove_unit(&dir, &cache.root().join("work"), &unit)
+}
+
 /// Removes a snapshot: the files beside it, then its directories (renamed out of
 /// `snapshots/` first), then its marker.
 fn remove_unit(dir: &Path, work: &Path, u: &Unit) -> std::io::Result<()> {

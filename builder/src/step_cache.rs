@@ -95,6 +95,15 @@ pub trait StepCache: Send + Sync {
             "layer {digest} was not named by this cache, which does not name layers"
         )))
     }
+    /// What the provisional names [`StepCache::put_layer`] answered with `name_later` came
+    /// to, in order (waiting for those still being named): `None` for one that stands for
+    /// no stored layer.
+    fn resolve_layers(&self, names: &[String]) -> Result<Vec<Option<NamedLayer>>, CacheError> {
+        Err(CacheError::Protocol(format!(
+            "{} provisional layer names cannot be resolved by this cache, which gives none",
+            names.len()
+        )))
+    }
 }
 
 /// Passes on what is written to it but for the first `left` bytes.
@@ -184,6 +193,10 @@ impl<C: StepCache> StepCache for Metered<C> {
         self.inner.layer_diff_id(digest, tail)
     }
 
+    fn resolve_layers(&self, names: &[String]) -> Result<Vec<Option<NamedLayer>>, CacheError> {
+        self.inner.resolve_layers(names)
+    }
+
     fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
         let named = self.inner.put_layer(file, layer)?;
         if named.is_some() {
@@ -255,5 +268,9 @@ impl<C: StepCache + ?Sized> StepCache for &C {
 
     fn layer_diff_id(&self, digest: &str, tail: &LayerTail) -> Result<LayerDiffId, CacheError> {
         (**self).layer_diff_id(digest, tail)
+    }
+
+    fn resolve_layers(&self, names: &[String]) -> Result<Vec<Option<NamedLayer>>, CacheError> {
+        (**self).resolve_layers(names)
     }
 }

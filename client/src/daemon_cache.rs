@@ -57,6 +57,10 @@ impl StepCache for DaemonClient {
     fn layer_diff_id(&self, digest: &str, tail: &LayerTail) -> Result<LayerDiffId, CacheError> {
         DaemonClient::layer_diff_id(self, digest, tail)
     }
+
+    fn resolve_layers(&self, names: &[String]) -> Result<Vec<Option<NamedLayer>>, CacheError> {
+        DaemonClient::resolve_layers(self, names)
+    }
 }
 
 impl BuildControl for DaemonClient {

@@ -10,7 +10,7 @@ use lcache_image::sha256_stream::Sha256Stream;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{
     BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, LayerDiffId, LayerParts, LayerTail, NamedLayer,
-    PlanInputs, PlanResponse, StatusResponse, StepRecord, BLOB_PARTS_TYPE,
+    PlanInputs, PlanResponse, ProvisionalNames, ResolvedNames, StatusResponse, StepRecord, BLOB_PARTS_TYPE,
 };
 use lcache_remote::{Remote, RemoteError};
 use serde::de::DeserializeOwned;
@@ -316,6 +316,20 @@ impl DaemonClient {
                 .map_err(|e| CacheError::Protocol(format!("POST /v1/layers answered what is not a layer: {e}"))),
             (_, refused) => Err(refused),
         }
+    }
+
+    /// `POST /v1/layers/provisional`: what provisional layer names came to, in order.
+    pub fn resolve_layers(&self, names: &[String]) -> Result<Vec<Option<NamedLayer>>, CacheError> {
+        let asked = ProvisionalNames { names: names.to_vec() };
+        let resolved: ResolvedNames = self.json(Method::POST, "/v1/layers/provisional", Some(&asked))?;
+        if resolved.layers.len() != names.len() {
+            return Err(CacheError::Protocol(format!(
+                "POST /v1/layers/provisional answered {} layers for {} names",
+                resolved.layers.len(),
+                names.len()
+            )));
+        }
+        Ok(resolved.layers)
     }
 
     /// `POST /v1/layers/{digest}/diff-id`: the diff_id of a layer [`Self::put_layer`] named,

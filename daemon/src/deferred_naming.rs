@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::api::steps::{keep_first, Stored};
 use crate::state::AppState;
 use crate::store::blob_store::IngestError;
+use lcache_proto::wire::is_provisional;
 
 /// The longest a reader waits for builds being named: a diff_id takes about a second per
 /// GB of tar, so past this something is wrong and the reader is answered with what is stored.
@@ -124,6 +125,22 @@ async fn finish(state: &Arc<AppState>, mut build: DeferredBuild) {
 
 /// Names `build`'s image: its manifest digest.
 async fn name(state: &Arc<AppState>, build: &mut DeferredBuild) -> Result<String, String> {
+    // Layers answered before they were named (`name_later`) get their digests first.
+    let provisional: Vec<String> = build
+        .layers
+        .iter()
+        .filter_map(|l| l.record.layer.as_ref())
+        .map(|l| l.digest.clone())
+        .filter(|d| is_provisional(d))
+        .collect();
+    for name in provisional {
+        let named = state
+            .provisional
+            .layer(&*state.records, &name)
+            .await
+            .map_err(|reason| format!("layer {name} was not stored: {reason}"))?;
+        build.resolve_layer(&name, &named.digest);
+    }
     for layer in build.layers.clone() {
         let digest = layer
             .record

@@ -64,6 +64,16 @@ impl ProvisionalNames {
         Naming { name, tx }
     }
 
+    /// Takes up naming `name` again (given before the daemon last stopped).
+    pub fn resume(&self, name: &str) -> Naming {
+        let (tx, rx) = watch::channel(None);
+        self.lock().insert(name.to_string(), rx);
+        Naming {
+            name: name.to_string(),
+            tx,
+        }
+    }
+
     /// Reports what `naming` came to: kept in `records` first, so that a reader who no
     /// longer finds the name being named finds its outcome there.
     pub fn finish(&self, records: &dyn RecordStore, naming: Naming, outcome: ProvisionalOutcome) {

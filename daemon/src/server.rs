@@ -266,6 +266,8 @@ impl Daemon {
         if let Some((u, rx)) = upstream {
             tokio::spawn(u.run(rx, state.clone()));
         }
+        // Layers first: the builds being named wait for their names.
+        crate::api::blobs::resume_provisional(&state);
         crate::deferred_naming::resume(&state);
         Ok(Self {
             state,

@@ -1311,11 +1311,26 @@ fn a_build_that_leaves_its_image_to_lcached_ends_cached_and_lcached_names_and_ta
         "{stderr}"
     );
 
+    // lcached answered the re-run COPY's layer with a provisional name: its snapshot bears
+    // it, listed for the next build to rename.
+    let listed = || std::fs::read_dir(env.cache_dir().join("provisional")).map_or(0, |d| d.count());
+    assert_eq!(listed(), 1, "the layer's provisional name is listed");
+
     let (status, tagged) = daemon_json(&env, "/v1/images/app:later");
     assert_eq!(status, 200, "{tagged}");
     let named = tagged["manifest_digest"].as_str().unwrap().to_string();
     let (_, build) = daemon_json(&env, &format!("/v1/builds/{id}"));
     assert_eq!(build["image"], named.as_str());
+    let layers = tagged["layers"].as_array().unwrap();
+    let copied = layers.last().unwrap()["digest"].as_str().unwrap();
+    assert!(
+        copied.starts_with("sha256:"),
+        "the image names the layer by its digest: {tagged}"
+    );
+    let unit = env
+        .cache_dir()
+        .join("snapshots")
+        .join(format!("{}.delta", copied.trim_start_matches("sha256:")));
     let shown = env.lcache(&p, &["history", "show", &id]);
     assert!(
         String::from_utf8_lossy(&shown.stdout).contains(&format!("image {named}")),
@@ -1327,6 +1342,8 @@ fn a_build_that_leaves_its_image_to_lcached_ends_cached_and_lcached_names_and_ta
     let (steps, image) = env.build(&p, &["--name-image", "now"]);
     assert_eq!(cached(&steps), [true]);
     assert_eq!(image, named);
+    assert_eq!(listed(), 0, "the next build resolved the name");
+    assert!(unit.join("tree").is_dir(), "the snapshot now bears the digest");
     let (_, again) = env.build(&p, &["--no-cache"]);
     assert_eq!(again, named);
 

@@ -924,3 +924,41 @@ fn a_layer_named_later_is_answered_at_once_and_comes_to_the_digest_naming_it_now
     let d = Daemon::start_in(store, &[]);
     assert_eq!(resolve(&d, &[&later.digest, &refused.digest]), vec![Some(named), None]);
 }
+
+#[test]
+fn a_layer_answered_before_the_daemon_was_killed_is_named_when_it_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_env(
+        dir,
+        &[],
+        &[("LCACHED_TEST_LAYER_NAMING_DELAY_MS".into(), "60000".into())],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let first = segmented_layer(src.path(), None, None, &work.path().join("l0"));
+    let base = first.layer.digest.clone();
+    assert_eq!(
+        d.http(
+            "PUT",
+            &format!("/v1/blobs/{base}"),
+            &std::fs::read(&first.layer.path).unwrap()
+        )
+        .0,
+        201
+    );
+    let edit = segmented_layer(src.path(), Some(5), Some(&first.index), &work.path().join("l1"));
+    let whole = segmented_layer(src.path(), Some(5), None, &work.path().join("l2"));
+    let tail = edit.tail.clone().unwrap();
+    let (status, answer) = lcache_e2e::post_parts(&d.socket, "/v1/layers", &layer_body(&edit, &base, &tail, true));
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&answer));
+    let later: lcache_proto::wire::NamedLayer = serde_json::from_slice(&answer).unwrap();
+    // Killed while the layer waits to be named: named when the daemon starts again.
+    let d = Daemon::start_in(d.kill9(), &[]);
+    let named = resolve(&d, &[&later.digest])
+        .remove(0)
+        .expect("named after the restart");
+    assert_eq!(named.digest, whole.layer.digest);
+    let (status, blob) = d.http("GET", &format!("/v1/blobs/{}", named.digest), b"");
+    assert_eq!(status, 200);
+    assert_eq!(blob, std::fs::read(&whole.layer.path).unwrap());
+}

@@ -10,10 +10,12 @@ use hyper::{Request, Response, StatusCode};
 use lcache_image::layer_segments::tar_state_is_valid;
 use lcache_proto::wire::{
     is_provisional, BlobParts, LayerTail, NamedLayer, ProvisionalNames, ResolvedNames, BLOB_PARTS_TYPE,
+    PROVISIONAL_PREFIX,
 };
 use std::sync::Arc;
 
 use super::{error, json, Body};
+use crate::provisional_names::Naming;
 use crate::state::AppState;
 use crate::store::blob_file::BlobFile;
 use crate::store::blob_parts::ReceivedParts;
@@ -287,30 +289,72 @@ pub async fn post_layer(state: &Arc<AppState>, req: Request<Incoming>) -> Respon
         Err(e) => return refused(e),
     };
     if received.name_later {
+        let mut received = received;
         let naming = state.provisional.begin();
+        let hex = &naming.name()[PROVISIONAL_PREFIX.len()..];
+        // Kept where a restart finds it: the client is answered now and counts on it.
+        if let Err(e) = state.blobs.keep_received(&mut received, hex).await {
+            state
+                .provisional
+                .finish(&*state.records, naming, ProvisionalOutcome::Failed(e.to_string()));
+            return refused(IngestError::Io(e));
+        }
         let answer = NamedLayer {
             digest: naming.name().to_string(),
             size: received.size,
             blob_states: Vec::new(),
         };
-        let state = Arc::clone(state);
-        tokio::spawn(async move {
-            let outcome = match name_layer(&state, received).await {
-                Ok(layer) => ProvisionalOutcome::Named(layer),
-                Err(e) => {
-                    let reason = e.to_string();
-                    eprintln!("lcached: layer {} cannot be stored: {reason}", naming.name());
-                    ProvisionalOutcome::Failed(reason)
-                }
-            };
-            state.provisional.finish(&*state.records, naming, outcome);
-        });
+        name_behind(state, naming, received);
         return json(StatusCode::ACCEPTED, &answer);
     }
     match name_layer(state, received).await {
         Ok(layer) => json(StatusCode::CREATED, &layer),
         Err(LayerNotStored::Ingest(e)) => refused(e),
         Err(LayerNotStored::Record(e)) => record_refused(e),
+    }
+}
+
+/// Names a layer answered with a provisional name, on a task of its own.
+fn name_behind(state: &Arc<AppState>, naming: Naming, received: ReceivedParts) {
+    let state = Arc::clone(state);
+    tokio::spawn(async move {
+        // Lets the tests stop the daemon while a layer is being named.
+        if let Some(ms) = std::env::var("LCACHED_TEST_LAYER_NAMING_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        let outcome = match name_layer(&state, received).await {
+            Ok(layer) => ProvisionalOutcome::Named(layer),
+            Err(e) => {
+                let reason = e.to_string();
+                eprintln!("lcached: layer {} cannot be stored: {reason}", naming.name());
+                ProvisionalOutcome::Failed(reason)
+            }
+        };
+        state.provisional.finish(&*state.records, naming, outcome);
+    });
+}
+
+/// Names the layers answered with a provisional name that the daemon stopped before
+/// naming (before the builds that bear them are named again).
+pub fn resume_provisional(state: &Arc<AppState>) {
+    for (hex, received) in state.blobs.received_before() {
+        let naming = state.provisional.resume(&format!("{PROVISIONAL_PREFIX}{hex}"));
+        eprintln!(
+            "lcached: naming layer {}, which the daemon stopped naming",
+            naming.name()
+        );
+        match received {
+            Ok(received) => name_behind(state, naming, received),
+            Err(e) => {
+                eprintln!("lcached: layer {} cannot be stored: {e}", naming.name());
+                state
+                    .provisional
+                    .finish(&*state.records, naming, ProvisionalOutcome::Failed(e.to_string()));
+            }
+        }
     }
 }
 

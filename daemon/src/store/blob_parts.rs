@@ -23,6 +23,9 @@ use super::blob_store::{sha256_hex, BlobStore, IngestError};
 use super::BlobMeta;
 use crate::server::Limits;
 
+/// What a kept layer's header (its `LayerParts`) is called in its directory.
+const HEADER: &str = "header.json";
+
 /// More files than this behind one blob, and it is stored whole.
 pub const MAX_FILES: usize = 64;
 
@@ -299,6 +302,71 @@ impl BlobStore {
         B::Error: std::fmt::Display,
     {
         self.receive_composed(None, body, expected_len, limits).await
+    }
+
+    /// Keeps a layer received under the provisional name whose hex is `hex`, header and
+    /// all, where a restart finds it ([`Self::received_before`]): its client was answered,
+    /// so the layer is named even if the daemon stops first.
+    pub async fn keep_received(&self, received: &mut ReceivedParts, hex: &str) -> std::io::Result<()> {
+        let header = LayerParts {
+            blob: received.header.clone(),
+            tail: received
+                .tail
+                .clone()
+                .ok_or_else(|| std::io::Error::other("a layer without its tail"))?,
+            name_later: true,
+        };
+        let json = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+        let dir = received.dir.clone();
+        let kept = self.provisional.join(hex);
+        let (to, parent) = (kept.clone(), self.provisional.clone());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(dir.join(HEADER))?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            std::fs::rename(&dir, &to)?;
+            std::fs::File::open(&parent)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        received.dir.clone_from(&kept);
+        received.guard = TempDir(Some(kept));
+        Ok(())
+    }
+
+    /// The layers [`Self::keep_received`] kept and the daemon stopped before naming, by
+    /// their names' hex: each to name now, or why it cannot be (removed then).
+    pub fn received_before(&self) -> Vec<(String, Result<ReceivedParts, IngestError>)> {
+        let Ok(entries) = std::fs::read_dir(&self.provisional) else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        for e in entries.flatten() {
+            let Ok(hex) = e.file_name().into_string() else { continue };
+            let dir = e.path();
+            let guard = TempDir(Some(dir.clone()));
+            let received = std::fs::read(dir.join(HEADER))
+                .map_err(IngestError::Io)
+                .and_then(|b| serde_json::from_slice::<LayerParts>(&b).map_err(|e| bad(e.to_string())))
+                .and_then(|l| {
+                    let base = self.path_of(&l.blob.base).ok_or(IngestError::BaseMissing)?;
+                    let base = BlobFile::open(&base)?.ok_or(IngestError::BaseMissing)?;
+                    let size = l.blob.parts.iter().map(BlobPart::len).sum();
+                    Ok(ReceivedParts {
+                        claimed: None,
+                        header: l.blob,
+                        tail: Some(l.tail),
+                        base,
+                        dir,
+                        guard,
+                        size,
+                        name_later: true,
+                    })
+                });
+            found.push((hex, received));
+        }
+        found
     }
 
     /// The second half of [`Self::ingest_layer`]: checks and names the layer received.

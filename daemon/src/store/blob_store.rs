@@ -63,6 +63,9 @@ pub struct BlobStore {
     tmp: PathBuf,
     /// Each blob's SHA-256 states (`blob_states`), by hex digest.
     states: PathBuf,
+    /// Layers answered with a provisional name and not yet named, by the name's hex: kept
+    /// across a restart, unlike `tmp` (`blob_parts::ReceivedParts`).
+    pub(crate) provisional: PathBuf,
     seq: AtomicU64,
 }
 
@@ -88,6 +91,8 @@ impl BlobStore {
         let root = dir.join("sha256");
         let tmp = dir.join("tmp");
         let states = dir.join("states");
+        let provisional = dir.join("provisional");
+        std::fs::create_dir_all(&provisional)?;
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&tmp)?;
         std::fs::create_dir_all(&states)?;
@@ -98,6 +103,7 @@ impl BlobStore {
             root,
             tmp,
             states,
+            provisional,
             seq: AtomicU64::new(0),
         })
     }
