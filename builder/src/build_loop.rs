@@ -1084,7 +1084,7 @@ impl<'a> Builder<'a> {
         inputs: KeyInputs,
         key: &str,
         started: Instant,
-        seed: Option<Seed>,
+        mut seed: Option<Seed>,
         defer_hashing: bool,
         name_later: bool,
     ) -> Result<(LayerRef, Snapshot, Option<StepPhases>, Option<PendingRecord>), BuildError> {
@@ -1240,6 +1240,34 @@ impl<'a> Builder<'a> {
                             }
                         }
                     }
+                };
+                let built = match built {
+                    // The entries kept beside the seed's snapshot were damaged on disk (each
+                    // chunk is checked as it is read): copy the sources whole instead.
+                    Err(e @ CopyError::DamagedSeed(_)) => {
+                        self.progress()
+                            .note(&format!("warning: {}: {e}; copying the sources whole", self.at(line)));
+                        let fresh = lcache_confine::Root::open(work.path())
+                            .and_then(|w| w.remove_all(Path::new("layer")))
+                            .map_err(|e| fail(format!("cannot clear the layer's directory: {e}"), vec![]))
+                            .and_then(|()| layer_dir(work.path()));
+                        fresh.and_then(|_| {
+                            let (entries, roots, root) =
+                                self.context_selection(c).map_err(|e| fail(e.to_string(), vec![]))?;
+                            let job = CopyJob {
+                                def: c,
+                                src_root: &root,
+                                entries: &entries,
+                                roots: &roots,
+                                attrs,
+                                keyed_digest: &keyed_digest,
+                                image: Some(view.path()),
+                            };
+                            seed = None;
+                            Ok(build_copy_layer(&layer, &job, None))
+                        })?
+                    }
+                    other => other,
                 };
                 copied = Some(built.map_err(|e| fail(e.to_string(), vec![]))?);
                 layer

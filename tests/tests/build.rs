@@ -1004,6 +1004,42 @@ fn copy_built_once(env: &BuildEnv, p: &Project) -> std::path::PathBuf {
 }
 
 #[test]
+fn entries_damaged_on_disk_beside_the_seed_cost_a_whole_copy_not_the_build() {
+    let env = BuildEnv::new();
+    let p = Project::new();
+    copy_built_once(&env, &p);
+    // A bit flipped in the middle of the entries kept beside the whole snapshot: found when
+    // the chunk holding the edited path is read.
+    let seed = whole_copy_snapshots(&env);
+    let entries = env
+        .cache_dir()
+        .join("snapshots")
+        .join(format!("{}.entries.bin", seed[0]));
+    let mut bytes = std::fs::read(&entries).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&entries, &bytes).unwrap();
+
+    p.write("src/f0750.txt", "edited\n");
+    let out = env.lcache(&p, &["build", "--progress", "plain", "."]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("are damaged") && err.contains("copying the sources whole"),
+        "{err}"
+    );
+    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+    // The next edit has a whole snapshot to go over again.
+    p.write("src/f0100.txt", "edited too\n");
+    let (steps, image) = env.build(&p, &[]);
+    assert_eq!(cached(&steps), [false]);
+    let (_, again) = env.build(&p, &["--no-cache"]);
+    assert_eq!(image, again);
+}
+
+#[test]
 fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
     let env = BuildEnv::new();
     let p = Project::new();
