@@ -227,7 +227,8 @@ mod tests {
             let members = entries
                 .iter()
                 .enumerate()
-                .filter_map(|(i, e)| Some((i, e.path.strip_prefix("src/")?.to_string())))
+                .filter(|(_, e)| e.path.starts_with("src/"))
+                .map(|(i, _)| i)
                 .collect();
             let roots = [SelectedRoot {
                 path: "src".into(),

@@ -259,19 +259,21 @@ pub fn fill_blob_states(index: &mut SegmentIndex, states: Vec<Vec<u8>>) -> bool 
     true
 }
 
-/// Completes the index kept pending beside the snapshot at `segments` (the index's path,
-/// see [`keep_pending_segments`]) with the blob's states after the change, which a layer
-/// named provisionally learns only once lcached has named it. An index they do not fit is
-/// dropped: the next layer is then packed whole.
-pub fn complete_pending_blob_states(segments: &Path, states: &[Vec<u8>]) -> std::io::Result<()> {
-    let pending = pending_path(segments);
-    let Some((mut index, tail)) = read_bincode::<(SegmentIndex, LayerTail)>(&pending) else {
+/// Where the blob's states after the change wait beside an index kept pending (see
+/// [`keep_blob_states`]).
+fn states_path(segments: &Path) -> PathBuf {
+    segments.with_extension("states")
+}
+
+/// Keeps, beside the index kept pending at `segments` (the index's path, see
+/// [`keep_pending_segments`]), the blob's states after the change, which a layer named
+/// provisionally learns only once lcached has named it: [`segments_of`] puts them in the
+/// index when it completes it, so the build that learns them does not rewrite it.
+pub fn keep_blob_states(segments: &Path, states: &[Vec<u8>]) -> std::io::Result<()> {
+    if !pending_path(segments).exists() {
         return Ok(());
-    };
-    if states.len() != tail.members.len() || !fill_blob_states(&mut index, states.to_vec()) {
-        return std::fs::remove_file(&pending);
     }
-    write_bincode(&pending, &(index, tail))
+    write_bincode(&states_path(segments), &states)
 }
 
 /// Where the segment index of the snapshot `snapshot` (whole) or `unit` (a delta) is kept.
@@ -292,9 +294,20 @@ pub fn segments_of(steps: &dyn StepCache, digest: &str, path: &Path) -> Option<S
     }
     let pending = pending_path(path);
     let (mut index, tail): (SegmentIndex, LayerTail) = read_bincode(&pending)?;
+    let (n, k) = (index.segments.len(), tail.members.len());
+    if k > n {
+        return None;
+    }
+    // A layer named provisionally: the blob's states came when the name was resolved. An
+    // index without them cannot resume the next blob's digest, and is not used.
+    if index.segments[n - k..].iter().any(|s| s.blob_state.is_empty()) {
+        let states: Vec<Vec<u8>> = read_bincode(&states_path(path))?;
+        if states.len() != k || !fill_blob_states(&mut index, states) {
+            return None;
+        }
+    }
     let named = steps.layer_diff_id(digest, &tail).ok()?;
-    let (n, k) = (index.segments.len(), named.tar_states.len());
-    if k != tail.members.len() || k > n {
+    if named.tar_states.len() != k {
         return None;
     }
     for (seg, state) in index.segments[n - k..].iter_mut().zip(named.tar_states) {
@@ -302,6 +315,7 @@ pub fn segments_of(steps: &dyn StepCache, digest: &str, path: &Path) -> Option<S
     }
     write_bincode(path, &index).ok()?;
     let _ = std::fs::remove_file(&pending);
+    let _ = std::fs::remove_file(states_path(path));
     Some(index)
 }
 

@@ -691,8 +691,8 @@ pub fn build_copy_layer(layer: &Path, job: &CopyJob, seed: Option<&Seed>) -> Res
                 p.place(i, &entries[i], &target)?;
             }
             _ => {
-                for (i, rel) in &r.members {
-                    p.place(*i, &entries[*i], &dest.join(rel))?;
+                for (i, rel) in r.member_paths(entries) {
+                    p.place(i, &entries[i], &dest.join(rel))?;
                 }
             }
         }

@@ -11,7 +11,7 @@ use std::path::Path;
 use lcache_proto::wire::{NamedLayer, PROVISIONAL_PREFIX};
 
 use crate::cache_dir::CacheDir;
-use crate::copy_seed::{complete_pending_blob_states, segments_beside, DeltaUnit};
+use crate::copy_seed::{keep_blob_states, segments_beside, DeltaUnit};
 use crate::snapshot_prune::remove_snapshot;
 use crate::step_cache::StepCache;
 
@@ -99,13 +99,19 @@ fn rename(cache: &CacheDir, provisional: &str, layer: &NamedLayer) -> std::io::R
     if to.exists() || to_unit_taken(&to) {
         return Ok(false);
     }
-    complete_pending_blob_states(
+    keep_blob_states(
         &segments_beside(&from, &DeltaUnit::of(cache, provisional)),
         &layer.blob_states,
     )?;
     // What is kept beside a whole snapshot first, the snapshot last: a tree found under
     // the digest has what goes with it (what is missing is only a speed-up).
-    for ext in ["entries.bin", "segments.bin", "segments.pending", "used"] {
+    for ext in [
+        "entries.bin",
+        "segments.bin",
+        "segments.pending",
+        "segments.states",
+        "used",
+    ] {
         rename_if_there(&from.with_extension(ext), &to.with_extension(ext))?;
     }
     std::fs::rename(&tree, &dest)?;
@@ -234,13 +240,12 @@ mod tests {
             "a name that came to nothing"
         );
         assert!(!cache.snapshot(&failed).with_extension("used").exists());
-        // The index took the blob's states after the change.
-        let pending = renamed.segments().with_extension("pending");
-        let bytes = std::fs::read(&pending).unwrap();
-        let ((index, _), _): ((SegmentIndex, LayerTail), usize) =
+        // The blob's states after the change wait beside the index for the next edit.
+        assert!(renamed.segments().with_extension("pending").exists());
+        let bytes = std::fs::read(renamed.segments().with_extension("states")).unwrap();
+        let (states, _): (Vec<Vec<u8>>, usize) =
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
-        let states: Vec<Vec<u8>> = index.segments.iter().map(|s| s.blob_state.clone()).collect();
-        assert_eq!(states, [vec![1], vec![2], vec![3]]);
+        assert_eq!(states, [vec![2], vec![3]]);
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl LocalContext {
         let roots = select(&self.entries, &def.sources, &excludes)?;
         let mut missing: Vec<usize> = roots
             .iter()
-            .flat_map(|r| r.entry.into_iter().chain(r.members.iter().map(|(i, _)| *i)))
+            .flat_map(|r| r.entry.into_iter().chain(r.members.iter().copied()))
             .filter(|&i| self.entries[i].kind == EntryKind::File && self.content[i].is_none())
             .collect();
         missing.sort_unstable();

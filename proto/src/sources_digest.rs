@@ -291,24 +291,29 @@ pub fn sources_digest_reusing(
             },
         };
         if let Node::Dir { children, .. } = &mut node {
-            let mut members = root.members.iter().peekable();
-            while let Some((i, rel)) = members.next() {
-                let described = describe(*i);
-                match reused(*i).filter(|_| !described) {
+            let members = &root.members;
+            let from = root.entry.map_or(0, |i| entries[i].path.len() + 1);
+            let mut m = 0;
+            while let Some(&i) = members.get(m) {
+                m += 1;
+                let rel = &entries[i].path[from..];
+                let described = describe(i);
+                match reused(i).filter(|_| !described) {
                     Some(k) => {
-                        // Most of what lies beneath follows at once; a straggler sorted
-                        // after a sibling (`d/x` after `d-x`) is counted, and inserting it
-                        // beneath the known node does nothing.
-                        let beneath = format!("{}/", entries[*i].path);
-                        while members
-                            .next_if(|(j, _)| entries[*j].path.starts_with(&beneath))
-                            .is_some()
-                        {
-                            skipped += 1;
+                        // What lies beneath follows at once (paths under `d/` are
+                        // contiguous): skipped in one search, not visited. A straggler
+                        // sorted after a sibling (`d/x` after `d-x`) is counted, and
+                        // inserting it beneath the known node does nothing.
+                        let beneath = format!("{}/", entries[i].path);
+                        let rest = &members[m..];
+                        if rest.first().is_some_and(|&j| entries[j].path.starts_with(&beneath)) {
+                            let n = rest.partition_point(|&j| entries[j].path.starts_with(&beneath));
+                            skipped += n;
+                            m += n;
                         }
                         insert(children, rel, k);
                     }
-                    None => insert(children, rel, leaf(&entries[*i], *i, content)),
+                    None => insert(children, rel, leaf(&entries[i], i, content)),
                 }
             }
         }
