@@ -1178,6 +1178,20 @@ impl<'a> Builder<'a> {
                     .copy_attrs(c, view.path())
                     .map_err(|e| fail(e.to_string(), vec![]))?;
                 let keyed_digest = inputs.sources_digest().unwrap_or_default().to_string();
+                // Copies the sources as read from the context, over `seed`'s snapshot if given.
+                let copy_from_context = |seed: Option<&Seed>| -> Result<Result<CopyLayer, CopyError>, BuildError> {
+                    let (entries, roots, root) = self.context_selection(c).map_err(|e| fail(e.to_string(), vec![]))?;
+                    let job = CopyJob {
+                        def: c,
+                        src_root: &root,
+                        entries: &entries,
+                        roots: &roots,
+                        attrs,
+                        keyed_digest: &keyed_digest,
+                        image: Some(view.path()),
+                    };
+                    Ok(build_copy_layer(&layer, &job, seed))
+                };
                 let built = match selected.first() {
                     Some(Selected::Download(d)) => build_copy_layer(
                         &layer,
@@ -1224,20 +1238,7 @@ impl<'a> Builder<'a> {
                         });
                         match quick {
                             Some(built) => built,
-                            None => {
-                                let (entries, roots, root) =
-                                    self.context_selection(c).map_err(|e| fail(e.to_string(), vec![]))?;
-                                let job = CopyJob {
-                                    def: c,
-                                    src_root: &root,
-                                    entries: &entries,
-                                    roots: &roots,
-                                    attrs,
-                                    keyed_digest: &keyed_digest,
-                                    image: Some(view.path()),
-                                };
-                                build_copy_layer(&layer, &job, seed.as_ref())
-                            }
+                            None => copy_from_context(seed.as_ref())?,
                         }
                     }
                 };
@@ -1247,25 +1248,12 @@ impl<'a> Builder<'a> {
                     Err(e @ CopyError::DamagedSeed(_)) => {
                         self.progress()
                             .note(&format!("warning: {}: {e}; copying the sources whole", self.at(line)));
-                        let fresh = lcache_confine::Root::open(work.path())
+                        lcache_confine::Root::open(work.path())
                             .and_then(|w| w.remove_all(Path::new("layer")))
-                            .map_err(|e| fail(format!("cannot clear the layer's directory: {e}"), vec![]))
-                            .and_then(|()| layer_dir(work.path()));
-                        fresh.and_then(|_| {
-                            let (entries, roots, root) =
-                                self.context_selection(c).map_err(|e| fail(e.to_string(), vec![]))?;
-                            let job = CopyJob {
-                                def: c,
-                                src_root: &root,
-                                entries: &entries,
-                                roots: &roots,
-                                attrs,
-                                keyed_digest: &keyed_digest,
-                                image: Some(view.path()),
-                            };
-                            seed = None;
-                            Ok(build_copy_layer(&layer, &job, None))
-                        })?
+                            .map_err(|e| fail(format!("cannot clear the layer's directory: {e}"), vec![]))?;
+                        layer_dir(work.path())?;
+                        seed = None;
+                        copy_from_context(None)?
                     }
                     other => other,
                 };
