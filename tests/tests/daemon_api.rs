@@ -653,8 +653,8 @@ fn a_blob_range_is_served_exactly_and_a_hostile_range_is_refused() {
 
 #[test]
 fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_taken() {
-    use lcache_image::image_draft::{DeferredBuild, DeferredLayer, ImageDraft};
-    use lcache_proto::wire::{BuildRecord, LayerRef, LayerTail, StepRecord};
+    use lcache_image::image_draft::DeferredLayer;
+    use lcache_proto::wire::{LayerRef, LayerTail, StepRecord};
     let mut d = Daemon::start(&[]);
     let token = make_token(&d, "ci", "write");
     let layer = LayerRef {
@@ -678,27 +678,7 @@ fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_ta
         inputs: None,
         created_at_ms: 0,
     };
-    let build = |layers: Vec<DeferredLayer>| {
-        serde_json::to_vec(&DeferredBuild {
-            build: BuildRecord {
-                started_at_ms: 1,
-                finished_at_ms: 2,
-                dockerfile: "Dockerfile".into(),
-                context: "/nonexistent".into(),
-                ..Default::default()
-            },
-            draft: ImageDraft {
-                platform: "linux/amd64".into(),
-                config: Default::default(),
-                layers: vec![layer.clone()],
-                history: vec![],
-            },
-            tags: vec!["app:latest".into()],
-            layers,
-            scope: String::new(),
-        })
-        .unwrap()
-    };
+    let build = |layers: Vec<DeferredLayer>| serde_json::to_vec(&deferred_build(&layer, "app:latest", layers)).unwrap();
     let at = |at: usize, tar_state: Vec<u8>| DeferredLayer {
         at,
         tail: LayerTail {
@@ -739,6 +719,32 @@ fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_ta
     assert_eq!((status, builds.as_slice()), (200, b"[]".as_slice()));
     assert_eq!(d.http("GET", "/v1/images/app:latest", b"").0, 404);
     assert!(d.alive());
+}
+
+/// A build of one layer, `layer`, handed over to be named and tagged `tag`.
+fn deferred_build(
+    layer: &lcache_proto::wire::LayerRef,
+    tag: &str,
+    layers: Vec<lcache_image::image_draft::DeferredLayer>,
+) -> lcache_image::image_draft::DeferredBuild {
+    lcache_image::image_draft::DeferredBuild {
+        build: lcache_proto::wire::BuildRecord {
+            started_at_ms: 1,
+            finished_at_ms: 2,
+            dockerfile: "Dockerfile".into(),
+            context: "/nonexistent".into(),
+            ..Default::default()
+        },
+        draft: lcache_image::image_draft::ImageDraft {
+            platform: "linux/amd64".into(),
+            config: Default::default(),
+            layers: vec![layer.clone()],
+            history: vec![],
+        },
+        tags: vec![tag.into()],
+        layers,
+        scope: String::new(),
+    }
 }
 
 /// A COPY layer of 3,000 files (`edited`: that one's contents changed) packed in segments
@@ -819,8 +825,8 @@ fn resolve(d: &Daemon, names: &[&str]) -> Vec<Option<lcache_proto::wire::NamedLa
 
 #[test]
 fn a_layer_named_later_is_answered_at_once_and_comes_to_the_digest_naming_it_now_gives() {
-    use lcache_image::image_draft::{DeferredBuild, DeferredLayer, ImageDraft};
-    use lcache_proto::wire::{is_provisional, BuildRecord, LayerRef, NamedLayer, StepRecord};
+    use lcache_image::image_draft::DeferredLayer;
+    use lcache_proto::wire::{is_provisional, LayerRef, NamedLayer, StepRecord};
     let mut d = Daemon::start(&[]);
     let token = make_token(&d, "ci", "write");
     let work = tempfile::tempdir().unwrap();
@@ -871,28 +877,15 @@ fn a_layer_named_later_is_answered_at_once_and_comes_to_the_digest_naming_it_now
         inputs: None,
         created_at_ms: 0,
     };
-    let build = DeferredBuild {
-        build: BuildRecord {
-            started_at_ms: 1,
-            finished_at_ms: 2,
-            dockerfile: "Dockerfile".into(),
-            context: "/nonexistent".into(),
-            ..Default::default()
-        },
-        draft: ImageDraft {
-            platform: "linux/amd64".into(),
-            config: Default::default(),
-            layers: vec![layer],
-            history: vec![],
-        },
-        tags: vec!["later:1".into()],
-        layers: vec![DeferredLayer {
+    let build = deferred_build(
+        &layer,
+        "later:1",
+        vec![DeferredLayer {
             at: 0,
             tail: tail.clone(),
             record,
         }],
-        scope: String::new(),
-    };
+    );
     let (status, answer) = d.http("POST", "/v1/builds/deferred", &serde_json::to_vec(&build).unwrap());
     assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
     let (status, image) = d.http("GET", "/v1/images/later:1", b"");
@@ -952,8 +945,16 @@ fn a_layer_answered_before_the_daemon_was_killed_is_named_when_it_starts_again()
     let (status, answer) = lcache_e2e::post_parts(&d.socket, "/v1/layers", &layer_body(&edit, &base, &tail, true));
     assert_eq!(status, 202, "{}", String::from_utf8_lossy(&answer));
     let later: lcache_proto::wire::NamedLayer = serde_json::from_slice(&answer).unwrap();
-    // Killed while the layer waits to be named: named when the daemon starts again.
-    let d = Daemon::start_in(d.kill9(), &[]);
+    // Killed while the layer waits to be named: named when the daemon starts again. A
+    // kept layer whose header is damaged comes to nothing, and the daemon starts.
+    let store = d.kill9();
+    let junk = format!("{}{}", "0".repeat(16), "f".repeat(48));
+    let kept = store.path().join("store/blobs/provisional").join(&junk);
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::write(kept.join("header.json"), b"{not json").unwrap();
+    let d = Daemon::start_in(store, &[]);
+    assert_eq!(resolve(&d, &[&format!("provisional:{junk}")]), vec![None]);
+    assert!(!kept.exists(), "what cannot be named is removed");
     let named = resolve(&d, &[&later.digest])
         .remove(0)
         .expect("named after the restart");
