@@ -72,6 +72,29 @@ impl SledRecords {
     }
 }
 
+/// Inserts `key` into `tree`, whose keys sort oldest first and whose size `count` keeps,
+/// then removes the oldest entries past the newest `keep`.
+fn insert_keeping_newest(
+    tree: &sled::Tree,
+    count: &std::sync::atomic::AtomicUsize,
+    key: &[u8],
+    value: Vec<u8>,
+    keep: usize,
+) -> Result<(), StoreError> {
+    use std::sync::atomic::Ordering::SeqCst;
+    if tree.insert(key, value).map_err(db_err)?.is_none() {
+        count.fetch_add(1, SeqCst);
+    }
+    while count.load(SeqCst) > keep {
+        if tree.pop_min().map_err(db_err)?.is_none() {
+            count.store(0, SeqCst);
+            break;
+        }
+        count.fetch_sub(1, SeqCst);
+    }
+    Ok(())
+}
+
 /// A value of `tree` through the codec.
 fn get<T: Stored>(tree: &sled::Tree, key: &str) -> Result<Option<T>, StoreError> {
     match tree.get(key).map_err(db_err)? {
@@ -176,24 +199,14 @@ impl RecordStore for SledRecords {
     }
 
     fn put_build(&self, build: &BuildRecord, keep: usize) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        if self
-            .builds
-            .insert(build.id.as_bytes(), encode(build))
-            .map_err(db_err)?
-            .is_none()
-        {
-            self.build_count.fetch_add(1, SeqCst);
-        }
         // Ids sort by time: the oldest build is the tree's first.
-        while self.build_count.load(SeqCst) > keep {
-            if self.builds.pop_min().map_err(db_err)?.is_none() {
-                self.build_count.store(0, SeqCst);
-                break;
-            }
-            self.build_count.fetch_sub(1, SeqCst);
-        }
-        Ok(())
+        insert_keeping_newest(
+            &self.builds,
+            &self.build_count,
+            build.id.as_bytes(),
+            encode(build),
+            keep,
+        )
     }
 
     fn get_build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError> {
@@ -244,25 +257,10 @@ impl RecordStore for SledRecords {
     }
 
     fn put_provisional(&self, name: &str, outcome: &ProvisionalOutcome, keep: usize) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering::SeqCst;
         // JSON, as deferred builds are: read back only by this daemon, soon.
         let value = serde_json::to_vec(outcome).map_err(|e| StoreError::Db(e.to_string()))?;
-        if self
-            .provisional
-            .insert(name.as_bytes(), value)
-            .map_err(db_err)?
-            .is_none()
-        {
-            self.provisional_count.fetch_add(1, SeqCst);
-        }
-        while self.provisional_count.load(SeqCst) > keep {
-            if self.provisional.pop_min().map_err(db_err)?.is_none() {
-                self.provisional_count.store(0, SeqCst);
-                break;
-            }
-            self.provisional_count.fetch_sub(1, SeqCst);
-        }
-        Ok(())
+        // Names sort by the time they were given.
+        insert_keeping_newest(&self.provisional, &self.provisional_count, name.as_bytes(), value, keep)
     }
 
     fn get_provisional(&self, name: &str) -> Result<Option<ProvisionalOutcome>, StoreError> {
