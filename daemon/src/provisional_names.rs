@@ -154,7 +154,7 @@ mod tests {
         assert!(!names.known(&records, &name_b), "a failed name stands for no layer");
         drop(records);
 
-        let records = SledRecords::open(dir.path()).unwrap();
+        let records = crate::store::sled_records::tests::reopen(dir.path());
         let names = ProvisionalNames::default();
         assert_eq!(names.layer(&records, &name_a).await, Ok(layer("sha256:aa")));
         let unknown = format!("{PROVISIONAL_PREFIX}{}", "0".repeat(64));
@@ -182,7 +182,7 @@ mod tests {
         }
         drop(records);
         // Counted again at open: one more forgets one more.
-        let records = SledRecords::open(dir.path()).unwrap();
+        let records = crate::store::sled_records::tests::reopen(dir.path());
         let last = names.begin();
         records
             .put_provisional(last.name(), &ProvisionalOutcome::Failed("x".into()), 3)

@@ -446,7 +446,7 @@ impl RecordStore for SledRecords {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use lcache_proto::source_select::FileStamp;
     use lcache_proto::wire::{ImageRecord, StepRecord};
 
@@ -476,7 +476,7 @@ mod tests {
 
     /// Opens the store again once the dropped one's background thread has let go of the
     /// database's lock (it does so shortly after the drop, later on a busy machine).
-    fn reopen(path: &Path) -> SledRecords {
+    pub(crate) fn reopen(path: &Path) -> SledRecords {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             match SledRecords::open(path) {
