@@ -49,6 +49,15 @@ pub enum IndexError {
 /// What a COPY selects, for memoising its digest while the context does not change.
 type MemoKey = (Vec<String>, Vec<String>);
 
+/// A memoised sources digest, and the racily clean files (see [`racy`]) it was taken over:
+/// a write to one in the tick it was read leaves its stamp, so it is read again before the
+/// memo is used, until a read finds it old enough to trust.
+struct Memo {
+    digest: SourcesDigest,
+    /// Path, size and content digest of each file to read again.
+    recheck: Vec<(String, u64, [u8; 32])>,
+}
+
 /// A selection's directory node digests, by directory, with the generation each was taken at.
 type Subtrees = HashMap<String, (u64, [u8; 32])>;
 
@@ -61,6 +70,10 @@ fn is_file(entries: &[ContextEntry], path: &str) -> bool {
 
 /// How many directories a refresh lists again one by one before it walks the whole tree.
 const LISTINGS_AT_MOST: usize = 256;
+
+/// How many racily clean files a memoised digest may be taken over: each is read again
+/// before the memo is used (a checkout planned at once has more, and is not memoised).
+const RECHECKS_AT_MOST: usize = 64;
 
 /// How close to the moment it was read a file's ctime may be before its digest is not
 /// trusted later (git's "racily clean" rule): a write in the same timestamp tick as an
@@ -109,7 +122,7 @@ pub struct IndexedContext {
     signals: Arc<WatchSignals>,
     mode: WatchMode,
     _watcher: Option<ContextWatcher>,
-    memo: HashMap<MemoKey, SourcesDigest>,
+    memo: HashMap<MemoKey, Memo>,
     /// Per selection, each selected directory's node digest and the generation of the
     /// directory it was taken at: reused while the generation holds.
     subtrees: HashMap<MemoKey, Subtrees>,
@@ -122,7 +135,7 @@ pub struct IndexedContext {
     /// When the current plan started (ns since the epoch).
     plan_started_ns: i64,
     /// The walked entry changed last (by ctime): if it is racy (see [`racy`]), so may
-    /// others be, and no sources digest is memoised.
+    /// others be, and a sources digest is memoised with its racy files to read again.
     newest_stamp: Option<FileStamp>,
 }
 
@@ -529,6 +542,44 @@ impl IndexedContext {
         self.newest_stamp.is_some_and(|s| racy(&s, self.plan_started_ns))
     }
 
+    /// Whether the digest memoised for `key` may be used: its racy files, read again, hold
+    /// the contents it was taken over. One that does not (or cannot be read) drops it.
+    fn memo_holds(&mut self, key: &MemoKey) -> bool {
+        let Some(m) = self.memo.get_mut(key) else {
+            return false;
+        };
+        if m.recheck.is_empty() {
+            return true;
+        }
+        let paths: Vec<(&str, u64)> = m.recheck.iter().map(|(p, size, _)| (p.as_str(), *size)).collect();
+        let holds = lcache_context::content_hash::hash_files(&self.root, &paths)
+            .is_ok_and(|now| now.iter().zip(&m.recheck).all(|(d, (_, _, was))| d == was));
+        if !holds {
+            self.memo.remove(key);
+            return false;
+        }
+        // Read after its tick has passed, a file's contents are those of its stamp, and a
+        // later write moves the stamp (which the refresh sees): its digest holds from now on.
+        let entries = self.entries.as_deref().unwrap_or_default();
+        let (started, known) = (self.plan_started_ns, &mut self.known);
+        m.recheck.retain(|(p, _, digest)| {
+            let Ok(i) = entries.binary_search_by(|e| e.path.as_str().cmp(p)) else {
+                return true;
+            };
+            if racy(&entries[i].stamp, started) {
+                return true;
+            }
+            if let Some(k) = known.get_mut(i) {
+                *k = Some(Known {
+                    digest: *digest,
+                    valid: true,
+                });
+            }
+            false
+        });
+        true
+    }
+
     /// Key sources over this context; `all_files` lists every selected file; `images`
     /// gives a base image's manifest digest when the daemon knows the image.
     pub fn sources<'a>(&'a mut self, all_files: bool, images: &'a dyn Fn(&str) -> Option<String>) -> IndexSources<'a> {
@@ -540,6 +591,7 @@ impl IndexedContext {
             summaries: Vec::new(),
             dir_nodes: Vec::new(),
             taken: Vec::new(),
+            racy_memos: Vec::new(),
         }
     }
 }
@@ -558,6 +610,8 @@ pub struct IndexSources<'a> {
     /// Subtree digests taken in this plan, kept by `finish` only: a failed plan may not
     /// have stored the listings they stand for, which explain and a COPY's changes read.
     taken: Vec<(MemoKey, Subtrees)>,
+    /// Digests memoised in this plan while some file was racy: `finish` lists the files.
+    racy_memos: Vec<MemoKey>,
 }
 
 impl IndexSources<'_> {
@@ -572,6 +626,23 @@ impl IndexSources<'_> {
             return (Learnt::default(), 0);
         };
         let started = self.ctx.plan_started_ns;
+        if !self.racy_memos.is_empty() {
+            // Every selected racy file was read by this plan (a racy file's digest is never
+            // kept valid), so these are all a memo could have taken unseen.
+            let recheck: Vec<(String, u64, [u8; 32])> = local
+                .newly_hashed()
+                .filter(|(e, _)| racy(&e.stamp, started))
+                .map(|(e, digest)| (e.path.clone(), e.size, digest))
+                .take(RECHECKS_AT_MOST + 1)
+                .collect();
+            for key in std::mem::take(&mut self.racy_memos) {
+                if recheck.len() > RECHECKS_AT_MOST {
+                    self.ctx.memo.remove(&key);
+                } else if let Some(m) = self.ctx.memo.get_mut(&key) {
+                    m.recheck.clone_from(&recheck);
+                }
+            }
+        }
         // A racily clean file was hashed correctly for this plan, but its digest is not kept:
         // the next plan reads it again.
         let fresh: Vec<(String, CachedDigest)> = local
@@ -633,9 +704,9 @@ pub struct Learnt {
 impl StepSources for IndexSources<'_> {
     fn context_sources(&mut self, _at: StepRef, def: &CopyDef) -> Result<SourcesDigest, SelectError> {
         let key = (def.sources.clone(), def.excludes.clone());
-        if !self.all_files {
-            if let Some(d) = self.ctx.memo.get(&key) {
-                return Ok(d.clone());
+        if !self.all_files && self.ctx.memo_holds(&key) {
+            if let Some(m) = self.ctx.memo.get(&key) {
+                return Ok(m.digest.clone());
             }
         }
         let all_files = self.all_files;
@@ -671,11 +742,20 @@ impl StepSources for IndexSources<'_> {
         self.taken.push((key.clone(), taken));
         self.summaries.push((d.digest.clone(), std::mem::take(&mut d.summary)));
         self.dir_nodes.append(&mut d.nodes);
-        if !self.all_files && !ctx.has_racy_files() {
+        if !self.all_files {
             d.files.truncate(FILES_LISTED);
             // Kept for as long as the context is unchanged: not the capacity of every file.
             d.files.shrink_to_fit();
-            ctx.memo.insert(key, d.clone());
+            if ctx.has_racy_files() {
+                self.racy_memos.push(key.clone());
+            }
+            ctx.memo.insert(
+                key,
+                Memo {
+                    digest: d.clone(),
+                    recheck: Vec::new(),
+                },
+            );
         }
         Ok(d)
     }
@@ -745,12 +825,75 @@ mod tests {
                 "racily clean: read and used, not kept"
             );
             index.persist(&c, learnt, removed).unwrap();
-            assert!(c.memo.is_empty(), "nor memoised");
+            let memo: Vec<_> = c
+                .memo
+                .values()
+                .flat_map(|m| &m.recheck)
+                .map(|(p, _, _)| p.as_str())
+                .collect();
+            assert_eq!(memo, ["a"], "memoised with the file to read again");
         }
         assert_eq!(ctx.lock().unwrap().status().digests, 0);
         std::thread::sleep(Duration::from_millis(2 * (RACY_WINDOW_NS / 1_000_000) as u64));
         plan(&index, &ctx);
         assert_eq!(ctx.lock().unwrap().status().digests, 1, "old enough to trust now");
+    }
+
+    /// One plan's digest of `COPY . /d/` on `c` as it stands (no refresh: what the index
+    /// has not seen), with the number of files it read.
+    fn digest_unrefreshed(c: &mut IndexedContext) -> (String, usize) {
+        let no_images = |_: &str| None;
+        let mut sources = c.sources(false, &no_images);
+        let d = sources
+            .context_sources(StepRef { stage: 0, step: 0 }, &copy_all())
+            .unwrap()
+            .digest;
+        (d, sources.finish().1)
+    }
+
+    #[test]
+    fn a_digest_memoised_over_a_racy_file_is_used_only_while_the_file_reads_the_same() {
+        let store = tempfile::tempdir().unwrap();
+        let context = tempfile::tempdir().unwrap();
+        std::fs::write(context.path().join("b"), "bee").unwrap();
+        std::thread::sleep(Duration::from_millis(2 * (RACY_WINDOW_NS / 1_000_000) as u64));
+        let file = context.path().join("a");
+        std::fs::write(&file, "one").unwrap();
+        let ctime = {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&file).unwrap();
+            m.ctime() * 1_000_000_000 + m.ctime_nsec()
+        };
+        let idx = index(store.path(), false);
+        let ctx = idx.context(context.path()).unwrap();
+        let mut c = ctx.lock().unwrap();
+        c.refresh().unwrap();
+        // Planned in the tick of the write: `a` may still change unseen.
+        c.plan_started_ns = ctime + 1_000_000;
+        let (first, read) = digest_unrefreshed(&mut c);
+        assert_eq!(read, 2);
+        assert_eq!(
+            digest_unrefreshed(&mut c),
+            (first.clone(), 0),
+            "the memo, its files read the same"
+        );
+        // A write in the same tick leaves the stamp: the index sees nothing, the recheck does.
+        std::fs::write(&file, "two").unwrap();
+        let (second, read) = digest_unrefreshed(&mut c);
+        assert_ne!(second, first, "a memo over contents no longer there is not used");
+        assert_eq!(read, 1, "the racy file read again, not the whole selection");
+        // Once the tick is long past, a read that finds the same contents is the last.
+        c.plan_started_ns = ctime + 10 * RACY_WINDOW_NS;
+        assert_eq!(digest_unrefreshed(&mut c), (second.clone(), 0));
+        assert!(
+            c.memo.values().all(|m| m.recheck.is_empty()),
+            "nothing left to read again"
+        );
+        drop(c);
+        let fresh_store = tempfile::tempdir().unwrap();
+        let fresh = index(fresh_store.path(), false);
+        let fresh_ctx = fresh.context(context.path()).unwrap();
+        assert_eq!(plan(&fresh, &fresh_ctx), second, "the digest a fresh index takes");
     }
 
     #[test]
