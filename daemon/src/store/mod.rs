@@ -6,6 +6,7 @@ pub mod blob_parts;
 pub mod blob_states;
 pub mod blob_store;
 pub mod sled_records;
+pub mod value_log;
 
 use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::source_select::FileStamp;

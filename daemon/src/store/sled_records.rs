@@ -1,4 +1,6 @@
-//! [`RecordStore`] on sled: one tree per kind of record, values through the codec.
+//! [`RecordStore`] on sled: one tree per kind of record, values through the codec; a
+//! context's file digests and the sources digests' directory listings in value logs beside
+//! it (see [`super::value_log`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -6,6 +8,7 @@ use std::path::Path;
 use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 
+use super::value_log::ValueLog;
 use super::{step_id, BlobMeta, CachedDigest, ProvisionalOutcome, RecordStore, StoreError, TokenRecord};
 use crate::codec::{decode, encode, Stored};
 
@@ -18,10 +21,12 @@ pub struct SledRecords {
     builds: sled::Tree,
     /// How many builds `builds` holds: counted once at open, as sled counts by walking.
     build_count: std::sync::atomic::AtomicUsize,
-    contexts: sled::Tree,
+    /// Each context directory's file digests, by root and directory.
+    contexts: ValueLog,
     images: sled::Tree,
     summaries: sled::Tree,
-    dir_nodes: sled::Tree,
+    /// Directory listings by node digest.
+    dir_nodes: ValueLog,
     tokens: sled::Tree,
     evicted: sled::Tree,
     deferred: sled::Tree,
@@ -52,16 +57,18 @@ impl SledRecords {
         // `DirDigests`); they are simply learnt again, once.
         let _ = db.drop_tree("context_files");
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
+        let contexts = moved_to_log(&db, "context_dirs", &dir.join("context_digests.log"))?;
+        let dir_nodes = moved_to_log(&db, "dir_nodes", &dir.join("dir_nodes.log"))?;
         Ok(Self {
             steps: tree("steps")?,
             blobs: tree("blobs")?,
             access: tree("access")?,
             build_count: std::sync::atomic::AtomicUsize::new(tree("builds")?.len()),
             builds: tree("builds")?,
-            contexts: tree("context_dirs")?,
+            contexts,
             images: tree("images")?,
             summaries: tree("summaries")?,
-            dir_nodes: tree("dir_nodes")?,
+            dir_nodes,
             tokens: tree("tokens")?,
             evicted: tree("evicted")?,
             deferred: tree("deferred_builds")?,
@@ -70,6 +77,26 @@ impl SledRecords {
             db,
         })
     }
+}
+
+/// Opens the value log at `path`, first moving into it what the sled tree `name` holds (a
+/// store written before the logs), then dropping the tree.
+fn moved_to_log(db: &sled::Db, name: &str, path: &Path) -> Result<ValueLog, StoreError> {
+    let path_err = |e: std::io::Error| StoreError::Db(format!("{}: {e}", path.display()));
+    let log = ValueLog::open(path).map_err(path_err)?;
+    if db.tree_names().iter().any(|t| t.as_ref() == name.as_bytes()) {
+        let tree = db.open_tree(name).map_err(db_err)?;
+        let values: Vec<(sled::IVec, sled::IVec)> = tree.iter().collect::<Result<_, _>>().map_err(db_err)?;
+        log.put_many(values.iter().map(|(k, v)| (k.as_ref(), Some(v.as_ref()))))
+            .map_err(path_err)?;
+        log.sync().map_err(path_err)?;
+        db.drop_tree(name).map_err(db_err)?;
+    }
+    Ok(log)
+}
+
+fn log_err(e: std::io::Error) -> StoreError {
+    StoreError::Db(format!("value log: {e}"))
 }
 
 /// Inserts `key` into `tree`, whose keys sort oldest first and whose size `count` keeps,
@@ -288,8 +315,7 @@ impl RecordStore for SledRecords {
     fn context_digests(&self, root: &str) -> Result<Vec<(String, CachedDigest)>, StoreError> {
         let prefix = context_key(root, "");
         let mut out = Vec::new();
-        for kv in self.contexts.scan_prefix(&prefix) {
-            let (k, v) = kv.map_err(db_err)?;
+        for (k, v) in self.contexts.scan_prefix(&prefix).map_err(log_err)? {
             let dir = String::from_utf8_lossy(&k[prefix.len()..]).to_string();
             let files: DirDigests = decode(&v)?;
             out.extend(files.into_iter().map(|(name, d)| {
@@ -317,9 +343,10 @@ impl RecordStore for SledRecords {
             let (dir, name) = split_dir(path);
             dirs.entry(dir).or_default().1.push(name);
         }
+        let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(dirs.len());
         for (dir, (put, gone)) in dirs {
             let key = context_key(root, dir);
-            let mut files: DirDigests = match self.contexts.get(&key).map_err(db_err)? {
+            let mut files: DirDigests = match self.contexts.get(&key).map_err(log_err)? {
                 // A value that does not decode is only a cache lost: it is learnt again.
                 Some(v) => decode(&v).unwrap_or_default(),
                 None => Vec::new(),
@@ -331,13 +358,13 @@ impl RecordStore for SledRecords {
                     Err(i) => files.insert(i, (name.to_string(), *d)),
                 }
             }
-            if files.is_empty() {
-                self.contexts.remove(&key).map_err(db_err)?;
-            } else {
-                self.contexts.insert(key, encode(&files)).map_err(db_err)?;
-            }
+            let value = (!files.is_empty()).then(|| encode(&files));
+            changes.push((key, value));
         }
-        Ok(())
+        // One append for the whole plan's changes.
+        self.contexts
+            .put_many(changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
+            .map_err(log_err)
     }
 
     fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
@@ -380,17 +407,22 @@ impl RecordStore for SledRecords {
     }
 
     fn put_dir_nodes(&self, nodes: &[(String, lcache_proto::sources_digest::DirNode)]) -> Result<(), StoreError> {
-        for (digest, node) in nodes {
-            // Content-addressed: a listing already kept is the same listing.
-            if !self.dir_nodes.contains_key(digest).map_err(db_err)? {
-                self.dir_nodes.insert(digest.as_bytes(), encode(node)).map_err(db_err)?;
-            }
-        }
-        Ok(())
+        // Content-addressed: a listing already kept is the same listing.
+        let fresh: Vec<(&[u8], Vec<u8>)> = nodes
+            .iter()
+            .filter(|(digest, _)| !self.dir_nodes.contains(digest.as_bytes()))
+            .map(|(digest, node)| (digest.as_bytes(), encode(node)))
+            .collect();
+        self.dir_nodes
+            .put_many(fresh.iter().map(|(k, v)| (*k, Some(v.as_slice()))))
+            .map_err(log_err)
     }
 
     fn get_dir_node(&self, digest: &str) -> Result<Option<lcache_proto::sources_digest::DirNode>, StoreError> {
-        get(&self.dir_nodes, digest)
+        match self.dir_nodes.get(digest.as_bytes()).map_err(log_err)? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
     }
 
     fn access_times(&self) -> Result<Vec<(String, u64)>, StoreError> {
@@ -440,6 +472,8 @@ impl RecordStore for SledRecords {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        self.contexts.sync().map_err(log_err)?;
+        self.dir_nodes.sync().map_err(log_err)?;
         self.db.flush().map_err(db_err)?;
         Ok(())
     }
@@ -599,7 +633,11 @@ pub(crate) mod tests {
         got.sort_by(|a, b| a.0.cmp(&b.0));
         let got: Vec<(&str, u64)> = got.iter().map(|(p, d)| (p.as_str(), d.size)).collect();
         assert_eq!(got, [("a/b/z", 3), ("a/x", 7), ("top", 0)]);
-        assert_eq!(s.contexts.len(), 3 + 1, "c/ is gone; /ctx2 has its own");
+        assert_eq!(
+            s.contexts.scan_prefix(b"").unwrap().len(),
+            3 + 1,
+            "c/ is gone; /ctx2 has its own"
+        );
         assert_eq!(s.context_digests("/ctx2").unwrap()[0].1.size, 42);
     }
 
@@ -617,5 +655,55 @@ pub(crate) mod tests {
         assert!(s.remove_image("b:1").unwrap());
         assert!(!s.remove_image("b:1").unwrap());
         assert_eq!(names(s.images("", 10).unwrap()), ["a:1", "c:1", "d:1"]);
+    }
+
+    #[test]
+    fn digests_and_listings_a_store_kept_in_sled_are_moved_to_the_logs_at_open() {
+        use lcache_proto::source_select::EntryKind;
+        use lcache_proto::sources_digest::{DirNode, SummaryEntry};
+        let d = tempfile::tempdir().unwrap();
+        let digest = CachedDigest {
+            stamp: lcache_proto::source_select::FileStamp::default(),
+            size: 3,
+            digest: [7; 32],
+        };
+        let node = DirNode {
+            entries: vec![SummaryEntry {
+                path: "a.txt".into(),
+                kind: EntryKind::File,
+                mode: 0o644,
+                digest: "ab".repeat(32),
+                expanded: false,
+            }],
+        };
+        {
+            // As a store written before the logs held them.
+            let db = sled::open(d.path()).unwrap();
+            let files: DirDigests = vec![("a.txt".into(), digest)];
+            db.open_tree("context_dirs")
+                .unwrap()
+                .insert(context_key("/ctx", "src"), encode(&files))
+                .unwrap();
+            db.open_tree("dir_nodes")
+                .unwrap()
+                .insert("cd".repeat(32), encode(&node))
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = reopen(d.path());
+        assert_eq!(s.context_digests("/ctx").unwrap(), [("src/a.txt".to_string(), digest)]);
+        assert_eq!(s.get_dir_node(&"cd".repeat(32)).unwrap(), Some(node.clone()));
+        assert!(
+            !s.db.tree_names().iter().any(|t| t.as_ref() == b"dir_nodes"),
+            "the tree is dropped"
+        );
+        // Changed and read back through the log, across a reopen.
+        s.update_context_digests("/ctx", &[], &["src/a.txt".into()]).unwrap();
+        s.put_dir_nodes(&[("ef".repeat(32), node.clone())]).unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let s = reopen(d.path());
+        assert!(s.context_digests("/ctx").unwrap().is_empty());
+        assert_eq!(s.get_dir_node(&"ef".repeat(32)).unwrap(), Some(node));
     }
 }
