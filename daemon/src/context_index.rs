@@ -601,7 +601,7 @@ impl IndexedContext {
             summaries: Vec::new(),
             dir_nodes: Vec::new(),
             taken: Vec::new(),
-            racy_memos: Vec::new(),
+            memos: Vec::new(),
         }
     }
 }
@@ -620,8 +620,9 @@ pub struct IndexSources<'a> {
     /// Subtree digests taken in this plan, kept by `finish` only: a failed plan may not
     /// have stored the listings they stand for, which explain and a COPY's changes read.
     taken: Vec<(MemoKey, Subtrees)>,
-    /// Digests memoised in this plan while some file was racy: `finish` lists the files.
-    racy_memos: Vec<MemoKey>,
+    /// Digests taken in this plan, with whether some file was racy then: memoised by
+    /// `finish` only, for the same reason as `taken` (a memo hit stores no listings).
+    memos: Vec<(MemoKey, SourcesDigest, bool)>,
 }
 
 impl IndexSources<'_> {
@@ -636,22 +637,20 @@ impl IndexSources<'_> {
             return (Learnt::default(), 0);
         };
         let started = self.ctx.plan_started_ns;
-        if !self.racy_memos.is_empty() {
-            // Every selected racy file was read by this plan (a racy file's digest is never
-            // kept valid), so these are all a memo could have taken unseen.
-            let recheck: Vec<(String, u64, [u8; 32])> = local
-                .newly_hashed()
-                .filter(|(e, _)| racy(&e.stamp, started))
-                .map(|(e, digest)| (e.path.clone(), e.size, digest))
-                .take(RECHECKS_AT_MOST + 1)
-                .collect();
-            for key in std::mem::take(&mut self.racy_memos) {
-                if recheck.len() > RECHECKS_AT_MOST {
-                    self.ctx.memo.remove(&key);
-                } else if let Some(m) = self.ctx.memo.get_mut(&key) {
-                    m.recheck.clone_from(&recheck);
-                }
+        // Every selected racy file was read by this plan (a racy file's digest is never kept
+        // valid), so these are all a memo could have taken unseen.
+        let recheck: Vec<(String, u64, [u8; 32])> = local
+            .newly_hashed()
+            .filter(|(e, _)| racy(&e.stamp, started))
+            .map(|(e, digest)| (e.path.clone(), e.size, digest))
+            .take(RECHECKS_AT_MOST + 1)
+            .collect();
+        for (key, digest, racy_then) in std::mem::take(&mut self.memos) {
+            if racy_then && recheck.len() > RECHECKS_AT_MOST {
+                continue;
             }
+            let recheck = if racy_then { recheck.clone() } else { Vec::new() };
+            self.ctx.memo.insert(key, Memo { digest, recheck });
         }
         // A racily clean file was hashed correctly for this plan, but its digest is not kept:
         // the next plan reads it again.
@@ -714,9 +713,14 @@ pub struct Learnt {
 impl StepSources for IndexSources<'_> {
     fn context_sources(&mut self, _at: StepRef, def: &CopyDef) -> Result<SourcesDigest, SelectError> {
         let key = (def.sources.clone(), def.excludes.clone());
-        if !self.all_files && self.ctx.memo_holds(&key) {
-            if let Some(m) = self.ctx.memo.get(&key) {
-                return Ok(m.digest.clone());
+        if !self.all_files {
+            if let Some((_, d, _)) = self.memos.iter().find(|(k, _, _)| *k == key) {
+                return Ok(d.clone());
+            }
+            if self.ctx.memo_holds(&key) {
+                if let Some(m) = self.ctx.memo.get(&key) {
+                    return Ok(m.digest.clone());
+                }
             }
         }
         let all_files = self.all_files;
@@ -756,16 +760,7 @@ impl StepSources for IndexSources<'_> {
             d.files.truncate(FILES_LISTED);
             // Kept for as long as the context is unchanged: not the capacity of every file.
             d.files.shrink_to_fit();
-            if ctx.has_racy_files() {
-                self.racy_memos.push(key.clone());
-            }
-            ctx.memo.insert(
-                key,
-                Memo {
-                    digest: d.clone(),
-                    recheck: Vec::new(),
-                },
-            );
+            self.memos.push((key, d.clone(), ctx.has_racy_files()));
         }
         Ok(d)
     }
@@ -990,10 +985,18 @@ mod tests {
             let mut sources = c.sources(false, &no_images);
             let at = StepRef { stage: 0, step: 0 };
             sources.context_sources(at, &copy_all()).unwrap();
+            sources
+                .context_sources(at, &CopyDef::from_context(&["a"], "/d/"))
+                .unwrap();
             let missing = CopyDef::from_context(&["nope"], "/d/");
             assert!(sources.context_sources(at, &missing).is_err());
             // Dropped without `finish`, as a failed plan is.
         }
+        assert_eq!(
+            ctx.lock().unwrap().memo.len(),
+            1,
+            "only the earlier plan's: a failed plan's listings may not be stored"
+        );
         let status = ctx.lock().unwrap().status();
         assert_eq!((status.entries, status.digests), (1, 1));
         let mut c = ctx.lock().unwrap();

@@ -402,6 +402,68 @@ fn a_full_disk_refuses_the_upload_keeps_nothing_and_the_daemon_stays_up() {
 }
 
 #[test]
+fn a_full_disk_fails_the_plan_saying_so_and_the_plan_after_stores_its_listings() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mounting a tmpfs needs root");
+    let _mounted = Mounted(store.clone());
+    let mut d = Daemon::start_in(dir, &[]);
+    let context = tempfile::tempdir().unwrap();
+    for dir in 0..5 {
+        let sub = context.path().join(format!("d{dir}"));
+        std::fs::create_dir(&sub).unwrap();
+        for f in 0..40 {
+            std::fs::write(sub.join(format!("f{f}")), format!("file {dir} {f}\n")).unwrap();
+        }
+    }
+    let plan = serde_json::json!({
+        "dockerfile_name": "Dockerfile",
+        "dockerfile": "FROM scratch\nCOPY . /d/\n",
+        "context": context.path(),
+        "platform": "linux/amd64",
+    })
+    .to_string();
+    // Whatever room is left, taken.
+    let filler = store.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while f.write_all(&[0u8; 65536]).is_ok() {}
+    drop(f);
+    let (status, body) = d.http("POST", "/v1/plan", plan.as_bytes());
+    assert!(status >= 500, "{status}: {}", String::from_utf8_lossy(&body));
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("No space left") && text.contains("check the disk"),
+        "{text}"
+    );
+    assert!(d.alive());
+    std::fs::remove_file(&filler).unwrap();
+    let (status, body) = d.http("POST", "/v1/plan", plan.as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let digest = json(&body)["report"]["steps"][0]["sources_digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The failed plan's digest was not memoised: this plan stored what explain reads.
+    let (status, summary) = d.http("GET", &format!("/v1/summaries/{digest}"), b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&summary));
+    let summary = json(&summary);
+    let top = summary
+        .as_array()
+        .and_then(|s| s.iter().find(|e| e["kind"] == "dir"))
+        .unwrap_or_else(|| panic!("no directory in {summary}"));
+    let node = top["digest"].as_str().unwrap();
+    let (status, listing) = d.http("GET", &format!("/v1/dir-nodes/{node}"), b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&listing));
+    assert!(String::from_utf8_lossy(&listing).contains("d4"));
+}
+
+#[test]
 fn plans_and_layers_to_name_are_refused_over_tcp_where_the_rest_of_the_api_is_served() {
     let mut d = Daemon::start(&[]);
     let token = make_token(&d, "ci", "write");

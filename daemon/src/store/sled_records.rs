@@ -95,8 +95,9 @@ fn moved_to_log(db: &sled::Db, name: &str, path: &Path) -> Result<ValueLog, Stor
     Ok(log)
 }
 
-fn log_err(e: std::io::Error) -> StoreError {
-    StoreError::Db(format!("value log: {e}"))
+/// An I/O error of `log`, naming its file.
+fn log_err(log: &ValueLog) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |e| StoreError::Db(format!("{}: {e}", log.path().display()))
 }
 
 /// Inserts `key` into `tree`, whose keys sort oldest first and whose size `count` keeps,
@@ -315,7 +316,7 @@ impl RecordStore for SledRecords {
     fn context_digests(&self, root: &str) -> Result<Vec<(String, CachedDigest)>, StoreError> {
         let prefix = context_key(root, "");
         let mut out = Vec::new();
-        for (k, v) in self.contexts.scan_prefix(&prefix).map_err(log_err)? {
+        for (k, v) in self.contexts.scan_prefix(&prefix).map_err(log_err(&self.contexts))? {
             let dir = String::from_utf8_lossy(&k[prefix.len()..]).to_string();
             let files: DirDigests = decode(&v)?;
             out.extend(files.into_iter().map(|(name, d)| {
@@ -346,7 +347,7 @@ impl RecordStore for SledRecords {
         let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(dirs.len());
         for (dir, (put, gone)) in dirs {
             let key = context_key(root, dir);
-            let mut files: DirDigests = match self.contexts.get(&key).map_err(log_err)? {
+            let mut files: DirDigests = match self.contexts.get(&key).map_err(log_err(&self.contexts))? {
                 // A value that does not decode is only a cache lost: it is learnt again.
                 Some(v) => decode(&v).unwrap_or_default(),
                 None => Vec::new(),
@@ -364,7 +365,7 @@ impl RecordStore for SledRecords {
         // One append for the whole plan's changes.
         self.contexts
             .put_many(changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
-            .map_err(log_err)
+            .map_err(log_err(&self.contexts))
     }
 
     fn get_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
@@ -415,11 +416,15 @@ impl RecordStore for SledRecords {
             .collect();
         self.dir_nodes
             .put_many(fresh.iter().map(|(k, v)| (*k, Some(v.as_slice()))))
-            .map_err(log_err)
+            .map_err(log_err(&self.dir_nodes))
     }
 
     fn get_dir_node(&self, digest: &str) -> Result<Option<lcache_proto::sources_digest::DirNode>, StoreError> {
-        match self.dir_nodes.get(digest.as_bytes()).map_err(log_err)? {
+        match self
+            .dir_nodes
+            .get(digest.as_bytes())
+            .map_err(log_err(&self.dir_nodes))?
+        {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
@@ -472,8 +477,8 @@ impl RecordStore for SledRecords {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.contexts.sync().map_err(log_err)?;
-        self.dir_nodes.sync().map_err(log_err)?;
+        self.contexts.sync().map_err(log_err(&self.contexts))?;
+        self.dir_nodes.sync().map_err(log_err(&self.dir_nodes))?;
         self.db.flush().map_err(db_err)?;
         Ok(())
     }
