@@ -32,12 +32,34 @@ pub enum SourcesError {
     },
 }
 
+/// Where a context's file digests are kept while keys are derived: one slot per entry,
+/// in entry order. The plain list is a context's own; the daemon's index lends its digests
+/// in a slot type of its own instead of copying every one into a list for each plan.
+pub trait DigestSlots {
+    /// Entry `i`'s content digest, if one is known and may be used.
+    fn digest(&self, i: usize) -> Option<[u8; 32]>;
+    /// Keeps entry `i`'s content digest, just read.
+    fn set(&mut self, i: usize, digest: [u8; 32]);
+}
+
+impl DigestSlots for Vec<Option<[u8; 32]>> {
+    fn digest(&self, i: usize) -> Option<[u8; 32]> {
+        self.get(i).copied().flatten()
+    }
+
+    fn set(&mut self, i: usize, digest: [u8; 32]) {
+        if let Some(slot) = self.get_mut(i) {
+            *slot = Some(digest);
+        }
+    }
+}
+
 /// A walked build context whose file digests are filled in on demand.
 #[derive(Debug)]
-pub struct LocalContext {
+pub struct LocalContext<S = Vec<Option<[u8; 32]>>> {
     root: PathBuf,
     entries: Vec<ContextEntry>,
-    content: Vec<Option<[u8; 32]>>,
+    content: S,
     hashed: Vec<usize>,
     /// How many files a sources digest describes (`SourcesDigest::files`).
     listed: usize,
@@ -62,6 +84,14 @@ impl LocalContext {
             .enumerate()
             .map(|(i, e)| if e.kind == EntryKind::File { known(i, e) } else { None })
             .collect();
+        LocalContext::with_slots(root, entries, content)
+    }
+}
+
+impl<S: DigestSlots> LocalContext<S> {
+    /// A context from entries walked earlier and the caller's digests of them, both lent:
+    /// [`Self::into_parts`] gives them back, with what this context read filled in.
+    pub fn with_slots(root: &Path, entries: Vec<ContextEntry>, content: S) -> Self {
         Self {
             root: root.to_path_buf(),
             entries,
@@ -69,6 +99,11 @@ impl LocalContext {
             hashed: Vec::new(),
             listed: usize::MAX,
         }
+    }
+
+    /// The entries and digest slots back, for the caller that lent them.
+    pub fn into_parts(self) -> (Vec<ContextEntry>, S) {
+        (self.entries, self.content)
     }
 
     /// Describes at most `n` files per sources digest from now on (the digests and totals
@@ -96,7 +131,7 @@ impl LocalContext {
     pub fn newly_hashed(&self) -> impl Iterator<Item = (&ContextEntry, [u8; 32])> {
         self.hashed
             .iter()
-            .filter_map(|&i| self.content[i].map(|d| (&self.entries[i], d)))
+            .filter_map(|&i| self.content.digest(i).map(|d| (&self.entries[i], d)))
     }
 
     /// How many files were read in this run.
@@ -122,7 +157,7 @@ impl LocalContext {
         let mut missing: Vec<usize> = roots
             .iter()
             .flat_map(|r| r.entry.into_iter().chain(r.members.iter().copied()))
-            .filter(|&i| self.entries[i].kind == EntryKind::File && self.content[i].is_none())
+            .filter(|&i| self.entries[i].kind == EntryKind::File && self.content.digest(i).is_none())
             .collect();
         missing.sort_unstable();
         missing.dedup();
@@ -142,7 +177,7 @@ impl LocalContext {
                 },
             })?;
             for (&i, h) in missing.iter().zip(hashes) {
-                self.content[i] = Some(h);
+                self.content.set(i, h);
             }
             self.hashed.extend(missing);
         }
@@ -150,7 +185,7 @@ impl LocalContext {
         Ok(sources_digest_reusing(
             &self.entries,
             &roots,
-            &|i| content[i].unwrap_or_default(),
+            &|i| content.digest(i).unwrap_or_default(),
             self.listed,
             known,
         ))

@@ -366,19 +366,26 @@ impl Drop for Mounted {
     }
 }
 
-#[test]
-fn a_full_disk_refuses_the_upload_keeps_nothing_and_the_daemon_stays_up() {
-    // The store on a 4 MiB tmpfs (needs root, as the build tests do): an 8 MiB blob cannot fit.
+/// A directory for a daemon whose `store` is a tmpfs of `size` (mounting needs root, as the
+/// build tests do), unmounted when the guard drops.
+fn store_on_tmpfs(size: &str) -> (tempfile::TempDir, std::path::PathBuf, Mounted) {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     std::fs::create_dir(&store).unwrap();
     let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
         .arg(&store)
         .status()
         .unwrap();
     assert!(ok.success(), "mounting a tmpfs needs root");
-    let _mounted = Mounted(store.clone());
+    let mounted = Mounted(store.clone());
+    (dir, store, mounted)
+}
+
+#[test]
+fn a_full_disk_refuses_the_upload_keeps_nothing_and_the_daemon_stays_up() {
+    // The store on a 4 MiB tmpfs: an 8 MiB blob cannot fit.
+    let (dir, store, _mounted) = store_on_tmpfs("4m");
     let mut d = Daemon::start_in(dir, &[]);
     let big: Vec<u8> = (0..8u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
@@ -403,16 +410,7 @@ fn a_full_disk_refuses_the_upload_keeps_nothing_and_the_daemon_stays_up() {
 
 #[test]
 fn a_full_disk_fails_the_plan_saying_so_and_the_plan_after_stores_its_listings() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    std::fs::create_dir(&store).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
-        .arg(&store)
-        .status()
-        .unwrap();
-    assert!(ok.success(), "mounting a tmpfs needs root");
-    let _mounted = Mounted(store.clone());
+    let (dir, store, _mounted) = store_on_tmpfs("6m");
     let mut d = Daemon::start_in(dir, &[]);
     let context = tempfile::tempdir().unwrap();
     for dir in 0..5 {
