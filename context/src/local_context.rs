@@ -157,7 +157,8 @@ impl<S: DigestSlots> LocalContext<S> {
         let mut missing: Vec<usize> = roots
             .iter()
             .flat_map(|r| r.entry.into_iter().chain(r.members.iter().copied()))
-            .filter(|&i| self.entries[i].kind == EntryKind::File && self.content.digest(i).is_none())
+            // The digest first: most files have one, and the slots are denser than entries.
+            .filter(|&i| self.content.digest(i).is_none() && self.entries[i].kind == EntryKind::File)
             .collect();
         missing.sort_unstable();
         missing.dedup();

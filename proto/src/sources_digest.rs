@@ -227,6 +227,20 @@ pub fn sources_digest_listing(
     sources_digest_reusing(entries, roots, content, listed, &|_| None)
 }
 
+/// How many of `items` from the front satisfy `pred`, which holds for a run at the front
+/// and then never: searched outwards from the front, so a short run costs a few nearby
+/// reads, not a binary search over the whole slice (a reused directory's files are a
+/// short run in a long selection).
+fn leading_run<T>(items: &[T], pred: impl Fn(&T) -> bool) -> usize {
+    let mut end = 1;
+    while end <= items.len() && pred(&items[end - 1]) {
+        end *= 2;
+    }
+    let lo = end / 2;
+    let hi = end.min(items.len() + 1) - 1;
+    lo + items[lo..hi].partition_point(&pred)
+}
+
 /// [`sources_digest_listing`], taking the node digest of a selected directory from
 /// `known(its path in the context)` when it has one (a directory whose subtree is unchanged
 /// since an earlier digest of the same selection gave it, see `SourcesDigest::subtrees`)
@@ -305,12 +319,9 @@ pub fn sources_digest_reusing(
                         // sorted after a sibling (`d/x` after `d-x`) is counted, and
                         // inserting it beneath the known node does nothing.
                         let beneath = format!("{}/", entries[i].path);
-                        let rest = &members[m..];
-                        if rest.first().is_some_and(|&j| entries[j].path.starts_with(&beneath)) {
-                            let n = rest.partition_point(|&j| entries[j].path.starts_with(&beneath));
-                            skipped += n;
-                            m += n;
-                        }
+                        let n = leading_run(&members[m..], |&j| entries[j].path.starts_with(&beneath));
+                        skipped += n;
+                        m += n;
                         insert(children, rel, k);
                     }
                     None => insert(children, rel, leaf(&entries[i], i, content)),
@@ -400,6 +411,15 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn a_leading_run_is_counted_whatever_its_length() {
+        for len in 0..40 {
+            for run in 0..=len {
+                let items: Vec<bool> = (0..len).map(|k| k < run).collect();
+                assert_eq!(leading_run(&items, |&b| b), run, "{run} of {len}");
+            }
+        }
+    }
     #[test]
     fn content_mode_link_target_and_names_change_the_digest_and_stamps_do_not() {
         let same = |_: &str| 1;
