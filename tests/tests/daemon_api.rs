@@ -409,7 +409,7 @@ fn a_full_disk_refuses_the_upload_keeps_nothing_and_the_daemon_stays_up() {
 }
 
 #[test]
-fn a_full_disk_fails_the_plan_saying_so_and_the_plan_after_stores_its_listings() {
+fn a_full_disk_fails_the_plan_with_507_and_the_plan_after_stores_its_listings() {
     let (dir, store, _mounted) = store_on_tmpfs("6m");
     let mut d = Daemon::start_in(dir, &[]);
     let context = tempfile::tempdir().unwrap();
@@ -433,12 +433,10 @@ fn a_full_disk_fails_the_plan_saying_so_and_the_plan_after_stores_its_listings()
     while f.write_all(&[0u8; 65536]).is_ok() {}
     drop(f);
     let (status, body) = d.http("POST", "/v1/plan", plan.as_bytes());
-    assert!(status >= 500, "{status}: {}", String::from_utf8_lossy(&body));
-    let text = String::from_utf8_lossy(&body);
-    assert!(
-        text.contains("No space left") && text.contains("check the disk"),
-        "{text}"
-    );
+    assert_eq!(status, 507, "{}", String::from_utf8_lossy(&body));
+    let said = json(&body);
+    assert!(said["error"].as_str().unwrap().contains("disk is full"), "{said}");
+    assert!(said["hint"].as_str().unwrap().contains("free space"), "{said}");
     assert!(d.alive());
     std::fs::remove_file(&filler).unwrap();
     let (status, body) = d.http("POST", "/v1/plan", plan.as_bytes());

@@ -6,7 +6,8 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use lcache_proto::wire::{CacheStats, PlanInputs, StatusResponse};
 
-use super::{error, json, read_json, stored, Body};
+use super::{error, json, read_json, store_failed, stored, Body};
+use crate::context_index::IndexError;
 use crate::planner::{plan_build, PlanError};
 use crate::state::AppState;
 use std::sync::atomic::Ordering;
@@ -74,15 +75,11 @@ pub async fn plan(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Bod
             e.to_string(),
             "fix the path or the Dockerfile and plan again",
         ),
+        Ok(Err(PlanError::Store(e) | PlanError::Index(IndexError::Store(e)))) => store_failed(&e),
         Ok(Err(PlanError::Index(e))) => error(
             StatusCode::BAD_REQUEST,
             e.to_string(),
             "the daemon must be able to read the context",
-        ),
-        Ok(Err(e)) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
         ),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,

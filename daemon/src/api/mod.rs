@@ -70,6 +70,23 @@ pub fn error(status: StatusCode, error: impl Into<String>, hint: impl Into<Strin
     r
 }
 
+/// The answer when the store failed: 507 and where to make room when its disk is full,
+/// else 500.
+pub fn store_failed(e: &crate::store::StoreError) -> Response<Body> {
+    match e {
+        crate::store::StoreError::Full(_) => error(
+            StatusCode::INSUFFICIENT_STORAGE,
+            e.to_string(),
+            "free space on the disk holding lcached's store (or lower its --max-size), then try again",
+        ),
+        _ => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check the daemon's store",
+        ),
+    }
+}
+
 /// A value looked up in the store: 200 with it, 404 (`missing`, `hint`) without it, 500 when
 /// the store failed.
 pub fn stored<T: Serialize>(
@@ -80,11 +97,7 @@ pub fn stored<T: Serialize>(
     match found {
         Ok(Some(v)) => json(StatusCode::OK, &v),
         Ok(None) => error(StatusCode::NOT_FOUND, missing, hint),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        ),
+        Err(e) => store_failed(&e),
     }
 }
 

@@ -18,9 +18,12 @@ use crate::codec::CodecError;
 /// Why the record store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database failed (disk full, I/O error, corruption).
+    /// The database failed (I/O error, corruption).
     #[error("record store error: {0} — check the disk holding the store (space, permissions)")]
     Db(String),
+    /// The disk holding the store is full (or the owner's quota spent).
+    #[error("the store's disk is full: {0}")]
+    Full(String),
     /// A stored value could not be decoded.
     #[error(transparent)]
     Codec(#[from] CodecError),

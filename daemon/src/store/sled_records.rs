@@ -39,7 +39,16 @@ pub struct SledRecords {
 const SLED_CACHE_BYTES: u64 = 32 << 20;
 
 fn db_err(e: sled::Error) -> StoreError {
-    StoreError::Db(e.to_string())
+    match e {
+        sled::Error::Io(io) if is_full(&io) => StoreError::Full(format!("sled: {io}")),
+        e => StoreError::Db(e.to_string()),
+    }
+}
+
+/// Whether `e` says the disk (or the owner's quota) has no room left.
+fn is_full(e: &std::io::Error) -> bool {
+    // ENOSPC, EDQUOT.
+    matches!(e.raw_os_error(), Some(28 | 122))
 }
 
 impl SledRecords {
@@ -97,7 +106,10 @@ fn moved_to_log(db: &sled::Db, name: &str, path: &Path) -> Result<ValueLog, Stor
 
 /// An I/O error of `log`, naming its file.
 fn log_err(log: &ValueLog) -> impl Fn(std::io::Error) -> StoreError + '_ {
-    move |e| StoreError::Db(format!("{}: {e}", log.path().display()))
+    move |e| match is_full(&e) {
+        true => StoreError::Full(format!("{}: {e}", log.path().display())),
+        false => StoreError::Db(format!("{}: {e}", log.path().display())),
+    }
 }
 
 /// Inserts `key` into `tree`, whose keys sort oldest first and whose size `count` keeps,
