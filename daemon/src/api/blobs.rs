@@ -34,13 +34,7 @@ fn stored(state: &AppState, d: &str) -> Result<Option<BlobMeta>, Response<Body>>
     if sha256_hex(d).is_none() {
         return Err(bad_digest(d));
     }
-    state.records.get_blob(d).map_err(|e| {
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        )
-    })
+    state.records.get_blob(d).map_err(|e| super::store_failed(&e))
 }
 
 fn not_found(d: &str) -> Response<Body> {

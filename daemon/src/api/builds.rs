@@ -134,11 +134,7 @@ pub fn list(state: &AppState, query: Option<&str>) -> Response<Body> {
     };
     match state.records.recent_builds(limit, context.as_deref()) {
         Ok(v) => json(StatusCode::OK, &v),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        ),
+        Err(e) => super::store_failed(&e),
     }
 }
 

@@ -107,11 +107,7 @@ pub fn list(state: &AppState, query: Option<&str>) -> Response<Body> {
     };
     match state.records.images(&after, limit) {
         Ok(v) => json(StatusCode::OK, &v),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        ),
+        Err(e) => super::store_failed(&e),
     }
 }
 
@@ -136,11 +132,7 @@ pub async fn get(state: &AppState, raw: &str) -> Response<Body> {
             format!("{name} pins a digest, but the image lcached has under that name is {found}"),
             "import the image whose manifest has the pinned digest, or fix the digest in the Dockerfile",
         ),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        ),
+        Err(e) => super::store_failed(&e),
     }
 }
 
@@ -181,13 +173,7 @@ pub async fn put(state: &std::sync::Arc<AppState>, raw: &str, req: Request<Incom
                     "PUT every layer, the config and the manifest to /v1/blobs first",
                 )
             }
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    e.to_string(),
-                    "check the daemon's store",
-                )
-            }
+            Err(e) => return super::store_failed(&e),
         }
     }
     match state.records.put_image(&image).and_then(|_| state.records.flush()) {
@@ -214,10 +200,6 @@ pub fn delete(state: &AppState, raw: &str) -> Response<Body> {
     match state.records.remove_image(&name) {
         Ok(true) => json(StatusCode::OK, &serde_json::json!({"removed": name})),
         Ok(false) => not_found(&name),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        ),
+        Err(e) => super::store_failed(&e),
     }
 }

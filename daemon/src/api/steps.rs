@@ -80,11 +80,7 @@ pub async fn get(state: &AppState, key: &str, query: Option<&str>) -> Response<B
                 "a miss: run the step, upload its layer, then PUT its record",
             )
         }
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            e.to_string(),
-            "check the daemon's store",
-        ),
+        Err(e) => super::store_failed(&e),
     }
 }
 
@@ -136,13 +132,7 @@ pub async fn put(state: &AppState, key: &str, req: Request<Incoming>) -> Respons
                     ),
                 )
             }
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    e.to_string(),
-                    "check the daemon's store",
-                )
-            }
+            Err(e) => return super::store_failed(&e),
         }
     }
     match keep_first(state, &scope, rec).await {
