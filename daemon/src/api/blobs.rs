@@ -520,7 +520,7 @@ fn refused(e: IngestError) -> Response<Body> {
             e.to_string(),
             "nothing was stored; upload the exact bytes of the blob under their sha256 digest",
         ),
-        IngestError::Io(e) if e.raw_os_error() == Some(28) => error(
+        IngestError::Io(e) if crate::store::is_full(&e) => error(
             StatusCode::INSUFFICIENT_STORAGE,
             format!("the store's disk is full: {e}"),
             "nothing was stored; free space or lower --max-size",

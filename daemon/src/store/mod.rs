@@ -29,6 +29,12 @@ pub enum StoreError {
     Codec(#[from] CodecError),
 }
 
+/// Whether `e` says the store's disk (or its owner's quota) has no room left: the one test
+/// behind every "disk full" answer (507), for blobs and records alike.
+pub fn is_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(nix::libc::ENOSPC | nix::libc::EDQUOT))
+}
+
 /// What a provisional layer name (`POST /v1/layers` with `name_later`) came to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProvisionalOutcome {

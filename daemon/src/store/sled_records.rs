@@ -9,7 +9,7 @@ use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 
 use super::value_log::ValueLog;
-use super::{step_id, BlobMeta, CachedDigest, ProvisionalOutcome, RecordStore, StoreError, TokenRecord};
+use super::{is_full, step_id, BlobMeta, CachedDigest, ProvisionalOutcome, RecordStore, StoreError, TokenRecord};
 use crate::codec::{decode, encode, Stored};
 
 /// sled-backed records.
@@ -43,12 +43,6 @@ fn db_err(e: sled::Error) -> StoreError {
         sled::Error::Io(io) if is_full(&io) => StoreError::Full(format!("sled: {io}")),
         e => StoreError::Db(e.to_string()),
     }
-}
-
-/// Whether `e` says the disk (or the owner's quota) has no room left.
-fn is_full(e: &std::io::Error) -> bool {
-    // ENOSPC, EDQUOT.
-    matches!(e.raw_os_error(), Some(28 | 122))
 }
 
 impl SledRecords {
