@@ -17,9 +17,6 @@ use lcache_proto::wire::{BuildRecord, BuildStep, PlanInputs, PlanResponse};
 use crate::build_control::BuildControl;
 use crate::errors::BuildError;
 
-/// How many past builds of the same context are searched for each step's earlier record.
-const HISTORY_SEARCHED: usize = 50;
-
 /// BLAKE3 of the context's .dockerignore, or empty.
 pub fn dockerignore_digest(context: &Path) -> String {
     std::fs::read(context.join(".dockerignore"))
@@ -85,7 +82,7 @@ impl<'a> CauseFinder<'a> {
             };
             let builds: Vec<BuildRecord> = self
                 .client
-                .builds_of(&inputs.context, HISTORY_SEARCHED)
+                .builds_of(&inputs.context, lcache_proto::wire::HISTORY_COMPARED)
                 .map(|bs| {
                     bs.into_iter()
                         .filter(|b| b.context == inputs.context && b.target == inputs.target && same_dockerfile(b))

@@ -4,11 +4,11 @@
 //! a plan reads no file and stats nothing; after an edit only files whose stamp moved are
 //! re-read. Where watching is impossible every plan re-stats the tree (a stat walk).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lcache_context::context_walk::{
     entry_at, read_dockerignore, read_listing, walk, walk_beneath, walk_reads, BARRIER_PREFIX,
@@ -17,6 +17,7 @@ use lcache_context::errors::ContextError;
 use lcache_context::local_context::{DigestSlots, LocalContext};
 use lcache_proto::build_plan::CopyDef;
 use lcache_proto::errors::SelectError;
+use lcache_proto::key_encoding::hex;
 use lcache_proto::source_select::{ContextEntry, EntryKind, FileStamp};
 use lcache_proto::sources_digest::SourcesDigest;
 use lcache_proto::step_keys::{StepRef, StepSources};
@@ -175,6 +176,22 @@ pub struct ContextIndex {
     persister: DigestPersister,
     watch: bool,
     contexts: Mutex<HashMap<PathBuf, Arc<Mutex<IndexedContext>>>>,
+    /// The sources digests plans computed lately, newest last: a build in flight refers to
+    /// its plan's listings before its records do, even once a newer plan replaced its memo.
+    planned: Mutex<VecDeque<(Instant, String)>>,
+}
+
+/// How many recently planned sources digests are remembered.
+const PLANNED_KEPT: usize = 4096;
+
+/// What a context index refers to in the store's summaries and listings: a collection of
+/// listings keeps these (see `listing_gc`).
+#[derive(Debug, Default)]
+pub struct ListingRoots {
+    /// Sources digests memoised, or planned within the time asked.
+    pub sources: Vec<String>,
+    /// Node digests of subtrees a later plan may reuse without storing their listings.
+    pub nodes: Vec<String>,
 }
 
 impl ContextIndex {
@@ -185,7 +202,49 @@ impl ContextIndex {
             records,
             watch,
             contexts: Mutex::new(HashMap::new()),
+            planned: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Remembers the sources digests a plan computed (see [`ContextIndex::listing_roots`]).
+    pub fn note_planned<'a>(&self, digests: impl IntoIterator<Item = &'a str>) {
+        let mut planned = self.planned.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        planned.extend(digests.into_iter().map(|d| (now, d.to_string())));
+        let excess = planned.len().saturating_sub(PLANNED_KEPT);
+        planned.drain(..excess);
+    }
+
+    /// The summaries and listings this index refers to: every context's memoised digests
+    /// and reusable subtrees, and the digests planned within `recent`.
+    pub fn listing_roots(&self, recent: Duration) -> ListingRoots {
+        let mut roots = ListingRoots::default();
+        {
+            let planned = self.planned.lock().unwrap_or_else(|p| p.into_inner());
+            roots.sources.extend(
+                planned
+                    .iter()
+                    .filter(|(at, _)| at.elapsed() <= recent)
+                    .map(|(_, d)| d.clone()),
+            );
+        }
+        let all: Vec<_> = self
+            .contexts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for c in all {
+            // Each context's lock is taken in turn: a plan holds it from its walk to its
+            // memos, so what it stored is either seen here or noted by the store as put.
+            let c = c.lock().unwrap_or_else(|p| p.into_inner());
+            roots.sources.extend(c.memo.values().map(|m| m.digest.digest.clone()));
+            roots
+                .nodes
+                .extend(c.subtrees.values().flat_map(|t| t.values().map(|(_, d)| hex(d))));
+        }
+        roots
     }
 
     /// The indexed context at `root` (created on first use, with its persisted digests).

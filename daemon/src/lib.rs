@@ -9,6 +9,7 @@ pub mod deferred_naming;
 pub mod digest_persister;
 pub mod eviction;
 pub mod layer_naming;
+pub mod listing_gc;
 pub mod memory_release;
 pub mod metrics;
 pub mod planner;

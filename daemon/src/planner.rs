@@ -77,9 +77,10 @@ pub fn plan_build(
         location: e.location,
         error: e.error,
     })?;
-    for (digest, summary) in std::mem::take(&mut sources.summaries) {
-        records.put_summary(&digest, &summary)?;
+    for (digest, summary) in &sources.summaries {
+        records.put_summary(digest, summary)?;
     }
+    index.note_planned(sources.summaries.iter().map(|(d, _)| d.as_str()));
     records.put_dir_nodes(&std::mem::take(&mut sources.dir_nodes))?;
     let (learnt, hashed_files) = sources.finish();
     index.persist(&ctx, learnt, removed)?;

@@ -246,6 +246,7 @@ impl Daemon {
         let upstream = cfg.upstream.clone().map(Upstream::new);
         let state = Arc::new(AppState {
             index: ContextIndex::new(records.clone(), cfg.watch),
+            listing_gc: crate::listing_gc::ListingCollector::new(records.as_ref()),
             records,
             blobs,
             metrics: Metrics::default(),

@@ -44,6 +44,8 @@ pub struct AppState {
     pub provisional: crate::provisional_names::ProvisionalNames,
     /// Builds whose images are being named (`POST /v1/builds/deferred`).
     pub deferred: crate::deferred_naming::DeferredNaming,
+    /// When the directory listings are next collected.
+    pub listing_gc: crate::listing_gc::ListingCollector,
 }
 
 impl AppState {

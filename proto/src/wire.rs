@@ -62,6 +62,10 @@ impl PlanInputs {
 /// How many selected files a report lists per step unless all are asked for.
 pub const FILES_LISTED: usize = 10;
 
+/// How many of a context's newest builds a build is compared with (its misses' causes, a
+/// re-run COPY's seed): lcached keeps the directory listings those builds refer to.
+pub const HISTORY_COMPARED: usize = 50;
+
 /// Every needed step's key and inputs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeysReport {

@@ -64,7 +64,10 @@ pub async fn plan(state: &Arc<AppState>, req: Request<Incoming>) -> Response<Bod
     })
     .await;
     match result {
-        Ok(Ok(resp)) => json(StatusCode::OK, &resp),
+        Ok(Ok(resp)) => {
+            crate::listing_gc::ListingCollector::maybe_start(state);
+            json(StatusCode::OK, &resp)
+        }
         Ok(Err(PlanError::Dockerfile(e))) => error(
             StatusCode::BAD_REQUEST,
             format!("{}: {}", e.location, e.message),

@@ -8,6 +8,8 @@ pub mod blob_store;
 pub mod sled_records;
 pub mod value_log;
 
+use std::collections::HashSet;
+
 use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::source_select::FileStamp;
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
@@ -91,6 +93,15 @@ pub enum Access {
     Write,
 }
 
+/// What a collection of listings dropped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ListingsDropped {
+    /// Summaries of sources digests.
+    pub summaries: usize,
+    /// Directory listings.
+    pub listings: usize,
+}
+
 /// The id a step record is stored under: its key, or `scope NUL key` in a scope.
 pub fn step_id(scope: &str, key: &str) -> Vec<u8> {
     if scope.is_empty() {
@@ -130,6 +141,8 @@ pub trait RecordStore: Send + Sync {
     fn get_build(&self, id: &str) -> Result<Option<BuildRecord>, StoreError>;
     /// The newest `limit` builds (of the context `context` only, if given), newest first.
     fn recent_builds(&self, limit: usize, context: Option<&str>) -> Result<Vec<BuildRecord>, StoreError>;
+    /// Hands every build to `visit`, newest first, one at a time.
+    fn each_build(&self, visit: &mut dyn FnMut(BuildRecord)) -> Result<(), StoreError>;
     /// Keeps a build lcached is naming the image of, by the build's id, until it is named.
     fn put_deferred(&self, build: &DeferredBuild) -> Result<(), StoreError>;
     /// The builds whose images were being named when the daemon stopped, oldest first.
@@ -172,6 +185,18 @@ pub trait RecordStore: Send + Sync {
     fn put_dir_nodes(&self, nodes: &[(String, lcache_proto::sources_digest::DirNode)]) -> Result<(), StoreError>;
     /// A directory listing by node digest, if known.
     fn get_dir_node(&self, digest: &str) -> Result<Option<lcache_proto::sources_digest::DirNode>, StoreError>;
+    /// The bytes the directory listings take on disk.
+    fn listing_bytes(&self) -> u64;
+    /// Starts a collection of summaries and listings: until it ends, every one put (stored
+    /// then, or found stored) is kept by it, whatever it was told to keep.
+    fn begin_listing_collection(&self);
+    /// Ends the collection begun: with `keep` = (sources digests, node digests), keeps
+    /// their summaries and listings and what was put since it began, and drops every
+    /// other; with `None` (a collection given up), drops nothing.
+    fn end_listing_collection(
+        &self,
+        keep: Option<(&HashSet<String>, &HashSet<String>)>,
+    ) -> Result<ListingsDropped, StoreError>;
     /// When each blob was last used (`touch`), by digest; blobs never touched are absent.
     fn access_times(&self) -> Result<Vec<(String, u64)>, StoreError>;
     /// Evicts a blob and the step records that need it: the records go first (so none

@@ -2,14 +2,16 @@
 //! context's file digests and the sources digests' directory listings in value logs beside
 //! it (see [`super::value_log`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::wire::{BuildRecord, ImageRecord, StepRecord};
 
 use super::value_log::ValueLog;
-use super::{is_full, step_id, BlobMeta, CachedDigest, ProvisionalOutcome, RecordStore, StoreError, TokenRecord};
+use super::{
+    is_full, step_id, BlobMeta, CachedDigest, ListingsDropped, ProvisionalOutcome, RecordStore, StoreError, TokenRecord,
+};
 use crate::codec::{decode, encode, Stored};
 
 /// sled-backed records.
@@ -33,6 +35,16 @@ pub struct SledRecords {
     provisional: sled::Tree,
     /// How many names `provisional` holds, counted once at open.
     provisional_count: std::sync::atomic::AtomicUsize,
+    /// While a collection of listings runs: the summaries and listings put since it began.
+    collecting: std::sync::Mutex<Option<Collecting>>,
+}
+
+/// What a collection of listings keeps whatever it found: the summaries and listings put
+/// (stored now, or found stored) since it began, which plans running meanwhile refer to.
+#[derive(Default)]
+struct Collecting {
+    summaries: HashSet<String>,
+    nodes: HashSet<String>,
 }
 
 /// The most memory sled's page cache may hold.
@@ -77,8 +89,15 @@ impl SledRecords {
             deferred: tree("deferred_builds")?,
             provisional_count: std::sync::atomic::AtomicUsize::new(tree("provisional_names")?.len()),
             provisional: tree("provisional_names")?,
+            collecting: std::sync::Mutex::new(None),
             db,
         })
+    }
+}
+
+impl SledRecords {
+    fn collecting(&self) -> std::sync::MutexGuard<'_, Option<Collecting>> {
+        self.collecting.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -262,6 +281,13 @@ impl RecordStore for SledRecords {
         Ok(out)
     }
 
+    fn each_build(&self, visit: &mut dyn FnMut(BuildRecord)) -> Result<(), StoreError> {
+        for v in self.builds.iter().values().rev() {
+            visit(decode(&v.map_err(db_err)?)?);
+        }
+        Ok(())
+    }
+
     // JSON, not the codec: an image config skips empty fields, which bincode cannot read
     // back. These live only until the image is named.
     fn put_deferred(&self, build: &DeferredBuild) -> Result<(), StoreError> {
@@ -401,6 +427,11 @@ impl RecordStore for SledRecords {
         digest: &str,
         summary: &[lcache_proto::sources_digest::SummaryEntry],
     ) -> Result<(), StoreError> {
+        // Held throughout, so a collection's sweep never removes a summary this found kept.
+        let mut collecting = self.collecting();
+        if let Some(c) = collecting.as_mut() {
+            c.summaries.insert(digest.to_string());
+        }
         if !self.summaries.contains_key(digest).map_err(db_err)? {
             self.summaries
                 .insert(digest.as_bytes(), encode(&summary.to_vec()))
@@ -414,6 +445,11 @@ impl RecordStore for SledRecords {
     }
 
     fn put_dir_nodes(&self, nodes: &[(String, lcache_proto::sources_digest::DirNode)]) -> Result<(), StoreError> {
+        // Noted before the log is asked: a collection's sweep either sees the note, or ran
+        // wholly before and the listing is found missing below and put again.
+        if let Some(c) = self.collecting().as_mut() {
+            c.nodes.extend(nodes.iter().map(|(d, _)| d.clone()));
+        }
         // Content-addressed: a listing already kept is the same listing.
         let fresh: Vec<(&[u8], Vec<u8>)> = nodes
             .iter()
@@ -434,6 +470,49 @@ impl RecordStore for SledRecords {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
+    }
+
+    fn listing_bytes(&self) -> u64 {
+        self.dir_nodes.sizes().0
+    }
+
+    fn begin_listing_collection(&self) {
+        *self.collecting() = Some(Collecting::default());
+    }
+
+    fn end_listing_collection(
+        &self,
+        keep: Option<(&HashSet<String>, &HashSet<String>)>,
+    ) -> Result<ListingsDropped, StoreError> {
+        let mut dropped = ListingsDropped::default();
+        let Some((sources, nodes)) = keep else {
+            *self.collecting() = None;
+            return Ok(dropped);
+        };
+        {
+            let collecting = self.collecting();
+            let put = collecting.as_ref().map(|c| &c.summaries);
+            for key in self.summaries.iter().keys() {
+                let key = key.map_err(db_err)?;
+                let digest = String::from_utf8_lossy(&key);
+                if !sources.contains(digest.as_ref()) && !put.is_some_and(|p| p.contains(digest.as_ref())) {
+                    self.summaries.remove(&key).map_err(db_err)?;
+                    dropped.summaries += 1;
+                }
+            }
+        }
+        let result = self.dir_nodes.retain(|key| {
+            let digest = String::from_utf8_lossy(key);
+            nodes.contains(digest.as_ref())
+                || self
+                    .collecting()
+                    .as_ref()
+                    .is_some_and(|c| c.nodes.contains(digest.as_ref()))
+        });
+        *self.collecting() = None;
+        dropped.listings = result.map_err(log_err(&self.dir_nodes))?;
+        self.db.flush().map_err(db_err)?;
+        Ok(dropped)
     }
 
     fn access_times(&self) -> Result<Vec<(String, u64)>, StoreError> {

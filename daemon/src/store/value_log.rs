@@ -214,6 +214,29 @@ impl ValueLog {
         Ok(())
     }
 
+    /// The log's size on disk and the bytes of its live records.
+    pub fn sizes(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.end, inner.live)
+    }
+
+    /// Drops every key `keep` refuses and writes the log anew with the rest; returns how
+    /// many were dropped. `keep` is asked under the log's lock, so no append lands between
+    /// its answer and the rewrite.
+    pub fn retain(&self, mut keep: impl FnMut(&[u8]) -> bool) -> std::io::Result<usize> {
+        let mut inner = self.lock();
+        let before = inner.index.len();
+        inner.index.retain(|key, _| keep(key));
+        let dropped = before - inner.index.len();
+        inner.live = inner.index.values().map(Slot::record_len).sum();
+        if dropped > 0 {
+            // No removal records: the new log simply lacks them. Should the rewrite fail, the
+            // old log is kept and what was dropped comes back at the next open, unharmed.
+            self.compact(&mut inner)?;
+        }
+        Ok(dropped)
+    }
+
     /// Writes the live records to a new log and renames it over this one.
     fn compact(&self, inner: &mut Inner) -> std::io::Result<()> {
         let tmp = self.path.with_extension("compacting");
@@ -308,6 +331,31 @@ mod tests {
 
     fn get(log: &ValueLog, key: &str) -> Option<String> {
         log.get(key.as_bytes()).unwrap().map(|v| String::from_utf8(v).unwrap())
+    }
+
+    #[test]
+    fn retain_drops_what_it_refuses_and_the_log_reopens_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.log");
+        {
+            let log = ValueLog::open(&path).unwrap();
+            for k in ["keep/1", "drop/1", "keep/2", "drop/2"] {
+                put(&log, k, Some(&k.repeat(100)));
+            }
+            let before = log.sizes().0;
+            let dropped = log.retain(|k| k.starts_with(b"keep/")).unwrap();
+            assert_eq!(dropped, 2);
+            assert_eq!(get(&log, "drop/1"), None);
+            assert_eq!(get(&log, "keep/2").as_deref(), Some("keep/2".repeat(100).as_str()));
+            let (end, live) = log.sizes();
+            assert!(end < before, "written anew without the dropped records");
+            assert_eq!(end, live + MAGIC.len() as u64);
+            put(&log, "keep/3", Some("three"));
+            log.sync().unwrap();
+        }
+        let log = ValueLog::open(&path).unwrap();
+        let keys: Vec<_> = log.scan_prefix(b"").unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, [b"keep/1".to_vec(), b"keep/2".to_vec(), b"keep/3".to_vec()]);
     }
 
     #[test]
