@@ -3,7 +3,9 @@
 //! hard links to the files they lie in (flattened, so a recipe never points at another
 //! recipe), and the whole is hashed from those links before it is renamed into place, so a
 //! composed blob is verified exactly as a whole upload is. A blob whose runs would spread
-//! over more than [`MAX_FILES`] files is written whole instead (once in that many edits).
+//! over more than [`MAX_FILES`] files has the runs of its smaller files copied into one
+//! (what the edits since the last merge sent), the largest staying linked; it is written
+//! whole only when that would copy most of it.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -101,6 +103,86 @@ impl Drop for TempDir {
             let _ = std::fs::remove_dir_all(p);
         }
     }
+}
+
+/// How a blob's runs are kept once they spread over more than [`MAX_FILES`] files.
+#[derive(Debug, PartialEq, Eq)]
+enum Spread {
+    /// Few enough files: as they are.
+    Linked,
+    /// The files (by name) holding the least of the blob, their runs to be copied into one
+    /// file: the largest [`MAX_FILES`]` / 2` stay linked.
+    Merge(std::collections::HashSet<String>),
+    /// Merging would copy most of the blob: written whole.
+    Whole,
+}
+
+/// The file a blob's merged runs are copied into.
+const MERGED: &str = "m";
+
+fn spread(recipe: &Recipe) -> Spread {
+    let mut held: HashMap<&str, u64> = HashMap::new();
+    for r in &recipe.runs {
+        *held.entry(r.file.as_str()).or_default() += r.len;
+    }
+    if held.len() <= MAX_FILES {
+        return Spread::Linked;
+    }
+    let mut files: Vec<(&str, u64)> = held.into_iter().collect();
+    // Largest first; by name among equals, so the same runs merge the same way.
+    files.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let merged = &files[MAX_FILES / 2..];
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    // Each merge leaves at most half the limit in files, so the next comes no sooner than
+    // MAX_FILES / 2 edits later, and copies what those edits sent, not the whole layer.
+    if merged.iter().map(|f| f.1).sum::<u64>().saturating_mul(2) > total {
+        return Spread::Whole;
+    }
+    Spread::Merge(merged.iter().map(|f| f.0.to_string()).collect())
+}
+
+/// Copies the runs of the files `merged` into one file in `dir`, in blob order, points the
+/// recipe at it and removes their names from `dir`.
+fn merge_runs(dir: &Path, recipe: &mut Recipe, merged: &std::collections::HashSet<String>) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dir.join(MERGED))?);
+    let mut opened: HashMap<String, std::fs::File> = HashMap::new();
+    let mut at = 0u64;
+    let mut runs: Vec<RecipeRun> = Vec::with_capacity(recipe.runs.len());
+    let mut buf = vec![0u8; 1 << 20];
+    for r in &recipe.runs {
+        let run = if merged.contains(&r.file) {
+            if !opened.contains_key(&r.file) {
+                opened.insert(r.file.clone(), std::fs::File::open(dir.join(&r.file))?);
+            }
+            let f = &opened[&r.file];
+            let mut done = 0u64;
+            while done < r.len {
+                let n = (r.len - done).min(buf.len() as u64) as usize;
+                f.read_exact_at(&mut buf[..n], r.offset + done)?;
+                out.write_all(&buf[..n])?;
+                done += n as u64;
+            }
+            at += r.len;
+            RecipeRun {
+                file: MERGED.into(),
+                offset: at - r.len,
+                len: r.len,
+            }
+        } else {
+            r.clone()
+        };
+        match runs.last_mut() {
+            Some(last) if last.file == run.file && last.offset + last.len == run.offset => last.len += run.len,
+            _ => runs.push(run),
+        }
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    recipe.runs = runs;
+    for name in merged {
+        std::fs::remove_file(dir.join(name))?;
+    }
+    Ok(())
 }
 
 /// The runs of `parts` over the base's runs (`base`) and the sent file, with the base's
@@ -561,8 +643,15 @@ impl BlobStore {
             tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
                 let mut recipe = runs_of(&header.parts, &base, &d)?;
                 recipe.origin = Some(header);
-                let files: std::collections::HashSet<&String> = recipe.runs.iter().map(|r| &r.file).collect();
-                let whole = (files.len() > MAX_FILES).then(|| d.join("whole"));
+                let whole = match spread(&recipe) {
+                    Spread::Linked => None,
+                    // Before the hashing, which then reads what will be served.
+                    Spread::Merge(merged) => {
+                        merge_runs(&d, &mut recipe, &merged)?;
+                        None
+                    }
+                    Spread::Whole => Some(d.join("whole")),
+                };
                 let ((mut actual, mut states, b3, size), mut marked) =
                     hash_runs(&d, &recipe, whole.as_deref(), (&base_states, resume_at), &marks)?;
                 // A layer's diff_id is taken from the same links (open files: the directory
@@ -882,41 +971,73 @@ mod tests {
         assert_eq!(read(&s, &target), b"0123xy");
     }
 
-    #[tokio::test]
-    async fn a_blob_spread_over_too_many_files_is_stored_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = BlobStore::open(dir.path()).unwrap();
+    /// Edits one byte of `bytes` at a time, each sent on its own over the blob before it,
+    /// `edits` times; returns, per edit, how many bytes its directory holds that no other
+    /// blob does (`None`: stored whole).
+    async fn edit_bytes_one_by_one(s: &BlobStore, bytes: &mut [u8], edits: usize) -> Vec<Option<u64>> {
         let l = Limits::default();
-        let mut bytes = vec![b'a'; 100];
-        let mut digest = store_whole(&s, &bytes).await;
-        let mut whole = 0;
-        // Each edit sends one byte of its own: one more file behind the blob each time.
-        for i in 0..MAX_FILES + 1 {
-            let at = i as u64 + 1;
-            bytes[i + 1] = b'b';
+        let mut digest = store_whole(s, bytes).await;
+        let mut written = Vec::new();
+        for i in 0..edits {
+            let at = (i % (bytes.len() - 1)) as u64;
+            bytes[at as usize] = bytes[at as usize].wrapping_add(1);
             let parts = [
                 BlobPart::Base { offset: 0, len: at },
                 BlobPart::Sent { len: 1 },
                 BlobPart::Base {
                     offset: at + 1,
-                    len: 100 - at - 1,
+                    len: bytes.len() as u64 - at - 1,
                 },
             ];
-            let next = digest_of(&bytes);
-            s.ingest_parts(&next, body(&digest, &parts, b"b"), None, &l)
+            let next = digest_of(bytes);
+            let sent = [bytes[at as usize]];
+            s.ingest_parts(&next, body(&digest, &parts, &sent), None, &l)
                 .await
                 .unwrap();
-            assert_eq!(read(&s, &next), bytes);
+            assert_eq!(read(s, &next), bytes, "edit {i}");
             let path = s.path_of(&next).unwrap();
-            if path.is_file() {
-                whole += 1;
-            } else {
-                assert!(std::fs::read_dir(&path).unwrap().count() <= MAX_FILES + 1);
-            }
+            written.push(match path.is_file() {
+                true => None,
+                false => {
+                    let files = std::fs::read_dir(&path).unwrap().count();
+                    assert!(files <= MAX_FILES + 1, "{files} files behind edit {i}");
+                    // The recipe aside (it lists every run, whoever holds them).
+                    Some(own_bytes(&path) - std::fs::metadata(path.join(RECIPE)).unwrap().len())
+                }
+            });
             digest = next;
         }
-        assert_eq!(whole, 1, "written whole once, when too spread");
         assert_eq!(s.temp_files(), 0);
+        written
+    }
+
+    #[tokio::test]
+    async fn a_blob_spread_over_too_many_files_has_its_small_ones_merged_not_the_whole_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let mut bytes: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        // Each edit adds one file behind the blob: merged whenever there would be too many.
+        let written = edit_bytes_one_by_one(&s, &mut bytes, 3 * MAX_FILES).await;
+        assert!(written.iter().all(Option::is_some), "never written whole: {written:?}");
+        let merges = written.iter().filter(|w| w.unwrap() > 1).count();
+        assert!((2..=6).contains(&merges), "{merges} merges in {} edits", written.len());
+        // A merge copies what the edits since the one before sent, not the layer.
+        assert!(
+            written.iter().all(|w| w.unwrap() <= MAX_FILES as u64 + 1),
+            "{written:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blob_mostly_made_of_small_files_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        // Every byte but one edited once: when the files are too many, the base's holds one
+        // byte, as each edit's does.
+        let mut bytes = vec![7u8; MAX_FILES + 1];
+        let written = edit_bytes_one_by_one(&s, &mut bytes, MAX_FILES).await;
+        assert_eq!(written.last(), Some(&None), "{written:?}");
+        assert!(written[..MAX_FILES - 1].iter().all(|w| *w == Some(1)), "{written:?}");
     }
 
     #[tokio::test]
