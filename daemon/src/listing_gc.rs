@@ -9,7 +9,7 @@
 //! [`HISTORY_COMPARED`] builds (a build's causes are stored with it, so `lcache explain`
 //! reads no listing). Kept, then: what those builds and the builds being named refer to,
 //! what the context index may still hand out (memoised digests, subtrees a plan reuses
-//! without storing their listings again) and what was planned within the last hour (a
+//! without storing their listings again) and what was planned in the last 15 minutes (a
 //! build in flight). Everything beneath a kept summary or listing is kept; the store keeps,
 //! besides, what plans put while the collection ran.
 
@@ -30,7 +30,7 @@ use crate::store::{ListingsDropped, RecordStore, StoreError};
 const COLLECT_FROM: u64 = 64 << 20;
 
 /// How long a planned digest is kept for the build that may follow it.
-pub const PLANNED_WITHIN: Duration = Duration::from_secs(3600);
+pub const PLANNED_WITHIN: Duration = Duration::from_secs(15 * 60);
 
 /// When the next collection is due, and whether one runs.
 pub struct ListingCollector {
