@@ -284,7 +284,7 @@ mod tests {
         assert!([&a1, &a2, &a3].iter().all(|a| f.kept(a)));
 
         // The second plan is referred to by nothing once the third replaced its memo (and
-        // its hour as a plan a build may follow is not counted here).
+        // its minutes as a plan a build may follow are not counted here).
         let dropped = collect(f.records.as_ref(), &f.index, Duration::ZERO).unwrap();
         assert_eq!(
             dropped,
@@ -369,7 +369,7 @@ mod tests {
     }
 
     #[test]
-    fn a_plan_of_the_last_hour_keeps_its_listings() {
+    fn a_plan_of_the_last_minutes_keeps_its_listings() {
         let f = fixture();
         let first = f.plan();
         f.edit("edited");
