@@ -36,6 +36,9 @@ pub const PLANNED_WITHIN: Duration = Duration::from_secs(15 * 60);
 pub struct ListingCollector {
     running: AtomicBool,
     next_at: AtomicU64,
+    /// For the end-to-end tests: collect after every plan, counting plans of this long ago
+    /// as in flight (`LCACHED_TEST_LISTINGS_PLANNED_WITHIN_MS`).
+    every_plan: Option<Duration>,
 }
 
 /// The size the listings may grow to before the next collection: twice what is left.
@@ -49,6 +52,10 @@ impl ListingCollector {
         Self {
             running: AtomicBool::new(false),
             next_at: AtomicU64::new(due_at(records.listing_bytes())),
+            every_plan: std::env::var("LCACHED_TEST_LISTINGS_PLANNED_WITHIN_MS")
+                .ok()
+                .and_then(|ms| ms.parse().ok())
+                .map(Duration::from_millis),
         }
     }
 
@@ -56,15 +63,16 @@ impl ListingCollector {
     /// result twice over (checked after each plan: plans are what store listings).
     pub fn maybe_start(state: &Arc<AppState>) {
         let me = &state.listing_gc;
-        if state.records.listing_bytes() < me.next_at.load(Ordering::Relaxed) || me.running.swap(true, Ordering::AcqRel)
-        {
+        let due = me.every_plan.is_some() || state.records.listing_bytes() >= me.next_at.load(Ordering::Relaxed);
+        if !due || me.running.swap(true, Ordering::AcqRel) {
             return;
         }
+        let planned_within = me.every_plan.unwrap_or(PLANNED_WITHIN);
         let state = state.clone();
         std::thread::spawn(move || {
             let records = state.records.as_ref();
             let (before, started) = (records.listing_bytes(), std::time::Instant::now());
-            match collect(records, &state.index, PLANNED_WITHIN) {
+            match collect(records, &state.index, planned_within) {
                 Ok(d) => eprintln!(
                     "lcached: dropped {} directory listings and {} sources summaries nothing refers to ({} → {} MiB, {} ms)",
                     d.listings,

@@ -275,7 +275,13 @@ pub fn spawn_daemon_env(
     // Keep draining stdout so the daemon never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     match started {
-        true => Ok((child, listening)),
+        true => {
+            // Its log too: a daemon that logs more than a pipe holds would block on it.
+            if let Some(mut e) = child.stderr.take() {
+                std::thread::spawn(move || std::io::copy(&mut e, &mut std::io::sink()));
+            }
+            Ok((child, listening))
+        }
         false => {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {

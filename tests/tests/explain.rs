@@ -406,3 +406,53 @@ fn an_edit_deep_in_a_large_tree_is_named_to_the_file() {
     let text = String::from_utf8_lossy(&env.lcache(&p, &["explain", "--step", "1"]).stdout).to_string();
     assert!(text.contains("src/d47/f050 modified"), "{text}");
 }
+
+#[test]
+fn listings_nothing_refers_to_are_collected_and_an_edit_still_names_its_file() {
+    // lcached collects after every plan, and counts a plan as a build in flight for 2 s.
+    let env = BuildEnv::with_daemon_env(
+        &[],
+        &[("LCACHED_TEST_LISTINGS_PLANNED_WITHIN_MS".into(), "2000".into())],
+    );
+    let p = project(BASE);
+    env.build(&p, &[]);
+    // A plan no build follows: once its 2 s have passed and a later plan replaced its memo,
+    // nothing refers to it.
+    p.write("src/a.txt", "planned, never built\n");
+    let plan = json(&env.lcache(&p, &["plan", "--json", "."]));
+    let planned = plan["report"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s["sources_digest"].as_str())
+        .expect("the COPY's sources digest")
+        .to_string();
+    let summary = format!("/v1/summaries/{planned}");
+    assert_eq!(env.daemon.http("GET", &summary, b"").0, 200, "stored by the plan");
+
+    p.write("src/a.txt", "ALPHA\n");
+    env.build(&p, &[]);
+    let explained = json(&env.lcache(&p, &["explain", "--json"]));
+    let cause = explained["steps"][1]["cause"].to_string();
+    assert!(cause.contains("src/a.txt") && cause.contains("modified"), "{cause}");
+    // Each plan starts a collection: the unbuilt plan's summary goes once its time is up.
+    // These plans, of other contents, replace the memo too: the second build's listings are
+    // then kept for being among the newest builds alone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for i in 0.. {
+        if env.daemon.http("GET", &summary, b"").0 == 404 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{summary} never collected");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        p.write("src/a.txt", &format!("planned again, {i}\n"));
+        let out = env.lcache(&p, &["plan", "."]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // What the newest builds refer to stays: the next edit is still named to the file.
+    p.write("src/b.txt", "BETA\n");
+    env.build(&p, &[]);
+    let explained = json(&env.lcache(&p, &["explain", "--json"]));
+    let cause = explained["steps"][1]["cause"].to_string();
+    assert!(cause.contains("src/b.txt") && cause.contains("modified"), "{cause}");
+}
