@@ -7,11 +7,11 @@
 //! Listings are read only while a build runs: its misses' causes and a re-run COPY's list
 //! of changes diff its sources digests against those of the context's newest
 //! [`HISTORY_COMPARED`] builds (a build's causes are stored with it, so `lcache explain`
-//! reads no listing). Kept, then: what those builds and the builds being named refer to,
-//! what the context index may still hand out (memoised digests, subtrees a plan reuses
-//! without storing their listings again) and what was planned in the last 15 minutes (a
-//! build in flight). Everything beneath a kept summary or listing is kept; the store keeps,
-//! besides, what plans put while the collection ran.
+//! reads no listing). Kept, then: what those builds refer to (a build whose image is being
+//! named among them), what the context index may still hand out (memoised digests,
+//! subtrees a plan reuses without storing their listings again) and what was planned in
+//! the last 15 minutes (a build in flight). Everything beneath a kept summary or listing is
+//! kept; the store keeps, besides, what plans put while the collection ran.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -119,7 +119,8 @@ fn marked(
     let inputs_digest = |inputs: &Option<lcache_proto::cache_key::KeyInputs>| {
         inputs.as_ref().and_then(|i| i.sources_digest()).map(str::to_string)
     };
-    // Newest first: each context's first HISTORY_COMPARED are the ones a build may diff.
+    // Newest first: each context's first HISTORY_COMPARED are the ones a build may diff. A
+    // build whose image is being named is in the history from the start.
     let mut per_context: HashMap<String, usize> = HashMap::new();
     records.each_build(&mut |build| {
         let seen = per_context.entry(build.context.clone()).or_default();
@@ -128,9 +129,6 @@ fn marked(
             sources.extend(build.steps.iter().filter_map(|s| inputs_digest(&s.inputs)));
         }
     })?;
-    for deferred in records.deferred()? {
-        sources.extend(deferred.build.steps.iter().filter_map(|s| inputs_digest(&s.inputs)));
-    }
     let mut nodes: HashSet<String> = HashSet::new();
     let mut pending: Vec<String> = Vec::new();
     for digest in roots.nodes {

@@ -99,6 +99,41 @@ impl SledRecords {
     fn collecting(&self) -> std::sync::MutexGuard<'_, Option<Collecting>> {
         self.collecting.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Drops the summaries and listings neither kept (`sources`, `nodes`) nor put since the
+    /// collection began.
+    fn sweep_listings(
+        &self,
+        sources: &HashSet<String>,
+        nodes: &HashSet<String>,
+    ) -> Result<ListingsDropped, StoreError> {
+        let mut dropped = ListingsDropped::default();
+        {
+            let collecting = self.collecting();
+            let put = collecting.as_ref().map(|c| &c.summaries);
+            for key in self.summaries.iter().keys() {
+                let key = key.map_err(db_err)?;
+                let digest = String::from_utf8_lossy(&key);
+                if !sources.contains(digest.as_ref()) && !put.is_some_and(|p| p.contains(digest.as_ref())) {
+                    self.summaries.remove(&key).map_err(db_err)?;
+                    dropped.summaries += 1;
+                }
+            }
+        }
+        dropped.listings = self
+            .dir_nodes
+            .retain(|key| {
+                let digest = String::from_utf8_lossy(key);
+                nodes.contains(digest.as_ref())
+                    || self
+                        .collecting()
+                        .as_ref()
+                        .is_some_and(|c| c.nodes.contains(digest.as_ref()))
+            })
+            .map_err(log_err(&self.dir_nodes))?;
+        self.db.flush().map_err(db_err)?;
+        Ok(dropped)
+    }
 }
 
 /// Opens the value log at `path`, first moving into it what the sled tree `name` holds (a
@@ -484,35 +519,10 @@ impl RecordStore for SledRecords {
         &self,
         keep: Option<(&HashSet<String>, &HashSet<String>)>,
     ) -> Result<ListingsDropped, StoreError> {
-        let mut dropped = ListingsDropped::default();
-        let Some((sources, nodes)) = keep else {
-            *self.collecting() = None;
-            return Ok(dropped);
-        };
-        {
-            let collecting = self.collecting();
-            let put = collecting.as_ref().map(|c| &c.summaries);
-            for key in self.summaries.iter().keys() {
-                let key = key.map_err(db_err)?;
-                let digest = String::from_utf8_lossy(&key);
-                if !sources.contains(digest.as_ref()) && !put.is_some_and(|p| p.contains(digest.as_ref())) {
-                    self.summaries.remove(&key).map_err(db_err)?;
-                    dropped.summaries += 1;
-                }
-            }
-        }
-        let result = self.dir_nodes.retain(|key| {
-            let digest = String::from_utf8_lossy(key);
-            nodes.contains(digest.as_ref())
-                || self
-                    .collecting()
-                    .as_ref()
-                    .is_some_and(|c| c.nodes.contains(digest.as_ref()))
-        });
+        let swept = keep.map(|(sources, nodes)| self.sweep_listings(sources, nodes));
+        // Ended whatever the sweep met: the notes would otherwise grow with every plan.
         *self.collecting() = None;
-        dropped.listings = result.map_err(log_err(&self.dir_nodes))?;
-        self.db.flush().map_err(db_err)?;
-        Ok(dropped)
+        swept.unwrap_or(Ok(ListingsDropped::default()))
     }
 
     fn access_times(&self) -> Result<Vec<(String, u64)>, StoreError> {
