@@ -228,14 +228,7 @@ impl ContextIndex {
                     .map(|(_, d)| d.clone()),
             );
         }
-        let all: Vec<_> = self
-            .contexts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for c in all {
+        for c in self.all() {
             // Each context's lock is taken in turn: a plan holds it from its walk to its
             // memos, so what it stored is either seen here or noted by the store as put.
             let c = c.lock().unwrap_or_else(|p| p.into_inner());
@@ -294,16 +287,20 @@ impl ContextIndex {
         Ok(c)
     }
 
-    /// Every indexed context's status.
-    pub fn statuses(&self) -> Vec<ContextIndexStatus> {
-        let all: Vec<_> = self
-            .contexts
+    /// Every indexed context, each to be locked in turn (never the map and a context at once).
+    fn all(&self) -> Vec<Arc<Mutex<IndexedContext>>> {
+        self.contexts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
-            .collect();
-        let mut out: Vec<_> = all
+            .collect()
+    }
+
+    /// Every indexed context's status.
+    pub fn statuses(&self) -> Vec<ContextIndexStatus> {
+        let mut out: Vec<_> = self
+            .all()
             .iter()
             .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()).status())
             .collect();
