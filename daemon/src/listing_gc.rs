@@ -46,12 +46,20 @@ fn due_at(bytes: u64) -> u64 {
     COLLECT_FROM.max(bytes.saturating_mul(2))
 }
 
+impl Default for ListingCollector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ListingCollector {
-    /// A collector whose first collection is due once the listings have doubled.
-    pub fn new(records: &dyn RecordStore) -> Self {
+    /// A collector whose first collection comes with the first plan once the listings are
+    /// past [`COLLECT_FROM`]: a store written before collections, or grown since the last
+    /// one before a restart, is not left to double first.
+    pub fn new() -> Self {
         Self {
             running: AtomicBool::new(false),
-            next_at: AtomicU64::new(due_at(records.listing_bytes())),
+            next_at: AtomicU64::new(COLLECT_FROM),
             every_plan: std::env::var("LCACHED_TEST_LISTINGS_PLANNED_WITHIN_MS")
                 .ok()
                 .and_then(|ms| ms.parse().ok())
@@ -411,6 +419,59 @@ mod tests {
         );
         let [a, _, src] = f.listings(&during);
         assert!(f.kept(&a) && f.kept(&src), "put meanwhile");
+    }
+
+    #[test]
+    fn a_plan_beside_collections_always_finds_every_listing_beneath_its_digest() {
+        let f = fixture();
+        let stop = AtomicBool::new(false);
+        let collections = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    collect(f.records.as_ref(), &f.index, Duration::ZERO).unwrap();
+                    collections.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            // Stops the collector however this thread ends, a failed assertion included.
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop = StopOnDrop(&stop);
+            for i in 0..60 {
+                let dir = ["a", "b"][i % 2];
+                std::fs::write(f.context.path().join(format!("src/{dir}/edit")), format!("edit {i}")).unwrap();
+                let digest = f.plan().sources_digest().unwrap().to_string();
+                // Collections ran beside the plan; one more, begun after it, runs whole.
+                let (after, since) = (collections.load(Ordering::SeqCst) + 2, std::time::Instant::now());
+                while collections.load(Ordering::SeqCst) < after {
+                    assert!(since.elapsed() < Duration::from_secs(10), "the collector stopped");
+                    std::thread::yield_now();
+                }
+                // Its memo keeps it.
+                let summary = f.records.get_summary(&digest).unwrap();
+                let mut pending: Vec<String> = summary
+                    .expect("the plan's summary")
+                    .iter()
+                    .filter(|e| e.kind == EntryKind::Dir)
+                    .map(|e| e.digest.clone())
+                    .collect();
+                while let Some(node) = pending.pop() {
+                    let listing = f.records.get_dir_node(&node).unwrap();
+                    let listing = listing.unwrap_or_else(|| panic!("plan {i}: listing {node} gone"));
+                    pending.extend(
+                        listing
+                            .entries
+                            .iter()
+                            .filter(|e| e.kind == EntryKind::Dir)
+                            .map(|e| e.digest.clone()),
+                    );
+                }
+            }
+        });
     }
 
     #[test]

@@ -246,7 +246,7 @@ impl Daemon {
         let upstream = cfg.upstream.clone().map(Upstream::new);
         let state = Arc::new(AppState {
             index: ContextIndex::new(records.clone(), cfg.watch),
-            listing_gc: crate::listing_gc::ListingCollector::new(records.as_ref()),
+            listing_gc: crate::listing_gc::ListingCollector::new(),
             records,
             blobs,
             metrics: Metrics::default(),
