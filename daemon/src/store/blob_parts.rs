@@ -50,11 +50,16 @@ where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    /// The next bytes of the body; `None` at its end.
+    /// The next bytes of the body, what is held first; `None` at its end.
     async fn next(&mut self) -> Result<Option<Bytes>, IngestError> {
         if !self.held.is_empty() {
             return Ok(Some(self.held.split().freeze()));
         }
+        self.frame().await
+    }
+
+    /// The body's next frame of data, past what is held; `None` at its end.
+    async fn frame(&mut self) -> Result<Option<Bytes>, IngestError> {
         loop {
             let frame = tokio::time::timeout(self.limits.body_timeout, self.body.frame())
                 .await
@@ -78,7 +83,9 @@ where
     /// Exactly `n` bytes (`n` is bounded by the caller).
     async fn exact(&mut self, n: usize) -> Result<Bytes, IngestError> {
         while self.held.len() < n {
-            let Some(more) = self.next().await? else {
+            // From the body: `next` would hand back what is held, and this loop would spin
+            // on it for ever (a header longer than what its first frame carried did).
+            let Some(more) = self.frame().await? else {
                 return Err(IngestError::Truncated {
                     expected: n as u64,
                     received: self.held.len() as u64,
@@ -1038,6 +1045,53 @@ mod tests {
         let written = edit_bytes_one_by_one(&s, &mut bytes, MAX_FILES).await;
         assert_eq!(written.last(), Some(&None), "{written:?}");
         assert!(written[..MAX_FILES - 1].iter().all(|w| *w == Some(1)), "{written:?}");
+    }
+
+    #[tokio::test]
+    async fn a_header_that_comes_over_many_frames_is_read_whole() {
+        use http_body_util::StreamBody;
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let base = store_whole(&s, &[b'a'; 4000]).await;
+        // Many runs make a header longer than one frame; the body comes 7 bytes at a time.
+        let mut parts = Vec::new();
+        let mut bytes = vec![b'a'; 4000];
+        for i in 0..200u64 {
+            parts.push(BlobPart::Base {
+                offset: i * 20,
+                len: 19,
+            });
+            parts.push(BlobPart::Sent { len: 1 });
+            bytes[(i * 20 + 19) as usize] = b'b';
+        }
+        let sent = vec![b'b'; 200];
+        let whole = http_body_util::BodyExt::collect(body(&base, &parts, &sent))
+            .await
+            .unwrap()
+            .to_bytes();
+        let frames: Vec<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>> = whole
+            .chunks(7)
+            .map(|c| Ok(hyper::body::Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        let target = digest_of(&bytes[..4000]);
+        // On a thread of its own: a reader that spins never yields, so no timer of this
+        // runtime could stop it; the test fails instead of hanging.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = target.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let stream = StreamBody::new(futures_util::stream::iter(frames));
+            let stored = rt.block_on(s.ingest_parts(&t, stream, None, &Limits::default()));
+            let _ = tx.send((stored.map(|_| ()).map_err(|e| e.to_string()), s));
+        });
+        let (stored, s) = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the upload finishes");
+        stored.unwrap();
+        assert_eq!(read(&s, &target), &bytes[..4000]);
     }
 
     #[tokio::test]
