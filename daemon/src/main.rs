@@ -156,7 +156,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async {
+    let code = rt.block_on(async {
         let shutdown = shutdown_signal();
         let daemon = match Daemon::start(&cfg).await {
             Ok(d) => d,
@@ -172,5 +172,9 @@ fn main() -> ExitCode {
         daemon.serve(shutdown).await;
         println!("lcached: stopped");
         ExitCode::SUCCESS
-    })
+    });
+    // The store is flushed by now: a task that never yields (one did, reading a parts
+    // header in a loop) must not keep dropping the runtime, and the daemon, from ending.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
