@@ -646,6 +646,42 @@ fn the_parts_of_a_blob_are_given_only_for_one_kept_as_parts() {
     assert_eq!(d.http("GET", "/v1/status", b"").0, 200, "the daemon is still up");
 }
 
+#[test]
+fn a_parts_upload_that_arrives_a_few_bytes_at_a_time_is_answered() {
+    // Its header then spans many reads: lcached once spun on it for ever, at 100 % of a core.
+    let d = Daemon::start(&[]);
+    let base = "base bytes ".repeat(1000).into_bytes();
+    let base_digest = sha256_digest(&base);
+    assert_eq!(d.http("PUT", &format!("/v1/blobs/{base_digest}"), &base).0, 201);
+    let mut edited = base.clone();
+    let mut runs = Vec::new();
+    for i in 0..100 {
+        edited[i * 100 + 50] = b'#';
+        runs.push((if i == 0 { 0 } else { i * 100 - 49 }, if i == 0 { 50 } else { 99 }));
+        runs.push((i * 100 + 50, 1));
+    }
+    runs.push((9951, base.len() - 9951));
+    let digest = sha256_digest(&edited);
+    let body = parts_body(&base_digest, &runs, &edited);
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: x\r\nContent-Type: {BLOB_PARTS_TYPE}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    for chunk in body.chunks(64) {
+        s.write_all(chunk).unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "answered: {answer:?}");
+    assert_eq!(d.http("GET", &format!("/v1/blobs/{digest}"), b""), (200, edited));
+}
+
 /// A GET with a `Range` header over the Unix socket: status, `Content-Range`, and body.
 fn get_range(socket: &std::path::Path, path: &str, range: &str) -> (u16, String, Vec<u8>) {
     let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
