@@ -615,12 +615,18 @@ fn runners_racing_to_store_one_key_leave_one_record() {
     assert!(layers.contains(&stored["layer"]["digest"].as_str().unwrap().to_string()));
 }
 
-#[test]
-fn the_parts_of_a_blob_are_given_only_for_one_kept_as_parts() {
+/// A daemon holding one 11,000-byte blob, stored whole: the daemon, the bytes, the digest.
+fn daemon_with_a_base_blob() -> (Daemon, Vec<u8>, String) {
     let d = Daemon::start(&[]);
     let base = "base bytes ".repeat(1000).into_bytes();
     let base_digest = sha256_digest(&base);
     assert_eq!(d.http("PUT", &format!("/v1/blobs/{base_digest}"), &base).0, 201);
+    (d, base, base_digest)
+}
+
+#[test]
+fn the_parts_of_a_blob_are_given_only_for_one_kept_as_parts() {
+    let (d, base, base_digest) = daemon_with_a_base_blob();
     let mut edited = base.clone();
     edited[500..504].copy_from_slice(b"EDIT");
     let digest = sha256_digest(&edited);
@@ -649,10 +655,7 @@ fn the_parts_of_a_blob_are_given_only_for_one_kept_as_parts() {
 #[test]
 fn a_parts_upload_that_arrives_a_few_bytes_at_a_time_is_answered() {
     // Its header then spans many reads: lcached once spun on it for ever, at 100 % of a core.
-    let d = Daemon::start(&[]);
-    let base = "base bytes ".repeat(1000).into_bytes();
-    let base_digest = sha256_digest(&base);
-    assert_eq!(d.http("PUT", &format!("/v1/blobs/{base_digest}"), &base).0, 201);
+    let (d, base, base_digest) = daemon_with_a_base_blob();
     let mut edited = base.clone();
     let mut runs = Vec::new();
     for i in 0..100 {
