@@ -193,7 +193,7 @@ fn watch_loop(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return signals.fail(format!("the file watcher failed ({e}); stat-walking from now on")),
         };
-        let mut new_dirs = Vec::new();
+        let (mut new_dirs, mut markers) = (Vec::new(), Vec::new());
         for ev in events {
             if ev.mask.contains(EventMask::Q_OVERFLOW) {
                 signals.fail("the file watcher's queue overflowed; stat-walking from now on".into());
@@ -216,12 +216,7 @@ fn watch_loop(
             let name = ev.name.and_then(|n| n.to_str());
             if let Some(marker) = name.filter(|n| n.starts_with(BARRIER_PREFIX)) {
                 if ev.mask.contains(EventMask::CREATE) {
-                    signals
-                        .cookies
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(marker.to_string());
-                    signals.cookie_seen.notify_all();
+                    markers.push(marker.to_string());
                 }
                 continue;
             }
@@ -239,12 +234,22 @@ fn watch_loop(
                 }
             }
         }
-        // Watched before the next read, so before any later barrier marker is seen: a plan
-        // that waited for its marker walks a tree whose every directory is watched.
+        // Watched before any marker read with them is announced: a plan that waited for its
+        // marker walks a tree whose every directory is watched, so a write made after that
+        // walk into a directory made before it is seen (announced first, the plan could walk
+        // the new directory before its watch was added and miss such a write for good).
         for d in new_dirs {
             if let Err(e) = watch_tree(&mut inotify.watches(), &d, &mut dirs) {
                 signals.fail(format!("{e}; stat-walking from now on"));
             }
+        }
+        if !markers.is_empty() {
+            signals
+                .cookies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(markers);
+            signals.cookie_seen.notify_all();
         }
     }
 }
@@ -252,61 +257,114 @@ fn watch_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    fn wait_for(what: impl Fn() -> bool) -> bool {
-        let until = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < until {
-            if what() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
+    /// Returns once the watcher has handled every event made before the call, as a plan's
+    /// barrier does, so what the test asserts next never depends on timing.
+    fn barrier(root: &Path, signals: &WatchSignals, name: &str) {
+        std::fs::write(root.join(format!("{BARRIER_PREFIX}{name}")), "").unwrap();
+        wait_marked(root, signals, name);
+    }
+
+    /// Waits for the marker `name`, made already, to be reported, and removes it.
+    fn wait_marked(root: &Path, signals: &WatchSignals, name: &str) {
+        let name = format!("{BARRIER_PREFIX}{name}");
+        let cookies = signals.cookies.lock().unwrap();
+        let (mut cookies, timeout) = signals
+            .cookie_seen
+            .wait_timeout_while(cookies, Duration::from_secs(30), |c| !c.contains(&name))
+            .unwrap();
+        assert!(!timeout.timed_out(), "the watcher never reported the marker {name}");
+        cookies.remove(&name);
+        drop(cookies);
+        std::fs::remove_file(root.join(&name)).unwrap();
     }
 
     #[test]
     fn writes_creations_and_new_directories_are_seen_and_reads_are_not() {
         let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir(root.path().join("sub")).unwrap();
-        std::fs::write(root.path().join("sub/a"), "a").unwrap();
+        let r = root.path();
+        std::fs::create_dir(r.join("sub")).unwrap();
+        std::fs::write(r.join("sub/a"), "a").unwrap();
         let signals = Arc::new(WatchSignals::default());
-        let _w = start_watcher(root.path(), signals.clone()).unwrap();
+        let _w = start_watcher(r, signals.clone()).unwrap();
         let changed = || signals.changed.swap(false, Ordering::SeqCst);
 
-        std::fs::read(root.path().join("sub/a")).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
+        std::fs::read(r.join("sub/a")).unwrap();
+        barrier(r, &signals, "read");
         assert!(!changed(), "reading changes nothing");
 
-        std::fs::write(root.path().join("sub/a"), "b").unwrap();
-        assert!(wait_for(changed), "a write beneath a watched directory");
+        std::fs::write(r.join("sub/a"), "b").unwrap();
+        barrier(r, &signals, "write");
+        assert!(changed(), "a write beneath a watched directory");
 
-        std::fs::create_dir_all(root.path().join("new/deeper")).unwrap();
-        assert!(wait_for(changed));
-        std::thread::sleep(Duration::from_millis(100));
-        changed();
-        std::fs::write(root.path().join("new/deeper/f"), "x").unwrap();
-        assert!(wait_for(changed), "a directory made after the start is watched");
+        std::fs::create_dir_all(r.join("new/deeper")).unwrap();
+        barrier(r, &signals, "mkdir");
+        assert!(changed());
+        std::fs::write(r.join("new/deeper/f"), "x").unwrap();
+        barrier(r, &signals, "write-deeper");
+        assert!(changed(), "a directory made after the start is watched");
 
         let t = nix::sys::time::TimeSpec::new(1_700_000_000, 0);
         nix::sys::stat::utimensat(
             nix::fcntl::AT_FDCWD,
-            &root.path().join("sub/a"),
+            &r.join("sub/a"),
             &t,
             &t,
             nix::sys::stat::UtimensatFlags::NoFollowSymlink,
         )
         .unwrap();
-        assert!(wait_for(changed), "a touch");
+        barrier(r, &signals, "touch");
+        assert!(changed(), "a touch");
 
-        std::fs::write(root.path().join(format!("{BARRIER_PREFIX}x")), "").unwrap();
-        assert!(wait_for(|| signals
-            .cookies
-            .lock()
-            .unwrap()
-            .contains(&format!("{BARRIER_PREFIX}x"))));
-        std::thread::sleep(Duration::from_millis(100));
+        // Every event of the first marker (made, written, closed, removed) comes before the
+        // second's, so all of them have been handled when the second returns.
+        barrier(r, &signals, "x");
+        barrier(r, &signals, "y");
         assert!(!changed(), "a barrier marker is not a change");
+        assert!(signals.failed.lock().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_tree_moved_in_before_a_barrier_is_watched_whole_once_the_barrier_returns() {
+        let top = tempfile::tempdir().unwrap();
+        let (r, staging) = (top.path().join("context"), top.path().join("staging"));
+        std::fs::create_dir(&r).unwrap();
+        let signals = Arc::new(WatchSignals::default());
+        let _w = start_watcher(&r, signals.clone()).unwrap();
+        // A tree big enough that watching it takes the watcher a while, moved in and followed
+        // by a marker while the watcher is held, so that it reads both events together: every
+        // write made once the marker is reported must be seen, however early it comes.
+        for round in 0..3 {
+            let tree = staging.join(format!("t{round}"));
+            let dirs: Vec<PathBuf> = (0..400).map(|i| tree.join(format!("{}/{i}", i % 20))).collect();
+            for d in &dirs {
+                std::fs::create_dir_all(d).unwrap();
+            }
+            let held = signals.dirty.lock().unwrap();
+            std::fs::write(r.join(format!("hold{round}")), "x").unwrap();
+            // Time for the watcher to read that write's events and wait for the lock; were it
+            // late, it would read all the events together, which is as good.
+            std::thread::sleep(Duration::from_millis(50));
+            std::fs::rename(&tree, r.join(format!("t{round}"))).unwrap();
+            std::fs::write(r.join(format!("{BARRIER_PREFIX}moved{round}")), "").unwrap();
+            drop(held);
+            wait_marked(&r, &signals, &format!("moved{round}"));
+            signals.take_dirty();
+            let moved: Vec<PathBuf> = dirs.iter().map(|d| r.join(d.strip_prefix(&staging).unwrap())).collect();
+            for d in &moved {
+                std::fs::write(d.join("f"), "x").unwrap();
+            }
+            barrier(&r, &signals, &format!("written{round}"));
+            let dirty = signals.take_dirty();
+            let missed = moved.iter().filter(|d| !dirty.listings.contains(*d)).count();
+            assert_eq!(
+                missed,
+                0,
+                "{missed} of {} writes right after the barrier were missed",
+                moved.len()
+            );
+        }
         assert!(signals.failed.lock().unwrap().is_none());
     }
 }
