@@ -219,6 +219,7 @@ mod tests {
                         link_target,
                         size: 0,
                         stamp: FileStamp::default(),
+                        shared: false,
                     }
                 })
                 .collect();

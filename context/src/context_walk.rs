@@ -215,6 +215,7 @@ fn entry_of(
         link_target,
         size,
         stamp,
+        shared: ft.is_file() && meta.nlink() > 1,
     }))
 }
 

@@ -4,7 +4,7 @@
 //! a plan reads no file and stats nothing; after an edit only files whose stamp moved are
 //! re-read. Where watching is impossible every plan re-stats the tree (a stat walk).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -168,6 +168,9 @@ pub struct IndexedContext {
     /// a plan after an edit at 200,000 files). If it is racy (see [`racy`]), so may others
     /// be, and a sources digest is memoised with its racy files to read again.
     newest_stamp: Option<FileStamp>,
+    /// The files with other hard links (`ContextEntry::shared`), kept as the entry list
+    /// changes: each plan states them, since the watcher cannot vouch for them.
+    shared: BTreeSet<String>,
 }
 
 /// All indexed contexts.
@@ -282,6 +285,7 @@ impl ContextIndex {
             clock: 0,
             plan_started_ns: 0,
             newest_stamp: None,
+            shared: BTreeSet::new(),
         }));
         all.insert(root.to_path_buf(), c.clone());
         Ok(c)
@@ -372,11 +376,17 @@ impl IndexedContext {
             self._watcher = None;
         }
         let must_walk = self.entries.is_none() || self.mode != WatchMode::Watching || !self.sync_watcher();
+        let relinked = if must_walk {
+            Vec::new()
+        } else {
+            self.shared_files_moved()
+        };
         // Clear the flag before walking: an event during the walk marks it again.
-        if !self.signals.changed.swap(false, Ordering::SeqCst) && !must_walk {
+        if !self.signals.changed.swap(false, Ordering::SeqCst) && !must_walk && relinked.is_empty() {
             return Ok(Vec::new());
         }
-        let dirty = self.signals.take_dirty();
+        let mut dirty = self.signals.take_dirty();
+        dirty.listings.extend(relinked);
         let mut dropped = Vec::new();
         // Past a few hundred directories (a checkout, a touch of everything) the whole walk,
         // which reads directories on every core, is the quicker way.
@@ -400,11 +410,31 @@ impl IndexedContext {
         let (known, mut removed) = self.carry_digests(&entries);
         removed.extend(dropped.into_iter().filter(|p| !is_file(&entries, p)));
         self.newest_stamp = entries.iter().map(|e| e.stamp).max_by_key(|s| s.ctime_ns);
+        self.shared = entries.iter().filter(|e| e.shared).map(|e| e.path.clone()).collect();
         let mut entries = entries;
         entries.shrink_to_fit();
         self.entries = Some(entries);
         self.known = known;
         Ok(removed)
+    }
+
+    /// The directories of the files with other hard links whose stamp or size moved: the
+    /// watcher hears only of writes made through the context's own directories, so these
+    /// are stated on every plan (a few stats; none in most trees).
+    fn shared_files_moved(&self) -> Vec<PathBuf> {
+        let entries = self.entries.as_deref().unwrap_or_default();
+        self.shared
+            .iter()
+            .filter(|path| {
+                let then = entries
+                    .binary_search_by(|e| e.path.as_str().cmp(path))
+                    .ok()
+                    .map(|i| &entries[i]);
+                let now = entry_at(&self.root, path).ok().flatten();
+                !matches!((then, now), (Some(t), Some(n)) if t.stamp == n.stamp && t.size == n.size && n.shared)
+            })
+            .map(|path| self.root.join(path.rsplit_once('/').map_or("", |(dir, _)| dir)))
+            .collect()
     }
 
     /// Reads again the listings of the directories in `dirty` (parents first) and walks the
@@ -525,6 +555,11 @@ impl IndexedContext {
                     changed = true;
                 }
                 let (e, k): (Vec<ContextEntry>, Vec<Option<Known>>) = next.into_iter().unzip();
+                for gone in entries[lo..hi].iter().filter(|e| e.shared) {
+                    self.shared.remove(&gone.path);
+                }
+                self.shared
+                    .extend(e.iter().filter(|e| e.shared).map(|e| e.path.clone()));
                 entries.splice(lo..hi, e);
                 known.splice(lo..hi, k);
             }
@@ -1150,8 +1185,9 @@ mod tests {
         assert_eq!(ctx.lock().unwrap().status().entries, 0, "markers are never entries");
     }
 
-    /// Applies `op` (0..16) to the tree at `root`, with `n` to vary names and contents.
-    fn mutate(root: &Path, op: u64, n: u64) {
+    /// Applies `op` (0..19) to the tree at `root`, with `n` to vary names and contents;
+    /// `outside` holds other hard links to some of its files.
+    fn mutate(root: &Path, outside: &Path, op: u64, n: u64) {
         use std::os::unix::fs::{symlink, PermissionsExt};
         let p = |rel: &str| root.join(rel);
         // Some operations do not apply to the tree as it is (a file where a directory was):
@@ -1182,6 +1218,27 @@ mod tests {
             12 => write(&format!("keep/in/f{}", n % 2), format!("kept {n}")),
             13 => write(&format!("keep/out{n}"), format!("{n}")),
             14 => write("top.txt", format!("top {n}")),
+            // A file made with a second link outside the context, then written or unlinked
+            // there: no event reaches the context's directories.
+            16 => write(&format!("a/b{d}/h{n}"), format!("linked {n}"))
+                .and_then(|()| std::fs::hard_link(p(&format!("a/b{d}/h{n}")), outside.join(format!("h{n}")))),
+            17 | 18 => {
+                let mut links: Vec<PathBuf> = std::fs::read_dir(outside)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+                    .collect();
+                links.sort();
+                match links.get(n as usize % links.len().max(1)) {
+                    Some(l) if op == 17 => std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(l)
+                        .and_then(|mut f| std::io::Write::write_all(&mut f, format!(" +{n}").as_bytes())),
+                    Some(l) => std::fs::remove_file(l),
+                    None => Ok(()),
+                }
+            }
             _ => std::fs::rename(p(&format!("a/moved{}", n.saturating_sub(1))), p(&format!("a/b{d}"))),
         };
     }
@@ -1192,12 +1249,15 @@ mod tests {
         let store = tempfile::tempdir().unwrap();
         let context = tempfile::tempdir().unwrap();
         let root = context.path();
+        let outside = tempfile::tempdir().unwrap();
+        let mutate = |op, n| mutate(root, outside.path(), op, n);
         std::fs::write(root.join(".dockerignore"), "ignored\nkeep/*\n!keep/in\n").unwrap();
         for n in 0..15 {
-            mutate(root, 0, n);
+            mutate(0, n);
         }
-        mutate(root, 12, 0);
-        mutate(root, 14, 0);
+        mutate(12, 0);
+        mutate(14, 0);
+        mutate(16, 0);
         std::thread::sleep(Duration::from_millis(2 * (RACY_WINDOW_NS / 1_000_000) as u64));
         let index = index(store.path(), true);
         let ctx = index.context(root).unwrap();
@@ -1207,9 +1267,9 @@ mod tests {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            mutate(root, seed % 16, round);
+            mutate(seed % 19, round);
             if round % 3 == 0 {
-                mutate(root, (seed >> 8) % 16, round + 1000);
+                mutate((seed >> 8) % 19, round + 1000);
             }
             let digest = plan(&index, &ctx);
             let c = ctx.lock().unwrap();

@@ -781,6 +781,7 @@ mod tests {
             link_target: None,
             size: 1,
             stamp: FileStamp::default(),
+            shared: false,
         };
         let mut entries = vec![entry("src".into(), EntryKind::Dir)];
         for d in 0..dirs {

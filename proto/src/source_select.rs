@@ -60,6 +60,10 @@ pub struct ContextEntry {
     /// Change detection for cached digests; not part of any key.
     #[serde(skip)]
     pub stamp: FileStamp,
+    /// A file with other hard links: written through one of them, it changes with no event
+    /// in its own directory, so a watcher cannot vouch for it. Not part of any key.
+    #[serde(skip)]
+    pub shared: bool,
 }
 
 /// One source of a COPY and what it brought in.
@@ -246,6 +250,7 @@ mod tests {
             link_target: None,
             size: 0,
             stamp: FileStamp::default(),
+            shared: false,
         }
     }
 

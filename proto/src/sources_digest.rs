@@ -377,6 +377,7 @@ mod tests {
             link_target: None,
             size: 1,
             stamp: FileStamp::default(),
+            shared: false,
         }
     }
 

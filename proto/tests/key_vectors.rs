@@ -55,6 +55,7 @@ fn the_documented_sources_digest_example_holds() {
             link_target: None,
             size: 0,
             stamp: FileStamp::default(),
+            shared: false,
         },
         ContextEntry {
             path: "src/a.txt".into(),
@@ -63,6 +64,7 @@ fn the_documented_sources_digest_example_holds() {
             link_target: None,
             size: 3,
             stamp: FileStamp::default(),
+            shared: false,
         },
         ContextEntry {
             path: "src/l".into(),
@@ -71,6 +73,7 @@ fn the_documented_sources_digest_example_holds() {
             link_target: Some("a.txt".into()),
             size: 0,
             stamp: FileStamp::default(),
+            shared: false,
         },
     ];
     let roots = vec![SelectedRoot {

@@ -181,3 +181,36 @@ fn a_bad_dockerfile_through_the_daemon_keeps_its_location_and_hint() {
         "{err}"
     );
 }
+
+#[test]
+fn a_file_edited_through_a_hard_link_outside_the_context_is_seen() {
+    // The watcher hears of writes made through the context's own directories only: a file
+    // also linked from elsewhere (a package store's, a `cp -al` tree's) can change with no
+    // event in the context.
+    let d = Daemon::start(&[]);
+    let p = app();
+    let outside = tempfile::tempdir().unwrap();
+    let elsewhere = outside.path().join("util.c");
+    std::fs::hard_link(p.path().join("src/lib/util.c"), &elsewhere).unwrap();
+    settle();
+    let first = p.plan_with(&d);
+    assert_eq!(first["context"]["mode"], "watching");
+    assert_eq!(plan_keys(&p.plan_with(&d)), plan_keys(&first));
+
+    std::fs::write(&elsewhere, "void u(){ return; }\n").unwrap();
+    settle();
+    let edited = p.plan_with(&d);
+    assert_eq!(
+        plan_keys(&edited),
+        p.keys(&[]),
+        "the edit made elsewhere is in the keys"
+    );
+    assert_ne!(plan_keys(&edited)[2], plan_keys(&first)[2]);
+    assert_eq!(plan_keys(&p.plan_with(&d)), plan_keys(&edited));
+
+    // Unlinked elsewhere, the file is the context's alone again; edits are still seen.
+    std::fs::remove_file(&elsewhere).unwrap();
+    p.write("src/lib/util.c", "void u(){}\n");
+    settle();
+    assert_eq!(plan_keys(&p.plan_with(&d)), plan_keys(&first));
+}
