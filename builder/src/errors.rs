@@ -17,6 +17,14 @@ pub enum CacheError {
         /// The connection error.
         reason: String,
     },
+    /// A cache over the network took the connection, then went silent.
+    #[error("the lcached at {endpoint} stopped answering: nothing came or went for {secs} s — is it overloaded, or is a firewall dropping packets? Check it with `lcache status`, or pass --offline")]
+    Stalled {
+        /// The address.
+        endpoint: String,
+        /// How long nothing moved.
+        secs: u64,
+    },
     /// A TLS connection could not be set up.
     #[error("cannot connect to {endpoint} over TLS: {reason}")]
     Tls {

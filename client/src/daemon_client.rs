@@ -38,6 +38,10 @@ pub fn transport(e: RemoteError) -> CacheError {
         RemoteError::Protocol { reason, .. } => CacheError::Protocol(reason),
         RemoteError::Encode(m) => CacheError::Encode(m),
         RemoteError::Tls { endpoint, reason } => CacheError::Tls { endpoint, reason },
+        RemoteError::Stalled { endpoint, after } => CacheError::Stalled {
+            endpoint,
+            secs: after.as_secs(),
+        },
     }
 }
 

@@ -56,6 +56,11 @@ struct Args {
     /// [default: the system's CAs].
     #[arg(long, value_name = "FILE", requires = "upstream")]
     upstream_ca: Option<std::path::PathBuf>,
+    /// Seconds an lcached upstream may go without sending or taking a byte (or take to
+    /// accept a connection) before the request is given up; lookups then skip it for 30 s
+    /// and builds go on from the local store.
+    #[arg(long, value_name = "SECS", default_value_t = 30, requires = "upstream")]
+    upstream_timeout: u64,
     /// Keep the blobs under this size (1024, 512M, 64G…): least recently used blobs and the
     /// step records that need them are evicted in the background [default: no limit].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -80,7 +85,12 @@ enum Watch {
 }
 
 /// The tier `--upstream` names: a bucket for `s3://`, else another lcached.
-fn upstream_tier(url: &str, token: Option<String>, ca: Option<&std::path::Path>) -> Result<Tier, String> {
+fn upstream_tier(
+    url: &str,
+    token: Option<String>,
+    ca: Option<&std::path::Path>,
+    timeout: Duration,
+) -> Result<Tier, String> {
     if url.starts_with("s3://") {
         return lcache_bucket::Bucket::from_url(url)
             .map(Tier::Bucket)
@@ -88,7 +98,7 @@ fn upstream_tier(url: &str, token: Option<String>, ca: Option<&std::path::Path>)
     }
     let endpoint: Endpoint = url.parse().map_err(|e| format!("{e}"))?;
     Remote::new(endpoint, token, ca)
-        .map(Tier::Lcached)
+        .map(|r| Tier::Lcached(r.with_stall_timeout(timeout)))
         .map_err(|e| e.to_string())
 }
 
@@ -112,11 +122,14 @@ fn main() -> ExitCode {
         },
         None => env("LCACHE_TOKEN").filter(|t| !t.trim().is_empty()),
     };
-    let upstream = match args
-        .upstream
-        .as_deref()
-        .map(|u| upstream_tier(u, token, args.upstream_ca.as_deref()))
-    {
+    let upstream = match args.upstream.as_deref().map(|u| {
+        upstream_tier(
+            u,
+            token,
+            args.upstream_ca.as_deref(),
+            Duration::from_secs(args.upstream_timeout.max(1)),
+        )
+    }) {
         Some(Err(e)) => {
             eprintln!("lcached: --upstream: {e}");
             return ExitCode::FAILURE;

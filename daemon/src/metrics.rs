@@ -53,6 +53,8 @@ pub struct Metrics {
     pub upstream_misses: AtomicU64,
     /// Upstream requests that failed (unreachable, refused, corrupt).
     pub upstream_errors: AtomicU64,
+    /// Local misses not looked up upstream because it had just failed to answer.
+    pub upstream_skipped: AtomicU64,
     /// Step records pushed to the upstream.
     pub upstream_pushed: AtomicU64,
     /// Step records given up on after retries.
@@ -179,6 +181,11 @@ impl Metrics {
                 "lcache_upstream_errors_total",
                 "Upstream requests that failed.",
                 &self.upstream_errors,
+            ),
+            (
+                "lcache_upstream_skipped_total",
+                "Local misses not looked up upstream because it had just failed to answer.",
+                &self.upstream_skipped,
             ),
             (
                 "lcache_upstream_pushed_total",

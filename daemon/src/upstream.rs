@@ -34,6 +34,10 @@ const RETRY_DELAYS: [Duration; 3] = [
     Duration::from_secs(3),
 ];
 
+/// How long lookups skip an upstream that failed to answer: a silent one would otherwise
+/// cost every miss of a build its whole stall limit.
+const QUIET_AFTER_FAILURE: Duration = Duration::from_secs(30);
+
 /// Why the upstream did not answer as hoped.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -64,7 +68,10 @@ impl UpstreamError {
     fn is_unreachable(&self) -> bool {
         match self {
             Self::Bucket(e) => e.is_unreachable(),
-            other => matches!(other, Self::Transport(RemoteError::Unreachable { .. })),
+            other => matches!(
+                other,
+                Self::Transport(RemoteError::Unreachable { .. } | RemoteError::Stalled { .. })
+            ),
         }
     }
 
@@ -107,6 +114,8 @@ pub struct Upstream {
     pending: AtomicU64,
     /// Whether the upstream said our token may only read: then nothing is pushed.
     read_only: AtomicBool,
+    /// Until when lookups skip the upstream, which just failed to answer.
+    quiet_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Upstream {
@@ -121,6 +130,7 @@ impl Upstream {
                 down: AtomicBool::new(false),
                 pending: AtomicU64::new(0),
                 read_only: AtomicBool::new(false),
+                quiet_until: Mutex::new(None),
             }),
             rx,
         )
@@ -137,12 +147,35 @@ impl Upstream {
     fn note(&self, metrics: &Metrics, e: &UpstreamError) {
         metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
         let unreachable = e.is_unreachable();
+        if unreachable {
+            *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(tokio::time::Instant::now() + QUIET_AFTER_FAILURE);
+        }
         if !unreachable || !self.down.swap(true, Ordering::Relaxed) {
             eprintln!(
                 "lcached: warning: upstream {}: {e}; serving from the local store only",
                 self.endpoint()
             );
         }
+    }
+
+    /// The upstream answered: lookups go to it again.
+    fn answered(&self) {
+        self.down.store(false, Ordering::Relaxed);
+        *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Whether lookups skip the upstream for now (it just failed to answer); counted.
+    fn quiet(&self, metrics: &Metrics) -> bool {
+        let quiet = self
+            .quiet_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| tokio::time::Instant::now() < until);
+        if quiet {
+            metrics.upstream_skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        quiet
     }
 
     fn fail(&self, scope: &str, key: &str, why: impl std::fmt::Display) {
@@ -179,7 +212,7 @@ impl Upstream {
             loop {
                 match self.push_one(&scope, &key, &state).await {
                     Ok(()) => {
-                        self.down.store(false, Ordering::Relaxed);
+                        self.answered();
                         state.metrics.upstream_pushed.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
@@ -434,6 +467,9 @@ impl Upstream {
     /// bucket, or is unreachable: a warning, never an error).
     pub async fn fetch_image(&self, name: &str, local: &AppState) -> Option<ImageRecord> {
         let Tier::Bucket(b) = &self.tier else { return None };
+        if self.quiet(&local.metrics) {
+            return None;
+        }
         let fetched = async {
             let Some(image) = b.get_image(name).await? else {
                 return Ok(None);
@@ -474,9 +510,12 @@ impl Upstream {
     /// the scope the upstream found it in. `None` is a miss, whatever the reason: an
     /// unreachable upstream is warned about, never an error.
     pub async fn fetch_step(&self, key: &str, scopes: &Scopes, local: &AppState) -> Option<(String, StepRecord)> {
+        if self.quiet(&local.metrics) {
+            return None;
+        }
         match self.try_fetch_step(key, scopes, local).await {
             Ok(found) => {
-                self.down.store(false, Ordering::Relaxed);
+                self.answered();
                 let counter = if found.is_some() {
                     &local.metrics.upstream_hits
                 } else {

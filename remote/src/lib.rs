@@ -3,8 +3,11 @@
 //! `Authorization: Bearer` when a token is given. The client (`lcache`) and lcached's
 //! upstream tier both speak through it, so there is one transport to harden.
 
+mod stall_guard;
+
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -16,6 +19,8 @@ use lcache_proto::endpoint::Endpoint;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
+
+use crate::stall_guard::StallGuard;
 
 /// A request body: bytes in memory or a file streamed.
 pub type ReqBody = BoxBody<Bytes, std::io::Error>;
@@ -42,6 +47,15 @@ pub enum RemoteError {
     /// The request could not be built (a path or token that is not valid HTTP).
     #[error("cannot build the request: {0}")]
     Encode(String),
+    /// Connected, then nothing moved either way for too long (an overloaded server, or a
+    /// network that drops packets).
+    #[error("{endpoint} stopped answering: nothing came or went for {} s — is it overloaded, or is a firewall dropping packets?", after.as_secs())]
+    Stalled {
+        /// The address.
+        endpoint: String,
+        /// How long nothing moved.
+        after: std::time::Duration,
+    },
     /// TLS could not be set up: no usable CA, or a bad server name.
     #[error("cannot set up TLS for {endpoint}: {reason}")]
     Tls {
@@ -94,7 +108,14 @@ pub struct Remote {
     pub token: Option<String>,
     /// For `https://` endpoints: whom to trust.
     tls: Option<Arc<ClientConfig>>,
+    /// Over the network: how long a connection may make no progress (connecting, or no
+    /// byte sent or received) before the request fails. The Unix socket has none: a local
+    /// plan of a huge context may rightly be silent for minutes.
+    stall: Option<Duration>,
 }
+
+/// How long a network exchange may make no progress, unless set otherwise.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -123,7 +144,54 @@ impl Remote {
             Endpoint::Tls(_) => Some(tls_config(&endpoint, ca_file)?),
             _ => None,
         };
-        Ok(Self { endpoint, token, tls })
+        let stall = match endpoint {
+            Endpoint::Unix(_) => None,
+            Endpoint::Tcp(_) | Endpoint::Tls(_) => Some(DEFAULT_STALL),
+        };
+        Ok(Self {
+            endpoint,
+            token,
+            tls,
+            stall,
+        })
+    }
+
+    /// This remote with network exchanges failing after `limit` without progress.
+    pub fn with_stall_timeout(mut self, limit: Duration) -> Self {
+        if self.stall.is_some() {
+            self.stall = Some(limit);
+        }
+        self
+    }
+
+    fn stalled(&self, e: &(dyn std::error::Error + 'static)) -> Option<RemoteError> {
+        let after = self.stall?;
+        let mut cause = Some(e);
+        while let Some(c) = cause {
+            if c.downcast_ref::<std::io::Error>().is_some_and(stall_guard::is_stall) {
+                return Some(RemoteError::Stalled {
+                    endpoint: self.endpoint.to_string(),
+                    after,
+                });
+            }
+            cause = c.source();
+        }
+        None
+    }
+
+    /// Connects to `addr` within the stall limit, guarded from then on.
+    async fn connect_tcp(&self, addr: &str) -> Result<StallGuard<tokio::net::TcpStream>, RemoteError> {
+        let unreachable = |reason: String| RemoteError::Unreachable {
+            endpoint: self.endpoint.to_string(),
+            reason,
+        };
+        let limit = self.stall.unwrap_or(DEFAULT_STALL);
+        let s = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| unreachable(format!("no answer to connecting within {} s", limit.as_secs())))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let _ = s.set_nodelay(true);
+        Ok(StallGuard::new(s, limit))
     }
 
     fn protocol(&self, e: impl std::fmt::Display) -> RemoteError {
@@ -183,14 +251,9 @@ impl Remote {
                 self.handshake(tokio::net::UnixStream::connect(p).await.map_err(unreachable)?)
                     .await?
             }
-            Endpoint::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a).await.map_err(unreachable)?;
-                let _ = s.set_nodelay(true);
-                self.handshake(s).await?
-            }
+            Endpoint::Tcp(a) => self.handshake(self.connect_tcp(a).await?).await?,
             Endpoint::Tls(a) => {
-                let s = tokio::net::TcpStream::connect(a).await.map_err(unreachable)?;
-                let _ = s.set_nodelay(true);
+                let s = self.connect_tcp(a).await?;
                 let config = self.tls.clone().ok_or_else(|| RemoteError::Tls {
                     endpoint: self.endpoint.to_string(),
                     reason: "made without a TLS configuration".into(),
@@ -201,9 +264,17 @@ impl Remote {
                         reason: format!("not a server name: {e}"),
                     }
                 })?;
-                let tls = TlsConnector::from(config).connect(name, s).await.map_err(|e| RemoteError::Tls {
+                let tls = TlsConnector::from(config).connect(name, s).await.map_err(|e| {
+                    if stall_guard::is_stall(&e) {
+                        return RemoteError::Stalled {
+                            endpoint: self.endpoint.to_string(),
+                            after: self.stall.unwrap_or(DEFAULT_STALL),
+                        };
+                    }
+                    RemoteError::Tls {
                     endpoint: self.endpoint.to_string(),
                     reason: format!("handshake failed: {e} — is the daemon's certificate signed by the CA you trust, and for this host name?"),
+                }
                 })?;
                 self.handshake(tls).await?
             }
@@ -224,7 +295,10 @@ impl Remote {
             req = req.header("authorization", format!("Bearer {t}"));
         }
         let req = req.body(body).map_err(|e| RemoteError::Encode(e.to_string()))?;
-        sender.send_request(req).await.map_err(|e| self.protocol(e))
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.stalled(&e).unwrap_or_else(|| self.protocol(e)))
     }
 
     /// Sends one request and reads the whole answer.
@@ -241,7 +315,7 @@ impl Remote {
             .into_body()
             .collect()
             .await
-            .map_err(|e| self.protocol(e))?
+            .map_err(|e| self.stalled(&e).unwrap_or_else(|| self.protocol(e)))?
             .to_bytes();
         Ok((status, body))
     }

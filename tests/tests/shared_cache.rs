@@ -97,6 +97,55 @@ fn an_unreachable_upstream_degrades_to_local_and_sync_says_what_was_not_pushed()
     assert!(err.contains("not pushed") && err.contains("reachable"), "{err}");
 }
 
+#[test]
+fn an_upstream_that_accepts_and_never_answers_is_given_up_on_and_the_build_runs() {
+    // A shared cache that is overloaded, or half-dead behind a load balancer: connections
+    // are taken and nothing ever comes back.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let upstream = format!("tcp://{addr}");
+    let env = BuildEnv::with_daemon_args(&["--upstream", &upstream, "--upstream-timeout", "2"]);
+    let p = project();
+    // Not a timing target: without a deadline the build waited for ever.
+    let mut child = env
+        .command(&p, &["build", "--progress", "json", "."])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(180) {
+            child.kill().unwrap();
+            panic!("the build still waited for the silent upstream after 180 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{err}");
+    // Given up on once: the lookups after it skip it rather than wait again.
+    let (_, metrics) = env.daemon.http("GET", "/metrics", b"");
+    let metrics = String::from_utf8_lossy(&metrics).to_string();
+    let skipped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("lcache_upstream_skipped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(skipped >= 1, "{metrics}");
+    let (again, _) = env.build(&p, &[]);
+    assert_eq!(cached(&again), [true; 4], "the local store serves the next build");
+}
+
 /// A self-signed certificate for 127.0.0.1 and localhost: (cert.pem, key.pem) in `dir`.
 fn certificate(dir: &Path) -> (String, String) {
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
