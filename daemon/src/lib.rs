@@ -20,6 +20,7 @@ pub mod registry_push;
 pub mod scopes;
 pub mod server;
 pub mod state;
+pub mod stop_watchdog;
 pub mod store;
 pub mod store_lock;
 pub mod token_auth;

@@ -65,6 +65,10 @@ struct Args {
     /// step records that need them are evicted in the background [default: no limit].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_size: Option<u64>,
+    /// Seconds lcached may take to stop after SIGTERM or SIGINT (open requests end, the
+    /// upstream queue drains) before it exits regardless; a second signal exits at once.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    stop_timeout: u64,
     /// The certificate chain (PEM) https:// listeners serve.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
@@ -162,6 +166,10 @@ fn main() -> ExitCode {
             max_builds: args.max_builds.max(1),
         },
     };
+    if let Err(e) = lcache_daemon::stop_watchdog::arm(Duration::from_secs(args.stop_timeout.max(1))) {
+        eprintln!("lcached: cannot watch for stop signals: {e}");
+        return ExitCode::FAILURE;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -144,3 +144,117 @@ fn image_lists_are_paged() {
     let (status, body) = d.http("GET", "/v1/images?limit=5&after=zzz", b"");
     assert_eq!((status, body.as_slice()), (200, &b"[]"[..]));
 }
+
+/// An lcached whose upstream takes connections and never answers, holding one pushed
+/// record (so stopping waits on the upstream queue), with `extra` arguments; and its
+/// stderr as it comes.
+fn daemon_stuck_on_its_upstream(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (std::process::Child, std::sync::Arc<std::sync::Mutex<String>>) {
+    use std::io::BufRead;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = format!("tcp://{}", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let socket = dir.join("s.sock");
+    let mut child = std::process::Command::new(lcache_e2e::bin("lcached"))
+        .args(["--listen", &format!("unix://{}", socket.display())])
+        .args(["--store", dir.join("store").to_str().unwrap()])
+        .args(["--upstream", &upstream, "--upstream-timeout", "600"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    assert!(
+        lines.by_ref().any(|l| l.unwrap().starts_with("lcached: store ")),
+        "lcached did not start"
+    );
+    std::thread::spawn(move || for _ in lines {});
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn({
+        let log = log.clone();
+        move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        }
+    });
+    let blob = b"a layer".to_vec();
+    let digest = sha256_digest(&blob);
+    let put = |path: &str, body: &[u8]| lcache_e2e::raw_http(&socket, "PUT", path, body, None).0;
+    assert_eq!(put(&format!("/v1/blobs/{digest}"), &blob), 201);
+    let key = format!("{:064x}", 0x5709);
+    let record = serde_json::json!({"key": key, "layer": {"digest": digest, "media_type": "application/vnd.oci.image.layer.v1.tar"}, "duration_ms": 1, "inputs": null});
+    assert_eq!(put(&format!("/v1/steps/{key}"), record.to_string().as_bytes()), 201);
+    (child, log)
+}
+
+/// Waits (a liveness bound, not a timing target) until `log` holds `text`.
+fn wait_logged(log: &std::sync::Mutex<String>, text: &str) {
+    let started = std::time::Instant::now();
+    while !log.lock().unwrap().contains(text) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "lcached never logged '{text}': {}",
+            log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits (up to a minute: a liveness bound, not a timing target) for `child` to exit.
+fn wait_out(mut child: std::process::Child) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("lcached was still running a minute after the signal");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(child: &std::process::Child, sig: nix::libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { nix::libc::kill(child.id() as i32, sig) }, 0);
+}
+
+#[test]
+fn a_daemon_that_cannot_finish_stopping_exits_once_its_stop_timeout_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    // The upstream queue would hold the stop for its 30 s drain; the watchdog ends it at 1 s.
+    let (child, log) = daemon_stuck_on_its_upstream(dir.path(), &["--stop-timeout", "1"]);
+    signal(&child, nix::libc::SIGTERM);
+    let status = wait_out(child);
+    wait_logged(&log, "still running 1 s after the signal; exiting now");
+    assert!(!status.success());
+    // What it acknowledged is there after a restart.
+    let d = Daemon::start_in(dir, &[]);
+    assert_eq!(d.http("GET", &format!("/v1/steps/{:064x}", 0x5709), b"").0, 200);
+}
+
+#[test]
+fn a_second_signal_stops_the_daemon_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, log) = daemon_stuck_on_its_upstream(dir.path(), &[]);
+    signal(&child, nix::libc::SIGINT);
+    // Two signals sent back to back may reach the process as one.
+    wait_logged(&log, "a second signal exits at once");
+    signal(&child, nix::libc::SIGINT);
+    wait_out(child);
+    wait_logged(&log, "a second signal; exiting now");
+}
