@@ -26,7 +26,9 @@ use futures_util::{StreamExt, TryStreamExt};
 use lcache_proto::wire::StepRecord;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::{Path, PathPart};
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{
+    ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
 use tokio::io::AsyncReadExt;
 
 /// Blobs up to this size go up in one conditional PUT; larger ones in parts.
@@ -36,6 +38,10 @@ const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Reads are handed on in pieces of about this size: the HTTP client's are a few KiB, and
 /// each piece costs the consumer a file write.
 const READ_CHUNK: usize = 1024 * 1024;
+
+/// How long a request may wait for the endpoint to answer, unless set otherwise (lcached's
+/// `--upstream-timeout`).
+pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
 /// A hit refreshes its blob's age at most this often.
 pub const TOUCH_EVERY: Duration = Duration::from_secs(24 * 3600);
 
@@ -74,7 +80,12 @@ impl BucketError {
         match self {
             Self::Store { source, .. } => {
                 let text = format!("{source:?}");
-                text.contains("Connect") || text.contains("connection") || text.contains("dns error")
+                text.contains("Connect")
+                    || text.contains("connection")
+                    || text.contains("dns error")
+                    || text.contains("TimedOut")
+                    || text.contains("timed out")
+                    || text.contains("Timeout")
             }
             _ => false,
         }
@@ -155,6 +166,16 @@ impl Bucket {
     /// the AWS environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
     /// `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP=true` for a plain-HTTP endpoint).
     pub fn from_url(url: &str) -> Result<Self, BucketError> {
+        Self::from_url_with_stall(url, DEFAULT_STALL)
+    }
+
+    /// [`Bucket::from_url`], giving up a request once nothing has come back for `stall`
+    /// (connecting, or between two reads) and retrying only within that time: object_store
+    /// alone waits 30 s a request and retries for 3 minutes, which a silent endpoint made
+    /// every build wait out.
+    pub fn from_url_with_stall(url: &str, stall: Duration) -> Result<Self, BucketError> {
+        use object_store::aws::AmazonS3ConfigKey::Client;
+        let seconds = |d: Duration| format!("{}s", d.as_secs().max(1));
         let rest = url
             .strip_prefix("s3://")
             .ok_or_else(|| BucketError::Config(format!("'{url}' is not an s3:// URL — write s3://BUCKET/PREFIX")))?;
@@ -166,6 +187,21 @@ impl Bucket {
         }
         let store = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
+            // Set over what the environment configured (AWS_ALLOW_HTTP, proxies), not in
+            // place of it.
+            .with_config(Client(ClientConfigKey::ConnectTimeout), seconds(stall))
+            .with_config(Client(ClientConfigKey::ReadTimeout), seconds(stall))
+            // A whole request (a large blob streamed in) may take long while it moves; the
+            // cap only bounds an upload part the endpoint stopped reading.
+            .with_config(
+                Client(ClientConfigKey::Timeout),
+                seconds((stall * 60).max(Duration::from_secs(600))),
+            )
+            .with_retry(RetryConfig {
+                max_retries: 3,
+                retry_timeout: stall,
+                ..RetryConfig::default()
+            })
             .build()
             .map_err(|e| {
                 BucketError::Config(format!(

@@ -56,9 +56,9 @@ struct Args {
     /// [default: the system's CAs].
     #[arg(long, value_name = "FILE", requires = "upstream")]
     upstream_ca: Option<std::path::PathBuf>,
-    /// Seconds an lcached upstream may go without sending or taking a byte (or take to
-    /// accept a connection) before the request is given up; lookups then skip it for 30 s
-    /// and builds go on from the local store.
+    /// Seconds an upstream may go without sending or taking a byte (or take to accept a
+    /// connection) before the request is given up; lookups then skip it for 30 s and
+    /// builds go on from the local store.
     #[arg(long, value_name = "SECS", default_value_t = 30, requires = "upstream")]
     upstream_timeout: u64,
     /// Keep the blobs under this size (1024, 512M, 64G…): least recently used blobs and the
@@ -96,7 +96,7 @@ fn upstream_tier(
     timeout: Duration,
 ) -> Result<Tier, String> {
     if url.starts_with("s3://") {
-        return lcache_bucket::Bucket::from_url(url)
+        return lcache_bucket::Bucket::from_url_with_stall(url, timeout)
             .map(Tier::Bucket)
             .map_err(|e| e.to_string());
     }

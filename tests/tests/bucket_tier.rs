@@ -165,3 +165,51 @@ fn a_bucket_server_stopped_mid_build_degrades_to_local_and_sync_says_what_was_no
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("s3://lcache-test/ci"), "{err}");
 }
+
+#[test]
+fn a_bucket_endpoint_that_takes_connections_and_never_answers_is_given_up_on() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    let env: Vec<(String, String)> = [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", &format!("http://{addr}")),
+        ("AWS_ALLOW_HTTP", "true"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let runner = BuildEnv::with_daemon_env(&["--upstream", "s3://lcache-test/ci", "--upstream-timeout", "2"], &env);
+    let p = project();
+    // Not a timing target: object_store's own limits kept each lookup for minutes.
+    let mut child = runner
+        .command(&p, &["build", "--progress", "plain", "."])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(100) {
+            child.kill().unwrap();
+            panic!("the build still waited for the silent bucket after 100 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success());
+    let (again, _) = runner.build(&p, &[]);
+    assert!(
+        again.iter().all(|(_, hit)| *hit),
+        "the local store serves the next build"
+    );
+}
