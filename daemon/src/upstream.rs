@@ -116,6 +116,8 @@ pub struct Upstream {
     read_only: AtomicBool,
     /// Until when lookups skip the upstream, which just failed to answer.
     quiet_until: Mutex<Option<tokio::time::Instant>>,
+    /// Why the last request failed, until one succeeds.
+    last_error: Mutex<Option<String>>,
 }
 
 impl Upstream {
@@ -131,6 +133,7 @@ impl Upstream {
                 pending: AtomicU64::new(0),
                 read_only: AtomicBool::new(false),
                 quiet_until: Mutex::new(None),
+                last_error: Mutex::new(None),
             }),
             rx,
         )
@@ -146,6 +149,7 @@ impl Upstream {
 
     fn note(&self, metrics: &Metrics, e: &UpstreamError) {
         metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
         let unreachable = e.is_unreachable();
         if unreachable {
             *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -163,6 +167,25 @@ impl Upstream {
     fn answered(&self) {
         self.down.store(false, Ordering::Relaxed);
         *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// How it is doing, for `GET /v1/status`.
+    pub fn status(&self) -> lcache_proto::wire::UpstreamStatus {
+        let skipped_for = self
+            .quiet_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(Duration::ZERO, |until| {
+                until.saturating_duration_since(tokio::time::Instant::now())
+            });
+        lcache_proto::wire::UpstreamStatus {
+            address: self.endpoint(),
+            skipped_for_s: skipped_for.as_secs_f64().ceil() as u64,
+            last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            queued: self.pending.load(Ordering::SeqCst),
+            read_only: self.read_only.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether lookups skip the upstream for now (it just failed to answer); counted.

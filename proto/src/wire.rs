@@ -478,6 +478,24 @@ pub struct StatusResponse {
     pub stats: CacheStats,
     /// Indexed contexts.
     pub contexts: Vec<ContextIndexStatus>,
+    /// The cache behind this one, if any (absent from older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamStatus>,
+}
+
+/// How the upstream tier is doing, as `lcache status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    /// Its address.
+    pub address: String,
+    /// Seconds lookups still skip it, having just failed to answer (0: looked up).
+    pub skipped_for_s: u64,
+    /// Why its last request failed, if the last one did.
+    pub last_error: Option<String>,
+    /// Step records waiting to be pushed.
+    pub queued: u64,
+    /// Whether its token lets this daemon only read.
+    pub read_only: bool,
 }
 
 /// Cache contents and traffic since start.

@@ -142,6 +142,13 @@ fn an_upstream_that_accepts_and_never_answers_is_given_up_on_and_the_build_runs(
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(skipped >= 1, "{metrics}");
+    // And `lcache status` says why.
+    let out = env.lcache(&p, &["status"]);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains(&format!("upstream   {upstream} — ")) && status.contains("stopped answering"),
+        "{status}"
+    );
     let (again, _) = env.build(&p, &[]);
     assert_eq!(cached(&again), [true; 4], "the local store serves the next build");
 }

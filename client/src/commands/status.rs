@@ -25,6 +25,26 @@ pub fn status(json: bool, explicit: &DaemonArgs) -> Result<String> {
         "cache      {} steps, {} blobs ({} bytes), {} builds",
         s.stats.steps, s.stats.blobs, s.stats.blob_bytes, s.stats.builds
     );
+    if let Some(u) = &s.upstream {
+        let how = match (u.skipped_for_s, &u.last_error) {
+            (0, None) => "no request to it has failed",
+            (0, Some(_)) => "its last request failed",
+            _ => "not answering",
+        };
+        let skipped = match u.skipped_for_s {
+            0 => String::new(),
+            n => format!("; lookups skip it for {n} s more"),
+        };
+        let access = if u.read_only { "; read-only token" } else { "" };
+        let _ = writeln!(
+            out,
+            "upstream   {} — {how}{skipped}{access}; {} records waiting to be pushed",
+            u.address, u.queued
+        );
+        if let Some(e) = &u.last_error {
+            let _ = writeln!(out, "           last error: {e}");
+        }
+    }
     if s.contexts.is_empty() {
         let _ = writeln!(out, "contexts   none indexed yet");
     }

@@ -41,6 +41,7 @@ pub fn status(state: &AppState) -> Response<Body> {
                 misses: state.metrics.misses.load(Ordering::Relaxed),
             },
             contexts: state.index.statuses(),
+            upstream: state.upstream.as_ref().map(|u| u.status()),
         },
     )
 }
