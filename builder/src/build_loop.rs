@@ -242,6 +242,10 @@ impl StepCache for WithoutBlobs<'_> {
         self.0.get_step(key)
     }
 
+    fn upstream_unavailable(&self, key: &str) -> Option<String> {
+        self.0.upstream_unavailable(key)
+    }
+
     fn put_step(&self, record: &StepRecord) -> Result<(), CacheError> {
         self.0.put_step(record)
     }
@@ -789,6 +793,7 @@ impl<'a> Builder<'a> {
                         inputs: &inputs,
                         key: &key,
                         rebuilt_parent: st.rebuilt.clone(),
+                        upstream_unavailable: self.steps.upstream_unavailable(&key),
                     };
                     let (c, k) = self.finder.cause(&at);
                     (Some(c), k)

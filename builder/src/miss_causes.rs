@@ -58,6 +58,8 @@ pub struct StepAt<'a> {
     pub key: &'a str,
     /// The step that rebuilt and so changed this step's parent, if any.
     pub rebuilt_parent: Option<CascadeRoot>,
+    /// The cache behind lcached that its lookup of this key could not ask, and why.
+    pub upstream_unavailable: Option<String>,
 }
 
 impl<'a> CauseFinder<'a> {
@@ -146,10 +148,15 @@ impl<'a> CauseFinder<'a> {
             file_changes,
             dockerignore_changed: self.earlier().dockerignore_changed,
         };
-        (
-            miss_cause(at.instruction, at.inputs, at.key, prev.as_ref(), &cx),
-            prev_step.map(|(s, _)| s.key.clone()),
-        )
+        let cause = match miss_cause(at.instruction, at.inputs, at.key, prev.as_ref(), &cx) {
+            // Nothing here to compare with, and the shared cache, which may have held the
+            // step, was not asked: that is the miss's cause, not a step never built.
+            MissCause::NeverBuilt if at.upstream_unavailable.is_some() => MissCause::UpstreamUnavailable {
+                upstream: at.upstream_unavailable.clone().unwrap_or_default(),
+            },
+            other => other,
+        };
+        (cause, prev_step.map(|(s, _)| s.key.clone()))
     }
 }
 
@@ -205,6 +212,7 @@ pub fn plan_causes(
                         inputs: i,
                         key,
                         rebuilt_parent: rebuilt.clone(),
+                        upstream_unavailable: None,
                     };
                     Some(finder.cause(&at).0)
                 }
@@ -349,6 +357,7 @@ mod tests {
             inputs: &now,
             key: &key,
             rebuilt_parent: None,
+            upstream_unavailable: None,
         })
     }
 
@@ -428,6 +437,48 @@ mod tests {
     }
 
     #[test]
+    fn with_nothing_here_to_compare_a_shared_cache_not_asked_is_the_cause() {
+        let empty = History {
+            builds: vec![],
+            summaries: Default::default(),
+            nodes: Default::default(),
+        };
+        let now = copy_inputs("new");
+        let key = now.key();
+        let at = |upstream_unavailable: Option<String>| StepAt {
+            stage: 0,
+            position: 0,
+            instruction: "COPY src /app",
+            inputs: &now,
+            key: &key,
+            rebuilt_parent: None,
+            upstream_unavailable,
+        };
+        let silent = "tcp://cache:7878 stopped answering".to_string();
+        let finder = CauseFinder::new(&empty, &inputs_for("/c"), false);
+        assert_eq!(
+            finder.cause(&at(Some(silent.clone()))).0,
+            MissCause::UpstreamUnavailable {
+                upstream: silent.clone()
+            }
+        );
+        assert_eq!(finder.cause(&at(None)).0, MissCause::NeverBuilt);
+        // With an earlier build to compare with, what changed stays the cause.
+        let ctx = tempfile::tempdir().unwrap();
+        let ctx = ctx.path().to_str().unwrap().to_string();
+        let history = History {
+            builds: vec![record(&ctx, "COPY src /app", copy_inputs("old"))],
+            summaries: Default::default(),
+            nodes: Default::default(),
+        };
+        let finder = CauseFinder::new(&history, &inputs_for(&ctx), false);
+        assert!(!matches!(
+            finder.cause(&at(Some(silent))).0,
+            MissCause::UpstreamUnavailable { .. } | MissCause::NeverBuilt
+        ));
+    }
+
+    #[test]
     fn a_failed_build_is_compared_with_as_far_as_it_got_and_older_builds_beyond() {
         let run = |parent: &str, cmd: &str| KeyInputs {
             platform: "linux/amd64".into(),
@@ -463,6 +514,7 @@ mod tests {
                 inputs,
                 key: &key,
                 rebuilt_parent: None,
+                upstream_unavailable: None,
             })
         };
         // The COPY is compared with the failed build's, which finished it: its snapshot

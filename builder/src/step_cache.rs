@@ -61,6 +61,12 @@ impl<'a> BlobSource<'a> {
 pub trait StepCache: Send + Sync {
     /// The record stored for `key`; `None` is a miss.
     fn get_step(&self, key: &str) -> Result<Option<StepRecord>, CacheError>;
+    /// After [`StepCache::get_step`] missed `key`: the cache behind this one that the lookup
+    /// could not ask, and why (`None`: there is none, or it was asked).
+    fn upstream_unavailable(&self, key: &str) -> Option<String> {
+        let _ = key;
+        None
+    }
     /// Stores a record. Its layer blob must be stored first.
     fn put_step(&self, record: &StepRecord) -> Result<(), CacheError>;
     /// Whether blob `digest` is stored whole.
@@ -159,6 +165,10 @@ impl<C: StepCache> StepCache for Metered<C> {
         self.inner.get_step(key)
     }
 
+    fn upstream_unavailable(&self, key: &str) -> Option<String> {
+        self.inner.upstream_unavailable(key)
+    }
+
     fn put_step(&self, record: &StepRecord) -> Result<(), CacheError> {
         self.inner.put_step(record)
     }
@@ -216,6 +226,10 @@ impl<C: StepCache> StepCache for ReadOnly<C> {
         self.0.get_step(key)
     }
 
+    fn upstream_unavailable(&self, key: &str) -> Option<String> {
+        self.0.upstream_unavailable(key)
+    }
+
     fn put_step(&self, _record: &StepRecord) -> Result<(), CacheError> {
         Ok(())
     }
@@ -240,6 +254,10 @@ impl<C: StepCache> StepCache for ReadOnly<C> {
 impl<C: StepCache + ?Sized> StepCache for &C {
     fn get_step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
         (**self).get_step(key)
+    }
+
+    fn upstream_unavailable(&self, key: &str) -> Option<String> {
+        (**self).upstream_unavailable(key)
     }
 
     fn put_step(&self, record: &StepRecord) -> Result<(), CacheError> {

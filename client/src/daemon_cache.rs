@@ -20,6 +20,10 @@ impl StepCache for DaemonClient {
         self.step(key)
     }
 
+    fn upstream_unavailable(&self, key: &str) -> Option<String> {
+        DaemonClient::upstream_unavailable(self, key)
+    }
+
     fn put_step(&self, record: &StepRecord) -> Result<(), CacheError> {
         DaemonClient::put_step(self, record).map(|_| ())
     }

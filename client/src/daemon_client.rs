@@ -24,6 +24,8 @@ pub struct DaemonClient {
     rt: tokio::runtime::Runtime,
     /// The scope step records are written into, then the scopes lookups fall back to.
     scopes: Vec<String>,
+    /// Keys whose lookup missed without lcached's upstream being asked, and why.
+    upstream_unavailable: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// `%XX`-escapes what a scope name may hold that a query may not (`/`).
@@ -62,6 +64,7 @@ impl DaemonClient {
             remote,
             rt,
             scopes: Vec::new(),
+            upstream_unavailable: Default::default(),
         })
     }
 
@@ -140,15 +143,38 @@ impl DaemonClient {
 
     /// `GET /v1/steps/{key}`: `None` is a miss.
     pub fn step(&self, key: &str) -> Result<Option<StepRecord>, CacheError> {
-        match self.json(
-            Method::GET,
-            &format!("/v1/steps/{key}{}", self.scope_query(true)),
-            None::<&()>,
-        ) {
-            Ok(r) => Ok(Some(r)),
-            Err(CacheError::Refused { status: 404, .. }) => Ok(None),
-            Err(e) => Err(e),
+        let path = format!("/v1/steps/{key}{}", self.scope_query(true));
+        let (status, body) = self.call(Method::GET, &path, Bytes::new())?;
+        // A miss's answer says whether it may be the shared cache's, for `explain`.
+        let unavailable = (status == StatusCode::NOT_FOUND)
+            .then(|| serde_json::from_slice::<ErrorBody>(&body).ok())
+            .flatten()
+            .and_then(|e| e.upstream_unavailable);
+        {
+            let mut noted = self.upstream_unavailable.lock().unwrap_or_else(|p| p.into_inner());
+            match unavailable {
+                Some(why) => noted.insert(key.to_string(), why),
+                None => noted.remove(key),
+            };
         }
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(daemon_error(status, &body));
+        }
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| CacheError::Protocol(e.to_string()))
+    }
+
+    /// Why the last lookup of `key` missed without lcached's upstream being asked, if so.
+    pub fn upstream_unavailable(&self, key: &str) -> Option<String> {
+        self.upstream_unavailable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
     }
 
     /// `PUT /v1/steps/{key}`.

@@ -95,6 +95,17 @@ pub enum Tier {
     Bucket(Bucket),
 }
 
+/// What a lookup in the upstream came to.
+pub enum Lookup {
+    /// A record, kept here now, and the scope it was found in.
+    Found(Box<(String, StepRecord)>),
+    /// The upstream answered that it has none.
+    Missed,
+    /// It could not be asked (unreachable, silent, skipped for a while after failing, or a
+    /// bad answer): why, in words.
+    Unavailable(String),
+}
+
 /// A record that could not be pushed, and why.
 struct Failure {
     scope: String,
@@ -532,24 +543,36 @@ impl Upstream {
     /// its layer blob is fetched (verified against its digest) and both are kept here, in
     /// the scope the upstream found it in. `None` is a miss, whatever the reason: an
     /// unreachable upstream is warned about, never an error.
-    pub async fn fetch_step(&self, key: &str, scopes: &Scopes, local: &AppState) -> Option<(String, StepRecord)> {
+    pub async fn fetch_step(&self, key: &str, scopes: &Scopes, local: &AppState) -> Lookup {
         if self.quiet(&local.metrics) {
-            return None;
+            let why = self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            return Lookup::Unavailable(format!(
+                "{} was skipped for failing to answer moments ago ({})",
+                self.endpoint(),
+                why.unwrap_or_else(|| "no detail".into())
+            ));
         }
         match self.try_fetch_step(key, scopes, local).await {
             Ok(found) => {
                 self.answered();
-                let counter = if found.is_some() {
-                    &local.metrics.upstream_hits
-                } else {
-                    &local.metrics.upstream_misses
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                found
+                match found {
+                    Some(found) => {
+                        local.metrics.upstream_hits.fetch_add(1, Ordering::Relaxed);
+                        Lookup::Found(Box::new(found))
+                    }
+                    None => {
+                        local.metrics.upstream_misses.fetch_add(1, Ordering::Relaxed);
+                        Lookup::Missed
+                    }
+                }
             }
             Err(e) => {
                 self.note(&local.metrics, &e);
-                None
+                let (at, why) = (self.endpoint(), e.to_string());
+                Lookup::Unavailable(match why.contains(&at) {
+                    true => why,
+                    false => format!("{at}: {why}"),
+                })
             }
         }
     }

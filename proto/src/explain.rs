@@ -152,9 +152,16 @@ pub enum MissCause {
     /// An earlier record of the step exists and none of its inputs explains the new key: said
     /// honestly rather than guessed. (After the others, so stored causes keep their encoding.)
     Unexplained,
-    /// The step ran with these same inputs in an earlier build, and failed there. (Last, so
-    /// stored causes keep their encoding.)
+    /// The step ran with these same inputs in an earlier build, and failed there. (After the
+    /// others, so stored causes keep their encoding.)
     FailedBefore,
+    /// Not in the local cache, and the cache behind it could not be asked (unreachable,
+    /// silent, or skipped for a while after failing to answer): it may have held the step.
+    /// (Last, so stored causes keep their encoding.)
+    UpstreamUnavailable {
+        /// Which cache, and why, in words.
+        upstream: String,
+    },
 }
 
 /// The step at the root of a cascade: what a rebuilt step hands to the steps after it.
@@ -222,6 +229,9 @@ impl MissCause {
             Self::Evicted => "its cached result was evicted".into(),
             Self::NeverBuilt => "never built before".into(),
             Self::FailedBefore => "it failed in an earlier build, with these same inputs".into(),
+            Self::UpstreamUnavailable { upstream } => {
+                format!("not in the local cache, and the shared cache could not be asked: {upstream}")
+            }
             Self::Unexplained => {
                 "changed, cause unknown: no input of the step differs from its earlier record's".into()
             }

@@ -522,6 +522,10 @@ pub struct ErrorBody {
     pub error: String,
     /// What to do about it.
     pub hint: String,
+    /// On a step lookup's miss: the upstream that could not be asked, and why (so the miss
+    /// is explained as the shared cache's, not as a step never built).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_unavailable: Option<String>,
 }
 
 /// An image lcached knows by name: imported, or tagged by `lcache build -t`.

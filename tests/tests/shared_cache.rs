@@ -142,6 +142,21 @@ fn an_upstream_that_accepts_and_never_answers_is_given_up_on_and_the_build_runs(
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(skipped >= 1, "{metrics}");
+    // `lcache explain` names the shared cache as the first miss's cause, not "never built".
+    let explained = env.lcache(&p, &["explain", "--json"]);
+    let explained: serde_json::Value = serde_json::from_slice(&explained.stdout).unwrap();
+    let first = explained["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| !s["cause"].is_null())
+        .unwrap();
+    let cause = first["cause"]["upstream_unavailable"]["upstream"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(cause.contains(&upstream), "{first}");
+    let said = String::from_utf8_lossy(&env.lcache(&p, &["explain"]).stdout).to_string();
+    assert!(said.contains("the shared cache could not be asked: "), "{said}");
     // And `lcache status` says why.
     let out = env.lcache(&p, &["status"]);
     let status = String::from_utf8_lossy(&out.stdout);

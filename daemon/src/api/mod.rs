@@ -56,10 +56,18 @@ pub fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
 
 /// An error response with the `{error, hint}` body.
 pub fn error(status: StatusCode, error: impl Into<String>, hint: impl Into<String>) -> Response<Body> {
-    let body = ErrorBody {
-        error: error.into(),
-        hint: hint.into(),
-    };
+    error_body(
+        status,
+        ErrorBody {
+            error: error.into(),
+            hint: hint.into(),
+            upstream_unavailable: None,
+        },
+    )
+}
+
+/// An error answer with `body` as it is.
+pub fn error_body(status: StatusCode, body: ErrorBody) -> Response<Body> {
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     let mut r = Response::new(full(bytes));
     *r.status_mut() = status;

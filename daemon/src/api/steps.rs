@@ -49,8 +49,16 @@ pub async fn get(state: &AppState, key: &str, query: Option<&str>) -> Response<B
         Err(e) => return bad_scope(e),
     };
     let mut found = find(state, key, &scopes);
+    let mut upstream_unavailable = None;
     if let (Ok(None), Some(u)) = (&found, &state.upstream) {
-        found = Ok(u.fetch_step(key, &scopes, state).await);
+        found = Ok(match u.fetch_step(key, &scopes, state).await {
+            crate::upstream::Lookup::Found(f) => Some(*f),
+            crate::upstream::Lookup::Missed => None,
+            crate::upstream::Lookup::Unavailable(why) => {
+                upstream_unavailable = Some(why);
+                None
+            }
+        });
     }
     match found {
         Ok(Some((scope, rec))) => {
@@ -74,10 +82,13 @@ pub async fn get(state: &AppState, key: &str, query: Option<&str>) -> Response<B
             } else {
                 "no record for it"
             };
-            error(
+            super::error_body(
                 StatusCode::NOT_FOUND,
-                format!("step {key}: {why}"),
-                "a miss: run the step, upload its layer, then PUT its record",
+                lcache_proto::wire::ErrorBody {
+                    error: format!("step {key}: {why}"),
+                    hint: "a miss: run the step, upload its layer, then PUT its record".into(),
+                    upstream_unavailable,
+                },
             )
         }
         Err(e) => super::store_failed(&e),
