@@ -348,6 +348,14 @@ mod tests {
 
     /// The cause of `COPY src /app`, first in its stage, whose sources digest is now `new`.
     fn cause_of_copy(finder: &CauseFinder<'_>) -> (MissCause, Option<String>) {
+        cause_of_copy_missed_upstream(finder, None)
+    }
+
+    /// [`cause_of_copy`], its lookup having missed with lcached's upstream not asked (why).
+    fn cause_of_copy_missed_upstream(
+        finder: &CauseFinder<'_>,
+        upstream_unavailable: Option<String>,
+    ) -> (MissCause, Option<String>) {
         let now = copy_inputs("new");
         let key = now.key();
         finder.cause(&StepAt {
@@ -357,7 +365,7 @@ mod tests {
             inputs: &now,
             key: &key,
             rebuilt_parent: None,
-            upstream_unavailable: None,
+            upstream_unavailable,
         })
     }
 
@@ -443,26 +451,15 @@ mod tests {
             summaries: Default::default(),
             nodes: Default::default(),
         };
-        let now = copy_inputs("new");
-        let key = now.key();
-        let at = |upstream_unavailable: Option<String>| StepAt {
-            stage: 0,
-            position: 0,
-            instruction: "COPY src /app",
-            inputs: &now,
-            key: &key,
-            rebuilt_parent: None,
-            upstream_unavailable,
-        };
         let silent = "tcp://cache:7878 stopped answering".to_string();
         let finder = CauseFinder::new(&empty, &inputs_for("/c"), false);
         assert_eq!(
-            finder.cause(&at(Some(silent.clone()))).0,
+            cause_of_copy_missed_upstream(&finder, Some(silent.clone())).0,
             MissCause::UpstreamUnavailable {
                 upstream: silent.clone()
             }
         );
-        assert_eq!(finder.cause(&at(None)).0, MissCause::NeverBuilt);
+        assert_eq!(cause_of_copy(&finder).0, MissCause::NeverBuilt);
         // With an earlier build to compare with, what changed stays the cause.
         let ctx = tempfile::tempdir().unwrap();
         let ctx = ctx.path().to_str().unwrap().to_string();
@@ -473,7 +470,7 @@ mod tests {
         };
         let finder = CauseFinder::new(&history, &inputs_for(&ctx), false);
         assert!(!matches!(
-            finder.cause(&at(Some(silent))).0,
+            cause_of_copy_missed_upstream(&finder, Some(silent)).0,
             MissCause::UpstreamUnavailable { .. } | MissCause::NeverBuilt
         ));
     }

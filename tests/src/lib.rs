@@ -696,3 +696,37 @@ impl S3Server {
         .collect()
     }
 }
+
+/// A loopback TCP address that takes connections and never answers or closes them: an
+/// overloaded server, or one behind a firewall that drops packets.
+pub fn silent_listener() -> std::net::SocketAddr {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let addr = silent.local_addr().expect("its address");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            held.push(conn);
+        }
+    });
+    addr
+}
+
+/// Waits for `child` to exit, killing it and failing the test (`what` says what it was
+/// waiting for) after `limit`: a bound on a hang, not a timing target.
+pub fn exits_within(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("still running after {} s: {what}", limit.as_secs());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -168,14 +168,7 @@ fn a_bucket_server_stopped_mid_build_degrades_to_local_and_sync_says_what_was_no
 
 #[test]
 fn a_bucket_endpoint_that_takes_connections_and_never_answers_is_given_up_on() {
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = silent.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in silent.incoming() {
-            held.push(conn);
-        }
-    });
+    let addr = lcache_e2e::silent_listener();
     let env: Vec<(String, String)> = [
         ("AWS_ACCESS_KEY_ID", "test"),
         ("AWS_SECRET_ACCESS_KEY", "test"),
@@ -195,17 +188,11 @@ fn a_bucket_endpoint_that_takes_connections_and_never_answers_is_given_up_on() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > std::time::Duration::from_secs(100) {
-            child.kill().unwrap();
-            panic!("the build still waited for the silent bucket after 100 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let status = lcache_e2e::exits_within(
+        &mut child,
+        std::time::Duration::from_secs(100),
+        "the build waiting for the silent bucket",
+    );
     assert!(status.success());
     let (again, _) = runner.build(&p, &[]);
     assert!(

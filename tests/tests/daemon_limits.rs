@@ -153,14 +153,7 @@ fn daemon_stuck_on_its_upstream(
     extra: &[&str],
 ) -> (std::process::Child, std::sync::Arc<std::sync::Mutex<String>>) {
     use std::io::BufRead;
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream = format!("tcp://{}", silent.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in silent.incoming() {
-            held.push(conn);
-        }
-    });
+    let upstream = format!("tcp://{}", lcache_e2e::silent_listener());
     let socket = dir.join("s.sock");
     let mut child = std::process::Command::new(lcache_e2e::bin("lcached"))
         .args(["--listen", &format!("unix://{}", socket.display())])
@@ -213,21 +206,6 @@ fn wait_logged(log: &std::sync::Mutex<String>, text: &str) {
     }
 }
 
-/// Waits (up to a minute: a liveness bound, not a timing target) for `child` to exit.
-fn wait_out(mut child: std::process::Child) -> std::process::ExitStatus {
-    let started = std::time::Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            child.kill().unwrap();
-            panic!("lcached was still running a minute after the signal");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn signal(child: &std::process::Child, sig: nix::libc::c_int) {
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
     assert_eq!(unsafe { nix::libc::kill(child.id() as i32, sig) }, 0);
@@ -237,9 +215,9 @@ fn signal(child: &std::process::Child, sig: nix::libc::c_int) {
 fn a_daemon_that_cannot_finish_stopping_exits_once_its_stop_timeout_passes() {
     let dir = tempfile::tempdir().unwrap();
     // The upstream queue would hold the stop for its 30 s drain; the watchdog ends it at 1 s.
-    let (child, log) = daemon_stuck_on_its_upstream(dir.path(), &["--stop-timeout", "1"]);
+    let (mut child, log) = daemon_stuck_on_its_upstream(dir.path(), &["--stop-timeout", "1"]);
     signal(&child, nix::libc::SIGTERM);
-    let status = wait_out(child);
+    let status = lcache_e2e::exits_within(&mut child, Duration::from_secs(60), "lcached after SIGTERM");
     wait_logged(&log, "still running 1 s after the signal; exiting now");
     assert!(!status.success());
     // What it acknowledged is there after a restart.
@@ -250,11 +228,11 @@ fn a_daemon_that_cannot_finish_stopping_exits_once_its_stop_timeout_passes() {
 #[test]
 fn a_second_signal_stops_the_daemon_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (child, log) = daemon_stuck_on_its_upstream(dir.path(), &[]);
+    let (mut child, log) = daemon_stuck_on_its_upstream(dir.path(), &[]);
     signal(&child, nix::libc::SIGINT);
     // Two signals sent back to back may reach the process as one.
     wait_logged(&log, "a second signal exits at once");
     signal(&child, nix::libc::SIGINT);
-    wait_out(child);
+    lcache_e2e::exits_within(&mut child, Duration::from_secs(60), "lcached after a second SIGINT");
     wait_logged(&log, "a second signal; exiting now");
 }

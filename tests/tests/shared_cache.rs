@@ -101,14 +101,7 @@ fn an_unreachable_upstream_degrades_to_local_and_sync_says_what_was_not_pushed()
 fn an_upstream_that_accepts_and_never_answers_is_given_up_on_and_the_build_runs() {
     // A shared cache that is overloaded, or half-dead behind a load balancer: connections
     // are taken and nothing ever comes back.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = silent.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in silent.incoming() {
-            held.push(conn);
-        }
-    });
+    let addr = lcache_e2e::silent_listener();
     let upstream = format!("tcp://{addr}");
     let env = BuildEnv::with_daemon_args(&["--upstream", &upstream, "--upstream-timeout", "2"]);
     let p = project();
@@ -119,17 +112,11 @@ fn an_upstream_that_accepts_and_never_answers_is_given_up_on_and_the_build_runs(
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > std::time::Duration::from_secs(180) {
-            child.kill().unwrap();
-            panic!("the build still waited for the silent upstream after 180 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let status = lcache_e2e::exits_within(
+        &mut child,
+        std::time::Duration::from_secs(180),
+        "the build waiting for the silent upstream",
+    );
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(status.success(), "{err}");
