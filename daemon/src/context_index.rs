@@ -171,6 +171,15 @@ pub struct IndexedContext {
     /// The files with other hard links (`ContextEntry::shared`), kept as the entry list
     /// changes: each plan states them, since the watcher cannot vouch for them.
     shared: BTreeSet<String>,
+    /// The directory the watcher was started on (device, inode): another one at the path
+    /// (a fresh checkout into the same workspace) is watched anew.
+    watched_root: Option<(u64, u64)>,
+}
+
+/// `dir`'s identity: its device and inode.
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// All indexed contexts.
@@ -255,6 +264,7 @@ impl ContextIndex {
             changed: AtomicBool::new(true),
             ..WatchSignals::default()
         });
+        let watched_root = identity(root);
         let (watcher, mode) = if let Some(fs) = network_filesystem(root) {
             (
                 None,
@@ -286,6 +296,7 @@ impl ContextIndex {
             plan_started_ns: 0,
             newest_stamp: None,
             shared: BTreeSet::new(),
+            watched_root,
         }));
         all.insert(root.to_path_buf(), c.clone());
         Ok(c)
@@ -370,12 +381,13 @@ impl IndexedContext {
     /// paths whose cached digests no longer exist in the tree.
     pub fn refresh(&mut self) -> Result<Vec<String>, IndexError> {
         self.plan_started_ns = now_ns();
+        let _ = self.watch_again_if_replaced();
         let failed = self.signals.failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(reason) = failed.filter(|_| self.mode == WatchMode::Watching) {
             self.mode = WatchMode::StatWalk(reason);
             self._watcher = None;
         }
-        let must_walk = self.entries.is_none() || self.mode != WatchMode::Watching || !self.sync_watcher();
+        let must_walk = self.entries.is_none() || self.mode != WatchMode::Watching || !self.synced_or_watched_again();
         let relinked = if must_walk {
             Vec::new()
         } else {
@@ -416,6 +428,53 @@ impl IndexedContext {
         self.entries = Some(entries);
         self.known = known;
         Ok(removed)
+    }
+
+    /// [`Self::sync_watcher`]; when the barrier was not seen because the watcher's directory
+    /// went meanwhile (its word came late), a new watcher, and its barrier.
+    fn synced_or_watched_again(&mut self) -> bool {
+        if self.sync_watcher() {
+            return true;
+        }
+        self.watch_again_if_replaced() && self.mode == WatchMode::Watching && self.sync_watcher()
+    }
+
+    /// Starts a new watcher when the directory at the context's path is no longer the one
+    /// watched (moved away or removed, and made again): the old watcher sees nothing of the
+    /// new tree, so each plan's barrier would wait out its limit and walk everything. The
+    /// whole walk that follows takes the new tree in (carrying digests by stamp, as after
+    /// a restart).
+    fn watch_again_if_replaced(&mut self) -> bool {
+        if self.mode != WatchMode::Watching {
+            return false;
+        }
+        let now = identity(&self.root);
+        // The inode number alone may be the old one's again once that was freed; the
+        // watcher's word that the directory went says so.
+        let gone = self.signals.root_gone.load(Ordering::SeqCst);
+        if now.is_none() || (now == self.watched_root && !gone) {
+            return false;
+        }
+        // Nothing the old tree's listings vouched for holds: the next refresh walks it whole.
+        let signals = Arc::new(WatchSignals {
+            changed: AtomicBool::new(true),
+            dirty: Mutex::new(Dirty {
+                everything: true,
+                ..Dirty::default()
+            }),
+            ..WatchSignals::default()
+        });
+        // The old watcher stops first: both never note changes at once.
+        self._watcher = None;
+        match start_watcher(&self.root, signals.clone()) {
+            Ok(w) => {
+                self._watcher = Some(w);
+                self.watched_root = now;
+            }
+            Err(reason) => self.mode = WatchMode::StatWalk(reason.to_string()),
+        }
+        self.signals = signals;
+        true
     }
 
     /// The directories of the files with other hard links whose stamp or size moved: the
@@ -1183,6 +1242,38 @@ mod tests {
         }
         assert_eq!(std::fs::read_to_string(victim.path()).unwrap(), "keep");
         assert_eq!(ctx.lock().unwrap().status().entries, 0, "markers are never entries");
+    }
+
+    #[test]
+    fn a_context_directory_replaced_by_a_fresh_checkout_is_watched_again() {
+        // A CI workspace checked out afresh into the same path, or `rm -rf app && git clone`:
+        // the watcher watched the old directory, so every plan's barrier used to wait out its
+        // 2 s and then walk the whole tree, for good.
+        let store = tempfile::tempdir().unwrap();
+        let top = tempfile::tempdir().unwrap();
+        let root = top.path().join("app");
+        std::fs::create_dir_all(root.join("src")).unwrap();
+        std::fs::write(root.join("src/a"), "one").unwrap();
+        let index = index(store.path(), true);
+        let ctx = index.context(&root).unwrap();
+        let first = plan(&index, &ctx);
+        for (round, how) in ["moved away", "removed"].iter().enumerate() {
+            match round {
+                0 => std::fs::rename(&root, top.path().join("app.old")).unwrap(),
+                _ => std::fs::remove_dir_all(&root).unwrap(),
+            }
+            std::fs::create_dir_all(root.join("src")).unwrap();
+            std::fs::write(root.join("src/a"), format!("checkout {round}")).unwrap();
+            let again = plan(&index, &ctx);
+            assert_ne!(again, first, "{how}: the new tree's contents");
+            let c = ctx.lock().unwrap();
+            assert_eq!(c.status().mode, "watching", "{how}");
+            assert!(c.sync_watcher(), "{how}: the new directory is watched");
+            drop(c);
+            // And an edit in it is seen.
+            std::fs::write(root.join("src/a"), format!("edited {round}")).unwrap();
+            assert_ne!(plan(&index, &ctx), again, "{how}: an edit after the checkout");
+        }
     }
 
     /// Applies `op` (0..19) to the tree at `root`, with `n` to vary names and contents;

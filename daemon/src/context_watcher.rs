@@ -41,6 +41,9 @@ pub struct WatchSignals {
     pub cookies: Mutex<HashSet<String>>,
     /// Signalled when a marker is seen.
     pub cookie_seen: Condvar,
+    /// The context directory itself was removed or moved away: this watcher sees nothing of
+    /// a directory made again at its path.
+    pub root_gone: AtomicBool,
 }
 
 impl WatchSignals {
@@ -200,6 +203,14 @@ fn watch_loop(
                 continue;
             }
             let id = ev.wd.get_watch_descriptor_id();
+            let on_root = dirs.get(&id).is_some_and(|d| d == root);
+            if on_root
+                && ev
+                    .mask
+                    .intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+            {
+                signals.root_gone.store(true, Ordering::SeqCst);
+            }
             if ev.mask.contains(EventMask::IGNORED) {
                 if let Some(dir) = dirs.remove(&id) {
                     note(
