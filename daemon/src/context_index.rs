@@ -381,7 +381,7 @@ impl IndexedContext {
     /// paths whose cached digests no longer exist in the tree.
     pub fn refresh(&mut self) -> Result<Vec<String>, IndexError> {
         self.plan_started_ns = now_ns();
-        let _ = self.watch_again_if_replaced();
+        let _ = self.watch_again_if_stale();
         let failed = self.signals.failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(reason) = failed.filter(|_| self.mode == WatchMode::Watching) {
             self.mode = WatchMode::StatWalk(reason);
@@ -436,23 +436,25 @@ impl IndexedContext {
         if self.sync_watcher() {
             return true;
         }
-        self.watch_again_if_replaced() && self.mode == WatchMode::Watching && self.sync_watcher()
+        self.watch_again_if_stale() && self.mode == WatchMode::Watching && self.sync_watcher()
     }
 
     /// Starts a new watcher when the directory at the context's path is no longer the one
-    /// watched (moved away or removed, and made again): the old watcher sees nothing of the
-    /// new tree, so each plan's barrier would wait out its limit and walk everything. The
+    /// watched (moved away or removed, and made again: the old watcher sees nothing of the
+    /// new tree, so each plan's barrier would wait out its limit and walk everything), or
+    /// when the watcher lost events (its queue overflowed: it used to mean stat walks for as
+    /// long as lcached ran). The
     /// whole walk that follows takes the new tree in (carrying digests by stamp, as after
     /// a restart).
-    fn watch_again_if_replaced(&mut self) -> bool {
+    fn watch_again_if_stale(&mut self) -> bool {
         if self.mode != WatchMode::Watching {
             return false;
         }
         let now = identity(&self.root);
         // The inode number alone may be the old one's again once that was freed; the
-        // watcher's word that the directory went says so.
-        let gone = self.signals.root_gone.load(Ordering::SeqCst);
-        if now.is_none() || (now == self.watched_root && !gone) {
+        // watcher's word that the directory went (or that it lost events) says so.
+        let stale = self.signals.stale.load(Ordering::SeqCst);
+        if now.is_none() || (now == self.watched_root && !stale) {
             return false;
         }
         // Nothing the old tree's listings vouched for holds: the next refresh walks it whole.
@@ -1274,6 +1276,57 @@ mod tests {
             std::fs::write(root.join("src/a"), format!("edited {round}")).unwrap();
             assert_ne!(plan(&index, &ctx), again, "{how}: an edit after the checkout");
         }
+    }
+
+    #[test]
+    fn after_the_watchers_queue_overflows_the_context_is_watched_again_not_stat_walked() {
+        // A branch switch in a big tree can queue more events than inotify keeps (16,384 by
+        // default); the context used to be stat-walked from then on, for as long as lcached
+        // ran.
+        let store = tempfile::tempdir().unwrap();
+        let context = tempfile::tempdir().unwrap();
+        let root = context.path();
+        std::fs::write(root.join("a"), "one").unwrap();
+        let index = index(store.path(), true);
+        let ctx = index.context(root).unwrap();
+        plan(&index, &ctx);
+        let signals = ctx.lock().unwrap().signals.clone();
+        // Three events a file (made, written, closed), past the queue and the watcher's
+        // first read of 64 KiB.
+        let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(16384);
+        if queued > 200_000 {
+            eprintln!("skipped: this machine queues {queued} inotify events, too many to overflow in a test");
+            return;
+        }
+        {
+            // Held, the watcher stops at its first event while the kernel's queue overflows.
+            let _held = signals.dirty.lock().unwrap();
+            for i in 0..queued / 3 + 3000 {
+                std::fs::write(root.join(format!("f{i}")), "x").unwrap();
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !signals.stale.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "the queue never overflowed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A directory made while events were lost is watched by the new watcher.
+        std::fs::create_dir(root.join("made-meanwhile")).unwrap();
+        let digest = plan(&index, &ctx);
+        let whole = lcache_context::local_context::LocalContext::walk(root)
+            .unwrap()
+            .digest_sources(&copy_all())
+            .unwrap();
+        assert_eq!(digest, whole.digest, "the lost events' changes are in the plan");
+        let c = ctx.lock().unwrap();
+        assert_eq!(c.status().mode, "watching");
+        assert!(c.sync_watcher());
+        drop(c);
+        std::fs::write(root.join("made-meanwhile/g"), "new").unwrap();
+        assert_ne!(plan(&index, &ctx), digest, "an edit in it is seen");
     }
 
     /// Applies `op` (0..19) to the tree at `root`, with `n` to vary names and contents;

@@ -3,9 +3,10 @@
 //! changes, creations, deletions, moves): never opens or reads, so the daemon's own hashing
 //! of thousands of files does not wake the watcher once per file (a general-purpose watcher
 //! such as `notify` always subscribes to opens, which cost a quarter of a touched tree's
-//! plan). Directories made later are watched as they appear; an overflowed queue or a
-//! directory that cannot be watched marks the watcher failed, and the context is
-//! stat-walked from then on.
+//! plan). Directories made later are watched as they appear; an overflowed queue, or the
+//! context directory itself removed or moved away, marks the watcher stale (the index
+//! starts a new one); a directory that cannot be watched marks it failed, and the context
+//! is stat-walked from then on.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
@@ -41,9 +42,11 @@ pub struct WatchSignals {
     pub cookies: Mutex<HashSet<String>>,
     /// Signalled when a marker is seen.
     pub cookie_seen: Condvar,
-    /// The context directory itself was removed or moved away: this watcher sees nothing of
-    /// a directory made again at its path.
-    pub root_gone: AtomicBool,
+    /// This watcher can no longer vouch for the tree: the context directory itself was
+    /// removed or moved away (it sees nothing of one made again at the path), or its queue
+    /// overflowed (events were lost, among them those of directories made meanwhile, which
+    /// it does not watch). The index starts a new one, and walks the tree whole.
+    pub stale: AtomicBool,
 }
 
 impl WatchSignals {
@@ -199,7 +202,9 @@ fn watch_loop(
         let (mut new_dirs, mut markers) = (Vec::new(), Vec::new());
         for ev in events {
             if ev.mask.contains(EventMask::Q_OVERFLOW) {
-                signals.fail("the file watcher's queue overflowed; stat-walking from now on".into());
+                // Events were lost: a new watcher and a whole walk, at the next plan.
+                signals.stale.store(true, Ordering::SeqCst);
+                signals.changed.store(true, Ordering::SeqCst);
                 continue;
             }
             let id = ev.wd.get_watch_descriptor_id();
@@ -209,7 +214,7 @@ fn watch_loop(
                     .mask
                     .intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF)
             {
-                signals.root_gone.store(true, Ordering::SeqCst);
+                signals.stale.store(true, Ordering::SeqCst);
             }
             if ev.mask.contains(EventMask::IGNORED) {
                 if let Some(dir) = dirs.remove(&id) {
