@@ -95,6 +95,27 @@ pub enum Tier {
     Bucket(Bucket),
 }
 
+/// The longest upstream error passed on to clients.
+const SHOWN_AT_MOST: usize = 512;
+
+/// An upstream's error as clients are shown it (`lcache status`, `lcache explain`): it may
+/// hold what the upstream sent, so control characters (a terminal's escape sequences) are
+/// escaped and the length is bounded.
+fn shown(why: &str) -> String {
+    let mut out = String::new();
+    for c in why.chars() {
+        if out.len() >= SHOWN_AT_MOST {
+            out.push('…');
+            break;
+        }
+        match c.is_control() {
+            true => out.extend(c.escape_default()),
+            false => out.push(c),
+        }
+    }
+    out
+}
+
 /// What a lookup in the upstream came to.
 pub enum Lookup {
     /// A record, kept here now, and the scope it was found in.
@@ -160,7 +181,8 @@ impl Upstream {
 
     fn note(&self, metrics: &Metrics, e: &UpstreamError) {
         metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        let why = shown(&e.to_string());
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
         let unreachable = e.is_unreachable();
         if unreachable {
             *self.quiet_until.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -168,7 +190,7 @@ impl Upstream {
         }
         if !unreachable || !self.down.swap(true, Ordering::Relaxed) {
             eprintln!(
-                "lcached: warning: upstream {}: {e}; serving from the local store only",
+                "lcached: warning: upstream {}: {why}; serving from the local store only",
                 self.endpoint()
             );
         }
@@ -216,7 +238,7 @@ impl Upstream {
         self.failed.lock().unwrap_or_else(|p| p.into_inner()).push(Failure {
             scope: scope.to_string(),
             key: key.to_string(),
-            why: why.to_string(),
+            why: shown(&why.to_string()),
         });
     }
 
@@ -568,7 +590,7 @@ impl Upstream {
             }
             Err(e) => {
                 self.note(&local.metrics, &e);
-                let (at, why) = (self.endpoint(), e.to_string());
+                let (at, why) = (self.endpoint(), shown(&e.to_string()));
                 Lookup::Unavailable(match why.contains(&at) {
                     true => why,
                     false => format!("{at}: {why}"),
@@ -757,4 +779,17 @@ fn open_local(local: &AppState, digest: &str) -> Result<BlobFile, UpstreamError>
         .open_blob(digest)
         .map_err(|e| UpstreamError::Local(format!("blob {digest}: {e}")))?
         .ok_or_else(|| UpstreamError::Local(format!("blob {digest} is no longer stored here")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_an_upstream_sent_is_shown_without_control_characters_and_bounded() {
+        assert_eq!(shown("refused: \u{1b}[2Jgone\r\n"), "refused: \\u{1b}[2Jgone\\r\\n");
+        let long = "x".repeat(10_000);
+        assert!(shown(&long).chars().count() <= SHOWN_AT_MOST + 1);
+        assert_eq!(shown("stopped answering — 2 s"), "stopped answering — 2 s");
+    }
 }

@@ -155,6 +155,39 @@ fn an_upstream_that_accepts_and_never_answers_is_given_up_on_and_the_build_runs(
     assert_eq!(cached(&again), [true; 4], "the local store serves the next build");
 }
 
+#[test]
+fn what_a_hostile_upstream_sends_in_its_errors_reaches_no_terminal_raw() {
+    // An upstream that answers every request with a 500 whose body clears the screen.
+    let hostile = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = hostile.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in hostile.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let body = "\u{1b}[2J\u{1b}[31mall is well\u{1b}[0m";
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    let upstream = format!("tcp://{addr}");
+    let env = BuildEnv::with_daemon_args(&["--upstream", &upstream]);
+    let p = project();
+    env.build(&p, &[]);
+    let status = env.lcache(&p, &["status"]).stdout;
+    let explained = env.lcache(&p, &["explain"]).stdout;
+    for (what, out) in [("status", &status), ("explain", &explained)] {
+        assert!(!out.contains(&0x1b), "{what}: {}", String::from_utf8_lossy(out));
+    }
+    assert!(String::from_utf8_lossy(&status).contains("\\u{1b}[2J"), "shown escaped");
+}
+
 /// A self-signed certificate for 127.0.0.1 and localhost: (cert.pem, key.pem) in `dir`.
 fn certificate(dir: &Path) -> (String, String) {
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
