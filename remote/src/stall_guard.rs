@@ -43,6 +43,19 @@ impl<S> StallGuard<S> {
         self.deadline.as_mut().reset(next);
     }
 
+    /// A write's outcome: progress if it took bytes, else (pending) the deadline's check.
+    fn wrote(&mut self, r: Poll<io::Result<usize>>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(r) => {
+                if matches!(r, Ok(n) if n > 0) {
+                    self.moved();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.waiting(cx),
+        }
+    }
+
     /// Called when the inner side has nothing yet: an error once the deadline has passed
     /// (its timer now wakes the task when it does).
     fn waiting<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
@@ -70,15 +83,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for StallGuard<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                if matches!(r, Ok(n) if n > 0) {
-                    self.moved();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.waiting(cx),
-        }
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(r, cx)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -100,15 +106,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                if matches!(r, Ok(n) if n > 0) {
-                    self.moved();
-                }
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.waiting(cx),
-        }
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -152,6 +152,17 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The value of the counter `name` in `GET /metrics` (0 when absent).
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, body) = self.http("GET", "/metrics", b"");
+        let prefix = format!("{name} ");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Starts a daemon with its own store; `extra` are more `lcached` arguments.
     pub fn start(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -497,6 +508,31 @@ impl BuildEnv {
     /// The client cache directory (snapshots live under `snapshots/`).
     pub fn cache_dir(&self) -> PathBuf {
         self.cache.path().join("cache")
+    }
+
+    /// `lcache build --progress plain .` in `p`, failing the test if it still runs after
+    /// `limit` (a bound on a hang, not a timing target); its exit status and stderr.
+    pub fn build_within(
+        &self,
+        p: &Project,
+        limit: std::time::Duration,
+        what: &str,
+    ) -> (std::process::ExitStatus, String) {
+        let mut child = self
+            .command(p, &["build", "--progress", "plain", "."])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run lcache build");
+        // Read beside the wait: a build that logs more than a pipe holds must not block.
+        let mut stderr = child.stderr.take().expect("stderr");
+        let log = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        let status = exits_within(&mut child, limit, what);
+        (status, log.join().unwrap_or_default())
     }
 
     /// `lcache ARGS` in `p` against this daemon and cache, not started yet.

@@ -182,18 +182,12 @@ fn a_bucket_endpoint_that_takes_connections_and_never_answers_is_given_up_on() {
     let runner = BuildEnv::with_daemon_env(&["--upstream", "s3://lcache-test/ci", "--upstream-timeout", "2"], &env);
     let p = project();
     // Not a timing target: object_store's own limits kept each lookup for minutes.
-    let mut child = runner
-        .command(&p, &["build", "--progress", "plain", "."])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let status = lcache_e2e::exits_within(
-        &mut child,
+    let (status, err) = runner.build_within(
+        &p,
         std::time::Duration::from_secs(100),
         "the build waiting for the silent bucket",
     );
-    assert!(status.success());
+    assert!(status.success(), "{err}");
     let (again, _) = runner.build(&p, &[]);
     assert!(
         again.iter().all(|(_, hit)| *hit),

@@ -142,13 +142,7 @@ fn blobs_kept_as_runs_count_once_what_they_share_with_their_base() {
     put_blob(&d, &other);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let freed = loop {
-        let (_, metrics) = d.http("GET", "/metrics", b"");
-        let m = String::from_utf8_lossy(&metrics).to_string();
-        let freed: u64 = m
-            .lines()
-            .find_map(|l| l.strip_prefix("lcache_evicted_bytes_total "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
+        let freed = d.metric("lcache_evicted_bytes_total");
         if freed > 0 || std::time::Instant::now() > deadline {
             break freed;
         }

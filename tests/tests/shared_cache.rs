@@ -106,29 +106,14 @@ fn an_upstream_that_accepts_and_never_answers_is_given_up_on_and_the_build_runs(
     let env = BuildEnv::with_daemon_args(&["--upstream", &upstream, "--upstream-timeout", "2"]);
     let p = project();
     // Not a timing target: without a deadline the build waited for ever.
-    let mut child = env
-        .command(&p, &["build", "--progress", "json", "."])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = lcache_e2e::exits_within(
-        &mut child,
+    let (status, err) = env.build_within(
+        &p,
         std::time::Duration::from_secs(180),
         "the build waiting for the silent upstream",
     );
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(status.success(), "{err}");
     // Given up on once: the lookups after it skip it rather than wait again.
-    let (_, metrics) = env.daemon.http("GET", "/metrics", b"");
-    let metrics = String::from_utf8_lossy(&metrics).to_string();
-    let skipped: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("lcache_upstream_skipped_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    assert!(skipped >= 1, "{metrics}");
+    assert!(env.daemon.metric("lcache_upstream_skipped_total") >= 1);
     // `lcache explain` names the shared cache as the first miss's cause, not "never built".
     let explained = env.lcache(&p, &["explain", "--json"]);
     let explained: serde_json::Value = serde_json::from_slice(&explained.stdout).unwrap();
