@@ -50,7 +50,7 @@ use crate::url_download::{download, place};
 use crate::user_lookup::resolve_user;
 use lcache_image::image_draft::{DeferredBuild, DeferredLayer, ImageDraft};
 use lcache_image::image_history::{base_history, extend, Contribution, HistoryEntry};
-use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, LAYER_MEDIA_TYPE};
+use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, LayerCompression};
 use lcache_image::oci_image::RuntimeConfig;
 
 /// What to build.
@@ -79,6 +79,9 @@ pub struct BuildRequest {
     /// `SOURCE_DATE_EPOCH`: the time the image's history and config say it was made.
     /// Without it they give no time, so that a rebuild is the same image, byte for byte.
     pub source_date_epoch: Option<u64>,
+    /// How the layers this build makes are kept (`--layer-compression`): not part of any
+    /// key, as the tar, and so the image's config, is the same either way.
+    pub layer_compression: LayerCompression,
 }
 
 /// What a build produced.
@@ -365,7 +368,13 @@ pub fn build(
         .ok_or_else(|| internal("the target stage was not built"))?;
     if req.squash && target.layers.len() > target.base_layers + 1 {
         let own = target.layers.split_off(target.base_layers);
-        let merged = squash(&b.cache, steps, &target.snapshots[..target.base_layers], &own)?;
+        let merged = squash(
+            &b.cache,
+            steps,
+            &target.snapshots[..target.base_layers],
+            &own,
+            req.layer_compression,
+        )?;
         target.layers.push(merged);
         // Docker's --squash keeps every entry, marks the merged ones empty and adds one for
         // the merged layer.
@@ -1297,6 +1306,7 @@ impl<'a> Builder<'a> {
         } else {
             own
         };
+        let compression = self.req.layer_compression;
         let pack_with = |steps: &dyn StepCache, defer: TailDigests| match (&copied, seed.as_ref()) {
             (
                 Some(
@@ -1305,11 +1315,11 @@ impl<'a> Builder<'a> {
                     },
                 ),
                 _,
-            ) => Some((c, pack_copy(steps, c, entries, &tree, &dest, defer))),
+            ) => Some((c, pack_copy(steps, c, entries, &tree, &dest, defer, compression))),
             (Some(c @ CopyLayer { over_seed: true, .. }), s) => Some((
                 c,
                 match s {
-                    Some(s) => pack_copy_over(steps, c, s, &tree, &dest, defer),
+                    Some(s) => pack_copy_over(steps, c, s, &tree, &dest, defer, compression),
                     // Its directory holds only the delta: never packed as a whole layer.
                     None => Err(std::io::Error::other("a layer made over a seed lost its seed")),
                 },
@@ -1333,7 +1343,7 @@ impl<'a> Builder<'a> {
                     p.tail,
                 )
             }),
-            None => pack_layer(&tree, &dest).map(|p| (p, None, None, None, None)),
+            None => pack_layer(&tree, &dest, compression).map(|p| (p, None, None, None, None)),
         };
         // `hashing`: the diff_id, hashed on its own thread since the pack reached the first
         // change, beside the upload and the steps after this one.
@@ -1397,7 +1407,7 @@ impl<'a> Builder<'a> {
             blake3: String::new(),
             size: packed.size,
             diff_id: packed.diff_id.clone(),
-            media_type: LAYER_MEDIA_TYPE.into(),
+            media_type: compression.media_type().into(),
         };
         let record = StepRecord {
             key: key.to_string(),

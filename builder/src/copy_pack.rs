@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use lcache_confine::Root;
+use lcache_image::layer_diff::LayerCompression;
 use std::collections::HashSet;
 
 use lcache_image::layer_segments::{
@@ -72,6 +73,7 @@ pub fn pack_copy(
     dir: &Path,
     dest: &Path,
     tail: TailDigests,
+    compression: LayerCompression,
 ) -> std::io::Result<Packed> {
     let list = sorted(entries);
     let plan: Vec<Planned> = segment_ranges(&list)
@@ -83,7 +85,7 @@ pub fn pack_copy(
         .reuse
         .as_ref()
         .and_then(|(digest, path)| segments_of(steps, digest, path));
-    pack_with(steps, layer, &plan, index.as_ref(), dir, dest, tail)
+    pack_with(steps, layer, &plan, index.as_ref(), dir, dest, tail, compression)
 }
 
 /// Packs a layer kept as its delta over `seed`'s base (`CopyLayer::over_seed`): only the
@@ -98,6 +100,7 @@ pub fn pack_copy_over(
     dir: &Path,
     dest: &Path,
     tail: TailDigests,
+    compression: LayerCompression,
 ) -> std::io::Result<Packed> {
     let index = layer
         .reuse
@@ -124,14 +127,14 @@ pub fn pack_copy_over(
                 }
             }
         }
-        if let Ok(packed) = pack_with(steps, layer, &plan, index.as_ref(), dir, dest, tail) {
+        if let Ok(packed) = pack_with(steps, layer, &plan, index.as_ref(), dir, dest, tail, compression) {
             return Ok(packed);
         }
     }
     let entries = layer
         .entries_over(seed)
         .ok_or_else(|| std::io::Error::other("the seed's entries are unreadable"))?;
-    pack_copy(steps, layer, &entries, dir, dest, tail)
+    pack_copy(steps, layer, &entries, dir, dest, tail, compression)
 }
 
 /// A stretch of the layer to pack: an earlier segment as it is, or entries to cut.
@@ -232,7 +235,9 @@ fn layer_range<'a>(
 
 /// Packs `plan`, reading files through the layer's roots and taking unchanged members from
 /// the seed layer's blob as it streams from the step cache (the whole plan again, without
-/// the blob, if the blob cannot be used and the plan does not need it).
+/// the blob, if the blob cannot be used, or is compressed otherwise, and the plan does not
+/// need it).
+#[allow(clippy::too_many_arguments)]
 fn pack_with(
     steps: &dyn StepCache,
     layer: &CopyLayer,
@@ -241,7 +246,11 @@ fn pack_with(
     dir: &Path,
     dest: &Path,
     tail: TailDigests,
+    compression: LayerCompression,
 ) -> std::io::Result<Packed> {
+    // A seed kept the other way (built before `--layer-compression` changed) has no
+    // members to give: it is neither fetched nor read.
+    let index = index.filter(|i| i.compression == compression);
     // Read through the confined roots: a path that met a symlink on the way (sources
     // overlapping at the destination) must not read a file of the host into the layer.
     let own = Root::open(dir).map_err(std::io::Error::other)?;
@@ -270,10 +279,10 @@ fn pack_with(
                 blob: std::io::empty(),
                 skipped,
             };
-            if let Ok(packed) = pack_planned(plan, &open, Some(reuse), dest, tail) {
+            if let Ok(packed) = pack_planned(plan, &open, Some(reuse), dest, tail, compression) {
                 return Ok(packed);
             }
-            return pack_planned::<std::io::Empty>(plan, &open, None, dest, TailDigests::Here);
+            return pack_planned::<std::io::Empty>(plan, &open, None, dest, TailDigests::Here, compression);
         }
         let first = index.front_end(skipped);
         let reused = std::thread::scope(|s| {
@@ -288,7 +297,7 @@ fn pack_with(
                 blob: reader,
                 skipped,
             };
-            let packed = pack_planned(plan, &open, Some(reuse), dest, tail)?;
+            let packed = pack_planned(plan, &open, Some(reuse), dest, tail, compression)?;
             match download.join() {
                 Ok(Ok(_)) => Ok(packed),
                 _ => Err(std::io::Error::other("the seed layer's blob did not arrive whole")),
@@ -300,7 +309,7 @@ fn pack_with(
     }
     // Without the earlier blob a plan that names its segments cannot be packed: the
     // caller packs every entry instead.
-    pack_planned::<std::io::Empty>(plan, &open, None, dest, tail)
+    pack_planned::<std::io::Empty>(plan, &open, None, dest, tail, compression)
 }
 
 #[cfg(test)]
@@ -386,9 +395,27 @@ mod tests {
             "round {n}: {earlier} of {} segments unread",
             index.segments.len()
         );
-        let planned = pack_copy_over(steps, layer, seed, dir, &out.join(format!("p{n}")), TailDigests::Here).unwrap();
+        let planned = pack_copy_over(
+            steps,
+            layer,
+            seed,
+            dir,
+            &out.join(format!("p{n}")),
+            TailDigests::Here,
+            LayerCompression::Gzip,
+        )
+        .unwrap();
         let all = layer.entries_over(seed).unwrap();
-        let whole = pack_copy(steps, layer, &all, dir, &out.join(format!("w{n}")), TailDigests::Here).unwrap();
+        let whole = pack_copy(
+            steps,
+            layer,
+            &all,
+            dir,
+            &out.join(format!("w{n}")),
+            TailDigests::Here,
+            LayerCompression::Gzip,
+        )
+        .unwrap();
         assert_eq!(
             (&planned.layer.digest, &planned.layer.diff_id),
             (&whole.layer.digest, &whole.layer.diff_id),
@@ -446,6 +473,7 @@ mod tests {
             base_dir.path(),
             &out.path().join("seed"),
             TailDigests::Here,
+            LayerCompression::Gzip,
         )
         .unwrap();
         steps

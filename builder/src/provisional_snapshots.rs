@@ -193,12 +193,14 @@ mod tests {
         std::fs::write(cache.snapshot(name).with_extension("used"), "").unwrap();
         let index = SegmentIndex {
             segments: vec![segment(vec![1]), segment(vec![]), segment(vec![])],
+            compression: Default::default(),
         };
         let tail = LayerTail {
             tar_state: vec![],
             first: 1,
             blob_state: vec![],
             members: vec![1, 1],
+            compression: Default::default(),
         };
         keep_pending_segments(cache, name, &index, &tail).unwrap();
     }

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use lcache_image::layer_diff::{pack_layer, LAYER_MEDIA_TYPE};
+use lcache_image::layer_diff::{pack_layer, LayerCompression};
 use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
 use lcache_proto::wire::LayerRef;
 
@@ -22,12 +22,14 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Build
 }
 
 /// Merges `layers` (bottom first) into one layer over the base whose snapshots are
-/// `base_snapshots` (bottom first); stores its blob and returns it.
+/// `base_snapshots` (bottom first); stores its blob, compressed as `compression` says, and
+/// returns it.
 pub fn squash(
     cache: &CacheDir,
     steps: &dyn StepCache,
     base_snapshots: &[Snapshot],
     layers: &[LayerRef],
+    compression: LayerCompression,
 ) -> Result<LayerRef, BuildError> {
     let work = cache.work_dir().map_err(io("make a work directory in", cache.root()))?;
     let (upper, ovl_work, root, empty) = (
@@ -55,14 +57,14 @@ pub fn squash(
         })?;
     }
     drop(mount);
-    let packed =
-        pack_layer(&upper, &work.path().join("layer.tgz")).map_err(io("pack the squashed layer from", &upper))?;
+    let packed = pack_layer(&upper, &work.path().join("layer.tgz"), compression)
+        .map_err(io("pack the squashed layer from", &upper))?;
     steps.put_blob(&packed.digest, BlobSource::file(&packed.path)?)?;
     Ok(LayerRef {
         digest: packed.digest,
         blake3: String::new(),
         size: packed.size,
         diff_id: packed.diff_id,
-        media_type: LAYER_MEDIA_TYPE.into(),
+        media_type: compression.media_type().into(),
     })
 }

@@ -250,6 +250,35 @@ pub struct BuildArgs {
     /// fetched and stored, root causes.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+    /// How the layers this build makes are kept: `gzip`, or `none` (the tar itself: no
+    /// compression on the build path, the layer's digest is its diff_id; `--push`
+    /// compresses it). The image's ID is the same either way.
+    #[arg(
+        long,
+        value_enum,
+        env = "LCACHE_LAYER_COMPRESSION",
+        default_value_t = LayerCompressionArg::Gzip,
+        value_name = "HOW"
+    )]
+    pub layer_compression: LayerCompressionArg,
+}
+
+/// `--layer-compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayerCompressionArg {
+    /// gzip layers, as registries and `docker load` take them.
+    Gzip,
+    /// Uncompressed layers, compressed where they leave the machine.
+    None,
+}
+
+impl From<LayerCompressionArg> for lcache_proto::wire::LayerCompression {
+    fn from(a: LayerCompressionArg) -> Self {
+        match a {
+            LayerCompressionArg::Gzip => Self::Gzip,
+            LayerCompressionArg::None => Self::None,
+        }
+    }
 }
 
 /// `lcache cache …`.

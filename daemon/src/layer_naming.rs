@@ -47,9 +47,16 @@ fn job_key(digest: &str, tail: &LayerTail) -> String {
 /// The diff_id of `blob` after `tail` (blocking: inflates and hashes on every core).
 pub fn diff_id_of(blob: &BlobFile, tail: &LayerTail) -> Outcome {
     let read = |buf: &mut [u8], offset: u64| blob.read_exact_at(buf, offset);
-    diff_id_after(&read, blob.len(), &tail.tar_state, tail.first, &tail.members)
-        .map(|(diff_id, tar_states)| LayerDiffId { diff_id, tar_states })
-        .map_err(|e| format!("the layer's tar after its change cannot be hashed: {e}"))
+    diff_id_after(
+        &read,
+        blob.len(),
+        &tail.tar_state,
+        tail.first,
+        &tail.members,
+        tail.compression,
+    )
+    .map(|(diff_id, tar_states)| LayerDiffId { diff_id, tar_states })
+    .map_err(|e| format!("the layer's tar after its change cannot be hashed: {e}"))
 }
 
 /// A diff_id being taken, not yet known by its layer's digest.

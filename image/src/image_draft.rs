@@ -172,6 +172,7 @@ mod tests {
                     first: 0,
                     blob_state: vec![],
                     members: vec![],
+                    compression: Default::default(),
                 },
                 record: StepRecord {
                     key: "k".into(),

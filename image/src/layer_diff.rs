@@ -1,7 +1,8 @@
 //! A directory of changes (an overlayfs upper dir, or a tree COPY built) as an OCI layer:
 //! overlay whiteouts become `.wh.` entries, opaque directories `.wh..wh..opq`, entries are
 //! sorted and timestamps zeroed so equal trees give equal bytes; then gzip with a fixed
-//! header, and both digests the image needs (blob sha256, uncompressed diff_id).
+//! header (or no compression: the blob is the tar), and both digests the image needs (blob
+//! sha256, uncompressed diff_id).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -16,10 +17,10 @@ use crate::sha256_stream::Sha256Stream;
 /// kept, as Docker 20.10's BuildKit keeps them.
 const RUNTIME_FILE_MOUNTPOINTS: [&str; 2] = ["etc/hosts", "etc/resolv.conf"];
 
-/// A packed layer: the gzip blob on disk and its digests.
+/// A packed layer: the blob on disk and its digests.
 #[derive(Debug, Clone)]
 pub struct PackedLayer {
-    /// The gzip-compressed tar.
+    /// The tar, gzip-compressed or not.
     pub path: PathBuf,
     /// `sha256:` of the blob.
     pub digest: String,
@@ -29,8 +30,10 @@ pub struct PackedLayer {
     pub size: u64,
 }
 
-/// The OCI media type of our layers.
-pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// The OCI media type of gzip layers.
+pub const LAYER_MEDIA_TYPE: &str = lcache_proto::wire::GZIP_LAYER_MEDIA_TYPE;
+
+pub use lcache_proto::wire::LayerCompression;
 
 fn collect(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut names: Vec<_> = std::fs::read_dir(dir)?
@@ -148,10 +151,23 @@ pub fn write_layer_tar(upper: &Path, out: impl Write) -> std::io::Result<()> {
     b.into_inner()?.flush()
 }
 
-/// Packs `upper` into a gzip layer blob at `dest`.
-pub fn pack_layer(upper: &Path, dest: &Path) -> std::io::Result<PackedLayer> {
+/// Packs `upper` into a layer blob at `dest`, compressed as `compression` says.
+pub fn pack_layer(upper: &Path, dest: &Path, compression: LayerCompression) -> std::io::Result<PackedLayer> {
     let file = std::fs::File::create(dest)?;
     let blob = Sha256Stream::new(std::io::BufWriter::new(file));
+    if compression == LayerCompression::None {
+        let mut blob = blob;
+        write_layer_tar(upper, &mut blob)?;
+        blob.flush()?;
+        let (digest, size) = (blob.digest(), blob.len());
+        blob.into_inner().into_inner().map_err(|e| e.into_error())?;
+        return Ok(PackedLayer {
+            path: dest.to_path_buf(),
+            diff_id: digest.clone(),
+            digest,
+            size,
+        });
+    }
     // A fixed header (no name, mtime 0) keeps equal layers byte-identical.
     let gz = flate2::GzBuilder::new()
         .mtime(0)
@@ -196,10 +212,27 @@ mod tests {
         tree(a.path());
         std::thread::sleep(std::time::Duration::from_millis(20));
         tree(b.path());
-        let la = pack_layer(a.path(), &out.path().join("a.tgz")).unwrap();
-        let lb = pack_layer(b.path(), &out.path().join("b.tgz")).unwrap();
+        let la = pack_layer(a.path(), &out.path().join("a.tgz"), LayerCompression::Gzip).unwrap();
+        let lb = pack_layer(b.path(), &out.path().join("b.tgz"), LayerCompression::Gzip).unwrap();
         assert_eq!(la.digest, lb.digest);
         assert_eq!(std::fs::read(&la.path).unwrap(), std::fs::read(&lb.path).unwrap());
+    }
+
+    #[test]
+    fn an_uncompressed_layer_is_the_tar_the_gzip_one_holds_named_by_its_diff_id() {
+        let (a, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        tree(a.path());
+        let gz = pack_layer(a.path(), &out.path().join("a.tgz"), LayerCompression::Gzip).unwrap();
+        let tar = pack_layer(a.path(), &out.path().join("a.tar"), LayerCompression::None).unwrap();
+        assert_eq!((&tar.digest, &tar.diff_id), (&gz.diff_id, &gz.diff_id));
+        let mut inflated = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::MultiGzDecoder::new(std::fs::File::open(&gz.path).unwrap()),
+            &mut inflated,
+        )
+        .unwrap();
+        assert!(std::fs::read(&tar.path).unwrap() == inflated);
+        assert_eq!(tar.size, inflated.len() as u64);
     }
 
     #[test]
@@ -210,7 +243,7 @@ mod tests {
             tempfile::tempdir().unwrap(),
         );
         tree(a.path());
-        let l = pack_layer(a.path(), &out.path().join("a.tgz")).unwrap();
+        let l = pack_layer(a.path(), &out.path().join("a.tgz"), LayerCompression::Gzip).unwrap();
         let gz = flate2::read::MultiGzDecoder::new(std::fs::File::open(&l.path).unwrap());
         extract_layer(gz, x.path(), Whiteouts::Apply, true).unwrap();
         assert_eq!(std::fs::read(x.path().join("app/z2")).unwrap(), b"z");

@@ -1,12 +1,13 @@
 //! A layer whose entries are all known (a COPY's) packed in segments: its sorted entries are
 //! cut where a path's hash says so (and around big files), so the cuts depend only on the
 //! entries near them, and each segment is its own gzip member (a multi-member gzip is one
-//! valid layer blob). A later layer of the same step takes the members of unchanged
+//! valid layer blob), or, uncompressed, its own run of the tar. A later layer of the same step takes the members of unchanged
 //! segments from the earlier blob as they are, and compresses and reads from disk only the
 //! segments that changed; the blob is the same, byte for byte, as packing from scratch.
 //! Both digests still cover every byte: the blob's over every member, the diff_id resumed
 //! from the SHA-256 state kept after the last of the unchanged segments in front of the
-//! first change, and taken over the rest by inflating the reused members.
+//! first change, and taken over the rest by inflating the reused members. An uncompressed
+//! blob is the tar: its digest is the diff_id, and nothing is inflated or hashed twice.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -15,7 +16,7 @@ use std::path::Path;
 
 use lcache_proto::wire::BlobPart;
 
-use crate::layer_diff::PackedLayer;
+use crate::layer_diff::{LayerCompression, PackedLayer};
 use crate::ordered_workers::{self, in_order};
 use crate::read_tee::ReadTee;
 
@@ -58,9 +59,13 @@ pub struct SegmentEntry<'a> {
 pub struct SegmentIndex {
     /// In blob order.
     pub segments: Vec<Segment>,
+    /// How the members are kept (indexes written before it was kept are gzip's): only a
+    /// blob kept the same way gives members to a new one.
+    #[serde(default)]
+    pub compression: LayerCompression,
 }
 
-/// One segment's gzip member.
+/// One segment's member: gzip, or a run of the tar.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     /// BLAKE3 over the segment's entries (path, kind, mode, owner, size, content).
@@ -316,6 +321,7 @@ pub fn diff_id_after(
     state: &[u8],
     first: u64,
     members: &[u64],
+    compression: LayerCompression,
 ) -> io::Result<(String, Vec<Vec<u8>>)> {
     let mut at = first;
     let mut spans = Vec::with_capacity(members.len() + 1);
@@ -330,9 +336,21 @@ pub fn diff_id_after(
         spans.push((at, len - at));
     }
     let mut tar = TarHash::resume(state)?;
-    let mut states = hash_members(read, &mut tar, spans.len(), &|k| {
-        spans.get(k).copied().ok_or_else(|| io::Error::other("no such member"))
-    })?;
+    let mut states = match compression {
+        LayerCompression::Gzip => hash_members(read, &mut tar, spans.len(), &|k| {
+            spans.get(k).copied().ok_or_else(|| io::Error::other("no such member"))
+        })?,
+        // The members are the tar's own bytes.
+        LayerCompression::None => {
+            let mut states = Vec::with_capacity(spans.len());
+            for &(at, len) in &spans {
+                let mut member = ReadFrom { read, at, left: len };
+                io::copy(&mut member, &mut tar)?;
+                states.push(tar.state());
+            }
+            states
+        }
+    };
     states.truncate(members.len());
     Ok((tar.digest(), states))
 }
@@ -604,7 +622,12 @@ fn write_member<B: Write, T: Write>(
     open: &dyn Fn(&SegmentEntry) -> io::Result<std::fs::File>,
     mut blob: B,
     mut tar: T,
+    compression: LayerCompression,
 ) -> io::Result<()> {
+    if compression == LayerCompression::None {
+        write_tar(entries, open, Tee(tar, blob))?;
+        return Ok(());
+    }
     if bytes_of(entries) > WAIT_IN_MEMORY {
         let Tee(_, gz) = write_tar(entries, open, Tee(tar, gzip(blob)))?;
         gz.finish()?;
@@ -749,21 +772,23 @@ fn blob_parts(taken: &[(u64, u64, u64)], size: u64) -> Vec<BlobPart> {
     parts
 }
 
-/// Packs `entries` (sorted, parents first) into a gzip layer blob at `dest`, reading each
-/// file through `open`, taking the members of unchanged segments from `reuse`; `tail` says
-/// who takes the digests after the reused front.
+/// Packs `entries` (sorted, parents first) into a layer blob at `dest` compressed as
+/// `compression` says, reading each file through `open`, taking the members of unchanged
+/// segments from `reuse` (kept the same way); `tail` says who takes the digests after the
+/// reused front.
 pub fn pack_segmented<R: Read>(
     entries: &[SegmentEntry],
     open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
     reuse: Option<Reuse<'_, R>>,
     dest: &Path,
     tail: TailDigests,
+    compression: LayerCompression,
 ) -> io::Result<Packed> {
     let plan: Vec<Planned> = split(entries)
         .into_iter()
         .map(|r| Planned::Entries(&entries[r]))
         .collect();
-    pack_planned(&plan, open, reuse, dest, tail)
+    pack_planned(&plan, open, reuse, dest, tail, compression)
 }
 
 /// One segment of a layer to pack, in blob order.
@@ -799,8 +824,9 @@ pub fn pack_planned<R: Read>(
     reuse: Option<Reuse<'_, R>>,
     dest: &Path,
     tail: TailDigests,
+    compression: LayerCompression,
 ) -> io::Result<Packed> {
-    pack_on(plan, open, reuse, dest, tail, ordered_workers::workers())
+    pack_on(plan, open, reuse, dest, tail, compression, ordered_workers::workers())
 }
 
 /// [`pack_planned`], fresh members compressed on `workers` threads (1: all on this one).
@@ -811,9 +837,18 @@ fn pack_on<R: Read>(
     mut reuse: Option<Reuse<'_, R>>,
     dest: &Path,
     tail: TailDigests,
+    compression: LayerCompression,
     workers: usize,
 ) -> io::Result<Packed> {
-    let defer = tail == TailDigests::Thread;
+    if reuse.as_ref().is_some_and(|r| r.index.compression != compression) {
+        return Err(io::Error::other(
+            "the earlier blob is compressed otherwise: its members cannot be taken",
+        ));
+    }
+    // An uncompressed blob is its tar: the blob's SHA-256 is the diff_id, so the tar is
+    // never hashed on its own (nor on a thread of its own).
+    let plain = compression == LayerCompression::None;
+    let defer = tail == TailDigests::Thread && !plain;
     let mut file = std::fs::File::create(dest)?;
     // The members in front that are taken unread: the file starts after them (a hole) and
     // the blob's digest from its state there.
@@ -856,7 +891,10 @@ fn pack_on<R: Read>(
     // not hashed: its state after them is the earlier one's (`front`, once they end).
     let mut in_front = reuse.is_some();
     let mut front: Option<&[u8]> = None;
-    let mut index = SegmentIndex::default();
+    let mut index = SegmentIndex {
+        segments: Vec::new(),
+        compression,
+    };
     // The first segment not hashed here, and the thread that hashes from it (told of each
     // member written, through its publisher).
     let mut deferred: Option<(usize, TailHashing, Publisher)> = None;
@@ -909,13 +947,13 @@ fn pack_on<R: Read>(
     let by_cache = tail == TailDigests::Cache && any_taken;
     // The fresh members' tar is hashed here unless the diff_id is left to a job of its own
     // (then from the first segment not in front, which no fresh one is).
-    let keep_tar = !((defer || by_cache) && reuse.is_some());
+    let keep_tar = !((defer || by_cache) && reuse.is_some()) && !plain;
     let compress = |seg: &&[SegmentEntry]| -> io::Result<Compressed> {
         let (mut member, mut tar) = (Vec::new(), Vec::new());
         if keep_tar {
-            write_member(seg, open, &mut member, &mut tar)?;
+            write_member(seg, open, &mut member, &mut tar, compression)?;
         } else {
-            write_member(seg, open, &mut member, io::sink())?;
+            write_member(seg, open, &mut member, io::sink(), compression)?;
         }
         Ok(Compressed { member, tar })
     };
@@ -967,7 +1005,7 @@ fn pack_on<R: Read>(
                     to_cache = Some((i, offset, tar.state()));
                 }
             }
-            let hashing = (deferred.is_none() && to_cache.is_none()).then_some(&mut tar);
+            let hashing = (deferred.is_none() && to_cache.is_none() && !plain).then_some(&mut tar);
             match (r, j) {
                 (Some(r), Some(j)) if by_cache => {
                     let s = &r.index.segments[j];
@@ -993,8 +1031,8 @@ fn pack_on<R: Read>(
                     let seg =
                         seg.ok_or_else(|| io::Error::other("an earlier segment to take has no blob to take it from"))?;
                     match hashing {
-                        Some(tar) => write_member(seg, open, &mut blob, tar)?,
-                        None => write_member(seg, open, &mut blob, io::sink())?,
+                        Some(tar) => write_member(seg, open, &mut blob, tar, compression)?,
+                        None => write_member(seg, open, &mut blob, io::sink(), compression)?,
                     }
                 }
             }
@@ -1004,6 +1042,8 @@ fn pack_on<R: Read>(
                 len: blob.len - offset,
                 tar_state: if deferred.is_some() || to_cache.is_some() {
                     Vec::new()
+                } else if plain {
+                    blob.sha.state()
                 } else {
                     tar.state()
                 },
@@ -1035,9 +1075,13 @@ fn pack_on<R: Read>(
         }
         None => {}
     }
-    let mut end = gzip(&mut blob);
-    end.write_all(&[0; TRAILER])?;
-    end.finish()?;
+    if plain {
+        blob.write_all(&[0; TRAILER])?;
+    } else {
+        let mut end = gzip(&mut blob);
+        end.write_all(&[0; TRAILER])?;
+        end.finish()?;
+    }
     blob.flush()?;
     let (digest, size) = match by_cache {
         false => (blob.sha.digest(), blob.len),
@@ -1057,6 +1101,7 @@ fn pack_on<R: Read>(
             }),
         ),
         None if by_cache => (String::new(), None),
+        None if plain => (digest.clone(), None),
         None => {
             tar.write_all(&[0; TRAILER])?;
             (tar.digest(), None)
@@ -1078,6 +1123,7 @@ fn pack_on<R: Read>(
             .iter()
             .map(|s| s.len)
             .collect(),
+        compression,
     });
     Ok(Packed {
         layer: PackedLayer {
@@ -1097,6 +1143,33 @@ fn pack_on<R: Read>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// How the helpers below pack: tests that hold for both set it in turn.
+        static COMPRESSION: std::cell::Cell<LayerCompression> = const { std::cell::Cell::new(LayerCompression::Gzip) };
+    }
+
+    fn compression() -> LayerCompression {
+        COMPRESSION.with(|c| c.get())
+    }
+
+    /// Runs `test` packing gzip layers, then uncompressed ones.
+    fn with_each_compression(test: impl Fn(LayerCompression)) {
+        for c in [LayerCompression::Gzip, LayerCompression::None] {
+            COMPRESSION.with(|cell| cell.set(c));
+            test(c);
+        }
+        COMPRESSION.with(|cell| cell.set(LayerCompression::Gzip));
+    }
+
+    /// The tar of a blob packed as [`compression`] says.
+    fn tar_of(path: &Path) -> Box<dyn Read> {
+        let f = std::fs::File::open(path).unwrap();
+        match compression() {
+            LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(f)),
+            LayerCompression::None => Box::new(f),
+        }
+    }
 
     struct Tree {
         dir: tempfile::TempDir,
@@ -1180,7 +1253,16 @@ mod tests {
             buf.copy_from_slice(from);
             Ok(())
         };
-        let (diff_id, states) = diff_id_after(&read, layer.size, &tail.tar_state, tail.first, &tail.members).unwrap();
+        assert_eq!(tail.compression, compression());
+        let (diff_id, states) = diff_id_after(
+            &read,
+            layer.size,
+            &tail.tar_state,
+            tail.first,
+            &tail.members,
+            tail.compression,
+        )
+        .unwrap();
         layer.diff_id = diff_id;
         // The blob's state where its front ends is the earlier blob's there.
         let state_at = |n: u64| {
@@ -1232,7 +1314,7 @@ mod tests {
             parts,
             tail,
             ..
-        } = pack_segmented(&as_entries(list), &open, reuse, out, tail_digests).unwrap();
+        } = pack_segmented(&as_entries(list), &open, reuse, out, tail_digests, compression()).unwrap();
         assert_eq!(tail.is_some(), tail_digests == TailDigests::Cache && earlier.is_some());
         if let Some(earlier) = earlier {
             // The parts say what the blob is: the earlier blob's runs and its own.
@@ -1271,6 +1353,12 @@ mod tests {
 
     #[test]
     fn reusing_unchanged_members_gives_the_blob_packing_from_scratch_gives_and_reads_only_the_changed() {
+        with_each_compression(|_| {
+            reusing_unchanged_members_gives_the_blob_packing_from_scratch_gives_and_reads_only_the_changed_packed()
+        });
+    }
+
+    fn reusing_unchanged_members_gives_the_blob_packing_from_scratch_gives_and_reads_only_the_changed_packed() {
         let t = tree(6000);
         let out = tempfile::tempdir().unwrap();
         let opened = std::sync::atomic::AtomicUsize::new(0);
@@ -1310,8 +1398,7 @@ mod tests {
         );
 
         // The blob is one layer: every entry is there, in order, edits included.
-        let gz = flate2::read::MultiGzDecoder::new(std::fs::File::open(&reused.path).unwrap());
-        let mut a = tar::Archive::new(gz);
+        let mut a = tar::Archive::new(tar_of(&reused.path));
         let mut seen = Vec::new();
         for e in a.entries().unwrap() {
             let mut e = e.unwrap();
@@ -1326,6 +1413,12 @@ mod tests {
 
     #[test]
     fn the_diff_id_resumed_after_an_unchanged_front_is_the_one_hashing_everything_gives() {
+        with_each_compression(|_| {
+            the_diff_id_resumed_after_an_unchanged_front_is_the_one_hashing_everything_gives_packed()
+        });
+    }
+
+    fn the_diff_id_resumed_after_an_unchanged_front_is_the_one_hashing_everything_gives_packed() {
         let t = tree(2000);
         let out = tempfile::tempdir().unwrap();
         let opened = std::sync::atomic::AtomicUsize::new(0);
@@ -1468,6 +1561,10 @@ mod tests {
 
     #[test]
     fn the_blob_is_the_same_however_many_threads_compress_it() {
+        with_each_compression(|_| the_blob_is_the_same_however_many_threads_compress_it_packed());
+    }
+
+    fn the_blob_is_the_same_however_many_threads_compress_it_packed() {
         let t = tree(3000);
         let out = tempfile::tempdir().unwrap();
         let list = entries(&t);
@@ -1483,6 +1580,7 @@ mod tests {
                     None,
                     &out.path().join(format!("{w}")),
                     TailDigests::Here,
+                    compression(),
                     w,
                 )
                 .unwrap();
@@ -1495,6 +1593,12 @@ mod tests {
 
     #[test]
     fn a_front_taken_unread_is_neither_fetched_nor_written_and_the_blob_is_the_same() {
+        with_each_compression(|_| {
+            a_front_taken_unread_is_neither_fetched_nor_written_and_the_blob_is_the_same_packed()
+        });
+    }
+
+    fn a_front_taken_unread_is_neither_fetched_nor_written_and_the_blob_is_the_same_packed() {
         let t = tree(3000);
         let out = tempfile::tempdir().unwrap();
         let opened = std::sync::atomic::AtomicUsize::new(0);
@@ -1531,7 +1635,7 @@ mod tests {
                 skipped,
             };
             let dest = out.path().join(format!("r{tail:?}"));
-            let mut packed = pack_planned(&plan, &open, Some(reuse), &dest, tail).unwrap();
+            let mut packed = pack_planned(&plan, &open, Some(reuse), &dest, tail, compression()).unwrap();
             if let Some(p) = packed.pending.take() {
                 (packed.layer.diff_id, packed.index) = p.finish().unwrap();
             }
@@ -1552,11 +1656,23 @@ mod tests {
             blob: &first_blob[..],
             skipped: skipped + 1,
         };
-        assert!(pack_planned(&plan, &open, Some(reuse), &out.path().join("bad"), TailDigests::Here).is_err());
+        assert!(pack_planned(
+            &plan,
+            &open,
+            Some(reuse),
+            &out.path().join("bad"),
+            TailDigests::Here,
+            compression()
+        )
+        .is_err());
     }
 
     #[test]
     fn a_wrong_earlier_blob_fails_rather_than_packing_it() {
+        with_each_compression(|_| a_wrong_earlier_blob_fails_rather_than_packing_it_packed());
+    }
+
+    fn a_wrong_earlier_blob_fails_rather_than_packing_it_packed() {
         let t = tree(600);
         let out = tempfile::tempdir().unwrap();
         let opened = std::sync::atomic::AtomicUsize::new(0);
@@ -1573,6 +1689,7 @@ mod tests {
             }),
             &out.path().join("2"),
             TailDigests::Here,
+            compression(),
         );
         assert!(r.is_err());
     }
@@ -1605,6 +1722,7 @@ mod tests {
                 Some(reuse),
                 &out.path().join(name),
                 TailDigests::Thread,
+                compression(),
             )
         };
         // The earlier blob cut short in its tail: the pack fails (and tells its thread,
@@ -1619,6 +1737,47 @@ mod tests {
         let packed = repack(&damaged, "damaged").unwrap();
         let e = packed.pending.unwrap().finish().unwrap_err();
         assert!(e.to_string().contains("inflate"), "{e}");
+    }
+
+    #[test]
+    fn an_uncompressed_blob_is_the_tar_the_gzip_one_holds_and_its_digest_is_the_diff_id() {
+        let t = tree(2000);
+        let out = tempfile::tempdir().unwrap();
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        let list = entries(&t);
+        let (gz, gz_index) = pack(t.dir.path(), &list, None, &out.path().join("gz"), &opened);
+        COMPRESSION.with(|c| c.set(LayerCompression::None));
+        let (plain, plain_index) = pack(t.dir.path(), &list, None, &out.path().join("tar"), &opened);
+        COMPRESSION.with(|c| c.set(LayerCompression::Gzip));
+        assert_eq!(plain.digest, plain.diff_id);
+        assert_eq!(plain.diff_id, gz.diff_id, "the same tar");
+        let mut inflated = Vec::new();
+        flate2::read::MultiGzDecoder::new(std::fs::File::open(&gz.path).unwrap())
+            .read_to_end(&mut inflated)
+            .unwrap();
+        assert!(std::fs::read(&plain.path).unwrap() == inflated);
+        assert_eq!(plain_index.compression, LayerCompression::None);
+        // Each segment's tar state is its blob state: the tar is the blob.
+        for (p, g) in plain_index.segments.iter().zip(&gz_index.segments) {
+            assert_eq!(p.tar_state, p.blob_state);
+            assert_eq!(p.tar_state, g.tar_state);
+        }
+        // A blob kept the other way gives no members to a new one.
+        let gz_blob = std::fs::read(&gz.path).unwrap();
+        let open = |e: &SegmentEntry| std::fs::File::open(t.dir.path().join(e.path));
+        let across = pack_segmented(
+            &as_entries(&list),
+            &open,
+            Some(Reuse {
+                index: &gz_index,
+                blob: &gz_blob[..],
+                skipped: 0,
+            }),
+            &out.path().join("across"),
+            TailDigests::Here,
+            LayerCompression::None,
+        );
+        assert!(across.is_err());
     }
 
     #[test]

@@ -147,6 +147,48 @@ pub struct LayerRef {
     pub media_type: String,
 }
 
+/// The OCI media type of gzip layers.
+pub const GZIP_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// The OCI media type of uncompressed layers: the blob is the tar, its digest the diff_id.
+pub const TAR_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// How a layer's blob is kept (`lcache build --layer-compression`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerCompression {
+    /// gzip, one member per segment: what registries and `docker load` take as they are.
+    #[default]
+    Gzip,
+    /// The tar itself: nothing compressed on the build path, the digest is the diff_id;
+    /// compressed where the layer leaves the machine (a push).
+    None,
+}
+
+impl LayerCompression {
+    /// The OCI media type of a layer kept this way.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Self::Gzip => GZIP_LAYER_MEDIA_TYPE,
+            Self::None => TAR_LAYER_MEDIA_TYPE,
+        }
+    }
+
+    /// Whether it is gzip (the default, left out of what is sent).
+    pub fn is_gzip(&self) -> bool {
+        *self == Self::Gzip
+    }
+
+    /// How a layer of `media_type` is kept (`None` when it is neither gzip nor a plain tar).
+    pub fn of_media_type(media_type: &str) -> Option<Self> {
+        match media_type {
+            GZIP_LAYER_MEDIA_TYPE | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(Self::Gzip),
+            TAR_LAYER_MEDIA_TYPE | "application/vnd.docker.image.rootfs.diff.tar" => Some(Self::None),
+            _ => None,
+        }
+    }
+}
+
 /// The content type of a blob uploaded as parts (`PUT /v1/blobs/{digest}`): a big-endian
 /// `u64` length, that many bytes of JSON [`BlobParts`], then the bytes of its `Sent` parts in
 /// order. A re-run COPY's blob is mostly its predecessor's gzip members: only the new ones
@@ -250,6 +292,9 @@ pub struct LayerTail {
     /// The lengths of the members from `first` on whose states are wanted back, end to end;
     /// what follows them, to the blob's end, is the tar's end, hashed too.
     pub members: Vec<u64>,
+    /// How the blob is kept: uncompressed, its members are the tar's own bytes.
+    #[serde(default, skip_serializing_if = "LayerCompression::is_gzip")]
+    pub compression: LayerCompression,
 }
 
 /// The answer to `POST /v1/layers`: the layer's blob as stored.
@@ -591,11 +636,21 @@ mod tests {
                 first: 10,
                 blob_state: vec![],
                 members: vec![3],
+                compression: LayerCompression::Gzip,
             },
             name_later: false,
         };
         let json = serde_json::to_string(&header).unwrap();
         assert!(!json.contains("name_later"), "left out when false: {json}");
+        assert!(
+            !json.contains("compression"),
+            "left out for gzip, which an older lcached assumes: {json}"
+        );
+        let mut plain = header.clone();
+        plain.tail.compression = LayerCompression::None;
+        let plain_json = serde_json::to_string(&plain).unwrap();
+        assert!(plain_json.contains(r#""compression":"none""#), "{plain_json}");
+        assert_eq!(serde_json::from_str::<LayerParts>(&plain_json).unwrap(), plain);
         assert!(json.contains(r#""tar_state":"0001feff""#), "{json}");
         assert!(
             json.contains(r#""base":"sha256:ab""#),

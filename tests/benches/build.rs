@@ -68,6 +68,7 @@ fn main() {
         source_date_epoch: None,
         squash: false,
         name_later: false,
+        layer_compression: Default::default(),
     };
     // Progress is not printed: the figures stay readable.
     let mut quiet = Quiet;

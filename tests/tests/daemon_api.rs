@@ -767,6 +767,7 @@ fn a_build_to_name_later_is_refused_over_tcp_and_when_it_names_no_layer_being_ta
         first: 0,
         blob_state: vec![],
         members: vec![],
+        compression: Default::default(),
     };
     let record = StepRecord {
         key: key(3),
@@ -884,7 +885,7 @@ fn segmented_layer(
         blob: std::io::empty(),
         skipped: 0,
     });
-    pack_segmented(&entries, &open, reuse, dest, TailDigests::Cache).unwrap()
+    pack_segmented(&entries, &open, reuse, dest, TailDigests::Cache, Default::default()).unwrap()
 }
 
 /// `POST /v1/layers`'s body for `packed` over `base`, its tail `tail`.

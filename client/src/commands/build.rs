@@ -61,6 +61,7 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
         no_cache: args.no_cache,
         runtime: args.runtime.clone(),
         cache_dir: args.cache_dir.clone().unwrap_or_else(default_cache_dir),
+        layer_compression: args.layer_compression.into(),
     };
     for note in crate::registry_ops::ensure_bases(&client, &req.inputs, args.pull, &args.insecure_registries)? {
         progress.note(&note);

@@ -1155,7 +1155,7 @@ mod tests {
             blob: std::io::empty(),
             skipped: 0,
         });
-        pack_segmented(&entries, &open, reuse, dest, TailDigests::Cache).unwrap()
+        pack_segmented(&entries, &open, reuse, dest, TailDigests::Cache, Default::default()).unwrap()
     }
 
     fn layer_body(packed: &lcache_image::layer_segments::Packed, base: &str, tail: &LayerTail) -> Full<Bytes> {

@@ -656,6 +656,7 @@ pub(crate) mod tests {
                     first: 3,
                     blob_state: vec![2; 40],
                     members: vec![10, 20],
+                    compression: Default::default(),
                 },
                 record: step("k", 1),
             }],

@@ -1,0 +1,165 @@
+//! `lcache build --layer-compression none`: layers kept as their tar, against real builds
+//! (lcached, lcache, runc on overlayfs, the busybox base). Needs root.
+
+use lcache_e2e::{blobs_kept_as_runs, cached, own_bytes, sha256_digest, BuildEnv, Project};
+
+const NONE: [&str; 2] = ["--layer-compression", "none"];
+
+fn app() -> Project {
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY src /app/\nRUN cat /app/f0007.txt > /seen && rm /app/f0009.txt\n",
+    )
+    .write_many("src", 3000);
+    p
+}
+
+fn json(b: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(b).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(b)))
+}
+
+/// `lcache image inspect NAME`.
+fn inspect(env: &BuildEnv, p: &Project, name: &str) -> serde_json::Value {
+    let out = env.lcache(p, &["image", "inspect", name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v = json(&out.stdout);
+    match v {
+        serde_json::Value::Array(mut a) => a.remove(0),
+        v => v,
+    }
+}
+
+/// A layer as an export lists it: its media type, digest and blob.
+type Exported = (String, String, Vec<u8>);
+
+/// The image's layers as its OCI export lists them, and its config's diff_ids.
+fn exported_layers(env: &BuildEnv, p: &Project, extra: &[&str]) -> (Vec<Exported>, Vec<String>) {
+    let dest = tempfile::tempdir().unwrap();
+    let layout = dest.path().join("oci");
+    let mut args = vec!["build", "--progress", "plain"];
+    args.extend_from_slice(extra);
+    let output = format!("type=oci,dest={}", layout.display());
+    args.extend_from_slice(&["--output", &output, "."]);
+    let out = env.lcache(p, &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = |d: &str| std::fs::read(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
+    let index = json(&std::fs::read(layout.join("index.json")).unwrap());
+    let manifest = json(&read(index["manifests"][0]["digest"].as_str().unwrap()));
+    let config = json(&read(manifest["config"]["digest"].as_str().unwrap()));
+    let layers = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let digest = l["digest"].as_str().unwrap().to_string();
+            let blob = read(&digest);
+            assert_eq!(sha256_digest(&blob), digest);
+            (l["mediaType"].as_str().unwrap().to_string(), digest, blob)
+        })
+        .collect();
+    let diff_ids = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
+    (layers, diff_ids)
+}
+
+fn is_tar(blob: &[u8]) -> bool {
+    blob.len() >= 1024 && &blob[257..262] == b"ustar"
+}
+
+#[test]
+fn uncompressed_layers_give_the_image_gzip_layers_give_and_an_edit_stays_a_delta() {
+    let (gz, plain) = (BuildEnv::new(), BuildEnv::new());
+    let p = app();
+    let mut none_tagged = NONE.to_vec();
+    none_tagged.extend(["-t", "app:1"]);
+    gz.build(&p, &["-t", "app:1"]);
+    let (steps, _) = plain.build(&p, &none_tagged);
+    assert_eq!(cached(&steps), [false, false]);
+    // The same tar either way: the same diff_ids, so the same image ID.
+    let (a, b) = (inspect(&gz, &p, "app:1"), inspect(&plain, &p, "app:1"));
+    assert_eq!(a["Id"], b["Id"]);
+    assert_eq!(a["RootFS"], b["RootFS"]);
+
+    let (layers, diff_ids) = exported_layers(&plain, &p, &NONE);
+    assert_eq!(layers.len(), 3, "busybox, COPY, RUN");
+    // The imported base stays gzip; the build's own layers are their tar, named by it.
+    assert_eq!(layers[0].0, "application/vnd.oci.image.layer.v1.tar+gzip");
+    for ((media_type, digest, blob), diff_id) in layers.iter().zip(&diff_ids).skip(1) {
+        assert_eq!(media_type, "application/vnd.oci.image.layer.v1.tar");
+        assert!(is_tar(blob));
+        assert_eq!(digest, diff_id);
+    }
+
+    // An edit: the COPY re-runs over its last layer, stored as the members that changed.
+    p.write("src/f1700.txt", "edited\n");
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("summary.json");
+    let mut args = NONE.to_vec();
+    args.extend(["--summary-json", summary.to_str().unwrap()]);
+    let (steps, edited) = plain.build(&p, &args);
+    assert_eq!(cached(&steps), [false, false]);
+    let s = json(&std::fs::read(&summary).unwrap());
+    let composed = blobs_kept_as_runs(&plain.daemon.store());
+    assert_eq!(composed.len(), 1, "the rebuilt COPY's blob is kept as runs");
+    let copy_layer = &layers[1].2;
+    let added = own_bytes(&composed[0]);
+    assert!(
+        added * 4 < copy_layer.len() as u64,
+        "the edit stored {added} bytes for a layer of {}",
+        copy_layer.len()
+    );
+    assert!(s["bytes_stored"].as_u64().unwrap() * 4 < copy_layer.len() as u64, "{s}");
+    // What the edit made is what a cold build makes, byte for byte.
+    let (steps, cold) = plain.build(&p, &["--layer-compression", "none", "--no-cache"]);
+    assert_eq!(cached(&steps), [false, false]);
+    assert_eq!(edited, cold);
+
+    // The gzip cache asked for uncompressed layers after the edit: its gzip seed gives
+    // none of its members, and the layers are the ones the other cache made.
+    let (steps, switched) = gz.build(&p, &NONE);
+    assert_eq!(cached(&steps), [false, false]);
+    assert_eq!(switched, cold);
+    // The option is how layers a build makes are kept: a hit takes the layer as it is.
+    let (steps, again) = gz.build(&p, &[]);
+    assert_eq!(cached(&steps), [true, true]);
+    assert_eq!(again, switched);
+}
+
+#[test]
+fn an_uncompressed_image_runs_and_exports_as_files() {
+    let env = BuildEnv::new();
+    let p = app();
+    env.build(&p, &NONE);
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("type=local,dest={}", out.path().display());
+    let o = env.lcache(
+        &p,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--layer-compression",
+            "none",
+            "--output",
+            &dest,
+            ".",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(out.path().join("seen")).unwrap(),
+        std::fs::read(p.path().join("src/f0007.txt")).unwrap()
+    );
+    assert!(!out.path().join("app/f0009.txt").exists(), "the RUN's whiteout applies");
+    assert!(out.path().join("app/f2999.txt").exists());
+    // A bad value says which are good.
+    let o = env.lcache(&p, &["build", "--layer-compression", "zip", "."]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("gzip") && err.contains("none"), "{err}");
+}
