@@ -8,6 +8,7 @@ pub mod context_watcher;
 pub mod deferred_naming;
 pub mod digest_persister;
 pub mod eviction;
+pub mod gzip_forms;
 pub mod layer_naming;
 pub mod listing_gc;
 pub mod memory_release;

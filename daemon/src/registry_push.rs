@@ -2,7 +2,9 @@
 //! are skipped, blobs another repository of the same registry has (an image this daemon
 //! pulled from there shares them) are mounted instead of uploaded, the rest stream from
 //! the blob store; then the image's own manifest goes up byte for byte, so its digest on
-//! the registry is the one lcache built.
+//! the registry is the one lcache built. An image with layers kept as their tar goes up
+//! with their gzip forms (`gzip_forms`) and a manifest naming them: its config, and so its
+//! ID, is the one lcache built.
 
 use futures_util::StreamExt;
 use lcache_proto::wire::{normalize_image_name, ImageRecord, PushRequest, PushResponse};
@@ -68,11 +70,15 @@ pub async fn push(state: &AppState, req: &PushRequest) -> Result<PushResponse, R
         reason,
     };
     let (mut uploaded, mut skipped, mut mounted) = (0, 0, 0);
+    let pushed = crate::gzip_forms::pushed_form(state, &image)
+        .await
+        .map_err(RegistryError::Store)?;
     // The manifest goes last, on its own, after everything it names.
-    let blobs: Vec<String> = image
-        .blobs()
-        .filter(|d| *d != image.manifest_digest)
-        .map(str::to_string)
+    let blobs: Vec<String> = pushed
+        .layers
+        .iter()
+        .map(|l| l.digest.clone())
+        .chain([image.config_digest.clone()])
         .collect();
     for digest in blobs {
         if client
@@ -112,12 +118,7 @@ pub async fn push(state: &AppState, req: &PushRequest) -> Result<PushResponse, R
             .map_err(|e| explain(&reference, e))?;
         uploaded += 1;
     }
-    let manifest = state
-        .blobs
-        .read_small(&image.manifest_digest)
-        .await
-        .map_err(|e| RegistryError::Store(format!("cannot read the manifest: {e}")))?
-        .ok_or_else(|| RegistryError::Store(format!("the manifest of {} is missing from the store", image.name)))?;
+    let manifest = pushed.manifest;
     let media_type = serde_json::from_slice::<MediaTyped>(&manifest)
         .map(|m| m.media_type)
         .ok()
@@ -132,7 +133,7 @@ pub async fn push(state: &AppState, req: &PushRequest) -> Result<PushResponse, R
         .map_err(|e| explain(&reference, e))?;
     Ok(PushResponse {
         resolved: whole,
-        manifest_digest: image.manifest_digest,
+        manifest_digest: pushed.manifest_digest,
         uploaded_blobs: uploaded,
         skipped_blobs: skipped,
         mounted_blobs: mounted,

@@ -424,16 +424,6 @@ fn inflate_member_bytes(member: &[u8]) -> io::Result<Option<Vec<u8>>> {
     }
 }
 
-thread_local! {
-    /// Each thread's libdeflate compressor and output buffer: allocated once, not per member.
-    static COMPRESSOR: (std::cell::RefCell<libdeflater::Compressor>, std::cell::RefCell<Vec<u8>>) = (
-        std::cell::RefCell::new(libdeflater::Compressor::new(
-            libdeflater::CompressionLvl::new(1).unwrap_or_else(|_| libdeflater::CompressionLvl::fastest()),
-        )),
-        std::cell::RefCell::new(Vec::new()),
-    );
-}
-
 /// `len` bytes of a blob from `at`, as a reader.
 struct ReadFrom<'a> {
     read: &'a ReadAt<'a>,
@@ -634,18 +624,7 @@ fn write_member<B: Write, T: Write>(
         return Ok(());
     }
     let bytes = write_tar(entries, open, Vec::new())?;
-    COMPRESSOR.with(|c| {
-        let (mut c, mut out) = (c.0.borrow_mut(), c.1.borrow_mut());
-        // Grown, never shrunk or zeroed again: each member only writes what it fills.
-        let bound = c.gzip_compress_bound(bytes.len());
-        if out.len() < bound {
-            out.resize(bound, 0);
-        }
-        let n = c
-            .gzip_compress(&bytes, &mut out[..bound])
-            .map_err(|_| io::Error::other("a segment did not fit its compression bound"))?;
-        blob.write_all(&out[..n])
-    })?;
+    crate::layer_gzip::gzip_member(&bytes, &mut blob)?;
     tar.write_all(&bytes)
 }
 

@@ -343,3 +343,158 @@ fn credentials_come_from_docker_config_and_credential_helpers() {
         stderr(&o)
     );
 }
+
+/// Blob files in `env`'s store.
+fn stored_blobs(env: &BuildEnv) -> usize {
+    std::fs::read_dir(env.daemon.store().join("blobs/sha256")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn layers_kept_as_tar_are_pushed_gzipped_once_and_pull_back_as_the_same_image() {
+    let registry = Registry::start(None);
+    let no_config = tempfile::tempdir().unwrap();
+    let env = BuildEnv::new();
+    let p = Project::new();
+    p.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY src /app/\nRUN cat /app/f0003.txt > /seen\n",
+    )
+    .write_many("src", 600);
+    let app = format!("{}/tar:1", registry.addr);
+    let build = [
+        "build",
+        "--progress",
+        "plain",
+        "--layer-compression",
+        "none",
+        "-t",
+        &app,
+        "--push",
+        ".",
+    ];
+    let o = lcache_with_config(&env, &p, no_config.path(), &build);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let printed = String::from_utf8_lossy(&o.stdout).trim().to_string();
+
+    // The registry has gzip layers under a manifest of their own, which the build printed;
+    // the config (the image's ID) is the one lcache built.
+    let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{app}")]);
+    let manifest: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert_eq!(
+        lcache_e2e::sha256_digest(&raw.stdout),
+        printed,
+        "stdout names what was pushed"
+    );
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    for l in layers {
+        assert_eq!(
+            l["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip",
+            "{manifest}"
+        );
+    }
+    let ours = env.lcache(&p, &["image", "inspect", &app]);
+    let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+    let ours = ours.as_array().map_or(ours.clone(), |a| a[0].clone());
+    assert_eq!(manifest["config"]["digest"], ours["Id"]);
+    // skopeo checks every blob against its digest as it copies.
+    let copy = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{app}"),
+        &format!("oci:{}", copy.path().display()),
+    ]);
+
+    // Pushed again elsewhere: the gzip forms kept are sent, nothing is compressed again
+    // (a form made again would be renamed into place: another inode).
+    let inodes = || -> Vec<u64> {
+        use std::os::unix::fs::MetadataExt;
+        layers[1..]
+            .iter()
+            .map(|l| {
+                let hex = l["digest"].as_str().unwrap().trim_start_matches("sha256:");
+                std::fs::metadata(env.daemon.store().join("blobs/sha256").join(hex))
+                    .unwrap()
+                    .ino()
+            })
+            .collect()
+    };
+    let (before, kept) = (stored_blobs(&env), inodes());
+    let other_ref = format!("{}/tar-again:1", registry.addr);
+    let o = lcache_with_config(&env, &p, no_config.path(), &["image", "push", &app, &other_ref]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&printed));
+    assert_eq!(
+        (stored_blobs(&env), inodes()),
+        (before, kept),
+        "no new gzip form was made"
+    );
+
+    // A fresh daemon pulls it and builds on it: the same image, its layers gzip.
+    let other = BuildEnv::new();
+    let o = lcache_with_config(&other, &p, no_config.path(), &["image", "pull", &app]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q = Project::new();
+    q.write(
+        "Dockerfile",
+        &format!("FROM {app}\nRUN cat /seen /app/f0599.txt > /both\n"),
+    );
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("type=local,dest={}", out.path().display());
+    let o = other.lcache(&q, &["build", "--progress", "plain", "--output", &dest, "."]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut both = std::fs::read(p.path().join("src/f0003.txt")).unwrap();
+    both.extend(std::fs::read(p.path().join("src/f0599.txt")).unwrap());
+    assert_eq!(std::fs::read(out.path().join("both")).unwrap(), both);
+
+    // A tar layer damaged in the store since it was named is not pushed under its name.
+    let r = Project::new();
+    r.write("Dockerfile", "FROM busybox\nRUN echo damaged-soon > /d\n");
+    let bad = format!("{}/bad:1", registry.addr);
+    let o = env.lcache(
+        &r,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--layer-compression",
+            "none",
+            "-t",
+            &bad,
+            ".",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let image = env.lcache(&r, &["image", "inspect", &bad]);
+    let image: serde_json::Value = serde_json::from_slice(&image.stdout).unwrap();
+    let image = image.as_array().map_or(image.clone(), |a| a[0].clone());
+    let top = image["RootFS"]["Layers"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    let file = env
+        .daemon
+        .store()
+        .join("blobs/sha256")
+        .join(top.trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[600] ^= 0x20;
+    std::fs::write(&file, bytes).unwrap();
+    let o = lcache_with_config(&env, &r, no_config.path(), &["image", "push", &bad]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("damaged") && stderr(&o).contains("--no-cache"),
+        "{}",
+        stderr(&o)
+    );
+    let listed = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", &format!("docker://{bad}")])
+        .output()
+        .unwrap();
+    assert!(!listed.status.success(), "nothing was pushed under the name");
+}

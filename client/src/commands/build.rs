@@ -75,6 +75,9 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("cannot write the build summary to {}", path.display()))?;
     }
+    // What the registry has: the image's own manifest, or with layers kept as their tar,
+    // one naming their gzip forms. Scripts read the digest from stdout to pull by.
+    let mut pushed_digest = None;
     if args.push {
         for tag in &args.tags {
             let r = crate::registry_ops::push(&client, tag, tag, &args.insecure_registries)?;
@@ -82,6 +85,7 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
                 "pushed {} ({}): {} blobs uploaded, {} already there, {} mounted",
                 r.resolved, r.manifest_digest, r.uploaded_blobs, r.skipped_blobs, r.mounted_blobs
             ));
+            pushed_digest = Some(r.manifest_digest);
         }
     }
     if let Some(out) = &output {
@@ -96,7 +100,10 @@ pub fn run(args: &BuildArgs, explicit: &DaemonArgs) -> Result<String> {
         // lcached names the image: what names it until then is the build.
         format!("build {}\n", outcome.record.id)
     } else {
-        format!("{}\n", outcome.image.manifest_digest)
+        format!(
+            "{}\n",
+            pushed_digest.unwrap_or_else(|| outcome.image.manifest_digest.clone())
+        )
     })
 }
 

@@ -337,6 +337,66 @@ impl BlobStore {
     }
 }
 
+impl BlobStore {
+    /// Stores what `make` writes (on the blocking pool), under its digest: hashed as it is
+    /// written, synced, then renamed into place like an upload. For blobs the daemon makes
+    /// itself (a layer gzipped for a push).
+    pub async fn store_made<F>(&self, make: F) -> Result<BlobMeta, IngestError>
+    where
+        F: FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send + 'static,
+    {
+        let tmp_path = self.temp_path("");
+        let mut guard = TempGuard(Some(tmp_path.clone()));
+        let path = tmp_path.clone();
+        let (digest, states, b3, size) = tokio::task::spawn_blocking(move || {
+            let mut out = MadeBlob {
+                file: std::io::BufWriter::new(std::fs::File::create(&path)?),
+                sha: GridSha::default(),
+                b3: blake3::Hasher::new(),
+                size: 0,
+            };
+            make(&mut out)?;
+            let file = out.file.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            let (digest, states) = out.sha.finish();
+            Ok::<_, std::io::Error>((digest, states, out.b3.finalize(), out.size))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let final_path = self.destination(&digest)?;
+        self.commit(&tmp_path, &final_path).await?;
+        guard.0 = None;
+        self.save_states(&digest, &states);
+        Ok(BlobMeta {
+            digest,
+            blake3: b3.to_hex().to_string(),
+            size,
+        })
+    }
+}
+
+/// A blob the daemon writes itself, hashed as it goes.
+struct MadeBlob {
+    file: std::io::BufWriter<std::fs::File>,
+    sha: GridSha,
+    b3: blake3::Hasher,
+    size: u64,
+}
+
+impl std::io::Write for MadeBlob {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        std::io::Write::write_all(&mut self.sha, &buf[..n])?;
+        self.b3.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// Removes a file, or a directory with what it holds.
 fn remove_any(path: &Path) -> std::io::Result<()> {
     if path.symlink_metadata()?.is_dir() {

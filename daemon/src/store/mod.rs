@@ -128,6 +128,10 @@ pub trait RecordStore: Send + Sync {
     fn get_blob(&self, digest: &str) -> Result<Option<BlobMeta>, StoreError>;
     /// Records a blob as stored; call only once the blob file is durable.
     fn put_blob(&self, meta: &BlobMeta) -> Result<(), StoreError>;
+    /// The blob of the layer kept as the tar `tar` gzipped (made for a push), if one was.
+    fn gzip_form(&self, tar: &str) -> Result<Option<BlobMeta>, StoreError>;
+    /// Records `gzip` as the layer `tar` gzipped; call once its blob is durable.
+    fn put_gzip_form(&self, tar: &str, gzip: &BlobMeta) -> Result<(), StoreError>;
     /// Every blob's metadata.
     fn blobs(&self) -> Result<Vec<BlobMeta>, StoreError>;
     /// Every step record, with the id it is stored under (for [`RecordStore::evict_blob`]).

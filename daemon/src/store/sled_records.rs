@@ -35,6 +35,8 @@ pub struct SledRecords {
     provisional: sled::Tree,
     /// How many names `provisional` holds, counted once at open.
     provisional_count: std::sync::atomic::AtomicUsize,
+    /// Layers kept as their tar: the blob of each one gzipped for a push, by the tar's digest.
+    gzip_forms: sled::Tree,
     /// While a collection of listings runs: the summaries and listings put since it began.
     collecting: std::sync::Mutex<Option<Collecting>>,
 }
@@ -89,6 +91,7 @@ impl SledRecords {
             deferred: tree("deferred_builds")?,
             provisional_count: std::sync::atomic::AtomicUsize::new(tree("provisional_names")?.len()),
             provisional: tree("provisional_names")?,
+            gzip_forms: tree("gzip_forms")?,
             collecting: std::sync::Mutex::new(None),
             db,
         })
@@ -259,6 +262,14 @@ impl RecordStore for SledRecords {
 
     fn put_blob(&self, meta: &BlobMeta) -> Result<(), StoreError> {
         put(&self.blobs, meta.digest.as_bytes(), meta)
+    }
+
+    fn gzip_form(&self, tar: &str) -> Result<Option<BlobMeta>, StoreError> {
+        get(&self.gzip_forms, tar)
+    }
+
+    fn put_gzip_form(&self, tar: &str, gzip: &BlobMeta) -> Result<(), StoreError> {
+        put(&self.gzip_forms, tar.as_bytes(), gzip)
     }
 
     fn blobs(&self) -> Result<Vec<BlobMeta>, StoreError> {
