@@ -63,6 +63,13 @@ pub fn diff_id_of(blob: &BlobFile, tail: &LayerTail) -> Outcome {
 #[derive(Debug)]
 pub struct Started(watch::Receiver<Option<Outcome>>);
 
+impl Started {
+    /// Whether it is done (a tar's diff_id is, as the layer is named).
+    pub fn is_done(&self) -> bool {
+        self.0.borrow().is_some()
+    }
+}
+
 /// Starts taking the diff_id of `blob` after `tail` on the blocking pool (from the open
 /// files of a blob still being checked: it need not wait for the blob's digest).
 pub fn start(blob: BlobFile, tail: LayerTail) -> Started {
@@ -70,6 +77,13 @@ pub fn start(blob: BlobFile, tail: LayerTail) -> Started {
     tokio::task::spawn_blocking(move || {
         let _ = tx.send(Some(diff_id_of(&blob, &tail)));
     });
+    Started(rx)
+}
+
+/// A diff_id known as the layer is named (a tar's: its digest), as a finished job.
+pub fn known(diff_id: LayerDiffId) -> Started {
+    let (tx, rx) = watch::channel(Some(Ok(diff_id)));
+    drop(tx);
     Started(rx)
 }
 
@@ -92,10 +106,8 @@ impl LayerNaming {
 
     /// Keeps a diff_id already taken (by a build being named, for the next build of its
     /// step, which asks for the tar's states).
-    pub fn keep_known(&self, digest: &str, tail: &LayerTail, known: LayerDiffId) {
-        let (tx, rx) = watch::channel(Some(Ok(known)));
-        drop(tx);
-        self.keep(digest, tail, Started(rx));
+    pub fn keep_known(&self, digest: &str, tail: &LayerTail, diff_id: LayerDiffId) {
+        self.keep(digest, tail, known(diff_id));
     }
 
     /// The diff_id of `digest` after `tail`: the one kept by [`Self::keep`], or else

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
-use lcache_proto::wire::{BlobPart, BlobParts, LayerParts, LayerTail};
+use lcache_proto::wire::{BlobPart, BlobParts, LayerCompression, LayerDiffId, LayerParts, LayerTail};
 
-use crate::layer_naming::{start, Started};
+use crate::layer_naming::{known, start, Started};
 use lcache_image::layer_segments::tar_state_is_valid;
 use tokio::io::AsyncWriteExt;
 
@@ -666,9 +666,13 @@ impl BlobStore {
                 // started beside it, it took a core from it (lcached's answer 144–225 ms
                 // against 122–137 at 200,000 files), and nobody waits for it before the
                 // stage ends (a build that waits for its name ended no later, measured).
+                // A tar's diff_id is its digest, and the tar's states the blob's: nothing to
+                // hash twice.
                 let started = match &tail {
-                    Some(t) => Some(start(BlobFile::from_recipe(&d, &recipe)?, t.clone())),
-                    None => None,
+                    Some(t) if t.compression != LayerCompression::None => {
+                        Some(start(BlobFile::from_recipe(&d, &recipe)?, t.clone()))
+                    }
+                    _ => None,
                 };
                 let front_differs = |marked: &[Vec<u8>]| {
                     tail.as_ref()
@@ -691,9 +695,16 @@ impl BlobStore {
                 if marked.len() != marks.len() {
                     return Err(bad("the layer's members do not lie within the blob"));
                 }
-                let named = tail
-                    .zip(started)
-                    .map(|(t, started)| (t, marked.split_off(1.min(marked.len())), started));
+                let named = tail.map(|t| {
+                    let states = marked.split_off(1.min(marked.len()));
+                    let started = started.unwrap_or_else(|| {
+                        known(LayerDiffId {
+                            diff_id: actual.clone(),
+                            tar_states: states.clone(),
+                        })
+                    });
+                    (t, states, started)
+                });
                 if whole.is_none() {
                     let mut f = std::fs::File::create(d.join(RECIPE))?;
                     f.write_all(&serde_json::to_vec(&recipe).map_err(std::io::Error::other)?)?;
@@ -1122,6 +1133,7 @@ mod tests {
         edited: Option<usize>,
         earlier: Option<&lcache_image::layer_segments::SegmentIndex>,
         dest: &Path,
+        compression: LayerCompression,
     ) -> lcache_image::layer_segments::Packed {
         use lcache_image::layer_segments::{pack_segmented, Reuse, SegmentEntry, SegmentEntryKind, TailDigests};
         let files: Vec<(String, Vec<u8>)> = (0..3000)
@@ -1155,7 +1167,7 @@ mod tests {
             blob: std::io::empty(),
             skipped: 0,
         });
-        pack_segmented(&entries, &open, reuse, dest, TailDigests::Cache, Default::default()).unwrap()
+        pack_segmented(&entries, &open, reuse, dest, TailDigests::Cache, compression).unwrap()
     }
 
     fn layer_body(packed: &lcache_image::layer_segments::Packed, base: &str, tail: &LayerTail) -> Full<Bytes> {
@@ -1181,13 +1193,25 @@ mod tests {
         let src = tempfile::tempdir().unwrap();
         let s = BlobStore::open(dir.path()).unwrap();
         let l = Limits::default();
-        let first = layer(src.path(), None, None, &dir.path().join("l0"));
+        let first = layer(src.path(), None, None, &dir.path().join("l0"), LayerCompression::Gzip);
         let base_bytes = std::fs::read(&first.layer.path).unwrap();
         let base = store_whole(&s, &base_bytes).await;
         assert_eq!(base, first.layer.digest);
         // The edit, packed for the store to name, and the same layer packed whole.
-        let edit = layer(src.path(), Some(1700), Some(&first.index), &dir.path().join("l1"));
-        let whole = layer(src.path(), Some(1700), None, &dir.path().join("l2"));
+        let edit = layer(
+            src.path(),
+            Some(1700),
+            Some(&first.index),
+            &dir.path().join("l1"),
+            LayerCompression::Gzip,
+        );
+        let whole = layer(
+            src.path(),
+            Some(1700),
+            None,
+            &dir.path().join("l2"),
+            LayerCompression::Gzip,
+        );
         let tail = edit.tail.clone().expect("left to the store to name");
         assert!(tail.first > 0 && !tail.members.is_empty());
 
@@ -1251,6 +1275,50 @@ mod tests {
         let k = tail.members.len();
         let n = whole.index.segments.len();
         let expected: Vec<_> = whole.index.segments[n - k..]
+            .iter()
+            .map(|seg| (seg.tar_state.clone(), seg.blob_state.clone()))
+            .collect();
+        let got: Vec<_> = diff_id.tar_states.into_iter().zip(named.blob_states).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn a_tar_layer_sent_as_parts_is_named_by_its_digest_without_hashing_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let l = Limits::default();
+        let plain = LayerCompression::None;
+        let first = layer(src.path(), None, None, &dir.path().join("l0"), plain);
+        let base = store_whole(&s, &std::fs::read(&first.layer.path).unwrap()).await;
+        let edit = layer(
+            src.path(),
+            Some(1700),
+            Some(&first.index),
+            &dir.path().join("l1"),
+            plain,
+        );
+        let whole = layer(src.path(), Some(1700), None, &dir.path().join("l2"), plain);
+        let tail = edit.tail.clone().expect("left to the store to name");
+        assert_eq!(tail.compression, plain);
+        let (named, _, started) = s.ingest_layer(layer_body(&edit, &base, &tail), None, &l).await.unwrap();
+        // Known as the blob is named: the job is done before anyone waits.
+        assert!(started.is_done());
+        let naming = crate::layer_naming::LayerNaming::default();
+        naming.keep(&named.meta.digest, &tail, started);
+        let (diff_id, _) = naming.wait(&named.meta.digest, tail.clone(), || None).await.unwrap();
+        let diff_id = diff_id.unwrap();
+        assert_eq!(
+            (&named.meta.digest, &diff_id.diff_id),
+            (&whole.layer.digest, &whole.layer.digest),
+            "a tar is named by its digest, the one packing it whole gives"
+        );
+        // The same hashed from the stored blob (after a restart, say), and the states the
+        // client keeps for the next edit: the whole pack's, the tar's being the blob's.
+        let blob = s.open_blob(&named.meta.digest).unwrap().unwrap();
+        assert_eq!(crate::layer_naming::diff_id_of(&blob, &tail).unwrap(), diff_id);
+        let n = whole.index.segments.len();
+        let expected: Vec<_> = whole.index.segments[n - tail.members.len()..]
             .iter()
             .map(|seg| (seg.tar_state.clone(), seg.blob_state.clone()))
             .collect();
