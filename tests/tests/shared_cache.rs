@@ -348,6 +348,11 @@ fn a_layer_the_upstream_serves_corrupt_is_refused_and_nothing_is_kept() {
 /// A shared cache, where runner tokens are kept, a write token, a project whose one COPY
 /// layer is several segments, and runner `a`, which has built and pushed it.
 fn segmented_layer_pushed() -> (Daemon, tempfile::TempDir, String, Project, BuildEnv) {
+    segmented_layer_pushed_with(&[])
+}
+
+/// [`segmented_layer_pushed`], built with `extra` arguments.
+fn segmented_layer_pushed_with(extra: &[&str]) -> (Daemon, tempfile::TempDir, String, Project, BuildEnv) {
     let shared = Daemon::start(&[]);
     let tokens = tempfile::tempdir().unwrap();
     let write = make_token(&shared, "runners", "write");
@@ -355,7 +360,7 @@ fn segmented_layer_pushed() -> (Daemon, tempfile::TempDir, String, Project, Buil
     p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
         .write_many("src", 3000);
     let a = runner(&shared, &write, tokens.path(), "a");
-    a.build(&p, &[]);
+    a.build(&p, extra);
     assert!(sync(&a, &p).status.success());
     (shared, tokens, write, p, a)
 }
@@ -393,6 +398,29 @@ fn a_runner_sends_the_shared_cache_only_the_members_an_edit_changed() {
     let (steps, again) = b.build(&p, &[]);
     assert_eq!(cached(&steps), [true]);
     assert_eq!(image, again);
+}
+
+#[test]
+fn layers_kept_as_their_tar_go_through_the_shared_cache_edits_as_parts() {
+    let none = ["--layer-compression", "none"];
+    let (shared, tokens, write, p, a) = segmented_layer_pushed_with(&none);
+    let layer = largest_whole_blob(&shared.store());
+    p.write("src/f1700.txt", "edited\n");
+    let (steps, image) = a.build(&p, &none);
+    assert_eq!(cached(&steps), [false]);
+    assert!(sync(&a, &p).status.success());
+    let runs = blobs_kept_as_runs(&shared.store());
+    assert_eq!(runs.len(), 1, "the edited tar is kept as runs upstream too");
+    let added = own_bytes(&runs[0]);
+    assert!(added * 4 < layer, "{added} bytes stored for a layer of {layer}");
+    // The shared blob is the tar itself, named by it.
+    let hex = runs[0].file_name().unwrap().to_str().unwrap().to_string();
+    let b = runner(&shared, &write, tokens.path(), "b");
+    let (steps, again) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true]);
+    assert_eq!(image, again);
+    let fetched = std::fs::read(b.daemon.store().join("blobs/sha256").join(&hex)).unwrap();
+    assert_eq!(&fetched[257..262], b"ustar", "a tar, not gzip");
 }
 
 #[test]
