@@ -217,7 +217,8 @@ pub fn keep_segments(cache: &CacheDir, digest: &str, index: &SegmentIndex) -> st
 }
 
 /// The segment index kept at `path`, if the blob was packed in segments (older ones were
-/// not: their next layer is compressed whole).
+/// not, and indexes written before they said how their members are kept are not read:
+/// their next layer is packed whole, once).
 pub fn load_segments(path: &Path) -> Option<SegmentIndex> {
     read_bincode(path)
 }

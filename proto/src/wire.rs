@@ -174,11 +174,6 @@ impl LayerCompression {
         }
     }
 
-    /// Whether it is gzip (the default, left out of what is sent).
-    pub fn is_gzip(&self) -> bool {
-        *self == Self::Gzip
-    }
-
     /// How a layer of `media_type` is kept (`None` when it is neither gzip nor a plain tar).
     pub fn of_media_type(media_type: &str) -> Option<Self> {
         match media_type {
@@ -292,8 +287,10 @@ pub struct LayerTail {
     /// The lengths of the members from `first` on whose states are wanted back, end to end;
     /// what follows them, to the blob's end, is the tar's end, hashed too.
     pub members: Vec<u64>,
-    /// How the blob is kept: uncompressed, its members are the tar's own bytes.
-    #[serde(default, skip_serializing_if = "LayerCompression::is_gzip")]
+    /// How the blob is kept: uncompressed, its members are the tar's own bytes. Always
+    /// written (clients keep tails in bincode, which has no optional fields); read as gzip
+    /// when absent (a client older than it).
+    #[serde(default)]
     pub compression: LayerCompression,
 }
 
@@ -642,10 +639,18 @@ mod tests {
         };
         let json = serde_json::to_string(&header).unwrap();
         assert!(!json.contains("name_later"), "left out when false: {json}");
-        assert!(
-            !json.contains("compression"),
-            "left out for gzip, which an older lcached assumes: {json}"
+        assert!(json.contains(r#""compression":"gzip""#), "{json}");
+        let older = json.replace(r#","compression":"gzip""#, "");
+        assert_eq!(
+            serde_json::from_str::<LayerParts>(&older).unwrap(),
+            header,
+            "a client older than it sends none: gzip"
         );
+        // Clients keep tails in bincode, which reads back only what every field wrote.
+        let kept = bincode::serde::encode_to_vec(&header.tail, bincode::config::standard()).unwrap();
+        let (back, _): (LayerTail, usize) =
+            bincode::serde::decode_from_slice(&kept, bincode::config::standard()).unwrap();
+        assert_eq!(back, header.tail);
         let mut plain = header.clone();
         plain.tail.compression = LayerCompression::None;
         let plain_json = serde_json::to_string(&plain).unwrap();

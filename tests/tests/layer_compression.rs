@@ -163,3 +163,44 @@ fn an_uncompressed_image_runs_and_exports_as_files() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("gzip") && err.contains("none"), "{err}");
 }
+
+#[test]
+fn an_edit_whose_image_lcached_names_after_the_build_is_the_image_a_cold_build_makes() {
+    let env = BuildEnv::new();
+    let p = app();
+    env.build(&p, &NONE);
+    p.write("src/f1200.txt", "edited\n");
+    let out = env.try_build(
+        &p,
+        &[
+            "--layer-compression",
+            "none",
+            "--name-image",
+            "later",
+            "-t",
+            "app:later",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| json(l.as_bytes()))
+        .find(|v| v["event"] == "summary")
+        .expect("a summary event");
+    assert_eq!(summary["image"], "", "ended before the image was named: {summary}");
+    // lcached named the layer (provisionally, then by its digest) and the image behind.
+    let (status, tagged) = env.daemon.http("GET", "/v1/images/app:later", b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&tagged));
+    let tagged = json(&tagged);
+    let (steps, cold) = env.build(&p, &["--layer-compression", "none", "--no-cache"]);
+    assert_eq!(cached(&steps), [false, false]);
+    assert_eq!(tagged["manifest_digest"], cold.as_str());
+    // The next edit is a delta over the layer named behind.
+    let runs = blobs_kept_as_runs(&env.daemon.store()).len();
+    p.write("src/f0100.txt", "edited too\n");
+    let (steps, edited) = env.build(&p, &NONE);
+    assert_eq!(cached(&steps), [false, false]);
+    assert!(blobs_kept_as_runs(&env.daemon.store()).len() > runs, "stored as runs");
+    let (_, cold) = env.build(&p, &["--layer-compression", "none", "--no-cache"]);
+    assert_eq!(edited, cold);
+}
