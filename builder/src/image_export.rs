@@ -1,17 +1,19 @@
 //! `--output`: an OCI image layout (`type=oci`), a tar `docker load` accepts (`type=docker`,
-//! which is also an OCI layout), or the final filesystem (`type=local`).
+//! which is also an OCI layout), or the final filesystem (`type=local`). Layers kept as
+//! their tar (`--layer-compression none`) are exported gzipped, as BuildKit's exporters
+//! compress, under a manifest naming them (`compression=uncompressed` keeps them as tar).
 
 use std::path::{Path, PathBuf};
 
 use lcache_proto::digest::sha256_hex;
-use lcache_proto::wire::ImageRecord;
+use lcache_proto::wire::{ImageRecord, LayerCompression, LayerRef};
 use serde_json::json;
 
 use crate::errors::BuildError;
 use crate::snapshots::layer_file_reader;
 use crate::step_cache::StepCache;
 use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
-use lcache_image::oci_image::index_document;
+use lcache_image::oci_image::{index_document, manifest_document, sha256_of};
 
 /// Where and how to export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,14 +22,20 @@ pub struct OutputSpec {
     pub kind: String,
     /// Destination path.
     pub dest: PathBuf,
+    /// Whether layers kept as their tar are gzipped (`compression=gzip`, the default) or
+    /// written as they are (`compression=uncompressed`).
+    pub gzip_tar_layers: bool,
 }
 
 /// Why an `--output` value could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OutputSpecError {
-    /// A part that is not `type=` or `dest=`.
-    #[error("'{0}' in --output: write type=oci|docker|local,dest=PATH")]
+    /// A part that is not `type=`, `dest=` or `compression=`.
+    #[error("'{0}' in --output: write type=oci|docker|local,dest=PATH[,compression=gzip|uncompressed]")]
     UnknownPart(String),
+    /// A compression lcache does not export.
+    #[error("--output compression={0} is not one of gzip, uncompressed")]
+    UnknownCompression(String),
     /// No `type=`.
     #[error("--output needs type=oci|docker|local")]
     NoType,
@@ -45,10 +53,14 @@ impl std::str::FromStr for OutputSpec {
     fn from_str(s: &str) -> Result<Self, OutputSpecError> {
         let mut kind = None;
         let mut dest = None;
+        let mut gzip_tar_layers = true;
         for kv in s.split(',') {
             match kv.split_once('=') {
                 Some(("type", v)) => kind = Some(v.to_string()),
                 Some(("dest", v)) => dest = Some(PathBuf::from(v)),
+                Some(("compression", "gzip")) => gzip_tar_layers = true,
+                Some(("compression", "uncompressed")) => gzip_tar_layers = false,
+                Some(("compression", v)) => return Err(OutputSpecError::UnknownCompression(v.into())),
                 _ => return Err(OutputSpecError::UnknownPart(kv.into())),
             }
         }
@@ -59,6 +71,7 @@ impl std::str::FromStr for OutputSpec {
         Ok(Self {
             kind,
             dest: dest.ok_or(OutputSpecError::NoDest)?,
+            gzip_tar_layers,
         })
     }
 }
@@ -71,17 +84,44 @@ fn io(dest: &Path) -> impl Fn(std::io::Error) -> BuildError + '_ {
     }
 }
 
-/// The digests of an image's blobs: layers, config, manifest; each checked to be a sha256
-/// digest, since each names a file in the export.
-fn blob_digests(image: &ImageRecord) -> Result<Vec<&str>, BuildError> {
-    let all: Vec<&str> = image.blobs().collect();
-    if let Some(bad) = all.iter().find(|d| sha256_hex(d).is_none()) {
-        return Err(BuildError::CorruptImage {
-            image: image.name.clone(),
-            digest: bad.to_string(),
+/// The image as exported: its layers, and its manifest when it is not the stored one (its
+/// layers kept as tar gzipped), with the manifest's digest.
+struct Exported {
+    layers: Vec<LayerRef>,
+    manifest: Option<Vec<u8>>,
+    manifest_digest: String,
+}
+
+/// `image` as `out` exports it: layers kept as their tar replaced by their gzip forms
+/// (lcached makes each once) unless they are to stay as they are.
+fn exported(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec) -> Result<Exported, BuildError> {
+    let is_tar = |l: &LayerRef| LayerCompression::of_media_type(&l.media_type) == Some(LayerCompression::None);
+    if !out.gzip_tar_layers || !image.layers.iter().any(is_tar) {
+        return Ok(Exported {
+            layers: image.layers.clone(),
+            manifest: None,
+            manifest_digest: image.manifest_digest.clone(),
         });
     }
-    Ok(all)
+    let mut layers = Vec::with_capacity(image.layers.len());
+    for l in &image.layers {
+        layers.push(match is_tar(l) {
+            true => {
+                let mut gz = steps.gzip_form(&l.digest)?;
+                gz.diff_id = l.diff_id.clone();
+                gz
+            }
+            false => l.clone(),
+        });
+    }
+    let mut config = Vec::new();
+    steps.get_blob(&image.config_digest, &mut config)?;
+    let manifest = manifest_document(&config, &layers)?;
+    Ok(Exported {
+        layers,
+        manifest_digest: sha256_of(&manifest),
+        manifest: Some(manifest),
+    })
 }
 
 /// Streams blob `digest` into a new file at `path`; returns its size.
@@ -93,7 +133,37 @@ fn fetch_to(steps: &dyn StepCache, digest: &str, path: &Path) -> Result<u64, Bui
 /// Writes the export, streaming every blob from the step cache (none is held in memory).
 pub fn export(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec, tags: &[String]) -> Result<(), BuildError> {
     let dest = &out.dest;
-    let digests = blob_digests(image)?;
+    // Each blob names a file in the export.
+    let corrupt = |bad: &str| BuildError::CorruptImage {
+        image: image.name.clone(),
+        digest: bad.to_string(),
+    };
+    if let Some(bad) = image.blobs().find(|d| sha256_hex(d).is_none()) {
+        return Err(corrupt(bad));
+    }
+    let exported = match out.kind.as_str() {
+        "local" => None,
+        _ => Some(exported(steps, image, out)?),
+    };
+    // The exported image's blobs: layers, config, then the manifest (written from memory
+    // when it is not the stored one).
+    let digests: Vec<&str> = match &exported {
+        Some(e) => e
+            .layers
+            .iter()
+            .map(|l| l.digest.as_str())
+            .chain([image.config_digest.as_str()])
+            .chain(e.manifest.is_none().then_some(image.manifest_digest.as_str()))
+            .collect(),
+        None => Vec::new(),
+    };
+    if let Some(bad) = digests.iter().find(|d| sha256_hex(d).is_none()) {
+        return Err(corrupt(bad));
+    }
+    let (manifest_digest, manifest_bytes) = exported
+        .as_ref()
+        .map(|e| (e.manifest_digest.as_str(), e.manifest.as_deref()))
+        .unwrap_or((image.manifest_digest.as_str(), None));
     match out.kind.as_str() {
         "local" => {
             std::fs::create_dir_all(dest).map_err(io(dest))?;
@@ -115,12 +185,17 @@ pub fn export(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec, tags
             let mut manifest_size = 0;
             for d in digests {
                 let size = fetch_to(steps, d, &dir.join(d.trim_start_matches("sha256:")))?;
-                if d == image.manifest_digest {
+                if d == manifest_digest {
                     manifest_size = size;
                 }
             }
+            if let Some(bytes) = manifest_bytes {
+                let path = dir.join(manifest_digest.trim_start_matches("sha256:"));
+                std::fs::write(&path, bytes).map_err(io(&path))?;
+                manifest_size = bytes.len() as u64;
+            }
             std::fs::write(dest.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io(dest))?;
-            let index = index_document(&image.manifest_digest, manifest_size, tags.first().map(String::as_str))?;
+            let index = index_document(manifest_digest, manifest_size, tags.first().map(String::as_str))?;
             std::fs::write(dest.join("index.json"), index).map_err(io(dest))?;
             Ok(())
         }
@@ -139,37 +214,61 @@ pub fn export(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec, tags
             let work = tempfile::tempdir().map_err(io(dest))?;
             let blob = work.path().join("blob");
             let mut manifest_size = 0;
+            let path_of = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
             for d in digests {
                 let size = fetch_to(steps, d, &blob)?;
-                if d == image.manifest_digest {
+                if d == manifest_digest {
                     manifest_size = size;
                 }
                 let f = std::fs::File::open(&blob).map_err(io(&blob))?;
-                t.append_data(
-                    &mut header(size),
-                    format!("blobs/sha256/{}", d.trim_start_matches("sha256:")),
-                    f,
-                )
-                .map_err(io(dest))?;
+                t.append_data(&mut header(size), path_of(d), f).map_err(io(dest))?;
             }
-            let path_of = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+            let layers = exported.as_ref().map_or(&image.layers, |e| &e.layers);
             let manifest = json!([{
                 "Config": path_of(&image.config_digest),
                 "RepoTags": tags,
-                "Layers": image.layers.iter().map(|l| path_of(&l.digest)).collect::<Vec<_>>(),
+                "Layers": layers.iter().map(|l| path_of(&l.digest)).collect::<Vec<_>>(),
             }]);
             let mut add = |name: &str, data: &[u8]| -> Result<(), BuildError> {
                 t.append_data(&mut header(data.len() as u64), name, data)
                     .map_err(io(dest))
             };
+            if let Some(bytes) = manifest_bytes {
+                add(&path_of(manifest_digest), bytes)?;
+                manifest_size = bytes.len() as u64;
+            }
             add("manifest.json", &serde_json::to_vec(&manifest).unwrap_or_default())?;
             add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
             add(
                 "index.json",
-                &index_document(&image.manifest_digest, manifest_size, tags.first().map(String::as_str))?,
+                &index_document(manifest_digest, manifest_size, tags.first().map(String::as_str))?,
             )?;
             t.into_inner().map_err(io(dest))?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_specs_read_as_buildkit_writes_them() {
+        let spec: OutputSpec = "type=oci,dest=/x".parse().unwrap();
+        assert_eq!((spec.kind.as_str(), spec.gzip_tar_layers), ("oci", true));
+        let spec: OutputSpec = "type=docker,dest=/x,compression=uncompressed".parse().unwrap();
+        assert!(!spec.gzip_tar_layers);
+        let spec: OutputSpec = "compression=gzip,type=oci,dest=/x".parse().unwrap();
+        assert!(spec.gzip_tar_layers);
+        assert_eq!(
+            "type=oci,dest=/x,compression=zstd".parse::<OutputSpec>(),
+            Err(OutputSpecError::UnknownCompression("zstd".into()))
+        );
+        assert_eq!(
+            "type=oci,dest=/x,force=1".parse::<OutputSpec>(),
+            Err(OutputSpecError::UnknownPart("force=1".into()))
+        );
+        assert_eq!("dest=/x".parse::<OutputSpec>(), Err(OutputSpecError::NoType));
     }
 }

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use lcache_proto::wire::{BlobPart, LayerDiffId, LayerParts, LayerTail, NamedLayer, StepRecord};
+use lcache_proto::wire::{BlobPart, LayerDiffId, LayerParts, LayerRef, LayerTail, NamedLayer, StepRecord};
 
 use crate::errors::CacheError;
 
@@ -110,6 +110,13 @@ pub trait StepCache: Send + Sync {
             names.len()
         )))
     }
+    /// The gzip form of the layer kept as the tar `digest` (`--layer-compression none`),
+    /// stored beside it, for an export that compresses.
+    fn gzip_form(&self, digest: &str) -> Result<LayerRef, CacheError> {
+        Err(CacheError::Protocol(format!(
+            "layer {digest} cannot be gzipped by this cache: export it with compression=uncompressed"
+        )))
+    }
 }
 
 /// Passes on what is written to it but for the first `left` bytes.
@@ -207,6 +214,10 @@ impl<C: StepCache> StepCache for Metered<C> {
         self.inner.resolve_layers(names)
     }
 
+    fn gzip_form(&self, digest: &str) -> Result<LayerRef, CacheError> {
+        self.inner.gzip_form(digest)
+    }
+
     fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
         let named = self.inner.put_layer(file, layer)?;
         if named.is_some() {
@@ -290,5 +301,9 @@ impl<C: StepCache + ?Sized> StepCache for &C {
 
     fn resolve_layers(&self, names: &[String]) -> Result<Vec<Option<NamedLayer>>, CacheError> {
         (**self).resolve_layers(names)
+    }
+
+    fn gzip_form(&self, digest: &str) -> Result<LayerRef, CacheError> {
+        (**self).gzip_form(digest)
     }
 }

@@ -219,8 +219,9 @@ pub struct BuildArgs {
     /// A registry (`host:port`) to reach over plain HTTP; may be given more than once.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     pub insecure_registries: Vec<String>,
-    /// Export the image: type=oci|docker|local,dest=PATH.
-    #[arg(long, value_name = "type=…,dest=…")]
+    /// Export the image: type=oci|docker|local,dest=PATH; compression=uncompressed keeps
+    /// layers kept as their tar as they are (by default they are gzipped, as BuildKit does).
+    #[arg(long, value_name = "type=…,dest=…[,compression=…]")]
     pub output: Option<String>,
     /// How to show progress: auto (tty on a terminal, else plain), tty, plain, json.
     #[arg(long, default_value = "auto", value_parser = ["auto", "tty", "plain", "json"])]

@@ -10,7 +10,8 @@ use lcache_builder::step_cache::{BlobSource, StepCache};
 use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::sources_digest::{DirNode, SummaryEntry};
 use lcache_proto::wire::{
-    BuildRecord, ImageRecord, LayerDiffId, LayerParts, LayerTail, NamedLayer, PlanInputs, PlanResponse, StepRecord,
+    BuildRecord, ImageRecord, LayerDiffId, LayerParts, LayerRef, LayerTail, NamedLayer, PlanInputs, PlanResponse,
+    StepRecord,
 };
 
 use crate::daemon_client::DaemonClient;
@@ -64,6 +65,10 @@ impl StepCache for DaemonClient {
 
     fn resolve_layers(&self, names: &[String]) -> Result<Vec<Option<NamedLayer>>, CacheError> {
         DaemonClient::resolve_layers(self, names)
+    }
+
+    fn gzip_form(&self, digest: &str) -> Result<LayerRef, CacheError> {
+        DaemonClient::gzip_form(self, digest)
     }
 }
 

@@ -9,7 +9,7 @@ use lcache_image::image_draft::DeferredBuild;
 use lcache_image::sha256_stream::Sha256Stream;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{
-    BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, LayerDiffId, LayerParts, LayerTail, NamedLayer,
+    BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, LayerDiffId, LayerParts, LayerRef, LayerTail, NamedLayer,
     PlanInputs, PlanResponse, ProvisionalNames, ResolvedNames, StatusResponse, StepRecord, BLOB_PARTS_TYPE,
 };
 use lcache_remote::{Remote, RemoteError};
@@ -366,6 +366,12 @@ impl DaemonClient {
     /// once lcached has taken it.
     pub fn layer_diff_id(&self, digest: &str, tail: &LayerTail) -> Result<LayerDiffId, CacheError> {
         self.json(Method::POST, &format!("/v1/layers/{digest}/diff-id"), Some(tail))
+    }
+
+    /// The gzip form of the layer kept as the tar `digest` (lcached makes it once and keeps
+    /// it), for an export.
+    pub fn gzip_form(&self, digest: &str) -> Result<LayerRef, CacheError> {
+        self.json(Method::POST, &format!("/v1/layers/{digest}/gzip"), None::<&()>)
     }
 
     /// Sends `head` then the bytes of `file` at `sent` (offset, length), streamed, as a

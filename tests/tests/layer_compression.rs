@@ -33,13 +33,14 @@ fn inspect(env: &BuildEnv, p: &Project, name: &str) -> serde_json::Value {
 /// A layer as an export lists it: its media type, digest and blob.
 type Exported = (String, String, Vec<u8>);
 
-/// The image's layers as its OCI export lists them, and its config's diff_ids.
-fn exported_layers(env: &BuildEnv, p: &Project, extra: &[&str]) -> (Vec<Exported>, Vec<String>) {
+/// The image's layers as its OCI export (`compression=COMPRESSION`) lists them, and its
+/// config's diff_ids.
+fn exported_layers(env: &BuildEnv, p: &Project, extra: &[&str], compression: &str) -> (Vec<Exported>, Vec<String>) {
     let dest = tempfile::tempdir().unwrap();
     let layout = dest.path().join("oci");
     let mut args = vec!["build", "--progress", "plain"];
     args.extend_from_slice(extra);
-    let output = format!("type=oci,dest={}", layout.display());
+    let output = format!("type=oci,dest={},compression={compression}", layout.display());
     args.extend_from_slice(&["--output", &output, "."]);
     let out = env.lcache(p, &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -71,6 +72,25 @@ fn is_tar(blob: &[u8]) -> bool {
     blob.len() >= 1024 && &blob[257..262] == b"ustar"
 }
 
+/// gunzip through the system's gzip, so the test crate needs no compression library.
+fn gunzip(gz: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut child = std::process::Command::new("gzip")
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = gz.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(child.wait().unwrap().success());
+    out
+}
+
 #[test]
 fn uncompressed_layers_give_the_image_gzip_layers_give_and_an_edit_stays_a_delta() {
     let (gz, plain) = (BuildEnv::new(), BuildEnv::new());
@@ -85,7 +105,7 @@ fn uncompressed_layers_give_the_image_gzip_layers_give_and_an_edit_stays_a_delta
     assert_eq!(a["Id"], b["Id"]);
     assert_eq!(a["RootFS"], b["RootFS"]);
 
-    let (layers, diff_ids) = exported_layers(&plain, &p, &NONE);
+    let (layers, diff_ids) = exported_layers(&plain, &p, &NONE, "uncompressed");
     assert_eq!(layers.len(), 3, "busybox, COPY, RUN");
     // The imported base stays gzip; the build's own layers are their tar, named by it.
     assert_eq!(layers[0].0, "application/vnd.oci.image.layer.v1.tar+gzip");
@@ -93,6 +113,14 @@ fn uncompressed_layers_give_the_image_gzip_layers_give_and_an_edit_stays_a_delta
         assert_eq!(media_type, "application/vnd.oci.image.layer.v1.tar");
         assert!(is_tar(blob));
         assert_eq!(digest, diff_id);
+    }
+    // Exported as BuildKit exports, by default: gzip layers under a manifest of their own,
+    // each inflating to its diff_id, the config (so the image ID) the same.
+    let (gzipped, same_diff_ids) = exported_layers(&plain, &p, &NONE, "gzip");
+    assert_eq!(same_diff_ids, diff_ids);
+    for ((media_type, _, blob), diff_id) in gzipped.iter().zip(&diff_ids) {
+        assert_eq!(media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
+        assert_eq!(&sha256_digest(&gunzip(blob)), diff_id);
     }
 
     // An edit: the COPY re-runs over its last layer, stored as the members that changed.
@@ -203,4 +231,63 @@ fn an_edit_whose_image_lcached_names_after_the_build_is_the_image_a_cold_build_m
     assert!(blobs_kept_as_runs(&env.daemon.store()).len() > runs, "stored as runs");
     let (_, cold) = env.build(&p, &["--layer-compression", "none", "--no-cache"]);
     assert_eq!(edited, cold);
+}
+
+#[test]
+fn a_docker_export_of_tar_layers_is_gzipped_and_imports_back_with_the_same_layers() {
+    let env = BuildEnv::new();
+    let p = app();
+    let mut args = NONE.to_vec();
+    args.extend(["-t", "app:1"]);
+    env.build(&p, &args);
+    let dir = tempfile::tempdir().unwrap();
+    let tarball = dir.path().join("app.tar");
+    for (compression, name) in [("gzip", "back-gzip:1"), ("uncompressed", "back-tar:1")] {
+        let out = format!("type=docker,dest={},compression={compression}", tarball.display());
+        let o = env.lcache(
+            &p,
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--layer-compression",
+                "none",
+                "--output",
+                &out,
+                ".",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let member = |name: &str| {
+            let o = std::process::Command::new("tar")
+                .arg("-xOf")
+                .arg(&tarball)
+                .arg(name)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+            o.stdout
+        };
+        // docker load reads manifest.json: the top layer it names is gzip, or the tar itself.
+        let manifest = json(&member("manifest.json"));
+        let top = member(
+            manifest[0]["Layers"]
+                .as_array()
+                .unwrap()
+                .last()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+        );
+        match compression {
+            "gzip" => assert_eq!(&top[..2], [0x1f, 0x8b]),
+            _ => assert!(is_tar(&top)),
+        }
+        let o = env.lcache(&p, &["image", "import", tarball.to_str().unwrap(), name]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // Import writes the config anew; the layers' diff_ids and the config are the image's.
+        let (back, built) = (inspect(&env, &p, name), inspect(&env, &p, "app:1"));
+        assert_eq!(back["RootFS"], built["RootFS"], "{compression}");
+        assert_eq!(back["Config"], built["Config"], "{compression}");
+    }
 }

@@ -435,6 +435,37 @@ pub async fn post_diff_id(state: &AppState, d: &str, req: Request<Incoming>) -> 
     }
 }
 
+/// `POST /v1/layers/{digest}/gzip` (the daemon's socket only): the gzip form of the layer
+/// kept as the tar `digest` (made now, or the one kept), for an export.
+pub async fn post_gzip(state: &AppState, d: &str) -> Response<Body> {
+    use crate::gzip_forms::{gzip_form, GzipFormError};
+    if sha256_hex(d).is_none() {
+        return bad_digest(d);
+    }
+    let tar = lcache_proto::wire::LayerRef {
+        digest: d.to_string(),
+        blake3: String::new(),
+        size: 0,
+        // A tar's diff_id is its digest.
+        diff_id: d.to_string(),
+        media_type: lcache_proto::wire::TAR_LAYER_MEDIA_TYPE.into(),
+    };
+    match gzip_form(state, &tar).await {
+        Ok(layer) => json(StatusCode::OK, &layer),
+        Err(GzipFormError::Missing(_)) => not_found(d),
+        Err(e @ GzipFormError::Damaged { .. }) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            e.to_string(),
+            "build the image again: the step re-runs and stores the layer afresh",
+        ),
+        Err(e @ GzipFormError::Failed { .. }) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+            "check lcached's disk (`lcache status`) and export again",
+        ),
+    }
+}
+
 /// Removes a layer named by `POST /v1/layers` whose tar could not be hashed, and the blob its
 /// unchanged members were taken from: one of them is damaged, and the next build of the
 /// step packs the layer whole.

@@ -258,6 +258,16 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
             ),
         ),
         (&Method::POST, ["v1", "layers", d, "diff-id"]) => ("other", blobs::post_diff_id(&state, d, req).await),
+        // Gzipping a layer takes cores: only the socket's users export.
+        (&Method::POST, ["v1", "layers", _, "gzip"]) if origin == Origin::Network => (
+            "other",
+            error(
+                StatusCode::FORBIDDEN,
+                "POST /v1/layers/{digest}/gzip is served only on the daemon's Unix socket",
+                "export through the lcached that holds the image",
+            ),
+        ),
+        (&Method::POST, ["v1", "layers", d, "gzip"]) => ("other", blobs::post_gzip(&state, d).await),
         (&Method::GET, ["metrics"]) => ("other", control::metrics(&state)),
         (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key, req.uri().query()).await),
         (&Method::PUT, ["v1", "steps", key]) => ("steps_put", steps::put(&state, key, req).await),
