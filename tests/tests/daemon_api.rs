@@ -491,6 +491,23 @@ fn plans_and_layers_to_name_are_refused_over_tcp_where_the_rest_of_the_api_is_se
     );
     assert_eq!(over_tcp.0, 403);
     assert_eq!(d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0, 200);
+    // Gzipping a stored tar for an export takes the daemon's cores: the socket's users only.
+    let gzip = format!("/v1/layers/{digest}/gzip");
+    assert_eq!(tcp_http(&d.tcp, "POST", &gzip, Some(&token), b"").0, 403);
+    let (status, body) = d.http("POST", &gzip, b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let form = json(&body);
+    assert_eq!(form["diff_id"], digest.as_str());
+    assert_eq!(
+        d.http("HEAD", &format!("/v1/blobs/{}", form["digest"].as_str().unwrap()), b"")
+            .0,
+        200
+    );
+    assert_eq!(
+        d.http("POST", &format!("/v1/layers/sha256:{}/gzip", key(8)), b"").0,
+        404
+    );
+    assert_eq!(d.http("POST", "/v1/layers/sha256:zz/gzip", b"").0, 400);
     assert!(d.alive());
     assert_eq!(tcp_http(&d.tcp, "GET", "/v1/status", Some(&token), b"").0, 200);
     let k = key(7);
