@@ -25,4 +25,5 @@ pub mod stop_watchdog;
 pub mod store;
 pub mod store_lock;
 pub mod token_auth;
+pub mod transit_gzip;
 pub mod upstream;

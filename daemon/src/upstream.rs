@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::scopes::Scopes;
 use crate::state::AppState;
 use crate::store::blob_file::BlobFile;
+use crate::transit_gzip;
 
 /// How many step records may wait to be pushed before new ones are refused (and reported
 /// by the next sync).
@@ -463,9 +464,30 @@ impl Upstream {
             if status != StatusCode::OK && !Self::push_parts(remote, local, &layer.digest).await? {
                 let blob = open_local(local, &layer.digest)?;
                 let len = blob.len();
-                let chunks = blob.chunks().map(|r| r.map(Frame::data));
-                let body = BodyExt::boxed(StreamBody::new(chunks));
-                let (status, body) = Self::call(remote, Method::PUT, &path, body, len).await?;
+                let (status, body) = if is_tar_layer(layer) {
+                    // Kept as its tar here: gzipped on the wire, kept as the tar there.
+                    let chunks = transit_gzip::gzipped(blob.chunks()).map(|r| r.map(Frame::data));
+                    let body = BodyExt::boxed(StreamBody::new(chunks));
+                    let own_len = len.to_string();
+                    let headers = [
+                        ("content-type", "application/octet-stream"),
+                        ("content-encoding", "gzip"),
+                        (transit_gzip::LENGTH_HEADER, own_len.as_str()),
+                    ];
+                    let resp = remote.send_with(Method::PUT, &path, &headers, body, None).await?;
+                    let status = resp.status();
+                    let answer = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| UpstreamError::Invalid(format!("the upstream's answer was cut off: {e}")))?
+                        .to_bytes();
+                    (status, answer)
+                } else {
+                    let chunks = blob.chunks().map(|r| r.map(Frame::data));
+                    let body = BodyExt::boxed(StreamBody::new(chunks));
+                    Self::call(remote, Method::PUT, &path, body, len).await?
+                };
                 if !status.is_success() {
                     return Err(Self::refused(status, &body));
                 }
@@ -648,24 +670,39 @@ impl Upstream {
         }
         if let Some(layer) = &rec.layer {
             if !has_blob(local, &layer.digest)? && !Self::fetch_parts(remote, local, &layer.digest).await? {
+                // A tar layer comes gzipped from an lcached that gzips it on the wire.
+                let headers = [("content-type", "application/json"), ("accept-encoding", "gzip")];
                 let resp = remote
-                    .send(
+                    .send_with(
                         Method::GET,
                         &format!("/v1/blobs/{}", layer.digest),
+                        &headers,
                         lcache_remote::empty(),
-                        0,
+                        Some(0),
                     )
                     .await?;
                 let status = resp.status();
                 if !status.is_success() {
                     return Err(Self::refused(status, b""));
                 }
+                let gzipped = transit_gzip::names_gzip(resp.headers().get("content-encoding"));
                 // Verified against the digest as it streams in; nothing is kept otherwise.
-                let meta = local
-                    .blobs
-                    .ingest(&layer.digest, resp.into_body(), Some(layer.size), &local.limits)
-                    .await
-                    .map_err(|e| UpstreamError::Invalid(format!("layer {}: {e}", layer.digest)))?;
+                let ingested = match gzipped {
+                    true => {
+                        let body = transit_gzip::Gunzip::new(resp.into_body(), local.limits.max_blob_size);
+                        local
+                            .blobs
+                            .ingest(&layer.digest, body, Some(layer.size), &local.limits)
+                            .await
+                    }
+                    false => {
+                        local
+                            .blobs
+                            .ingest(&layer.digest, resp.into_body(), Some(layer.size), &local.limits)
+                            .await
+                    }
+                };
+                let meta = ingested.map_err(|e| UpstreamError::Invalid(format!("layer {}: {e}", layer.digest)))?;
                 note_ingested(local, &meta)?;
             }
         }
@@ -779,6 +816,12 @@ fn open_local(local: &AppState, digest: &str) -> Result<BlobFile, UpstreamError>
         .open_blob(digest)
         .map_err(|e| UpstreamError::Local(format!("blob {digest}: {e}")))?
         .ok_or_else(|| UpstreamError::Local(format!("blob {digest} is no longer stored here")))
+}
+
+/// Whether `layer` is kept as its tar (`--layer-compression none`): gzipped on the wire.
+fn is_tar_layer(layer: &lcache_proto::wire::LayerRef) -> bool {
+    lcache_proto::wire::LayerCompression::of_media_type(&layer.media_type)
+        == Some(lcache_proto::wire::LayerCompression::None)
 }
 
 #[cfg(test)]

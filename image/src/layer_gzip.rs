@@ -24,7 +24,7 @@ thread_local! {
 }
 
 /// Writes `bytes` to `out` as one gzip member (libdeflate, level 1, a fixed header).
-pub(crate) fn gzip_member(bytes: &[u8], out: &mut dyn Write) -> io::Result<()> {
+pub fn gzip_member(bytes: &[u8], out: &mut dyn Write) -> io::Result<()> {
     COMPRESSOR.with(|c| {
         let (mut c, mut buf) = (c.0.borrow_mut(), c.1.borrow_mut());
         // Grown, never shrunk or zeroed again: each member only writes what it fills.

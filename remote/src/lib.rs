@@ -221,7 +221,7 @@ impl Remote {
         body: ReqBody,
         len: u64,
     ) -> Result<Response<Incoming>, RemoteError> {
-        self.send_with(method, path, &[("content-type", content_type)], body, len)
+        self.send_with(method, path, &[("content-type", content_type)], body, Some(len))
             .await
     }
 
@@ -230,17 +230,19 @@ impl Remote {
     pub async fn get_from(&self, path: &str, first: u64) -> Result<Response<Incoming>, RemoteError> {
         let range = format!("bytes={first}-");
         let headers = [("content-type", "application/json"), ("range", range.as_str())];
-        self.send_with(Method::GET, path, &headers, empty(), 0).await
+        self.send_with(Method::GET, path, &headers, empty(), Some(0)).await
     }
 
-    /// Sends one request with `headers` (a content type among them).
-    async fn send_with(
+    /// Sends one request with `headers` (a content type among them); a body of `len` bytes,
+    /// or of a length not known ahead (`None`: sent chunked, as a body compressed on the
+    /// way is).
+    pub async fn send_with(
         &self,
         method: Method,
         path: &str,
         headers: &[(&str, &str)],
         body: ReqBody,
-        len: u64,
+        len: Option<u64>,
     ) -> Result<Response<Incoming>, RemoteError> {
         let unreachable = |e: std::io::Error| RemoteError::Unreachable {
             endpoint: self.endpoint.to_string(),
@@ -283,11 +285,10 @@ impl Remote {
             Endpoint::Tcp(a) | Endpoint::Tls(a) => a.clone(),
             Endpoint::Unix(_) => "lcached".to_string(),
         };
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", host)
-            .header("content-length", len);
+        let mut req = Request::builder().method(method).uri(path).header("host", host);
+        if let Some(len) = len {
+            req = req.header("content-length", len);
+        }
         for (name, value) in headers {
             req = req.header(*name, *value);
         }

@@ -18,10 +18,49 @@ fn project() -> Project {
 
 /// A runner: a daemon of its own (fresh store and client cache) whose upstream is `shared`.
 fn runner(shared: &Daemon, token: &str, dir: &Path, name: &str) -> BuildEnv {
+    runner_at(&shared.tcp, token, dir, name)
+}
+
+/// A runner whose upstream is the lcached at `addr` (host:port).
+fn runner_at(addr: &str, token: &str, dir: &Path, name: &str) -> BuildEnv {
     let file = dir.join(format!("{name}.token"));
     std::fs::write(&file, token).unwrap();
-    let upstream = format!("tcp://{}", shared.tcp);
+    let upstream = format!("tcp://{addr}");
     BuildEnv::with_daemon_args(&["--upstream", &upstream, "--upstream-token-file", file.to_str().unwrap()])
+}
+
+/// A TCP proxy on loopback to `target` that counts the bytes it passes, both ways.
+fn counting_proxy(target: &str) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = Arc::new(AtomicU64::new(0));
+    let (target, counted) = (target.to_string(), count.clone());
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = std::io::Read::read(&mut from, &mut buf) {
+                        if n == 0 || std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                            break;
+                        }
+                        counted.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (addr, count)
 }
 
 fn steps_in(d: &Daemon) -> u64 {
@@ -421,6 +460,45 @@ fn layers_kept_as_their_tar_go_through_the_shared_cache_edits_as_parts() {
     assert_eq!(image, again);
     let fetched = std::fs::read(b.daemon.store().join("blobs/sha256").join(&hex)).unwrap();
     assert_eq!(&fetched[257..262], b"ustar", "a tar, not gzip");
+}
+
+#[test]
+fn tar_layers_travel_gzipped_between_lcacheds_and_are_kept_as_tar() {
+    use std::sync::atomic::Ordering;
+    let shared = Daemon::start(&[]);
+    let (proxy, wire) = counting_proxy(&shared.tcp);
+    let tokens = tempfile::tempdir().unwrap();
+    let write = make_token(&shared, "runners", "write");
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
+        .write_many("src", 3000);
+    let a = runner_at(&proxy, &write, tokens.path(), "a");
+    let (_, image) = a.build(&p, &["--layer-compression", "none"]);
+    assert!(sync(&a, &p).status.success());
+    // The shared lcached keeps the tar, named by it; what crossed the wire was gzip.
+    let layer = largest_whole_blob(&shared.store());
+    let tar = std::fs::read_dir(shared.store().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap_or_default())
+        .find(|b| b.len() as u64 == layer)
+        .unwrap();
+    assert_eq!(&tar[257..262], b"ustar");
+    let sent = wire.swap(0, Ordering::Relaxed);
+    assert!(
+        sent * 10 < layer * 7,
+        "{sent} bytes crossed the wire for a {layer}-byte tar"
+    );
+
+    // A fresh runner fetches it gzipped and keeps the tar: the same image.
+    let b = runner_at(&proxy, &write, tokens.path(), "b");
+    let (steps, again) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true]);
+    assert_eq!(image, again);
+    let fetched = wire.load(Ordering::Relaxed);
+    assert!(
+        fetched * 10 < layer * 7,
+        "{fetched} bytes crossed the wire for a {layer}-byte tar"
+    );
 }
 
 #[test]

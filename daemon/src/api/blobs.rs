@@ -114,7 +114,12 @@ fn byte_range(header: &hyper::header::HeaderValue, len: u64) -> Option<(u64, u64
 /// `GET /v1/blobs/{digest}`: streamed from the file; with `Range: bytes=FIRST-[LAST]`,
 /// only those bytes (206), which a client takes from a blob it trusts this daemon for (a
 /// range cannot be checked against the digest).
-pub async fn get(state: &AppState, d: &str, range: Option<&hyper::header::HeaderValue>) -> Response<Body> {
+pub async fn get(
+    state: &AppState,
+    d: &str,
+    range: Option<&hyper::header::HeaderValue>,
+    accept_gzip: bool,
+) -> Response<Body> {
     let meta = match stored(state, d) {
         Ok(Some(m)) => m,
         Ok(None) => return not_found(d),
@@ -159,6 +164,21 @@ pub async fn get(state: &AppState, d: &str, range: Option<&hyper::header::Header
     };
     let len = blob.len();
     state.metrics.bytes_out.fetch_add(len, Ordering::Relaxed);
+    // A tar layer asked for gzipped (by another lcached) travels as gzip members.
+    let gzip = accept_gzip && content_range.is_none() && {
+        let mut head = vec![0u8; 512.min(len as usize)];
+        blob.read_exact_at(&mut head, 0).is_ok() && crate::transit_gzip::is_tar(&head)
+    };
+    if gzip {
+        let chunks = crate::transit_gzip::gzipped(blob.chunks()).map(|c| c.map(Frame::data));
+        return Response::builder()
+            .status(status)
+            .header("content-type", "application/octet-stream")
+            .header("content-encoding", "gzip")
+            .header(crate::transit_gzip::LENGTH_HEADER, len)
+            .body(BodyExt::boxed(StreamBody::new(chunks)))
+            .unwrap_or_else(|_| Response::new(super::full("")));
+    }
     let chunks = blob.chunks().map(|c| c.map(Frame::data));
     let mut r = Response::builder()
         .status(status)
@@ -238,7 +258,24 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
         Err(r) => return r,
     };
     let (expected_len, as_parts) = upload_headers(&req);
-    let ingested = if as_parts {
+    let gzipped = crate::transit_gzip::names_gzip(req.headers().get("content-encoding"));
+    let ingested = if gzipped && !as_parts {
+        // A tar layer sent gzipped by another lcached: kept, and checked, as the tar; the
+        // length it states is the tar's.
+        let own_len = req
+            .headers()
+            .get(crate::transit_gzip::LENGTH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body = crate::transit_gzip::Gunzip::new(req.into_body(), state.limits.max_blob_size);
+        state.blobs.ingest(d, body, own_len, &state.limits).await
+    } else if gzipped {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a blob sent as parts cannot be gzipped",
+            "send its parts as they are",
+        );
+    } else if as_parts {
         state
             .blobs
             .ingest_parts(d, req.into_body(), expected_len, &state.limits)

@@ -272,7 +272,13 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         (&Method::GET, ["v1", "steps", key]) => ("steps_get", steps::get(&state, key, req.uri().query()).await),
         (&Method::PUT, ["v1", "steps", key]) => ("steps_put", steps::put(&state, key, req).await),
         (&Method::HEAD, ["v1", "blobs", d]) => ("blobs_get", blobs::head(&state, d).await),
-        (&Method::GET, ["v1", "blobs", d]) => ("blobs_get", blobs::get(&state, d, req.headers().get("range")).await),
+        (&Method::GET, ["v1", "blobs", d]) => {
+            let gzip = crate::transit_gzip::names_gzip(req.headers().get("accept-encoding"));
+            (
+                "blobs_get",
+                blobs::get(&state, d, req.headers().get("range"), gzip).await,
+            )
+        }
         (&Method::GET, ["v1", "blobs", d, "parts"]) => ("blobs_get", blobs::parts(&state, d).await),
         (&Method::GET, ["v1", "blobs", d, "sent"]) => ("blobs_get", blobs::sent(&state, d).await),
         (&Method::PUT, ["v1", "blobs", d]) => ("blobs_put", blobs::put(&state, d, req).await),
