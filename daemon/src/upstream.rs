@@ -464,7 +464,7 @@ impl Upstream {
             if status != StatusCode::OK && !Self::push_parts(remote, local, &layer.digest).await? {
                 let blob = open_local(local, &layer.digest)?;
                 let len = blob.len();
-                let (status, body) = if is_tar_layer(layer) {
+                let gzipped = if is_tar_layer(layer) {
                     // Kept as its tar here: gzipped on the wire, kept as the tar there.
                     let chunks = transit_gzip::gzipped(blob.chunks()).map(|r| r.map(Frame::data));
                     let body = BodyExt::boxed(StreamBody::new(chunks));
@@ -482,11 +482,20 @@ impl Upstream {
                         .await
                         .map_err(|e| UpstreamError::Invalid(format!("the upstream's answer was cut off: {e}")))?
                         .to_bytes();
-                    (status, answer)
+                    // An lcached older than gzip on the wire keeps the body as it came, which
+                    // is not the digest: it refuses it, and is sent the tar as it is.
+                    Some((status, answer)).filter(|(s, _)| *s != StatusCode::BAD_REQUEST)
                 } else {
-                    let chunks = blob.chunks().map(|r| r.map(Frame::data));
-                    let body = BodyExt::boxed(StreamBody::new(chunks));
-                    Self::call(remote, Method::PUT, &path, body, len).await?
+                    None
+                };
+                let (status, body) = match gzipped {
+                    Some(answer) => answer,
+                    None => {
+                        let blob = open_local(local, &layer.digest)?;
+                        let chunks = blob.chunks().map(|r| r.map(Frame::data));
+                        let body = BodyExt::boxed(StreamBody::new(chunks));
+                        Self::call(remote, Method::PUT, &path, body, len).await?
+                    }
                 };
                 if !status.is_success() {
                     return Err(Self::refused(status, &body));

@@ -502,6 +502,29 @@ fn tar_layers_travel_gzipped_between_lcacheds_and_are_kept_as_tar() {
 }
 
 #[test]
+fn a_tar_layer_refused_gzipped_by_an_older_upstream_is_sent_as_it_is() {
+    let shared = Daemon::start_env(
+        tempfile::tempdir().unwrap(),
+        &[],
+        &[("LCACHED_TEST_NO_TRANSIT_GZIP".into(), "1".into())],
+    );
+    let tokens = tempfile::tempdir().unwrap();
+    let write = make_token(&shared, "runners", "write");
+    let p = Project::new();
+    p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
+        .write_many("src", 300);
+    let a = runner(&shared, &write, tokens.path(), "a");
+    let (_, image) = a.build(&p, &["--layer-compression", "none"]);
+    let out = sync(&a, &p);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(steps_in(&shared), 1);
+    let b = runner(&shared, &write, tokens.path(), "b");
+    let (steps, again) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true]);
+    assert_eq!(image, again);
+}
+
+#[test]
 fn a_runner_with_the_last_layer_fetches_only_the_members_an_edit_changed() {
     let (shared, tokens, write, p, a) = segmented_layer_pushed();
     let b = runner(&shared, &write, tokens.path(), "b");

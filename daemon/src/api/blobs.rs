@@ -258,7 +258,9 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
         Err(r) => return r,
     };
     let (expected_len, as_parts) = upload_headers(&req);
-    let gzipped = crate::transit_gzip::names_gzip(req.headers().get("content-encoding"));
+    // The tests play an lcached older than gzip on the wire, which took any body as it came.
+    let older = std::env::var_os("LCACHED_TEST_NO_TRANSIT_GZIP").is_some();
+    let gzipped = !older && crate::transit_gzip::names_gzip(req.headers().get("content-encoding"));
     let ingested = if gzipped && !as_parts {
         // A tar layer sent gzipped by another lcached: kept, and checked, as the tar; the
         // length it states is the tar's.

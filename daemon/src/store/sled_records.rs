@@ -556,6 +556,8 @@ impl RecordStore for SledRecords {
         }
         self.blobs.remove(digest.as_bytes()).map_err(db_err)?;
         self.access.remove(digest.as_bytes()).map_err(db_err)?;
+        // An evicted tar's gzip form is a blob of its own, evicted by its own age.
+        self.gzip_forms.remove(digest.as_bytes()).map_err(db_err)?;
         self.flush()
     }
 
