@@ -448,6 +448,30 @@ pub fn blobs_kept_as_runs(store: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// gunzip through the system's gzip, so the test crate needs no compression library.
+pub fn gunzip(gz: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut child = Command::new("gzip")
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = gz.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let mut out = Vec::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_end(&mut out)
+        .expect("gzip -dc");
+    writer.join().expect("writer").expect("gzip's stdin");
+    assert!(child.wait().expect("gzip").success(), "not gzip");
+    out
+}
+
 pub fn sha256_digest(data: &[u8]) -> String {
     use sha2::Digest;
     format!("sha256:{:x}", sha2::Sha256::digest(data))

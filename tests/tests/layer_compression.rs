@@ -1,7 +1,7 @@
 //! `lcache build --layer-compression none`: layers kept as their tar, against real builds
 //! (lcached, lcache, runc on overlayfs, the busybox base). Needs root.
 
-use lcache_e2e::{blobs_kept_as_runs, cached, own_bytes, sha256_digest, BuildEnv, Project};
+use lcache_e2e::{blobs_kept_as_runs, cached, gunzip, own_bytes, sha256_digest, BuildEnv, Project};
 
 const NONE: [&str; 2] = ["--layer-compression", "none"];
 
@@ -68,27 +68,24 @@ fn exported_layers(env: &BuildEnv, p: &Project, extra: &[&str], compression: &st
     (layers, diff_ids)
 }
 
-fn is_tar(blob: &[u8]) -> bool {
-    blob.len() >= 1024 && &blob[257..262] == b"ustar"
+/// `lcache build --layer-compression none --output OUTPUT .` in `p`, which must succeed.
+fn build_tar_layers_to(env: &BuildEnv, p: &Project, output: &str) {
+    let args = [
+        "build",
+        "--progress",
+        "plain",
+        "--layer-compression",
+        "none",
+        "--output",
+        output,
+        ".",
+    ];
+    let o = env.lcache(p, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// gunzip through the system's gzip, so the test crate needs no compression library.
-fn gunzip(gz: &[u8]) -> Vec<u8> {
-    use std::io::{Read, Write};
-    let mut child = std::process::Command::new("gzip")
-        .arg("-dc")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("gzip");
-    let mut stdin = child.stdin.take().unwrap();
-    let data = gz.to_vec();
-    let writer = std::thread::spawn(move || stdin.write_all(&data));
-    let mut out = Vec::new();
-    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
-    writer.join().unwrap().unwrap();
-    assert!(child.wait().unwrap().success());
-    out
+fn is_tar(blob: &[u8]) -> bool {
+    blob.len() >= 1024 && &blob[257..262] == b"ustar"
 }
 
 #[test]
@@ -165,20 +162,7 @@ fn an_uncompressed_image_runs_and_exports_as_files() {
     env.build(&p, &NONE);
     let out = tempfile::tempdir().unwrap();
     let dest = format!("type=local,dest={}", out.path().display());
-    let o = env.lcache(
-        &p,
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "--layer-compression",
-            "none",
-            "--output",
-            &dest,
-            ".",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    build_tar_layers_to(&env, &p, &dest);
     assert_eq!(
         std::fs::read(out.path().join("seen")).unwrap(),
         std::fs::read(p.path().join("src/f0007.txt")).unwrap()
@@ -244,20 +228,7 @@ fn a_docker_export_of_tar_layers_is_gzipped_and_imports_back_with_the_same_layer
     let tarball = dir.path().join("app.tar");
     for (compression, name) in [("gzip", "back-gzip:1"), ("uncompressed", "back-tar:1")] {
         let out = format!("type=docker,dest={},compression={compression}", tarball.display());
-        let o = env.lcache(
-            &p,
-            &[
-                "build",
-                "--progress",
-                "plain",
-                "--layer-compression",
-                "none",
-                "--output",
-                &out,
-                ".",
-            ],
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        build_tar_layers_to(&env, &p, &out);
         let member = |name: &str| {
             let o = std::process::Command::new("tar")
                 .arg("-xOf")
