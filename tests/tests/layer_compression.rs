@@ -262,3 +262,38 @@ fn a_docker_export_of_tar_layers_is_gzipped_and_imports_back_with_the_same_layer
         assert_eq!(back["Config"], built["Config"], "{compression}");
     }
 }
+
+#[test]
+fn a_squashed_image_keeps_its_merged_layer_as_tar_too() {
+    let env = BuildEnv::new();
+    let p = app();
+    let mut args = NONE.to_vec();
+    args.extend(["--squash", "-t", "sq:1"]);
+    env.build(&p, &args);
+    let (status, body) = env.daemon.http("GET", "/v1/images/sq:1", b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let image = json(&body);
+    let layers = image["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2, "the base, and the stage's layers merged: {image}");
+    assert_eq!(layers[1]["media_type"], "application/vnd.oci.image.layer.v1.tar");
+    assert_eq!(layers[1]["digest"], layers[1]["diff_id"]);
+    let out = tempfile::tempdir().unwrap();
+    let dest = format!("type=local,dest={}", out.path().display());
+    let o = env.lcache(
+        &p,
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--squash",
+            "--layer-compression",
+            "none",
+            "--output",
+            &dest,
+            ".",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.path().join("app/f0009.txt").exists(), "the RUN's whiteout applies");
+    assert!(out.path().join("seen").exists());
+}
