@@ -33,17 +33,13 @@ fn inspect(env: &BuildEnv, p: &Project, name: &str) -> serde_json::Value {
 /// A layer as an export lists it: its media type, digest and blob.
 type Exported = (String, String, Vec<u8>);
 
-/// The image's layers as its OCI export (`compression=COMPRESSION`) lists them, and its
-/// config's diff_ids.
-fn exported_layers(env: &BuildEnv, p: &Project, extra: &[&str], compression: &str) -> (Vec<Exported>, Vec<String>) {
+/// The image's layers as its OCI export (built with `--layer-compression none`,
+/// `compression=COMPRESSION`) lists them, and its config's diff_ids.
+fn exported_layers(env: &BuildEnv, p: &Project, compression: &str) -> (Vec<Exported>, Vec<String>) {
     let dest = tempfile::tempdir().unwrap();
     let layout = dest.path().join("oci");
-    let mut args = vec!["build", "--progress", "plain"];
-    args.extend_from_slice(extra);
     let output = format!("type=oci,dest={},compression={compression}", layout.display());
-    args.extend_from_slice(&["--output", &output, "."]);
-    let out = env.lcache(p, &args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    build_tar_layers_to(env, p, &[], &output);
     let read = |d: &str| std::fs::read(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
     let index = json(&std::fs::read(layout.join("index.json")).unwrap());
     let manifest = json(&read(index["manifests"][0]["digest"].as_str().unwrap()));
@@ -68,18 +64,12 @@ fn exported_layers(env: &BuildEnv, p: &Project, extra: &[&str], compression: &st
     (layers, diff_ids)
 }
 
-/// `lcache build --layer-compression none --output OUTPUT .` in `p`, which must succeed.
-fn build_tar_layers_to(env: &BuildEnv, p: &Project, output: &str) {
-    let args = [
-        "build",
-        "--progress",
-        "plain",
-        "--layer-compression",
-        "none",
-        "--output",
-        output,
-        ".",
-    ];
+/// `lcache build --layer-compression none EXTRA --output OUTPUT .` in `p`, which must
+/// succeed.
+fn build_tar_layers_to(env: &BuildEnv, p: &Project, extra: &[&str], output: &str) {
+    let mut args = vec!["build", "--progress", "plain", "--layer-compression", "none"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--output", output, "."]);
     let o = env.lcache(p, &args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
@@ -102,7 +92,7 @@ fn uncompressed_layers_give_the_image_gzip_layers_give_and_an_edit_stays_a_delta
     assert_eq!(a["Id"], b["Id"]);
     assert_eq!(a["RootFS"], b["RootFS"]);
 
-    let (layers, diff_ids) = exported_layers(&plain, &p, &NONE, "uncompressed");
+    let (layers, diff_ids) = exported_layers(&plain, &p, "uncompressed");
     assert_eq!(layers.len(), 3, "busybox, COPY, RUN");
     // The imported base stays gzip; the build's own layers are their tar, named by it.
     assert_eq!(layers[0].0, "application/vnd.oci.image.layer.v1.tar+gzip");
@@ -113,7 +103,7 @@ fn uncompressed_layers_give_the_image_gzip_layers_give_and_an_edit_stays_a_delta
     }
     // Exported as BuildKit exports, by default: gzip layers under a manifest of their own,
     // each inflating to its diff_id, the config (so the image ID) the same.
-    let (gzipped, same_diff_ids) = exported_layers(&plain, &p, &NONE, "gzip");
+    let (gzipped, same_diff_ids) = exported_layers(&plain, &p, "gzip");
     assert_eq!(same_diff_ids, diff_ids);
     for ((media_type, _, blob), diff_id) in gzipped.iter().zip(&diff_ids) {
         assert_eq!(media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
@@ -162,7 +152,7 @@ fn an_uncompressed_image_runs_and_exports_as_files() {
     env.build(&p, &NONE);
     let out = tempfile::tempdir().unwrap();
     let dest = format!("type=local,dest={}", out.path().display());
-    build_tar_layers_to(&env, &p, &dest);
+    build_tar_layers_to(&env, &p, &[], &dest);
     assert_eq!(
         std::fs::read(out.path().join("seen")).unwrap(),
         std::fs::read(p.path().join("src/f0007.txt")).unwrap()
@@ -228,7 +218,7 @@ fn a_docker_export_of_tar_layers_is_gzipped_and_imports_back_with_the_same_layer
     let tarball = dir.path().join("app.tar");
     for (compression, name) in [("gzip", "back-gzip:1"), ("uncompressed", "back-tar:1")] {
         let out = format!("type=docker,dest={},compression={compression}", tarball.display());
-        build_tar_layers_to(&env, &p, &out);
+        build_tar_layers_to(&env, &p, &[], &out);
         let member = |name: &str| {
             let o = std::process::Command::new("tar")
                 .arg("-xOf")
@@ -279,21 +269,7 @@ fn a_squashed_image_keeps_its_merged_layer_as_tar_too() {
     assert_eq!(layers[1]["digest"], layers[1]["diff_id"]);
     let out = tempfile::tempdir().unwrap();
     let dest = format!("type=local,dest={}", out.path().display());
-    let o = env.lcache(
-        &p,
-        &[
-            "build",
-            "--progress",
-            "plain",
-            "--squash",
-            "--layer-compression",
-            "none",
-            "--output",
-            &dest,
-            ".",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    build_tar_layers_to(&env, &p, &["--squash"], &dest);
     assert!(!out.path().join("app/f0009.txt").exists(), "the RUN's whiteout applies");
     assert!(out.path().join("seen").exists());
 }
