@@ -52,6 +52,13 @@ const STEP: usize = 4096;
 /// A frame is given out once this much is inflated.
 const FRAME: usize = 256 * 1024;
 
+/// What a store that refuses more than `max` bytes gives [`Gunzip`] as its limit: past
+/// what one poll can inflate beyond it, so the store's own check (a 413 naming
+/// `--max-blob-size`) trips first and this one only bounds a body nothing else counts.
+pub fn limit_over(max: u64) -> u64 {
+    max.saturating_add((FRAME + STEP * 1100) as u64)
+}
+
 /// A body sent gzipped, inflated as it streams: at most `limit` bytes come out (more is an
 /// error, as from a gzip bomb), and a stream that ends mid-member is an error.
 pub struct Gunzip<B> {

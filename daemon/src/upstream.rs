@@ -698,7 +698,10 @@ impl Upstream {
                 // Verified against the digest as it streams in; nothing is kept otherwise.
                 let ingested = match gzipped {
                     true => {
-                        let body = transit_gzip::Gunzip::new(resp.into_body(), local.limits.max_blob_size);
+                        let body = transit_gzip::Gunzip::new(
+                            resp.into_body(),
+                            transit_gzip::limit_over(local.limits.max_blob_size),
+                        );
                         local
                             .blobs
                             .ingest(&layer.digest, body, Some(layer.size), &local.limits)

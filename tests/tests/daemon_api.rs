@@ -1078,3 +1078,74 @@ fn a_layer_answered_before_the_daemon_was_killed_is_named_when_it_starts_again()
     assert_eq!(status, 200);
     assert_eq!(blob, std::fs::read(&whole.layer.path).unwrap());
 }
+
+/// `data` gzipped by the system's gzip (the test crate has no compression library).
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut child = std::process::Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    out.stdout
+}
+
+/// A `PUT /v1/blobs/{digest}` over TCP whose body is declared gzipped; the status.
+fn put_gzipped(d: &Daemon, token: &str, digest: &str, body: &[u8], own_len: Option<usize>) -> u16 {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(&d.tcp).unwrap();
+    let mut head = format!(
+        "PUT /v1/blobs/{digest} HTTP/1.1\r\nHost: lcached\r\nAuthorization: Bearer {token}\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if let Some(n) = own_len {
+        head.push_str(&format!("x-lcache-length: {n}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {answer:?}"))
+}
+
+#[test]
+fn gzipped_uploads_over_tcp_are_checked_as_the_bytes_they_inflate_to_and_bombs_keep_nothing() {
+    let mut d = Daemon::start(&["--max-blob-size", "1M"]);
+    let token = make_token(&d, "ci", "write");
+    let mut tar = vec![0u8; 4096];
+    tar[257..262].copy_from_slice(b"ustar");
+    let digest = sha256_digest(&tar);
+    let head = |digest: &str| d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0;
+    // Garbage declared gzip; a good stream of other bytes; a stream cut short: refused,
+    // nothing kept.
+    assert_eq!(put_gzipped(&d, &token, &digest, b"not gzip at all", None), 400);
+    assert_eq!(put_gzipped(&d, &token, &digest, &gzip(b"other bytes"), None), 400);
+    let gz = gzip(&tar);
+    assert_eq!(
+        put_gzipped(&d, &token, &digest, &gz[..gz.len() - 10], Some(tar.len())),
+        400
+    );
+    // Stating another length than it inflates to.
+    assert_eq!(put_gzipped(&d, &token, &digest, &gz, Some(tar.len() + 1)), 400);
+    assert_eq!(head(&digest), 404);
+    // A bomb: 8 MiB of zeros in a few KiB, past --max-blob-size once inflated.
+    let zeros = vec![0u8; 8 << 20];
+    let bomb_digest = sha256_digest(&zeros);
+    assert_eq!(put_gzipped(&d, &token, &bomb_digest, &gzip(&zeros), None), 413);
+    assert_eq!(head(&bomb_digest), 404);
+    assert!(d.alive());
+    // The tar itself, gzipped: kept as the tar, and served as it.
+    assert_eq!(put_gzipped(&d, &token, &digest, &gz, Some(tar.len())), 201);
+    let (status, body) = d.http("GET", &format!("/v1/blobs/{digest}"), b"");
+    assert_eq!((status, body), (200, tar));
+}

@@ -269,7 +269,10 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
             .get(crate::transit_gzip::LENGTH_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let body = crate::transit_gzip::Gunzip::new(req.into_body(), state.limits.max_blob_size);
+        let body = crate::transit_gzip::Gunzip::new(
+            req.into_body(),
+            crate::transit_gzip::limit_over(state.limits.max_blob_size),
+        );
         state.blobs.ingest(d, body, own_len, &state.limits).await
     } else if gzipped {
         return error(
