@@ -17,6 +17,9 @@ use crate::store::StoreError;
 /// How often the background task checks, besides being woken after uploads.
 const INTERVAL: Duration = Duration::from_secs(30);
 
+/// How long a pack no blob links is kept (for readers that opened a blob before it went).
+const PACK_IDLE: Duration = Duration::from_secs(600);
+
 /// What one pass evicted.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Evicted {
@@ -96,6 +99,9 @@ pub async fn run(state: Arc<AppState>, max: u64) {
     loop {
         let woken = state.evict_wake.notified();
         let s = state.clone();
+        let packs = state.clone();
+        // Packs of evicted blobs go once nobody can still be reading them.
+        let _ = tokio::task::spawn_blocking(move || packs.blobs.collect_packs(PACK_IDLE)).await;
         match tokio::task::spawn_blocking(move || evict_to(&s, max)).await {
             Ok(Ok(e)) if e.blobs > 0 => eprintln!(
                 "lcached: evicted {} blobs ({} bytes) and {} step records to stay under --max-size",

@@ -217,6 +217,52 @@ pub enum BlobPart {
     },
 }
 
+/// The body of `PUT /v1/blobs/{digest}/linked` (the daemon's Unix socket only): a tar
+/// layer (`--layer-compression none`) made of runs of files on the daemon's machine — the
+/// client's snapshot files and a file of the tar's headers. The daemon hard-links each file
+/// into its store (copies it where it cannot), checks each is a regular file of the stated
+/// size, and checks the whole against the digest: the layer's bytes are kept once, as the
+/// snapshot's files.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkedBlob {
+    /// The files, by absolute path.
+    pub files: Vec<LinkedFile>,
+    /// The blob, front to back.
+    pub runs: Vec<LinkedRun>,
+}
+
+/// A file a linked blob reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkedFile {
+    /// Its absolute path.
+    pub path: String,
+    /// Its size.
+    pub size: u64,
+}
+
+/// `len` bytes of a linked blob's file `file` (an index into its files) from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkedRun {
+    /// The file's index.
+    pub file: u32,
+    /// Where the run starts in it.
+    pub offset: u64,
+    /// How long it is.
+    pub len: u64,
+}
+
+impl LinkedBlob {
+    /// The blob's length.
+    pub fn len(&self) -> u64 {
+        self.runs.iter().map(|r| r.len).sum()
+    }
+
+    /// Whether it has no byte.
+    pub fn is_empty(&self) -> bool {
+        self.runs.iter().all(|r| r.len == 0)
+    }
+}
+
 /// What a body of parts starts with: the header's length (big-endian `u64`), then the
 /// header as JSON.
 fn framed_head(header: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {

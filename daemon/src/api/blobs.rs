@@ -300,6 +300,30 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
     }
 }
 
+/// The largest body of `PUT /v1/blobs/{digest}/linked`: about 70 bytes a file.
+const LINKED_JSON_LIMIT: usize = 128 << 20;
+
+/// `PUT /v1/blobs/{digest}/linked` (the daemon's socket only): a tar layer as runs of files
+/// on this machine (`LinkedBlob`), kept as hard links to them (`store::linked_blobs`);
+/// stored only if the whole hashes to the digest.
+pub async fn put_linked(state: &AppState, d: &str, req: Request<Incoming>) -> Response<Body> {
+    let known = match stored(state, d) {
+        Ok(m) => m.is_some(),
+        Err(r) => return r,
+    };
+    let linked: lcache_proto::wire::LinkedBlob = match super::read_json_within(state, req, LINKED_JSON_LIMIT).await {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    match state.blobs.ingest_linked(d, linked, &state.limits).await {
+        Ok(meta) => match recorded(state, &meta) {
+            Ok(()) => json(if known { StatusCode::OK } else { StatusCode::CREATED }, &meta),
+            Err(r) => r,
+        },
+        Err(e) => refused(e),
+    }
+}
+
 /// `POST /v1/layers` (the daemon's socket only): a re-run COPY's layer sent as parts
 /// (`BLOB_PARTS_TYPE` framing, a `LayerParts` header), stored under the digest its bytes
 /// hash to; answers a `NamedLayer` at once and takes the layer's diff_id from its own

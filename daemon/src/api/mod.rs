@@ -111,8 +111,17 @@ pub fn stored<T: Serialize>(
 
 /// Reads a JSON body of at most [`JSON_LIMIT`] bytes, within the body timeout.
 pub async fn read_json<T: DeserializeOwned>(state: &AppState, req: Request<Incoming>) -> Result<T, Response<Body>> {
+    read_json_within(state, req, JSON_LIMIT).await
+}
+
+/// Reads a JSON body of at most `limit` bytes, within the body timeout.
+pub async fn read_json_within<T: DeserializeOwned>(
+    state: &AppState,
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<T, Response<Body>> {
     let timeout = state.limits.body_timeout;
-    let collected = match tokio::time::timeout(timeout, Limited::new(req.into_body(), JSON_LIMIT).collect()).await {
+    let collected = match tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect()).await {
         Ok(c) => c,
         Err(_) => {
             return Err(error(
@@ -127,7 +136,7 @@ pub async fn read_json<T: DeserializeOwned>(state: &AppState, req: Request<Incom
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than {} MiB", JSON_LIMIT >> 20),
+                format!("request body is larger than {} MiB", limit >> 20),
                 "control requests are small JSON documents; blobs go to PUT /v1/blobs/{digest}",
             ))
         }
@@ -282,6 +291,16 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         (&Method::GET, ["v1", "blobs", d, "parts"]) => ("blobs_get", blobs::parts(&state, d).await),
         (&Method::GET, ["v1", "blobs", d, "sent"]) => ("blobs_get", blobs::sent(&state, d).await),
         (&Method::PUT, ["v1", "blobs", d]) => ("blobs_put", blobs::put(&state, d, req).await),
+        // The body names files on this machine, which the daemon links into its store.
+        (&Method::PUT, ["v1", "blobs", _, "linked"]) if origin == Origin::Network => (
+            "other",
+            error(
+                StatusCode::FORBIDDEN,
+                "PUT /v1/blobs/{digest}/linked is served only on the daemon's Unix socket",
+                "upload the blob's bytes with PUT /v1/blobs/{digest}",
+            ),
+        ),
+        (&Method::PUT, ["v1", "blobs", d, "linked"]) => ("blobs_put", blobs::put_linked(&state, d, req).await),
         (&Method::POST, ["v1", "builds"]) => ("builds", builds::post(&state, req).await),
         (&Method::POST, ["v1", "builds", "deferred"]) => ("builds", builds::post_deferred(&state, req).await),
         (&Method::GET, ["v1", "builds"]) => ("builds", builds::list(&state, req.uri().query())),

@@ -1,13 +1,22 @@
 //! A stored blob opened for reading. A blob is stored whole (one file) or, when it was
-//! uploaded as parts, as a directory: a `recipe` naming runs of the files beside it, each a
-//! hard link to the file it was taken from (an earlier blob, or the bytes that upload sent).
-//! The links make the file system count the references: removing a blob never takes bytes
-//! another blob still reads.
+//! uploaded as parts or as links, as a directory: a `recipe` naming runs of the files beside
+//! it, each a hard link to the file it was taken from (an earlier blob, or the bytes that
+//! upload sent), and runs of packs. A pack (`blobs/packs/<id>/`) holds a tar layer by
+//! reference: hard links to the client's snapshot files and to the file of its headers
+//! (`linked_blobs`), listed with each file's size and modification time, which are checked
+//! as each file is opened. The links make the file system count the references: removing a
+//! blob never takes bytes another blob still reads; a blob that reads a pack holds a link
+//! to the pack's manifest, so the manifest's link count says whether any blob still does.
+//!
+//! A blob's own files are few (`blob_parts::MAX_FILES`) and opened at once: they stay
+//! readable whatever happens to their names meanwhile. A pack's files are as many as the
+//! layer's (50,000 and more), so they are opened as they are read, one or two at a time.
 
+use std::collections::HashMap;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lcache_proto::wire::BlobParts;
@@ -15,6 +24,12 @@ use serde::{Deserialize, Serialize};
 
 /// The file a composed blob's runs are listed in.
 pub(crate) const RECIPE: &str = "recipe";
+
+/// The file a pack's files and runs are listed in; blobs that read the pack link it.
+pub(crate) const PACK_MANIFEST: &str = "pack";
+
+/// The directory packs are kept in, beside `sha256/`.
+pub(crate) const PACKS: &str = "packs";
 
 const CHUNK: u64 = 256 * 1024;
 
@@ -29,11 +44,59 @@ pub(crate) struct Recipe {
     pub origin: Option<BlobParts>,
 }
 
-/// `len` bytes of the file `file` (beside the recipe) from `offset`.
+/// `len` bytes of the file `file` (beside the recipe) from `offset`; or, with `pack`, of
+/// the tar the pack `file` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RecipeRun {
-    /// A name in the blob's directory.
+    /// A name in the blob's directory, or a pack's id.
     pub file: String,
+    /// Where the run starts in it.
+    pub offset: u64,
+    /// How long it is.
+    pub len: u64,
+    /// Whether `file` names a pack.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pack: bool,
+}
+
+/// What a pack holds: the files linked into it (named by their index) and the runs of them
+/// its tar is made of, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PackManifest {
+    /// Each file's size and modification time when it was linked.
+    pub files: Vec<Stamp>,
+    /// The tar, front to back.
+    pub runs: Vec<PackRun>,
+}
+
+/// A linked file as it was when linked: any write to it since (by whoever holds its other
+/// names) changes one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Stamp {
+    /// Its size.
+    pub size: u64,
+    /// Its modification time, seconds.
+    pub mtime: i64,
+    /// And nanoseconds.
+    pub mtime_nsec: i64,
+}
+
+impl Stamp {
+    /// The stamp of `meta`.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            size: meta.len(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        }
+    }
+}
+
+/// `len` bytes of the pack's file `file` from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PackRun {
+    /// The file's index.
+    pub file: u32,
     /// Where the run starts in it.
     pub offset: u64,
     /// How long it is.
@@ -46,31 +109,179 @@ pub(crate) fn plain_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 16 && name.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
-/// One run of a blob: bytes of an open file.
-pub(crate) struct Run {
-    /// Where the file was opened (for links made from it).
-    pub path: std::path::PathBuf,
-    /// The open file: it stays readable whatever happens to its name meanwhile.
-    pub file: std::fs::File,
-    /// Where the run starts.
-    pub offset: u64,
-    /// How long it is.
-    pub len: u64,
+/// The name of a blob's link to pack `id`'s manifest.
+pub(crate) fn pack_link_name(id: &str) -> String {
+    format!("p.{id}")
 }
 
-/// A stored blob's bytes, as runs of open files.
-pub struct BlobFile {
-    pub(crate) runs: Vec<Run>,
-    len: u64,
-    /// How it was uploaded, when as parts.
-    pub origin: Option<BlobParts>,
+/// Where the packs of the blob directory `dir` (in `sha256/`, `tmp/` or `provisional/`)
+/// are kept.
+pub(crate) fn packs_of(dir: &Path) -> PathBuf {
+    dir.parent()
+        .and_then(Path::parent)
+        .map_or_else(|| PathBuf::from(PACKS), |blobs| blobs.join(PACKS))
 }
 
 fn damaged(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
+/// Opens a file for reading without following a link at its name, and without updating
+/// its access time where the file system allows it.
+pub(crate) fn open_nofollow(path: &Path) -> io::Result<std::fs::File> {
+    let open = |flags| std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path);
+    match open(nix::libc::O_NOFOLLOW | nix::libc::O_NOATIME) {
+        // O_NOATIME is for the file's owner (or root) only.
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => open(nix::libc::O_NOFOLLOW),
+        other => other,
+    }
+}
+
+/// A pack, loaded: its directory and manifest, and where each run starts in its tar.
+#[derive(Debug)]
+pub(crate) struct Pack {
+    /// Its id (a plain name).
+    pub id: String,
+    dir: PathBuf,
+    manifest: PackManifest,
+    starts: Vec<u64>,
+    len: u64,
+}
+
+impl Pack {
+    /// Loads pack `id` from `packs`; its runs must lie within its files.
+    pub fn load(packs: &Path, id: &str) -> io::Result<Self> {
+        if !plain_name(id) {
+            return Err(damaged(format!("a recipe names the pack '{id}'")));
+        }
+        let dir = packs.join(id);
+        let bytes = std::fs::read(dir.join(PACK_MANIFEST))?;
+        let (manifest, _): (PackManifest, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+                .map_err(|e| damaged(format!("{}: {e}", dir.join(PACK_MANIFEST).display())))?;
+        Self::from_manifest(id, dir, manifest)
+    }
+
+    /// A pack of `manifest`, its files in `dir`.
+    pub fn from_manifest(id: &str, dir: PathBuf, manifest: PackManifest) -> io::Result<Self> {
+        let mut starts = Vec::with_capacity(manifest.runs.len());
+        let mut len = 0u64;
+        for r in &manifest.runs {
+            let size = manifest.files.get(r.file as usize).map(|s| s.size);
+            if size.is_none_or(|size| r.offset.checked_add(r.len).is_none_or(|end| end > size)) {
+                return Err(damaged(format!("{}: a run lies outside its file", dir.display())));
+            }
+            starts.push(len);
+            len = len
+                .checked_add(r.len)
+                .ok_or_else(|| damaged(format!("{}: the runs overflow", dir.display())))?;
+        }
+        Ok(Self {
+            id: id.to_string(),
+            dir,
+            manifest,
+            starts,
+            len,
+        })
+    }
+
+    /// Its manifest, which each blob reading the pack links.
+    pub fn manifest_path(&self) -> PathBuf {
+        self.dir.join(PACK_MANIFEST)
+    }
+
+    /// The tar's length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// The pack's files' bytes (each counted once, however many runs read it).
+    pub fn bytes(&self) -> u64 {
+        self.manifest.files.iter().map(|s| s.size).sum()
+    }
+
+    /// File `k` opened, checked to be as it was when linked.
+    fn open_file(&self, k: u32) -> io::Result<std::fs::File> {
+        let path = self.dir.join(k.to_string());
+        let file = open_nofollow(&path)?;
+        let meta = file.metadata()?;
+        let stamp = self.manifest.files.get(k as usize);
+        if !meta.is_file() || stamp != Some(&Stamp::of(&meta)) {
+            return Err(damaged(format!(
+                "{} was changed after it was linked into the store (another name of the file was written)",
+                path.display()
+            )));
+        }
+        Ok(file)
+    }
+}
+
+/// Where a run's bytes are.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// A file opened with the blob.
+    Open {
+        /// Where it was opened (for links made from it).
+        path: PathBuf,
+        /// The open file: it stays readable whatever happens to its name meanwhile.
+        file: Arc<std::fs::File>,
+    },
+    /// A pack's file, opened as it is read; `at` is where the run starts in the pack's tar.
+    Linked {
+        /// The pack.
+        pack: Arc<Pack>,
+        /// The file's index in it.
+        file: u32,
+        /// Where the run starts in the pack's tar.
+        at: u64,
+    },
+}
+
+/// One run of a blob.
+#[derive(Clone)]
+pub(crate) struct Run {
+    /// Its bytes' file.
+    pub source: Source,
+    /// Where the run starts in it.
+    pub offset: u64,
+    /// How long it is.
+    pub len: u64,
+}
+
+/// The pack files opened last, so that reading on through a run does not open it again.
+#[derive(Default)]
+struct OpenedLinks(Vec<(usize, u32, Arc<std::fs::File>)>);
+
+/// A stored blob's bytes, as runs of files.
+pub struct BlobFile {
+    pub(crate) runs: Vec<Run>,
+    /// Where each run starts in the blob.
+    starts: Vec<u64>,
+    len: u64,
+    /// How it was uploaded, when as parts.
+    pub origin: Option<BlobParts>,
+    opened: Mutex<OpenedLinks>,
+}
+
 impl BlobFile {
+    fn of_runs(runs: Vec<Run>, origin: Option<BlobParts>) -> io::Result<Self> {
+        let mut starts = Vec::with_capacity(runs.len());
+        let mut len = 0u64;
+        for r in &runs {
+            starts.push(len);
+            len = len
+                .checked_add(r.len)
+                .ok_or_else(|| damaged("a blob's runs overflow".into()))?;
+        }
+        Ok(Self {
+            runs,
+            starts,
+            len,
+            origin,
+            opened: Mutex::default(),
+        })
+    }
+
     /// Opens what is at `path`: a whole blob's file or a composed blob's directory. `None`
     /// when nothing is there.
     pub(crate) fn open(path: &Path) -> io::Result<Option<Self>> {
@@ -83,16 +294,14 @@ impl BlobFile {
             let file = std::fs::File::open(path)?;
             let len = file.metadata()?.len();
             let run = Run {
-                path: path.to_path_buf(),
-                file,
+                source: Source::Open {
+                    path: path.to_path_buf(),
+                    file: Arc::new(file),
+                },
                 offset: 0,
                 len,
             };
-            return Ok(Some(Self {
-                runs: vec![run],
-                len,
-                origin: None,
-            }));
+            return Self::of_runs(vec![run], None).map(Some);
         }
         if !meta.is_dir() {
             return Ok(None);
@@ -102,21 +311,42 @@ impl BlobFile {
         Self::from_recipe(path, &recipe).map(Some)
     }
 
-    /// Opens the runs `recipe` lists, in `dir`; each must lie within its file.
+    /// Opens the runs `recipe` lists, in `dir` (a pack's runs as they are read); each must
+    /// lie within its file.
     pub(crate) fn from_recipe(dir: &Path, recipe: &Recipe) -> io::Result<Self> {
-        let mut opened: Vec<(String, std::fs::File, u64)> = Vec::new();
+        let mut opened: HashMap<&str, (Arc<std::fs::File>, u64)> = HashMap::new();
+        let mut packs: HashMap<&str, Arc<Pack>> = HashMap::new();
         let mut runs = Vec::with_capacity(recipe.runs.len());
-        let mut len = 0u64;
         for r in &recipe.runs {
             if !plain_name(&r.file) {
                 return Err(damaged(format!("{}: a run names '{}'", dir.display(), r.file)));
             }
-            let (file, size) = match opened.iter().find(|(n, _, _)| *n == r.file) {
-                Some((_, f, size)) => (f.try_clone()?, *size),
+            if r.pack {
+                let pack = match packs.get(r.file.as_str()) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = Arc::new(Pack::load(&packs_of(dir), &r.file)?);
+                        packs.insert(&r.file, p.clone());
+                        p
+                    }
+                };
+                if r.offset.checked_add(r.len).is_none_or(|end| end > pack.len()) {
+                    return Err(damaged(format!(
+                        "{}: a run ends past the end of pack {}",
+                        dir.display(),
+                        r.file
+                    )));
+                }
+                push_pack_range(&mut runs, &pack, r.offset, r.len);
+                continue;
+            }
+            let (file, size) = match opened.get(r.file.as_str()) {
+                Some((f, size)) => (f.clone(), *size),
                 None => {
                     let f = std::fs::File::open(dir.join(&r.file))?;
                     let size = f.metadata()?.len();
-                    opened.push((r.file.clone(), f.try_clone()?, size));
+                    let f = Arc::new(f);
+                    opened.insert(&r.file, (f.clone(), size));
                     (f, size)
                 }
             };
@@ -127,53 +357,95 @@ impl BlobFile {
                     r.file
                 )));
             }
-            len = len
-                .checked_add(r.len)
-                .ok_or_else(|| damaged(format!("{}: the runs overflow", dir.display())))?;
             runs.push(Run {
-                path: dir.join(&r.file),
-                file,
+                source: Source::Open {
+                    path: dir.join(&r.file),
+                    file,
+                },
                 offset: r.offset,
                 len: r.len,
             });
         }
-        Ok(Self {
-            runs,
-            len,
-            origin: recipe.origin.clone(),
-        })
+        Self::of_runs(runs, recipe.origin.clone())
+    }
+
+    /// The whole of pack `pack`, as a blob (checked as a linked upload is, before it is
+    /// named).
+    pub(crate) fn of_pack(pack: Arc<Pack>) -> io::Result<Self> {
+        let mut runs = Vec::new();
+        let len = pack.len();
+        push_pack_range(&mut runs, &pack, 0, len);
+        Self::of_runs(runs, None)
+    }
+
+    /// The index of the run holding byte `pos` (< the blob's length).
+    fn run_at(&self, pos: u64) -> usize {
+        self.starts.partition_point(|s| *s <= pos).saturating_sub(1)
+    }
+
+    /// Run `i`'s file, open.
+    fn file_of(&self, i: usize) -> io::Result<Arc<std::fs::File>> {
+        match &self.runs[i].source {
+            Source::Open { file, .. } => Ok(file.clone()),
+            Source::Linked { pack, file, .. } => {
+                let key = Arc::as_ptr(pack) as usize;
+                let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((_, _, f)) = opened.0.iter().find(|(p, k, _)| *p == key && k == file) {
+                    return Ok(f.clone());
+                }
+                let f = Arc::new(pack.open_file(*file)?);
+                // A tar alternates its headers' file with each member's: two stay open.
+                if opened.0.len() >= 2 {
+                    opened.0.remove(0);
+                }
+                opened.0.push((key, *file, f.clone()));
+                Ok(f)
+            }
+        }
+    }
+
+    /// Reads what follows `pos` into `buf`, up to the end of the run that holds `pos`;
+    /// 0 at the blob's end.
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        if pos >= self.len || buf.is_empty() {
+            return Ok(0);
+        }
+        let i = self.run_at(pos);
+        let run = &self.runs[i];
+        let within = pos - self.starts[i];
+        let n = buf.len().min((run.len - within) as usize);
+        let read = self.file_of(i)?.read_at(&mut buf[..n], run.offset + within)?;
+        if read == 0 {
+            // A file shorter than its run: never a short blob that looks whole.
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(read)
     }
 
     /// Only the bytes at `ranges` (offset, length; in order, within the blob) of the blob.
-    pub fn select(self, ranges: &[(u64, u64)]) -> io::Result<Self> {
+    pub fn select(&self, ranges: &[(u64, u64)]) -> io::Result<Self> {
         let mut runs = Vec::new();
-        let mut len = 0u64;
         for &(offset, n) in ranges {
             let end = offset
                 .checked_add(n)
                 .filter(|e| *e <= self.len)
                 .ok_or_else(|| damaged(format!("a range ends past the blob's {} bytes", self.len)))?;
-            let mut run_start = 0u64;
-            for run in &self.runs {
+            if n == 0 {
+                continue;
+            }
+            for i in self.run_at(offset)..self.runs.len() {
+                let (run, run_start) = (&self.runs[i], self.starts[i]);
                 let run_end = run_start + run.len;
                 let (from, to) = (offset.max(run_start), end.min(run_end));
                 if from < to {
-                    runs.push(Run {
-                        path: run.path.clone(),
-                        file: run.file.try_clone()?,
-                        offset: run.offset + (from - run_start),
-                        len: to - from,
-                    });
+                    runs.push(run.cut(from - run_start, to - from));
                 }
-                run_start = run_end;
+                if run_end >= end {
+                    break;
+                }
             }
-            len += n;
         }
-        Ok(Self {
-            runs,
-            len,
-            origin: None,
-        })
+        Self::of_runs(runs, None)
     }
 
     /// The blob's size.
@@ -187,25 +459,16 @@ impl BlobFile {
     }
 
     /// Fills `buf` with the blob's bytes from `offset` (blocking reads).
-    pub fn read_exact_at(&self, mut buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut run_start = 0u64;
-        let mut at = offset;
-        for run in &self.runs {
-            let run_end = run_start + run.len;
-            if !buf.is_empty() && at < run_end {
-                let within = at - run_start;
-                let n = buf.len().min((run.len - within) as usize);
-                let (now, rest) = buf.split_at_mut(n);
-                run.file.read_exact_at(now, run.offset + within)?;
-                (buf, at) = (rest, at + n as u64);
+    pub fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = self.read_at(buf, offset)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            run_start = run_end;
+            buf = &mut buf[n..];
+            offset += n as u64;
         }
-        if buf.is_empty() {
-            Ok(())
-        } else {
-            Err(io::ErrorKind::UnexpectedEof.into())
-        }
+        Ok(())
     }
 
     /// Copies every byte to `out` (blocking reads).
@@ -216,42 +479,44 @@ impl BlobFile {
     /// Copies the bytes from `first` on to `out` (blocking reads); returns the blob's length.
     pub fn copy_from_to(&self, first: u64, out: &mut dyn Write) -> io::Result<u64> {
         let mut buf = vec![0u8; CHUNK as usize];
-        let mut run_start = 0u64;
-        for run in &self.runs {
-            let mut at = first.saturating_sub(run_start).min(run.len);
-            run_start += run.len;
-            while at < run.len {
-                let want = (run.len - at).min(CHUNK) as usize;
-                let n = run.file.read_at(&mut buf[..want], run.offset + at)?;
-                if n == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                out.write_all(&buf[..n])?;
-                at += n as u64;
-            }
+        let mut at = first;
+        while at < self.len {
+            let want = (self.len - at).min(CHUNK) as usize;
+            let n = self.fill(&mut buf[..want], at)?;
+            out.write_all(&buf[..n])?;
+            at += n as u64;
         }
         Ok(self.len)
     }
 
+    /// Fills as much of `buf` as the blob has from `pos` on, across runs; how much.
+    fn fill(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_at(&mut buf[done..], pos + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
     /// The bytes as a stream of chunks, read on the blocking pool. A file shorter than its
-    /// run ends the stream with an error (never a short blob that looks whole).
+    /// run, or a pack's file changed since it was linked, ends the stream with an error
+    /// (never a short or wrong blob that looks whole).
     pub fn chunks(self) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
-        let runs = Arc::new(self.runs);
-        futures_util::stream::unfold(Some((0usize, 0u64)), move |at| {
-            let runs = runs.clone();
+        let blob = Arc::new(self);
+        futures_util::stream::unfold(Some(0u64), move |at| {
+            let blob = blob.clone();
             async move {
-                let (mut i, mut pos) = at?;
-                while runs.get(i).is_some_and(|r| pos == r.len) {
-                    (i, pos) = (i + 1, 0);
+                let pos = at?;
+                if pos >= blob.len {
+                    return None;
                 }
-                runs.get(i)?;
                 let read = tokio::task::spawn_blocking(move || {
-                    let run = &runs[i];
-                    let mut buf = vec![0u8; (run.len - pos).min(CHUNK) as usize];
-                    let n = run.file.read_at(&mut buf, run.offset + pos)?;
-                    if n == 0 {
-                        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
-                    }
+                    let mut buf = vec![0u8; (blob.len - pos).min(CHUNK) as usize];
+                    let n = blob.fill(&mut buf, pos)?;
                     buf.truncate(n);
                     Ok(Bytes::from(buf))
                 })
@@ -259,13 +524,55 @@ impl BlobFile {
                 .unwrap_or_else(|e| Err(io::Error::other(e)));
                 match read {
                     Ok(b) => {
-                        let next = (i, pos + b.len() as u64);
+                        let next = pos + b.len() as u64;
                         Some((Ok(b), Some(next)))
                     }
                     Err(e) => Some((Err(e), None)),
                 }
             }
         })
+    }
+}
+
+impl Run {
+    /// `len` bytes of the run from `skip`.
+    fn cut(&self, skip: u64, len: u64) -> Run {
+        let source = match &self.source {
+            Source::Linked { pack, file, at } => Source::Linked {
+                pack: pack.clone(),
+                file: *file,
+                at: at + skip,
+            },
+            open => open.clone(),
+        };
+        Run {
+            source,
+            offset: self.offset + skip,
+            len,
+        }
+    }
+}
+
+/// Pushes the runs of `pack` that `[offset, offset + len)` of its tar covers (within it).
+fn push_pack_range(runs: &mut Vec<Run>, pack: &Arc<Pack>, offset: u64, len: u64) {
+    let end = offset + len;
+    let first = pack.starts.partition_point(|s| *s <= offset).saturating_sub(1);
+    for (r, start) in pack.manifest.runs.iter().zip(&pack.starts).skip(first) {
+        if *start >= end {
+            break;
+        }
+        let (from, to) = (offset.max(*start), end.min(start + r.len));
+        if from < to {
+            runs.push(Run {
+                source: Source::Linked {
+                    pack: pack.clone(),
+                    file: r.file,
+                    at: from,
+                },
+                offset: r.offset + (from - start),
+                len: to - from,
+            });
+        }
     }
 }
 
@@ -282,6 +589,7 @@ mod tests {
                     file: f.to_string(),
                     offset: *o,
                     len: *l,
+                    pack: false,
                 })
                 .collect(),
             origin: None,
@@ -346,5 +654,155 @@ mod tests {
         let chunks: Vec<io::Result<Bytes>> = blob.chunks().collect().await;
         assert!(chunks.iter().any(|c| c.is_err()));
         assert!(BlobFile::open(&d.path().join("missing")).unwrap().is_none());
+    }
+
+    /// A pack in `blobs/packs/<id>` of the files `contents`, whose tar is `runs` of them.
+    fn make_pack(blobs: &Path, id: &str, contents: &[Vec<u8>], runs: &[(u32, u64, u64)]) {
+        let dir = blobs.join(PACKS).join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut files = Vec::new();
+        for (k, c) in contents.iter().enumerate() {
+            let p = dir.join(k.to_string());
+            std::fs::write(&p, c).unwrap();
+            files.push(Stamp::of(&std::fs::metadata(&p).unwrap()));
+        }
+        let manifest = PackManifest {
+            files,
+            runs: runs
+                .iter()
+                .map(|&(file, offset, len)| PackRun { file, offset, len })
+                .collect(),
+        };
+        let bytes = bincode::serde::encode_to_vec(&manifest, bincode::config::standard()).unwrap();
+        std::fs::write(dir.join(PACK_MANIFEST), bytes).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pack_of_thousands_of_files_reads_as_one_blob_opening_them_as_it_goes() {
+        // More files than a process may usually hold open at once.
+        let blobs = tempfile::tempdir().unwrap();
+        let n = 3000u32;
+        let mut contents = vec![b"HEADERS!".repeat(n as usize)];
+        let mut runs = Vec::new();
+        let mut expected = Vec::new();
+        for k in 1..=n {
+            contents.push(format!("file {k};").into_bytes());
+            runs.push((0, u64::from(k - 1) * 8, 8));
+            runs.push((k, 0, contents[k as usize].len() as u64));
+            expected.extend_from_slice(b"HEADERS!");
+            expected.extend_from_slice(&contents[k as usize]);
+        }
+        make_pack(blobs.path(), "p1", &contents, &runs);
+        let dir = blobs.path().join("sha256").join("abc");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("s"), b"<own>").unwrap();
+        let total = expected.len() as u64;
+        let r = Recipe {
+            runs: vec![
+                RecipeRun {
+                    file: "p1".into(),
+                    offset: 0,
+                    len: 20,
+                    pack: true,
+                },
+                RecipeRun {
+                    file: "s".into(),
+                    offset: 0,
+                    len: 5,
+                    pack: false,
+                },
+                RecipeRun {
+                    file: "p1".into(),
+                    offset: 20,
+                    len: total - 20,
+                    pack: true,
+                },
+            ],
+            origin: None,
+        };
+        std::fs::write(dir.join(RECIPE), serde_json::to_vec(&r).unwrap()).unwrap();
+        let mut want = expected[..20].to_vec();
+        want.extend_from_slice(b"<own>");
+        want.extend_from_slice(&expected[20..]);
+
+        let blob = BlobFile::open(&dir).unwrap().unwrap();
+        assert_eq!(blob.len(), want.len() as u64);
+        let mut copied = Vec::new();
+        blob.copy_to(&mut copied).unwrap();
+        assert_eq!(copied, want);
+        let mut mid = vec![0u8; 100];
+        blob.read_exact_at(&mut mid, 12_345).unwrap();
+        assert_eq!(mid, want[12_345..12_445]);
+        let picked = blob.select(&[(10, 30), (20_000, 7)]).unwrap();
+        let mut out = Vec::new();
+        picked.copy_to(&mut out).unwrap();
+        assert_eq!(out, [&want[10..40], &want[20_000..20_007]].concat());
+        let streamed: Vec<u8> = BlobFile::open(&dir)
+            .unwrap()
+            .unwrap()
+            .chunks()
+            .map(|c| c.unwrap().to_vec())
+            .concat()
+            .await;
+        assert_eq!(streamed, want);
+        let whole = BlobFile::of_pack(Arc::new(Pack::load(&blobs.path().join(PACKS), "p1").unwrap())).unwrap();
+        let mut out = Vec::new();
+        whole.copy_to(&mut out).unwrap();
+        assert_eq!(out, expected);
+    }
+
+    #[tokio::test]
+    async fn a_pack_file_written_through_another_name_fails_the_read_rather_than_serving_it() {
+        let blobs = tempfile::tempdir().unwrap();
+        make_pack(
+            blobs.path(),
+            "p1",
+            &[b"hhhh".to_vec(), b"data".to_vec()],
+            &[(0, 0, 4), (1, 0, 4)],
+        );
+        let dir = blobs.path().join("sha256").join("abc");
+        std::fs::create_dir_all(&dir).unwrap();
+        let r = Recipe {
+            runs: vec![RecipeRun {
+                file: "p1".into(),
+                offset: 0,
+                len: 8,
+                pack: true,
+            }],
+            origin: None,
+        };
+        std::fs::write(dir.join(RECIPE), serde_json::to_vec(&r).unwrap()).unwrap();
+        let linked = blobs.path().join(PACKS).join("p1").join("1");
+        // The same size, another time: as an editor writing the client's snapshot would.
+        let f = std::fs::OpenOptions::new().write(true).open(&linked).unwrap();
+        f.write_all_at(b"DATA", 0).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(7))
+            .unwrap();
+        let blob = BlobFile::open(&dir).unwrap().unwrap();
+        let e = blob.copy_to(&mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        let chunks: Vec<io::Result<Bytes>> = BlobFile::open(&dir).unwrap().unwrap().chunks().collect().await;
+        assert!(chunks.iter().any(|c| c.is_err()));
+        // A run past the pack's end, or a pack named out of its directory, is refused.
+        for bad in [
+            RecipeRun {
+                file: "p1".into(),
+                offset: 4,
+                len: 5,
+                pack: true,
+            },
+            RecipeRun {
+                file: "..".into(),
+                offset: 0,
+                len: 1,
+                pack: true,
+            },
+        ] {
+            let r = Recipe {
+                runs: vec![bad.clone()],
+                origin: None,
+            };
+            assert!(BlobFile::from_recipe(&dir, &r).is_err(), "{bad:?}");
+        }
     }
 }

@@ -19,7 +19,7 @@ use crate::layer_naming::{known, start, Started};
 use lcache_image::layer_segments::tar_state_is_valid;
 use tokio::io::AsyncWriteExt;
 
-use super::blob_file::{BlobFile, Recipe, RecipeRun, RECIPE};
+use super::blob_file::{pack_link_name, BlobFile, Recipe, RecipeRun, Source, RECIPE};
 use super::blob_states::{self, GridSha};
 use super::blob_store::{sha256_hex, BlobStore, IngestError};
 use super::BlobMeta;
@@ -128,8 +128,9 @@ enum Spread {
 const MERGED: &str = "m";
 
 fn spread(recipe: &Recipe) -> Spread {
+    // A pack's runs are the client's files, linked: never copied (its own link keeps it).
     let mut held: HashMap<&str, u64> = HashMap::new();
-    for r in &recipe.runs {
+    for r in recipe.runs.iter().filter(|r| !r.pack) {
         *held.entry(r.file.as_str()).or_default() += r.len;
     }
     if held.len() <= MAX_FILES {
@@ -139,7 +140,7 @@ fn spread(recipe: &Recipe) -> Spread {
     // Largest first; by name among equals, so the same runs merge the same way.
     files.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     let merged = &files[MAX_FILES / 2..];
-    let total: u64 = files.iter().map(|f| f.1).sum();
+    let total: u64 = recipe.runs.iter().map(|r| r.len).sum();
     // Each merge leaves at most half the limit in files, so the next comes no sooner than
     // MAX_FILES / 2 edits later, and copies what those edits sent, not the whole layer.
     if merged.iter().map(|f| f.1).sum::<u64>().saturating_mul(2) > total {
@@ -158,7 +159,7 @@ fn merge_runs(dir: &Path, recipe: &mut Recipe, merged: &std::collections::HashSe
     let mut runs: Vec<RecipeRun> = Vec::with_capacity(recipe.runs.len());
     let mut buf = vec![0u8; 1 << 20];
     for r in &recipe.runs {
-        let run = if merged.contains(&r.file) {
+        let run = if !r.pack && merged.contains(&r.file) {
             if !opened.contains_key(&r.file) {
                 opened.insert(r.file.clone(), std::fs::File::open(dir.join(&r.file))?);
             }
@@ -175,12 +176,15 @@ fn merge_runs(dir: &Path, recipe: &mut Recipe, merged: &std::collections::HashSe
                 file: MERGED.into(),
                 offset: at - r.len,
                 len: r.len,
+                pack: false,
             }
         } else {
             r.clone()
         };
         match runs.last_mut() {
-            Some(last) if last.file == run.file && last.offset + last.len == run.offset => last.len += run.len,
+            Some(last) if last.file == run.file && last.pack == run.pack && last.offset + last.len == run.offset => {
+                last.len += run.len
+            }
             _ => runs.push(run),
         }
     }
@@ -193,59 +197,66 @@ fn merge_runs(dir: &Path, recipe: &mut Recipe, merged: &std::collections::HashSe
 }
 
 /// The runs of `parts` over the base's runs (`base`) and the sent file, with the base's
-/// files each linked once into `dir` under a name of their own.
+/// files each linked once into `dir` under a name of their own, and the packs the base
+/// reads kept as runs of the pack (their manifest linked once, as the pack's reference).
 fn runs_of(parts: &[BlobPart], base: &BlobFile, dir: &Path) -> Result<Recipe, IngestError> {
     let mut names: HashMap<PathBuf, String> = HashMap::new();
+    let mut packs: HashMap<String, ()> = HashMap::new();
     let mut recipe = Recipe::default();
-    let mut push = |file: &str, offset: u64, len: u64| match recipe.runs.last_mut() {
-        Some(last) if last.file == file && last.offset + last.len == offset => last.len += len,
+    let mut push = |file: &str, offset: u64, len: u64, pack: bool| match recipe.runs.last_mut() {
+        Some(last) if last.file == file && last.pack == pack && last.offset + last.len == offset => last.len += len,
         _ => recipe.runs.push(RecipeRun {
             file: file.to_string(),
             offset,
             len,
+            pack,
         }),
+    };
+    let missing = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            IngestError::BaseMissing
+        } else {
+            IngestError::Io(e)
+        }
     };
     let mut sent_at = 0u64;
     for part in parts.iter().filter(|p| !p.is_empty()) {
         let (offset, len) = match *part {
             BlobPart::Sent { len } => {
-                push(SENT, sent_at, len);
+                push(SENT, sent_at, len, false);
                 sent_at += len;
                 continue;
             }
             BlobPart::Base { offset, len } => (offset, len),
         };
-        let end = offset
-            .checked_add(len)
-            .filter(|end| *end <= base.len())
-            .ok_or_else(|| bad(format!("a part runs past the base blob's {} bytes", base.len())))?;
-        // The base's runs that [offset, end) overlaps.
-        let mut run_start = 0u64;
-        for run in &base.runs {
-            let run_end = run_start + run.len;
-            let (from, to) = (offset.max(run_start), end.min(run_end));
-            if from < to {
-                let name = match names.get(&run.path) {
-                    Some(n) => n.clone(),
-                    None => {
-                        let name = format!("b{}", names.len());
-                        std::fs::hard_link(&run.path, dir.join(&name)).map_err(|e| {
-                            if e.kind() == std::io::ErrorKind::NotFound {
-                                IngestError::BaseMissing
-                            } else {
-                                IngestError::Io(e)
-                            }
-                        })?;
-                        names.insert(run.path.clone(), name.clone());
-                        name
+        if offset.checked_add(len).is_none_or(|end| end > base.len()) {
+            return Err(bad(format!("a part runs past the base blob's {} bytes", base.len())));
+        }
+        // The base's runs that the part overlaps.
+        let picked = base.select(&[(offset, len)]).map_err(IngestError::Io)?;
+        for run in &picked.runs {
+            match &run.source {
+                Source::Open { path, .. } => {
+                    let name = match names.get(path) {
+                        Some(n) => n.clone(),
+                        None => {
+                            let name = format!("b{}", names.len());
+                            std::fs::hard_link(path, dir.join(&name)).map_err(missing)?;
+                            names.insert(path.clone(), name.clone());
+                            name
+                        }
+                    };
+                    push(&name, run.offset, run.len, false);
+                }
+                Source::Linked { pack, at, .. } => {
+                    if !packs.contains_key(&pack.id) {
+                        std::fs::hard_link(pack.manifest_path(), dir.join(pack_link_name(&pack.id)))
+                            .map_err(missing)?;
+                        packs.insert(pack.id.clone(), ());
                     }
-                };
-                push(&name, run.offset + (from - run_start), to - from);
+                    push(&pack.id, *at, run.len, true);
+                }
             }
-            if run_end >= end {
-                break;
-            }
-            run_start = run_end;
         }
     }
     Ok(recipe)
@@ -743,17 +754,17 @@ impl BlobStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use http_body_util::Full;
     use lcache_proto::wire::LayerParts;
 
-    fn digest_of(b: &[u8]) -> String {
+    pub(crate) fn digest_of(b: &[u8]) -> String {
         use sha2::Digest as _;
         format!("sha256:{:x}", sha2::Sha256::digest(b))
     }
 
-    fn body(base: &str, parts: &[BlobPart], sent: &[u8]) -> Full<Bytes> {
+    pub(crate) fn body(base: &str, parts: &[BlobPart], sent: &[u8]) -> Full<Bytes> {
         let header = serde_json::to_vec(&BlobParts {
             base: base.into(),
             parts: parts.to_vec(),

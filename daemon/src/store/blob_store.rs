@@ -66,6 +66,8 @@ pub struct BlobStore {
     /// Layers answered with a provisional name and not yet named, by the name's hex: kept
     /// across a restart, unlike `tmp` (`blob_parts::ReceivedParts`).
     pub(crate) provisional: PathBuf,
+    /// Tar layers held as links to the client's files (`linked_blobs`).
+    pub(crate) packs: PathBuf,
     seq: AtomicU64,
 }
 
@@ -92,20 +94,26 @@ impl BlobStore {
         let tmp = dir.join("tmp");
         let states = dir.join("states");
         let provisional = dir.join("provisional");
+        let packs = dir.join(super::blob_file::PACKS);
         std::fs::create_dir_all(&provisional)?;
+        std::fs::create_dir_all(&packs)?;
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&tmp)?;
         std::fs::create_dir_all(&states)?;
         for e in std::fs::read_dir(&tmp)? {
             remove_any(&e?.path())?;
         }
-        Ok(Self {
+        let store = Self {
             root,
             tmp,
             states,
             provisional,
+            packs,
             seq: AtomicU64::new(0),
-        })
+        };
+        // Nothing reads yet: a pack no blob links is nobody's.
+        store.collect_packs(std::time::Duration::ZERO)?;
+        Ok(store)
     }
 
     /// Keeps blob `digest`'s SHA-256 states. Not synced: a state lost or damaged only
@@ -198,27 +206,48 @@ impl BlobStore {
                 }
             }
         }
+        // A pack's files are the client's snapshot files too: counted here in full, as the
+        // client's cache budget counts them (one inode, two budgets).
+        for e in std::fs::read_dir(&self.packs)? {
+            if let Some(id) = e?.file_name().to_str() {
+                total += self.pack_bytes(id);
+            }
+        }
         Ok(total)
     }
 
     /// The bytes removing blob `digest` would free: its files that no other blob links.
     pub fn freed_by_removing(&self, digest: &str) -> u64 {
         let Some(path) = self.path_of(digest) else { return 0 };
-        let files: Vec<std::fs::Metadata> = match path.symlink_metadata() {
+        let files: Vec<(String, std::fs::Metadata)> = match path.symlink_metadata() {
             Ok(m) if m.is_dir() => std::fs::read_dir(&path)
                 .map(|d| {
-                    d.filter_map(|e| e.ok().and_then(|e| e.path().symlink_metadata().ok()))
-                        .collect()
+                    d.filter_map(|e| {
+                        let e = e.ok()?;
+                        Some((
+                            e.file_name().to_string_lossy().into_owned(),
+                            e.path().symlink_metadata().ok()?,
+                        ))
+                    })
+                    .collect()
                 })
                 .unwrap_or_default(),
-            Ok(m) => vec![m],
+            Ok(m) => vec![(String::new(), m)],
             Err(_) => Vec::new(),
         };
+        let packs: u64 = files
+            .iter()
+            .filter_map(|(name, m)| Some((name.strip_prefix("p.")?, m)))
+            // The pack's own name and this blob's: the last blob that reads it.
+            .filter(|(_, m)| m.nlink() == 2)
+            .map(|(id, _)| self.pack_bytes(id))
+            .sum();
         files
             .iter()
-            .filter(|m| m.is_file() && m.nlink() == 1)
-            .map(|m| m.len())
-            .sum()
+            .filter(|(_, m)| m.is_file() && m.nlink() == 1)
+            .map(|(_, m)| m.len())
+            .sum::<u64>()
+            + packs
     }
 
     /// Deletes a blob (after its metadata is gone, so nothing serves it meanwhile). Bytes

@@ -5,6 +5,7 @@ pub mod blob_file;
 pub mod blob_parts;
 pub mod blob_states;
 pub mod blob_store;
+pub mod linked_blobs;
 pub mod sled_records;
 pub mod value_log;
 
