@@ -138,6 +138,9 @@ struct Builder<'a> {
     /// Whether the cache names a re-run COPY's layer from its own copy of the last one
     /// (`StepCache::put_layer`); false once it said it does not.
     cache_names_layers: std::sync::atomic::AtomicBool,
+    /// Whether the cache holds a tar layer by reference to the snapshot's files
+    /// (`StepCache::put_linked`); false once it said it does not.
+    cache_takes_links: std::sync::atomic::AtomicBool,
     /// The target stage's records whose diff_ids lcached is taking, left to it to store
     /// (with `name_later`) instead of waited for.
     deferred: Mutex<Vec<(usize, PendingRecord)>>,
@@ -355,6 +358,7 @@ pub fn build(
         finder: CauseFinder::new(client, &req.inputs, req.no_cache).with_evicted(&evicted),
         first_step,
         cache_names_layers: std::sync::atomic::AtomicBool::new(true),
+        cache_takes_links: std::sync::atomic::AtomicBool::new(steps.takes_linked()),
         deferred: Mutex::new(Vec::new()),
         given,
     };
@@ -1307,6 +1311,10 @@ impl<'a> Builder<'a> {
             own
         };
         let compression = self.req.layer_compression;
+        // Only the cache that said it takes them (not the fallback that reads no blob).
+        let links = |steps: &dyn StepCache| {
+            steps.takes_linked() && self.cache_takes_links.load(std::sync::atomic::Ordering::Relaxed)
+        };
         let pack_with = |steps: &dyn StepCache, defer: TailDigests| match (&copied, seed.as_ref()) {
             (
                 Some(
@@ -1315,11 +1323,14 @@ impl<'a> Builder<'a> {
                     },
                 ),
                 _,
-            ) => Some((c, pack_copy(steps, c, entries, &tree, &dest, defer, compression))),
+            ) => Some((
+                c,
+                pack_copy(steps, c, entries, &tree, &dest, defer, compression, links(steps)),
+            )),
             (Some(c @ CopyLayer { over_seed: true, .. }), s) => Some((
                 c,
                 match s {
-                    Some(s) => pack_copy_over(steps, c, s, &tree, &dest, defer, compression),
+                    Some(s) => pack_copy_over(steps, c, s, &tree, &dest, defer, compression, links(steps)),
                     // Its directory holds only the delta: never packed as a whole layer.
                     None => Err(std::io::Error::other("a layer made over a seed lost its seed")),
                 },
@@ -1340,14 +1351,14 @@ impl<'a> Builder<'a> {
                     Some(p.index),
                     p.pending.map(DiffIdPending::Here),
                     base.map(|b| (b, p.parts, p.unwritten)),
-                    p.tail,
+                    (p.tail, p.links),
                 )
             }),
-            None => pack_layer(&tree, &dest, compression).map(|p| (p, None, None, None, None)),
+            None => pack_layer(&tree, &dest, compression).map(|p| (p, None, None, None, (None, None))),
         };
         // `hashing`: the diff_id, hashed on its own thread since the pack reached the first
         // change, beside the upload and the steps after this one.
-        let (mut packed, mut segments, mut hashing, mut parts, tail) =
+        let (mut packed, mut segments, mut hashing, mut parts, (tail, mut linked)) =
             packed_with(self.steps, first_try).map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
         phases.pack_ms = packing.elapsed().as_millis() as u64;
         let storing = Instant::now();
@@ -1364,10 +1375,29 @@ impl<'a> Builder<'a> {
                     // It does not: pack the layer again, naming it here (and from now on).
                     self.cache_names_layers
                         .store(false, std::sync::atomic::Ordering::Relaxed);
-                    (packed, segments, hashing, parts, _) = packed_with(self.steps, own)
+                    (packed, segments, hashing, parts, (_, linked)) = packed_with(self.steps, own)
                         .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
                 }
                 Err(e) => stored = Some(Err(e)),
+            }
+        }
+        if let Some(runs) = linked.take() {
+            // The cache links the snapshot's files; the file packed holds only the tar's own
+            // bytes, so a cache that does not take it so gets the layer packed whole.
+            match self.steps.put_linked(&packed.digest, &runs) {
+                Ok(true) => stored = Some(Ok(())),
+                refused => {
+                    if let Err(e) = refused {
+                        self.progress().note(&format!(
+                            "warning: {}: the cache could not link the layer's files ({e}); packing it whole",
+                            self.at(line)
+                        ));
+                    }
+                    self.cache_takes_links
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    (packed, segments, hashing, parts, _) = packed_with(self.steps, own)
+                        .map_err(|e| fail(format!("cannot pack the layer: {e}"), vec![]))?;
+                }
             }
         }
         let stored = stored.unwrap_or_else(|| match &parts {

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use lcache_confine::Root;
 use lcache_image::layer_diff::LayerCompression;
+use lcache_image::layer_links::pack_linked;
 use std::collections::HashSet;
 
 use lcache_image::layer_segments::{
@@ -66,6 +67,7 @@ fn segment_entry<'a>(path: &'a str, placed: &'a Placed) -> SegmentEntry<'a> {
 /// only from the newest change on, by whom `tail` says: see `Packed::pending` and
 /// `Packed::tail`). A seed blob that cannot be used (gone, or not what its index says)
 /// only costs the reuse.
+#[allow(clippy::too_many_arguments)]
 pub fn pack_copy(
     steps: &dyn StepCache,
     layer: &CopyLayer,
@@ -74,6 +76,7 @@ pub fn pack_copy(
     dest: &Path,
     tail: TailDigests,
     compression: LayerCompression,
+    links: bool,
 ) -> std::io::Result<Packed> {
     let list = sorted(entries);
     let plan: Vec<Planned> = segment_ranges(&list)
@@ -85,7 +88,16 @@ pub fn pack_copy(
         .reuse
         .as_ref()
         .and_then(|(digest, path)| segments_of(steps, digest, path));
-    pack_with(steps, layer, &plan, index.as_ref(), dir, dest, tail, compression)
+    pack_with(
+        steps,
+        layer,
+        &plan,
+        index.as_ref(),
+        dir,
+        dest,
+        tail,
+        (compression, links),
+    )
 }
 
 /// Packs a layer kept as its delta over `seed`'s base (`CopyLayer::over_seed`): only the
@@ -93,6 +105,7 @@ pub fn pack_copy(
 /// read from the base's chunks near them; the others are named by index and taken from the
 /// blob unread. The blob is the one packing every entry gives. Falls back to packing every
 /// entry when the seed's index does not say where its segments end.
+#[allow(clippy::too_many_arguments)]
 pub fn pack_copy_over(
     steps: &dyn StepCache,
     layer: &CopyLayer,
@@ -101,6 +114,7 @@ pub fn pack_copy_over(
     dest: &Path,
     tail: TailDigests,
     compression: LayerCompression,
+    links: bool,
 ) -> std::io::Result<Packed> {
     let index = layer
         .reuse
@@ -127,14 +141,23 @@ pub fn pack_copy_over(
                 }
             }
         }
-        if let Ok(packed) = pack_with(steps, layer, &plan, index.as_ref(), dir, dest, tail, compression) {
+        if let Ok(packed) = pack_with(
+            steps,
+            layer,
+            &plan,
+            index.as_ref(),
+            dir,
+            dest,
+            tail,
+            (compression, links),
+        ) {
             return Ok(packed);
         }
     }
     let entries = layer
         .entries_over(seed)
         .ok_or_else(|| std::io::Error::other("the seed's entries are unreadable"))?;
-    pack_copy(steps, layer, &entries, dir, dest, tail, compression)
+    pack_copy(steps, layer, &entries, dir, dest, tail, compression, links)
 }
 
 /// A stretch of the layer to pack: an earlier segment as it is, or entries to cut.
@@ -236,7 +259,8 @@ fn layer_range<'a>(
 /// Packs `plan`, reading files through the layer's roots and taking unchanged members from
 /// the seed layer's blob as it streams from the step cache (the whole plan again, without
 /// the blob, if the blob cannot be used, or is compressed otherwise, and the plan does not
-/// need it).
+/// need it). A tar layer with nothing to take, when `links` says the cache holds layers by
+/// reference, is packed so (`layer_links`): its files are named, not written.
 #[allow(clippy::too_many_arguments)]
 fn pack_with(
     steps: &dyn StepCache,
@@ -246,7 +270,7 @@ fn pack_with(
     dir: &Path,
     dest: &Path,
     tail: TailDigests,
-    compression: LayerCompression,
+    (compression, links): (LayerCompression, bool),
 ) -> std::io::Result<Packed> {
     // A seed kept the other way (built before `--layer-compression` changed) has no
     // members to give: it is neither fetched nor read.
@@ -305,6 +329,12 @@ fn pack_with(
         });
         if reused.is_ok() {
             return reused;
+        }
+    }
+    if links && compression == LayerCompression::None {
+        // A file that cannot be named (a path that is not UTF-8) is packed as bytes.
+        if let Ok(packed) = pack_linked(plan, &open, dest) {
+            return Ok(packed);
         }
     }
     // Without the earlier blob a plan that names its segments cannot be packed: the
@@ -403,6 +433,7 @@ mod tests {
             &out.join(format!("p{n}")),
             TailDigests::Here,
             LayerCompression::Gzip,
+            false,
         )
         .unwrap();
         let all = layer.entries_over(seed).unwrap();
@@ -414,6 +445,7 @@ mod tests {
             &out.join(format!("w{n}")),
             TailDigests::Here,
             LayerCompression::Gzip,
+            false,
         )
         .unwrap();
         assert_eq!(
@@ -474,6 +506,7 @@ mod tests {
             &out.path().join("seed"),
             TailDigests::Here,
             LayerCompression::Gzip,
+            false,
         )
         .unwrap();
         steps

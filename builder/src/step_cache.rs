@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use lcache_proto::wire::{BlobPart, LayerDiffId, LayerParts, LayerRef, LayerTail, NamedLayer, StepRecord};
+use lcache_proto::wire::{BlobPart, LayerDiffId, LayerParts, LayerRef, LayerTail, LinkedBlob, NamedLayer, StepRecord};
 
 use crate::errors::CacheError;
 
@@ -117,6 +117,18 @@ pub trait StepCache: Send + Sync {
             "layer {digest} cannot be gzipped by this cache: export it with compression=uncompressed"
         )))
     }
+    /// Whether [`StepCache::put_linked`] may take a tar layer by reference (a cache on
+    /// this machine, reached through its socket): the pack then writes none of its files.
+    fn takes_linked(&self) -> bool {
+        false
+    }
+    /// Stores the tar layer `digest` as `linked` says (runs of files on this machine, held
+    /// by reference and checked against the digest). `Ok(false)` when this cache does not
+    /// take layers so: the caller packs the layer whole and stores it with `put_blob`.
+    fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
+        let _ = (digest, linked);
+        Ok(false)
+    }
 }
 
 /// Passes on what is written to it but for the first `left` bytes.
@@ -218,6 +230,19 @@ impl<C: StepCache> StepCache for Metered<C> {
         self.inner.gzip_form(digest)
     }
 
+    fn takes_linked(&self) -> bool {
+        self.inner.takes_linked()
+    }
+
+    fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
+        let taken = self.inner.put_linked(digest, linked)?;
+        if taken {
+            self.stored
+                .fetch_add(linked.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(taken)
+    }
+
     fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
         let named = self.inner.put_layer(file, layer)?;
         if named.is_some() {
@@ -305,5 +330,13 @@ impl<C: StepCache + ?Sized> StepCache for &C {
 
     fn gzip_form(&self, digest: &str) -> Result<LayerRef, CacheError> {
         (**self).gzip_form(digest)
+    }
+
+    fn takes_linked(&self) -> bool {
+        (**self).takes_linked()
+    }
+
+    fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
+        (**self).put_linked(digest, linked)
     }
 }

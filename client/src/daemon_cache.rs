@@ -10,8 +10,8 @@ use lcache_builder::step_cache::{BlobSource, StepCache};
 use lcache_image::image_draft::DeferredBuild;
 use lcache_proto::sources_digest::{DirNode, SummaryEntry};
 use lcache_proto::wire::{
-    BuildRecord, ImageRecord, LayerDiffId, LayerParts, LayerRef, LayerTail, NamedLayer, PlanInputs, PlanResponse,
-    StepRecord,
+    BuildRecord, ImageRecord, LayerDiffId, LayerParts, LayerRef, LayerTail, LinkedBlob, NamedLayer, PlanInputs,
+    PlanResponse, StepRecord,
 };
 
 use crate::daemon_client::DaemonClient;
@@ -69,6 +69,14 @@ impl StepCache for DaemonClient {
 
     fn gzip_form(&self, digest: &str) -> Result<LayerRef, CacheError> {
         DaemonClient::gzip_form(self, digest)
+    }
+
+    fn takes_linked(&self) -> bool {
+        self.is_local()
+    }
+
+    fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
+        DaemonClient::put_linked(self, digest, linked)
     }
 }
 

@@ -9,8 +9,8 @@ use lcache_image::image_draft::DeferredBuild;
 use lcache_image::sha256_stream::Sha256Stream;
 use lcache_proto::endpoint::Endpoint;
 use lcache_proto::wire::{
-    BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, LayerDiffId, LayerParts, LayerRef, LayerTail, NamedLayer,
-    PlanInputs, PlanResponse, ProvisionalNames, ResolvedNames, StatusResponse, StepRecord, BLOB_PARTS_TYPE,
+    BlobPart, BlobParts, BuildRecord, ErrorBody, ImageRecord, LayerDiffId, LayerParts, LayerRef, LayerTail, LinkedBlob,
+    NamedLayer, PlanInputs, PlanResponse, ProvisionalNames, ResolvedNames, StatusResponse, StepRecord, BLOB_PARTS_TYPE,
 };
 use lcache_remote::{Remote, RemoteError};
 use serde::de::DeserializeOwned;
@@ -344,6 +344,28 @@ impl DaemonClient {
             (s, _) if s.is_success() => serde_json::from_slice(&resp)
                 .map(Some)
                 .map_err(|e| CacheError::Protocol(format!("POST /v1/layers answered what is not a layer: {e}"))),
+            (_, refused) => Err(refused),
+        }
+    }
+
+    /// Whether lcached is reached through its Unix socket: on this machine, with its files.
+    pub fn is_local(&self) -> bool {
+        matches!(self.remote.endpoint, Endpoint::Unix(_))
+    }
+
+    /// `PUT /v1/blobs/{digest}/linked`: the tar layer `digest` as runs of files on this
+    /// machine, which lcached hard-links into its store, unless it has the blob. `Ok(false)`
+    /// when it does not take layers so (over TCP; an lcached older than the endpoint).
+    pub fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
+        if self.blob_present(digest)? {
+            return Ok(true);
+        }
+        let body = Bytes::from(serde_json::to_vec(linked).map_err(|e| CacheError::Encode(e.to_string()))?);
+        let (status, resp) = self.call(Method::PUT, &format!("/v1/blobs/{digest}/linked"), body)?;
+        match (status, daemon_error(status, &resp)) {
+            (StatusCode::FORBIDDEN, _) => Ok(false),
+            (StatusCode::NOT_FOUND, CacheError::Refused { error, .. }) if error.starts_with("no endpoint") => Ok(false),
+            (s, _) if s.is_success() => Ok(true),
             (_, refused) => Err(refused),
         }
     }

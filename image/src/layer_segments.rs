@@ -96,7 +96,7 @@ impl SegmentIndex {
 /// A SHA-256 (the tar's, which is the diff_id, or the blob's) whose state can be kept and
 /// resumed.
 #[derive(Default)]
-struct TarHash(sha2_resumable::Sha256);
+pub(crate) struct TarHash(sha2_resumable::Sha256);
 
 /// The blob as it is written: its length and resumable SHA-256 (its digest).
 struct BlobHash<W> {
@@ -142,7 +142,7 @@ impl Write for TarHash {
 }
 
 impl TarHash {
-    fn state(&self) -> Vec<u8> {
+    pub(crate) fn state(&self) -> Vec<u8> {
         use sha2_resumable::digest::common::hazmat::SerializableState;
         self.0.serialize().to_vec()
     }
@@ -154,7 +154,7 @@ impl TarHash {
         sha2_resumable::Sha256::deserialize(&state).map(Self).map_err(|_| bad())
     }
 
-    fn digest(self) -> String {
+    pub(crate) fn digest(self) -> String {
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(&sha2_resumable::Digest::finalize(self.0));
         format!("sha256:{}", lcache_proto::key_encoding::hex(&bytes))
@@ -504,7 +504,7 @@ fn split(entries: &[SegmentEntry]) -> Vec<Range<usize>> {
     out
 }
 
-fn fingerprint(entries: &[SegmentEntry]) -> [u8; 32] {
+pub(crate) fn fingerprint(entries: &[SegmentEntry]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     for e in entries {
         h.update(&(e.path.len() as u64).to_le_bytes());
@@ -555,7 +555,7 @@ struct WithoutTrailer<W> {
     held: Vec<u8>,
 }
 
-const TRAILER: usize = 1024;
+pub(crate) const TRAILER: usize = 1024;
 
 impl<W: Write> Write for WithoutTrailer<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -586,7 +586,7 @@ impl<W: Write> WithoutTrailer<W> {
     }
 }
 
-fn header(e: &SegmentEntry, kind: tar::EntryType, size: u64) -> tar::Header {
+pub(crate) fn header(e: &SegmentEntry, kind: tar::EntryType, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(e.mode & 0o7777);
@@ -727,6 +727,10 @@ pub struct Packed {
     /// How many bytes at the front of the file were not written (a hole): the earlier
     /// blob's members the first of `parts` names.
     pub unwritten: u64,
+    /// A tar layer packed by reference (`layer_links`): the file holds only the tar's own
+    /// bytes (headers, padding, its end), and the blob is these runs of it and of the
+    /// snapshot's files.
+    pub links: Option<lcache_proto::wire::LinkedBlob>,
 }
 
 /// The blob's runs: `taken` (where in the blob, where in the earlier one, how long) as
@@ -1116,6 +1120,7 @@ fn pack_on<R: Read>(
         tail,
         parts: blob_parts(&taken, size),
         unwritten,
+        links: None,
     })
 }
 

@@ -9,6 +9,7 @@ pub mod image_history;
 pub mod layer_diff;
 pub mod layer_extract;
 pub mod layer_gzip;
+pub mod layer_links;
 pub mod layer_segments;
 pub mod oci_image;
 pub mod ordered_workers;

@@ -111,6 +111,7 @@ fn uncompressed_layers_give_the_image_gzip_layers_give_and_an_edit_stays_a_delta
     }
 
     // An edit: the COPY re-runs over its last layer, stored as the members that changed.
+    let before = blobs_kept_as_runs(&plain.daemon.store());
     p.write("src/f1700.txt", "edited\n");
     let dir = tempfile::tempdir().unwrap();
     let summary = dir.path().join("summary.json");
@@ -119,7 +120,10 @@ fn uncompressed_layers_give_the_image_gzip_layers_give_and_an_edit_stays_a_delta
     let (steps, edited) = plain.build(&p, &args);
     assert_eq!(cached(&steps), [false, false]);
     let s = json(&std::fs::read(&summary).unwrap());
-    let composed = blobs_kept_as_runs(&plain.daemon.store());
+    let composed: Vec<_> = blobs_kept_as_runs(&plain.daemon.store())
+        .into_iter()
+        .filter(|b| !before.contains(b))
+        .collect();
     assert_eq!(composed.len(), 1, "the rebuilt COPY's blob is kept as runs");
     let copy_layer = &layers[1].2;
     let added = own_bytes(&composed[0]);
@@ -272,4 +276,96 @@ fn a_squashed_image_keeps_its_merged_layer_as_tar_too() {
     build_tar_layers_to(&env, &p, &["--squash"], &dest);
     assert!(!out.path().join("app/f0009.txt").exists(), "the RUN's whiteout applies");
     assert!(out.path().join("seen").exists());
+}
+
+/// The files of lcached's packs (`blobs/packs/*/N`), with their inode and link count.
+fn pack_files(env: &BuildEnv) -> Vec<(std::path::PathBuf, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for pack in std::fs::read_dir(env.daemon.store().join("blobs/packs")).unwrap() {
+        for f in std::fs::read_dir(pack.unwrap().path()).unwrap() {
+            let path = f.unwrap().path();
+            if path.file_name().unwrap().to_str().unwrap().parse::<u32>().is_ok() {
+                let m = std::fs::metadata(&path).unwrap();
+                out.push((path, m.ino(), m.nlink()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_cold_tar_layer_is_kept_as_links_to_the_snapshots_files_and_a_file_changed_behind_is_never_served() {
+    use std::os::unix::fs::MetadataExt;
+    let env = BuildEnv::new();
+    let p = app();
+    let mut tagged = NONE.to_vec();
+    tagged.extend(["-t", "app:1"]);
+    let (steps, image) = env.build(&p, &tagged);
+    assert_eq!(cached(&steps), [false, false]);
+    // The COPY's 3,000 files are held by lcached as links to the client's snapshot files:
+    // the layer's bytes were written once.
+    let files = pack_files(&env);
+    let shared = files.iter().filter(|(_, _, links)| *links == 2).count();
+    assert_eq!(shared, 3000, "{} files in packs", files.len());
+    let snapshot_inodes: std::collections::HashSet<u64> = walk(&env.cache_dir())
+        .into_iter()
+        .map(|p| std::fs::metadata(p).unwrap().ino())
+        .collect();
+    assert!(files
+        .iter()
+        .filter(|(_, _, links)| *links == 2)
+        .all(|(_, ino, _)| snapshot_inodes.contains(ino)));
+    let layer = inspect(&env, &p, "app:1")["RootFS"]["Layers"][1]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, blob) = env.daemon.http("GET", &format!("/v1/blobs/{layer}"), b"");
+    assert_eq!(status, 200);
+    assert_eq!(sha256_digest(&blob), layer, "served whole through the links");
+    let (steps, again) = env.build(&p, &NONE);
+    assert_eq!((cached(&steps), again), (vec![true, true], image.clone()));
+
+    // An edit is a delta over the linked layer, and what a cold build makes.
+    p.write("src/f1700.txt", "edited\n");
+    let (steps, edited) = env.build(&p, &NONE);
+    assert_eq!(cached(&steps), [false, false]);
+    let (_, cold) = BuildEnv::new().build(&p, &NONE);
+    assert_eq!(edited, cold);
+
+    // A snapshot file written behind lcached's back (same size, new time): the layer that
+    // links it is no longer served, nor found whole.
+    let (path, _, _) = files.iter().find(|(_, _, links)| *links == 2).expect("a linked file");
+    let inode = std::fs::metadata(path).unwrap().ino();
+    let client_name = walk(&env.cache_dir())
+        .into_iter()
+        .find(|p| std::fs::metadata(p).unwrap().ino() == inode)
+        .unwrap();
+    let len = std::fs::metadata(&client_name).unwrap().len() as usize;
+    std::fs::write(&client_name, vec![b'#'; len]).unwrap();
+    let (status, body) = env.daemon.http("GET", &format!("/v1/blobs/{layer}"), b"");
+    assert!(
+        status != 200 || sha256_digest(&body) != layer && body.len() < blob.len(),
+        "a damaged layer was served whole"
+    );
+    let (status, _) = env.daemon.http("HEAD", &format!("/v1/blobs/{layer}"), b"");
+    assert_eq!(status, 404, "found damaged, and dropped");
+}
+
+/// Every regular file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                todo.push(e.path());
+            } else if t.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out
 }

@@ -1,0 +1,309 @@
+//! A COPY layer kept as its tar (`--layer-compression none`), packed by reference: the
+//! tar's own bytes (each entry's header, the padding after each file, the end) are written
+//! to one file, and each file's bytes are named as a run of the snapshot file they are, for
+//! lcached to hard-link (`PUT /v1/blobs/{digest}/linked`). Nothing of the files is written
+//! again: a cold build writes the layer's bytes once, as the snapshot. The segments, their
+//! states and the digest are exactly those [`crate::layer_segments::pack_planned`] gives
+//! for the same plan, so a later edit of the step takes its unchanged runs as it would.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use lcache_proto::wire::{LinkedBlob, LinkedFile, LinkedRun};
+
+use crate::layer_diff::{LayerCompression, PackedLayer};
+use crate::layer_segments::{
+    fingerprint, header, Packed, Planned, Segment, SegmentEntry, SegmentEntryKind, SegmentIndex, TarHash, TRAILER,
+};
+
+/// The tar's own bytes as they are written: to the file, into the digest, and as runs.
+struct Own {
+    out: io::BufWriter<std::fs::File>,
+    written: u64,
+    sha: TarHash,
+    len: u64,
+    linked: LinkedBlob,
+}
+
+impl Own {
+    fn own(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.out.write_all(bytes)?;
+        self.sha.write_all(bytes)?;
+        match self.linked.runs.last_mut() {
+            Some(r) if r.file == 0 && r.offset + r.len == self.written => r.len += bytes.len() as u64,
+            _ => self.linked.runs.push(LinkedRun {
+                file: 0,
+                offset: self.written,
+                len: bytes.len() as u64,
+            }),
+        }
+        self.written += bytes.len() as u64;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The bytes of `file` (`size` of them, at `path`), hashed and named as a run.
+    fn file(&mut self, mut file: std::fs::File, path: PathBuf, size: u64) -> io::Result<()> {
+        let path = path
+            .into_os_string()
+            .into_string()
+            .map_err(|p| io::Error::other(format!("{} is not UTF-8: it cannot be linked", Path::new(&p).display())))?;
+        let mut buf = vec![0u8; (1 << 20).min(size.max(1)) as usize];
+        let mut read = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            self.sha.write_all(&buf[..n])?;
+            read += n as u64;
+        }
+        if read != size {
+            return Err(io::Error::other(format!(
+                "{path} is not the size it was copied at: the snapshot changed"
+            )));
+        }
+        self.linked.runs.push(LinkedRun {
+            file: self.linked.files.len() as u32,
+            offset: 0,
+            len: size,
+        });
+        self.linked.files.push(LinkedFile { path, size });
+        self.len += size;
+        Ok(())
+    }
+}
+
+/// Where an open file is: what the kernel says of its descriptor (the snapshot file itself,
+/// whatever path it was reached by).
+fn path_of(file: &std::fs::File) -> io::Result<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// Packs `plan` (every segment given by its entries: nothing to take from an earlier blob)
+/// as a tar by reference: its own bytes into `dest`, its files as runs of themselves,
+/// reading each through `open` to hash it.
+pub fn pack_linked(
+    plan: &[Planned],
+    open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
+    dest: &Path,
+) -> io::Result<Packed> {
+    let mut own = Own {
+        out: io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dest)?),
+        written: 0,
+        sha: TarHash::default(),
+        len: 0,
+        linked: LinkedBlob::default(),
+    };
+    own.linked.files.push(LinkedFile {
+        path: std::path::absolute(dest)?
+            .into_os_string()
+            .into_string()
+            .map_err(|_| io::Error::other("the work directory's path is not UTF-8"))?,
+        size: 0,
+    });
+    let mut index = SegmentIndex {
+        segments: Vec::new(),
+        compression: LayerCompression::None,
+    };
+    // Each entry's header as the tar crate writes it (long names included): appended with
+    // no data, nothing but the header is written.
+    let mut headers = tar::Builder::new(Vec::new());
+    for planned in plan {
+        let Planned::Entries(seg) = planned else {
+            return Err(io::Error::other(
+                "a layer packed by reference takes nothing from an earlier blob",
+            ));
+        };
+        let offset = own.len;
+        for e in *seg {
+            match &e.kind {
+                SegmentEntryKind::Dir => {
+                    let mut h = header(e, tar::EntryType::Directory, 0);
+                    headers.append_data(&mut h, e.path, io::empty())?;
+                }
+                SegmentEntryKind::Symlink { target } => {
+                    let mut h = header(e, tar::EntryType::Symlink, 0);
+                    headers.append_link(&mut h, e.path, target)?;
+                }
+                SegmentEntryKind::File { size, .. } => {
+                    let f = open(e)?;
+                    let mut h = header(e, tar::EntryType::Regular, *size);
+                    headers.append_data(&mut h, e.path, io::empty())?;
+                    own.own(&std::mem::take(headers.get_mut()))?;
+                    if *size > 0 {
+                        let path = path_of(&f)?;
+                        own.file(f, path, *size)?;
+                        let pad = (512 - size % 512) % 512;
+                        own.own(&[0u8; 512][..pad as usize])?;
+                    }
+                    continue;
+                }
+            }
+            own.own(&std::mem::take(headers.get_mut()))?;
+        }
+        let state = own.sha.state();
+        index.segments.push(Segment {
+            fingerprint: fingerprint(seg),
+            offset,
+            len: own.len - offset,
+            tar_state: state.clone(),
+            last: seg.last().map(|e| e.path.to_string()).unwrap_or_default(),
+            blob_state: state,
+        });
+    }
+    own.own(&[0u8; TRAILER])?;
+    let Own {
+        out,
+        written,
+        sha,
+        len,
+        mut linked,
+    } = own;
+    // Not synced: lcached links the file and syncs its file system once.
+    out.into_inner().map_err(|e| e.into_error())?;
+    linked.files[0].size = written;
+    let digest = sha.digest();
+    Ok(Packed {
+        layer: PackedLayer {
+            path: dest.to_path_buf(),
+            digest: digest.clone(),
+            diff_id: digest,
+            size: len,
+        },
+        index,
+        pending: None,
+        tail: None,
+        parts: Vec::new(),
+        unwritten: 0,
+        links: Some(linked),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer_segments::{pack_planned, segment_ranges, TailDigests};
+
+    /// The blob `linked` describes, read from its files.
+    fn assembled(linked: &LinkedBlob) -> Vec<u8> {
+        let files: Vec<Vec<u8>> = linked.files.iter().map(|f| std::fs::read(&f.path).unwrap()).collect();
+        let mut out = Vec::new();
+        for r in &linked.runs {
+            let f = &files[r.file as usize];
+            assert_eq!(f.len() as u64, linked.files[r.file as usize].size);
+            out.extend_from_slice(&f[r.offset as usize..(r.offset + r.len) as usize]);
+        }
+        out
+    }
+
+    #[test]
+    fn a_layer_packed_by_reference_is_the_tar_packing_it_whole_gives_and_names_the_snapshots_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        // Long names (a GNU long-name entry), empty files, a big one, symlinks.
+        let mut list: Vec<(String, Vec<u8>, u8)> = vec![("app".into(), vec![], b'd')];
+        let long = format!("app/{}", "n".repeat(150));
+        list.push((long, b"long named".to_vec(), b'f'));
+        list.push(("app/empty".into(), Vec::new(), b'f'));
+        list.push((
+            "app/big".into(),
+            (0..3_000_000u32).map(|i| (i % 251) as u8).collect(),
+            b'f',
+        ));
+        list.push(("app/link".into(), b"big".to_vec(), b'l'));
+        for i in 0..3000 {
+            list.push((
+                format!("app/f{i:05}"),
+                format!("{i}").repeat(i % 40 + 1).into_bytes(),
+                b'f',
+            ));
+        }
+        list.sort();
+        std::fs::create_dir_all(root.join("app")).unwrap();
+        for (p, b, kind) in &list {
+            match kind {
+                b'f' => std::fs::write(root.join(p), b).unwrap(),
+                b'l' => std::os::unix::fs::symlink(std::str::from_utf8(b).unwrap(), root.join(p)).unwrap(),
+                _ => {}
+            }
+        }
+        let entries: Vec<SegmentEntry> = list
+            .iter()
+            .map(|(p, b, kind)| SegmentEntry {
+                path: p,
+                kind: match kind {
+                    b'd' => SegmentEntryKind::Dir,
+                    b'l' => SegmentEntryKind::Symlink {
+                        target: std::str::from_utf8(b).unwrap(),
+                    },
+                    _ => SegmentEntryKind::File {
+                        size: b.len() as u64,
+                        content: *blake3::hash(b).as_bytes(),
+                    },
+                },
+                mode: 0o644,
+                uid: 1,
+                gid: 2,
+            })
+            .collect();
+        let plan: Vec<Planned> = segment_ranges(&entries)
+            .0
+            .into_iter()
+            .map(|r| Planned::Entries(&entries[r]))
+            .collect();
+        assert!(plan.len() > 3, "several segments");
+        let open = |e: &SegmentEntry| std::fs::File::open(root.join(e.path));
+        let whole = pack_planned::<io::Empty>(
+            &plan,
+            &open,
+            None,
+            &dir.path().join("whole.tar"),
+            TailDigests::Here,
+            LayerCompression::None,
+        )
+        .unwrap();
+        let linked = pack_linked(&plan, &open, &dir.path().join("own")).unwrap();
+        let tar = std::fs::read(dir.path().join("whole.tar")).unwrap();
+        let runs = linked.links.as_ref().unwrap();
+        assert_eq!(assembled(runs), tar);
+        assert_eq!(linked.layer.digest, whole.layer.digest);
+        assert_eq!(linked.layer.diff_id, whole.layer.diff_id);
+        assert_eq!(linked.layer.size, whole.layer.size);
+        assert_eq!(
+            linked.index, whole.index,
+            "the same segments and states: an edit reuses them"
+        );
+        // The files are named where they are, not copied: the file written holds the
+        // headers only.
+        assert!(runs.files[1..]
+            .iter()
+            .all(|f| f.path.starts_with(&*root.to_string_lossy())));
+        assert_eq!(runs.files.len(), 1 + 3002, "every non-empty file once");
+        let own = std::fs::metadata(dir.path().join("own")).unwrap().len();
+        assert!(own < tar.len() as u64 / 2, "{own} of {}", tar.len());
+    }
+
+    #[test]
+    fn a_file_that_changed_size_since_it_was_listed_fails_the_pack() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"longer than listed").unwrap();
+        let entries = [SegmentEntry {
+            path: "f",
+            kind: SegmentEntryKind::File {
+                size: 3,
+                content: [0; 32],
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }];
+        let plan = [Planned::Entries(&entries)];
+        let open = |e: &SegmentEntry| std::fs::File::open(dir.path().join(e.path));
+        assert!(pack_linked(&plan, &open, &dir.path().join("own")).is_err());
+    }
+}
