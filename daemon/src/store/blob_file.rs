@@ -33,6 +33,9 @@ pub(crate) const PACKS: &str = "packs";
 
 const CHUNK: u64 = 256 * 1024;
 
+/// What a pack's reader thread reads ahead at a time.
+const READ_AHEAD: u64 = 1 << 20;
+
 /// A composed blob's directory listing of runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Recipe {
@@ -143,6 +146,8 @@ pub(crate) struct Pack {
     /// Its id (a plain name).
     pub id: String,
     dir: PathBuf,
+    /// The directory, open: its files are opened relative to it (no path walk for each).
+    dir_fd: std::fs::File,
     manifest: PackManifest,
     starts: Vec<u64>,
     len: u64,
@@ -176,9 +181,14 @@ impl Pack {
                 .checked_add(r.len)
                 .ok_or_else(|| damaged(format!("{}: the runs overflow", dir.display())))?;
         }
+        let dir_fd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_DIRECTORY)
+            .open(&dir)?;
         Ok(Self {
             id: id.to_string(),
             dir,
+            dir_fd,
             manifest,
             starts,
             len,
@@ -202,14 +212,28 @@ impl Pack {
 
     /// File `k` opened, checked to be as it was when linked.
     fn open_file(&self, k: u32) -> io::Result<std::fs::File> {
-        let path = self.dir.join(k.to_string());
-        let file = open_nofollow(&path)?;
+        use nix::fcntl::OFlag;
+        let open = |noatime: OFlag| {
+            nix::fcntl::openat(
+                &self.dir_fd,
+                k.to_string().as_str(),
+                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | noatime,
+                nix::sys::stat::Mode::empty(),
+            )
+        };
+        let fd = match open(OFlag::O_NOATIME) {
+            // O_NOATIME is for the file's owner (or root) only.
+            Err(nix::errno::Errno::EPERM) => open(OFlag::empty()),
+            other => other,
+        }
+        .map_err(io::Error::from)?;
+        let file = std::fs::File::from(fd);
         let meta = file.metadata()?;
         let stamp = self.manifest.files.get(k as usize);
         if !meta.is_file() || stamp != Some(&Stamp::of(&meta)) {
             return Err(damaged(format!(
                 "{} was changed after it was linked into the store (another name of the file was written)",
-                path.display()
+                self.dir.join(k.to_string()).display()
             )));
         }
         Ok(file)
@@ -477,16 +501,50 @@ impl BlobFile {
     }
 
     /// Copies the bytes from `first` on to `out` (blocking reads); returns the blob's length.
+    /// A pack's many small files are read on a thread of their own, ahead of `out` (a
+    /// hash, mostly): the opens and reads then cost no time beside it.
     pub fn copy_from_to(&self, first: u64, out: &mut dyn Write) -> io::Result<u64> {
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut at = first;
-        while at < self.len {
-            let want = (self.len - at).min(CHUNK) as usize;
-            let n = self.fill(&mut buf[..want], at)?;
-            out.write_all(&buf[..n])?;
-            at += n as u64;
+        let linked = self.runs.iter().any(|r| matches!(r.source, Source::Linked { .. }));
+        if !linked || self.len.saturating_sub(first) < 4 * READ_AHEAD {
+            let mut buf = vec![0u8; CHUNK as usize];
+            let mut at = first;
+            while at < self.len {
+                let want = (self.len - at).min(CHUNK) as usize;
+                let n = self.fill(&mut buf[..want], at)?;
+                out.write_all(&buf[..n])?;
+                at += n as u64;
+            }
+            return Ok(self.len);
         }
-        Ok(self.len)
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+            // Buffers come back to the reader once written: none is zeroed again.
+            let (back, returned) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+            s.spawn(move || {
+                let mut at = first;
+                while at < self.len {
+                    let want = (self.len - at).min(READ_AHEAD) as usize;
+                    let mut buf = returned.try_recv().unwrap_or_default();
+                    buf.resize(want, 0);
+                    let read = self.fill(&mut buf, at).map(|n| {
+                        buf.truncate(n);
+                        buf
+                    });
+                    let failed = read.is_err();
+                    at += read.as_ref().map_or(0, |b| b.len() as u64);
+                    // The receiver gone (`out` failed) or a read failed: stop.
+                    if tx.send(read).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            for chunk in rx {
+                let chunk = chunk?;
+                out.write_all(&chunk)?;
+                let _ = back.try_send(chunk);
+            }
+            Ok(self.len)
+        })
     }
 
     /// Fills as much of `buf` as the blob has from `pos` on, across runs; how much.
@@ -804,5 +862,40 @@ mod tests {
             };
             assert!(BlobFile::from_recipe(&dir, &r).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_big_pack_read_ahead_on_its_own_thread_is_the_same_bytes_and_stops_at_a_changed_file() {
+        let blobs = tempfile::tempdir().unwrap();
+        let contents: Vec<Vec<u8>> = (0..20u8).map(|k| vec![k; 512 * 1024 + usize::from(k)]).collect();
+        let runs: Vec<(u32, u64, u64)> = (0..20u32).map(|k| (k, 0, contents[k as usize].len() as u64)).collect();
+        make_pack(blobs.path(), "big", &contents, &runs);
+        let pack = Arc::new(Pack::load(&blobs.path().join(PACKS), "big").unwrap());
+        let blob = BlobFile::of_pack(pack.clone()).unwrap();
+        assert!(blob.len() > 8 * READ_AHEAD);
+        let mut out = Vec::new();
+        blob.copy_from_to(3, &mut out).unwrap();
+        assert_eq!(out, contents.concat()[3..]);
+        // A file changed behind the store: the copy fails, and returns.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(blobs.path().join(PACKS).join("big").join("12"))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        let blob = BlobFile::of_pack(Arc::new(Pack::load(&blobs.path().join(PACKS), "big").unwrap())).unwrap();
+        let e = blob.copy_to(&mut Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        // `out` failing stops the reader too.
+        struct Refuses;
+        impl Write for Refuses {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("full"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let whole = BlobFile::of_pack(pack).unwrap();
+        assert!(whole.copy_to(&mut Refuses).is_err());
     }
 }
