@@ -1,6 +1,6 @@
 //! A COPY layer kept as its tar (`--layer-compression none`), packed by reference: the
-//! tar's own bytes (each entry's header, the padding after each file, the end) are written
-//! to one file, and each file's bytes are named as a run of the snapshot file they are, for
+//! tar's own bytes (each entry's header) are written to one file, its padding and end named
+//! as runs of zeros, and each file's bytes as a run of the snapshot file they are, for
 //! lcached to hard-link (`PUT /v1/blobs/{digest}/linked`). Nothing of the files is written
 //! again: a cold build writes the layer's bytes once, as the snapshot. The segments, their
 //! states and the digest are exactly those [`crate::layer_segments::pack_planned`] gives
@@ -43,6 +43,30 @@ impl Own {
         }
         self.written += bytes.len() as u64;
         self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// `n` zero bytes: hashed and named as a run of zeros, not written.
+    fn zeros(&mut self, n: u64) -> io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let block = [0u8; 512];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(512);
+            self.sha.write_all(&block[..k as usize])?;
+            left -= k;
+        }
+        match self.linked.runs.last_mut() {
+            Some(r) if r.file == LinkedRun::ZEROS => r.len += n,
+            _ => self.linked.runs.push(LinkedRun {
+                file: LinkedRun::ZEROS,
+                offset: 0,
+                len: n,
+            }),
+        }
+        self.len += n;
         Ok(())
     }
 
@@ -138,8 +162,7 @@ pub fn pack_linked(
                     if *size > 0 {
                         let path = path_of(&f)?;
                         own.file(f, path, *size)?;
-                        let pad = (512 - size % 512) % 512;
-                        own.own(&[0u8; 512][..pad as usize])?;
+                        own.zeros((512 - size % 512) % 512)?;
                     }
                     continue;
                 }
@@ -156,7 +179,7 @@ pub fn pack_linked(
             blob_state: state,
         });
     }
-    own.own(&[0u8; TRAILER])?;
+    own.zeros(TRAILER as u64)?;
     let Own {
         out,
         written,
@@ -194,6 +217,10 @@ mod tests {
         let files: Vec<Vec<u8>> = linked.files.iter().map(|f| std::fs::read(&f.path).unwrap()).collect();
         let mut out = Vec::new();
         for r in &linked.runs {
+            if r.file == LinkedRun::ZEROS {
+                out.extend(std::iter::repeat_n(0u8, r.len as usize));
+                continue;
+            }
             let f = &files[r.file as usize];
             assert_eq!(f.len() as u64, linked.files[r.file as usize].size);
             out.extend_from_slice(&f[r.offset as usize..(r.offset + r.len) as usize]);

@@ -240,7 +240,9 @@ pub struct LinkedFile {
     pub size: u64,
 }
 
-/// `len` bytes of a linked blob's file `file` (an index into its files) from `offset`.
+/// `len` bytes of a linked blob's file `file` (an index into its files) from `offset`; or,
+/// with `file` [`LinkedRun::ZEROS`], `len` zero bytes (a tar's padding and end: no file
+/// need hold them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkedRun {
     /// The file's index.
@@ -249,6 +251,11 @@ pub struct LinkedRun {
     pub offset: u64,
     /// How long it is.
     pub len: u64,
+}
+
+impl LinkedRun {
+    /// The `file` of a run of zero bytes.
+    pub const ZEROS: u32 = u32::MAX;
 }
 
 impl LinkedBlob {

@@ -95,7 +95,10 @@ impl Stamp {
     }
 }
 
-/// `len` bytes of the pack's file `file` from `offset`.
+/// A pack run's `file` when it is `len` zero bytes (`LinkedRun::ZEROS`).
+pub(crate) const ZEROS: u32 = u32::MAX;
+
+/// `len` bytes of the pack's file `file` from `offset` (zeros with [`ZEROS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PackRun {
     /// The file's index.
@@ -172,7 +175,10 @@ impl Pack {
         let mut starts = Vec::with_capacity(manifest.runs.len());
         let mut len = 0u64;
         for r in &manifest.runs {
-            let size = manifest.files.get(r.file as usize).map(|s| s.size);
+            let size = match r.file {
+                ZEROS => Some(u64::MAX),
+                k => manifest.files.get(k as usize).map(|s| s.size),
+            };
             if size.is_none_or(|size| r.offset.checked_add(r.len).is_none_or(|end| end > size)) {
                 return Err(damaged(format!("{}: a run lies outside its file", dir.display())));
             }
@@ -438,6 +444,10 @@ impl BlobFile {
         let run = &self.runs[i];
         let within = pos - self.starts[i];
         let n = buf.len().min((run.len - within) as usize);
+        if matches!(run.source, Source::Linked { file: ZEROS, .. }) {
+            buf[..n].fill(0);
+            return Ok(n);
+        }
         let read = self.file_of(i)?.read_at(&mut buf[..n], run.offset + within)?;
         if read == 0 {
             // A file shorter than its run: never a short blob that looks whole.

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lcache_proto::wire::LinkedBlob;
+use lcache_proto::wire::{LinkedBlob, LinkedRun};
 
 use super::blob_file::{
     open_nofollow, pack_link_name, BlobFile, Pack, PackManifest, PackRun, Recipe, RecipeRun, Stamp, PACK_MANIFEST,
@@ -49,6 +49,10 @@ fn check(linked: &LinkedBlob, limits: &Limits) -> Result<(), IngestError> {
     }
     let mut total = 0u64;
     for r in &linked.runs {
+        if r.file == LinkedRun::ZEROS {
+            total = total.saturating_add(r.len);
+            continue;
+        }
         let size = linked
             .files
             .get(r.file as usize)
@@ -289,6 +293,13 @@ mod tests {
             });
             bytes.extend_from_slice(&content);
         }
+        // The tar's end: zeros no file holds.
+        linked.runs.push(LinkedRun {
+            file: LinkedRun::ZEROS,
+            offset: 0,
+            len: 1024,
+        });
+        bytes.extend_from_slice(&[0u8; 1024]);
         std::fs::write(dir.path().join("headers"), &headers).unwrap();
         linked.files[0].size = headers.len() as u64;
         Client { dir, linked, bytes }
