@@ -1149,3 +1149,85 @@ fn gzipped_uploads_over_tcp_are_checked_as_the_bytes_they_inflate_to_and_bombs_k
     let (status, body) = d.http("GET", &format!("/v1/blobs/{digest}"), b"");
     assert_eq!((status, body), (200, tar));
 }
+
+/// A `PUT /v1/blobs/{digest}/linked` body: the blob is `files` end to end.
+fn linked_body(files: &[&std::path::Path]) -> (Vec<u8>, String) {
+    let mut bytes = Vec::new();
+    let mut listed = Vec::new();
+    let mut runs = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let b = std::fs::read(f).unwrap();
+        listed.push(serde_json::json!({"path": f.display().to_string(), "size": b.len()}));
+        runs.push(serde_json::json!({"file": i, "offset": 0, "len": b.len()}));
+        bytes.extend(b);
+    }
+    let body = serde_json::json!({"files": listed, "runs": runs})
+        .to_string()
+        .into_bytes();
+    (body, sha256_digest(&bytes))
+}
+
+#[test]
+fn a_blob_of_linked_files_is_taken_on_the_socket_only_and_one_that_lies_or_overfills_keeps_nothing() {
+    let files = tempfile::tempdir().unwrap();
+    let (a, b) = (files.path().join("a"), files.path().join("b"));
+    std::fs::write(&a, b"the headers").unwrap();
+    std::fs::write(&b, vec![7u8; 100_000]).unwrap();
+    let d = Daemon::start(&[]);
+    let token = make_token(&d, "ci", "write");
+    let (body, digest) = linked_body(&[&a, &b]);
+    let path = format!("/v1/blobs/{digest}/linked");
+    // It names files of the daemon's machine: never over TCP.
+    let (status, answer) = tcp_http(&d.tcp, "PUT", &path, Some(&token), &body);
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0, 404);
+    // A file whose size is not the one stated, or that is gone: refused, nothing kept.
+    let wrong = String::from_utf8(body.clone()).unwrap().replace("100000", "99999");
+    let (status, answer) = d.http("PUT", &path, wrong.as_bytes());
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
+    let (missing, missing_digest) = linked_body(&[&a]);
+    std::fs::remove_file(&a).unwrap();
+    let (status, answer) = d.http("PUT", &format!("/v1/blobs/{missing_digest}/linked"), &missing);
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
+    assert!(String::from_utf8_lossy(&answer).contains("no such file"));
+    assert_eq!(std::fs::read_dir(d.store().join("blobs/packs")).unwrap().count(), 0);
+    std::fs::write(&a, b"the headers").unwrap();
+    let (status, answer) = d.http("PUT", &path, &body);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
+    let (status, got) = d.http("GET", &format!("/v1/blobs/{digest}"), b"");
+    assert_eq!((status, sha256_digest(&got)), (200, digest.clone()));
+    // The client's names go; the store's links keep the bytes.
+    drop(files);
+    assert_eq!(d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0, 200);
+}
+
+#[test]
+fn a_linked_blob_copied_onto_a_full_store_on_another_file_system_is_a_507_and_keeps_nothing() {
+    // The store on a 4 MiB tmpfs, the files on the disk: linking fails across file
+    // systems, the copy runs out of room.
+    let (dir, store, _mounted) = store_on_tmpfs("4m");
+    let mut d = Daemon::start_in(dir, &[]);
+    let files = tempfile::tempdir_in("/var/tmp").unwrap();
+    let big = files.path().join("big");
+    std::fs::write(
+        &big,
+        (0..8u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let (body, digest) = linked_body(&[&big]);
+    let (status, answer) = d.http("PUT", &format!("/v1/blobs/{digest}/linked"), &body);
+    assert_eq!(status, 507, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(std::fs::read_dir(store.join("blobs/tmp")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(store.join("blobs/packs")).unwrap().count(), 0);
+    assert!(d.alive());
+    // One that fits is copied, and outlives the file it was copied from.
+    let small = files.path().join("small");
+    std::fs::write(&small, vec![3u8; 1 << 20]).unwrap();
+    let (body, digest) = linked_body(&[&small]);
+    assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}/linked"), &body).0, 201);
+    drop(files);
+    let (status, got) = d.http("GET", &format!("/v1/blobs/{digest}"), b"");
+    assert_eq!((status, sha256_digest(&got)), (200, digest));
+}
