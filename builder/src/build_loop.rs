@@ -51,6 +51,7 @@ use crate::user_lookup::resolve_user;
 use lcache_image::image_draft::{DeferredBuild, DeferredLayer, ImageDraft};
 use lcache_image::image_history::{base_history, extend, Contribution, HistoryEntry};
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, LayerCompression};
+use lcache_image::layer_links::pack_layer_linked;
 use lcache_image::oci_image::RuntimeConfig;
 
 /// What to build.
@@ -1354,6 +1355,11 @@ impl<'a> Builder<'a> {
                     (p.tail, p.links),
                 )
             }),
+            // A RUN's (or WORKDIR's) tree is kept as the step's snapshot: a cache that holds
+            // tar layers by reference is named its files.
+            None if links(steps) && compression == LayerCompression::None => pack_layer_linked(&tree, &dest)
+                .map(|(p, linked)| (p, None, None, None, (None, Some(linked))))
+                .or_else(|_| pack_layer(&tree, &dest, compression).map(|p| (p, None, None, None, (None, None)))),
             None => pack_layer(&tree, &dest, compression).map(|p| (p, None, None, None, (None, None))),
         };
         // `hashing`: the diff_id, hashed on its own thread since the pack reached the first

@@ -87,12 +87,107 @@ fn header_for(meta: &std::fs::Metadata, kind: tar::EntryType, size: u64) -> tar:
     h
 }
 
+/// Where a layer's tar goes, piece by piece: its own bytes (each entry's header, as the tar
+/// crate writes it), each regular file's bytes, and the zeros that pad them and end it. A
+/// writer takes them all as bytes; a tar packed by reference (`layer_links`) names the
+/// files instead of copying them.
+pub trait TarOut {
+    /// The tar's own bytes.
+    fn own(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// The bytes of `file`, which is at `path` and must be `size` bytes long.
+    fn file(&mut self, file: std::fs::File, path: &Path, size: u64) -> std::io::Result<()>;
+    /// `n` zero bytes.
+    fn zeros(&mut self, n: u64) -> std::io::Result<()>;
+}
+
+/// A tar written out whole.
+pub struct TarBytes<W>(pub W);
+
+impl<W: Write> TarOut for TarBytes<W> {
+    fn own(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(bytes)
+    }
+
+    fn file(&mut self, file: std::fs::File, path: &Path, size: u64) -> std::io::Result<()> {
+        use std::io::Read;
+        let copied = std::io::copy(&mut file.take(size), &mut self.0)?;
+        if copied != size {
+            return Err(std::io::Error::other(format!(
+                "{} is shorter than it was when listed: it changed while the layer was packed",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn zeros(&mut self, n: u64) -> std::io::Result<()> {
+        use std::io::Read;
+        std::io::copy(&mut std::io::repeat(0).take(n), &mut self.0).map(|_| ())
+    }
+}
+
+/// Headers as the tar crate writes them (long names as GNU extension entries): each entry
+/// is appended with no data, so only its header is written, and handed on as own bytes.
+pub(crate) struct Headers(tar::Builder<Vec<u8>>);
+
+impl Headers {
+    pub(crate) fn new() -> Self {
+        Self(tar::Builder::new(Vec::new()))
+    }
+
+    /// An entry without data (a directory, a marker, a device, a FIFO).
+    pub(crate) fn empty(&mut self, out: &mut dyn TarOut, h: &mut tar::Header, path: &Path) -> std::io::Result<()> {
+        self.0.append_data(h, path, std::io::empty())?;
+        out.own(&std::mem::take(self.0.get_mut()))
+    }
+
+    /// A link (symbolic or hard) to `target`.
+    pub(crate) fn link(
+        &mut self,
+        out: &mut dyn TarOut,
+        h: &mut tar::Header,
+        path: &Path,
+        target: &Path,
+    ) -> std::io::Result<()> {
+        self.0.append_link(h, path, target)?;
+        out.own(&std::mem::take(self.0.get_mut()))
+    }
+
+    /// A regular file's header, its bytes and their padding.
+    pub(crate) fn file(
+        &mut self,
+        out: &mut dyn TarOut,
+        h: &mut tar::Header,
+        path: &Path,
+        (file, at): (std::fs::File, &Path),
+        size: u64,
+    ) -> std::io::Result<()> {
+        self.0.append_data(h, path, std::io::empty())?;
+        out.own(&std::mem::take(self.0.get_mut()))?;
+        if size > 0 {
+            out.file(file, at, size)?;
+            out.zeros((512 - size % 512) % 512)?;
+        }
+        Ok(())
+    }
+}
+
+/// The zeros that end a tar.
+pub(crate) const TAR_END: u64 = 1024;
+
 /// Writes the layer tar of `upper` (uncompressed) to `out`; a RUN's upper has had its
 /// runtime stubs removed first ([`remove_runtime_mountpoints`]).
 pub fn write_layer_tar(upper: &Path, out: impl Write) -> std::io::Result<()> {
+    let mut out = TarBytes(out);
+    put_layer_tar(upper, &mut out)?;
+    out.0.flush()
+}
+
+/// Puts the layer tar of `upper` into `out`, piece by piece.
+pub fn put_layer_tar(upper: &Path, out: &mut dyn TarOut) -> std::io::Result<()> {
     let mut paths = Vec::new();
     collect(upper, Path::new(""), &mut paths)?;
-    let mut b = tar::Builder::new(out);
+    let mut b = Headers::new();
     let mut inodes: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for rel in paths {
         let full = upper.join(&rel);
@@ -107,34 +202,34 @@ pub fn write_layer_tar(upper: &Path, out: impl Write) -> std::io::Result<()> {
             let wh = rel.with_file_name(format!(".wh.{name}"));
             let mut h = header_for(&meta, tar::EntryType::Regular, 0);
             h.set_mode(0o644);
-            b.append_data(&mut h, &wh, &[][..])?;
+            b.empty(out, &mut h, &wh)?;
             continue;
         }
         if ft.is_dir() {
             let mut h = header_for(&meta, tar::EntryType::Directory, 0);
-            b.append_data(&mut h, &rel, &[][..])?;
+            b.empty(out, &mut h, &rel)?;
             if xattr::get(&full, "trusted.overlay.opaque").ok().flatten().as_deref() == Some(b"y") {
                 let mut h = header_for(&meta, tar::EntryType::Regular, 0);
                 h.set_mode(0o644);
-                b.append_data(&mut h, rel.join(".wh..wh..opq"), &[][..])?;
+                b.empty(out, &mut h, &rel.join(".wh..wh..opq"))?;
             }
         } else if ft.is_symlink() {
             let mut h = header_for(&meta, tar::EntryType::Symlink, 0);
-            b.append_link(&mut h, &rel, std::fs::read_link(&full)?)?;
+            b.link(out, &mut h, &rel, &std::fs::read_link(&full)?)?;
         } else if ft.is_file() {
             if meta.nlink() > 1 {
                 if let Some(first) = inodes.get(&(meta.dev(), meta.ino())) {
                     let mut h = header_for(&meta, tar::EntryType::Link, 0);
-                    b.append_link(&mut h, &rel, first)?;
+                    b.link(out, &mut h, &rel, first)?;
                     continue;
                 }
                 inodes.insert((meta.dev(), meta.ino()), rel.clone());
             }
             let mut h = header_for(&meta, tar::EntryType::Regular, meta.len());
-            b.append_data(&mut h, &rel, std::fs::File::open(&full)?)?;
+            b.file(out, &mut h, &rel, (std::fs::File::open(&full)?, &full), meta.len())?;
         } else if ft.is_fifo() {
             let mut h = header_for(&meta, tar::EntryType::Fifo, 0);
-            b.append_data(&mut h, &rel, &[][..])?;
+            b.empty(out, &mut h, &rel)?;
         } else if ft.is_char_device() || ft.is_block_device() {
             let kind = if ft.is_char_device() {
                 tar::EntryType::Char
@@ -145,10 +240,10 @@ pub fn write_layer_tar(upper: &Path, out: impl Write) -> std::io::Result<()> {
             let rdev = meta.rdev();
             h.set_device_major(nix::sys::stat::major(rdev) as u32)?;
             h.set_device_minor(nix::sys::stat::minor(rdev) as u32)?;
-            b.append_data(&mut h, &rel, &[][..])?;
+            b.empty(out, &mut h, &rel)?;
         }
     }
-    b.into_inner()?.flush()
+    out.zeros(TAR_END)
 }
 
 /// Packs `upper` into a layer blob at `dest`, compressed as `compression` says.
@@ -300,5 +395,36 @@ mod tests {
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
         assert_eq!(names, ["etc", "etc/.wh.gone", "var", "var/.wh..wh..opq"]);
+    }
+
+    #[test]
+    fn the_tar_put_piece_by_piece_is_the_one_the_tar_crate_writes_whole() {
+        let up = tempfile::tempdir().unwrap();
+        let long = "l".repeat(150);
+        std::fs::create_dir_all(up.path().join("d")).unwrap();
+        std::fs::write(up.path().join("d").join(&long), vec![5u8; 1234]).unwrap();
+        std::fs::write(up.path().join("d/empty"), b"").unwrap();
+        std::fs::write(up.path().join("d/a"), b"x").unwrap();
+        std::fs::hard_link(up.path().join("d/a"), up.path().join("d/b")).unwrap();
+        std::os::unix::fs::symlink("a", up.path().join("d/s")).unwrap();
+        let mut piecewise = Vec::new();
+        write_layer_tar(up.path(), &mut piecewise).unwrap();
+        // What the tar crate writes for the same entries, each appended whole.
+        let mut b = tar::Builder::new(Vec::new());
+        let meta = |p: &str| std::fs::symlink_metadata(up.path().join(p)).unwrap();
+        let mut h = header_for(&meta("d"), tar::EntryType::Directory, 0);
+        b.append_data(&mut h, "d", &[][..]).unwrap();
+        let mut h = header_for(&meta("d/a"), tar::EntryType::Regular, 1);
+        b.append_data(&mut h, "d/a", &b"x"[..]).unwrap();
+        let mut h = header_for(&meta("d/b"), tar::EntryType::Link, 0);
+        b.append_link(&mut h, "d/b", "d/a").unwrap();
+        let mut h = header_for(&meta("d/empty"), tar::EntryType::Regular, 0);
+        b.append_data(&mut h, "d/empty", &[][..]).unwrap();
+        let path = format!("d/{long}");
+        let mut h = header_for(&meta(&path), tar::EntryType::Regular, 1234);
+        b.append_data(&mut h, &path, &vec![5u8; 1234][..]).unwrap();
+        let mut h = header_for(&meta("d/s"), tar::EntryType::Symlink, 0);
+        b.append_link(&mut h, "d/s", "a").unwrap();
+        assert_eq!(piecewise, b.into_inner().unwrap());
     }
 }

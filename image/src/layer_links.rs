@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use lcache_proto::wire::{LinkedBlob, LinkedFile, LinkedRun};
 
-use crate::layer_diff::{LayerCompression, PackedLayer};
+use crate::layer_diff::{put_layer_tar, Headers, LayerCompression, PackedLayer, TarOut};
 use crate::layer_segments::{
     fingerprint, header, Packed, Planned, Segment, SegmentEntry, SegmentEntryKind, SegmentIndex, TarHash, TRAILER,
 };
@@ -70,8 +70,9 @@ impl Own {
         Ok(())
     }
 
-    /// The bytes of `file` (`size` of them, at `path`), hashed and named as a run.
-    fn file(&mut self, mut file: std::fs::File, path: PathBuf, size: u64) -> io::Result<()> {
+    /// The bytes of `file` (`size` of them), hashed and named as a run of the file itself.
+    fn linked(&mut self, mut file: std::fs::File, size: u64) -> io::Result<()> {
+        let path = path_of(&file)?;
         let path = path
             .into_os_string()
             .into_string()
@@ -88,7 +89,7 @@ impl Own {
         }
         if read != size {
             return Err(io::Error::other(format!(
-                "{path} is not the size it was copied at: the snapshot changed"
+                "{path} is not the size it was listed at: the snapshot changed"
             )));
         }
         self.linked.runs.push(LinkedRun {
@@ -99,6 +100,20 @@ impl Own {
         self.linked.files.push(LinkedFile { path, size });
         self.len += size;
         Ok(())
+    }
+}
+
+impl TarOut for Own {
+    fn own(&mut self, bytes: &[u8]) -> io::Result<()> {
+        Own::own(self, bytes)
+    }
+
+    fn file(&mut self, file: std::fs::File, _path: &Path, size: u64) -> io::Result<()> {
+        self.linked(file, size)
+    }
+
+    fn zeros(&mut self, n: u64) -> io::Result<()> {
+        Own::zeros(self, n)
     }
 }
 
@@ -116,27 +131,12 @@ pub fn pack_linked(
     open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
     dest: &Path,
 ) -> io::Result<Packed> {
-    let mut own = Own {
-        out: io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dest)?),
-        written: 0,
-        sha: TarHash::default(),
-        len: 0,
-        linked: LinkedBlob::default(),
-    };
-    own.linked.files.push(LinkedFile {
-        path: std::path::absolute(dest)?
-            .into_os_string()
-            .into_string()
-            .map_err(|_| io::Error::other("the work directory's path is not UTF-8"))?,
-        size: 0,
-    });
+    let mut own = Own::create(dest)?;
     let mut index = SegmentIndex {
         segments: Vec::new(),
         compression: LayerCompression::None,
     };
-    // Each entry's header as the tar crate writes it (long names included): appended with
-    // no data, nothing but the header is written.
-    let mut headers = tar::Builder::new(Vec::new());
+    let mut headers = Headers::new();
     for planned in plan {
         let Planned::Entries(seg) = planned else {
             return Err(io::Error::other(
@@ -145,29 +145,21 @@ pub fn pack_linked(
         };
         let offset = own.len;
         for e in *seg {
+            let path = Path::new(e.path);
             match &e.kind {
                 SegmentEntryKind::Dir => {
                     let mut h = header(e, tar::EntryType::Directory, 0);
-                    headers.append_data(&mut h, e.path, io::empty())?;
+                    headers.empty(&mut own, &mut h, path)?;
                 }
                 SegmentEntryKind::Symlink { target } => {
                     let mut h = header(e, tar::EntryType::Symlink, 0);
-                    headers.append_link(&mut h, e.path, target)?;
+                    headers.link(&mut own, &mut h, path, Path::new(target))?;
                 }
                 SegmentEntryKind::File { size, .. } => {
-                    let f = open(e)?;
                     let mut h = header(e, tar::EntryType::Regular, *size);
-                    headers.append_data(&mut h, e.path, io::empty())?;
-                    own.own(&std::mem::take(headers.get_mut()))?;
-                    if *size > 0 {
-                        let path = path_of(&f)?;
-                        own.file(f, path, *size)?;
-                        own.zeros((512 - size % 512) % 512)?;
-                    }
-                    continue;
+                    headers.file(&mut own, &mut h, path, (open(e)?, path), *size)?;
                 }
             }
-            own.own(&std::mem::take(headers.get_mut()))?;
         }
         let state = own.sha.state();
         index.segments.push(Segment {
@@ -180,24 +172,9 @@ pub fn pack_linked(
         });
     }
     own.zeros(TRAILER as u64)?;
-    let Own {
-        out,
-        written,
-        sha,
-        len,
-        mut linked,
-    } = own;
-    // Not synced: lcached links the file and syncs its file system once.
-    out.into_inner().map_err(|e| e.into_error())?;
-    linked.files[0].size = written;
-    let digest = sha.digest();
+    let (layer, linked) = own.finish(dest)?;
     Ok(Packed {
-        layer: PackedLayer {
-            path: dest.to_path_buf(),
-            digest: digest.clone(),
-            diff_id: digest,
-            size: len,
-        },
+        layer,
         index,
         pending: None,
         tail: None,
@@ -205,6 +182,57 @@ pub fn pack_linked(
         unwritten: 0,
         links: Some(linked),
     })
+}
+
+/// A RUN's layer (its overlay's upper directory, kept as the step's snapshot) kept as its
+/// tar, packed by reference: the tar's own bytes into `dest`, its files named.
+pub fn pack_layer_linked(upper: &Path, dest: &Path) -> io::Result<(PackedLayer, LinkedBlob)> {
+    let mut own = Own::create(dest)?;
+    put_layer_tar(upper, &mut own)?;
+    own.finish(dest)
+}
+
+impl Own {
+    /// Packing into `dest`, which is file 0 of the runs.
+    fn create(dest: &Path) -> io::Result<Self> {
+        let mut own = Own {
+            out: io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dest)?),
+            written: 0,
+            sha: TarHash::default(),
+            len: 0,
+            linked: LinkedBlob::default(),
+        };
+        own.linked.files.push(LinkedFile {
+            path: std::path::absolute(dest)?
+                .into_os_string()
+                .into_string()
+                .map_err(|_| io::Error::other("the work directory's path is not UTF-8"))?,
+            size: 0,
+        });
+        Ok(own)
+    }
+
+    /// The layer packed, and its runs.
+    fn finish(self, dest: &Path) -> io::Result<(PackedLayer, LinkedBlob)> {
+        let Own {
+            out,
+            written,
+            sha,
+            len,
+            mut linked,
+        } = self;
+        // Not synced: lcached links the file and syncs its file system once.
+        out.into_inner().map_err(|e| e.into_error())?;
+        linked.files[0].size = written;
+        let digest = sha.digest();
+        let layer = PackedLayer {
+            path: dest.to_path_buf(),
+            digest: digest.clone(),
+            diff_id: digest,
+            size: len,
+        };
+        Ok((layer, linked))
+    }
 }
 
 #[cfg(test)]
@@ -332,5 +360,30 @@ mod tests {
         let plan = [Planned::Entries(&entries)];
         let open = |e: &SegmentEntry| std::fs::File::open(dir.path().join(e.path));
         assert!(pack_linked(&plan, &open, &dir.path().join("own")).is_err());
+    }
+
+    #[test]
+    fn a_run_layer_packed_by_reference_is_the_tar_packing_it_whole_gives() {
+        let up = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(up.path().join("usr/lib")).unwrap();
+        for i in 0..200 {
+            std::fs::write(up.path().join(format!("usr/lib/f{i}")), vec![i as u8; i * 97]).unwrap();
+        }
+        std::fs::hard_link(up.path().join("usr/lib/f7"), up.path().join("usr/f7-again")).unwrap();
+        std::os::unix::fs::symlink("lib/f9", up.path().join("usr/f9")).unwrap();
+        let mut whole = Vec::new();
+        crate::layer_diff::write_layer_tar(up.path(), &mut whole).unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let (layer, linked) = pack_layer_linked(up.path(), &dest.path().join("own")).unwrap();
+        assert_eq!(assembled(&linked), whole);
+        let mut sha = TarHash::default();
+        sha.write_all(&whole).unwrap();
+        assert_eq!(layer.digest, sha.digest());
+        assert_eq!(
+            (layer.diff_id.as_str(), layer.size),
+            (layer.digest.as_str(), whole.len() as u64)
+        );
+        // Every non-empty file once; the hard link is the tar's link entry, not a file.
+        assert_eq!(linked.files.len(), 1 + 199);
     }
 }
