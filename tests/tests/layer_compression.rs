@@ -335,7 +335,22 @@ fn a_cold_tar_layer_is_kept_as_links_to_the_snapshots_files_and_a_file_changed_b
 
     // A snapshot file written behind lcached's back (same size, new time): the layer that
     // links it is no longer served, nor found whole.
-    let (path, _, _) = files.iter().find(|(_, _, links)| *links == 2).expect("a linked file");
+    let recipe = env
+        .daemon
+        .store()
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"))
+        .join("recipe");
+    let recipe = json(&std::fs::read(recipe).unwrap());
+    let pack = env
+        .daemon
+        .store()
+        .join("blobs/packs")
+        .join(recipe["runs"][0]["file"].as_str().unwrap());
+    let (path, _, _) = files
+        .iter()
+        .find(|(p, _, links)| *links == 2 && p.starts_with(&pack))
+        .expect("a file the COPY's layer links");
     let inode = std::fs::metadata(path).unwrap().ino();
     let client_name = walk(&env.cache_dir())
         .into_iter()
