@@ -454,4 +454,27 @@ mod tests {
         s.open_blob(&d).unwrap().unwrap().copy_to(&mut out).unwrap();
         assert_eq!(digest_of(&out), d);
     }
+
+    #[tokio::test]
+    async fn a_pack_a_killed_daemon_left_without_its_blob_is_removed_at_the_next_start() {
+        let root = tempfile::tempdir().unwrap();
+        let blobs = root.path().join("blobs");
+        let s = BlobStore::open(&blobs).unwrap();
+        let c = client_in(root.path(), 30);
+        let d = digest_of(&c.bytes);
+        s.ingest_linked(&d, c.linked.clone(), &Limits::default()).await.unwrap();
+        // Killed after the pack was moved into place, before its blob was: the blob's
+        // directory (and its link to the pack) never appeared.
+        std::fs::remove_dir_all(s.path_of(&d).unwrap()).unwrap();
+        drop(s);
+        let s = BlobStore::open(&blobs).unwrap();
+        assert_eq!(packs(&s), 0);
+        assert_eq!(std::fs::metadata(c.dir.path().join("f3")).unwrap().nlink(), 1);
+        // A blob that still reads its pack keeps it across a restart.
+        s.ingest_linked(&d, c.linked.clone(), &Limits::default()).await.unwrap();
+        drop(s);
+        let s = BlobStore::open(&blobs).unwrap();
+        assert_eq!(packs(&s), 1);
+        assert_eq!(read(&s, &d), c.bytes);
+    }
 }
