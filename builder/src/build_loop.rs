@@ -51,7 +51,7 @@ use crate::user_lookup::resolve_user;
 use lcache_image::image_draft::{DeferredBuild, DeferredLayer, ImageDraft};
 use lcache_image::image_history::{base_history, extend, Contribution, HistoryEntry};
 use lcache_image::layer_diff::{pack_layer, remove_runtime_mountpoints, LayerCompression};
-use lcache_image::layer_links::pack_layer_linked;
+use lcache_image::layer_links::{pack_layer_linked, take_name};
 use lcache_image::oci_image::RuntimeConfig;
 
 /// What to build.
@@ -1390,8 +1390,15 @@ impl<'a> Builder<'a> {
         if let Some(runs) = linked.take() {
             // The cache links the snapshot's files; the file packed holds only the tar's own
             // bytes, so a cache that does not take it so gets the layer packed whole.
-            match self.steps.put_linked(&packed.digest, &runs) {
-                Ok(true) => stored = Some(Ok(())),
+            match self.steps.put_linked(&runs) {
+                Ok(Some(named)) => {
+                    // The cache hashed it (nothing here read the files): its name, and each
+                    // segment's state for the next edit of the step to resume from.
+                    if !take_name(&mut packed, segments.as_mut(), &named) {
+                        segments = None;
+                    }
+                    stored = Some(Ok(()));
+                }
                 refused => {
                     if let Err(e) = refused {
                         self.progress().note(&format!(

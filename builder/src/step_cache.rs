@@ -122,12 +122,13 @@ pub trait StepCache: Send + Sync {
     fn takes_linked(&self) -> bool {
         false
     }
-    /// Stores the tar layer `digest` as `linked` says (runs of files on this machine, held
-    /// by reference and checked against the digest). `Ok(false)` when this cache does not
-    /// take layers so: the caller packs the layer whole and stores it with `put_blob`.
-    fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
-        let _ = (digest, linked);
-        Ok(false)
+    /// Stores the tar layer `linked` describes (runs of files on this machine, held by
+    /// reference) and names it: its digest, and the states at its marks. `None` when this
+    /// cache does not take layers so: the caller packs the layer whole and stores it with
+    /// `put_blob`.
+    fn put_linked(&self, linked: &LinkedBlob) -> Result<Option<NamedLayer>, CacheError> {
+        let _ = linked;
+        Ok(None)
     }
 }
 
@@ -234,13 +235,13 @@ impl<C: StepCache> StepCache for Metered<C> {
         self.inner.takes_linked()
     }
 
-    fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
-        let taken = self.inner.put_linked(digest, linked)?;
-        if taken {
+    fn put_linked(&self, linked: &LinkedBlob) -> Result<Option<NamedLayer>, CacheError> {
+        let named = self.inner.put_linked(linked)?;
+        if named.is_some() {
             self.stored
                 .fetch_add(linked.len(), std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(taken)
+        Ok(named)
     }
 
     fn put_layer(&self, file: &Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
@@ -336,7 +337,7 @@ impl<C: StepCache + ?Sized> StepCache for &C {
         (**self).takes_linked()
     }
 
-    fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
-        (**self).put_linked(digest, linked)
+    fn put_linked(&self, linked: &LinkedBlob) -> Result<Option<NamedLayer>, CacheError> {
+        (**self).put_linked(linked)
     }
 }

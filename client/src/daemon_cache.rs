@@ -75,8 +75,8 @@ impl StepCache for DaemonClient {
         self.is_local()
     }
 
-    fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
-        DaemonClient::put_linked(self, digest, linked)
+    fn put_linked(&self, linked: &LinkedBlob) -> Result<Option<NamedLayer>, CacheError> {
+        DaemonClient::put_linked(self, linked)
     }
 }
 

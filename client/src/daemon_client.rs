@@ -353,19 +353,18 @@ impl DaemonClient {
         matches!(self.remote.endpoint, Endpoint::Unix(_))
     }
 
-    /// `PUT /v1/blobs/{digest}/linked`: the tar layer `digest` as runs of files on this
-    /// machine, which lcached hard-links into its store, unless it has the blob. `Ok(false)`
-    /// when it does not take layers so (over TCP; an lcached older than the endpoint).
-    pub fn put_linked(&self, digest: &str, linked: &LinkedBlob) -> Result<bool, CacheError> {
-        if self.blob_present(digest)? {
-            return Ok(true);
-        }
+    /// `POST /v1/layers/linked`: a tar layer as runs of files on this machine, which lcached
+    /// hard-links into its store and names (hashing it: the client does not). `None` when
+    /// it does not take layers so (over TCP; an lcached older than the endpoint).
+    pub fn put_linked(&self, linked: &LinkedBlob) -> Result<Option<NamedLayer>, CacheError> {
         let body = Bytes::from(serde_json::to_vec(linked).map_err(|e| CacheError::Encode(e.to_string()))?);
-        let (status, resp) = self.call(Method::PUT, &format!("/v1/blobs/{digest}/linked"), body)?;
+        let (status, resp) = self.call(Method::POST, "/v1/layers/linked", body)?;
         match (status, daemon_error(status, &resp)) {
-            (StatusCode::FORBIDDEN, _) => Ok(false),
-            (StatusCode::NOT_FOUND, CacheError::Refused { error, .. }) if error.starts_with("no endpoint") => Ok(false),
-            (s, _) if s.is_success() => Ok(true),
+            (StatusCode::FORBIDDEN, _) => Ok(None),
+            (StatusCode::NOT_FOUND, CacheError::Refused { error, .. }) if error.starts_with("no endpoint") => Ok(None),
+            (s, _) if s.is_success() => serde_json::from_slice(&resp)
+                .map(Some)
+                .map_err(|e| CacheError::Protocol(format!("POST /v1/layers/linked answered what is not a layer: {e}"))),
             (_, refused) => Err(refused),
         }
     }

@@ -1,38 +1,71 @@
-//! A COPY layer kept as its tar (`--layer-compression none`), packed by reference: the
-//! tar's own bytes (each entry's header) are written to one file, its padding and end named
-//! as runs of zeros, and each file's bytes as a run of the snapshot file they are, for
-//! lcached to hard-link (`PUT /v1/blobs/{digest}/linked`). Nothing of the files is written
-//! again: a cold build writes the layer's bytes once, as the snapshot. The segments, their
-//! states and the digest are exactly those [`crate::layer_segments::pack_planned`] gives
-//! for the same plan, so a later edit of the step takes its unchanged runs as it would.
+//! A layer kept as its tar (`--layer-compression none`), packed by reference: the tar's own
+//! bytes (each entry's header) are written to one file, its padding and end named as runs of
+//! zeros, and each file's bytes as a run of the snapshot file they are, for lcached to
+//! hard-link and name (`POST /v1/layers/linked`). Nothing of the files is written again,
+//! nor read here: a cold build writes the layer's bytes once, as the snapshot, and they are
+//! hashed once, by lcached, which answers the digest and the states at each segment's end.
+//! The runs make exactly the bytes [`crate::layer_segments::pack_planned`] (a COPY's) or
+//! [`crate::layer_diff::write_layer_tar`] (a RUN's) makes, cut into the same segments, so
+//! a later edit of the step takes its unchanged runs as it would.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use lcache_proto::wire::{LinkedBlob, LinkedFile, LinkedRun};
+use lcache_proto::wire::{LinkedBlob, LinkedFile, LinkedRun, NamedLayer};
 
 use crate::layer_diff::{put_layer_tar, Headers, LayerCompression, PackedLayer, TarOut};
 use crate::layer_segments::{
-    fingerprint, header, Packed, Planned, Segment, SegmentEntry, SegmentEntryKind, SegmentIndex, TarHash, TRAILER,
+    fingerprint, header, Packed, Planned, Segment, SegmentEntry, SegmentEntryKind, SegmentIndex, TRAILER,
 };
 
-/// The tar's own bytes as they are written: to the file, into the digest, and as runs.
+/// The tar's own bytes as they are written to the file, and the runs of the whole.
 struct Own {
     out: io::BufWriter<std::fs::File>,
     written: u64,
-    sha: TarHash,
     len: u64,
     linked: LinkedBlob,
 }
 
 impl Own {
+    /// Packing into `dest`, which is file 0 of the runs.
+    fn create(dest: &Path) -> io::Result<Self> {
+        let path = std::path::absolute(dest)?
+            .into_os_string()
+            .into_string()
+            .map_err(|_| io::Error::other("the work directory's path is not UTF-8"))?;
+        Ok(Own {
+            out: io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dest)?),
+            written: 0,
+            len: 0,
+            linked: LinkedBlob {
+                files: vec![LinkedFile { path, size: 0 }],
+                ..LinkedBlob::default()
+            },
+        })
+    }
+
+    /// The runs, the file of own bytes complete (not synced: lcached links it and syncs its
+    /// file system once).
+    fn finish(self) -> io::Result<LinkedBlob> {
+        let Own {
+            out,
+            written,
+            mut linked,
+            ..
+        } = self;
+        out.into_inner().map_err(|e| e.into_error())?;
+        linked.files[0].size = written;
+        Ok(linked)
+    }
+}
+
+impl TarOut for Own {
     fn own(&mut self, bytes: &[u8]) -> io::Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
         self.out.write_all(bytes)?;
-        self.sha.write_all(bytes)?;
         match self.linked.runs.last_mut() {
             Some(r) if r.file == 0 && r.offset + r.len == self.written => r.len += bytes.len() as u64,
             _ => self.linked.runs.push(LinkedRun {
@@ -46,48 +79,14 @@ impl Own {
         Ok(())
     }
 
-    /// `n` zero bytes: hashed and named as a run of zeros, not written.
-    fn zeros(&mut self, n: u64) -> io::Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        let block = [0u8; 512];
-        let mut left = n;
-        while left > 0 {
-            let k = left.min(512);
-            self.sha.write_all(&block[..k as usize])?;
-            left -= k;
-        }
-        match self.linked.runs.last_mut() {
-            Some(r) if r.file == LinkedRun::ZEROS => r.len += n,
-            _ => self.linked.runs.push(LinkedRun {
-                file: LinkedRun::ZEROS,
-                offset: 0,
-                len: n,
-            }),
-        }
-        self.len += n;
-        Ok(())
-    }
-
-    /// The bytes of `file` (`size` of them), hashed and named as a run of the file itself.
-    fn linked(&mut self, mut file: std::fs::File, size: u64) -> io::Result<()> {
-        let path = path_of(&file)?;
-        let path = path
+    /// Named as a run of the file itself (where the kernel says the open file is), after
+    /// checking its size; its bytes are not read.
+    fn file(&mut self, file: std::fs::File, _path: &Path, size: u64) -> io::Result<()> {
+        let path = path_of(&file)?
             .into_os_string()
             .into_string()
             .map_err(|p| io::Error::other(format!("{} is not UTF-8: it cannot be linked", Path::new(&p).display())))?;
-        let mut buf = vec![0u8; (1 << 20).min(size.max(1)) as usize];
-        let mut read = 0u64;
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            self.sha.write_all(&buf[..n])?;
-            read += n as u64;
-        }
-        if read != size {
+        if file.metadata()?.len() != size {
             return Err(io::Error::other(format!(
                 "{path} is not the size it was listed at: the snapshot changed"
             )));
@@ -101,19 +100,22 @@ impl Own {
         self.len += size;
         Ok(())
     }
-}
 
-impl TarOut for Own {
-    fn own(&mut self, bytes: &[u8]) -> io::Result<()> {
-        Own::own(self, bytes)
-    }
-
-    fn file(&mut self, file: std::fs::File, _path: &Path, size: u64) -> io::Result<()> {
-        self.linked(file, size)
-    }
-
+    /// Named as a run of zeros, not written.
     fn zeros(&mut self, n: u64) -> io::Result<()> {
-        Own::zeros(self, n)
+        if n == 0 {
+            return Ok(());
+        }
+        match self.linked.runs.last_mut() {
+            Some(r) if r.file == LinkedRun::ZEROS => r.len += n,
+            _ => self.linked.runs.push(LinkedRun {
+                file: LinkedRun::ZEROS,
+                offset: 0,
+                len: n,
+            }),
+        }
+        self.len += n;
+        Ok(())
     }
 }
 
@@ -123,9 +125,41 @@ fn path_of(file: &std::fs::File) -> io::Result<PathBuf> {
     std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
+/// Gives a layer packed by reference the name the cache answered (`named`: its digest, and
+/// the states at the marks, which are its segments' ends); false when the states do not fit
+/// `index`, which then says nothing an edit can resume from.
+pub fn take_name(layer: &mut PackedLayer, index: Option<&mut SegmentIndex>, named: &NamedLayer) -> bool {
+    layer.digest.clone_from(&named.digest);
+    layer.diff_id.clone_from(&named.digest);
+    layer.size = named.size;
+    match index {
+        Some(index) if index.segments.len() == named.blob_states.len() => {
+            for (s, state) in index.segments.iter_mut().zip(&named.blob_states) {
+                s.tar_state.clone_from(state);
+                s.blob_state.clone_from(state);
+            }
+            true
+        }
+        Some(_) => false,
+        None => named.blob_states.is_empty(),
+    }
+}
+
+/// A layer packed by reference, before the cache names it.
+fn unnamed(dest: &Path, linked: &LinkedBlob) -> PackedLayer {
+    PackedLayer {
+        path: dest.to_path_buf(),
+        digest: String::new(),
+        diff_id: String::new(),
+        size: linked.len(),
+    }
+}
+
 /// Packs `plan` (every segment given by its entries: nothing to take from an earlier blob)
-/// as a tar by reference: its own bytes into `dest`, its files as runs of themselves,
-/// reading each through `open` to hash it.
+/// as a tar by reference: its own bytes into `dest`, its files as runs of themselves (each
+/// opened through `open`, not read): `Packed::links`, with a mark at each segment's end.
+/// The layer is not named, nor are its segments' states known, until the cache answers
+/// ([`take_name`]).
 pub fn pack_linked(
     plan: &[Planned],
     open: &(dyn Fn(&SegmentEntry) -> io::Result<std::fs::File> + Sync),
@@ -161,20 +195,20 @@ pub fn pack_linked(
                 }
             }
         }
-        let state = own.sha.state();
+        own.linked.marks.push(own.len);
         index.segments.push(Segment {
             fingerprint: fingerprint(seg),
             offset,
             len: own.len - offset,
-            tar_state: state.clone(),
+            tar_state: Vec::new(),
             last: seg.last().map(|e| e.path.to_string()).unwrap_or_default(),
-            blob_state: state,
+            blob_state: Vec::new(),
         });
     }
     own.zeros(TRAILER as u64)?;
-    let (layer, linked) = own.finish(dest)?;
+    let linked = own.finish()?;
     Ok(Packed {
-        layer,
+        layer: unnamed(dest, &linked),
         index,
         pending: None,
         tail: None,
@@ -185,60 +219,19 @@ pub fn pack_linked(
 }
 
 /// A RUN's layer (its overlay's upper directory, kept as the step's snapshot) kept as its
-/// tar, packed by reference: the tar's own bytes into `dest`, its files named.
+/// tar, packed by reference: the tar's own bytes into `dest`, its files named; unnamed
+/// until the cache answers ([`take_name`]).
 pub fn pack_layer_linked(upper: &Path, dest: &Path) -> io::Result<(PackedLayer, LinkedBlob)> {
     let mut own = Own::create(dest)?;
     put_layer_tar(upper, &mut own)?;
-    own.finish(dest)
-}
-
-impl Own {
-    /// Packing into `dest`, which is file 0 of the runs.
-    fn create(dest: &Path) -> io::Result<Self> {
-        let mut own = Own {
-            out: io::BufWriter::with_capacity(1 << 20, std::fs::File::create(dest)?),
-            written: 0,
-            sha: TarHash::default(),
-            len: 0,
-            linked: LinkedBlob::default(),
-        };
-        own.linked.files.push(LinkedFile {
-            path: std::path::absolute(dest)?
-                .into_os_string()
-                .into_string()
-                .map_err(|_| io::Error::other("the work directory's path is not UTF-8"))?,
-            size: 0,
-        });
-        Ok(own)
-    }
-
-    /// The layer packed, and its runs.
-    fn finish(self, dest: &Path) -> io::Result<(PackedLayer, LinkedBlob)> {
-        let Own {
-            out,
-            written,
-            sha,
-            len,
-            mut linked,
-        } = self;
-        // Not synced: lcached links the file and syncs its file system once.
-        out.into_inner().map_err(|e| e.into_error())?;
-        linked.files[0].size = written;
-        let digest = sha.digest();
-        let layer = PackedLayer {
-            path: dest.to_path_buf(),
-            digest: digest.clone(),
-            diff_id: digest,
-            size: len,
-        };
-        Ok((layer, linked))
-    }
+    let linked = own.finish()?;
+    Ok((unnamed(dest, &linked), linked))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer_segments::{pack_planned, segment_ranges, TailDigests};
+    use crate::layer_segments::{pack_planned, segment_ranges, TailDigests, TarHash};
 
     /// The blob `linked` describes, read from its files.
     fn assembled(linked: &LinkedBlob) -> Vec<u8> {
@@ -324,15 +317,31 @@ mod tests {
         .unwrap();
         let linked = pack_linked(&plan, &open, &dir.path().join("own")).unwrap();
         let tar = std::fs::read(dir.path().join("whole.tar")).unwrap();
-        let runs = linked.links.as_ref().unwrap();
-        assert_eq!(assembled(runs), tar);
-        assert_eq!(linked.layer.digest, whole.layer.digest);
-        assert_eq!(linked.layer.diff_id, whole.layer.diff_id);
-        assert_eq!(linked.layer.size, whole.layer.size);
-        assert_eq!(
-            linked.index, whole.index,
-            "the same segments and states: an edit reuses them"
-        );
+        let runs = linked.links.clone().unwrap();
+        let bytes = assembled(&runs);
+        assert_eq!(bytes, tar);
+        // Named as lcached names it: the digest of the bytes and the states at the marks,
+        // which are the whole pack's segments' states.
+        let mut sha = TarHash::default();
+        let mut at = 0usize;
+        let mut states = Vec::new();
+        for m in &runs.marks {
+            sha.write_all(&bytes[at..*m as usize]).unwrap();
+            at = *m as usize;
+            states.push(sha.state());
+        }
+        sha.write_all(&bytes[at..]).unwrap();
+        let named = NamedLayer {
+            digest: sha.digest(),
+            size: bytes.len() as u64,
+            blob_states: states,
+        };
+        let (mut layer, mut index) = (linked.layer, linked.index);
+        assert_eq!(layer.size, whole.layer.size);
+        assert!(take_name(&mut layer, Some(&mut index), &named));
+        assert_eq!(layer.digest, whole.layer.digest);
+        assert_eq!(layer.diff_id, whole.layer.diff_id);
+        assert_eq!(index, whole.index, "the same segments and states: an edit reuses them");
         // The files are named where they are, not copied: the file written holds the
         // headers only.
         assert!(runs.files[1..]
@@ -376,13 +385,7 @@ mod tests {
         let dest = tempfile::tempdir().unwrap();
         let (layer, linked) = pack_layer_linked(up.path(), &dest.path().join("own")).unwrap();
         assert_eq!(assembled(&linked), whole);
-        let mut sha = TarHash::default();
-        sha.write_all(&whole).unwrap();
-        assert_eq!(layer.digest, sha.digest());
-        assert_eq!(
-            (layer.diff_id.as_str(), layer.size),
-            (layer.digest.as_str(), whole.len() as u64)
-        );
+        assert_eq!((layer.size, linked.marks.len()), (whole.len() as u64, 0));
         // Every non-empty file once; the hard link is the tar's link entry, not a file.
         assert_eq!(linked.files.len(), 1 + 199);
     }

@@ -217,18 +217,22 @@ pub enum BlobPart {
     },
 }
 
-/// The body of `PUT /v1/blobs/{digest}/linked` (the daemon's Unix socket only): a tar
-/// layer (`--layer-compression none`) made of runs of files on the daemon's machine — the
+/// The body of `POST /v1/layers/linked` (the daemon's Unix socket only): a tar layer
+/// (`--layer-compression none`) made of runs of files on the daemon's machine — the
 /// client's snapshot files and a file of the tar's headers. The daemon hard-links each file
 /// into its store (copies it where it cannot), checks each is a regular file of the stated
-/// size, and checks the whole against the digest: the layer's bytes are kept once, as the
-/// snapshot's files.
+/// size, and names the whole by hashing it (a [`NamedLayer`], with the states at `marks`):
+/// the layer's bytes are kept once, as the snapshot's files, and hashed once, there.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkedBlob {
     /// The files, by absolute path.
     pub files: Vec<LinkedFile>,
     /// The blob, front to back.
     pub runs: Vec<LinkedRun>,
+    /// Where in the blob (ascending) the SHA-256's state is wanted back: each segment's
+    /// end, for the next edit of the step to resume from.
+    #[serde(default)]
+    pub marks: Vec<u64>,
 }
 
 /// A file a linked blob reads.

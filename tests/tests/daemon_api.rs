@@ -1150,7 +1150,7 @@ fn gzipped_uploads_over_tcp_are_checked_as_the_bytes_they_inflate_to_and_bombs_k
     assert_eq!((status, body), (200, tar));
 }
 
-/// A `PUT /v1/blobs/{digest}/linked` body: the blob is `files` end to end.
+/// A `POST /v1/layers/linked` body, and the digest of the blob it makes (`files` end to end).
 fn linked_body(files: &[&std::path::Path]) -> (Vec<u8>, String) {
     let mut bytes = Vec::new();
     let mut listed = Vec::new();
@@ -1161,14 +1161,16 @@ fn linked_body(files: &[&std::path::Path]) -> (Vec<u8>, String) {
         runs.push(serde_json::json!({"file": i, "offset": 0, "len": b.len()}));
         bytes.extend(b);
     }
-    let body = serde_json::json!({"files": listed, "runs": runs})
+    let body = serde_json::json!({"files": listed, "runs": runs, "marks": [bytes.len()]})
         .to_string()
         .into_bytes();
     (body, sha256_digest(&bytes))
 }
 
+const LINKED: &str = "/v1/layers/linked";
+
 #[test]
-fn a_blob_of_linked_files_is_taken_on_the_socket_only_and_one_that_lies_or_overfills_keeps_nothing() {
+fn a_layer_of_linked_files_is_taken_on_the_socket_only_and_one_that_lies_keeps_nothing() {
     let files = tempfile::tempdir().unwrap();
     let (a, b) = (files.path().join("a"), files.path().join("b"));
     std::fs::write(&a, b"the headers").unwrap();
@@ -1176,24 +1178,28 @@ fn a_blob_of_linked_files_is_taken_on_the_socket_only_and_one_that_lies_or_overf
     let d = Daemon::start(&[]);
     let token = make_token(&d, "ci", "write");
     let (body, digest) = linked_body(&[&a, &b]);
-    let path = format!("/v1/blobs/{digest}/linked");
     // It names files of the daemon's machine: never over TCP.
-    let (status, answer) = tcp_http(&d.tcp, "PUT", &path, Some(&token), &body);
+    let (status, answer) = tcp_http(&d.tcp, "POST", LINKED, Some(&token), &body);
     assert_eq!(status, 403, "{}", String::from_utf8_lossy(&answer));
     assert_eq!(d.http("HEAD", &format!("/v1/blobs/{digest}"), b"").0, 404);
     // A file whose size is not the one stated, or that is gone: refused, nothing kept.
     let wrong = String::from_utf8(body.clone()).unwrap().replace("100000", "99999");
-    let (status, answer) = d.http("PUT", &path, wrong.as_bytes());
+    let (status, answer) = d.http("POST", LINKED, wrong.as_bytes());
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
-    let (missing, missing_digest) = linked_body(&[&a]);
+    let (missing, _) = linked_body(&[&a]);
     std::fs::remove_file(&a).unwrap();
-    let (status, answer) = d.http("PUT", &format!("/v1/blobs/{missing_digest}/linked"), &missing);
+    let (status, answer) = d.http("POST", LINKED, &missing);
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
     assert!(String::from_utf8_lossy(&answer).contains("no such file"));
     assert_eq!(std::fs::read_dir(d.store().join("blobs/packs")).unwrap().count(), 0);
     std::fs::write(&a, b"the headers").unwrap();
-    let (status, answer) = d.http("PUT", &path, &body);
+    // Named by what its bytes hash to, with the state asked for at its end.
+    let (status, answer) = d.http("POST", LINKED, &body);
     assert_eq!(status, 201, "{}", String::from_utf8_lossy(&answer));
+    let named = json(&answer);
+    assert_eq!(named["digest"], digest.as_str());
+    assert_eq!(named["size"], 100_011);
+    assert_eq!(named["blob_states"].as_array().unwrap().len(), 1);
     let (status, got) = d.http("GET", &format!("/v1/blobs/{digest}"), b"");
     assert_eq!((status, sha256_digest(&got)), (200, digest.clone()));
     // The client's names go; the store's links keep the bytes.
@@ -1202,7 +1208,7 @@ fn a_blob_of_linked_files_is_taken_on_the_socket_only_and_one_that_lies_or_overf
 }
 
 #[test]
-fn a_linked_blob_copied_onto_a_full_store_on_another_file_system_is_a_507_and_keeps_nothing() {
+fn a_linked_layer_copied_onto_a_full_store_on_another_file_system_is_a_507_and_keeps_nothing() {
     // The store on a 4 MiB tmpfs, the files on the disk: linking fails across file
     // systems, the copy runs out of room.
     let (dir, store, _mounted) = store_on_tmpfs("4m");
@@ -1216,8 +1222,8 @@ fn a_linked_blob_copied_onto_a_full_store_on_another_file_system_is_a_507_and_ke
             .collect::<Vec<u8>>(),
     )
     .unwrap();
-    let (body, digest) = linked_body(&[&big]);
-    let (status, answer) = d.http("PUT", &format!("/v1/blobs/{digest}/linked"), &body);
+    let (body, _) = linked_body(&[&big]);
+    let (status, answer) = d.http("POST", LINKED, &body);
     assert_eq!(status, 507, "{}", String::from_utf8_lossy(&answer));
     assert_eq!(std::fs::read_dir(store.join("blobs/tmp")).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(store.join("blobs/packs")).unwrap().count(), 0);
@@ -1226,7 +1232,7 @@ fn a_linked_blob_copied_onto_a_full_store_on_another_file_system_is_a_507_and_ke
     let small = files.path().join("small");
     std::fs::write(&small, vec![3u8; 1 << 20]).unwrap();
     let (body, digest) = linked_body(&[&small]);
-    assert_eq!(d.http("PUT", &format!("/v1/blobs/{digest}/linked"), &body).0, 201);
+    assert_eq!(d.http("POST", LINKED, &body).0, 201);
     drop(files);
     let (status, got) = d.http("GET", &format!("/v1/blobs/{digest}"), b"");
     assert_eq!((status, sha256_digest(&got)), (200, digest));

@@ -300,24 +300,27 @@ pub async fn put(state: &AppState, d: &str, req: Request<Incoming>) -> Response<
     }
 }
 
-/// The largest body of `PUT /v1/blobs/{digest}/linked`: about 70 bytes a file.
+/// The largest body of `POST /v1/layers/linked`: about 70 bytes a file.
 const LINKED_JSON_LIMIT: usize = 128 << 20;
 
-/// `PUT /v1/blobs/{digest}/linked` (the daemon's socket only): a tar layer as runs of files
-/// on this machine (`LinkedBlob`), kept as hard links to them (`store::linked_blobs`);
-/// stored only if the whole hashes to the digest.
-pub async fn put_linked(state: &AppState, d: &str, req: Request<Incoming>) -> Response<Body> {
-    let known = match stored(state, d) {
-        Ok(m) => m.is_some(),
-        Err(r) => return r,
-    };
+/// `POST /v1/layers/linked` (the daemon's socket only): a tar layer as runs of files on
+/// this machine (`LinkedBlob`), kept as hard links to them (`store::linked_blobs`) and named
+/// by the digest its bytes hash to: a `NamedLayer`, with the states at the body's marks.
+pub async fn post_linked(state: &AppState, req: Request<Incoming>) -> Response<Body> {
     let linked: lcache_proto::wire::LinkedBlob = match super::read_json_within(state, req, LINKED_JSON_LIMIT).await {
         Ok(l) => l,
         Err(r) => return r,
     };
-    match state.blobs.ingest_linked(d, linked, &state.limits).await {
-        Ok(meta) => match recorded(state, &meta) {
-            Ok(()) => json(if known { StatusCode::OK } else { StatusCode::CREATED }, &meta),
+    match state.blobs.ingest_linked(None, linked, &state.limits).await {
+        Ok((meta, blob_states)) => match recorded(state, &meta) {
+            Ok(()) => json(
+                StatusCode::CREATED,
+                &NamedLayer {
+                    digest: meta.digest,
+                    size: meta.size,
+                    blob_states,
+                },
+            ),
             Err(r) => r,
         },
         Err(e) => refused(e),

@@ -249,6 +249,16 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
             ),
         ),
         (&Method::POST, ["v1", "layers"]) => ("blobs_put", blobs::post_layer(&state, req).await),
+        // The body names files on this machine, which the daemon links into its store.
+        (&Method::POST, ["v1", "layers", "linked"]) if origin == Origin::Network => (
+            "other",
+            error(
+                StatusCode::FORBIDDEN,
+                "POST /v1/layers/linked is served only on the daemon's Unix socket",
+                "upload the layer's bytes with PUT /v1/blobs/{digest}",
+            ),
+        ),
+        (&Method::POST, ["v1", "layers", "linked"]) => ("blobs_put", blobs::post_linked(&state, req).await),
         (&Method::POST, ["v1", "layers", "provisional"]) if origin == Origin::Network => (
             "other",
             error(
@@ -291,16 +301,6 @@ pub async fn route(state: Arc<AppState>, req: Request<Incoming>, origin: Origin)
         (&Method::GET, ["v1", "blobs", d, "parts"]) => ("blobs_get", blobs::parts(&state, d).await),
         (&Method::GET, ["v1", "blobs", d, "sent"]) => ("blobs_get", blobs::sent(&state, d).await),
         (&Method::PUT, ["v1", "blobs", d]) => ("blobs_put", blobs::put(&state, d, req).await),
-        // The body names files on this machine, which the daemon links into its store.
-        (&Method::PUT, ["v1", "blobs", _, "linked"]) if origin == Origin::Network => (
-            "other",
-            error(
-                StatusCode::FORBIDDEN,
-                "PUT /v1/blobs/{digest}/linked is served only on the daemon's Unix socket",
-                "upload the blob's bytes with PUT /v1/blobs/{digest}",
-            ),
-        ),
-        (&Method::PUT, ["v1", "blobs", d, "linked"]) => ("blobs_put", blobs::put_linked(&state, d, req).await),
         (&Method::POST, ["v1", "builds"]) => ("builds", builds::post(&state, req).await),
         (&Method::POST, ["v1", "builds", "deferred"]) => ("builds", builds::post_deferred(&state, req).await),
         (&Method::GET, ["v1", "builds"]) => ("builds", builds::list(&state, req.uri().query())),

@@ -1,12 +1,12 @@
-//! Tar layers held by reference (`PUT /v1/blobs/{digest}/linked`, the Unix socket only): a
+//! Tar layers held by reference (`POST /v1/layers/linked`, the Unix socket only): a
 //! layer kept as its tar (`--layer-compression none`) is the client's snapshot files and
 //! the tar's headers, so the store keeps hard links to those files — a pack — rather than a
 //! copy of the tar: a cold build writes the layer's bytes once, as the snapshot. Each file
 //! is linked (copied where it cannot be: another file system, a file with too many links),
 //! checked to be a regular file of the stated size, and stamped with its size and
 //! modification time, which every later read checks (`blob_file::Pack`); the whole is
-//! hashed through the links and checked against the digest before anything is named, and
-//! made durable with one `syncfs` (the client's files are not synced when written).
+//! hashed through the links — lcached names the layer, the client never reads its files —
+//! and made durable with one `syncfs` (the client's files are not synced when written).
 //!
 //! A blob reads a pack through a link to its manifest; a pack no blob links any more is
 //! removed once it has been so for a while (`collect_packs`), so a reader that opened a
@@ -107,24 +107,31 @@ fn keep_file(from: &Path, to: &Path, size: u64) -> Result<Stamp, IngestError> {
 }
 
 impl BlobStore {
-    /// Stores the tar layer `linked` describes under `digest`, holding its files by hard
-    /// links (see the module's doc). Nothing is kept unless the whole hashes to `digest`.
+    /// Stores the tar layer `linked` describes, holding its files by hard links (see the
+    /// module's doc), under the digest its bytes hash to — which must be `claimed`, when
+    /// given. Returns it, and the SHA-256's states at `linked.marks`.
     pub async fn ingest_linked(
         &self,
-        digest: &str,
+        claimed: Option<&str>,
         linked: LinkedBlob,
         limits: &Limits,
-    ) -> Result<BlobMeta, IngestError> {
-        let final_path = self.destination(digest)?;
+    ) -> Result<(BlobMeta, Vec<Vec<u8>>), IngestError> {
+        if let Some(d) = claimed {
+            self.destination(d)?;
+        }
         check(&linked, limits)?;
+        let linked_marks = linked.marks.len();
+        if linked.marks.windows(2).any(|w| w[0] > w[1]) || linked.marks.last().is_some_and(|m| *m > linked.len()) {
+            return Err(bad("the marks are not ascending within the blob"));
+        }
         let stage = self.temp_path("k");
         let blob_stage = self.temp_path("d");
         let _guards = (TempDir(stage.clone()), TempDir(blob_stage.clone()));
-        let id = self.pack_id(digest);
+        let id = self.pack_id(&format!("{claimed:?}{}", linked.files.len()));
         let packs = self.packs.clone();
-        let claimed = digest.to_string();
+        let claimed = claimed.map(str::to_string);
         let made = blob_stage.clone();
-        let (states, size) = tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
+        let (digest, states, size, marked) = tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
             let blob_stage = made;
             std::fs::create_dir(&stage)?;
             let mut files = Vec::with_capacity(linked.files.len());
@@ -148,15 +155,13 @@ impl BlobStore {
                 bincode::serde::encode_to_vec(&manifest, bincode::config::standard()).map_err(std::io::Error::other)?;
             let pack = Arc::new(Pack::from_manifest(&id, stage.clone(), manifest)?);
             let size = pack.len();
-            // Read back through the links: what is checked is what will be served.
-            let mut sha = GridSha::default();
+            // Read back through the links: what is named is what will be served.
+            let mut sha = GridSha::default().marking(&linked.marks);
             BlobFile::of_pack(pack)?.copy_to(&mut sha)?;
+            let marked = sha.marked().to_vec();
             let (actual, states) = sha.finish();
-            if actual != claimed {
-                return Err(IngestError::DigestMismatch {
-                    expected: claimed,
-                    actual,
-                });
+            if let Some(expected) = claimed.filter(|c| *c != actual) {
+                return Err(IngestError::DigestMismatch { expected, actual });
             }
             std::fs::write(stage.join(PACK_MANIFEST), encoded)?;
             // The client's files, its headers' file and what was copied, at once.
@@ -183,18 +188,22 @@ impl BlobStore {
             serde_json::to_writer(&f, &recipe).map_err(std::io::Error::other)?;
             f.sync_all()?;
             std::fs::File::open(&blob_stage)?.sync_all()?;
-            Ok((states, size))
+            Ok((actual, states, size, marked))
         })
         .await
         .map_err(|e| IngestError::Io(std::io::Error::other(e)))??;
-        self.commit(&blob_stage, &final_path).await?;
-        self.save_states(digest, &states);
-        Ok(BlobMeta {
-            digest: digest.to_string(),
+        if marked.len() != linked_marks {
+            return Err(bad("a mark lies past the blob's end"));
+        }
+        self.commit(&blob_stage, &self.destination(&digest)?).await?;
+        self.save_states(&digest, &states);
+        let meta = BlobMeta {
+            digest,
             // Nothing reads a blob's BLAKE3 (as for blobs kept as runs).
             blake3: String::new(),
             size,
-        })
+        };
+        Ok((meta, marked))
     }
 
     /// A fresh pack id: a plain name no other pack has.
@@ -322,7 +331,27 @@ mod tests {
         let c = client_in(root.path(), 200);
         let d = digest_of(&c.bytes);
         let usage_before = s.disk_usage().unwrap();
-        let meta = s.ingest_linked(&d, c.linked.clone(), &Limits::default()).await.unwrap();
+        let (meta, _) = s
+            .ingest_linked(Some(&d), c.linked.clone(), &Limits::default())
+            .await
+            .unwrap();
+        // Named without a claim, by what the bytes hash to, with the states at the marks.
+        let mut marked = c.linked.clone();
+        marked.marks = vec![0, 5000, c.bytes.len() as u64];
+        let (named, states) = s.ingest_linked(None, marked.clone(), &Limits::default()).await.unwrap();
+        assert_eq!(named.digest, d);
+        let mut sha = GridSha::default().marking(&marked.marks);
+        std::io::Write::write_all(&mut sha, &c.bytes).unwrap();
+        assert_eq!(states, sha.marked());
+        marked.marks = vec![5000, 10];
+        assert!(s.ingest_linked(None, marked.clone(), &Limits::default()).await.is_err());
+        marked.marks = vec![c.bytes.len() as u64 + 1];
+        assert!(s.ingest_linked(None, marked, &Limits::default()).await.is_err());
+        assert_eq!(
+            s.collect_packs(Duration::ZERO).unwrap(),
+            1,
+            "the pack the second one replaced"
+        );
         assert_eq!(meta.size, c.bytes.len() as u64);
         assert_eq!(read(&s, &d), c.bytes);
         assert_eq!(s.temp_files(), 0);
@@ -412,7 +441,10 @@ mod tests {
         l.files[2].path = c.dir.path().join("gone").display().to_string();
         cases.push(("a missing file", l, d.clone()));
         for (what, linked, digest) in cases {
-            let e = s.ingest_linked(&digest, linked, &Limits::default()).await.unwrap_err();
+            let e = s
+                .ingest_linked(Some(&digest), linked, &Limits::default())
+                .await
+                .unwrap_err();
             assert!(
                 matches!(e, IngestError::BadParts(_) | IngestError::DigestMismatch { .. }),
                 "{what}: {e}"
@@ -424,7 +456,7 @@ mod tests {
             max_blob_size: 100,
             ..Limits::default()
         };
-        let e = s.ingest_linked(&d, c.linked.clone(), &small).await.unwrap_err();
+        let e = s.ingest_linked(Some(&d), c.linked.clone(), &small).await.unwrap_err();
         assert!(matches!(e, IngestError::TooLarge { .. }), "{e}");
         assert_eq!(std::fs::metadata(&secret).unwrap().nlink(), 1);
     }
@@ -443,7 +475,9 @@ mod tests {
         let s = BlobStore::open(&root.path().join("blobs")).unwrap();
         let c = client_in(shm, 20);
         let d = digest_of(&c.bytes);
-        s.ingest_linked(&d, c.linked.clone(), &Limits::default()).await.unwrap();
+        s.ingest_linked(Some(&d), c.linked.clone(), &Limits::default())
+            .await
+            .unwrap();
         assert_eq!(
             std::fs::metadata(c.dir.path().join("f3")).unwrap().nlink(),
             1,
@@ -462,7 +496,9 @@ mod tests {
         let s = BlobStore::open(&blobs).unwrap();
         let c = client_in(root.path(), 30);
         let d = digest_of(&c.bytes);
-        s.ingest_linked(&d, c.linked.clone(), &Limits::default()).await.unwrap();
+        s.ingest_linked(Some(&d), c.linked.clone(), &Limits::default())
+            .await
+            .unwrap();
         // Killed after the pack was moved into place, before its blob was: the blob's
         // directory (and its link to the pack) never appeared.
         std::fs::remove_dir_all(s.path_of(&d).unwrap()).unwrap();
@@ -471,7 +507,9 @@ mod tests {
         assert_eq!(packs(&s), 0);
         assert_eq!(std::fs::metadata(c.dir.path().join("f3")).unwrap().nlink(), 1);
         // A blob that still reads its pack keeps it across a restart.
-        s.ingest_linked(&d, c.linked.clone(), &Limits::default()).await.unwrap();
+        s.ingest_linked(Some(&d), c.linked.clone(), &Limits::default())
+            .await
+            .unwrap();
         drop(s);
         let s = BlobStore::open(&blobs).unwrap();
         assert_eq!(packs(&s), 1);
