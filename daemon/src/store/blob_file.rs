@@ -420,12 +420,16 @@ impl BlobFile {
             Source::Linked { pack, file, .. } => {
                 let key = Arc::as_ptr(pack) as usize;
                 let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((_, _, f)) = opened.0.iter().find(|(p, k, _)| *p == key && k == file) {
-                    return Ok(f.clone());
+                if let Some(at) = opened.0.iter().position(|(p, k, _)| *p == key && k == file) {
+                    // Most recently used last: a tar's headers' file, read between each
+                    // member's, stays open however many readers alternate.
+                    let hit = opened.0.remove(at);
+                    let f = hit.2.clone();
+                    opened.0.push(hit);
+                    return Ok(f);
                 }
                 let f = Arc::new(pack.open_file(*file)?);
-                // A tar alternates its headers' file with each member's: two stay open.
-                if opened.0.len() >= 2 {
+                if opened.0.len() >= 4 {
                     opened.0.remove(0);
                 }
                 opened.0.push((key, *file, f.clone()));
