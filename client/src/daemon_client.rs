@@ -47,6 +47,21 @@ pub fn transport(e: RemoteError) -> CacheError {
     }
 }
 
+/// The layer a daemon named (`what` answered `status` and `resp`), or `None` where it does
+/// not name layers so: the endpoint is served only on its socket (403), or the daemon is
+/// older than it (a 404 naming no endpoint; a 404 for a missing base blob is a refusal like
+/// any other).
+fn named_layer(status: StatusCode, resp: &Bytes, what: &str) -> Result<Option<NamedLayer>, CacheError> {
+    match (status, daemon_error(status, resp)) {
+        (StatusCode::FORBIDDEN, _) => Ok(None),
+        (StatusCode::NOT_FOUND, CacheError::Refused { error, .. }) if error.starts_with("no endpoint") => Ok(None),
+        (s, _) if s.is_success() => serde_json::from_slice(resp)
+            .map(Some)
+            .map_err(|e| CacheError::Protocol(format!("{what} answered what is not a layer: {e}"))),
+        (_, refused) => Err(refused),
+    }
+}
+
 impl DaemonClient {
     /// A client for `endpoint` (nothing is connected yet), showing `token` if given; an
     /// `https://` endpoint trusts the system's CAs.
@@ -336,16 +351,7 @@ impl DaemonClient {
     pub fn put_layer(&self, file: &std::path::Path, layer: &LayerParts) -> Result<Option<NamedLayer>, CacheError> {
         let head = layer.head().map_err(|e| CacheError::Encode(e.to_string()))?;
         let (status, resp) = self.send_framed(Method::POST, "/v1/layers", head, file, layer.blob.sent_ranges())?;
-        match (status, daemon_error(status, &resp)) {
-            // Served only on the socket; or a daemon older than the endpoint (a 404 for a
-            // missing base blob is a refusal like any other).
-            (StatusCode::FORBIDDEN, _) => Ok(None),
-            (StatusCode::NOT_FOUND, CacheError::Refused { error, .. }) if error.starts_with("no endpoint") => Ok(None),
-            (s, _) if s.is_success() => serde_json::from_slice(&resp)
-                .map(Some)
-                .map_err(|e| CacheError::Protocol(format!("POST /v1/layers answered what is not a layer: {e}"))),
-            (_, refused) => Err(refused),
-        }
+        named_layer(status, &resp, "POST /v1/layers")
     }
 
     /// Whether lcached is reached through its Unix socket: on this machine, with its files.
@@ -359,14 +365,7 @@ impl DaemonClient {
     pub fn put_linked(&self, linked: &LinkedBlob) -> Result<Option<NamedLayer>, CacheError> {
         let body = Bytes::from(serde_json::to_vec(linked).map_err(|e| CacheError::Encode(e.to_string()))?);
         let (status, resp) = self.call(Method::POST, "/v1/layers/linked", body)?;
-        match (status, daemon_error(status, &resp)) {
-            (StatusCode::FORBIDDEN, _) => Ok(None),
-            (StatusCode::NOT_FOUND, CacheError::Refused { error, .. }) if error.starts_with("no endpoint") => Ok(None),
-            (s, _) if s.is_success() => serde_json::from_slice(&resp)
-                .map(Some)
-                .map_err(|e| CacheError::Protocol(format!("POST /v1/layers/linked answered what is not a layer: {e}"))),
-            (_, refused) => Err(refused),
-        }
+        named_layer(status, &resp, "POST /v1/layers/linked")
     }
 
     /// `POST /v1/layers/provisional`: what provisional layer names came to, in order.
@@ -712,4 +711,33 @@ async fn request_into(
         }
     }
     Ok((status, n, Bytes::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemon_that_does_not_name_layers_so_is_told_from_one_that_refuses() {
+        let refusal = |error: &str| Bytes::from(format!(r#"{{"error":"{error}","hint":"h"}}"#));
+        let what = "POST /v1/layers/linked";
+        // Served on the socket only, or older than the endpoint: the caller packs whole.
+        assert!(matches!(
+            named_layer(StatusCode::FORBIDDEN, &refusal("socket only"), what),
+            Ok(None)
+        ));
+        let older = refusal("no endpoint POST /v1/layers/linked");
+        assert!(matches!(named_layer(StatusCode::NOT_FOUND, &older, what), Ok(None)));
+        // Anything else it says is a refusal, with its words.
+        let e = named_layer(StatusCode::BAD_REQUEST, &refusal("/x: no such file"), what).unwrap_err();
+        assert!(matches!(e, CacheError::Refused { status: 400, ref error, .. } if error.contains("no such file")));
+        let named = Bytes::from(r#"{"digest":"sha256:ab","size":3,"blob_states":["00ff"]}"#);
+        let layer = named_layer(StatusCode::CREATED, &named, what).unwrap().unwrap();
+        assert_eq!(
+            (layer.digest.as_str(), layer.size, layer.blob_states),
+            ("sha256:ab", 3, vec![vec![0, 255]])
+        );
+        let e = named_layer(StatusCode::CREATED, &Bytes::from("{}"), what).unwrap_err();
+        assert!(e.to_string().contains("not a layer"), "{e}");
+    }
 }
