@@ -1228,6 +1228,14 @@ fn a_linked_layer_copied_onto_a_full_store_on_another_file_system_is_a_507_and_k
     assert_eq!(std::fs::read_dir(store.join("blobs/tmp")).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(store.join("blobs/packs")).unwrap().count(), 0);
     assert!(d.alive());
+    // A FIFO put where a file was named is copied from no more than it is linked: refused,
+    // without waiting for a writer that never comes.
+    let fifo = files.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let body = serde_json::json!({"files": [{"path": fifo.display().to_string(), "size": 0}], "runs": []});
+    let (status, answer) = d.http("POST", LINKED, body.to_string().as_bytes());
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&answer));
+    assert!(String::from_utf8_lossy(&answer).contains("not a regular file"));
     // One that fits is copied, and outlives the file it was copied from.
     let small = files.path().join("small");
     std::fs::write(&small, vec![3u8; 1 << 20]).unwrap();

@@ -311,7 +311,7 @@ pub async fn post_linked(state: &AppState, req: Request<Incoming>) -> Response<B
         Ok(l) => l,
         Err(r) => return r,
     };
-    match state.blobs.ingest_linked(None, linked, &state.limits).await {
+    match state.blobs.ingest_linked(linked, &state.limits).await {
         Ok((meta, blob_states)) => match recorded(state, &meta) {
             Ok(()) => json(
                 StatusCode::CREATED,

@@ -12,7 +12,7 @@
 //! removed once it has been so for a while (`collect_packs`), so a reader that opened a
 //! blob just before it was evicted can finish.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +20,7 @@ use std::time::Duration;
 use lcache_proto::wire::{LinkedBlob, LinkedRun};
 
 use super::blob_file::{
-    open_nofollow, pack_link_name, BlobFile, Pack, PackManifest, PackRun, Recipe, RecipeRun, Stamp, PACK_MANIFEST,
-    RECIPE,
+    pack_link_name, BlobFile, Pack, PackManifest, PackRun, Recipe, RecipeRun, Stamp, PACK_MANIFEST, RECIPE,
 };
 use super::blob_states::GridSha;
 use super::blob_store::{BlobStore, IngestError};
@@ -83,7 +82,12 @@ fn keep_file(from: &Path, to: &Path, size: u64) -> Result<Stamp, IngestError> {
         }
         // Another file system (EXDEV), too many links (EMLINK), a file the daemon may not
         // link (EPERM): its bytes are copied instead.
-        let mut src = open_nofollow(from).map_err(|e| bad(format!("{}: {e}", from.display())))?;
+        // Never blocks on a FIFO put at the path (O_NONBLOCK: nothing for a regular file).
+        let mut src = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(from)
+            .map_err(|e| bad(format!("{}: {e}", from.display())))?;
         if !src.metadata()?.is_file() {
             return Err(bad(format!("{} is not a regular file", from.display())));
         }
@@ -108,17 +112,13 @@ fn keep_file(from: &Path, to: &Path, size: u64) -> Result<Stamp, IngestError> {
 
 impl BlobStore {
     /// Stores the tar layer `linked` describes, holding its files by hard links (see the
-    /// module's doc), under the digest its bytes hash to — which must be `claimed`, when
-    /// given. Returns it, and the SHA-256's states at `linked.marks`.
+    /// module's doc), under the digest its bytes hash to. Returns it, and the SHA-256's
+    /// states at `linked.marks`.
     pub async fn ingest_linked(
         &self,
-        claimed: Option<&str>,
         linked: LinkedBlob,
         limits: &Limits,
     ) -> Result<(BlobMeta, Vec<Vec<u8>>), IngestError> {
-        if let Some(d) = claimed {
-            self.destination(d)?;
-        }
         check(&linked, limits)?;
         let linked_marks = linked.marks.len();
         if linked.marks.windows(2).any(|w| w[0] > w[1]) || linked.marks.last().is_some_and(|m| *m > linked.len()) {
@@ -127,9 +127,8 @@ impl BlobStore {
         let stage = self.temp_path("k");
         let blob_stage = self.temp_path("d");
         let _guards = (TempDir(stage.clone()), TempDir(blob_stage.clone()));
-        let id = self.pack_id(&format!("{claimed:?}{}", linked.files.len()));
+        let id = self.pack_id(linked.files.first().map_or("", |f| f.path.as_str()));
         let packs = self.packs.clone();
-        let claimed = claimed.map(str::to_string);
         let made = blob_stage.clone();
         let (digest, states, size, marked) = tokio::task::spawn_blocking(move || -> Result<_, IngestError> {
             let blob_stage = made;
@@ -160,9 +159,6 @@ impl BlobStore {
             BlobFile::of_pack(pack)?.copy_to(&mut sha)?;
             let marked = sha.marked().to_vec();
             let (actual, states) = sha.finish();
-            if let Some(expected) = claimed.filter(|c| *c != actual) {
-                return Err(IngestError::DigestMismatch { expected, actual });
-            }
             std::fs::write(stage.join(PACK_MANIFEST), encoded)?;
             // The client's files, its headers' file and what was copied, at once.
             let dir = std::fs::File::open(&stage)?;
@@ -331,22 +327,20 @@ mod tests {
         let c = client_in(root.path(), 200);
         let d = digest_of(&c.bytes);
         let usage_before = s.disk_usage().unwrap();
-        let (meta, _) = s
-            .ingest_linked(Some(&d), c.linked.clone(), &Limits::default())
-            .await
-            .unwrap();
-        // Named without a claim, by what the bytes hash to, with the states at the marks.
+        let (meta, _) = s.ingest_linked(c.linked.clone(), &Limits::default()).await.unwrap();
+        assert_eq!(meta.digest, d, "named by what its bytes hash to");
+        // Named again, with the states at the marks.
         let mut marked = c.linked.clone();
         marked.marks = vec![0, 5000, c.bytes.len() as u64];
-        let (named, states) = s.ingest_linked(None, marked.clone(), &Limits::default()).await.unwrap();
+        let (named, states) = s.ingest_linked(marked.clone(), &Limits::default()).await.unwrap();
         assert_eq!(named.digest, d);
         let mut sha = GridSha::default().marking(&marked.marks);
         std::io::Write::write_all(&mut sha, &c.bytes).unwrap();
         assert_eq!(states, sha.marked());
         marked.marks = vec![5000, 10];
-        assert!(s.ingest_linked(None, marked.clone(), &Limits::default()).await.is_err());
+        assert!(s.ingest_linked(marked.clone(), &Limits::default()).await.is_err());
         marked.marks = vec![c.bytes.len() as u64 + 1];
-        assert!(s.ingest_linked(None, marked, &Limits::default()).await.is_err());
+        assert!(s.ingest_linked(marked, &Limits::default()).await.is_err());
         assert_eq!(
             s.collect_packs(Duration::ZERO).unwrap(),
             1,
@@ -417,46 +411,39 @@ mod tests {
         std::os::unix::fs::symlink(&secret, &link).unwrap();
         let fifo = c.dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let mut cases: Vec<(&str, LinkedBlob, String)> = Vec::new();
-        cases.push(("the wrong digest", c.linked.clone(), digest_of(b"other")));
+        let mut cases: Vec<(&str, LinkedBlob)> = Vec::new();
         for (what, path) in [("a symlink", &link), ("a fifo", &fifo)] {
             let mut l = c.linked.clone();
             l.files[2].path = path.display().to_string();
-            cases.push((what, l, d.clone()));
+            cases.push((what, l));
         }
         let mut l = c.linked.clone();
         l.files[2].size += 1;
         l.runs[3].len += 1;
-        cases.push(("a wrong size", l, d.clone()));
+        cases.push(("a wrong size", l));
         let mut l = c.linked.clone();
         l.runs[3].offset = 5;
-        cases.push(("a run past its file", l, d.clone()));
+        cases.push(("a run past its file", l));
         let mut l = c.linked.clone();
         l.files[2].path = "relative/f1".into();
-        cases.push(("a relative path", l, d.clone()));
+        cases.push(("a relative path", l));
         let mut l = c.linked.clone();
         l.runs[1].file = 99;
-        cases.push(("an unlisted file", l, d.clone()));
+        cases.push(("an unlisted file", l));
         let mut l = c.linked.clone();
         l.files[2].path = c.dir.path().join("gone").display().to_string();
-        cases.push(("a missing file", l, d.clone()));
-        for (what, linked, digest) in cases {
-            let e = s
-                .ingest_linked(Some(&digest), linked, &Limits::default())
-                .await
-                .unwrap_err();
-            assert!(
-                matches!(e, IngestError::BadParts(_) | IngestError::DigestMismatch { .. }),
-                "{what}: {e}"
-            );
-            assert!(!s.exists(&digest), "{what}");
+        cases.push(("a missing file", l));
+        for (what, linked) in cases {
+            let e = s.ingest_linked(linked, &Limits::default()).await.unwrap_err();
+            assert!(matches!(e, IngestError::BadParts(_)), "{what}: {e}");
+            assert!(!s.exists(&d), "{what}");
             assert_eq!((s.temp_files(), packs(&s)), (0, 0), "{what}");
         }
         let small = Limits {
             max_blob_size: 100,
             ..Limits::default()
         };
-        let e = s.ingest_linked(Some(&d), c.linked.clone(), &small).await.unwrap_err();
+        let e = s.ingest_linked(c.linked.clone(), &small).await.unwrap_err();
         assert!(matches!(e, IngestError::TooLarge { .. }), "{e}");
         assert_eq!(std::fs::metadata(&secret).unwrap().nlink(), 1);
     }
@@ -475,9 +462,7 @@ mod tests {
         let s = BlobStore::open(&root.path().join("blobs")).unwrap();
         let c = client_in(shm, 20);
         let d = digest_of(&c.bytes);
-        s.ingest_linked(Some(&d), c.linked.clone(), &Limits::default())
-            .await
-            .unwrap();
+        s.ingest_linked(c.linked.clone(), &Limits::default()).await.unwrap();
         assert_eq!(
             std::fs::metadata(c.dir.path().join("f3")).unwrap().nlink(),
             1,
@@ -496,9 +481,7 @@ mod tests {
         let s = BlobStore::open(&blobs).unwrap();
         let c = client_in(root.path(), 30);
         let d = digest_of(&c.bytes);
-        s.ingest_linked(Some(&d), c.linked.clone(), &Limits::default())
-            .await
-            .unwrap();
+        s.ingest_linked(c.linked.clone(), &Limits::default()).await.unwrap();
         // Killed after the pack was moved into place, before its blob was: the blob's
         // directory (and its link to the pack) never appeared.
         std::fs::remove_dir_all(s.path_of(&d).unwrap()).unwrap();
@@ -507,9 +490,7 @@ mod tests {
         assert_eq!(packs(&s), 0);
         assert_eq!(std::fs::metadata(c.dir.path().join("f3")).unwrap().nlink(), 1);
         // A blob that still reads its pack keeps it across a restart.
-        s.ingest_linked(Some(&d), c.linked.clone(), &Limits::default())
-            .await
-            .unwrap();
+        s.ingest_linked(c.linked.clone(), &Limits::default()).await.unwrap();
         drop(s);
         let s = BlobStore::open(&blobs).unwrap();
         assert_eq!(packs(&s), 1);
