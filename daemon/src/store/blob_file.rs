@@ -132,13 +132,15 @@ fn damaged(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
-/// Opens a file for reading without following a link at its name, and without updating
+/// Opens a file for reading without following a link at its name, without blocking on a
+/// FIFO found there (`O_NONBLOCK` changes nothing for a regular file), and without updating
 /// its access time where the file system allows it.
 pub(crate) fn open_nofollow(path: &Path) -> io::Result<std::fs::File> {
     let open = |flags| std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path);
-    match open(nix::libc::O_NOFOLLOW | nix::libc::O_NOATIME) {
+    let flags = nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK;
+    match open(flags | nix::libc::O_NOATIME) {
         // O_NOATIME is for the file's owner (or root) only.
-        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => open(nix::libc::O_NOFOLLOW),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => open(flags),
         other => other,
     }
 }

@@ -12,7 +12,7 @@
 //! removed once it has been so for a while (`collect_packs`), so a reader that opened a
 //! blob just before it was evicted can finish.
 
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +20,8 @@ use std::time::Duration;
 use lcache_proto::wire::{LinkedBlob, LinkedRun};
 
 use super::blob_file::{
-    pack_link_name, BlobFile, Pack, PackManifest, PackRun, Recipe, RecipeRun, Stamp, PACK_MANIFEST, RECIPE,
+    open_nofollow, pack_link_name, BlobFile, Pack, PackManifest, PackRun, Recipe, RecipeRun, Stamp, PACK_MANIFEST,
+    RECIPE,
 };
 use super::blob_states::GridSha;
 use super::blob_store::{BlobStore, IngestError};
@@ -82,12 +83,7 @@ fn keep_file(from: &Path, to: &Path, size: u64) -> Result<Stamp, IngestError> {
         }
         // Another file system (EXDEV), too many links (EMLINK), a file the daemon may not
         // link (EPERM): its bytes are copied instead.
-        // Never blocks on a FIFO put at the path (O_NONBLOCK: nothing for a regular file).
-        let mut src = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-            .open(from)
-            .map_err(|e| bad(format!("{}: {e}", from.display())))?;
+        let mut src = open_nofollow(from).map_err(|e| bad(format!("{}: {e}", from.display())))?;
         if !src.metadata()?.is_file() {
             return Err(bad(format!("{} is not a regular file", from.display())));
         }
