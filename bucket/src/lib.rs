@@ -5,6 +5,9 @@
 //! - `blobs/sha256/<2 hex>/<hex>`: layer blobs, content-addressed, written with conditional
 //!   create (never replaced by other bytes), multipart when large — an object only appears
 //!   once complete, so a half-written one is never served;
+//! - `gzip/sha256/<2 hex>/<hex>`: a layer kept as its tar (`--layer-compression none`),
+//!   gzipped ([`BlobForm::Gzip`]): named by the tar's digest, which its inflated bytes hash
+//!   to, so the tier moves and keeps compressed bytes while both ends keep the tar;
 //! - `records/<scope>/<key>`: step records as JSON (`_` is the unscoped scope), written
 //!   with conditional create: the first writer wins, as on an lcached;
 //! - `images/<name>`: image records (a tag moves: the last writer wins), their manifest,
@@ -105,6 +108,16 @@ impl BucketError {
     }
 }
 
+/// How a blob's bytes are kept in the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobForm {
+    /// As they are: the object's bytes hash to the digest.
+    AsIs,
+    /// Gzipped (one or more members): the object inflates to bytes that hash to the digest.
+    /// Tar layers are kept so, at their own path, so a reader knows to inflate them.
+    Gzip,
+}
+
 /// A blob as the bucket has it.
 #[derive(Debug, Clone, Copy)]
 pub struct BlobInfo {
@@ -151,6 +164,16 @@ fn now_s() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl BlobForm {
+    /// The directory under the prefix that holds blobs kept this way.
+    fn dir(self) -> &'static str {
+        match self {
+            Self::AsIs => "blobs",
+            Self::Gzip => "gzip",
+        }
+    }
 }
 
 fn sha256_hex(digest: &str) -> Result<&str, BucketError> {
@@ -238,9 +261,9 @@ impl Bucket {
             .collect()
     }
 
-    fn blob_path(&self, digest: &str) -> Result<Path, BucketError> {
+    fn blob_path(&self, digest: &str, form: BlobForm) -> Result<Path, BucketError> {
         let hex = sha256_hex(digest)?;
-        Ok(self.path(["blobs", "sha256", &hex[..2], hex]))
+        Ok(self.path([form.dir(), "sha256", &hex[..2], hex]))
     }
 
     fn record_path(&self, scope: &str, key: &str) -> Path {
@@ -317,9 +340,9 @@ impl Bucket {
         Ok(Some(image))
     }
 
-    /// Whether the bucket has `digest`, and its size and age.
-    pub async fn blob_info(&self, digest: &str) -> Result<Option<BlobInfo>, BucketError> {
-        let path = self.blob_path(digest)?;
+    /// Whether the bucket has `digest` kept as `form`, and the object's size and age.
+    pub async fn blob_info(&self, digest: &str, form: BlobForm) -> Result<Option<BlobInfo>, BucketError> {
+        let path = self.blob_path(digest, form)?;
         match self.store.head(&path).await {
             Ok(m) => Ok(Some(BlobInfo {
                 size: m.size,
@@ -351,18 +374,27 @@ impl Bucket {
                 Err(e) => Some((Err(e), None)),
             }
         });
-        self.put_blob_stream(digest, &file.display().to_string(), len, chunks)
+        self.put_blob_stream(digest, BlobForm::AsIs, &file.display().to_string(), len, chunks)
             .await
     }
 
-    /// Uploads the blob `digest`, `len` bytes read from `chunks` (named `what` in errors),
-    /// unless the bucket has it, as [`Bucket::put_blob_file`] does.
-    pub async fn put_blob_stream<S>(&self, digest: &str, what: &str, len: u64, chunks: S) -> Result<(), BucketError>
+    /// Uploads the blob `digest` kept as `form`, read from `chunks` (named `what` in
+    /// errors), unless the bucket has it, as [`Bucket::put_blob_file`] does. `len` is its
+    /// size, or for a gzip form the size it inflates to: it only picks one PUT or parts, and
+    /// bounds the buffer of one PUT (gzip adds at most a few bytes per 64 KiB).
+    pub async fn put_blob_stream<S>(
+        &self,
+        digest: &str,
+        form: BlobForm,
+        what: &str,
+        len: u64,
+        chunks: S,
+    ) -> Result<(), BucketError>
     where
         S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send,
     {
-        let path = self.blob_path(digest)?;
-        if self.blob_info(digest).await?.is_some() {
+        let path = self.blob_path(digest, form)?;
+        if self.blob_info(digest, form).await?.is_some() {
             return Ok(());
         }
         let local = |source| BucketError::Local {
@@ -408,12 +440,14 @@ impl Bucket {
         Ok(())
     }
 
-    /// The blob's bytes as they stream in (the caller verifies them), and its size.
+    /// The bytes of the blob kept as `form` as they stream in (the caller inflates a gzip
+    /// form and verifies them), and the object's size.
     pub async fn blob_stream(
         &self,
         digest: &str,
+        form: BlobForm,
     ) -> Result<Option<(u64, BoxStream<'static, Result<Bytes, BucketError>>)>, BucketError> {
-        let path = self.blob_path(digest)?;
+        let path = self.blob_path(digest, form)?;
         let r = match self.store.get(&path).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -429,10 +463,10 @@ impl Bucket {
         Ok(Some((size, rechunk(stream, READ_CHUNK).boxed())))
     }
 
-    /// Refreshes the blob's age if it is older than [`TOUCH_EVERY`], so a lifecycle rule
-    /// keeps what builds use; returns whether it did.
-    pub async fn touch_blob(&self, digest: &str) -> Result<bool, BucketError> {
-        let Some(info) = self.blob_info(digest).await? else {
+    /// Refreshes the age of the blob kept as `form` if it is older than [`TOUCH_EVERY`], so
+    /// a lifecycle rule keeps what builds use; returns whether it did.
+    pub async fn touch_blob(&self, digest: &str, form: BlobForm) -> Result<bool, BucketError> {
+        let Some(info) = self.blob_info(digest, form).await? else {
             return Ok(false);
         };
         if now_s() - info.modified_s < TOUCH_EVERY.as_secs() as i64 {
@@ -440,9 +474,9 @@ impl Bucket {
         }
         // S3 refuses a copy onto itself that changes nothing: copy out and back, both
         // server-side, the second replacing the blob with its own bytes.
-        let path = self.blob_path(digest)?;
+        let path = self.blob_path(digest, form)?;
         let hex = sha256_hex(digest)?;
-        let aside = self.path(["tmp", "touch", hex]);
+        let aside = self.path(["tmp", "touch", form.dir(), hex]);
         self.store.copy(&path, &aside).await.map_err(Self::err("copy", &path))?;
         let back = self.store.copy(&aside, &path).await.map_err(Self::err("copy", &aside));
         let _ = self.store.delete(&aside).await;
@@ -515,7 +549,22 @@ impl Bucket {
             .await?;
         (report.images_kept, report.images_removed) = (kept.len(), removed);
         needed.extend(kept.into_iter().flatten());
-        let blobs = self.path(["blobs", "sha256"]);
+        for form in [BlobForm::AsIs, BlobForm::Gzip] {
+            self.prune_blobs(form, &needed, cutoff, dry_run, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    /// Removes the blobs kept as `form` older than `cutoff` that nothing in `needed` names.
+    async fn prune_blobs(
+        &self,
+        form: BlobForm,
+        needed: &HashSet<String>,
+        cutoff: i64,
+        dry_run: bool,
+        report: &mut PruneReport,
+    ) -> Result<(), BucketError> {
+        let blobs = self.path([form.dir(), "sha256"]);
         let mut listing = self.store.list(Some(&blobs));
         while let Some(meta) = listing.next().await {
             let meta = meta.map_err(Self::err("list", &blobs))?;
@@ -533,7 +582,7 @@ impl Bucket {
             report.blobs_removed += 1;
             report.bytes_removed += meta.size;
         }
-        Ok(report)
+        Ok(())
     }
 }
 
@@ -600,6 +649,21 @@ mod tests {
         }
     }
 
+    impl Bucket {
+        /// Prunes the blobs as old as `cutoff`, keeping those a record names.
+        async fn prune_blobs_older(&self, cutoff_age: u64) -> PruneReport {
+            let needed: HashSet<String> = [format!("sha256:{:x}", sha2::Sha256::digest(b"layer"))].into();
+            let mut report = PruneReport::default();
+            for form in [BlobForm::AsIs, BlobForm::Gzip] {
+                let cutoff = now_s() - cutoff_age as i64;
+                self.prune_blobs(form, &needed, cutoff, false, &mut report)
+                    .await
+                    .unwrap();
+            }
+            report
+        }
+    }
+
     #[tokio::test]
     async fn records_are_first_writer_wins_blobs_content_addressed_and_prune_keeps_what_records_need() {
         let b = Bucket::with_store(Arc::new(InMemory::new()), "team/cache", "s3://b/team/cache");
@@ -609,7 +673,7 @@ mod tests {
         let digest = format!("sha256:{:x}", sha2::Sha256::digest(b"layer"));
         b.put_blob_file(&digest, &file).await.unwrap();
         b.put_blob_file(&digest, &file).await.unwrap();
-        let (size, stream) = b.blob_stream(&digest).await.unwrap().unwrap();
+        let (size, stream) = b.blob_stream(&digest, BlobForm::AsIs).await.unwrap().unwrap();
         let got: Vec<Bytes> = stream.try_collect().await.unwrap();
         assert_eq!((size, got.concat()), (5, b"layer".to_vec()));
         let key = "a".repeat(64);
@@ -624,8 +688,24 @@ mod tests {
             digest
         );
         assert!(b.get_record("pr-1", &key).await.unwrap().is_none(), "scopes are apart");
-        assert!(b.blob_stream(&other).await.unwrap().is_none());
-        assert!(b.blob_path("sha256:../../x").is_err(), "a digest never names a path");
+        assert!(b.blob_stream(&other, BlobForm::AsIs).await.unwrap().is_none());
+        assert!(
+            b.blob_path("sha256:../../x", BlobForm::Gzip).is_err(),
+            "a digest never names a path"
+        );
+        // A gzip form is kept apart from the blob as it is, under the same digest.
+        assert!(b.blob_stream(&digest, BlobForm::Gzip).await.unwrap().is_none());
+        let gz = Bytes::from_static(b"\x1f\x8b pretend");
+        let one = futures_util::stream::iter([Ok(gz.clone())]);
+        b.put_blob_stream(&digest, BlobForm::Gzip, "gz", 5, one).await.unwrap();
+        let (_, stream) = b.blob_stream(&digest, BlobForm::Gzip).await.unwrap().unwrap();
+        let got: Vec<Bytes> = stream.try_collect().await.unwrap();
+        assert_eq!(got.concat(), gz.to_vec());
+        let unneeded = format!("sha256:{}", "1".repeat(64));
+        let one = futures_util::stream::iter([Ok(gz.clone())]);
+        b.put_blob_stream(&unneeded, BlobForm::Gzip, "gz", 5, one)
+            .await
+            .unwrap();
         let image = lcache_proto::wire::ImageRecord {
             name: "team/app:1".into(),
             manifest_digest: other.clone(),
@@ -642,8 +722,17 @@ mod tests {
         assert_eq!((r.records_removed, r.blobs_removed), (0, 0));
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let r = b.prune(Duration::from_secs(0), true).await.unwrap();
-        assert_eq!((r.records_removed, r.blobs_removed), (1, 1), "a dry run counts");
+        assert_eq!(
+            (r.records_removed, r.blobs_removed),
+            (1, 3),
+            "a dry run counts both forms"
+        );
         assert!(b.get_record("", &key).await.unwrap().is_some(), "and removes nothing");
+        // Records kept, old blobs: only the gzip form nothing names goes.
+        let r = b.prune_blobs_older(0).await;
+        assert_eq!((r.blobs_kept, r.blobs_removed), (2, 1));
+        assert!(b.blob_info(&digest, BlobForm::Gzip).await.unwrap().is_some());
+        assert!(b.blob_info(&unneeded, BlobForm::Gzip).await.unwrap().is_none());
         assert_eq!(parse_age("30d"), Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_age("30"), None);
     }

@@ -251,14 +251,16 @@ pub struct BuildArgs {
     /// fetched and stored, root causes.
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
-    /// How the layers this build makes are kept: `gzip`, or `none` (the tar itself: no
-    /// compression on the build path, the layer's digest is its diff_id; `--push`
-    /// compresses it). The image's ID is the same either way.
+    /// How the layers this build makes are kept: `none` (the tar itself, held by lcached
+    /// as links to the build's own files: nothing compressed on the build path, the layer's
+    /// digest is its diff_id; gzipped where it leaves the machine: `--push`, `--output`, a
+    /// shared tier), or `gzip` (as registries take them). The image's ID is the same
+    /// either way; its manifest digest is not.
     #[arg(
         long,
         value_enum,
         env = "LCACHE_LAYER_COMPRESSION",
-        default_value_t = LayerCompressionArg::Gzip,
+        default_value_t = LayerCompressionArg::None,
         value_name = "HOW"
     )]
     pub layer_compression: LayerCompressionArg,

@@ -697,7 +697,12 @@ async fn request_into(
     }
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| CacheError::Protocol(e.to_string()))?;
+        // After a 200, lcached ends a body early when its stored copy fails a read (a file a
+        // layer is held by changed behind it): a blob not to use, not a protocol error.
+        let frame = frame.map_err(|e| CacheError::UnusableBlob {
+            digest: path.rsplit('/').next().unwrap_or(path).to_string(),
+            reason: format!("broke off after {n} bytes ({e}): lcached could not read its stored copy"),
+        })?;
         if let Ok(mut data) = frame.into_data() {
             let dropped = drop_front.min(data.len() as u64);
             drop_front -= dropped;

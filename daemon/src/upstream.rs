@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, StatusCode};
-use lcache_bucket::{Bucket, BucketError};
+use lcache_bucket::{BlobForm, Bucket, BucketError};
 use lcache_proto::wire::{BlobParts, ImageRecord, StepRecord, SyncReport, BLOB_PARTS_TYPE};
 use lcache_remote::{Remote, RemoteError};
 use tokio::sync::mpsc;
@@ -533,9 +533,9 @@ impl Upstream {
         let (b, image, local) = (b.clone(), image.clone(), local.clone());
         tokio::spawn(async move {
             let shared = async {
-                for digest in image.blobs() {
+                for (digest, form) in image_blob_forms(&image) {
                     let blob = open_local(&local, digest).map_err(|e| BucketError::Invalid(e.to_string()))?;
-                    b.put_blob_stream(digest, digest, blob.len(), blob.chunks()).await?;
+                    put_to_bucket(&b, digest, form, blob).await?;
                 }
                 b.put_image(&image).await
             };
@@ -561,20 +561,18 @@ impl Upstream {
             let Some(image) = b.get_image(name).await? else {
                 return Ok(None);
             };
-            for digest in image.blobs() {
+            let sizes: std::collections::HashMap<&str, u64> =
+                image.layers.iter().map(|l| (l.digest.as_str(), l.size)).collect();
+            for (digest, form) in image_blob_forms(&image) {
                 if has_blob(local, digest)? {
                     continue;
                 }
-                let Some((size, stream)) = b.blob_stream(digest).await? else {
+                if fetch_from_bucket_blob(b, digest, form, sizes.get(digest).copied(), local)
+                    .await?
+                    .is_none()
+                {
                     return Ok(None);
-                };
-                let body = StreamBody::new(stream.map(|r| r.map(Frame::data)));
-                let meta = local
-                    .blobs
-                    .ingest(digest, body, Some(size), &local.limits)
-                    .await
-                    .map_err(|e| UpstreamError::Invalid(format!("blob {digest}: {e}")))?;
-                note_ingested(local, &meta)?;
+                }
             }
             local
                 .records
@@ -775,22 +773,18 @@ async fn fetch_from_bucket(
             continue;
         };
         if let Some(layer) = &rec.layer {
-            if !has_blob(local, &layer.digest)? {
-                let Some((size, stream)) = b.blob_stream(&layer.digest).await? else {
-                    return Ok(None);
-                };
-                let body = StreamBody::new(stream.map(|r| r.map(Frame::data)));
-                let meta = local
-                    .blobs
-                    .ingest(&layer.digest, body, Some(size), &local.limits)
-                    .await
-                    .map_err(|e| UpstreamError::Invalid(format!("layer {}: {e}", layer.digest)))?;
-                note_ingested(local, &meta)?;
-            }
+            let form = if has_blob(local, &layer.digest)? {
+                layer_form(layer)
+            } else {
+                match fetch_from_bucket_blob(b, &layer.digest, layer_form(layer), Some(layer.size), local).await? {
+                    Some(form) => form,
+                    None => return Ok(None),
+                }
+            };
             let (b, digest) = (b.clone(), layer.digest.clone());
             // Only keeps the blob young for a lifecycle rule: never worth a build's wait.
             tokio::spawn(async move {
-                let _ = b.touch_blob(&digest).await;
+                let _ = b.touch_blob(&digest, form).await;
             });
         }
         return keep_locally(local, scope.to_string(), rec);
@@ -804,21 +798,93 @@ async fn fetch_from_bucket(
 async fn push_to_bucket(b: &Bucket, scope: &str, rec: &StepRecord, local: &AppState) -> Result<(), UpstreamError> {
     if let Some(layer) = &rec.layer {
         let blob = open_local(local, &layer.digest)?;
-        b.put_blob_stream(&layer.digest, &layer.digest, blob.len(), blob.chunks())
-            .await?;
+        put_to_bucket(b, &layer.digest, layer_form(layer), blob).await?;
     }
     if b.put_record(scope, rec, false).await? {
         return Ok(());
     }
     let theirs = b.get_record(scope, &rec.key).await?;
     let expired = match theirs.and_then(|r| r.layer) {
-        Some(l) => b.blob_info(&l.digest).await?.is_none(),
+        Some(l) => {
+            b.blob_info(&l.digest, BlobForm::AsIs).await?.is_none()
+                && b.blob_info(&l.digest, BlobForm::Gzip).await?.is_none()
+        }
         None => false,
     };
     if expired {
         b.put_record(scope, rec, true).await?;
     }
     Ok(())
+}
+
+/// How a bucket keeps `layer`: gzipped when it is kept as its tar (`--layer-compression
+/// none`), so the bucket stores and moves what a registry would, while both ends keep the tar.
+fn layer_form(layer: &lcache_proto::wire::LayerRef) -> BlobForm {
+    match is_tar_layer(layer) {
+        true => BlobForm::Gzip,
+        false => BlobForm::AsIs,
+    }
+}
+
+/// Every blob `image` needs, with the form a bucket keeps it in.
+fn image_blob_forms(image: &ImageRecord) -> impl Iterator<Item = (&str, BlobForm)> {
+    image
+        .layers
+        .iter()
+        .map(|l| (l.digest.as_str(), layer_form(l)))
+        .chain([image.config_digest.as_str(), image.manifest_digest.as_str()].map(|d| (d, BlobForm::AsIs)))
+}
+
+/// Uploads `blob` to the bucket as `form` (gzipped on every core for [`BlobForm::Gzip`]),
+/// unless the bucket has it so.
+async fn put_to_bucket(b: &Bucket, digest: &str, form: BlobForm, blob: BlobFile) -> Result<(), BucketError> {
+    let len = blob.len();
+    match form {
+        BlobForm::AsIs => b.put_blob_stream(digest, form, digest, len, blob.chunks()).await,
+        BlobForm::Gzip => {
+            let gzipped = transit_gzip::gzipped(blob.chunks());
+            b.put_blob_stream(digest, form, digest, len, gzipped).await
+        }
+    }
+}
+
+/// Fetches blob `digest` from the bucket into the local store, verified against its digest
+/// as it streams in: from its gzip form (inflated) when `preferred` says so and the bucket
+/// has one, else as it is (a bucket an older lcached wrote keeps tar layers so). `size` is
+/// the blob's own size when known. Returns the form it came in, or `None` when the bucket
+/// has neither.
+async fn fetch_from_bucket_blob(
+    b: &Bucket,
+    digest: &str,
+    preferred: BlobForm,
+    size: Option<u64>,
+    local: &AppState,
+) -> Result<Option<BlobForm>, UpstreamError> {
+    let invalid = |e: crate::store::blob_store::IngestError| UpstreamError::Invalid(format!("blob {digest}: {e}"));
+    if preferred == BlobForm::Gzip {
+        if let Some((_, stream)) = b.blob_stream(digest, BlobForm::Gzip).await? {
+            let body = StreamBody::new(stream.map(|r| r.map(Frame::data)));
+            let body = transit_gzip::Gunzip::new(body, transit_gzip::limit_over(local.limits.max_blob_size));
+            let meta = local
+                .blobs
+                .ingest(digest, body, size, &local.limits)
+                .await
+                .map_err(invalid)?;
+            note_ingested(local, &meta)?;
+            return Ok(Some(BlobForm::Gzip));
+        }
+    }
+    let Some((stored, stream)) = b.blob_stream(digest, BlobForm::AsIs).await? else {
+        return Ok(None);
+    };
+    let body = StreamBody::new(stream.map(|r| r.map(Frame::data)));
+    let meta = local
+        .blobs
+        .ingest(digest, body, Some(size.unwrap_or(stored)), &local.limits)
+        .await
+        .map_err(invalid)?;
+    note_ingested(local, &meta)?;
+    Ok(Some(BlobForm::AsIs))
 }
 
 /// A blob of this daemon's store, opened to be sent up.

@@ -153,7 +153,9 @@ pub const GZIP_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+
 /// The OCI media type of uncompressed layers: the blob is the tar, its digest the diff_id.
 pub const TAR_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 
-/// How a layer's blob is kept (`lcache build --layer-compression`).
+/// How a layer's blob is kept (`lcache build --layer-compression`). Its `Default` is what
+/// a stored value written before the field existed means (gzip), not what a build uses
+/// (`none`, the client's default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LayerCompression {

@@ -439,6 +439,13 @@ pub fn own_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// The size of blob `digest` as lcached serves it (a blob kept as runs is a directory).
+pub fn blob_size(d: &Daemon, digest: &str) -> u64 {
+    let (status, body) = d.http("GET", &format!("/v1/blobs/{digest}"), b"");
+    assert_eq!(status, 200, "blob {digest}");
+    body.len() as u64
+}
+
 /// The blobs of `store` kept as runs (directories), not whole.
 pub fn blobs_kept_as_runs(store: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(store.join("blobs/sha256"))
@@ -482,6 +489,8 @@ pub struct BuildEnv {
     /// The daemon.
     pub daemon: Daemon,
     cache: tempfile::TempDir,
+    /// `LCACHE_LAYER_COMPRESSION` for every `lcache` run, when not the default.
+    layer_compression: Option<&'static str>,
 }
 
 impl Default for BuildEnv {
@@ -507,6 +516,7 @@ impl BuildEnv {
         let env = Self {
             daemon: Daemon::start_env(tempfile::tempdir().expect("temp dir"), extra, envs),
             cache: tempfile::tempdir().expect("temp dir"),
+            layer_compression: None,
         };
         let tar = env.cache.path().join("busybox.tar");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/busybox-rootfs");
@@ -527,6 +537,13 @@ impl BuildEnv {
             String::from_utf8_lossy(&out.stderr)
         );
         env
+    }
+
+    /// This environment, its builds keeping gzip layers (`--layer-compression gzip`): for
+    /// tests of what only a gzip blob has (members, CRCs, a blob that is one file).
+    pub fn with_gzip_layers(mut self) -> Self {
+        self.layer_compression = Some("gzip");
+        self
     }
 
     /// The client cache directory (snapshots live under `snapshots/`).
@@ -566,6 +583,9 @@ impl BuildEnv {
             .env("LCACHE_DAEMON", self.daemon.endpoint())
             .env("LCACHE_CACHE_DIR", self.cache.path().join("cache"))
             .current_dir(p.path());
+        if let Some(how) = self.layer_compression {
+            c.env("LCACHE_LAYER_COMPRESSION", how);
+        }
         c
     }
 
@@ -720,26 +740,45 @@ impl S3Server {
     }
 
     fn try_http(&self, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+        let (status, body) = self.try_request(method, path, b"")?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    fn try_request(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
         use std::io::{Read, Write};
+        // Reading an object anonymously is a 403; moto checks no signature.
+        const SIGNED: &str =
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
         let mut s = std::net::TcpStream::connect(&self.addr)?;
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.addr
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\nAuthorization: {SIGNED}\r\n\r\n",
+            self.addr,
+            body.len(),
         )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        s.write_all(body)?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(out.len());
+        let head = String::from_utf8_lossy(&out[..split]).into_owned();
+        let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            return Err(std::io::Error::other(
+                "moto answered chunked; read it with a Content-Length",
+            ));
+        }
+        Ok((status, out.get(split + 4..).unwrap_or_default().to_vec()))
     }
 
-    /// One plain HTTP request to it (moto checks no signature): status and body.
+    /// One HTTP request to it (signed by no one: moto checks no signature): status and body.
     pub fn http(&self, method: &str, path: &str) -> (u16, String) {
         self.try_http(method, path).expect("a request to moto's S3 server")
+    }
+
+    /// As [`S3Server::http`], with a body, and the answer's bytes.
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        self.try_request(method, path, body)
+            .expect("a request to moto's S3 server")
     }
 
     /// The AWS environment a client of it needs.

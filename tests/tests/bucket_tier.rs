@@ -46,15 +46,24 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
     let o = sync(&a, &p);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    // The layout docs/scale-out.md describes.
-    let blobs = keys(&s3, "ci/blobs/sha256/");
+    // The layout docs/scale-out.md describes: the build's layers, kept as their tar, are
+    // in the bucket gzipped, named by the tar's digest.
+    let gzipped = keys(&s3, "ci/gzip/sha256/");
     let records = keys(&s3, "ci/records/_/");
     assert_eq!(records.len(), 2, "one record per step: {records:?}");
-    assert!(blobs.len() >= 2, "{blobs:?}");
-    for b in &blobs {
+    assert_eq!(gzipped.len(), 2, "{gzipped:?}");
+    for b in gzipped.iter().chain(&keys(&s3, "ci/blobs/sha256/")) {
         let parts: Vec<&str> = b.split('/').collect();
         assert_eq!(parts.len(), 5, "{b}");
         assert!(parts[4].starts_with(parts[3]) && parts[4].len() == 64, "{b}");
+    }
+    for g in &gzipped {
+        let (status, gz) = s3.request("GET", &format!("/lcache-test/{g}"), b"");
+        assert_eq!(status, 200);
+        assert_eq!(gz[..2], [0x1f, 0x8b], "{g} is gzip");
+        let tar = lcache_e2e::gunzip(&gz);
+        assert!(gz.len() < tar.len(), "{g}: smaller than its tar");
+        assert!(g.ends_with(&lcache_e2e::sha256_digest(&tar)["sha256:".len()..]));
     }
 
     let b = runner(&s3);
@@ -131,6 +140,29 @@ fn runners_share_a_bucket_and_a_fresh_runner_gets_every_step_cached() {
         keys(&s3, "ci/").is_empty(),
         "records unused for the age go, then their blobs"
     );
+}
+
+#[test]
+fn a_bucket_an_older_lcached_filled_with_tar_layers_as_they_are_still_serves_them() {
+    let s3 = S3Server::start("lcache-test");
+    let p = project();
+    let a = runner(&s3);
+    let (_, image) = a.build(&p, &[]);
+    assert!(sync(&a, &p).status.success());
+    // What an lcached before gzip forms wrote: each tar layer as it is, under blobs/.
+    let gzipped = keys(&s3, "ci/gzip/sha256/");
+    assert_eq!(gzipped.len(), 2);
+    for g in &gzipped {
+        let (_, gz) = s3.request("GET", &format!("/lcache-test/{g}"), b"");
+        let as_is = g.replacen("ci/gzip/", "ci/blobs/", 1);
+        let (put, _) = s3.request("PUT", &format!("/lcache-test/{as_is}"), &lcache_e2e::gunzip(&gz));
+        assert_eq!(put, 200);
+        assert_eq!(s3.http("DELETE", &format!("/lcache-test/{g}")).0, 204);
+    }
+    let b = runner(&s3);
+    let (steps, image_b) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true, true], "read from blobs/, as they are");
+    assert_eq!(image_b, image);
 }
 
 #[test]

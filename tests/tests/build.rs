@@ -3,7 +3,7 @@
 
 use std::io::Read;
 
-use lcache_e2e::{blobs_kept_as_runs, cached, own_bytes, sha256_digest, BuildEnv, Project};
+use lcache_e2e::{blob_size, blobs_kept_as_runs, cached, own_bytes, sha256_digest, BuildEnv, Project};
 
 const APP: &str = "FROM busybox\nWORKDIR /app\nCOPY src ./src\nRUN cat src/* > /app/all && echo built >> /app/all\nENV MODE=prod\nCMD [\"cat\", \"/app/all\"]\n";
 
@@ -1023,7 +1023,8 @@ fn entries_damaged_on_disk_beside_the_seed_cost_a_whole_copy_not_the_build() {
 
 #[test]
 fn a_corrupt_seed_blob_is_never_reused_into_a_new_layer() {
-    let env = BuildEnv::new();
+    // A gzip blob's mechanics (one file, members, CRCs); layer_compression.rs has the tar's.
+    let env = BuildEnv::new().with_gzip_layers();
     let p = Project::new();
     let blob = copy_built_once(&env, &p);
     let mut bytes = std::fs::read(&blob).unwrap();
@@ -1070,7 +1071,8 @@ fn damage_last_member(blob: &std::path::Path) {
 
 #[test]
 fn a_seed_blob_damaged_after_the_change_fails_the_build_once_and_the_next_packs_whole() {
-    let env = BuildEnv::new();
+    // A gzip blob's mechanics (one file, members, CRCs); layer_compression.rs has the tar's.
+    let env = BuildEnv::new().with_gzip_layers();
     let p = Project::new();
     damage_last_member(&copy_built_once(&env, &p));
 
@@ -1089,7 +1091,8 @@ fn a_seed_blob_damaged_after_the_change_fails_the_build_once_and_the_next_packs_
 
 #[test]
 fn a_rebuilt_copy_stores_in_lcached_only_the_members_that_changed_and_exports_whole() {
-    let env = BuildEnv::new();
+    // A gzip blob's mechanics (one file, members, CRCs); layer_compression.rs has the tar's.
+    let env = BuildEnv::new().with_gzip_layers();
     let p = Project::new();
     p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
         .write_many("src", 3000);
@@ -1215,7 +1218,8 @@ fn pass_through_but(
 
 #[test]
 fn with_an_lcached_that_does_not_name_layers_the_client_packs_and_names_the_edit_itself() {
-    let env = BuildEnv::new();
+    // A gzip blob's mechanics (one file, members, CRCs); layer_compression.rs has the tar's.
+    let env = BuildEnv::new().with_gzip_layers();
     let p = Project::new();
     p.write("Dockerfile", "FROM busybox\nCOPY src /app/\n")
         .write_many("src", 3000);
@@ -1373,14 +1377,7 @@ fn a_build_that_leaves_its_image_to_lcached_ends_cached_and_lcached_names_and_ta
     let (steps, image) = env.build(&p, &["--summary-json", summary.to_str().unwrap()]);
     assert_eq!(cached(&steps), [false]);
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
-    let whole = std::fs::metadata(
-        env.daemon
-            .store()
-            .join("blobs/sha256")
-            .join(&whole_copy_snapshots(&env)[0]),
-    )
-    .unwrap()
-    .len();
+    let whole = blob_size(&env.daemon, &format!("sha256:{}", whole_copy_snapshots(&env)[0]));
     let stored = s["bytes_stored"].as_u64().unwrap();
     assert!(
         stored * 4 < whole,
@@ -1415,7 +1412,8 @@ fn an_image_being_named_when_lcached_is_killed_is_named_when_it_starts_again() {
 
 #[test]
 fn a_layer_found_damaged_while_lcached_names_the_image_leaves_it_unnamed_and_the_next_build_packs_whole() {
-    let env = BuildEnv::new();
+    // A gzip blob's mechanics (one file, members, CRCs); layer_compression.rs has the tar's.
+    let env = BuildEnv::new().with_gzip_layers();
     let p = Project::new();
     damage_last_member(&copy_built_once(&env, &p));
 

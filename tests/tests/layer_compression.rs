@@ -1,5 +1,6 @@
-//! `lcache build --layer-compression none`: layers kept as their tar, against real builds
-//! (lcached, lcache, runc on overlayfs, the busybox base). Needs root.
+//! `lcache build --layer-compression none` (the default): layers kept as their tar, against
+//! real builds (lcached, lcache, runc on overlayfs, the busybox base), and how they meet
+//! gzip layers. Needs root.
 
 use lcache_e2e::{blobs_kept_as_runs, cached, gunzip, own_bytes, sha256_digest, BuildEnv, Project};
 
@@ -80,7 +81,7 @@ fn is_tar(blob: &[u8]) -> bool {
 
 #[test]
 fn uncompressed_layers_give_the_image_gzip_layers_give_and_an_edit_stays_a_delta() {
-    let (gz, plain) = (BuildEnv::new(), BuildEnv::new());
+    let (gz, plain) = (BuildEnv::new().with_gzip_layers(), BuildEnv::new());
     let p = app();
     let mut none_tagged = NONE.to_vec();
     none_tagged.extend(["-t", "app:1"]);
@@ -299,9 +300,8 @@ fn a_cold_tar_layer_is_kept_as_links_to_the_snapshots_files_and_a_file_changed_b
     use std::os::unix::fs::MetadataExt;
     let env = BuildEnv::new();
     let p = app();
-    let mut tagged = NONE.to_vec();
-    tagged.extend(["-t", "app:1"]);
-    let (steps, image) = env.build(&p, &tagged);
+    // No option: layers are kept as their tar, held by reference, by default.
+    let (steps, image) = env.build(&p, &["-t", "app:1"]);
     assert_eq!(cached(&steps), [false, false]);
     // The COPY's 3,000 files and the one the RUN wrote (`/seen`) are held by lcached as
     // links to the client's snapshot files: the layers' bytes were written once.

@@ -147,7 +147,10 @@ fn from_pulls_a_missing_base_and_push_publishes_what_skopeo_reads_back() {
         "the base's layers are mounted, not uploaded: {said}"
     );
 
-    // skopeo reads what was pushed: same manifest digest and layers as lcache's image.
+    // skopeo reads what was pushed: the manifest digest the build printed, and lcache's
+    // image (its config, so its ID and diff_ids). The layers the build kept as their tar
+    // went up gzipped, under a manifest of their own.
+    let pushed = String::from_utf8_lossy(&o.stdout).trim().to_string();
     let images = env.lcache(&p, &["image", "ls", "--json"]);
     let images: serde_json::Value = serde_json::from_slice(&images.stdout).unwrap();
     let ours = images
@@ -159,15 +162,33 @@ fn from_pulls_a_missing_base_and_push_publishes_what_skopeo_reads_back() {
         .clone();
     let inspect = skopeo(&["inspect", "--tls-verify=false", &format!("docker://{app}")]);
     let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
-    assert_eq!(inspect["Digest"], ours["manifest_digest"]);
-    let layers: Vec<&serde_json::Value> = ours["layers"]
+    assert_eq!(inspect["Digest"], pushed.as_str());
+    assert_ne!(
+        ours["manifest_digest"],
+        pushed.as_str(),
+        "the local manifest names tar layers"
+    );
+    let config = skopeo(&["inspect", "--tls-verify=false", "--config", &format!("docker://{app}")]);
+    let config: serde_json::Value = serde_json::from_slice(&config.stdout).unwrap();
+    let diff_ids: Vec<&serde_json::Value> = ours["layers"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| &l["digest"])
+        .map(|l| &l["diff_id"])
         .collect();
-    let theirs: Vec<&serde_json::Value> = inspect["Layers"].as_array().unwrap().iter().collect();
-    assert_eq!(layers, theirs);
+    let theirs: Vec<&serde_json::Value> = config["rootfs"]["diff_ids"].as_array().unwrap().iter().collect();
+    assert_eq!(diff_ids, theirs);
+    let raw = skopeo(&["inspect", "--tls-verify=false", "--raw", &format!("docker://{app}")]);
+    let raw: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    assert!(raw["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"));
+    assert_eq!(
+        ours["layers"][0]["digest"], raw["layers"][0]["digest"],
+        "the base, mounted as it is"
+    );
     let copy = tempfile::tempdir().unwrap();
     skopeo(&[
         "copy",
@@ -181,7 +202,7 @@ fn from_pulls_a_missing_base_and_push_publishes_what_skopeo_reads_back() {
     let o = lcache_with_config(&other, &p, no_config.path(), &["image", "pull", &app]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains(ours["manifest_digest"].as_str().unwrap()),
+        String::from_utf8_lossy(&o.stdout).contains(&pushed),
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
@@ -229,7 +250,7 @@ fn from_pulls_a_missing_base_and_push_publishes_what_skopeo_reads_back() {
     assert!(rebuilt, "the re-resolved base changes the key");
 
     // A blob corrupted on the registry is refused as it streams in, and nothing is kept.
-    let top = ours["layers"].as_array().unwrap().last().unwrap()["digest"]
+    let top = raw["layers"].as_array().unwrap().last().unwrap()["digest"]
         .as_str()
         .unwrap()
         .trim_start_matches("sha256:")

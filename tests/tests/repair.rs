@@ -22,12 +22,13 @@ fn blob_files(env: &BuildEnv) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// Damages every layer blob the build added (not in `base`), drops the client's snapshots
-/// so the blobs must be fetched again, and returns the damaged digests.
+/// Damages every layer blob the build added (not in `base`): a gzip blob's file, or the
+/// files of a tar layer held by reference (a directory naming its pack). Drops the client's
+/// snapshots so the blobs must be fetched again, and returns the damaged digests.
 fn damage(env: &BuildEnv, base: &[std::path::PathBuf], how: fn(&std::path::Path)) -> Vec<String> {
     let mut damaged = Vec::new();
     for f in blob_files(env).into_iter().filter(|f| !base.contains(f)) {
-        if std::fs::read(&f).unwrap().starts_with(&[0x1f, 0x8b]) {
+        if f.is_dir() || std::fs::read(&f).unwrap().starts_with(&[0x1f, 0x8b]) {
             how(&f);
             damaged.push(format!("sha256:{}", f.file_name().unwrap().to_string_lossy()));
         }
@@ -36,7 +37,30 @@ fn damage(env: &BuildEnv, base: &[std::path::PathBuf], how: fn(&std::path::Path)
     damaged
 }
 
+/// The files of the packs a linked blob's directory names (`p.<id>` → `blobs/packs/<id>/`).
+fn pack_files(blob: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let packs = blob.parent().unwrap().parent().unwrap().join("packs");
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(blob).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if let Some(id) = name.strip_prefix("p.") {
+            for f in std::fs::read_dir(packs.join(id)).unwrap() {
+                let f = f.unwrap().path();
+                if f.file_name().unwrap() != "pack" && std::fs::metadata(&f).unwrap().len() > 0 {
+                    files.push(f);
+                }
+            }
+        }
+    }
+    files
+}
+
 fn flip_a_byte(f: &std::path::Path) {
+    if f.is_dir() {
+        let files = pack_files(f);
+        assert!(!files.is_empty(), "{} names no pack", f.display());
+        return files.iter().for_each(|f| flip_a_byte(f));
+    }
     let mut data = std::fs::read(f).unwrap();
     let mid = data.len() / 2;
     data[mid] ^= 0xff;
@@ -44,13 +68,21 @@ fn flip_a_byte(f: &std::path::Path) {
 }
 
 fn remove(f: &std::path::Path) {
-    std::fs::remove_file(f).unwrap();
+    match f.is_dir() {
+        true => std::fs::remove_dir_all(f).unwrap(),
+        false => std::fs::remove_file(f).unwrap(),
+    }
 }
 
 #[test]
 fn a_corrupt_or_missing_layer_blob_is_a_miss_and_is_stored_again() {
-    for (what, how) in [("corrupt", flip_a_byte as fn(&std::path::Path)), ("missing", remove)] {
-        let env = BuildEnv::new();
+    let damages = [("corrupt", flip_a_byte as fn(&std::path::Path)), ("missing", remove)];
+    for ((what, how), gzip) in damages.into_iter().flat_map(|d| [(d, true), (d, false)]) {
+        let env = match gzip {
+            true => BuildEnv::new().with_gzip_layers(),
+            false => BuildEnv::new(),
+        };
+        let what = format!("{what}, {}", if gzip { "gzip" } else { "tar held by reference" });
         let p = project();
         let base = blob_files(&env);
         let (first, image) = env.build(&p, &[]);
