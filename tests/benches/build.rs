@@ -69,7 +69,7 @@ fn main() {
         source_date_epoch: None,
         squash: false,
         name_later: false,
-        layer_compression: Default::default(),
+        layer_compression: LayerCompression::None, // what `lcache build` uses by default
     };
     // Progress is not printed: the figures stay readable.
     let mut quiet = Quiet;
