@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use lcache_proto::wire::{NamedLayer, PROVISIONAL_PREFIX};
 use tokio::sync::watch;
 
-use crate::store::{ProvisionalOutcome, RecordStore};
+use crate::store::{ProvisionalOutcome, RecordStore, StoreError};
 
 /// How many names' outcomes the store keeps: a client resolves its names at its next
 /// build, so this is many builds' worth.
@@ -74,12 +74,19 @@ impl ProvisionalNames {
         }
     }
 
+    /// Keeps what `name` came to in `records`, durably: called before the layer leaves
+    /// `provisional/` as well as by [`Self::finish`], so a kill between the two loses
+    /// neither the layer nor its name.
+    pub fn keep(&self, records: &dyn RecordStore, name: &str, outcome: &ProvisionalOutcome) -> Result<(), StoreError> {
+        records
+            .put_provisional(name, outcome, KEPT)
+            .and_then(|()| records.flush())
+    }
+
     /// Reports what `naming` came to: kept in `records` first, so that a reader who no
     /// longer finds the name being named finds its outcome there.
     pub fn finish(&self, records: &dyn RecordStore, naming: Naming, outcome: ProvisionalOutcome) {
-        let kept = records
-            .put_provisional(&naming.name, &outcome, KEPT)
-            .and_then(|()| records.flush());
+        let kept = self.keep(records, &naming.name, &outcome);
         if let Err(e) = kept {
             eprintln!("lcached: cannot keep what layer {} was named: {e}", naming.name);
         }

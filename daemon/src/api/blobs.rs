@@ -370,7 +370,7 @@ pub async fn post_layer(state: &Arc<AppState>, req: Request<Incoming>) -> Respon
         name_behind(state, naming, received);
         return json(StatusCode::ACCEPTED, &answer);
     }
-    match name_layer(state, received).await {
+    match name_layer(state, received, None).await {
         Ok(layer) => json(StatusCode::CREATED, &layer),
         Err(LayerNotStored::Ingest(e)) => refused(e),
         Err(LayerNotStored::Record(e)) => record_refused(e),
@@ -388,7 +388,7 @@ fn name_behind(state: &Arc<AppState>, naming: Naming, received: ReceivedParts) {
         {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
-        let outcome = match name_layer(&state, received).await {
+        let outcome = match name_layer(&state, received, Some(naming.name())).await {
             Ok(layer) => ProvisionalOutcome::Named(layer),
             Err(e) => {
                 let reason = e.to_string();
@@ -430,9 +430,33 @@ enum LayerNotStored {
     Record(crate::store::StoreError),
 }
 
-/// Checks and names a layer received, records its blob and starts taking its diff_id.
-async fn name_layer(state: &AppState, received: ReceivedParts) -> Result<NamedLayer, LayerNotStored> {
-    let (named, tail, started) = state.blobs.name_layer(received).await.map_err(LayerNotStored::Ingest)?;
+/// Checks and names a layer received, records its blob and starts taking its diff_id. A
+/// layer answered with `provisional` name has the name's outcome kept before the layer
+/// leaves `provisional/` (a restart resumes whatever is still there).
+async fn name_layer(
+    state: &AppState,
+    received: ReceivedParts,
+    provisional: Option<&str>,
+) -> Result<NamedLayer, LayerNotStored> {
+    let keep = |named: &crate::store::blob_parts::NamedBlob| match provisional {
+        Some(name) => {
+            let outcome = ProvisionalOutcome::Named(NamedLayer {
+                digest: named.meta.digest.clone(),
+                size: named.meta.size,
+                blob_states: named.blob_states.clone(),
+            });
+            state
+                .provisional
+                .keep(&*state.records, name, &outcome)
+                .map_err(|e| IngestError::Io(std::io::Error::other(e.to_string())))
+        }
+        None => Ok(()),
+    };
+    let (named, tail, started) = state
+        .blobs
+        .name_layer(received, keep)
+        .await
+        .map_err(LayerNotStored::Ingest)?;
     record_blob(state, &named.meta).map_err(LayerNotStored::Record)?;
     state.layer_naming.keep(&named.meta.digest, &tail, started);
     Ok(NamedLayer {

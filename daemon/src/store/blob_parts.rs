@@ -196,6 +196,18 @@ fn merge_runs(dir: &Path, recipe: &mut Recipe, merged: &std::collections::HashSe
     Ok(())
 }
 
+/// Hard-links `from` at `to`, replacing what an interrupted naming of the same received
+/// layer linked there before a restart (the same names, given in the same order).
+fn link_afresh(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(from, to) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(to)?;
+            std::fs::hard_link(from, to)
+        }
+        done => done,
+    }
+}
+
 /// The runs of `parts` over the base's runs (`base`) and the sent file, with the base's
 /// files each linked once into `dir` under a name of their own, and the packs the base
 /// reads kept as runs of the pack (their manifest linked once, as the pack's reference).
@@ -241,7 +253,7 @@ fn runs_of(parts: &[BlobPart], base: &BlobFile, dir: &Path) -> Result<Recipe, In
                         Some(n) => n.clone(),
                         None => {
                             let name = format!("b{}", names.len());
-                            std::fs::hard_link(path, dir.join(&name)).map_err(missing)?;
+                            link_afresh(path, &dir.join(&name)).map_err(missing)?;
                             names.insert(path.clone(), name.clone());
                             name
                         }
@@ -250,8 +262,7 @@ fn runs_of(parts: &[BlobPart], base: &BlobFile, dir: &Path) -> Result<Recipe, In
                 }
                 Source::Linked { pack, at, .. } => {
                     if !packs.contains_key(&pack.id) {
-                        std::fs::hard_link(pack.manifest_path(), dir.join(pack_link_name(&pack.id)))
-                            .map_err(missing)?;
+                        link_afresh(&pack.manifest_path(), &dir.join(pack_link_name(&pack.id))).map_err(missing)?;
                         packs.insert(pack.id.clone(), ());
                     }
                     push(&pack.id, *at, run.len, true);
@@ -385,7 +396,7 @@ impl BlobStore {
         B::Error: std::fmt::Display,
     {
         let received = self.receive_layer(body, expected_len, limits).await?;
-        self.name_layer(received).await
+        self.name_layer(received, |_| Ok(())).await
     }
 
     /// The first half of [`Self::ingest_layer`]: the body read whole, its sent bytes
@@ -470,8 +481,23 @@ impl BlobStore {
     }
 
     /// The second half of [`Self::ingest_layer`]: checks and names the layer received.
-    pub async fn name_layer(&self, received: ReceivedParts) -> Result<(NamedBlob, LayerTail, Started), IngestError> {
-        let (meta, named) = self.name_received(received).await?;
+    /// `before_commit` is told the name once the layer is checked, before the received
+    /// directory leaves `provisional/`: what it makes durable then survives a kill that
+    /// the directory, once moved, would not (its error keeps the layer unnamed).
+    pub async fn name_layer(
+        &self,
+        received: ReceivedParts,
+        before_commit: impl FnOnce(&NamedBlob) -> Result<(), IngestError>,
+    ) -> Result<(NamedBlob, LayerTail, Started), IngestError> {
+        let mut told = Some(before_commit);
+        let tell = |meta: &BlobMeta, blob_states: &[Vec<u8>]| match told.take() {
+            Some(f) => f(&NamedBlob {
+                meta: meta.clone(),
+                blob_states: blob_states.to_vec(),
+            }),
+            None => Ok(()),
+        };
+        let (meta, named) = self.name_received(received, tell).await?;
         let (tail, blob_states, started) = named.ok_or_else(|| bad("the layer's tail was not given"))?;
         Ok((NamedBlob { meta, blob_states }, tail, started))
     }
@@ -490,7 +516,7 @@ impl BlobStore {
         B::Error: std::fmt::Display,
     {
         let received = self.receive_composed(claimed, body, expected_len, limits).await?;
-        self.name_received(received).await
+        self.name_received(received, |_, _| Ok(())).await
     }
 
     /// Reads a body of parts: its header checked, its sent bytes written and synced into a
@@ -624,6 +650,7 @@ impl BlobStore {
     async fn name_received(
         &self,
         received: ReceivedParts,
+        mut before_commit: impl FnMut(&BlobMeta, &[Vec<u8>]) -> Result<(), IngestError>,
     ) -> Result<(BlobMeta, Option<(LayerTail, Vec<Vec<u8>>, Started)>), IngestError> {
         let ReceivedParts {
             claimed,
@@ -735,6 +762,12 @@ impl BlobStore {
             }
         }
         let final_path = self.destination(&actual)?;
+        let meta = BlobMeta {
+            digest: actual,
+            blake3,
+            size,
+        };
+        before_commit(&meta, named.as_ref().map_or(&[][..], |n| &n.1[..]))?;
         match whole {
             // The directory is left to the guard: its whole file was moved out of it.
             Some(file) => self.commit(&file, &final_path).await?,
@@ -743,12 +776,7 @@ impl BlobStore {
                 guard.0 = None;
             }
         }
-        self.save_states(&actual, &states);
-        let meta = BlobMeta {
-            digest: actual,
-            blake3,
-            size,
-        };
+        self.save_states(&meta.digest, &states);
         Ok((meta, named))
     }
 }
