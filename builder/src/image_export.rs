@@ -1,18 +1,20 @@
 //! `--output`: an OCI image layout (`type=oci`), a tar `docker load` accepts (`type=docker`,
 //! which is also an OCI layout), or the final filesystem (`type=local`). Layers kept as
 //! their tar (`--layer-compression none`) are exported gzipped, as BuildKit's exporters
-//! compress, under a manifest naming them (`compression=uncompressed` keeps them as tar).
+//! compress, under a manifest naming them (`compression=uncompressed` keeps them as tar;
+//! `compression=zstd`, for `type=oci`, compresses them with zstd as they are written).
 
 use std::path::{Path, PathBuf};
 
 use lcache_proto::digest::sha256_hex;
-use lcache_proto::wire::{ImageRecord, LayerCompression, LayerRef};
+use lcache_proto::wire::{ImageRecord, LayerCompression, LayerRef, ZSTD_LAYER_MEDIA_TYPE};
 use serde_json::json;
 
 use crate::errors::BuildError;
 use crate::snapshots::layer_file_reader;
 use crate::step_cache::StepCache;
 use lcache_image::layer_extract::{extract_layer, is_root, Whiteouts};
+use lcache_image::layer_zstd::ZstdLayer;
 use lcache_image::oci_image::{index_document, manifest_document, sha256_of};
 
 /// Where and how to export.
@@ -22,20 +24,37 @@ pub struct OutputSpec {
     pub kind: String,
     /// Destination path.
     pub dest: PathBuf,
-    /// Whether layers kept as their tar are gzipped (`compression=gzip`, the default) or
-    /// written as they are (`compression=uncompressed`).
-    pub gzip_tar_layers: bool,
+    /// How layers kept as their tar are written (`compression=`).
+    pub tar_layers: TarLayersAs,
+}
+
+/// How an export writes the layers kept as their tar; layers kept as gzip (an imported or
+/// pulled base's, a `--layer-compression gzip` build's) are written as they are whatever it
+/// says, as BuildKit does without `force-compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TarLayersAs {
+    /// gzip (`compression=gzip`, the default): what every registry and `docker load` take.
+    /// lcached makes each form once and keeps it.
+    Gzip,
+    /// As they are (`compression=uncompressed`).
+    Uncompressed,
+    /// zstd (`compression=zstd`): smaller and faster to read than gzip, for containerd and
+    /// Docker 23 or later; made as the export is written, on every core, and not kept.
+    Zstd,
 }
 
 /// Why an `--output` value could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OutputSpecError {
     /// A part that is not `type=`, `dest=` or `compression=`.
-    #[error("'{0}' in --output: write type=oci|docker|local,dest=PATH[,compression=gzip|uncompressed]")]
+    #[error("'{0}' in --output: write type=oci|docker|local,dest=PATH[,compression=gzip|uncompressed|zstd]")]
     UnknownPart(String),
     /// A compression lcache does not export.
-    #[error("--output compression={0} is not one of gzip, uncompressed")]
+    #[error("--output compression={0} is not one of gzip, uncompressed, zstd")]
     UnknownCompression(String),
+    /// zstd into a tar for `docker load`, which Docker before 23 cannot read.
+    #[error("--output type=docker,compression=zstd: `docker load` before Docker 23 cannot read zstd layers — write type=oci,compression=zstd, or compression=gzip for docker load")]
+    ZstdForDocker,
     /// No `type=`.
     #[error("--output needs type=oci|docker|local")]
     NoType,
@@ -53,13 +72,14 @@ impl std::str::FromStr for OutputSpec {
     fn from_str(s: &str) -> Result<Self, OutputSpecError> {
         let mut kind = None;
         let mut dest = None;
-        let mut gzip_tar_layers = true;
+        let mut tar_layers = TarLayersAs::Gzip;
         for kv in s.split(',') {
             match kv.split_once('=') {
                 Some(("type", v)) => kind = Some(v.to_string()),
                 Some(("dest", v)) => dest = Some(PathBuf::from(v)),
-                Some(("compression", "gzip")) => gzip_tar_layers = true,
-                Some(("compression", "uncompressed")) => gzip_tar_layers = false,
+                Some(("compression", "gzip")) => tar_layers = TarLayersAs::Gzip,
+                Some(("compression", "uncompressed")) => tar_layers = TarLayersAs::Uncompressed,
+                Some(("compression", "zstd")) => tar_layers = TarLayersAs::Zstd,
                 Some(("compression", v)) => return Err(OutputSpecError::UnknownCompression(v.into())),
                 _ => return Err(OutputSpecError::UnknownPart(kv.into())),
             }
@@ -68,10 +88,13 @@ impl std::str::FromStr for OutputSpec {
         if !matches!(kind.as_str(), "oci" | "docker" | "local") {
             return Err(OutputSpecError::UnknownType(kind));
         }
+        if kind == "docker" && tar_layers == TarLayersAs::Zstd {
+            return Err(OutputSpecError::ZstdForDocker);
+        }
         Ok(Self {
             kind,
             dest: dest.ok_or(OutputSpecError::NoDest)?,
-            gzip_tar_layers,
+            tar_layers,
         })
     }
 }
@@ -90,28 +113,38 @@ struct Exported {
     layers: Vec<LayerRef>,
     manifest: Option<Vec<u8>>,
     manifest_digest: String,
+    /// Blobs already written into the export (zstd forms), not to fetch.
+    written: Vec<String>,
 }
 
 /// `image` as `out` exports it: layers kept as their tar replaced by their gzip forms
-/// (lcached makes each once) unless they are to stay as they are.
+/// (lcached makes each once) or zstd forms (written into the export now) unless they are to
+/// stay as they are.
 fn exported(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec) -> Result<Exported, BuildError> {
     let is_tar = |l: &LayerRef| LayerCompression::of_media_type(&l.media_type) == Some(LayerCompression::None);
-    if !out.gzip_tar_layers || !image.layers.iter().any(is_tar) {
+    if out.tar_layers == TarLayersAs::Uncompressed || !image.layers.iter().any(is_tar) {
         return Ok(Exported {
             layers: image.layers.clone(),
             manifest: None,
             manifest_digest: image.manifest_digest.clone(),
+            written: Vec::new(),
         });
     }
     let mut layers = Vec::with_capacity(image.layers.len());
+    let mut written = Vec::new();
     for l in &image.layers {
-        layers.push(match is_tar(l) {
-            true => {
+        layers.push(match (is_tar(l), out.tar_layers) {
+            (true, TarLayersAs::Zstd) => {
+                let z = zstd_layer(steps, l, &out.dest.join("blobs/sha256"))?;
+                written.push(z.digest.clone());
+                z
+            }
+            (true, _) => {
                 let mut gz = steps.gzip_form(&l.digest)?;
                 gz.diff_id = l.diff_id.clone();
                 gz
             }
-            false => l.clone(),
+            (false, _) => l.clone(),
         });
     }
     let mut config = Vec::new();
@@ -121,6 +154,29 @@ fn exported(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec) -> Res
         layers,
         manifest_digest: sha256_of(&manifest),
         manifest: Some(manifest),
+        written,
+    })
+}
+
+/// Writes the tar layer `l` into `dir` compressed with zstd, named by the compressed bytes'
+/// digest; the tar is checked against its own digest as it streams from the cache, and a
+/// layer that fails it leaves nothing behind.
+fn zstd_layer(steps: &dyn StepCache, l: &LayerRef, dir: &Path) -> Result<LayerRef, BuildError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let part = tempfile::NamedTempFile::new_in(dir).map_err(io(dir))?;
+    let file = std::io::BufWriter::with_capacity(1 << 20, part.as_file());
+    let mut z = ZstdLayer::new(file).map_err(io(part.path()))?;
+    steps.get_blob(&l.digest, &mut z)?;
+    let (file, digest, size) = z.finish().map_err(io(part.path()))?;
+    file.into_inner().map_err(|e| io(part.path())(e.into_error()))?;
+    let path = dir.join(digest.trim_start_matches("sha256:"));
+    part.persist(&path).map_err(|e| io(&path)(e.error))?;
+    Ok(LayerRef {
+        digest,
+        blake3: String::new(),
+        size,
+        diff_id: l.diff_id.clone(),
+        media_type: ZSTD_LAYER_MEDIA_TYPE.into(),
     })
 }
 
@@ -183,7 +239,8 @@ pub fn export(steps: &dyn StepCache, image: &ImageRecord, out: &OutputSpec, tags
             let dir = dest.join("blobs/sha256");
             std::fs::create_dir_all(&dir).map_err(io(dest))?;
             let mut manifest_size = 0;
-            for d in digests {
+            let written = exported.as_ref().map_or(&[][..], |e| &e.written[..]);
+            for d in digests.into_iter().filter(|d| !written.iter().any(|w| w == d)) {
                 let size = fetch_to(steps, d, &dir.join(d.trim_start_matches("sha256:")))?;
                 if d == manifest_digest {
                     manifest_size = size;
@@ -256,14 +313,20 @@ mod tests {
     #[test]
     fn output_specs_read_as_buildkit_writes_them() {
         let spec: OutputSpec = "type=oci,dest=/x".parse().unwrap();
-        assert_eq!((spec.kind.as_str(), spec.gzip_tar_layers), ("oci", true));
+        assert_eq!((spec.kind.as_str(), spec.tar_layers), ("oci", TarLayersAs::Gzip));
         let spec: OutputSpec = "type=docker,dest=/x,compression=uncompressed".parse().unwrap();
-        assert!(!spec.gzip_tar_layers);
+        assert_eq!(spec.tar_layers, TarLayersAs::Uncompressed);
         let spec: OutputSpec = "compression=gzip,type=oci,dest=/x".parse().unwrap();
-        assert!(spec.gzip_tar_layers);
+        assert_eq!(spec.tar_layers, TarLayersAs::Gzip);
+        let spec: OutputSpec = "type=oci,dest=/x,compression=zstd".parse().unwrap();
+        assert_eq!(spec.tar_layers, TarLayersAs::Zstd);
         assert_eq!(
-            "type=oci,dest=/x,compression=zstd".parse::<OutputSpec>(),
-            Err(OutputSpecError::UnknownCompression("zstd".into()))
+            "type=docker,dest=/x,compression=zstd".parse::<OutputSpec>(),
+            Err(OutputSpecError::ZstdForDocker)
+        );
+        assert_eq!(
+            "type=oci,dest=/x,compression=brotli".parse::<OutputSpec>(),
+            Err(OutputSpecError::UnknownCompression("brotli".into()))
         );
         assert_eq!(
             "type=oci,dest=/x,force=1".parse::<OutputSpec>(),

@@ -11,6 +11,7 @@ pub mod layer_extract;
 pub mod layer_gzip;
 pub mod layer_links;
 pub mod layer_segments;
+pub mod layer_zstd;
 pub mod oci_image;
 pub mod ordered_workers;
 mod read_tee;

@@ -153,6 +153,10 @@ pub const GZIP_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+
 /// The OCI media type of uncompressed layers: the blob is the tar, its digest the diff_id.
 pub const TAR_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 
+/// The OCI media type of zstd layers: only ever written by an export that asks for them
+/// (`--output type=oci,compression=zstd`), never kept.
+pub const ZSTD_LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
 /// How a layer's blob is kept (`lcache build --layer-compression`). Its `Default` is what
 /// a stored value written before the field existed means (gzip), not what a build uses
 /// (`none`, the client's default).

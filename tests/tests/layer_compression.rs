@@ -384,3 +384,59 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_zstd_export_compresses_the_tar_layers_and_skopeo_copies_it() {
+    let env = BuildEnv::new();
+    let p = app();
+    let (zst, diff_ids) = exported_layers(&env, &p, "zstd");
+    assert_eq!(zst.len(), 3, "busybox, COPY, RUN");
+    // The imported base stays as it is kept; the build's own layers are zstd frames of
+    // their tar, so the diff_ids, the config and the image ID are the gzip export's.
+    assert_eq!(zst[0].0, "application/vnd.oci.image.layer.v1.tar+gzip");
+    for ((media_type, _, blob), diff_id) in zst.iter().zip(&diff_ids).skip(1) {
+        assert_eq!(media_type, "application/vnd.oci.image.layer.v1.tar+zstd");
+        let tar = zstd::decode_all(&blob[..]).unwrap();
+        assert_eq!(&sha256_digest(&tar), diff_id);
+        assert!(blob.len() < tar.len());
+    }
+    let (_, gz_diff_ids) = exported_layers(&env, &p, "gzip");
+    assert_eq!(gz_diff_ids, diff_ids);
+
+    // skopeo reads the layout (and checks every blob against its digest as it copies).
+    let dest = tempfile::tempdir().unwrap();
+    let layout = dest.path().join("oci");
+    let output = format!("type=oci,dest={},compression=zstd", layout.display());
+    build_tar_layers_to(&env, &p, &["-t", "app:zstd"], &output);
+    let index = json(&std::fs::read(layout.join("index.json")).unwrap());
+    let name = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let copy = dest.path().join("copy");
+    let o = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            &format!("oci:{}:{name}", layout.display()),
+            &format!("oci:{}:copied", copy.display()),
+        ])
+        .output()
+        .expect("skopeo (scripts/setup --tests installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // `docker load` before Docker 23 cannot read zstd: refused before the build, saying what to write.
+    let o = env.lcache(
+        &p,
+        &[
+            "build",
+            "--output",
+            "type=docker,dest=/nonexistent/x.tar,compression=zstd",
+            ".",
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("type=oci,compression=zstd"),
+        "{err}"
+    );
+}
