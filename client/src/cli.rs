@@ -220,7 +220,8 @@ pub struct BuildArgs {
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     pub insecure_registries: Vec<String>,
     /// Export the image: type=oci|docker|local,dest=PATH; compression=uncompressed keeps
-    /// layers kept as their tar as they are (by default they are gzipped, as BuildKit does).
+    /// layers kept as their tar as they are, compression=zstd (type=oci) writes them as zstd
+    /// (by default they are gzipped, as BuildKit does).
     #[arg(long, value_name = "type=…,dest=…[,compression=…]")]
     pub output: Option<String>,
     /// How to show progress: auto (tty on a terminal, else plain), tty, plain, json.

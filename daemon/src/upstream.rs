@@ -835,8 +835,9 @@ fn image_blob_forms(image: &ImageRecord) -> impl Iterator<Item = (&str, BlobForm
         .chain([image.config_digest.as_str(), image.manifest_digest.as_str()].map(|d| (d, BlobForm::AsIs)))
 }
 
-/// Uploads `blob` to the bucket as `form` (gzipped on every core for [`BlobForm::Gzip`]),
-/// unless the bucket has it so.
+/// Uploads `blob` to the bucket as `form` (for [`BlobForm::Gzip`], one gzip member per
+/// chunk read, compressed on the blocking pool as on the wire to an lcached tier), unless
+/// the bucket has it so.
 async fn put_to_bucket(b: &Bucket, digest: &str, form: BlobForm, blob: BlobFile) -> Result<(), BucketError> {
     let len = blob.len();
     match form {
