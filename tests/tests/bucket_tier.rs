@@ -166,6 +166,44 @@ fn a_bucket_an_older_lcached_filled_with_tar_layers_as_they_are_still_serves_the
 }
 
 #[test]
+fn a_gzip_form_that_inflates_to_other_bytes_or_breaks_off_is_a_miss_not_a_poisoned_hit() {
+    let s3 = S3Server::start("lcache-test");
+    let p = project();
+    let a = runner(&s3);
+    a.build(&p, &[]);
+    assert!(sync(&a, &p).status.success());
+    let gzipped = keys(&s3, "ci/gzip/sha256/");
+    assert_eq!(gzipped.len(), 2);
+    // Whoever can write the bucket replaces the layers' gzip forms: one with the gzip of
+    // other bytes, one with a gzip stream cut off.
+    let (_, first) = s3.request("GET", &format!("/lcache-test/{}", gzipped[0]), b"");
+    let other = {
+        let mut tar = lcache_e2e::gunzip(&first);
+        let mid = tar.len() / 2;
+        tar[mid] ^= 0xff;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        gz.finish().unwrap()
+    };
+    s3.request("PUT", &format!("/lcache-test/{}", gzipped[0]), &other);
+    let (_, second) = s3.request("GET", &format!("/lcache-test/{}", gzipped[1]), b"");
+    s3.request(
+        "PUT",
+        &format!("/lcache-test/{}", gzipped[1]),
+        &second[..second.len() / 2],
+    );
+    let b = runner(&s3);
+    let (steps, _) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [false, false], "misses, not poisoned hits");
+    assert!(
+        b.daemon.metric("lcache_upstream_errors_total") >= 1,
+        "the bucket was read, and refused"
+    );
+    let (steps, _) = b.build(&p, &[]);
+    assert_eq!(cached(&steps), [true, true], "what it built is kept");
+}
+
+#[test]
 fn a_bucket_server_stopped_mid_build_degrades_to_local_and_sync_says_what_was_not_pushed() {
     let s3 = S3Server::start("lcache-test");
     let p = Project::new();
