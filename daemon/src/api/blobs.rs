@@ -169,8 +169,25 @@ pub async fn get(
         let mut head = vec![0u8; 512.min(len as usize)];
         blob.read_exact_at(&mut head, 0).is_ok() && crate::transit_gzip::is_tar(&head)
     };
+    // The first chunk is read before answering: a blob held by reference whose file changed
+    // behind the store fails there (its stamp) and is answered 404 and dropped, where a body
+    // failing before its headers went out would reach the client as a connection closed,
+    // which it cannot tell from a daemon gone away. A failure later ends the body early.
+    let mut rest = Box::pin(blob.chunks());
+    let first = match rest.next().await {
+        Some(Err(e)) => {
+            let _ = state.blobs.remove(&meta.digest);
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("blob {d} is damaged ({e}); it was dropped"),
+                "upload it again with PUT /v1/blobs/{digest}",
+            );
+        }
+        first => first,
+    };
+    let chunks = futures_util::stream::iter(first).chain(rest);
     if gzip {
-        let chunks = crate::transit_gzip::gzipped(blob.chunks()).map(|c| c.map(Frame::data));
+        let chunks = crate::transit_gzip::gzipped(chunks).map(|c| c.map(Frame::data));
         return Response::builder()
             .status(status)
             .header("content-type", "application/octet-stream")
@@ -179,7 +196,7 @@ pub async fn get(
             .body(BodyExt::boxed(StreamBody::new(chunks)))
             .unwrap_or_else(|_| Response::new(super::full("")));
     }
-    let chunks = blob.chunks().map(|c| c.map(Frame::data));
+    let chunks = chunks.map(|c| c.map(Frame::data));
     let mut r = Response::builder()
         .status(status)
         .header("content-type", "application/octet-stream")
